@@ -1,0 +1,532 @@
+"""Catalog stage: matrices/*.toml -> typed, validated objects.
+
+Every value that may later reach a Dockerfile or a shell line is checked here
+(versions through `packaging`, names and paths against strict patterns), so a
+malformed or malicious entry fails at load with file, key and reason.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from functools import cached_property, lru_cache
+from pathlib import Path
+
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
+from packaging.version import InvalidVersion, Version
+
+from .errors import CatalogError, unknown
+
+DEFAULT_MATRICES = Path(__file__).resolve().parent.parent / "matrices"
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+PKG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+CC_RE = re.compile(r"^\d{1,2}\.\d$")
+CUDA_RE = re.compile(r"^\d{2}\.\d$")
+COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+URL_RE = re.compile(r"^https://[A-Za-z0-9.-]+(/[A-Za-z0-9._~-]+)*/?$")
+RELPATH_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._/-]*$")
+# Build commands and train arguments are rendered into RUN lines: plain words only.
+WORD_RE = re.compile(r"^[A-Za-z0-9_.-][A-Za-z0-9._/=,:+-]*$")
+LAUNCHERS = ("torch.distributed.launch", "torchrun", "lightning", "mp.spawn")
+
+
+@lru_cache(maxsize=None)
+def V(version: str) -> Version:
+    """Parsed version, cached: the resolver compares the same few strings many times."""
+    return Version(version)
+
+
+@lru_cache(maxsize=None)
+def cc_key(cc: str) -> tuple[int, int]:
+    major, minor = cc.split(".")
+    return int(major), int(minor)
+
+
+@lru_cache(maxsize=None)
+def minor_key(version: str) -> tuple[int, int]:
+    v = V(version)
+    return v.major, v.minor
+
+
+# ---------------------------------------------------------------- objects
+
+
+@dataclass(frozen=True)
+class Card:
+    id: str
+    name: str
+    cc: str
+    memory_gb: int
+    p2p: bool
+    aliases: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Toolkit:
+    version: str  # "11.8"
+    full: str  # "11.8.0"
+    archs: tuple[str, ...]
+    max_gcc: int
+    min_driver: str
+    compat_driver: str
+    cudnn: str
+    ubuntu: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Ubuntu:
+    version: str
+    gcc: int
+    python: str
+
+
+@dataclass(frozen=True)
+class TorchRelease:
+    version: str
+    torchvision: str
+    torchaudio: str
+    python: tuple[str, str]
+    index: tuple[str, ...]
+    pypi: str
+    cxx: int
+    ext_max_arch: str
+
+    def supports_python(self, python: str) -> bool:
+        return minor_key(self.python[0]) <= minor_key(python) <= minor_key(self.python[1])
+
+
+@dataclass(frozen=True)
+class Compiled:
+    name: str
+    version: str
+    series: str
+    torch: tuple[str, str]  # [min, max)
+    cxx: int
+    notes: str
+
+    def builds_with(self, torch: str) -> bool:
+        return V(self.torch[0]) <= V(torch) and minor_key(torch) < minor_key(self.torch[1])
+
+
+@dataclass(frozen=True)
+class MmcvAssert:
+    name: str
+    version: str
+    mmcv: tuple[str, str]  # inclusive
+
+
+@dataclass(frozen=True)
+class FlashAttn:
+    version: str
+    min_nvcc: str
+    min_torch: str
+    python: tuple[str, str]
+    sass: dict  # arch -> min nvcc
+    runtime: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class EraPin:
+    name: str
+    spec: str
+    why: str
+    torch_max: str | None = None
+    when_package: str | None = None
+    replaces: str | None = None
+
+
+@dataclass(frozen=True)
+class Extension:
+    name: str
+    path: str
+    build: tuple[str, ...]
+    needs_visible_gpu: bool = False
+
+
+@dataclass(frozen=True)
+class Train:
+    launcher: str
+    entry: str
+    config: str | None
+    local_rank_arg: str | None
+    extra_args: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str
+    title: str
+    description: str
+    repo: str
+    commit: str
+    python: str
+    torch: str
+    cuda: str
+    packages: dict  # name -> spec ("*" = unpinned, "1.2.3" exact, or a specifier set)
+    vendored: dict  # name -> (version, path)
+    extensions: tuple[Extension, ...]
+    train: Train
+    data: dict
+    path: str = ""
+
+    def pinned(self, name: str) -> str | None:
+        spec = self.packages.get(name)
+        if spec and is_exact(spec):
+            return spec
+        if name in self.vendored:
+            return self.vendored[name][0]
+        return None
+
+
+def is_exact(spec: str) -> bool:
+    try:
+        Version(spec)
+        return True
+    except InvalidVersion:
+        return False
+
+
+# ---------------------------------------------------------------- loading
+
+
+class _Reader:
+    """Typed access to one TOML table, raising CatalogError with file and key."""
+
+    def __init__(self, path: Path, table: dict, prefix: str):
+        self.path, self.table, self.prefix = path, table, prefix
+
+    def fail(self, key: str, reason: str) -> CatalogError:
+        return CatalogError(_rel(self.path), f"{self.prefix}{key}", reason)
+
+    def get(self, key, kind, default=..., pattern: re.Pattern | None = None):
+        if key not in self.table:
+            if default is ...:
+                raise self.fail(key, "missing")
+            return default
+        value = self.table[key]
+        if kind is float and isinstance(value, int):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise self.fail(key, f"expected {kind.__name__}, got {type(value).__name__} {value!r}")
+        if pattern is not None and isinstance(value, str) and not pattern.match(value):
+            raise self.fail(key, f"invalid value {value!r}")
+        return value
+
+    def version(self, key, default=...):
+        value = self.get(key, str, default)
+        if value is default and default is not ...:
+            return value
+        try:
+            Version(value)
+        except InvalidVersion:
+            raise self.fail(key, f"not a version: {value!r}") from None
+        if "\n" in value or " " in value:
+            raise self.fail(key, f"not a version: {value!r}")
+        return value
+
+    def strings(self, key, pattern: re.Pattern, default=...) -> tuple[str, ...]:
+        values = self.get(key, list, default)
+        if values is default and default is not ...:
+            return tuple(values)
+        for item in values:
+            if not isinstance(item, str) or not pattern.match(item):
+                raise self.fail(key, f"invalid entry {item!r}")
+        return tuple(values)
+
+    def sub(self, key) -> "_Reader":
+        return _Reader(self.path, self.get(key, dict), f"{self.prefix}{key}.")
+
+
+def _rel(path: Path) -> str:
+    try:
+        return os.path.relpath(path)
+    except ValueError:
+        return str(path)
+
+
+def _load_toml(path: Path) -> dict:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise CatalogError(_rel(path), "(file)", f"not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise CatalogError(_rel(path), "(file)", exc.strerror or str(exc)) from None
+
+
+def check_spec(reader: _Reader, key: str, spec: str) -> str:
+    if spec == "*" or is_exact(spec):
+        return spec
+    try:
+        SpecifierSet(spec)
+    except InvalidSpecifier:
+        raise reader.fail(key, f"not a version or specifier: {spec!r}") from None
+    if any(c in spec for c in "\n;'\"$`\\ "):
+        raise reader.fail(key, f"not a version or specifier: {spec!r}")
+    return spec
+
+
+def _load_cards(path: Path) -> dict[str, Card]:
+    root = _Reader(path, _load_toml(path), "")
+    cards = {}
+    for cid in root.get("cards", dict):
+        r = root.sub("cards").sub(cid)
+        if not NAME_RE.match(cid):
+            raise root.fail(f"cards.{cid}", "card id must be lowercase letters, digits, '.', '_' or '-'")
+        cards[cid] = Card(
+            id=cid,
+            name=r.get("name", str),
+            cc=r.get("cc", str, pattern=CC_RE),
+            memory_gb=r.get("memory_gb", int),
+            p2p=r.get("p2p", bool),
+            aliases=tuple(a.lower() for a in r.strings("aliases", NAME_RE, [])),
+        )
+    return cards
+
+
+def _range(r: _Reader, key: str) -> tuple[str, str]:
+    lo_hi = r.strings(key, re.compile(r"^[0-9][0-9a-z.]*$"))
+    if len(lo_hi) != 2:
+        raise r.fail(key, "expected [min, max]")
+    for v in lo_hi:
+        try:
+            Version(v)
+        except InvalidVersion:
+            raise r.fail(key, f"not a version: {v!r}") from None
+    return lo_hi[0], lo_hi[1]
+
+
+@dataclass
+class Catalog:
+    cards: dict[str, Card]
+    toolkits: dict[str, Toolkit]
+    ubuntu: dict[str, Ubuntu]
+    torch: dict[str, TorchRelease]
+    wheel_archs: dict[str, tuple[str, ...]]
+    compiled: dict[str, dict[str, Compiled]]
+    asserts: dict[str, dict[str, MmcvAssert]]
+    flash_attn: dict[str, FlashAttn]
+    spconv_builds: tuple[str, ...]
+    era: tuple[EraPin, ...]
+    models: dict[str, Model]
+    root: Path = field(default=DEFAULT_MATRICES)
+
+    # -- lookups with clear errors
+    @cached_property
+    def _card_names(self) -> dict[str, str]:
+        names = {}
+        for card in self.cards.values():
+            names[card.id] = card.id
+            names[card.id.replace("rtx", "")] = card.id
+            for alias in card.aliases:
+                names[alias] = card.id
+        return names
+
+    def card(self, name: str) -> Card:
+        key = name.strip().lower().replace("_", "-").replace(" ", "-")
+        key = key.removeprefix("nvidia-").removeprefix("geforce-")
+        if key in self._card_names:
+            return self.cards[self._card_names[key]]
+        raise unknown("card", name, sorted(self._card_names))
+
+    def model(self, name: str) -> Model:
+        key = name.strip().lower()
+        if key in self.models:
+            return self.models[key]
+        raise unknown("model", name, sorted(self.models))
+
+    def toolkit(self, cuda: str) -> Toolkit:
+        key = ".".join(cuda.strip().split(".")[:2])
+        if key in self.toolkits:
+            return self.toolkits[key]
+        raise unknown("CUDA version", cuda, sorted(self.toolkits))
+
+    def torch_release(self, version: str) -> TorchRelease:
+        if version in self.torch:
+            return self.torch[version]
+        raise unknown("torch version", version, sorted(self.torch, key=Version))
+
+    def torch_versions(self) -> list[str]:
+        return sorted(self.torch, key=Version)
+
+
+def load(root: Path | str | None = None) -> Catalog:
+    root = Path(root or os.environ.get("ENVBUILD_MATRICES") or DEFAULT_MATRICES)
+    if not root.is_dir():
+        raise CatalogError(_rel(root), "(dir)", "matrices folder not found")
+    tc = root / "toolchains"
+    cards = _load_cards(root / "cards.toml")
+
+    cuda_path = tc / "cuda.toml"
+    cuda_doc = _Reader(cuda_path, _load_toml(cuda_path), "")
+    ubuntu = {}
+    for ver in cuda_doc.get("ubuntu", dict):
+        r = cuda_doc.sub("ubuntu").sub(ver)
+        ubuntu[ver] = Ubuntu(ver, r.get("gcc", int), r.version("python"))
+    toolkits = {}
+    for ver in cuda_doc.get("cuda", dict):
+        r = cuda_doc.sub("cuda").sub(ver)
+        if not CUDA_RE.match(ver):
+            raise cuda_doc.fail(f"cuda.{ver}", "CUDA key must look like 11.8")
+        tk = Toolkit(
+            version=ver,
+            full=r.version("full"),
+            archs=r.strings("archs", CC_RE),
+            max_gcc=r.get("max_gcc", int),
+            min_driver=r.get("min_driver", str, pattern=re.compile(r"^\d+(\.\d+)*$")),
+            compat_driver=r.get("compat_driver", str, pattern=re.compile(r"^\d+(\.\d+)*$")),
+            cudnn=r.get("cudnn", str, pattern=re.compile(r"^cudnn\d*$")),
+            ubuntu=r.strings("ubuntu", re.compile(r"^\d\d\.\d\d$")),
+        )
+        for u in tk.ubuntu:
+            if u not in ubuntu:
+                raise r.fail("ubuntu", f"unknown ubuntu release {u} (add it under [ubuntu])")
+        toolkits[ver] = tk
+
+    torch_path = tc / "torch.toml"
+    torch_doc = _Reader(torch_path, _load_toml(torch_path), "")
+    wheel_archs = {}
+    wa = torch_doc.sub("wheel_archs")
+    for cu in wa.table:
+        wheel_archs[cu] = wa.strings(cu, CC_RE)
+    torch = {}
+    for ver in torch_doc.get("torch", dict):
+        r = torch_doc.sub("torch").sub(ver)
+        try:
+            Version(ver)
+        except InvalidVersion:
+            raise torch_doc.fail(f"torch.{ver}", "not a version") from None
+        rel = TorchRelease(
+            version=ver,
+            torchvision=r.version("torchvision"),
+            torchaudio=r.version("torchaudio"),
+            python=_range(r, "python"),
+            index=r.strings("index", CUDA_RE),
+            pypi=r.get("pypi", str, pattern=CUDA_RE),
+            cxx=r.get("cxx", int),
+            ext_max_arch=r.get("ext_max_arch", str, pattern=CC_RE),
+        )
+        for cu in (*rel.index, rel.pypi):
+            if cu not in wheel_archs:
+                raise r.fail("index", f"no [wheel_archs] entry for CUDA {cu}")
+        torch[ver] = rel
+
+    pkg_path = tc / "packages.toml"
+    pkg = _Reader(pkg_path, _load_toml(pkg_path), "")
+    compiled: dict[str, dict[str, Compiled]] = {}
+    for name in pkg.get("compiled", dict):
+        for ver in pkg.sub("compiled").get(name, dict):
+            r = pkg.sub("compiled").sub(name).sub(ver)
+            compiled.setdefault(name, {})[ver] = Compiled(
+                name, ver, r.get("series", str, pattern=NAME_RE), _range(r, "torch"),
+                r.get("cxx", int), r.get("notes", str, ""),
+            )
+    asserts: dict[str, dict[str, MmcvAssert]] = {}
+    for name in pkg.get("asserts", dict):
+        for ver in pkg.sub("asserts").get(name, dict):
+            r = pkg.sub("asserts").sub(name).sub(ver)
+            asserts.setdefault(name, {})[ver] = MmcvAssert(name, ver, _range(r, "mmcv"))
+    flash = {}
+    for ver in pkg.get("flash_attn", dict):
+        r = pkg.sub("flash_attn").sub(ver)
+        sass = r.get("sass", dict)
+        for arch, nvcc in sass.items():
+            if not CC_RE.match(arch) or not isinstance(nvcc, str) or not CUDA_RE.match(nvcc):
+                raise r.fail("sass", f"invalid entry {arch!r} = {nvcc!r}")
+        flash[ver] = FlashAttn(
+            ver, r.get("min_nvcc", str, pattern=CUDA_RE), r.version("min_torch"),
+            _range(r, "python"), dict(sass), r.strings("runtime", CC_RE),
+        )
+    spconv = pkg.sub("spconv").strings("builds", CUDA_RE)
+    era = []
+    for i, item in enumerate(pkg.get("era", list)):
+        r = _Reader(pkg_path, item, f"era[{i}].")
+        era.append(EraPin(
+            name=r.get("name", str, pattern=PKG_RE),
+            spec=check_spec(r, "spec", r.get("spec", str)),
+            why=r.get("why", str),
+            torch_max=r.version("torch_max", None),
+            when_package=r.get("when_package", str, None, pattern=PKG_RE),
+            replaces=r.get("replaces", str, None, pattern=PKG_RE),
+        ))
+
+    models = {}
+    for path in sorted((root / "models").glob("*.toml")):
+        m = _load_model(path, torch, toolkits)
+        if m.name in models:
+            raise CatalogError(_rel(path), "model.name", f"duplicate model name {m.name!r}")
+        models[m.name] = m
+    return Catalog(cards, toolkits, ubuntu, torch, wheel_archs, compiled, asserts, flash,
+                   spconv, tuple(era), models, root)
+
+
+def _load_model(path: Path, torch: dict, toolkits: dict) -> Model:
+    doc = _Reader(path, _load_toml(path), "")
+    m = doc.sub("model")
+    t = doc.sub("torch")
+    torch_version = t.version("version")
+    if torch_version not in torch:
+        raise t.fail("version", f"torch {torch_version} is not in toolchains/torch.toml")
+    cuda = t.get("cuda", str, pattern=CUDA_RE)
+    rel = torch[torch_version]
+    if cuda not in rel.index and cuda != rel.pypi:
+        raise t.fail("cuda", f"torch {torch_version} has no CUDA {cuda} build")
+    packages = {}
+    pk = doc.sub("packages") if "packages" in doc.table else _Reader(path, {}, "packages.")
+    for name, spec in pk.table.items():
+        if not PKG_RE.match(name):
+            raise pk.fail(name, "invalid package name")
+        if not isinstance(spec, str):
+            raise pk.fail(name, f"expected a version string, got {spec!r}")
+        packages[name.lower()] = check_spec(pk, name, spec)
+    vendored = {}
+    if "vendored" in doc.table:
+        for name in doc.get("vendored", dict):
+            v = doc.sub("vendored").sub(name)
+            vendored[name] = (v.version("version"), v.get("path", str, pattern=RELPATH_RE))
+    extensions = []
+    for i, item in enumerate(doc.get("extensions", list, [])):
+        e = _Reader(path, item, f"extensions[{i}].")
+        ext_path = e.get("path", str, pattern=RELPATH_RE)
+        if ".." in ext_path.split("/"):
+            raise e.fail("path", "must stay inside the repository")
+        build = e.get("build", str)
+        words = tuple(build.split(" "))
+        if not words or any(not WORD_RE.match(w) for w in words):
+            raise e.fail("build", f"only plain words are allowed: {build!r}")
+        extensions.append(Extension(e.get("name", str, pattern=PKG_RE), ext_path, words,
+                                    e.get("needs_visible_gpu", bool, False)))
+    tr = doc.sub("train")
+    launcher = tr.get("launcher", str)
+    if launcher not in LAUNCHERS:
+        raise tr.fail("launcher", f"{launcher!r} is not one of {', '.join(LAUNCHERS)}")
+    train = Train(
+        launcher=launcher,
+        entry=tr.get("entry", str, pattern=RELPATH_RE),
+        config=tr.get("config", str, None, pattern=RELPATH_RE),
+        local_rank_arg=tr.get("local_rank_arg", str, None, pattern=re.compile(r"^--local[_-]rank$")),
+        extra_args=tr.strings("extra_args", WORD_RE, []),
+    )
+    data = doc.get("data", dict, {})
+    name = m.get("name", str, pattern=NAME_RE)
+    if name != path.stem:
+        raise m.fail("name", f"must match the file name {path.stem!r}")
+    return Model(
+        name=name,
+        title=m.get("title", str),
+        description=m.get("description", str),
+        repo=m.get("repo", str, pattern=URL_RE),
+        commit=m.get("commit", str, pattern=COMMIT_RE),
+        python=m.version("python"),
+        torch=torch_version,
+        cuda=cuda,
+        packages=packages,
+        vendored=vendored,
+        extensions=tuple(extensions),
+        train=train,
+        data=data,
+        path=str(path),
+    )

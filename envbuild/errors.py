@@ -1,0 +1,38 @@
+"""Expected errors: one clear line, a hint, and the exit code the CLI returns."""
+
+from __future__ import annotations
+
+import difflib
+
+
+class EnvbuildError(Exception):
+    """An expected failure. exit_code 2 = bad input, 1 = the operation failed."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str = "", log: str = ""):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        self.log = log
+
+
+class BadInput(EnvbuildError):
+    exit_code = 2
+
+
+class CatalogError(BadInput):
+    """A malformed matrix file: names the file, the key and the reason."""
+
+    def __init__(self, path: str, key: str, reason: str):
+        super().__init__(f"{path}: {key}: {reason}")
+
+
+class OperationFailed(EnvbuildError):
+    exit_code = 1
+
+
+def unknown(kind: str, name: str, known: list[str]) -> BadInput:
+    close = difflib.get_close_matches(name.lower(), known, n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(close)}?" if close else f"known {kind}s: {', '.join(sorted(known))}"
+    return BadInput(f"unknown {kind} '{name}'", hint)

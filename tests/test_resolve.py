@@ -1,0 +1,192 @@
+import itertools
+import time
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from envbuild.catalog import cc_key
+from envbuild.config import Sources
+from envbuild.errors import BadInput
+from envbuild.resolve import Conflict, extension_arch, parse_overrides, resolve, sass_runs_on, wheel_runs_on
+
+PYPI_ONLY = Sources(torch_index=None)
+
+
+# ---------------------------------------------------------- binary compatibility
+
+@pytest.mark.parametrize("sass,cc,ok", [
+    ("8.0", "8.0", True), ("8.0", "8.6", True), ("8.6", "8.9", True), ("8.6", "8.0", False),
+    ("8.6", "9.0", False), ("8.0", "9.0", False), ("9.0", "10.0", False), ("7.0", "7.5", True),
+])
+def test_cubin_runs_only_on_same_major_higher_minor(sass, cc, ok):
+    assert sass_runs_on(sass, cc) is ok
+
+
+def test_ptx_compiles_forward():
+    assert wheel_runs_on(["7.0"], "9.0", ptx=["8.0"]) == "8.0+PTX"
+    assert wheel_runs_on(["7.0"], "7.5", ptx=["8.0"]) == "7.0"
+    assert wheel_runs_on(["8.0", "8.6"], "9.0") is None
+
+
+def test_extension_arch_falls_back_to_same_major_then_ptx():
+    nvcc111 = ["7.0", "7.5", "8.0", "8.6"]
+    assert extension_arch("8.9", nvcc111, "8.6")[0] == "8.6"
+    assert extension_arch("9.0", nvcc111, "8.6")[0] == "8.6+PTX"
+    assert extension_arch("8.0", nvcc111, "8.6")[0] == "8.0"
+
+
+# ---------------------------------------------------------- the cases the issue names
+
+def test_maptr_a100_strict_is_upstream(cat):
+    p = resolve(cat, "maptr", "a100", strict=True)
+    assert p.mode == "upstream" and p.torch.version == "1.9.1+cu111"
+    assert p.pin("mmcv-full").version == "1.4.0" and p.arch_list == "8.0"
+    assert p.torch_index and "torch_stable" in p.torch_index
+    assert p.deviations == []
+
+
+def test_maptr_l20_strict_runs_through_sm86(cat):
+    p = resolve(cat, "maptr", "l20", strict=True)
+    assert p.torch.version == "1.9.1+cu111"
+    assert p.arch_list == "8.6"  # nvcc 11.1 cannot emit 8.9
+    assert "sm_89" in p.arch_why
+
+
+def test_maptr_h20_strict_is_impossible_with_the_chain(cat):
+    with pytest.raises(Conflict) as exc:
+        resolve(cat, "maptr", "h20", strict=True)
+    text = exc.value.message + " ".join(exc.value.chain)
+    assert "9.0" in text and "no PTX" in text
+    assert any("mmcv-full 1.4.0 caps torch below 1.11" in line for line in exc.value.chain)
+    assert "a port would change" in exc.value.hint and "torch" in exc.value.hint
+    assert exc.value.exit_code == 2
+
+
+def test_maptr_h20_port(cat):
+    p = resolve(cat, "maptr", "h20")
+    assert p.mode == "port"
+    t = p.torch.version
+    assert t.startswith("2.0.") and t.endswith("+cu118")
+    mmcv = p.pin("mmcv-full")
+    assert mmcv.deviation and mmcv.upstream == "1.4.0"
+    assert p.arch_list == "9.0"
+    names = {f.name for f in p.fixers}
+    assert {"thc-to-aten", "numba-errors", "local-rank", "mmcv-version-assert"} <= names
+    assert any(d.startswith("torch:") for d in p.deviations)
+
+
+def test_sparsedrive_v100_impossible_flash_attn(cat):
+    with pytest.raises(Conflict) as exc:
+        resolve(cat, "sparsedrive", "v100")
+    assert "flash-attn" in exc.value.message and "7.0" in exc.value.message
+
+
+def test_sparsedrive_h20_cuda_118(cat):
+    p = resolve(cat, "sparsedrive", "h20", cuda="11.8")
+    assert p.cuda == "11.8.0" and p.torch.version.endswith("+cu118")
+    assert p.pin("flash-attn").version == "2.3.2"  # sm_90 with nvcc >= 11.8
+    assert p.pin("mmcv-full").version == "1.7.1"
+
+
+@pytest.mark.parametrize("model", ["maptr", "sparsedrive", "qcnet", "gaussianformer"])
+def test_any_model_on_4090_disables_p2p(cat, model):
+    p = resolve(cat, model, "4090")
+    assert p.runtime_env["NCCL_P2P_DISABLE"]["value"] == "1"
+
+
+def test_p2p_cards_get_no_p2p_override(cat):
+    assert "NCCL_P2P_DISABLE" not in resolve(cat, "qcnet", "a100").runtime_env
+
+
+def test_pypi_only_sources_change_the_answer(cat):
+    with pytest.raises(Conflict, match="only on the PyTorch index"):
+        resolve(cat, "maptr", "a100", strict=True, sources=PYPI_ONLY)
+    p = resolve(cat, "qcnet", "a800", cuda="11.8", sources=PYPI_ONLY)
+    assert p.torch.version == "2.0.1" and p.torch_index is None and p.torch_cuda == "11.7"
+
+
+def test_overrides(cat):
+    p = resolve(cat, "sparsedrive", "a100", overrides={"mmcv-full": "1.7.2"})
+    pin = p.pin("mmcv-full")
+    assert pin.version == "1.7.2" and pin.source == "override" and p.mode == "port"
+    with pytest.raises(Conflict, match="--set"):
+        resolve(cat, "maptr", "h20", overrides={"mmcv-full": "1.4.0"})
+
+
+def test_bad_override_is_bad_input():
+    with pytest.raises(BadInput):
+        parse_overrides(["mmcv-full>=1.4"])
+    with pytest.raises(BadInput):
+        parse_overrides(["mmcv-full==1.4\nRUN x"])
+
+
+def test_unknown_inputs_are_bad_input(cat):
+    for kwargs in ({"model_name": "mapr", "card_name": "a100"}, {"model_name": "maptr", "card_name": "a1000"},
+                   {"model_name": "maptr", "card_name": "a100", "cuda": "10.0"},
+                   {"model_name": "maptr", "card_name": "a100", "python": "2.7"}):
+        with pytest.raises(BadInput):
+            resolve(cat, **kwargs)
+
+
+def test_era_pins_hold_what_upstream_left_open(cat):
+    p = resolve(cat, "maptr", "a100")
+    assert p.pin("numpy").version == "<1.20.0"  # upstream wins
+    assert p.pin("yapf").version == "==0.40.1" and p.pin("yapf").source == "era"
+    assert p.pin("opencv-python-headless") is not None
+    sd = resolve(cat, "sparsedrive", "a100")
+    assert sd.pin("opencv-python") is None and sd.pin("opencv-python-headless").version == "4.8.1.78"
+    assert sd.mode == "upstream" and any("opencv" in d for d in sd.deviations)
+
+
+# ---------------------------------------------------------- properties over the whole catalog
+
+def _all_plans(cat, sources=None):
+    for model, card in itertools.product(sorted(cat.models), cat.cards):
+        for cuda in [None, *cat.toolkits]:
+            try:
+                yield resolve(cat, model, card, cuda=cuda, sources=sources)
+            except Conflict:
+                continue
+
+
+@pytest.mark.parametrize("sources", [None, PYPI_ONLY], ids=["torch-index", "pypi-only"])
+def test_every_plan_is_sound(cat, sources):
+    n = 0
+    for p in _all_plans(cat, sources):
+        n += 1
+        card = cat.cards[p.card]
+        archs = cat.wheel_archs[p.torch_cuda]
+        assert wheel_runs_on(archs, card.cc), (p.model, p.card, p.torch.version)
+        toolkit = cat.toolkit(p.cuda)
+        assert p.gcc <= p.gcc_max == toolkit.max_gcc
+        ubuntu = p.os.removeprefix("ubuntu")
+        assert ubuntu in toolkit.ubuntu  # a tag that exists
+        assert p.base_image.endswith(f"nvidia/cuda:{toolkit.full}-{toolkit.cudnn}-devel-ubuntu{ubuntu}")
+        arch = p.arch_list.removesuffix("+PTX")
+        assert arch in toolkit.archs
+        if p.arch_list.endswith("+PTX"):
+            assert cc_key(arch) < cc_key(card.cc)
+        else:
+            assert sass_runs_on(arch, card.cc)
+        if not card.p2p:
+            assert p.runtime_env["NCCL_P2P_DISABLE"]["value"] == "1"
+        if p.strict is False and p.mode == "upstream":
+            assert not [pin for pin in p.pins if pin.is_port]
+    assert n > 50
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.data())
+def test_same_input_same_plan(cat, data):
+    model = data.draw(st.sampled_from(sorted(cat.models)))
+    card = data.draw(st.sampled_from(sorted(cat.cards)))
+    cuda = data.draw(st.sampled_from([None, *cat.toolkits]))
+    strict = data.draw(st.booleans())
+    try:
+        a = resolve(cat, model, card, cuda=cuda, strict=strict).to_json()
+    except Conflict as exc:
+        with pytest.raises(Conflict) as again:
+            resolve(cat, model, card, cuda=cuda, strict=strict)
+        assert again.value.message == exc.message
+        return
+    assert resolve(cat, model, card, cuda=cuda, strict=strict).to_json() == a
