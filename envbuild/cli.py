@@ -117,6 +117,202 @@ def matrix(models_: Optional[List[str]] = typer.Option(None, "--models", help="M
     show.table("models x cards", ["card", *names], rows)
 
 
+SOURCE = typer.Option(None, "--source", help="Local model source tree (forks, offline builds) instead of git.")
+BASE_IMAGE = typer.Option(None, "--base-image", help="Base image override (mirror, offline base).")
+RUNTIME_IMAGE = typer.Option(None, "--runtime-image", help="Runtime-stage image override.")
+CARD = typer.Option(..., "--card", help="Target card (name or alias).")
+
+
+def _request(model, card, cuda=None, python=None, strict=False, set_=None, source=None, base_image=None,
+             runtime_image=None, torch_index=None, pypi_index=None):
+    from .pipeline import Request
+    return Request(model, card, cuda, python, strict, tuple(set_ or ()), source, base_image, runtime_image,
+                   torch_index, pypi_index)
+
+
+@command()
+def render(model: str, card: str = CARD, cuda: Optional[str] = CUDA, python: Optional[str] = PYTHON,
+           strict: bool = STRICT, set_: Optional[List[str]] = SET, source: Optional[Path] = SOURCE,
+           base_image: Optional[str] = BASE_IMAGE, runtime_image: Optional[str] = RUNTIME_IMAGE,
+           out: Optional[Path] = typer.Option(None, "-o", "--out", help="Output folder (default: envbuild's cache)."),
+           torch_index: Optional[str] = TORCH_INDEX, pypi_index: Optional[str] = PYPI_INDEX, json_: bool = JSON):
+    """Write Dockerfile, requirements.in, requirements.lock (when locked) and plan.json."""
+    from .pipeline import prepare
+    req = _request(model, card, cuda, python, strict, set_, source and str(source), base_image, runtime_image,
+                   torch_index, pypi_index)
+    plan, _, ctx = prepare(req, out)
+    files = sorted(str(p.relative_to(ctx)) for p in ctx.iterdir())
+    locked = (ctx / "requirements.lock").exists()
+    if json_:
+        return show.emit_json({"dir": str(ctx), "files": files, "locked": locked, "mode": plan.mode})
+    show.out.print(f"rendered {plan.model} for {plan.card_name} ({plan.mode}) into {ctx}", markup=False)
+    for name in files:
+        show.out.print(f"  {name}", markup=False)
+    if not locked:
+        show.out.print(f"not locked yet: envbuild lock {plan.model} --card {plan.card}", markup=False)
+
+
+@command()
+def fix(path: Path = typer.Argument(..., help="Model source tree."),
+        list_: bool = typer.Option(False, "--list", help="Report findings, change nothing."),
+        only: Optional[List[str]] = typer.Option(None, "--only", help="Run only these fixers (repeatable)."),
+        mmcv: Optional[str] = typer.Option(None, "--mmcv", help="mmcv version the port uses (mmcv-version-assert)."),
+        cxx_std: str = typer.Option("c++17", "--cxx-std", help="C++ standard for cxx-standard."),
+        plan_file: Optional[Path] = typer.Option(None, "--plan", help="Apply exactly the fixers of a plan.json."),
+        json_: bool = JSON):
+    """Find and apply porting fixers on a model's source tree."""
+    import json as _json
+    from . import fixers as fx
+    from .errors import BadInput
+    if not path.is_dir():
+        raise BadInput(f"{path} is not a directory")
+    if plan_file:
+        try:
+            chosen = fx.fixers_from_plan(_json.loads(plan_file.read_text()))
+        except (OSError, ValueError, KeyError) as exc:
+            raise BadInput(f"cannot use plan {plan_file}: {exc}") from None
+    else:
+        names = [n for item in (only or []) for n in item.split(",") if n] or list(fx.FIXERS)
+        for name in names:
+            if name not in fx.FIXERS:
+                from .errors import unknown
+                raise unknown("fixer", name, list(fx.FIXERS))
+        if mmcv:
+            from .catalog import is_exact
+            if not is_exact(mmcv):
+                raise BadInput(f"--mmcv {mmcv!r} is not a version")
+        args = {"mmcv-version-assert": {"mmcv": mmcv} if mmcv else {}, "cxx-standard": {"std": cxx_std}}
+        if cxx_std not in ("c++14", "c++17", "c++20"):
+            raise BadInput(f"--cxx-std {cxx_std!r}: choose c++14, c++17 or c++20")
+        chosen = [fx.make(n, args.get(n)) for n in names if not (n == "mmcv-version-assert" and not mmcv)]
+    if list_:
+        findings = fx.detect(str(path), chosen)
+        if json_:
+            return show.emit_json([f.to_dict() for f in findings])
+        for f in findings:
+            show.out.print(f"{f.path}:{f.line}: {f.fixer}: {f.why}", markup=False)
+        show.out.print(f"{len(findings)} finding(s); nothing changed", markup=False)
+        return
+    report = fx.apply(str(path), chosen)
+    if json_:
+        return show.emit_json(report)
+    for name, files in report.items():
+        show.out.print(f"{name}: {len(files)} file(s) changed", markup=False)
+        for f in files:
+            show.out.print(f"  {f}", markup=False)
+
+
+@command()
+def lock(model: str, card: str = CARD, cuda: Optional[str] = CUDA, python: Optional[str] = PYTHON,
+         strict: bool = STRICT, set_: Optional[List[str]] = SET, base_image: Optional[str] = BASE_IMAGE,
+         out: Optional[Path] = typer.Option(None, "-o", "--out", help="Context folder (default: envbuild's cache)."),
+         torch_index: Optional[str] = TORCH_INDEX, pypi_index: Optional[str] = PYPI_INDEX, json_: bool = JSON):
+    """pip-compile --generate-hashes inside a container of the Plan's Python."""
+    from .config import load_sources
+    from .lock import lock as run_lock
+    from .pipeline import prepare
+    req = _request(model, card, cuda, python, strict, set_, None, base_image, None, torch_index, pypi_index)
+    plan, sources, ctx = prepare(req, out)
+    path = run_lock(ctx, ca_bundle=sources.ca_bundle, echo=None if json_ else _echo_dim)
+    plan, sources, ctx = prepare(req, out)  # re-render: the Dockerfile now installs from the lock
+    if json_:
+        return show.emit_json({"lock": str(path), "torch_lock": str(ctx / "torch.lock"), "dir": str(ctx)})
+    show.out.print(f"locked {plan.model} for {plan.card_name}: {path}", markup=False)
+
+
+def _echo_dim(line: str) -> None:
+    show.err.print(line, markup=False, style="dim")
+
+
+@command()
+def image(model: str, card: str = CARD, cuda: Optional[str] = CUDA, python: Optional[str] = PYTHON,
+          strict: bool = STRICT, set_: Optional[List[str]] = SET, tag: Optional[List[str]] = typer.Option(
+              None, "--tag", help="Extra tag(s) for the image."),
+          push_: bool = typer.Option(False, "--push", help="Push the tags after the build."),
+          source: Optional[Path] = SOURCE, base_image: Optional[str] = BASE_IMAGE,
+          runtime_image: Optional[str] = RUNTIME_IMAGE,
+          no_cache: bool = typer.Option(False, "--no-cache", help="Build every step again."),
+          torch_index: Optional[str] = TORCH_INDEX, pypi_index: Optional[str] = PYPI_INDEX,
+          quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not stream BuildKit progress."),
+          json_: bool = JSON):
+    """Resolve, render, build (BuildKit), tag, and optionally push."""
+    from . import build as build_stage
+    from . import ship
+    from .pipeline import prepare
+    req = _request(model, card, cuda, python, strict, set_, source and str(source), base_image, runtime_image,
+                   torch_index, pypi_index)
+    plan, sources, ctx = prepare(req)
+    build_stage.engine.find_cli()
+    build_stage.engine.client()
+    repo = f"{sources.registry}envbuild/{plan.model}" if sources.registry else ""
+    tags = [build_stage.image_tag(plan, repo)] + [build_stage.check_ref(t) for t in tag or []]
+    if not json_:
+        show.out.print(f"building {tags[0]} ({plan.mode}) from {ctx}", markup=False)
+    echo = None if (json_ or quiet) else _echo_dim
+    result = build_stage.build(ctx, tags, no_cache=no_cache, ca_bundle=sources.ca_bundle, echo=echo,
+                               log_name=f"{plan.model}-{plan.card}")
+    summary = result.summary()
+    if push_:
+        summary["pushed"] = {t: ship.push(t, echo=echo) for t in tags}
+    if json_:
+        return show.emit_json(summary)
+    show.out.print(f"image   {result.image_id}", markup=False)
+    for t in tags:
+        show.out.print(f"tag     {t}", markup=False)
+    show.out.print(f"size    {result.size / 1e9:.2f} GB   build {result.seconds:.0f}s   "
+                   f"cache hits {summary['cached_steps']}/{summary['steps']} steps", markup=False)
+    for step in summary["run_steps"]:
+        state = "cached" if step["cached"] else f"{step['seconds'] or 0:.1f}s"
+        show.out.print(f"  {state:>8}  {step['step'][:110]}", markup=False)
+    for ref, digest in summary.get("pushed", {}).items():
+        show.out.print(f"pushed  {ref}@{digest}", markup=False)
+    show.out.print(f"log     {result.log}", markup=False)
+
+
+@command()
+def push(ref: str = typer.Argument(..., help="Local image reference."), json_: bool = JSON):
+    """Push an image to its registry."""
+    from . import build as build_stage
+    from . import ship
+    digest = ship.push(build_stage.check_ref(ref), echo=None if json_ else _echo_dim)
+    if json_:
+        return show.emit_json({"image": ref, "digest": digest})
+    show.out.print(f"pushed {ref}@{digest}", markup=False)
+
+
+@command()
+def pull(model: str, card: str = CARD, cuda: Optional[str] = CUDA, python: Optional[str] = PYTHON,
+         strict: bool = STRICT, set_: Optional[List[str]] = SET,
+         registry: Optional[str] = typer.Option(None, "--registry", help="Registry prefix, e.g. 127.0.0.1:5000/"),
+         torch_index: Optional[str] = TORCH_INDEX, json_: bool = JSON):
+    """Pull the image for a model and card (tag derived from the Plan), after a driver check."""
+    from . import build as build_stage
+    from . import ship
+    from .config import load_sources
+    from .pipeline import plan_for
+    plan, sources = plan_for(_request(model, card, cuda, python, strict, set_, torch_index=torch_index))
+    prefix = load_sources(registry=registry).registry if registry else sources.registry
+    ref = build_stage.image_tag(plan, f"{prefix}envbuild/{plan.model}" if prefix else "")
+    result = ship.pull(ref, plan.min_driver, plan.compat_driver, plan.cuda)
+    if json_:
+        return show.emit_json(result)
+    show.out.print(f"pulled {ref} ({result['id']})", markup=False)
+    show.out.print(f"driver: {result['driver']}: {result['driver_reason']}", markup=False)
+    show.out.print(f"validated: {result['validated'] or 'no smoke report recorded with this image'}", markup=False)
+
+
+@command()
+def images(json_: bool = JSON):
+    """Local envbuild images, with a Plan summary read from their labels."""
+    from . import ship
+    rows = ship.local_images()
+    if json_:
+        return show.emit_json(rows)
+    show.table("envbuild images", ["id", "tags", "model", "card", "mode", "torch", "CUDA", "arch", "size GB"],
+               [[r["id"], "\n".join(r["tags"]) or "<untagged>", r["model"], r["card"], r["mode"], r["torch"],
+                 r["cuda"], r["arch_list"], f"{r['size_bytes'] / 1e9:.2f}"] for r in rows])
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,176 @@
+"""Build stage: build context -> image, through BuildKit (docker CLI), tagged only on success.
+
+The image is built untagged (--iidfile) and tagged through the SDK after the build
+succeeded, so a failed or interrupted build never leaves a half-tagged image.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import engine
+from .errors import OperationFailed
+from .resolve import Plan
+
+TAG_CHARS = re.compile(r"[^A-Za-z0-9_.-]+")
+REF_RE = re.compile(r"^[a-z0-9]+([._-][a-z0-9]+)*(:[0-9]+)?(/[a-z0-9]+([._-][a-z0-9]+)*)*(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?$")
+STEP_RE = re.compile(r"^#(\d+) (\[.+?\] .*)$")
+CACHED_RE = re.compile(r"^#(\d+) CACHED$")
+DONE_RE = re.compile(r"^#(\d+) DONE ([\d.]+)s$")
+ERROR_RE = re.compile(r"^#(\d+) ERROR: (.*)$")
+
+
+def state_dir() -> Path:
+    base = os.environ.get("ENVBUILD_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "envbuild")
+    path = Path(base)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def image_tag(plan: Plan, repository: str = "") -> str:
+    """Repository:tag encoding model, model ref, Python, CUDA, torch and target archs."""
+    torch = plan.torch.version.split("+")[0]
+    cuda = "".join(plan.cuda.split(".")[:2])
+    arch = plan.arch_list.replace(".", "").replace("+PTX", "ptx").replace(";", "-")
+    tag = f"{plan.commit[:7]}-py{plan.python.version}-cu{cuda}-torch{torch}-sm{arch}"
+    tag = TAG_CHARS.sub("-", tag)[:128]
+    repo = repository or f"envbuild/{plan.model}"
+    ref = f"{repo}:{tag}"
+    if not REF_RE.match(ref):
+        raise OperationFailed(f"cannot make a valid image reference from {ref!r}")
+    return ref
+
+
+def check_ref(ref: str) -> str:
+    from .errors import BadInput
+    if not REF_RE.match(ref):
+        raise BadInput(f"not a valid image reference: {ref!r}", "e.g. registry.local:5000/team/maptr:h20")
+    return ref
+
+
+@dataclass
+class Step:
+    number: int
+    name: str
+    cached: bool = False
+    seconds: float | None = None
+    error: str | None = None
+    output: list = field(default_factory=list)
+
+
+@dataclass
+class BuildResult:
+    image_id: str
+    tags: list
+    size: int
+    seconds: float
+    steps: list
+    log: str
+
+    @property
+    def cache_hits(self) -> list:
+        return [s for s in self.steps if s.cached]
+
+    def summary(self) -> dict:
+        runs = [s for s in self.steps if " RUN " in f" {s.name.split('] ', 1)[-1]} " or "] RUN" in s.name]
+        return {
+            "image_id": self.image_id, "tags": self.tags, "size_bytes": self.size,
+            "build_seconds": round(self.seconds, 1), "log": self.log,
+            "steps": len(self.steps), "cached_steps": len(self.cache_hits),
+            "run_steps": [{"step": s.name, "cached": s.cached, "seconds": s.seconds} for s in runs],
+        }
+
+
+def parse_progress(lines) -> list[Step]:
+    """Steps of a BuildKit --progress=plain log: name, cache hit, time, error, output."""
+    steps: dict[int, Step] = {}
+    for line in lines:
+        line = line.rstrip("\n")
+        m = STEP_RE.match(line)
+        if m:
+            n = int(m.group(1))
+            steps.setdefault(n, Step(n, m.group(2)))
+            continue
+        m = CACHED_RE.match(line)
+        if m and int(m.group(1)) in steps:
+            steps[int(m.group(1))].cached = True
+            continue
+        m = DONE_RE.match(line)
+        if m and int(m.group(1)) in steps:
+            steps[int(m.group(1))].seconds = float(m.group(2))
+            continue
+        m = ERROR_RE.match(line)
+        if m and int(m.group(1)) in steps:
+            steps[int(m.group(1))].error = m.group(2)
+            continue
+        m = re.match(r"^#(\d+) [\d.]+ (.*)$", line)
+        if m and int(m.group(1)) in steps:
+            steps[int(m.group(1))].output.append(m.group(2))
+    return [steps[k] for k in sorted(steps)]
+
+
+def build(context: Path, tags: list[str], target: str = "runtime", no_cache: bool = False,
+          ca_bundle: str | None = None, build_args: dict | None = None, echo=None,
+          log_name: str = "build") -> BuildResult:
+    cli = engine.find_cli()
+    client = engine.client()
+    logs = state_dir() / "logs"
+    logs.mkdir(exist_ok=True)
+    log_path = logs / f"{log_name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    iidfile = log_path.with_suffix(".iid")
+    cmd = cli.build_cmd() + ["--progress=plain", "--target", target, "--iidfile", str(iidfile)]
+    if no_cache:
+        cmd.append("--no-cache")
+    if ca_bundle:
+        cmd += ["--secret", f"id=ca_bundle,src={ca_bundle}"]
+    for key, value in sorted((build_args or {}).items()):
+        cmd += ["--build-arg", f"{key}={value}"]
+    cmd.append(str(context))
+    start = time.monotonic()
+    lines = []
+    with open(log_path, "w") as log:
+        log.write("$ " + " ".join(cmd) + "\n")
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=cli.env(), bufsize=1)
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                lines.append(line)
+                if echo:
+                    echo(line.rstrip("\n"))
+            rc = proc.wait()
+        except KeyboardInterrupt:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            iidfile.unlink(missing_ok=True)
+            raise
+    seconds = time.monotonic() - start
+    steps = parse_progress(lines)
+    if rc != 0 or not iidfile.exists():
+        failed = next((s for s in steps if s.error), None)
+        detail = ""
+        if failed:
+            tail = "\n".join(failed.output[-25:])
+            detail = f"step {failed.name} failed: {failed.error}\n{tail}"
+        else:
+            detail = "".join(lines[-25:])
+        raise OperationFailed(f"build failed (exit {rc})\n{detail}".rstrip(), log=str(log_path))
+    image_id = iidfile.read_text().strip()
+    iidfile.unlink(missing_ok=True)
+    image = client.images.get(image_id)
+    for ref in tags:
+        repo, _, tag = ref.rpartition(":")
+        if "/" in tag or not repo:
+            repo, tag = ref, "latest"
+        image.tag(repo, tag)
+    image.reload()
+    return BuildResult(image_id, list(tags), image.attrs.get("Size", 0), seconds, steps, str(log_path))

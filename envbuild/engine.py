@@ -1,0 +1,99 @@
+"""The Docker engine: a docker CLI that drives BuildKit, and the Docker SDK for the rest.
+
+The Docker SDK for Python cannot drive BuildKit, so builds go through a CLI: `docker
+buildx build`, or `DOCKER_BUILDKIT=1 docker build` with a CLI that has BuildKit built in
+(20.10; from 23.0 the CLI needs the buildx plugin). Everything else (daemon check,
+inspect, run, push, pull, save) uses the SDK.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from functools import lru_cache
+
+from .errors import OperationFailed
+
+
+@dataclass(frozen=True)
+class Cli:
+    path: str
+    version: str
+    mode: str  # buildx | builtin
+
+    def build_cmd(self) -> list[str]:
+        return [self.path, "buildx", "build", "--load"] if self.mode == "buildx" else [self.path, "build"]
+
+    def env(self) -> dict:
+        env = dict(os.environ)
+        if self.mode == "builtin":
+            env["DOCKER_BUILDKIT"] = "1"
+        return env
+
+
+def _run(args, timeout=20) -> subprocess.CompletedProcess | None:
+    try:
+        return subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def _candidates() -> list[str]:
+    found = []
+    if os.environ.get("ENVBUILD_DOCKER"):
+        found.append(os.environ["ENVBUILD_DOCKER"])
+    on_path = shutil.which("docker")
+    for path in (on_path, "/usr/bin/docker", "/usr/local/bin/docker"):
+        if path and os.path.exists(path) and path not in found:
+            found.append(path)
+    return found
+
+
+@lru_cache(maxsize=None)
+def find_cli() -> Cli:
+    """The first docker CLI that can run a BuildKit build, or a clear error."""
+    tried = []
+    for path in _candidates():
+        ver = _run([path, "version", "--format", "{{.Client.Version}}"])
+        version = (ver.stdout.strip() if ver and ver.stdout else "") or "unknown"
+        bx = _run([path, "buildx", "version"])
+        if bx and bx.returncode == 0:
+            return Cli(path, version, "buildx")
+        major = version.split(".")[0]
+        if major.isdigit() and int(major) < 23:
+            return Cli(path, version, "builtin")
+        tried.append(f"{path} ({version}: no buildx plugin, and CLIs from 23.0 need it for BuildKit)")
+    if not tried:
+        raise OperationFailed("no docker CLI found",
+                              "install one: apt-get install docker.io (Debian/Ubuntu), or Docker Engine with buildx")
+    raise OperationFailed("no docker CLI that can drive BuildKit: " + "; ".join(tried),
+                          "install the buildx plugin (docker-buildx-plugin) or point ENVBUILD_DOCKER at a "
+                          "CLI with BuildKit built in, e.g. Debian's /usr/bin/docker 20.10")
+
+
+def client():
+    """A connected Docker SDK client, or one clear line saying what is missing."""
+    import docker
+    from docker.errors import DockerException
+
+    try:
+        c = docker.from_env(timeout=600)
+        c.ping()
+        return c
+    except DockerException as exc:
+        host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+        raise OperationFailed(f"no Docker daemon at {host} ({type(exc).__name__})",
+                              "start it: `dockerd &` or `systemctl start docker`; install with "
+                              "apt-get install docker.io") from None
+
+
+def available() -> str | None:
+    """None when builds can run here, else the reason they cannot."""
+    try:
+        find_cli()
+        client()
+    except OperationFailed as exc:
+        return exc.message
+    return None

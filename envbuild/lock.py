@@ -1,0 +1,93 @@
+"""Lock stage: requirements.in -> requirements.lock with hashes, made by the Plan's Python.
+
+pip-compile runs inside a container of the image's own base stage (its OS, Python and
+platform), never on the host: a lock made by the host's Python 3.11 is wrong for a
+Python 3.8 image. torch.lock holds just the torch trio so torch keeps its own layer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+from . import build as build_stage
+from . import engine
+from .errors import OperationFailed
+
+# pip-tools and pip versions that still support Python 3.8 and agree with each other.
+PIP_TOOLS = "pip-tools==7.4.1"
+PIP = "pip==24.0"
+TORCH_TRIO = ("torch", "torchvision", "torchaudio")
+HEADER = "# envbuild lock of requirements.in sha256:"
+
+
+def input_digest(requirements_in: Path) -> str:
+    return hashlib.sha256(requirements_in.read_bytes()).hexdigest()
+
+
+def matches(context: Path, requirements_in_text: str) -> bool:
+    """True when the context holds locks made from exactly this requirements.in text."""
+    lock = context / "requirements.lock"
+    if not (lock.exists() and (context / "torch.lock").exists()):
+        return False
+    first = lock.read_text().splitlines()[:1]
+    return bool(first) and first[0] == HEADER + hashlib.sha256(requirements_in_text.encode()).hexdigest()
+
+
+def split_blocks(lock_text: str) -> dict[str, str]:
+    """{package name: its block (requirement line + hash lines)} of a pip-compile output."""
+    blocks, name, current = {}, None, []
+    for line in lock_text.splitlines():
+        m = re.match(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==", line)
+        if m:
+            if name:
+                blocks[name] = "\n".join(current)
+            name, current = m.group(1).lower().replace("_", "-"), [line]
+        elif name and line.startswith("    --hash"):
+            current.append(line)
+        elif name and not line.startswith(" "):
+            blocks[name] = "\n".join(current)
+            name, current = None, []
+    if name:
+        blocks[name] = "\n".join(current)
+    return blocks
+
+
+def lock(context: Path, ca_bundle: str | None = None, echo=None) -> Path:
+    """Run pip-compile --generate-hashes in the context's base stage; write the locks."""
+    context = context.resolve()
+    req = context / "requirements.in"
+    if not req.exists():
+        raise OperationFailed(f"{req} is missing: run envbuild render first")
+    result = build_stage.build(context, [], target="base", ca_bundle=ca_bundle, echo=echo, log_name="lock-base")
+    client = engine.client()
+    volumes = {str(context): {"bind": "/ctx", "mode": "rw"}}
+    env = {"HOME": "/tmp", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    if ca_bundle:
+        volumes[str(Path(ca_bundle).resolve())] = {"bind": "/run/secrets/ca_bundle", "mode": "ro"}
+    script = (
+        f"/opt/envbuild/with-ca.sh pip install -q {PIP} {PIP_TOOLS} && "
+        "/opt/envbuild/with-ca.sh pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras "
+        "--no-emit-index-url --no-emit-find-links --no-header --output-file /tmp/requirements.lock "
+        "/ctx/requirements.in && cat /tmp/requirements.lock"
+    )
+    container = client.containers.run(result.image_id, ["/bin/bash", "-c", script], environment=env,
+                                      volumes=volumes, detach=True, network_mode="host")
+    try:
+        status = container.wait(timeout=3600)
+        output = container.logs(stdout=True, stderr=False).decode()
+        errors = container.logs(stdout=False, stderr=True).decode()
+    finally:
+        container.remove(force=True)
+    if status.get("StatusCode") != 0:
+        tail = "\n".join(errors.strip().splitlines()[-15:])
+        raise OperationFailed(f"pip-compile failed inside the image's Python:\n{tail}")
+    blocks = split_blocks(output)
+    missing = [n for n in TORCH_TRIO if n not in blocks]
+    if missing:
+        raise OperationFailed(f"the lock has no {', '.join(missing)}: is requirements.in from envbuild render?")
+    header = HEADER + input_digest(req)
+    (context / "requirements.lock").write_text(f"{header}\n# made by pip-compile inside the image's base stage\n{output}")
+    (context / "torch.lock").write_text(f"{header}\n" + "\n".join(blocks[n] for n in TORCH_TRIO) + "\n")
+    return context / "requirements.lock"

@@ -1,0 +1,351 @@
+"""Render stage: Plan -> build context (Dockerfile, requirements.in, plan.json, helpers).
+
+All decisions are made here in Python (the context below); the Jinja template only
+formats. Every value that reaches the Dockerfile is validated again and shell-quoted,
+so a Plan loaded from anywhere cannot inject an instruction. Same Plan, same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jinja2
+
+from . import __version__
+from .catalog import PKG_RE, is_exact
+from .errors import BadInput
+from .resolve import Plan
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+INCONTAINER = Path(__file__).resolve().parent / "incontainer"
+FIXERS_SRC = Path(__file__).resolve().parent / "fixers.py"
+IMAGE_RE = re.compile(r"^[a-z0-9]+([._-][a-z0-9]+)*(:[0-9]+)?(/[a-z0-9]+([._-][a-z0-9]+)*)*"
+                      r"(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(@sha256:[a-f0-9]{64})?$")
+SPEC_RE = re.compile(r"^(==|>=|<=|~=|!=|<|>)?[0-9][0-9A-Za-z.+!*]*(,(==|>=|<=|~=|!=|<|>)[0-9][0-9A-Za-z.+!*]*)*$")
+URL_RE = re.compile(r"^https?://[A-Za-z0-9.:@_-]+(/[A-Za-z0-9._~%+-]+)*/?$")
+ARCH_RE = re.compile(r"^\d{1,2}\.\d(\+PTX)?(;\d{1,2}\.\d(\+PTX)?)*$")
+WORD_RE = re.compile(r"^[A-Za-z0-9_.-][A-Za-z0-9._/=,:+-]*$")
+RELPATH_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._/-]*$")
+ENV_NAME_RE = re.compile(r"^[A-Z][A-Z0-9_]*$")
+ENV_VALUE_RE = re.compile(r"^[A-Za-z0-9._:/,=-]*$")
+# GB of builder memory one compile job needs (flash-attn's nvcc jobs are the hungry ones).
+GB_PER_JOB = {"flash-attn": 9}
+BUILD_TOOLS = ["ninja", "wheel", "psutil"]
+# Runtime shared libraries wheels of this era expect from the OS.
+RUNTIME_APT = ["ca-certificates", "libgomp1", "libglib2.0-0"]
+BUILDER_APT = ["ca-certificates", "git", "ninja-build", "ccache"]
+
+
+def _check(value: str, pattern: re.Pattern, what: str) -> str:
+    if not isinstance(value, str) or not pattern.match(value) or "\n" in value:
+        raise BadInput(f"refusing to render {what} {value!r}: not a valid value",
+                       "fix the catalog entry, flag or config that set it")
+    return value
+
+
+def requirement(name: str, version: str) -> str:
+    """A validated pip requirement: name plus exact version or specifier."""
+    _check(name, PKG_RE, "package name")
+    if not version:
+        return name
+    if is_exact(version):
+        return f"{name}=={_check(version, SPEC_RE, f'version of {name}')}"
+    return name + _check(version.replace(" ", ""), SPEC_RE, f"specifier of {name}")
+
+
+@dataclass
+class Step:
+    """One compiled package built as a wheel in the builder stage."""
+    name: str
+    requirement: str
+    gb_per_job: int
+    env: dict = field(default_factory=dict)
+
+
+@dataclass
+class Context:
+    """Every decision the Dockerfile template formats."""
+
+    plan: Plan
+    command: str
+    base_image: str
+    runtime_image: str
+    source: str  # git | local
+    pypi_index: str
+    locked: bool
+
+    pip = "pip==24.0"  # the newest pip that still runs on Python 3.7/3.8
+
+    @property
+    def python(self) -> str:
+        return self.plan.python.version
+
+    @property
+    def python_apt(self) -> list[str]:
+        py = self.python
+        return [f"python{py}", f"python{py}-dev", f"python{py}-venv"]
+
+    @property
+    def python_runtime_apt(self) -> list[str]:
+        return [f"python{self.python}", f"python{self.python}-venv"]
+
+    @property
+    def deadsnakes(self) -> bool:
+        return self.plan.python_source == "deadsnakes"
+
+    @property
+    def torch_requirements(self) -> list[str]:
+        p = self.plan
+        return [requirement("torch", p.torch.version), requirement("torchvision", p.torchvision.version),
+                requirement("torchaudio", p.torchaudio.version)]
+
+    @property
+    def torch_index_args(self) -> list[str]:
+        url = self.plan.torch_index
+        if not url:
+            return []
+        _check(url, URL_RE, "torch index")
+        return ["-f", url] if url.endswith(".html") else ["--extra-index-url", url]
+
+    @property
+    def packages(self) -> list[str]:
+        """requirements.in entries: the Plan's pins except the compiled ones, plus build tools."""
+        compiled = set(self.plan.compiled)
+        reqs = [requirement(p.name, p.version) for p in self.plan.packages if p.name not in compiled]
+        return sorted(reqs + BUILD_TOOLS, key=str.lower)
+
+    @property
+    def compiled_steps(self) -> list[Step]:
+        steps = []
+        by_name = {p.name: p for p in self.plan.packages}
+        for name in self.plan.compiled:
+            env = {}
+            if name in ("mmcv-full", "mmcv"):
+                env["MMCV_WITH_OPS"] = "1"
+            if name == "flash-attn":
+                env["FLASH_ATTENTION_FORCE_BUILD"] = "TRUE"  # no GitHub wheel download: compile for this card
+            steps.append(Step(name, requirement(name, by_name[name].version), GB_PER_JOB.get(name, 2), env))
+        return steps
+
+    @property
+    def arch_list(self) -> str:
+        return _check(self.plan.arch_list, ARCH_RE, "TORCH_CUDA_ARCH_LIST")
+
+    @property
+    def repo(self) -> str:
+        return _check(self.plan.repo, URL_RE, "repository URL")
+
+    @property
+    def commit(self) -> str:
+        return _check(self.plan.commit, re.compile(r"^[0-9a-f]{40}$"), "commit")
+
+    @property
+    def extensions(self):
+        out = []
+        for ext in self.plan.extensions:
+            _check(ext.path, RELPATH_RE, "extension path")
+            if ".." in ext.path.split("/"):
+                raise BadInput(f"refusing to render extension path {ext.path!r}: leaves the source tree")
+            cmd = [_check(w, WORD_RE, "build command word") for w in ext.build]
+            out.append({"name": ext.name, "path": ext.path, "command": cmd})
+        return out
+
+    @property
+    def runtime_env(self) -> list[tuple[str, str, str]]:
+        out = []
+        for name, item in sorted(self.plan.runtime_env.items()):
+            out.append((_check(name, ENV_NAME_RE, "env name"), _check(item["value"], ENV_VALUE_RE, "env value"),
+                        item["why"]))
+        return out
+
+    @property
+    def labels(self) -> list[tuple[str, str]]:
+        p = self.plan
+        fixers = ",".join(f.name for f in p.fixers)
+        return [
+            ("org.opencontainers.image.title", f"{p.model} for {p.card_name}"),
+            ("org.opencontainers.image.source", p.repo),
+            ("org.opencontainers.image.revision", p.commit),
+            ("org.opencontainers.image.description", f"{p.model} {p.mode} on {p.card_name} (sm {p.cc}), built by envbuild"),
+            ("org.opencontainers.image.base.name", self.runtime_image),
+            ("io.envbuild.version", __version__),
+            ("io.envbuild.model", p.model),
+            ("io.envbuild.card", p.card),
+            ("io.envbuild.mode", p.mode),
+            ("io.envbuild.arch-list", p.arch_list),
+            ("io.envbuild.fixers", fixers),
+            ("io.envbuild.deviations", str(len(p.deviations))),
+            ("io.envbuild.plan", json.dumps(plan_summary(p), sort_keys=True, separators=(",", ":"))),
+        ]
+
+    @property
+    def plan_lines(self) -> list[str]:
+        """The Plan as comment lines at the top of the Dockerfile."""
+        p = self.plan
+        lines = [f"{p.model} on {p.card_name} (compute capability {p.cc}): {p.mode}",
+                 f"torch {p.torch.version}, CUDA {p.cuda}, Python {self.python}, TORCH_CUDA_ARCH_LIST={p.arch_list}"]
+        lines += [f"deviation: {d}" for d in p.deviations]
+        lines += [f"fixer: {f.name}: {f.why}" for f in p.fixers]
+        return [_comment(line) for line in lines]
+
+
+def _comment(text: str) -> str:
+    return " ".join(text.split())
+
+
+def plan_summary(p: Plan) -> dict:
+    """What images carry as a label: enough to say what is inside and why."""
+    return {
+        "model": p.model, "commit": p.commit, "card": p.card, "cc": p.cc, "mode": p.mode,
+        "python": p.python.version, "cuda": p.cuda, "torch": p.torch.version,
+        "pins": {pin.name: pin.version for pin in p.packages},
+        "compiled": list(p.compiled), "arch_list": p.arch_list,
+        "fixers": [f.name for f in p.fixers], "deviations": p.deviations,
+        "runtime_env": {k: v["value"] for k, v in p.runtime_env.items()},
+        "min_driver": p.min_driver,
+    }
+
+
+def _label_value(text: str) -> str:
+    # Dockerfile LABEL values are double-quoted and $-expanded: escape both.
+    return json.dumps(text).replace("$", "\\$")
+
+
+def _env():
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader([str(TEMPLATES)]), undefined=jinja2.StrictUndefined,
+                             keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True, autoescape=False)
+    env.filters["sh"] = shlex.quote
+    env.filters["shjoin"] = lambda words: " ".join(shlex.quote(w) for w in words)
+    env.filters["label"] = _label_value
+    return env
+
+
+def runtime_image_for(base_image: str) -> str:
+    """nvidia/cuda devel -> the matching runtime image (no compilers, ~half the size)."""
+    if "-devel-" in base_image:
+        return base_image.replace("-devel-", "-runtime-")
+    return base_image
+
+
+def make_context(plan: Plan, command: str, base_image: str | None = None, runtime_image: str | None = None,
+                 source: str = "git", pypi_index: str = "https://pypi.org/simple", locked: bool = False) -> Context:
+    base = _check(base_image or plan.base_image, IMAGE_RE, "base image")
+    runtime = _check(runtime_image or (runtime_image_for(base) if not base_image else base), IMAGE_RE, "runtime image")
+    return Context(plan, _comment(command), base, runtime, source, _check(pypi_index, URL_RE, "PyPI index"), locked)
+
+
+def dockerfile(ctx: Context) -> str:
+    return _env().get_template("Dockerfile.j2").render(c=ctx)
+
+
+def requirements_in(ctx: Context) -> str:
+    lines = [f"# Generated by envbuild: {ctx.command}",
+             "# Everything the image installs with pip except torch (own layer) and the packages",
+             "# compiled from source in the builder stage. `envbuild lock` turns this into requirements.lock.",
+             f"--index-url {ctx.pypi_index}"]
+    lines += [f"{' '.join(ctx.torch_index_args)}"] if ctx.torch_index_args else []
+    lines += ctx.torch_requirements + ctx.packages
+    return "\n".join(lines) + "\n"
+
+
+def write(ctx: Context, out: Path, source_dir: Path | None = None) -> list[Path]:
+    """Write a complete build context to out/ (Dockerfile, requirements, plan, helpers)."""
+    out.mkdir(parents=True, exist_ok=True)
+    files = {
+        "Dockerfile": dockerfile(ctx),
+        "requirements.in": requirements_in(ctx),
+        "plan.json": ctx.plan.to_json() + "\n",
+    }
+    written = []
+    for name, text in files.items():
+        path = out / name
+        _write_if_changed(path, text)
+        written.append(path)
+    helpers = out / "envbuild"
+    helpers.mkdir(exist_ok=True)
+    for src in [FIXERS_SRC, *sorted(INCONTAINER.glob("*"))]:
+        if src.is_file():
+            dst = helpers / src.name
+            _write_if_changed(dst, src.read_text())
+            dst.chmod(src.stat().st_mode & 0o777)
+            written.append(dst)
+    if source_dir is not None:
+        copy_source(source_dir, out / "src")
+        written.append(out / "src")
+    return written
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    # Unchanged bytes keep their mtime, so BuildKit's context transfer stays a no-op.
+    if path.exists() and path.read_text() == text:
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def copy_source(src: Path, dst: Path) -> None:
+    """Copy a local model tree into the context, without VCS data, build trees or symlinks out."""
+    src = src.resolve()
+    if not src.is_dir():
+        raise BadInput(f"--source {src} is not a directory")
+    ignore = shutil.ignore_patterns(".git", "__pycache__", "build", "*.egg-info", "*.so", ".envbuild*")
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst, symlinks=True, ignore=ignore)
+    for path in dst.rglob("*"):
+        if path.is_symlink():
+            target = (path.parent / os.readlink(path)).resolve()
+            if not str(target).startswith(str(dst.resolve())):
+                path.unlink()  # a link out of the tree would leak host files into the image
+
+
+# ---------------------------------------------------------------- dockerfiles/ for the catalog
+
+DEFAULT_CARDS = ("a800", "h20")
+
+
+def catalog_targets(cat):
+    for model in sorted(cat.models):
+        for card in DEFAULT_CARDS:
+            yield model, card
+
+
+def render_catalog(out: Path) -> list[Path]:
+    """dockerfiles/<model>-<card>/: Dockerfile, requirements.in, plan.json for the catalog defaults."""
+    from . import catalog
+    from .config import Sources
+    from .resolve import resolve
+
+    cat = catalog.load()
+    written = []
+    for model, card in catalog_targets(cat):
+        plan = resolve(cat, model, card, sources=Sources())
+        ctx = make_context(plan, f"envbuild render {model} --card {card} (make dockerfiles)")
+        d = out / f"{model}-{card}"
+        d.mkdir(parents=True, exist_ok=True)
+        for name, text in (("Dockerfile", dockerfile(ctx)), ("requirements.in", requirements_in(ctx)),
+                           ("plan.json", plan.to_json() + "\n")):
+            _write_if_changed(d / name, text)
+            written.append(d / name)
+    return written
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) == 2 and argv[0] == "--regenerate":
+        for path in render_catalog(Path(argv[1])):
+            print(path)
+        return 0
+    print("usage: python -m envbuild.render --regenerate DIR", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,119 @@
+"""Ship stage: push, pull (with a host preflight), and the list of local envbuild images."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+from . import engine
+from .errors import BadInput, OperationFailed
+
+
+def _split(ref: str) -> tuple[str, str]:
+    repo, sep, tag = ref.rpartition(":")
+    if not sep or "/" in tag:
+        return ref, "latest"
+    return repo, tag
+
+
+def push(ref: str, echo=None) -> str:
+    """Push a local image; returns the registry digest. Refusals and auth needs say so."""
+    client = engine.client()
+    from docker.errors import ImageNotFound, APIError
+    try:
+        client.images.get(ref)
+    except ImageNotFound:
+        raise BadInput(f"no local image {ref!r}", "see `envbuild images`") from None
+    repo, tag = _split(ref)
+    digest = None
+    try:
+        for event in client.images.push(repo, tag, stream=True, decode=True):
+            if "error" in event:
+                msg = event.get("error", "")
+                low = msg.lower()
+                if "unauthorized" in low or "authentication required" in low or "denied" in low:
+                    raise OperationFailed(f"registry refused the push of {ref}: {msg}",
+                                          f"log in first: docker login {repo.split('/')[0]}")
+                raise OperationFailed(f"push of {ref} failed: {msg}")
+            aux = event.get("aux") or {}
+            if aux.get("Digest"):
+                digest = aux["Digest"]
+            if echo and event.get("status") and not event.get("progressDetail"):
+                echo(f"{event.get('id', '')} {event['status']}".strip())
+    except APIError as exc:
+        raise OperationFailed(f"push of {ref} failed: {exc.explanation or exc}") from None
+    except Exception as exc:  # connection refused, DNS, TLS
+        if isinstance(exc, OperationFailed):
+            raise
+        raise OperationFailed(f"cannot reach the registry for {ref}: {exc}",
+                              "is the registry running and reachable? plain-http registries must be "
+                              "listed in the daemon's insecure-registries (127.0.0.0/8 is by default)") from None
+    if not digest:
+        raise OperationFailed(f"push of {ref} reported no digest")
+    return digest
+
+
+def host_driver() -> str | None:
+    """The NVIDIA driver version of this host, or None when there is no GPU."""
+    if not shutil.which("nvidia-smi"):
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    lines = [l.strip() for l in out.stdout.splitlines() if l.strip()]
+    return lines[0] if out.returncode == 0 and lines else None
+
+
+def _vkey(v: str) -> tuple:
+    return tuple(int(p) for p in v.split(".") if p.isdigit())
+
+
+def driver_check(driver: str | None, min_driver: str, compat_driver: str, cuda: str) -> tuple[str, str]:
+    """('ok'|'warn'|'fail'|'skip', reason) for running a CUDA `cuda` image on this driver."""
+    if driver is None:
+        return "skip", "no NVIDIA driver on this host (no GPU check)"
+    if _vkey(driver) >= _vkey(min_driver):
+        return "ok", f"driver {driver} >= {min_driver} required by CUDA {cuda}"
+    if _vkey(driver) >= _vkey(compat_driver):
+        return "warn", (f"driver {driver} < {min_driver}: CUDA {cuda} runs only through minor-version "
+                        f"compatibility (>= {compat_driver}); PTX JIT of newer code will fail")
+    return "fail", f"driver {driver} is older than {compat_driver}: CUDA {cuda} images cannot run"
+
+
+def pull(ref: str, min_driver: str, compat_driver: str, cuda: str, echo=None) -> dict:
+    status, reason = driver_check(host_driver(), min_driver, compat_driver, cuda)
+    if status == "fail":
+        raise OperationFailed(f"not pulling {ref}: {reason}", "update the NVIDIA driver or pick an older --cuda")
+    client = engine.client()
+    from docker.errors import APIError, NotFound
+    repo, tag = _split(ref)
+    try:
+        image = client.images.pull(repo, tag=tag)
+    except NotFound:
+        raise OperationFailed(f"{ref} is not in the registry", "build and push it: envbuild image ... --push") from None
+    except APIError as exc:
+        raise OperationFailed(f"pull of {ref} failed: {exc.explanation or exc}") from None
+    return {"image": ref, "id": image.id, "driver": status, "driver_reason": reason,
+            "validated": image.labels.get("io.envbuild.smoke")}
+
+
+def local_images() -> list[dict]:
+    client = engine.client()
+    out = []
+    for image in client.images.list(filters={"label": "io.envbuild.model"}):
+        labels = image.labels or {}
+        try:
+            plan = json.loads(labels.get("io.envbuild.plan", "{}"))
+        except ValueError:
+            plan = {}
+        out.append({
+            "id": image.short_id.split(":")[-1], "tags": image.tags, "size_bytes": image.attrs.get("Size", 0),
+            "model": labels.get("io.envbuild.model"), "card": labels.get("io.envbuild.card"),
+            "mode": labels.get("io.envbuild.mode"), "arch_list": labels.get("io.envbuild.arch-list"),
+            "torch": plan.get("torch"), "cuda": plan.get("cuda"), "python": plan.get("python"),
+            "fixers": plan.get("fixers", []), "smoke": labels.get("io.envbuild.smoke"),
+        })
+    return sorted(out, key=lambda i: (i["model"] or "", i["card"] or "", i["id"]))
