@@ -136,6 +136,7 @@ class EraPin:
     torch_max: str | None = None
     when_package: str | None = None
     replaces: str | None = None
+    always: bool = False
 
 
 @dataclass(frozen=True)
@@ -312,6 +313,7 @@ class Catalog:
     spconv_builds: tuple[str, ...]
     era: tuple[EraPin, ...]
     models: dict[str, Model]
+    requires: dict[str, tuple[str, ...]] = field(default_factory=dict)
     root: Path = field(default=DEFAULT_MATRICES)
 
     # -- lookups with clear errors
@@ -451,7 +453,13 @@ def load(root: Path | str | None = None) -> Catalog:
             torch_max=r.version("torch_max", None),
             when_package=r.get("when_package", str, None, pattern=PKG_RE),
             replaces=r.get("replaces", str, None, pattern=PKG_RE),
+            always=r.get("always", bool, False),
         ))
+    requires = {}
+    if "requires" in pkg.table:
+        rq = pkg.sub("requires")
+        for name in rq.table:
+            requires[name] = rq.strings(name, PKG_RE)
 
     models = {}
     for path in sorted((root / "models").glob("*.toml")):
@@ -460,7 +468,7 @@ def load(root: Path | str | None = None) -> Catalog:
             raise CatalogError(_rel(path), "model.name", f"duplicate model name {m.name!r}")
         models[m.name] = m
     return Catalog(cards, toolkits, ubuntu, torch, wheel_archs, compiled, asserts, flash,
-                   spconv, tuple(era), models, root)
+                   spconv, tuple(era), models, requires, root)
 
 
 def _load_model(path: Path, torch: dict, toolkits: dict) -> Model:

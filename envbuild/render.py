@@ -238,7 +238,12 @@ def make_context(plan: Plan, command: str, base_image: str | None = None, runtim
                  source: str = "git", pypi_index: str = "https://pypi.org/simple", locked: bool = False) -> Context:
     base = _check(base_image or plan.base_image, IMAGE_RE, "base image")
     runtime = _check(runtime_image or (runtime_image_for(base) if not base_image else base), IMAGE_RE, "runtime image")
-    return Context(plan, _comment(command), base, runtime, source, _check(pypi_index, URL_RE, "PyPI index"), locked)
+    ctx = Context(plan, _comment(command), base, runtime, source, _check(pypi_index, URL_RE, "PyPI index"), locked)
+    # Validate every value that reaches the Dockerfile or requirements.in now, before any file is written.
+    for prop in ("torch_requirements", "torch_index_args", "packages", "compiled_steps", "arch_list", "repo",
+                 "commit", "extensions", "runtime_env"):
+        getattr(ctx, prop)
+    return ctx
 
 
 def dockerfile(ctx: Context) -> str:

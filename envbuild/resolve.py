@@ -233,7 +233,7 @@ def resolve(cat: Catalog, model_name: str, card_name: str, cuda: str | None = No
 
     attempts: list[_Attempt] = []
     for stack in _stacks(cat, model, strict, python, toolkit, overrides):
-        result = _try(cat, model, card, stack, toolkit, strict, overrides, sources)
+        result = _try(cat, model, card, stack, toolkit, strict, overrides, sources, python)
         if isinstance(result, Plan):
             return result
         attempts.append(result)
@@ -279,7 +279,7 @@ def _stacks(cat, model: Model, strict, python, toolkit, overrides):
 
 
 def _try(cat: Catalog, model: Model, card: Card, stack: _Stack, toolkit_req: Toolkit | None,
-         strict: bool, overrides: dict, sources: Sources):
+         strict: bool, overrides: dict, sources: Sources, python_req: str | None = None):
     rel, cu, py = stack.torch, stack.cuda, stack.python
     tag = "cu" + cu.replace(".", "")
     label = f"python {py}, torch {rel.version}+{tag}"
@@ -366,7 +366,14 @@ def _try(cat: Catalog, model: Model, card: Card, stack: _Stack, toolkit_req: Too
         fixers.append(Fixer("mmcv-version-assert",
                             f"{', '.join(asserting)} assert at import; the port uses "
                             f"{mmcv_pin.name} {mmcv_pin.version}", {"mmcv": mmcv_pin.version}))
-    # 7. era pins for what upstream left open
+    # 7. runtime deps of what is compiled with --no-deps, then era pins for what is left open
+    have = {p.name for p in pins}
+    for name in compiled:
+        for dep in cat.requires.get(name, ()):
+            dep = dep.lower()
+            if dep not in have and not (dep == "opencv-python-headless" and "opencv-python" in have):
+                pins.append(Pin(dep, "", f"needed by {name} (compiled without its dependencies)", None, "era"))
+                have.add(dep)
     pins = _era_pins(cat, pins, rel, model)
     # 8. base image: OS whose gcc nvcc accepts and whose C++ suits torch's headers
     cxx = max([rel.cxx] + [cat.compiled[n][p.version].cxx for n in compiled for p in pins
@@ -390,7 +397,8 @@ def _try(cat: Catalog, model: Model, card: Card, stack: _Stack, toolkit_req: Too
     if toolkit.version != cu:
         notes.append(f"nvcc {toolkit.version} builds extensions for torch's CUDA {cu} build (same major: accepted)")
 
-    why_py = "upstream pin" if py == model.python else f"torch {rel.version} has no wheels for Python {model.python}"
+    why_py = ("upstream pin" if py == model.python else "requested with --python" if python_req
+              else f"torch {rel.version} has no wheels for Python {model.python}")
     torch_source = "port" if not upstream_torch else "upstream"
     torch_why = ("upstream pin" if upstream_torch else
                  _torch_why(cat, model, card, rel, cu))
@@ -551,6 +559,8 @@ def _era_pins(cat: Catalog, pins: list[Pin], rel: TorchRelease, model: Model) ->
                                     old.requirement, "era")
             continue
         current = by_name.get(era.name)
+        if current is None and not era.always:
+            continue
         if current is None or not current.version:
             by_name[era.name] = Pin(era.name, era.spec, era.why, current.upstream if current else None, "era")
     return sorted(by_name.values(), key=lambda p: p.name)
