@@ -313,6 +313,31 @@ def images(json_: bool = JSON):
                  r["cuda"], r["arch_list"], f"{r['size_bytes'] / 1e9:.2f}"] for r in rows])
 
 
+@command()
+def audit(image_ref: str = typer.Argument(..., metavar="IMAGE"),
+          card: Optional[str] = typer.Option(None, "--card", help="Card to judge against (default: the image's)."),
+          json_: bool = JSON):
+    """Every compiled extension's SASS/PTX archs; exit 1 when any cannot run on the card."""
+    from . import audit as audit_stage
+    from .errors import BadInput, OperationFailed
+    cat = catalog.load()
+    card_id = card or audit_stage.image_card(image_ref)
+    if not card_id:
+        raise BadInput(f"{image_ref} has no io.envbuild.card label: pass --card")
+    report = audit_stage.audit(image_ref, cat.card(card_id))
+    if json_:
+        show.emit_json(report)
+    else:
+        show.table(f"{image_ref} on {report['card_name']} ({report['cc']})", ["library", "SASS", "PTX", "runs via"],
+                   [[lib["path"], " ".join(lib["sass"]) or "-", " ".join(lib["ptx"]) or "-", lib["via"] or "NOTHING"]
+                    for lib in report["libraries"]])
+    if not report["ok"]:
+        raise OperationFailed(f"{len(report['failures'])} librar{'y' if len(report['failures']) == 1 else 'ies'} "
+                              f"cannot run on {report['card_name']}: " + "; ".join(report["failures"]))
+    if not json_:
+        show.out.print(f"all {len(report['libraries'])} libraries with GPU code run on {report['card_name']}", markup=False)
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,73 @@
+"""Audit stage: image -> per-library SASS/PTX archs, judged against the card.
+
+The scan runs inside the image with its own Python (incontainer/audit_scan.py reads the
+fatbin headers of every .so), so it needs no GPU and no CUDA toolkit on the host.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from . import engine
+from .catalog import Card, cc_key
+from .errors import BadInput, OperationFailed
+from .resolve import sass_runs_on
+
+SCANNER = Path(__file__).resolve().parent / "incontainer" / "audit_scan.py"
+ROOTS = ["/opt", "/workspace", "/usr/local/lib", "/usr/lib/python3", "/root/.local"]
+FIND_PYTHON = ('for p in /opt/venv/bin/python python3 python; do '
+               'if command -v "$p" >/dev/null 2>&1; then exec "$p" /envbuild-audit/audit_scan.py "$@"; fi; done; '
+               'echo "no python in the image" >&2; exit 3')
+
+
+def judge(library: dict, cc: str) -> dict:
+    """Whether a library's GPU code runs on compute capability cc, and through what."""
+    sass = [a for a in library["sass"] if sass_runs_on(a, cc)]
+    ptx = [a for a in library["ptx"] if cc_key(a) <= cc_key(cc)]
+    if sass:
+        via = f"sm_{max(sass, key=cc_key).replace('.', '')} SASS"
+    elif ptx:
+        via = f"compute_{max(ptx, key=cc_key).replace('.', '')} PTX (JIT at first launch)"
+    else:
+        via = None
+    return {**library, "runs": via is not None, "via": via}
+
+
+def scan(image: str) -> list[dict]:
+    client = engine.client()
+    from docker.errors import ImageNotFound, ContainerError
+    try:
+        client.images.get(image)
+    except ImageNotFound:
+        raise BadInput(f"no local image {image!r}", "pull or build it first") from None
+    try:
+        out = client.containers.run(
+            image, ["sh", "-c", FIND_PYTHON, "audit", *ROOTS], entrypoint=[], remove=True, network_disabled=True,
+            volumes={str(SCANNER.parent): {"bind": "/envbuild-audit", "mode": "ro"}}, stdout=True, stderr=False)
+    except ContainerError as exc:
+        raise OperationFailed(f"audit scan failed in {image}: {exc.stderr.decode(errors='replace')[-500:] if exc.stderr else exc}") from None
+    try:
+        return json.loads(out)["libraries"]
+    except (ValueError, KeyError):
+        raise OperationFailed(f"audit scan of {image} printed no report") from None
+
+
+def audit(image: str, card: Card) -> dict:
+    libs = [judge(lib, card.cc) for lib in scan(image)]
+    failing = [lib for lib in libs if not lib["runs"]]
+    return {
+        "image": image, "card": card.id, "card_name": card.name, "cc": card.cc,
+        "libraries": libs, "ok": not failing,
+        "failures": [f"{lib['path']}: has SASS {', '.join(lib['sass']) or 'none'}, PTX {', '.join(lib['ptx']) or 'none'}; "
+                     f"{card.name} needs sm_{card.cc.split('.')[0]}x SASS with minor <= {card.cc.split('.')[1]} "
+                     f"or PTX <= {card.cc}" for lib in failing],
+    }
+
+
+def image_card(image: str) -> str | None:
+    client = engine.client()
+    try:
+        return (client.images.get(image).labels or {}).get("io.envbuild.card")
+    except Exception:
+        return None

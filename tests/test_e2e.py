@@ -1,0 +1,235 @@
+"""The fixture model the whole way, for real: resolve -> render -> build (BuildKit, real nvcc
+for sm_80) -> cuobjdump/audit -> CPU smoke-train in the container -> push -> rmi -> pull.
+
+No mocks. Needs a Docker engine (.ci/run starts one); skips without one, except in CI."""
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+from conftest import FIXTURE, ROOT
+
+pytestmark = pytest.mark.integration
+TIMEOUT = 3600
+
+
+def cli(env, *args, timeout=TIMEOUT):
+    return subprocess.run([sys.executable, "-m", "envbuild.cli", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=timeout, cwd=ROOT)
+
+
+def image_args(base, source=FIXTURE / "tinybev"):
+    return ["tinybev", "--card", "a800", "--cuda", "11.8", "--python", "3.11", "--source", source,
+            "--base-image", base["devel"], "--runtime-image", base["runtime"]]
+
+
+@pytest.fixture(scope="module")
+def built(docker_engine, offline_base, fixture_env):
+    r = cli(fixture_env, "image", *image_args(offline_base), "--json", "--quiet")
+    assert r.returncode == 0, r.stderr[-4000:]
+    summary = json.loads(r.stdout)
+    summary["ref"] = summary["tags"][0]
+    return summary
+
+
+@pytest.fixture(scope="module")
+def registry(docker_engine, tmp_path_factory):
+    """A real registry on loopback: the one .ci/run started, or one started here."""
+    addr = os.environ.get("ENVBUILD_TEST_REGISTRY", "127.0.0.1:5000")
+
+    def up():
+        try:
+            urllib.request.urlopen(f"http://{addr}/v2/", timeout=2)
+            return True
+        except Exception:
+            return False
+
+    proc = None
+    if not up():
+        exe = shutil.which("docker-registry")
+        if not exe:
+            if os.environ.get("CI"):
+                pytest.fail("CI needs docker-registry (apt-get install docker-registry)")
+            pytest.skip("no registry and no docker-registry binary")
+        d = tmp_path_factory.mktemp("registry")
+        (d / "config.yml").write_text(f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {d}/data\n"
+                                      f"http:\n  addr: {addr}\n")
+        proc = subprocess.Popen([exe, "serve", str(d / "config.yml")], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        for _ in range(50):
+            if up():
+                break
+            time.sleep(0.2)
+    assert up(), f"registry at {addr} is not answering"
+    yield addr
+    if proc:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_image_records_plan_and_fixers(built, docker_engine):
+    image = docker_engine.images.get(built["ref"])
+    labels = image.labels
+    assert labels["io.envbuild.model"] == "tinybev" and labels["io.envbuild.arch-list"] == "8.0"
+    assert set(labels["io.envbuild.fixers"].split(",")) == {"setup-without-gpu", "thc-to-aten", "local-rank"}
+    plan = json.loads(labels["io.envbuild.plan"])
+    assert plan["torch"] == "2.0.1" and plan["mode"] == "port" and plan["deviations"]
+    assert "py3.11-cu118-torch2.0.1-sm80" in built["ref"]
+    fixes = docker_engine.containers.run(built["ref"], ["cat", "/opt/envbuild/fixes.json"], remove=True)
+    report = {f["name"]: f["files"] for f in json.loads(fixes)["fixers"]}
+    assert report["thc-to-aten"] == ["ops/src/scale_add.cpp", "ops/src/scale_add_cuda.cu"]
+    assert report["local-rank"] == ["train.py"]
+
+
+def _copy_out(client, image, path, dest: Path) -> Path:
+    container = client.containers.create(image, ["true"])
+    try:
+        stream, _ = container.get_archive(path)
+        with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
+            member = tar.getmembers()[0]
+            dest.write_bytes(tar.extractfile(member).read())
+    finally:
+        container.remove(force=True)
+    return dest
+
+
+def test_extension_holds_sm80_sass(built, docker_engine, offline_base, tmp_path):
+    find = docker_engine.containers.run(built["ref"], ["sh", "-c", "find /opt/venv -name 'tinybev_ops*.so'"],
+                                        remove=True).decode().split()
+    assert len(find) == 1, find
+    so = _copy_out(docker_engine, built["ref"], find[0], tmp_path / "tinybev_ops.so")
+    out = docker_engine.containers.run(offline_base["devel"], ["cuobjdump", "--list-elf", "--list-ptx", "/x/tinybev_ops.so"],
+                                       volumes={str(tmp_path): {"bind": "/x", "mode": "ro"}}, remove=True).decode()
+    assert "sm_80.cubin" in out, out
+    assert "sm_86" not in out and "sm_90" not in out  # the card's arch only
+
+
+def test_audit_passes_on_the_card_and_fails_on_hopper(built, fixture_env):
+    r = cli(fixture_env, "audit", built["ref"], "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    ops = [lib for lib in report["libraries"] if "tinybev_ops" in lib["path"]]
+    assert ops and ops[0]["sass"] == ["8.0"] and ops[0]["runs"]
+    assert any("libtorch_cuda" in lib["path"] for lib in report["libraries"])
+    bad = cli(fixture_env, "audit", built["ref"], "--card", "h20")
+    assert bad.returncode == 1
+    assert "tinybev_ops" in bad.stderr and "9.0" in bad.stderr
+
+
+def test_cpu_smoke_train_through_the_old_launcher(built, docker_engine):
+    # torch 2.0's launcher passes --local-rank=0: only the fixed parser accepts it.
+    out = docker_engine.containers.run(
+        built["ref"], ["python", "-m", "torch.distributed.launch", "--nproc_per_node=1", "train.py",
+                       "--steps", "5", "--device", "cpu"], remove=True, stderr=True).decode()
+    result = json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
+    assert result["steps"] == 5 and result["local_rank"] == 0
+    assert 0 < result["first_loss"] < 100 and 0 < result["last_loss"] < 100
+
+
+def test_push_remove_pull_same_id(built, docker_engine, registry, fixture_env):
+    import docker
+    ref = f"{registry}/envbuild-test/tinybev:{uuid.uuid4().hex[:8]}"
+    image = docker_engine.images.get(built["ref"])
+    image.tag(ref)
+    r = cli(fixture_env, "push", ref, "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["digest"].startswith("sha256:")
+    # Remove the image locally for real (every tag), then pull it back.
+    docker_engine.images.remove(image.id, force=True)
+    with pytest.raises(docker.errors.ImageNotFound):
+        docker_engine.images.get(image.id)
+    pulled = docker_engine.images.pull(ref)
+    assert pulled.id == image.id
+    pulled.tag(built["ref"])
+    docker_engine.images.remove(ref)
+
+
+def test_pull_command_derives_the_tag_from_the_plan(built, docker_engine, registry, fixture_env):
+    ref = f"{registry}/envbuild/tinybev:{built['ref'].split(':', 1)[1]}"
+    docker_engine.images.get(built["ref"]).tag(ref)
+    assert cli(fixture_env, "push", ref).returncode == 0
+    docker_engine.images.remove(ref)
+    r = cli(fixture_env, "pull", "tinybev", "--card", "a800", "--cuda", "11.8", "--python", "3.11",
+            "--registry", registry + "/", "--json")
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert data["image"] == ref and data["id"] == docker_engine.images.get(built["ref"]).id
+    assert data["driver"] == "skip"  # no GPU here, said so
+    docker_engine.images.remove(ref)
+
+
+def test_push_to_an_unreachable_registry_says_so(built, docker_engine, fixture_env):
+    ref = "127.0.0.1:1/envbuild-test/tinybev:nowhere"
+    docker_engine.images.get(built["ref"]).tag(ref)
+    try:
+        r = cli(fixture_env, "push", ref)
+        assert r.returncode == 1 and "Traceback" not in r.stderr
+        assert "127.0.0.1:1" in r.stderr
+    finally:
+        docker_engine.images.remove(ref)
+
+
+def test_rebuild_is_all_cache_hits(built, offline_base, fixture_env):
+    r = cli(fixture_env, "image", *image_args(offline_base), "--json", "--quiet")
+    assert r.returncode == 0, r.stderr[-2000:]
+    again = json.loads(r.stdout)
+    assert again["image_id"] == built["image_id"]
+    assert all(step["cached"] for step in again["run_steps"]), again["run_steps"]
+
+
+def test_failed_build_names_the_step_and_keeps_the_log(built, offline_base, fixture_env, tmp_path):
+    src = tmp_path / "tinybev"
+    shutil.copytree(FIXTURE / "tinybev", src)
+    cu = src / "ops" / "src" / "scale_add_cuda.cu"
+    cu.write_text(cu.read_text() + "\nthis is not C++;\n")
+    tag = f"envbuild-test/broken:{uuid.uuid4().hex[:8]}"
+    r = cli(fixture_env, "image", *image_args(offline_base, src), "--tag", tag, "--quiet")
+    assert r.returncode == 1
+    assert "build failed" in r.stderr and "pip install --no-build-isolation" in r.stderr
+    assert "scale_add_cuda.cu" in r.stderr  # the last lines of the failing step's output
+    log = r.stderr.split("full log: ")[-1].strip().splitlines()[0]
+    assert Path(log).exists() and "this is not C++" in Path(log).read_text()
+    assert "Traceback" not in r.stderr
+    import docker
+    with pytest.raises(docker.errors.ImageNotFound):
+        docker.from_env().images.get(tag)
+
+
+def test_interrupted_build_leaves_no_tag_and_no_container(built, offline_base, fixture_env, docker_engine, tmp_path):
+    src = tmp_path / "tinybev"
+    shutil.copytree(FIXTURE / "tinybev", src)
+    (src / "ops" / "src" / "scale_add.cpp").write_text((src / "ops" / "src" / "scale_add.cpp").read_text() + "\n// edit\n")
+    tag = f"envbuild-test/interrupted:{uuid.uuid4().hex[:8]}"
+    before = {c.id for c in docker_engine.containers.list(all=True)}
+    proc = subprocess.Popen([sys.executable, "-m", "envbuild.cli", "image", *map(str, image_args(offline_base, src)),
+                             "--tag", tag], env=fixture_env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 600
+    for line in proc.stdout:
+        if "Building wheel for tinybev-ops" in line or time.time() > deadline:
+            break
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "Traceback" not in rest
+    import docker
+    with pytest.raises(docker.errors.ImageNotFound):
+        docker_engine.images.get(tag)
+    assert {c.id for c in docker_engine.containers.list(all=True)} <= before
+
+
+def test_no_daemon_is_one_line_exit_1(fixture_env):
+    env = {**fixture_env, "DOCKER_HOST": "unix:///nonexistent/docker.sock"}
+    r = cli(env, "image", *image_args({"devel": "envbuild/cuda:11.8-devel-debian12", "runtime": "envbuild/debian:12"}))
+    assert r.returncode == 1 and "no Docker daemon" in r.stderr and "Traceback" not in r.stderr
