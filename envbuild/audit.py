@@ -7,6 +7,7 @@ fatbin headers of every .so), so it needs no GPU and no CUDA toolkit on the host
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from . import engine
@@ -21,6 +22,19 @@ FIND_PYTHON = ('for p in /opt/venv/bin/python python3 python; do '
                'echo "no python in the image" >&2; exit 3')
 
 
+CUDA_LIBRARY = re.compile(r"/site-packages/nvidia/|/lib(cu|nv|cudnn|nccl|nvrtc|nvjpeg)[^/]*\.so[^/]*$")
+
+
+def kind_of(path: str) -> str:
+    """'cuda-library' for NVIDIA's redistributed CUDA libraries (cuBLAS, cuDNN, NCCL...), else 'extension'.
+
+    NVIDIA ships some host-side shims (libnvblas, libcufftw) with only a token sm_52 kernel;
+    they are reported, but only compiled extensions (torch's, mmcv, flash-attn, spconv, the
+    model's) decide the verdict.
+    """
+    return "cuda-library" if CUDA_LIBRARY.search(path) else "extension"
+
+
 def judge(library: dict, cc: str) -> dict:
     """Whether a library's GPU code runs on compute capability cc, and through what."""
     sass = [a for a in library["sass"] if sass_runs_on(a, cc)]
@@ -31,7 +45,7 @@ def judge(library: dict, cc: str) -> dict:
         via = f"compute_{max(ptx, key=cc_key).replace('.', '')} PTX (JIT at first launch)"
     else:
         via = None
-    return {**library, "runs": via is not None, "via": via}
+    return {**library, "runs": via is not None, "via": via, "kind": kind_of(library["path"])}
 
 
 def scan(image: str) -> list[dict]:
@@ -55,10 +69,12 @@ def scan(image: str) -> list[dict]:
 
 def audit(image: str, card: Card) -> dict:
     libs = [judge(lib, card.cc) for lib in scan(image)]
-    failing = [lib for lib in libs if not lib["runs"]]
+    failing = [lib for lib in libs if not lib["runs"] and lib["kind"] == "extension"]
+    warnings = [f"{lib['path']} (NVIDIA CUDA library) has no code for {card.cc}" for lib in libs
+                if not lib["runs"] and lib["kind"] != "extension"]
     return {
         "image": image, "card": card.id, "card_name": card.name, "cc": card.cc,
-        "libraries": libs, "ok": not failing,
+        "libraries": libs, "ok": not failing, "warnings": warnings,
         "failures": [f"{lib['path']}: has SASS {', '.join(lib['sass']) or 'none'}, PTX {', '.join(lib['ptx']) or 'none'}; "
                      f"{card.name} needs sm_{card.cc.split('.')[0]}x SASS with minor <= {card.cc.split('.')[1]} "
                      f"or PTX <= {card.cc}" for lib in failing],

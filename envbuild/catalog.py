@@ -154,6 +154,7 @@ class Train:
     config: str | None
     local_rank_arg: str | None
     extra_args: tuple[str, ...]
+    ops_check: str | None = None  # a file in the repo defining check(device) for the smoke ops level
 
 
 @dataclass(frozen=True)
@@ -517,6 +518,7 @@ def _load_model(path: Path, torch: dict, toolkits: dict) -> Model:
         config=tr.get("config", str, None, pattern=RELPATH_RE),
         local_rank_arg=tr.get("local_rank_arg", str, None, pattern=re.compile(r"^--local[_-]rank$")),
         extra_args=tr.strings("extra_args", WORD_RE, []),
+        ops_check=tr.get("ops_check", str, None, pattern=RELPATH_RE),
     )
     data = doc.get("data", dict, {})
     name = m.get("name", str, pattern=NAME_RE)

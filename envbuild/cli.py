@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -234,8 +235,9 @@ def image(model: str, card: str = CARD, cuda: Optional[str] = CUDA, python: Opti
           no_cache: bool = typer.Option(False, "--no-cache", help="Build every step again."),
           torch_index: Optional[str] = TORCH_INDEX, pypi_index: Optional[str] = PYPI_INDEX,
           quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not stream BuildKit progress."),
+          smoke_: bool = typer.Option(False, "--smoke", help="Smoke-test the image and record the result in it."),
           json_: bool = JSON):
-    """Resolve, render, build (BuildKit), tag, and optionally push."""
+    """Resolve, render, build (BuildKit), tag, optionally smoke-test and push."""
     from . import build as build_stage
     from . import ship
     from .pipeline import prepare
@@ -252,6 +254,15 @@ def image(model: str, card: str = CARD, cuda: Optional[str] = CUDA, python: Opti
     result = build_stage.build(ctx, tags, no_cache=no_cache, ca_bundle=sources.ca_bundle, echo=echo,
                                log_name=f"{plan.model}-{plan.card}")
     summary = result.summary()
+    if smoke_:
+        from . import smoke as smoke_stage
+        report = smoke_stage.run(tags[0], smoke_stage.parse_levels(None))
+        summary["smoke"] = smoke_stage.summary(report)
+        summary["image_id"] = smoke_stage.record(tags[0], report)
+        if not report["ok"]:
+            from .errors import OperationFailed
+            raise OperationFailed(f"image built ({tags[0]}) but its smoke test failed: "
+                                  + ", ".join(k for k, v in summary["smoke"]["levels"].items() if v == "failed"))
     if push_:
         summary["pushed"] = {t: ship.push(t, echo=echo) for t in tags}
     if json_:
@@ -293,12 +304,12 @@ def pull(model: str, card: str = CARD, cuda: Optional[str] = CUDA, python: Optio
     plan, sources = plan_for(_request(model, card, cuda, python, strict, set_, torch_index=torch_index))
     prefix = load_sources(registry=registry).registry if registry else sources.registry
     ref = build_stage.image_tag(plan, f"{prefix}envbuild/{plan.model}" if prefix else "")
-    result = ship.pull(ref, plan.min_driver, plan.compat_driver, plan.cuda)
+    result = ship.pull(ref, plan.min_driver, plan.compat_driver, plan.cuda, plan.card)
     if json_:
         return show.emit_json(result)
     show.out.print(f"pulled {ref} ({result['id']})", markup=False)
     show.out.print(f"driver: {result['driver']}: {result['driver_reason']}", markup=False)
-    show.out.print(f"validated: {result['validated'] or 'no smoke report recorded with this image'}", markup=False)
+    show.out.print(f"validated: {result['validated']}", markup=False)
 
 
 @command()
@@ -328,14 +339,97 @@ def audit(image_ref: str = typer.Argument(..., metavar="IMAGE"),
     if json_:
         show.emit_json(report)
     else:
-        show.table(f"{image_ref} on {report['card_name']} ({report['cc']})", ["library", "SASS", "PTX", "runs via"],
-                   [[lib["path"], " ".join(lib["sass"]) or "-", " ".join(lib["ptx"]) or "-", lib["via"] or "NOTHING"]
+        show.table(f"{image_ref} on {report['card_name']} ({report['cc']})", ["library", "kind", "SASS", "PTX", "runs via"],
+                   [[lib["path"], lib["kind"], " ".join(lib["sass"]) or "-", " ".join(lib["ptx"]) or "-", lib["via"] or "NOTHING"]
                     for lib in report["libraries"]])
+    if not json_:
+        for warning in report["warnings"]:
+            show.err.print(f"warning: {warning}", markup=False)
     if not report["ok"]:
         raise OperationFailed(f"{len(report['failures'])} librar{'y' if len(report['failures']) == 1 else 'ies'} "
                               f"cannot run on {report['card_name']}: " + "; ".join(report["failures"]))
     if not json_:
         show.out.print(f"all {len(report['libraries'])} libraries with GPU code run on {report['card_name']}", markup=False)
+
+
+@command()
+def smoke(target: str = typer.Argument(..., metavar="IMAGE|MODEL"),
+          card: Optional[str] = typer.Option(None, "--card", help="Card (needed when MODEL is given)."),
+          cuda: Optional[str] = CUDA, python: Optional[str] = PYTHON,
+          gpus: str = typer.Option("all", "--gpus", help="all, N, or none."),
+          level: Optional[str] = typer.Option(None, "--level", help="env,arch,ops,comm,train,io (default: all)."),
+          steps: int = typer.Option(20, "--steps", min=2, help="Training steps."),
+          recipe: str = typer.Option("synthetic", "--recipe", help="synthetic, model (the catalog's recipe) or both."),
+          data: Optional[Path] = typer.Option(None, "--data", help="Data folder for the model's recipe (e.g. nuScenes-mini)."),
+          ckpt_dir: Optional[Path] = typer.Option(None, "--ckpt-dir", help="Where the io level writes a checkpoint (NAS, CPFS)."),
+          ops_check: Optional[Path] = typer.Option(None, "--ops-check", help="A file defining check(device) for the model's ops."),
+          compile_: bool = typer.Option(False, "--compile", help="torch.compile the synthetic net (torch >= 2.0)."),
+          ipc_host: bool = typer.Option(False, "--ipc-host", help="Share the host's IPC namespace instead of a sized /dev/shm."),
+          report: Optional[Path] = typer.Option(None, "--report", help="Write the JSON report here."),
+          json_: bool = JSON):
+    """Prove the image works on the card: env, arch, ops, comm, train, io."""
+    from . import build as build_stage
+    from . import smoke as smoke_stage
+    from .errors import BadInput, OperationFailed
+    if recipe not in ("synthetic", "model", "both"):
+        raise BadInput(f"--recipe {recipe!r}: choose synthetic, model or both")
+    if gpus != "all" and gpus != "none" and not gpus.isdigit():
+        raise BadInput(f"--gpus {gpus!r}: all, N or none")
+    image_ref = target
+    cat = catalog.load()
+    if target.lower() in cat.models:
+        if not card:
+            raise BadInput(f"{target} is a model: pass --card to find its image")
+        from .pipeline import plan_for
+        plan, sources = plan_for(_request(target, card, cuda, python))
+        image_ref = build_stage.image_tag(plan, f"{sources.registry}envbuild/{plan.model}" if sources.registry else "")
+    data_ = smoke_stage.run(image_ref, smoke_stage.parse_levels(level), gpus=gpus, steps=steps, recipe=recipe,
+                            data=str(data) if data else None, ckpt_dir=str(ckpt_dir) if ckpt_dir else None,
+                            ops_check=str(ops_check) if ops_check else None, compile_model=compile_, ipc_host=ipc_host)
+    if card and cat.card(card).id != data_.get("card"):
+        data_.setdefault("notes", []).append(f"image built for {data_.get('card')}, smoke asked for {cat.card(card).id}")
+    if report:
+        report.write_text(json.dumps(data_, indent=2, sort_keys=True) + "\n")
+    if json_:
+        show.emit_json(data_)
+    else:
+        _print_smoke(data_, report)
+    if not data_["ok"]:
+        failed = [k for k, v in data_["levels"].items() if v["status"] == "failed"]
+        raise OperationFailed(f"smoke failed: {', '.join(failed)}", log=str(report) if report else "")
+
+
+def _print_smoke(data_, report):
+    env = data_.get("environment", {})
+    show.out.print(f"{data_['image']} on {', '.join(env.get('gpus') or []) or 'no GPU (CPU levels only)'}", markup=False)
+    for name, lvl in data_["levels"].items():
+        detail = lvl.get("reason", "")
+        if name == "train":
+            for rname, run in (lvl.get("runs") or {}).items():
+                if run.get("status") == "passed" and rname == "synthetic":
+                    detail = (f"synthetic: {run['samples_per_s']} samples/s, step {run['step_time_s']}s, "
+                              f"data wait {run['data_wait_share']:.0%}, loss {run['first_loss']:.3f} -> {run['last_loss']:.3f}")
+                elif rname == "model":
+                    detail += f" model recipe: {run.get('status')} {run.get('reason', '')}"
+        if name == "io" and lvl.get("status") == "passed":
+            detail = f"checkpoint {lvl['size_mb']} MB: write {lvl['write_MBps']} MB/s, read {lvl['read_MBps']} MB/s"
+        if name == "env":
+            detail = f"{len(lvl.get('packages', []))} packages, {lvl.get('failed', 0)} failed"
+        if name == "comm" and lvl.get("works_with"):
+            detail = f"all-reduce over {lvl['gpus']} GPU(s) works with {lvl['works_with']}"
+        show.out.print(f"  {name:6} {lvl['status']:8} {detail}", markup=False)
+    if report:
+        show.out.print(f"report: {report}", markup=False)
+
+
+@command()
+def compare(reports: List[Path] = typer.Argument(..., help="Smoke reports (JSON) from different cards."),
+            out: Path = typer.Option(Path("compare.html"), "-o", "--out", help="HTML file to write.")):
+    """One HTML page comparing cards: loss curves, throughput, step time."""
+    from . import compare as compare_stage
+    page = compare_stage.page(compare_stage.load(reports))
+    out.write_text(page)
+    show.out.print(f"wrote {out}", markup=False)
 
 
 def main() -> None:

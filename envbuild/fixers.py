@@ -402,6 +402,7 @@ def main(argv=None):
     if ns.report:
         with open(ns.report, "w") as fh:
             json.dump(summary, fh, indent=2, sort_keys=True)
+            fh.write("\n")
     return 0
 
 

@@ -83,7 +83,7 @@ def driver_check(driver: str | None, min_driver: str, compat_driver: str, cuda: 
     return "fail", f"driver {driver} is older than {compat_driver}: CUDA {cuda} images cannot run"
 
 
-def pull(ref: str, min_driver: str, compat_driver: str, cuda: str, echo=None) -> dict:
+def pull(ref: str, min_driver: str, compat_driver: str, cuda: str, card: str = "", echo=None) -> dict:
     status, reason = driver_check(host_driver(), min_driver, compat_driver, cuda)
     if status == "fail":
         raise OperationFailed(f"not pulling {ref}: {reason}", "update the NVIDIA driver or pick an older --cuda")
@@ -96,8 +96,9 @@ def pull(ref: str, min_driver: str, compat_driver: str, cuda: str, echo=None) ->
         raise OperationFailed(f"{ref} is not in the registry", "build and push it: envbuild image ... --push") from None
     except APIError as exc:
         raise OperationFailed(f"pull of {ref} failed: {exc.explanation or exc}") from None
+    from .smoke import validated_on
     return {"image": ref, "id": image.id, "driver": status, "driver_reason": reason,
-            "validated": image.labels.get("io.envbuild.smoke")}
+            "validated": validated_on(image.labels, card), "smoke": image.labels.get("io.envbuild.smoke")}
 
 
 def local_images() -> list[dict]:

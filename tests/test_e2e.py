@@ -121,7 +121,9 @@ def test_audit_passes_on_the_card_and_fails_on_hopper(built, fixture_env):
     report = json.loads(r.stdout)
     ops = [lib for lib in report["libraries"] if "tinybev_ops" in lib["path"]]
     assert ops and ops[0]["sass"] == ["8.0"] and ops[0]["runs"]
-    assert any("libtorch_cuda" in lib["path"] for lib in report["libraries"])
+    assert any("libtorch_cuda" in lib["path"] and lib["kind"] == "extension" for lib in report["libraries"])
+    # NVIDIA's own shims with a token sm_52 kernel are reported, not fatal
+    assert all(w.count("NVIDIA CUDA library") for w in report["warnings"])
     bad = cli(fixture_env, "audit", built["ref"], "--card", "h20")
     assert bad.returncode == 1
     assert "tinybev_ops" in bad.stderr and "9.0" in bad.stderr

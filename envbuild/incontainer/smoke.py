@@ -1,0 +1,578 @@
+"""envbuild smoke test, run inside the image: does this stack work on this card?
+
+Levels: env (every Plan package imports at its pinned version), arch (torch and the
+compiled extensions carry code for the card), ops (compiled ops forward/backward on the
+GPU against a reference), comm (NCCL all-reduce over the visible GPUs, bounded, with a
+P2P-off retry), train (N steps of a synthetic perception net or the model's own recipe),
+io (checkpoint write/read bandwidth). GPU levels are reported as skipped, with the
+reason, when there is no GPU; never as passed.
+
+Python 3.8+, stdlib and torch only. Prints one JSON report on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+LEVELS = ("env", "arch", "ops", "comm", "train", "io")
+# distribution name -> module to import (when they differ)
+IMPORT_NAMES = {
+    "mmcv-full": "mmcv", "opencv-python": "cv2", "opencv-python-headless": "cv2", "pyyaml": "yaml",
+    "pillow": "PIL", "scikit-image": "skimage", "scikit-learn": "sklearn", "nuscenes-devkit": "nuscenes",
+    "torch-geometric": "torch_geometric", "pytorch-lightning": "pytorch_lightning", "flash-attn": "flash_attn",
+    "torch-scatter": "torch_scatter", "torch-sparse": "torch_sparse", "torch-cluster": "torch_cluster",
+    "mmsegmentation": "mmseg", "ipython": "IPython", "lyft-dataset-sdk": "lyft_dataset_kit",
+}
+NOT_IMPORTED = {"setuptools", "wheel", "ninja", "psutil", "pip", "yapf"}
+
+
+def result(status, **fields):
+    fields["status"] = status
+    return fields
+
+
+def cc_key(cc):
+    major, minor = cc.split(".")
+    return int(major), int(minor)
+
+
+def runs_on(sass, ptx, cc):
+    """The arch whose code runs on cc: same-major SASS with minor <= card's, else older PTX."""
+    fit = [a for a in sass if cc_key(a)[0] == cc_key(cc)[0] and cc_key(a)[1] <= cc_key(cc)[1]]
+    if fit:
+        return "sm_" + max(fit, key=cc_key).replace(".", "")
+    jit = [a for a in ptx if cc_key(a) <= cc_key(cc)]
+    return ("compute_" + max(jit, key=cc_key).replace(".", "")) if jit else None
+
+
+def load_plan(path):
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def gpu_count():
+    import torch
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+# ------------------------------------------------------------------ env
+
+
+def dist_version(name):
+    try:
+        from importlib import metadata
+    except ImportError:  # pragma: no cover - Python < 3.8
+        return None
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def locked_versions(path):
+    pins = {}
+    if path and os.path.exists(path):
+        with open(path) as fh:
+            for line in fh:
+                m = re.match(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s\\]+)", line)
+                if m:
+                    pins[m.group(1).lower().replace("_", "-")] = m.group(2)
+    return pins
+
+
+def level_env(plan, args):
+    lock = locked_versions(args.lock)
+    packages = []
+    wanted = [("torch", plan["torch"]["version"]), ("torchvision", plan["torchvision"]["version"]),
+              ("torchaudio", plan["torchaudio"]["version"])]
+    wanted += [(p["name"], p["version"]) for p in plan["packages"]]
+    failed = 0
+    for name, pin in wanted:
+        item = {"name": name}
+        expected = lock.get(name) or (pin if re.match(r"^\d[\w.+!]*$", pin or "") else None)
+        installed = dist_version(name)
+        item["version"], item["expected"] = installed, expected
+        problems = []
+        if installed is None:
+            problems.append("not installed")
+        elif expected and installed != expected and installed.split("+")[0] != expected.split("+")[0]:
+            problems.append("version %s, expected %s" % (installed, expected))
+        module = IMPORT_NAMES.get(name, re.sub(r"^spconv-cu\d+$", "spconv", name).replace("-", "_"))
+        if name not in NOT_IMPORTED and installed is not None:
+            try:
+                importlib.import_module(module)
+                item["import"] = module
+            except Exception as exc:  # noqa: BLE001 - any import failure is the finding
+                problems.append("import %s: %s: %s" % (module, type(exc).__name__, str(exc)[:200]))
+        item["ok"] = not problems
+        if problems:
+            item["problems"] = problems
+            failed += 1
+        packages.append(item)
+    status = "passed" if not failed else "failed"
+    return result(status, packages=packages, failed=failed, lock=bool(lock))
+
+
+# ------------------------------------------------------------------ arch
+
+
+def level_arch(plan, args):
+    import torch
+    cc = plan["cc"]
+    flags = torch._C._cuda_getArchFlags() if hasattr(torch._C, "_cuda_getArchFlags") else ""
+    sass = sorted({"%s.%s" % (m[:-1], m[-1]) for m in re.findall(r"sm_(\d+)", flags or "")}, key=cc_key)
+    ptx = sorted({"%s.%s" % (m[:-1], m[-1]) for m in re.findall(r"compute_(\d+)", flags or "")}, key=cc_key)
+    via = runs_on(sass, ptx, cc)
+    out = {"card_cc": cc, "torch_cuda": torch.version.cuda, "torch_archs": sass, "torch_ptx": ptx, "torch_runs_via": via}
+    problems = [] if via else ["torch %s ships %s: nothing runs on %s" % (torch.__version__, sass, cc)]
+    scan = os.path.join(HERE, "audit_scan.py")
+    if os.path.exists(scan):
+        proc = subprocess.run([sys.executable, scan, "/opt/venv", "/workspace"], stdout=subprocess.PIPE, timeout=900)
+        libs = json.loads(proc.stdout.decode() or '{"libraries": []}')["libraries"]
+        ext = [l for l in libs if "/site-packages/nvidia/" not in l["path"] and not re.search(r"/lib(cu|nv|cudnn|nccl)", l["path"])]
+        for lib in ext:
+            lib["runs_via"] = runs_on(lib["sass"], lib["ptx"], cc)
+            if not lib["runs_via"]:
+                problems.append("%s has SASS %s PTX %s: nothing for %s" % (lib["path"], lib["sass"], lib["ptx"], cc))
+        out["extensions"] = ext
+    if torch.cuda.is_available():
+        dev = torch.cuda.get_device_capability(0)
+        out["device_cc"] = "%d.%d" % dev
+        out["device_name"] = torch.cuda.get_device_name(0)
+        out["device_arch_list"] = torch.cuda.get_arch_list()
+        if out["device_cc"] != cc:
+            problems.append("the GPU is %s (%s), the image was built for %s" % (out["device_name"], out["device_cc"], cc))
+    else:
+        out["device"] = "no GPU visible: static check only"
+    out["problems"] = problems
+    return result("failed" if problems else "passed", **out)
+
+
+# ------------------------------------------------------------------ ops
+
+
+def _close(a, b, tol):
+    return float((a.float() - b.float()).abs().max()) <= tol
+
+
+def check_mmcv():
+    import torch
+    from mmcv.ops import nms, roi_align
+    boxes = torch.tensor([[0, 0, 10, 10], [1, 1, 11, 11], [50, 50, 60, 60]], dtype=torch.float32, device="cuda")
+    scores = torch.tensor([0.9, 0.8, 0.7], device="cuda")
+    dets, keep = nms(boxes, scores, 0.5)
+    assert sorted(keep.tolist()) == [0, 2], keep
+    feat = torch.randn(1, 4, 16, 16, device="cuda", requires_grad=True)
+    rois = torch.tensor([[0, 2.0, 2.0, 10.0, 10.0]], device="cuda")
+    out = roi_align(feat, rois, (4, 4), 1.0, 2, "avg", True)
+    out.sum().backward()
+    ref = roi_align(feat.detach().cpu(), rois.cpu(), (4, 4), 1.0, 2, "avg", True)
+    assert _close(out.detach().cpu(), ref, 1e-4) and feat.grad is not None
+    return "nms and roi_align forward/backward match the CPU reference"
+
+
+def check_flash_attn():
+    import torch
+    from flash_attn import flash_attn_func
+    q, k, v = (torch.randn(2, 128, 4, 64, device="cuda", dtype=torch.float16, requires_grad=True) for _ in range(3))
+    out = flash_attn_func(q, k, v, causal=True)
+    out.float().sum().backward()
+    scale = 64 ** -0.5
+    att = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale
+    mask = torch.triu(torch.ones(128, 128, device="cuda", dtype=torch.bool), 1)
+    ref = torch.einsum("bhqk,bkhd->bqhd", att.masked_fill(mask, float("-inf")).softmax(-1), v.float())
+    assert _close(out, ref, 2e-2) and q.grad is not None
+    return "flash_attn_func forward/backward match a float32 reference"
+
+
+def check_torch_scatter():
+    import torch
+    from torch_scatter import scatter
+    src = torch.arange(6, dtype=torch.float32, device="cuda", requires_grad=True)
+    index = torch.tensor([0, 0, 1, 1, 2, 2], device="cuda")
+    out = scatter(src, index, reduce="sum")
+    out.sum().backward()
+    assert out.tolist() == [1.0, 5.0, 9.0] and src.grad.tolist() == [1.0] * 6
+    return "scatter sum forward/backward"
+
+
+OP_CHECKS = {"mmcv": check_mmcv, "flash_attn": check_flash_attn, "torch_scatter": check_torch_scatter}
+
+
+def level_ops(plan, args):
+    import torch
+    if not torch.cuda.is_available():
+        return result("skipped", reason="no GPU visible: CUDA ops need one")
+    checks = []
+    names = {IMPORT_NAMES.get(p["name"], p["name"].replace("-", "_")) for p in plan["packages"]}
+    for module, fn in sorted(OP_CHECKS.items()):
+        if module in names:
+            checks.append((module, fn))
+    hook = args.ops_check or (plan.get("train") or {}).get("ops_check")
+    if hook:
+        path = hook if os.path.isabs(hook) else os.path.join(args.workdir, hook)
+        checks.append((os.path.basename(path), lambda p=path: _run_hook(p)))
+    out, failed = [], 0
+    for name, fn in checks:
+        try:
+            out.append({"op": name, "ok": True, "detail": fn()})
+        except Exception as exc:  # noqa: BLE001
+            failed += 1
+            out.append({"op": name, "ok": False, "detail": "%s: %s" % (type(exc).__name__, str(exc)[:300])})
+    if not checks:
+        return result("skipped", reason="no compiled ops with a known check in this Plan")
+    return result("failed" if failed else "passed", checks=out)
+
+
+def _run_hook(path):
+    """A model's own op check: a file defining check(device) -> str."""
+    namespace = {"__file__": path, "__name__": "envbuild_ops_check"}
+    sys.path.insert(0, os.path.dirname(path))
+    with open(path) as fh:
+        exec(compile(fh.read(), path, "exec"), namespace)  # noqa: S102 - the model's own check file
+    return namespace["check"]("cuda")
+
+
+# ------------------------------------------------------------------ comm
+
+
+def comm_worker():
+    import torch
+    import torch.distributed as dist
+    dist.init_process_group("nccl")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+    t = torch.ones(1 << 20, device="cuda") * (rank + 1)
+    torch.cuda.synchronize()
+    start = time.time()
+    for _ in range(5):
+        dist.all_reduce(t)
+    torch.cuda.synchronize()
+    secs = (time.time() - start) / 5
+    expected = float(sum(range(1, world + 1))) * world ** 4
+    ok = abs(float(t[0]) - expected) < 1e-3 * expected
+    if rank == 0:
+        print(json.dumps({"world": world, "ok": ok, "allreduce_4MB_ms": round(secs * 1000, 3),
+                          "bus_GBps": round(2 * (world - 1) / world * 4 / 1024 / secs, 2) if world > 1 else None}))
+    dist.destroy_process_group()
+    return 0 if ok else 1
+
+
+def _torchrun(nproc, env, timeout):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=%d" % nproc,
+           os.path.abspath(__file__), "comm-worker"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        return {"ok": False, "error": "timed out after %ds (hang)" % timeout}
+    lines = [l for l in out.decode().splitlines() if l.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return {"ok": False, "error": err.decode()[-600:]}
+    return json.loads(lines[-1])
+
+
+def level_comm(plan, args):
+    n = gpu_count()
+    if n == 0:
+        return result("skipped", reason="no GPU visible: NCCL needs GPUs")
+    env = dict(os.environ)
+    attempts = []
+    first = _torchrun(n, env, args.comm_timeout)
+    first["setting"] = "NCCL_P2P_DISABLE=%s" % env.get("NCCL_P2P_DISABLE", "unset")
+    attempts.append(first)
+    if not first["ok"] and env.get("NCCL_P2P_DISABLE") != "1":
+        env["NCCL_P2P_DISABLE"] = "1"
+        retry = _torchrun(n, env, args.comm_timeout)
+        retry["setting"] = "NCCL_P2P_DISABLE=1"
+        attempts.append(retry)
+    works = next((a["setting"] for a in attempts if a["ok"]), None)
+    return result("passed" if works else "failed", gpus=n, attempts=attempts, works_with=works)
+
+
+# ------------------------------------------------------------------ train
+
+
+def loader_knobs(tuned, device):
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if not tuned:
+        return {"num_workers": 0, "pin_memory": False, "persistent_workers": False, "prefetch_factor": None}
+    workers = max(1, min(8, cores - 1))
+    return {"num_workers": workers, "pin_memory": device == "cuda", "persistent_workers": True, "prefetch_factor": 4}
+
+
+def shm_bytes():
+    try:
+        st = os.statvfs("/dev/shm")
+        return st.f_frsize * st.f_blocks
+    except OSError:
+        return None
+
+
+class SyntheticCameras(object):
+    """Generated multi-camera batches with CPU preprocessing (normalize + flip), like a real loader."""
+
+    def __init__(self, n, cameras=6, size=96, seed=0):
+        self.n, self.cameras, self.size, self.seed = n, cameras, size, seed
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        import torch
+        g = torch.Generator().manual_seed(self.seed + i)
+        img = torch.rand(self.cameras, 3, self.size, self.size, generator=g) * 255.0
+        img = (img - 127.5) / 58.0  # the per-sample CPU work data loaders spend their time on
+        if i % 2:
+            img = img.flip(-1)
+        occ = (img.mean(dim=(0, 1)) > 0).float()
+        target = torch.nn.functional.adaptive_avg_pool2d(occ[None, None], 24)[0, 0].round().long()
+        return img, target
+
+
+def perception_net():
+    import torch.nn as nn
+
+    class Net(nn.Module):
+        def __init__(self, cameras=6, ch=32, bev=24, classes=2):
+            super().__init__()
+            self.cameras, self.bev = cameras, bev
+            self.backbone = nn.Sequential(
+                nn.Conv2d(3, ch, 3, 2, 1), nn.BatchNorm2d(ch), nn.ReLU(inplace=True),
+                nn.Conv2d(ch, ch, 3, 2, 1), nn.BatchNorm2d(ch), nn.ReLU(inplace=True),
+                nn.Conv2d(ch, ch * 2, 3, 2, 1), nn.BatchNorm2d(ch * 2), nn.ReLU(inplace=True))
+            self.pool = nn.AdaptiveAvgPool2d(bev)
+            self.neck = nn.Sequential(nn.Conv2d(ch * 2 * cameras, ch * 2, 1), nn.ReLU(inplace=True),
+                                      nn.Conv2d(ch * 2, ch * 2, 3, padding=1), nn.ReLU(inplace=True))
+            self.head = nn.Conv2d(ch * 2, classes, 1)
+
+        def forward(self, x):
+            b, n = x.shape[:2]
+            f = self.pool(self.backbone(x.flatten(0, 1)))
+            return self.head(self.neck(f.reshape(b, n * f.shape[1], self.bev, self.bev)))
+
+    return Net()
+
+
+def train_synthetic(args, device, tuned=True, compile_model=False):
+    import torch
+    from torch.utils.data import DataLoader
+    torch.manual_seed(0)
+    knobs = loader_knobs(tuned, device)
+    kwargs = {k: v for k, v in knobs.items() if v is not None and not (k != "pin_memory" and knobs["num_workers"] == 0 and k != "num_workers")}
+    loader = DataLoader(SyntheticCameras(args.batch_size * (args.steps + 2)), batch_size=args.batch_size, shuffle=False, **kwargs)
+    model = perception_net().to(device)
+    if compile_model and hasattr(torch, "compile"):
+        model = torch.compile(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    losses, step_times, wait = [], [], 0.0
+    it = iter(loader)
+    start = time.time()
+    for step in range(args.steps):
+        t0 = time.time()
+        images, target = next(it)
+        t1 = time.time()
+        images = images.to(device, non_blocking=True)
+        target = target.to(device, non_blocking=True)
+        loss = torch.nn.functional.cross_entropy(model(images), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        value = loss.item()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t2 = time.time()
+        if not math.isfinite(value):
+            return result("failed", reason="loss is %s at step %d" % (value, step), losses=losses)
+        losses.append(value)
+        if step > 0:  # the first step pays for worker start-up and lazy init
+            wait += t1 - t0
+            step_times.append(t2 - t0)
+    total = sum(step_times) or 1e-9
+    out = {
+        "recipe": "synthetic", "device": device, "steps": args.steps, "batch_size": args.batch_size,
+        "step_time_s": round(total / max(1, len(step_times)), 4),
+        "samples_per_s": round(args.batch_size * len(step_times) / total, 2),
+        "data_wait_share": round(wait / total, 3), "first_loss": losses[0], "last_loss": losses[-1],
+        "losses": [round(l, 5) for l in losses], "wall_s": round(time.time() - start, 2),
+        "knobs": dict(knobs, compile=bool(compile_model), shm_bytes=shm_bytes()),
+    }
+    if device == "cuda":
+        out["peak_gpu_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
+    return result("passed", **out)
+
+
+def train_recipe(plan, args, device):
+    """The model's own entry point, launched the way the catalog says, with --local-rank handled."""
+    train = plan.get("train") or {}
+    entry = train.get("entry")
+    if not entry:
+        return result("skipped", reason="the catalog has no train entry for this model")
+    cmd = [sys.executable]
+    launcher = train.get("launcher")
+    nproc = max(1, gpu_count()) if device == "cuda" else 1
+    if launcher == "torch.distributed.launch":
+        cmd += ["-m", "torch.distributed.launch", "--nproc_per_node=%d" % nproc]
+    elif launcher == "torchrun":
+        cmd += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=%d" % nproc]
+    cmd.append(entry)
+    if train.get("config"):
+        cmd.append(train["config"])
+    cmd += list(train.get("extra_args") or [])
+    if args.recipe_args:
+        cmd += args.recipe_args.split()
+    if device == "cpu" and plan["model"] == "tinybev":
+        cmd += ["--device", "cpu"]
+    env = dict(os.environ)
+    if args.data:
+        env["ENVBUILD_DATA"] = args.data
+    start = time.time()
+    try:
+        proc = subprocess.run(cmd, cwd=args.workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                              timeout=args.train_timeout)
+    except subprocess.TimeoutExpired:
+        return result("failed", recipe="model", command=cmd, reason="timed out after %ds" % args.train_timeout)
+    out = proc.stdout.decode(errors="replace")
+    err = proc.stderr.decode(errors="replace")
+    status = "passed" if proc.returncode == 0 else "failed"
+    lines = [l for l in out.splitlines() if l.startswith("{")]
+    report = {"recipe": "model", "command": cmd, "returncode": proc.returncode, "wall_s": round(time.time() - start, 2)}
+    if lines:
+        try:
+            report["metrics"] = json.loads(lines[-1])
+        except ValueError:
+            pass
+    if re.search(r"\bnan\b|\binf\b", out.lower() + err.lower()) and "loss" in (out + err).lower():
+        status, report["reason"] = "failed", "NaN/Inf in the training output"
+    if status == "failed":
+        report["stderr_tail"] = err[-1500:]
+    return result(status, **report)
+
+
+def level_train(plan, args):
+    import torch
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    runs = {}
+    if args.recipe in ("synthetic", "both"):
+        runs["synthetic"] = train_synthetic(args, device, tuned=args.loader == "tuned", compile_model=args.compile)
+    if args.recipe in ("model", "both"):
+        runs["model"] = train_recipe(plan, args, device)
+    statuses = [r["status"] for r in runs.values()]
+    status = "failed" if "failed" in statuses else ("passed" if "passed" in statuses else "skipped")
+    return result(status, device=device, runs=runs)
+
+
+# ------------------------------------------------------------------ io
+
+
+def level_io(plan, args):
+    import torch
+    directory = args.ckpt_dir or tempfile.gettempdir()
+    if not os.path.isdir(directory):
+        return result("failed", reason="--ckpt-dir %s is not a directory" % directory)
+    size_mb = args.ckpt_mb
+    state = {"w%d" % i: torch.randn(size_mb * 2 ** 20 // 4 // 8) for i in range(8)}
+    path = os.path.join(directory, "envbuild-smoke-%d.pt" % os.getpid())
+    try:
+        t0 = time.time()
+        torch.save(state, path)
+        with open(path, "rb") as fh:
+            os.fsync(fh.fileno())
+        t1 = time.time()
+        back = torch.load(path)
+        t2 = time.time()
+        ok = all(torch.equal(state[k], back[k]) for k in state)
+        nbytes = os.path.getsize(path)
+    finally:
+        if os.path.exists(path):
+            os.unlink(path)
+    mb = nbytes / 2 ** 20
+    return result("passed" if ok else "failed", dir=directory, size_mb=round(mb, 1),
+                  write_MBps=round(mb / max(t1 - t0, 1e-9), 1), read_MBps=round(mb / max(t2 - t1, 1e-9), 1),
+                  write_latency_s=round(t1 - t0, 3), read_latency_s=round(t2 - t1, 3), roundtrip_equal=ok)
+
+
+# ------------------------------------------------------------------ main
+
+
+def environment():
+    import torch
+    info = {"python": platform.python_version(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
+            "hostname": platform.node(), "cpus": os.cpu_count(), "shm_bytes": shm_bytes()}
+    if torch.cuda.is_available():
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        if shutil.which("nvidia-smi"):
+            q = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                               stdout=subprocess.PIPE, timeout=30)
+            info["driver"] = q.stdout.decode().strip().splitlines()[0] if q.returncode == 0 and q.stdout else None
+    else:
+        info["gpus"] = []
+    return info
+
+
+def main(argv=None):
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["comm-worker"]:
+        return comm_worker()
+    ap = argparse.ArgumentParser(prog="envbuild-smoke")
+    ap.add_argument("--plan", default=os.path.join(HERE, "plan.json"))
+    ap.add_argument("--lock", default=os.path.join(HERE, "requirements.lock"))
+    ap.add_argument("--level", default="env,arch,ops,comm,train,io")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--recipe", choices=["synthetic", "model", "both"], default="synthetic")
+    ap.add_argument("--recipe-args", default="")
+    ap.add_argument("--data")
+    ap.add_argument("--ckpt-dir")
+    ap.add_argument("--ckpt-mb", type=int, default=64)
+    ap.add_argument("--ops-check")
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--loader", choices=["tuned", "untuned"], default="tuned")
+    ap.add_argument("--comm-timeout", type=int, default=120)
+    ap.add_argument("--train-timeout", type=int, default=900)
+    ap.add_argument("--workdir", default="/workspace/model")
+    args = ap.parse_args(argv)
+    levels = [l.strip() for l in args.level.split(",") if l.strip()]
+    unknown = [l for l in levels if l not in LEVELS]
+    if unknown:
+        print("unknown level(s): %s (choose from %s)" % (", ".join(unknown), ", ".join(LEVELS)), file=sys.stderr)
+        return 2
+    plan = load_plan(args.plan)
+    report = {"model": plan["model"], "card": plan["card"], "card_name": plan["card_name"], "cc": plan["cc"],
+              "environment": environment(), "levels": {}}
+    runners = {"env": level_env, "arch": level_arch, "ops": level_ops, "comm": level_comm,
+               "train": level_train, "io": level_io}
+    for level in levels:
+        start = time.time()
+        try:
+            out = runners[level](plan, args)
+        except Exception as exc:  # noqa: BLE001 - a crash in a level is that level failing
+            out = result("failed", reason="%s: %s" % (type(exc).__name__, str(exc)[:500]))
+        out["seconds"] = round(time.time() - start, 2)
+        report["levels"][level] = out
+    statuses = [v["status"] for v in report["levels"].values()]
+    report["ok"] = "failed" not in statuses
+    print(json.dumps(report, indent=1, sort_keys=True))
+    return 0 if report["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""Smoke stage: image + card -> JSON report, by running incontainer/smoke.py in the image.
+
+The container always goes away (also on Ctrl-C or a timeout). GPU levels run where the
+host has NVIDIA GPUs and are reported as skipped, with the reason, where it has none.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from . import engine, ship
+from .errors import BadInput, OperationFailed
+
+LEVELS = ("env", "arch", "ops", "comm", "train", "io")
+
+
+def parse_levels(value: str | None) -> list[str]:
+    """Default: every level (GPU levels report 'skipped' with the reason where there is no GPU)."""
+    if not value:
+        return list(LEVELS)
+    levels = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in levels if v not in LEVELS]
+    if bad:
+        raise BadInput(f"unknown smoke level(s) {', '.join(bad)}", f"choose from {', '.join(LEVELS)}")
+    return levels
+
+
+def shm_size_bytes() -> int:
+    """Docker's 64 MB /dev/shm kills DataLoader workers; give the container a real one."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        total = 8 << 30
+    return int(min(max(total // 4, 1 << 30), 16 << 30))
+
+
+def run(image: str, levels: list[str], gpus: str = "all", steps: int = 20, recipe: str = "synthetic",
+        data: str | None = None, ckpt_dir: str | None = None, ops_check: str | None = None,
+        compile_model: bool = False, loader: str = "tuned", ipc_host: bool = False, timeout: int = 3600,
+        extra_args: list | None = None) -> dict:
+    client = engine.client()
+    import docker
+    from docker.errors import ImageNotFound
+    try:
+        img = client.images.get(image)
+    except ImageNotFound:
+        raise BadInput(f"no local image {image!r}", "build it (envbuild image) or pull it (envbuild pull)") from None
+    if "io.envbuild.model" not in (img.labels or {}):
+        raise BadInput(f"{image} is not an envbuild image (no io.envbuild labels)")
+    driver = ship.host_driver()
+    cmd = ["python", "/opt/envbuild/smoke.py", "--level", ",".join(levels), "--steps", str(steps),
+           "--recipe", recipe, "--loader", loader]
+    volumes = {}
+    if data:
+        if not Path(data).is_dir():
+            raise BadInput(f"--data {data} is not a directory")
+        volumes[str(Path(data).resolve())] = {"bind": "/data", "mode": "ro"}
+        cmd += ["--data", "/data"]
+    if ckpt_dir:
+        if not Path(ckpt_dir).is_dir():
+            raise BadInput(f"--ckpt-dir {ckpt_dir} is not a directory")
+        volumes[str(Path(ckpt_dir).resolve())] = {"bind": "/ckpt", "mode": "rw"}
+        cmd += ["--ckpt-dir", "/ckpt"]
+    if ops_check:
+        path = Path(ops_check).resolve()
+        if not path.is_file():
+            raise BadInput(f"--ops-check {ops_check} is not a file")
+        volumes[str(path)] = {"bind": "/opt/envbuild-ops-check.py", "mode": "ro"}
+        cmd += ["--ops-check", "/opt/envbuild-ops-check.py"]
+    if compile_model:
+        cmd.append("--compile")
+    cmd += list(extra_args or [])
+    kwargs = {"volumes": volumes, "detach": True}
+    if ipc_host:
+        kwargs["ipc_mode"] = "host"
+    else:
+        kwargs["shm_size"] = shm_size_bytes()
+    if driver and gpus != "none":
+        count = -1 if gpus == "all" else int(gpus)
+        kwargs["device_requests"] = [docker.types.DeviceRequest(count=count, capabilities=[["gpu"]])]
+    container = client.containers.run(img.id, cmd, **kwargs)
+    start = time.monotonic()
+    try:
+        status = container.wait(timeout=timeout)
+        out = container.logs(stdout=True, stderr=False).decode(errors="replace")
+        err = container.logs(stdout=False, stderr=True).decode(errors="replace")
+    except Exception as exc:
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        raise OperationFailed(f"smoke run of {image} did not finish: {exc}") from None
+    finally:
+        try:
+            container.remove(force=True)
+        except Exception:
+            pass
+    start_json = out.find("{")
+    try:
+        report = json.loads(out[start_json:]) if start_json >= 0 else None
+    except ValueError:
+        report = None
+    if report is None:
+        tail = "\n".join(err.strip().splitlines()[-15:])
+        raise OperationFailed(f"smoke run of {image} printed no report (exit {status.get('StatusCode')}):\n{tail}")
+    report["image"] = image
+    report["image_id"] = img.id
+    report["host"] = {"driver": driver, "gpus_requested": gpus if driver else "none (no NVIDIA driver on this host)",
+                      "shm": "host IPC" if ipc_host else f"{kwargs.get('shm_size', 0) // 2**20} MB",
+                      "seconds": round(time.monotonic() - start, 1)}
+    return report
+
+
+def summary(report: dict) -> dict:
+    """What an image carries about its smoke run (label io.envbuild.smoke)."""
+    gpu = (report.get("environment") or {}).get("gpus") or []
+    return {"card": report.get("card"), "gpu": gpu[0] if gpu else None, "ok": report.get("ok"),
+            "levels": {k: v.get("status") for k, v in (report.get("levels") or {}).items()},
+            "driver": (report.get("host") or {}).get("driver")}
+
+
+def record(image: str, report: dict) -> str:
+    """Add the smoke summary to the image as a label (a metadata-only layer); returns the new id."""
+    client = engine.client()
+    img = client.images.get(image)
+    label = json.dumps(summary(report), sort_keys=True, separators=(",", ":"))
+    # The SDK's commit keeps the layers and only rewrites the config: no rebuild, no container left behind.
+    container = client.containers.create(img.id, entrypoint=["true"])
+    try:
+        repo_tags = img.tags or []
+        new = container.commit(changes=[f"LABEL io.envbuild.smoke={json.dumps(label)}",
+                                        f"ENTRYPOINT {json.dumps(img.attrs['Config'].get('Entrypoint') or [])}",
+                                        f"CMD {json.dumps(img.attrs['Config'].get('Cmd') or ['/bin/bash'])}"])
+    finally:
+        container.remove(force=True)
+    for ref in repo_tags:
+        repo, _, tag = ref.rpartition(":")
+        new.tag(repo, tag)
+    return new.id
+
+
+def validated_on(labels: dict, card: str) -> str:
+    raw = (labels or {}).get("io.envbuild.smoke")
+    if not raw:
+        return "not validated: no smoke report recorded with this image"
+    try:
+        s = json.loads(raw)
+    except ValueError:
+        return "smoke label unreadable"
+    levels = s.get("levels") or {}
+    gpu_levels = [k for k in ("ops", "comm") if levels.get(k) == "passed"]
+    where = f"on {s.get('gpu')}" if s.get("gpu") else "without a GPU (CPU levels only)"
+    verdict = "passed" if s.get("ok") else "FAILED"
+    same = "the requested card" if s.get("card") == card else f"card {s.get('card')}, not {card}"
+    return f"smoke {verdict} {where} for {same}; GPU levels passed: {', '.join(gpu_levels) or 'none'}"

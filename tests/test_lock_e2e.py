@@ -1,0 +1,51 @@
+"""envbuild lock for real: pip-compile inside the image's own Python, then a hash-checked build."""
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import FIXTURE, ROOT
+
+pytestmark = pytest.mark.integration
+
+
+def cli(env, *args):
+    return subprocess.run([sys.executable, "-m", "envbuild.cli", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=3600, cwd=ROOT)
+
+
+def test_lock_then_hash_checked_build(docker_engine, offline_base, fixture_env, tmp_path):
+    env = {**fixture_env, "ENVBUILD_HOME": str(tmp_path / "home")}
+    args = ["tinybev", "--card", "a800", "--cuda", "11.8", "--python", "3.11",
+            "--base-image", offline_base["devel"]]
+    ctx = tmp_path / "ctx"
+    r = cli(env, "lock", *args, "-o", ctx, "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    lock = (ctx / "requirements.lock").read_text()
+    pins = re.findall(r"^([A-Za-z0-9._-]+)==(\S+)", lock, re.M)
+    names = {n.lower() for n, _ in pins}
+    assert {"torch", "torchvision", "torchaudio", "numpy", "ninja"} <= names
+    assert dict((n.lower(), v) for n, v in pins)["torch"] == "2.0.1"
+    assert int(dict((n.lower(), v) for n, v in pins)["numpy"].split(".")[0]) < 2  # the era pin held
+    blocks = re.split(r"\n(?=[A-Za-z0-9])", lock.split("\n", 2)[2].strip())
+    assert all("--hash=sha256:" in b for b in blocks if not b.startswith("#"))
+    torch_lock = (ctx / "torch.lock").read_text()
+    assert "torch==2.0.1" in torch_lock and "--hash=sha256:" in torch_lock and "numpy" not in torch_lock
+    # The lock was made by the image's Python 3.11, not the host's: the cp311 wheels' hashes are there.
+    dockerfile = (ctx / "Dockerfile").read_text()
+    assert "--require-hashes" in dockerfile and "COPY requirements.lock" in dockerfile
+    # rendering again keeps the lock (it still matches requirements.in)
+    r = cli(env, "render", *args, "-o", ctx, "--json")
+    assert json.loads(r.stdout)["locked"] is True
+    # and the image builds with hash checking, up to the compiled extensions
+    from envbuild import build
+    import os
+    os.environ["ENVBUILD_DOCKER"] = env["ENVBUILD_DOCKER"]
+    result = build.build(ctx, [], target="deps", ca_bundle=env.get("ENVBUILD_CA_BUNDLE"))
+    assert result.image_id.startswith("sha256:")
+    out = docker_engine.containers.run(result.image_id, ["python", "-c", "import torch, numpy; print(torch.__version__, numpy.__version__)"],
+                                       remove=True).decode().split()
+    assert out[0] == "2.0.1" and int(out[1].split(".")[0]) < 2
