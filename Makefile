@@ -11,7 +11,7 @@ CUDA ?=
 IMAGE ?=
 CUDA_FLAG := $(if $(CUDA),--cuda $(CUDA),)
 
-.PHONY: setup test test-unit test-integration image images resolve dockerfiles bench lint clean base smoke-gpu doctor export bake
+.PHONY: setup test test-unit test-integration image images resolve dockerfiles bench bench-build lint clean base smoke smoke-gpu doctor export bake
 
 $(BIN)/envbuild: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,8 +46,28 @@ base:  ## offline CUDA 11.8 devel base from Debian packages (debootstrap + docke
 dockerfiles: setup  ## regenerate dockerfiles/ (a test fails when they are stale)
 	$(BIN)/python -m envbuild.render --regenerate dockerfiles
 
-bench: setup
+bench: setup  ## resolver timing and data-loader tuning; bench-build for the (slow) image build numbers
 	$(BIN)/python benchmarks/bench_resolve.py
+	$(BIN)/python benchmarks/bench_dataloader.py
+
+bench-build: setup
+	$(BIN)/python benchmarks/bench_build.py
+
+smoke: setup  ## CPU-capable smoke levels for IMAGE (or MODEL + CARD)
+	$(BIN)/envbuild smoke $(or $(IMAGE),$(MODEL) --card $(CARD)) --report smoke-report.json
+
+smoke-gpu: setup  ## every GPU level for one image, in one go, on a GPU host
+	$(BIN)/envbuild smoke $(or $(IMAGE),$(MODEL) --card $(CARD)) --gpus all --level env,arch,ops,comm,train,io \
+	  --steps 50 --report smoke-$(CARD)-$$(hostname).json
+
+doctor: setup
+	$(BIN)/envbuild doctor
+
+export: setup  ## make export MODEL=maptr CARD=h20 [FORMAT=apptainer]
+	$(BIN)/envbuild export $$($(BIN)/python -c 'import json,subprocess,sys; print(json.loads(subprocess.check_output(["$(BIN)/envbuild","images","--json"]))[0]["tags"][0])' 2>/dev/null || echo missing) --format $(or $(FORMAT),tar) -o export/
+
+bake: setup  ## docker-bake file for the whole matrix
+	$(BIN)/envbuild bake -o bake/docker-bake.json
 
 lint: setup
 	$(BIN)/python -m envbuild.render --lint dockerfiles

@@ -155,6 +155,7 @@ class Train:
     local_rank_arg: str | None
     extra_args: tuple[str, ...]
     ops_check: str | None = None  # a file in the repo defining check(device) for the smoke ops level
+    cpu_args: tuple[str, ...] = ()  # arguments that make the train script run on the CPU
 
 
 @dataclass(frozen=True)
@@ -519,6 +520,7 @@ def _load_model(path: Path, torch: dict, toolkits: dict) -> Model:
         local_rank_arg=tr.get("local_rank_arg", str, None, pattern=re.compile(r"^--local[_-]rank$")),
         extra_args=tr.strings("extra_args", WORD_RE, []),
         ops_check=tr.get("ops_check", str, None, pattern=RELPATH_RE),
+        cpu_args=tr.strings("cpu_args", WORD_RE, []),
     )
     data = doc.get("data", dict, {})
     name = m.get("name", str, pattern=NAME_RE)

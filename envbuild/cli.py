@@ -402,7 +402,9 @@ def smoke(target: str = typer.Argument(..., metavar="IMAGE|MODEL"),
 def _print_smoke(data_, report):
     env = data_.get("environment", {})
     show.out.print(f"{data_['image']} on {', '.join(env.get('gpus') or []) or 'no GPU (CPU levels only)'}", markup=False)
-    for name, lvl in data_["levels"].items():
+    from .smoke import LEVELS
+    for name in [l for l in LEVELS if l in data_["levels"]]:
+        lvl = data_["levels"][name]
         detail = lvl.get("reason", "")
         if name == "train":
             for rname, run in (lvl.get("runs") or {}).items():
@@ -430,6 +432,76 @@ def compare(reports: List[Path] = typer.Argument(..., help="Smoke reports (JSON)
     page = compare_stage.page(compare_stage.load(reports))
     out.write_text(page)
     show.out.print(f"wrote {out}", markup=False)
+
+
+@command()
+def doctor(json_: bool = JSON):
+    """Host checks: engine, BuildKit, NVIDIA runtime, GPUs vs catalog, driver vs images, shm, disk, P2P."""
+    from . import doctor as doctor_stage
+    results = doctor_stage.run_all()
+    if json_:
+        show.emit_json([r.__dict__ for r in results])
+    else:
+        show.table("envbuild doctor", ["check", "status", "reason"], [[r.name, r.status, r.reason] for r in results])
+    if any(r.status == "fail" for r in results):
+        raise typer.Exit(1)
+
+
+@command()
+def export(image_ref: str = typer.Argument(..., metavar="IMAGE"),
+           format_: str = typer.Option("tar", "--format", help="tar (compressed docker save) or apptainer."),
+           out: Path = typer.Option(Path("."), "-o", "--out", help="Output folder."), json_: bool = JSON):
+    """Export an image for hosts without Docker or without a registry."""
+    from . import export as export_stage
+    from .errors import BadInput
+    if format_ not in ("tar", "apptainer"):
+        raise BadInput(f"--format {format_!r}: choose tar or apptainer")
+    result = export_stage.export_tar(image_ref, out) if format_ == "tar" else export_stage.export_apptainer(image_ref, out)
+    if json_:
+        return show.emit_json(result)
+    show.out.print(f"archive   {result['archive']} ({result['bytes'] / 1e9:.2f} GB, sha256 {result['sha256'][:16]}...)", markup=False)
+    show.out.print(f"manifest  {result['manifest']}", markup=False)
+    if format_ == "apptainer":
+        show.out.print(f"apptainer {result['definition']}", markup=False)
+        show.out.print(f"sif       {result['sif'] or result.get('sif_note')}", markup=False)
+
+
+@command()
+def load(file: Path = typer.Argument(..., help="An archive from envbuild export."), json_: bool = JSON):
+    """Verify an exported archive's checksum, then load it into the local engine."""
+    from . import export as export_stage
+    result = export_stage.load(file)
+    if json_:
+        return show.emit_json(result)
+    show.out.print(f"checksum ok; loaded {', '.join(result['loaded'])} ({', '.join(result['tags'])})", markup=False)
+
+
+@command()
+def bake(models_: Optional[List[str]] = typer.Option(None, "--models", help="Models (default: all)."),
+         cards_: Optional[List[str]] = typer.Option(None, "--cards", help="Cards (default: a800,h20)."),
+         out: Path = typer.Option(Path("bake/docker-bake.json"), "-o", "--out", help="Bake file to write."),
+         registry: Optional[str] = typer.Option(None, "--registry", help="Registry for tags and the build cache."),
+         builder_memory: int = typer.Option(64, "--builder-memory", help="GB of memory per builder."),
+         parallel: int = typer.Option(4, "--parallel", help="Targets built at once per builder."),
+         base_image: Optional[str] = BASE_IMAGE, torch_index: Optional[str] = TORCH_INDEX,
+         print_: bool = typer.Option(False, "--print", help="Print the resolved bake plan."), json_: bool = JSON):
+    """A docker-bake file for the models x cards matrix (docker buildx bake on remote builders)."""
+    from . import bake as bake_stage
+    from .config import load_sources
+    split = lambda vals: [v for item in vals or [] for v in item.split(",") if v] or None  # noqa: E731
+    sources = load_sources(torch_index=torch_index, registry=registry)
+    doc, skipped = bake_stage.bake_file(split(models_), split(cards_), out.parent, sources, sources.registry,
+                                        builder_memory, parallel, base_image)
+    path = bake_stage.write(doc, out)
+    if print_ or json_:
+        show.emit_json({"file": str(path), "bake": doc, "skipped": skipped})
+        return
+    targets = [n for n, t in doc["target"].items() if t.get("target") == "runtime"]
+    show.out.print(f"wrote {path}: {len(targets)} image target(s), {len(doc['group']['bases']['targets'])} shared base(s), "
+                   f"{len([g for g in doc['group'] if g.startswith('wave-')])} wave(s) of <= {parallel}", markup=False)
+    for s_ in skipped:
+        show.out.print(f"  skipped {s_['model']} on {s_['card']}: {s_['reason']}", markup=False)
+    show.out.print(f"build: docker buildx bake -f {path} wave-1 (then wave-2, ...), or `all` on a big builder", markup=False)
 
 
 def main() -> None:

@@ -1,6 +1,7 @@
 """Print how many parallel compile jobs this builder can afford.
 
-Usage: python max_jobs.py GB_PER_JOB. min(cores, available memory / GB_PER_JOB), at least 1.
+Usage: python max_jobs.py GB_PER_JOB. min(cores, available memory / GB_PER_JOB), at least 1,
+and at most $ENVBUILD_JOBS_CAP when a build farm sets it.
 flash-attn needs about 9 GB per nvcc job; a builder that runs out of memory dies silently.
 Runs inside images: Python 3.8+, stdlib only.
 """
@@ -39,7 +40,11 @@ def main(argv):
     if limit is not None:
         mem = min(mem, limit)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    print(max(1, min(cores, int(mem // per_job))))
+    jobs = max(1, min(cores, int(mem // per_job)))
+    cap = os.environ.get("ENVBUILD_JOBS_CAP", "0")
+    if cap.isdigit() and int(cap) > 0:
+        jobs = min(jobs, int(cap))
+    print(jobs)
     return 0
 
 

@@ -438,8 +438,8 @@ def train_recipe(plan, args, device):
     cmd += list(train.get("extra_args") or [])
     if args.recipe_args:
         cmd += args.recipe_args.split()
-    if device == "cpu" and plan["model"] == "tinybev":
-        cmd += ["--device", "cpu"]
+    if device == "cpu":
+        cmd += list(train.get("cpu_args") or [])  # how the model's script runs without a GPU
     env = dict(os.environ)
     if args.data:
         env["ENVBUILD_DATA"] = args.data

@@ -1,0 +1,86 @@
+"""The whole models x cards matrix as a docker-bake file, for `docker buildx bake` on
+remote or Kubernetes builders.
+
+One target per (model, card) building the runtime stage of its rendered context, shared
+base targets (one per distinct base image + Python, so every model on that base reuses
+one cached OS/Python/venv layer set), registry cache-from/cache-to, labels, and a
+per-target cap on compile jobs: with N targets building at once, each gets
+builder_memory / N, so mmcv and flash-attn compiles do not run the builder out of memory.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from . import catalog, render
+from .build import image_tag
+from .config import Sources
+from .errors import BadInput
+from .resolve import Conflict, resolve
+
+
+def _key(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text).strip("-")
+
+
+def bake_file(models=None, cards=None, out_dir: Path = Path("bake"), sources: Sources | None = None,
+              registry: str = "", builder_memory_gb: int = 64, parallel: int = 4, base_image: str | None = None):
+    """Render every context under out_dir/contexts and return (bake dict, skipped cells)."""
+    cat = catalog.load()
+    sources = sources or Sources()
+    models = [cat.model(m).name for m in models] if models else sorted(cat.models)
+    cards = [cat.card(c).id for c in cards] if cards else list(render.DEFAULT_CARDS)
+    if parallel < 1 or builder_memory_gb < 1:
+        raise BadInput("--parallel and --builder-memory must be >= 1")
+    targets, bases, skipped = {}, {}, []
+    cache = (registry.rstrip("/") + "/envbuild-cache") if registry else ""
+    for m in models:
+        for c in cards:
+            try:
+                plan = resolve(cat, m, c, sources=sources)
+            except Conflict as exc:
+                skipped.append({"model": m, "card": c, "reason": exc.message})
+                continue
+            name = _key(f"{m}-{c}")
+            ctx_dir = out_dir / "contexts" / name
+            ctx = render.make_context(plan, f"envbuild bake --models {m} --cards {c}", base_image=base_image,
+                                      pypi_index=sources.pypi_index)
+            render.write(ctx, ctx_dir)
+            base_name = _key(f"base-{ctx.base_image.split('/')[-1]}-py{plan.python.version}")
+            bases.setdefault(base_name, {
+                "context": f"contexts/{name}", "dockerfile": "Dockerfile", "target": "base",
+                **({"cache-from": [f"type=registry,ref={cache}:{base_name}"],
+                    "cache-to": [f"type=registry,ref={cache}:{base_name},mode=max"]} if cache else {}),
+            })
+            gb = max([render.GB_PER_JOB.get(n, 2) for n in plan.compiled] + [2])
+            jobs_cap = max(1, builder_memory_gb // (gb * parallel))
+            tag = image_tag(plan, f"{registry.rstrip('/')}/envbuild/{m}" if registry else "")
+            target = {
+                "context": f"contexts/{name}", "dockerfile": "Dockerfile", "target": "runtime",
+                "tags": [tag], "labels": {"io.envbuild.model": m, "io.envbuild.card": c, "io.envbuild.mode": plan.mode},
+                "args": {"ENVBUILD_JOBS_CAP": str(jobs_cap)},
+                "secret": ["id=ca_bundle,env=ENVBUILD_CA_BUNDLE"],
+            }
+            if cache:
+                target["cache-from"] = [f"type=registry,ref={cache}:{name}", f"type=registry,ref={cache}:{base_name}"]
+                target["cache-to"] = [f"type=registry,ref={cache}:{name},mode=max"]
+            targets[name] = target
+    if not targets:
+        raise BadInput("no (model, card) pair can be built", "; ".join(s["reason"] for s in skipped)[:500])
+    names = sorted(targets)
+    # Groups of at most `parallel` targets: `docker buildx bake wave-1`, then wave-2, ... keeps
+    # concurrent compiles within the builder's memory; `all` builds everything at once.
+    waves = {f"wave-{i + 1}": {"targets": names[i:i + parallel]} for i in range(0, len(names), parallel)}
+    doc = {
+        "group": {"default": {"targets": sorted(bases) + names}, "bases": {"targets": sorted(bases)},
+                  "all": {"targets": names}, **waves},
+        "target": {**bases, **targets},
+    }
+    return doc, skipped
+
+
+def write(doc: dict, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    return path

@@ -1,0 +1,218 @@
+"""Host checks, as small registered objects: ok / warn / fail / skip, each with a reason.
+
+A check never crashes the command: a missing tool is a finding, not a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from typing import Callable
+
+from . import catalog, engine, ship
+from .errors import OperationFailed
+
+
+@dataclass
+class Result:
+    name: str
+    status: str  # ok | warn | fail | skip
+    reason: str
+    data: dict | None = None
+
+
+CHECKS: list[tuple[str, Callable[[], Result]]] = []
+
+
+def check(name: str):
+    def register(fn):
+        CHECKS.append((name, fn))
+        return fn
+    return register
+
+
+def _sh(args, timeout=30) -> subprocess.CompletedProcess | None:
+    if not shutil.which(args[0]):
+        return None
+    try:
+        return subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def _gpus() -> list[dict]:
+    r = _sh(["nvidia-smi", "--query-gpu=index,name,compute_cap,driver_version,memory.total",
+             "--format=csv,noheader,nounits"])
+    if not r or r.returncode != 0:
+        return []
+    out = []
+    for line in r.stdout.strip().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) >= 5:
+            out.append({"index": parts[0], "name": parts[1], "cc": parts[2], "driver": parts[3], "memory_mb": parts[4]})
+    return out
+
+
+@check("docker engine")
+def docker_engine() -> Result:
+    try:
+        info = engine.client().info()
+    except OperationFailed as exc:
+        return Result("docker engine", "fail", exc.message + (f"; {exc.hint}" if exc.hint else ""))
+    return Result("docker engine", "ok", f"Docker {info.get('ServerVersion')} ({info.get('Driver')}, "
+                  f"root {info.get('DockerRootDir')})", {"root": info.get("DockerRootDir")})
+
+
+@check("buildkit")
+def buildkit() -> Result:
+    try:
+        cli = engine.find_cli()
+    except OperationFailed as exc:
+        return Result("buildkit", "fail", exc.message)
+    how = "docker buildx build" if cli.mode == "buildx" else "DOCKER_BUILDKIT=1 docker build (built in)"
+    return Result("buildkit", "ok", f"{cli.path} {cli.version}: {how}")
+
+
+@check("nvidia container runtime")
+def nvidia_runtime() -> Result:
+    if not _gpus():
+        return Result("nvidia container runtime", "skip", "no NVIDIA GPU on this host")
+    cdi = [p for d in ("/etc/cdi", "/var/run/cdi") if os.path.isdir(d) for p in os.listdir(d) if "nvidia" in p]
+    runtimes = {}
+    try:
+        runtimes = engine.client().info().get("Runtimes") or {}
+    except OperationFailed:
+        pass
+    if "nvidia" in runtimes or shutil.which("nvidia-container-cli") or shutil.which("nvidia-ctk"):
+        return Result("nvidia container runtime", "ok", "nvidia-container-toolkit present" + (f"; CDI specs {cdi}" if cdi else ""))
+    if cdi:
+        return Result("nvidia container runtime", "ok", f"CDI specs: {', '.join(cdi)}")
+    return Result("nvidia container runtime", "fail", "GPUs present but no nvidia-container-toolkit or CDI spec: "
+                  "containers cannot see them (install nvidia-container-toolkit)")
+
+
+@check("gpus")
+def gpus() -> Result:
+    found = _gpus()
+    if not found:
+        return Result("gpus", "skip", "nvidia-smi not found or no GPU")
+    cat = catalog.load()
+    matched = []
+    for gpu in found:
+        card = _match_card(cat, gpu["name"])
+        gpu["card"] = card.id if card else None
+        if card and gpu["cc"] and gpu["cc"] != card.cc:
+            gpu["note"] = f"catalog says {card.cc}"
+        matched.append(gpu)
+    unknown = [g["name"] for g in matched if not g["card"]]
+    names = ", ".join(f"{g['index']}: {g['name']} ({g['cc']}) -> {g['card'] or '?'}" for g in matched)
+    if unknown:
+        return Result("gpus", "warn", f"{names}; not in the catalog: {', '.join(unknown)} (add to matrices/cards.toml)",
+                      {"gpus": matched})
+    return Result("gpus", "ok", names, {"gpus": matched})
+
+
+def _match_card(cat, name: str):
+    low = name.lower()
+    for card in sorted(cat.cards.values(), key=lambda c: -len(c.id)):
+        token = card.id.replace("rtx", "")
+        if re.search(rf"\b{re.escape(token)}\b", low):
+            return card
+    return None
+
+
+@check("driver vs images")
+def driver_vs_images() -> Result:
+    driver = ship.host_driver()
+    if driver is None:
+        return Result("driver vs images", "skip", "no NVIDIA driver on this host")
+    try:
+        images = ship.local_images()
+    except OperationFailed as exc:
+        return Result("driver vs images", "skip", exc.message)
+    if not images:
+        return Result("driver vs images", "skip", f"driver {driver}; no local envbuild images")
+    cat = catalog.load()
+    worst, lines = "ok", []
+    for img in images:
+        cuda = img.get("cuda") or ""
+        tk = cat.toolkits.get(".".join(cuda.split(".")[:2]))
+        if not tk:
+            continue
+        status, reason = ship.driver_check(driver, tk.min_driver, tk.compat_driver, cuda)
+        lines.append(f"{(img['tags'] or [img['id']])[0]}: {status}: {reason}")
+        worst = max(worst, status, key=["ok", "skip", "warn", "fail"].index)
+    return Result("driver vs images", worst, "; ".join(lines) or "no CUDA version on the images' labels")
+
+
+@check("shared memory")
+def shared_memory() -> Result:
+    try:
+        st = os.statvfs("/dev/shm")
+    except OSError:
+        return Result("shared memory", "warn", "/dev/shm is missing: DataLoader workers need it")
+    size = st.f_frsize * st.f_blocks
+    gb = size / 2 ** 30
+    if gb < 1:
+        return Result("shared memory", "warn", f"/dev/shm is {gb:.2f} GB: DataLoader workers die; envbuild smoke "
+                      "sizes containers' /dev/shm itself, run training with --shm-size or --ipc=host")
+    return Result("shared memory", "ok", f"/dev/shm {gb:.1f} GB (containers get --shm-size from envbuild smoke)")
+
+
+@check("free disk")
+def free_disk() -> Result:
+    root = "/var/lib/docker"
+    try:
+        root = engine.client().info().get("DockerRootDir") or root
+    except OperationFailed:
+        pass
+    path = root if os.path.exists(root) else "/"
+    st = os.statvfs(path)
+    gb = st.f_frsize * st.f_bavail / 2 ** 30
+    if gb < 20:
+        return Result("free disk", "fail", f"{gb:.0f} GB free at {path}: one CUDA image build needs 20-40 GB")
+    if gb < 60:
+        return Result("free disk", "warn", f"{gb:.0f} GB free at {path}: enough for one or two image builds")
+    return Result("free disk", "ok", f"{gb:.0f} GB free at {path}")
+
+
+@check("peer-to-peer")
+def peer_to_peer() -> Result:
+    found = _gpus()
+    if len(found) < 2:
+        return Result("peer-to-peer", "skip", f"{len(found)} GPU(s): nothing to talk to")
+    r = _sh(["nvidia-smi", "topo", "-p2p", "r"])
+    if not r or r.returncode != 0:
+        return Result("peer-to-peer", "warn", "nvidia-smi topo -p2p failed: cannot tell; if NCCL hangs set NCCL_P2P_DISABLE=1")
+    return p2p_verdict(r.stdout)
+
+
+def p2p_verdict(matrix: str) -> Result:
+    """Judge `nvidia-smi topo -p2p r` output: every off-diagonal cell must be OK."""
+    cells = []
+    for line in matrix.splitlines():
+        parts = line.split()
+        # rows look like "GPU0 X OK NS"; the header row is "GPU0 GPU1 ..."
+        if len(parts) > 1 and re.match(r"^GPU\d+$", parts[0]) and not parts[1].startswith("GPU"):
+            cells += [c for c in parts[1:] if c != "X"]
+    if not cells:
+        return Result("peer-to-peer", "warn", "could not read the P2P matrix")
+    bad = [c for c in cells if c != "OK"]
+    if bad:
+        return Result("peer-to-peer", "warn", f"P2P not supported between some GPUs ({', '.join(sorted(set(bad)))}): "
+                      "use NCCL_P2P_DISABLE=1 (envbuild sets it for cards without P2P)", {"env": {"NCCL_P2P_DISABLE": "1"}})
+    return Result("peer-to-peer", "ok", "P2P reads work between every pair of GPUs")
+
+
+def run_all() -> list[Result]:
+    out = []
+    for name, fn in CHECKS:
+        try:
+            out.append(fn())
+        except Exception as exc:  # a check must never take the command down
+            out.append(Result(name, "fail", f"check crashed: {type(exc).__name__}: {exc}"))
+    return out

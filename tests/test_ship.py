@@ -1,0 +1,162 @@
+"""doctor, bake, export/load."""
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+from conftest import ROOT
+from envbuild import bake, doctor
+
+
+def cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "envbuild.cli", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=1800, cwd=ROOT)
+
+
+# ------------------------------------------------------------------ doctor
+
+P2P_OK = """ \tGPU0\tGPU1\t\n GPU0\tX\tOK\t\n GPU1\tOK\tX\t\n\nLegend:\n  X    = Self\n  OK   = Status Ok\n"""
+P2P_NS = """ \tGPU0\tGPU1\tGPU2\t\n GPU0\tX\tNS\tNS\t\n GPU1\tNS\tX\tOK\t\n GPU2\tNS\tOK\tX\t\n"""
+
+
+def test_p2p_matrix_verdicts():
+    assert doctor.p2p_verdict(P2P_OK).status == "ok"
+    bad = doctor.p2p_verdict(P2P_NS)
+    assert bad.status == "warn" and "NCCL_P2P_DISABLE=1" in bad.reason and "NS" in bad.reason
+    assert doctor.p2p_verdict("garbage").status == "warn"
+
+
+def test_card_matching_from_nvidia_smi_names(cat):
+    assert doctor._match_card(cat, "NVIDIA H20").id == "h20"
+    assert doctor._match_card(cat, "NVIDIA GeForce RTX 4090").id == "rtx4090"
+    assert doctor._match_card(cat, "NVIDIA A100-SXM4-80GB").id == "a100"
+    assert doctor._match_card(cat, "NVIDIA H200").id == "h200"
+    assert doctor._match_card(cat, "Tesla V100-SXM2-32GB").id == "v100"
+
+
+def test_doctor_never_crashes_without_tools(tmp_path):
+    # No docker, no nvidia-smi on PATH and no daemon: every check still answers.
+    env = {"PATH": str(tmp_path), "DOCKER_HOST": "unix:///nonexistent.sock", "ENVBUILD_DOCKER": str(tmp_path / "docker")}
+    r = subprocess.run([sys.executable, "-m", "envbuild.cli", "doctor", "--json"], capture_output=True, text=True,
+                       env={**os.environ, **env}, cwd=ROOT, timeout=120)
+    assert "Traceback" not in r.stderr
+    results = {c["name"]: c for c in json.loads(r.stdout)}
+    assert results["docker engine"]["status"] == "fail" and "no Docker daemon" in results["docker engine"]["reason"]
+    assert results["buildkit"]["status"] in ("ok", "fail")  # /usr/bin/docker may exist beside PATH
+    assert results["gpus"]["status"] == "skip"
+    assert all(c["status"] in ("ok", "warn", "fail", "skip") and c["reason"] for c in results.values())
+    assert r.returncode == 1  # a failing check fails the command
+
+
+# ------------------------------------------------------------------ bake
+
+def test_bake_file_for_the_matrix(tmp_path):
+    r = cli("bake", "--models", "maptr,sparsedrive,qcnet", "--cards", "a800,h20,v100", "-o", tmp_path / "docker-bake.json",
+            "--registry", "registry.local:5000", "--builder-memory", "64", "--parallel", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads((tmp_path / "docker-bake.json").read_text())
+    targets = doc["target"]
+    images = {n: t for n, t in targets.items() if t["target"] == "runtime"}
+    assert "maptr-h20" in images and "sparsedrive-v100" not in images  # impossible: skipped, with the reason
+    skipped = json.loads(r.stdout)["skipped"]
+    assert any(s["model"] == "sparsedrive" and s["card"] == "v100" and "flash-attn" in s["reason"] for s in skipped)
+    for name, t in images.items():
+        assert (tmp_path / t["context"] / "Dockerfile").exists()
+        assert t["tags"][0].startswith("registry.local:5000/envbuild/")
+        assert any("envbuild-cache" in c for c in t["cache-from"]) and t["cache-to"]
+        assert t["labels"]["io.envbuild.card"] in ("a800", "h20", "v100")
+    # flash-attn (9 GB/job) with 2 targets at once on 64 GB: at most 3 jobs each
+    assert images["sparsedrive-a800"]["args"]["ENVBUILD_JOBS_CAP"] == "3"
+    assert images["maptr-a800"]["args"]["ENVBUILD_JOBS_CAP"] == "16"
+    bases = doc["group"]["bases"]["targets"]
+    assert bases and all(targets[b]["target"] == "base" for b in bases)
+    assert len(bases) < len(images)  # bases are shared
+    waves = [g for g in doc["group"] if g.startswith("wave-")]
+    assert all(len(doc["group"][w]["targets"]) <= 2 for w in waves)
+    assert sorted(t for w in waves for t in doc["group"][w]["targets"]) == sorted(images)
+    buildx = shutil.which("docker") and subprocess.run(["docker", "buildx", "version"], capture_output=True).returncode == 0
+    if buildx:  # where buildx exists, it must accept the file
+        p = subprocess.run(["docker", "buildx", "bake", "--print", "-f", str(tmp_path / "docker-bake.json"), "all"],
+                           capture_output=True, text=True, cwd=tmp_path)
+        assert p.returncode == 0, p.stderr
+
+
+def test_bake_bad_input():
+    r = cli("bake", "--models", "nope")
+    assert r.returncode == 2 and "unknown model" in r.stderr
+
+
+# ------------------------------------------------------------------ export / load (real engine)
+
+@pytest.fixture
+def small_image(docker_engine, offline_base):
+    tag = f"envbuild-test/export:{uuid.uuid4().hex[:8]}"
+    dockerfile = (f"FROM {offline_base['runtime']}\nRUN echo envbuild > /hello.txt\n"
+                  "LABEL io.envbuild.model=tinybev io.envbuild.card=a800 io.envbuild.mode=port\n"
+                  "ENV NCCL_P2P_DISABLE=1\n")
+    image, _ = docker_engine.images.build(fileobj=io.BytesIO(dockerfile.encode()), tag=tag, rm=True)
+    yield tag, image.id
+    for ref in (tag,):
+        try:
+            docker_engine.images.remove(ref, force=True)
+        except Exception:
+            pass
+
+
+@pytest.mark.integration
+def test_export_load_round_trip_same_id(small_image, docker_engine, tmp_path):
+    tag, image_id = small_image
+    r = cli("export", tag, "-o", tmp_path, "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    archive = tmp_path / os.path.basename(info["archive"])
+    assert archive.exists() and not list(tmp_path.glob(".*partial"))
+    manifest = json.loads((tmp_path / (archive.name + ".json")).read_text())
+    assert manifest["id"] == image_id and len(manifest["sha256"]) == 64
+    docker_engine.images.remove(image_id, force=True)
+    r = cli("load", archive, "--json")
+    assert r.returncode == 0, r.stderr
+    assert image_id in json.loads(r.stdout)["loaded"]
+    assert docker_engine.images.get(tag).id == image_id
+
+
+@pytest.mark.integration
+def test_load_refuses_a_corrupt_archive(small_image, docker_engine, tmp_path):
+    tag, image_id = small_image
+    assert cli("export", tag, "-o", tmp_path).returncode == 0
+    archive = next(tmp_path.glob("*.tar.gz"))
+    docker_engine.images.remove(image_id, force=True)
+    data = bytearray(archive.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    archive.write_bytes(bytes(data))
+    r = cli("load", archive)
+    assert r.returncode == 1 and "checksum mismatch" in r.stderr and "Traceback" not in r.stderr
+    import docker
+    with pytest.raises(docker.errors.ImageNotFound):
+        docker_engine.images.get(image_id)
+
+
+@pytest.mark.integration
+def test_export_apptainer_definition(small_image, tmp_path):
+    tag, _ = small_image
+    r = cli("export", tag, "--format", "apptainer", "-o", tmp_path, "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    definition = open(info["definition"]).read()
+    assert "Bootstrap: docker-archive" in definition and 'export NCCL_P2P_DISABLE="1"' in definition
+    assert "io.envbuild.model tinybev" in definition
+    if not (shutil.which("apptainer") or shutil.which("singularity")):
+        assert info["sif"] is None and "not installed" in info["sif_note"]
+    else:
+        assert os.path.exists(info["sif"])
+
+
+def test_export_unknown_image_is_bad_input(docker_engine):
+    r = cli("export", "envbuild-test/does-not-exist:1")
+    assert r.returncode == 2 and "no local image" in r.stderr
