@@ -115,6 +115,13 @@ def parse_progress(lines) -> list[Step]:
     return [steps[k] for k in sorted(steps)]
 
 
+def failure_excerpt(output: list[str], errors: int = 12, tail: int = 12) -> list[str]:
+    """The lines a person needs: compiler/pip error lines first, then the last lines."""
+    marked = [l for l in output if re.search(r"\berror\b|Error:|fatal", l)][:errors]
+    last = [l for l in output[-tail:] if l not in marked]
+    return marked + (["..."] if marked and last else []) + last
+
+
 def build(context: Path, tags: list[str], target: str = "runtime", no_cache: bool = False,
           ca_bundle: str | None = None, build_args: dict | None = None, echo=None,
           log_name: str = "build") -> BuildResult:
@@ -159,8 +166,7 @@ def build(context: Path, tags: list[str], target: str = "runtime", no_cache: boo
         failed = next((s for s in steps if s.error), None)
         detail = ""
         if failed:
-            tail = "\n".join(failed.output[-25:])
-            detail = f"step {failed.name} failed: {failed.error}\n{tail}"
+            detail = f"step {failed.name} failed: {failed.error}\n" + "\n".join(failure_excerpt(failed.output))
         else:
             detail = "".join(lines[-25:])
         raise OperationFailed(f"build failed (exit {rc})\n{detail}".rstrip(), log=str(log_path))

@@ -121,21 +121,24 @@ def summary(report: dict) -> dict:
 
 
 def record(image: str, report: dict) -> str:
-    """Add the smoke summary to the image as a label (a metadata-only layer); returns the new id."""
+    """Add the smoke summary to the image as a label (a metadata-only commit); returns the new id.
+
+    Only `image` (the reference given) moves to the labelled image; other tags stay put.
+    """
     client = engine.client()
     img = client.images.get(image)
     label = json.dumps(summary(report), sort_keys=True, separators=(",", ":"))
-    # The SDK's commit keeps the layers and only rewrites the config: no rebuild, no container left behind.
-    container = client.containers.create(img.id, entrypoint=["true"])
+    # A created (never started) container has the image's exact config; committing it with one
+    # LABEL change adds an empty layer and nothing else.
+    container = client.containers.create(img.id)
     try:
-        repo_tags = img.tags or []
-        new = container.commit(changes=[f"LABEL io.envbuild.smoke={json.dumps(label)}",
-                                        f"ENTRYPOINT {json.dumps(img.attrs['Config'].get('Entrypoint') or [])}",
-                                        f"CMD {json.dumps(img.attrs['Config'].get('Cmd') or ['/bin/bash'])}"])
+        new = container.commit(changes=[f"LABEL io.envbuild.smoke={json.dumps(label)}"])
     finally:
         container.remove(force=True)
-    for ref in repo_tags:
-        repo, _, tag = ref.rpartition(":")
+    if image != img.id and not image.startswith("sha256:"):
+        repo, _, tag = image.rpartition(":")
+        if "/" in tag or not repo:
+            repo, tag = image, "latest"
         new.tag(repo, tag)
     return new.id
 

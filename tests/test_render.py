@@ -140,3 +140,12 @@ def test_hadolint_reports_no_errors_or_warnings():
     r = subprocess.run([HADOLINT, "--config", str(ROOT / ".hadolint.yaml"), *map(str, files)],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_failure_excerpt_puts_compiler_errors_first():
+    from envbuild.build import failure_excerpt
+    out = ["Building wheel", "ops/src/scale_add_cuda.cu(40): error: this declaration has no storage class",
+           "1 error detected", *[f"noise {i}" for i in range(30)], "Failed to build tinybev-ops"]
+    lines = failure_excerpt(out)
+    assert lines[0].startswith("ops/src/scale_add_cuda.cu(40): error") and lines[-1] == "Failed to build tinybev-ops"
+    assert len(lines) <= 25
