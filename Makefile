@@ -22,7 +22,7 @@ $(BIN)/envbuild: pyproject.toml
 setup: $(BIN)/envbuild  ## create .venv with envbuild and the test tools
 
 test: setup  ## all tests; integration tests need a Docker engine (.ci/run starts one)
-	$(BIN)/pytest -q -rs
+	$(BIN)/pytest -q -rs --durations=12
 
 test-unit: setup
 	$(BIN)/pytest -q -m 'not integration'
