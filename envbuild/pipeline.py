@@ -5,7 +5,6 @@ Each function here calls stage modules in order; none decides anything a stage o
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,9 +74,3 @@ def prepare(req: Request, out: Path | None = None) -> tuple[Plan, Sources, Path]
             (out / stale).unlink(missing_ok=True)
     render.write(ctx, out, source_dir)
     return plan, sources, out
-
-
-def check_name(value: str, what: str) -> str:
-    if not re.match(r"^[A-Za-z0-9_.-]+$", value):
-        raise BadInput(f"invalid {what}: {value!r}")
-    return value

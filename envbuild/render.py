@@ -38,9 +38,10 @@ ENV_VALUE_RE = re.compile(r"^[A-Za-z0-9._:/,=-]*$")
 # GB of builder memory one compile job needs (flash-attn's nvcc jobs are the hungry ones).
 GB_PER_JOB = {"flash-attn": 9}
 BUILD_TOOLS = ["ninja", "wheel", "psutil"]
-# Runtime shared libraries wheels of this era expect from the OS.
-RUNTIME_APT = ["ca-certificates", "libgomp1", "libglib2.0-0"]
+# OS packages beside Python: the builder needs git (model source), ninja and ccache;
+# the runtime only the shared libraries wheels of this era expect from the OS.
 BUILDER_APT = ["ca-certificates", "git", "ninja-build", "ccache"]
+RUNTIME_APT = ["ca-certificates", "libgomp1", "libglib2.0-0"]
 
 
 def _check(value: str, pattern: re.Pattern, what: str) -> str:
@@ -93,8 +94,12 @@ class Context:
         return [f"python{py}", f"python{py}-dev", f"python{py}-venv"]
 
     @property
-    def python_runtime_apt(self) -> list[str]:
-        return [f"python{self.python}", f"python{self.python}-venv"]
+    def builder_apt(self) -> list[str]:
+        return self.python_apt + BUILDER_APT
+
+    @property
+    def runtime_apt(self) -> list[str]:
+        return [f"python{self.python}", f"python{self.python}-venv"] + RUNTIME_APT
 
     @property
     def deadsnakes(self) -> bool:
