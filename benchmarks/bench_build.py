@@ -84,7 +84,7 @@ def main():
     for name, archs in (("card_arch_only", "8.0"), ("full_cuda_11_8_list", FULL_118)):
         cmd = [docker, "run", "--rm", "-e", f"TORCH_CUDA_ARCH_LIST={archs}", "-e", "CCACHE_DISABLE=1",
                "-w", "/workspace/model/ops", builder.image_id, "bash", "-c",
-               "rm -rf build && MAX_JOBS=2 python setup.py -q build_ext 2>&1 | tail -5"]
+               "set -o pipefail; rm -rf build && MAX_JOBS=2 python setup.py -q build_ext 2>&1 | tail -5"]
         t0 = time.monotonic()
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
