@@ -7,7 +7,6 @@ Usage: python benchmarks/bench_dataloader.py [IMAGE]   (default: the newest loca
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 

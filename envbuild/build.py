@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +46,14 @@ def image_tag(plan: Plan, repository: str = "") -> str:
     return ref
 
 
+def split_ref(ref: str) -> tuple[str, str]:
+    """(repository, tag) of an image reference; a registry port is not a tag."""
+    repo, sep, tag = ref.rpartition(":")
+    if not sep or "/" in tag:
+        return ref, "latest"
+    return repo, tag
+
+
 def check_ref(ref: str) -> str:
     from .errors import BadInput
     if not REF_RE.match(ref):
@@ -78,7 +85,7 @@ class BuildResult:
         return [s for s in self.steps if s.cached]
 
     def summary(self) -> dict:
-        runs = [s for s in self.steps if " RUN " in f" {s.name.split('] ', 1)[-1]} " or "] RUN" in s.name]
+        runs = [s for s in self.steps if "] RUN " in s.name]
         return {
             "image_id": self.image_id, "tags": self.tags, "size_bytes": self.size,
             "build_seconds": round(self.seconds, 1), "log": self.log,
@@ -174,9 +181,6 @@ def build(context: Path, tags: list[str], target: str = "runtime", no_cache: boo
     iidfile.unlink(missing_ok=True)
     image = client.images.get(image_id)
     for ref in tags:
-        repo, _, tag = ref.rpartition(":")
-        if "/" in tag or not repo:
-            repo, tag = ref, "latest"
-        image.tag(repo, tag)
+        image.tag(*split_ref(ref))
     image.reload()
     return BuildResult(image_id, list(tags), image.attrs.get("Size", 0), seconds, steps, str(log_path))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -13,7 +12,7 @@ import typer
 from . import catalog, show
 from .config import load_sources
 from .errors import EnvbuildError
-from .resolve import grid, parse_overrides, resolve as resolve_plan
+from .resolve import grid
 
 app = typer.Typer(
     help="Build card-targeted container images for old GPU model stacks.",
@@ -44,13 +43,6 @@ def command(*args, **kwargs):
                 raise typer.Exit(130) from None
         return app.command(*args, **kwargs)(inner)
     return wrap
-
-
-def _plan(model, card, cuda, python, strict, set_, torch_index, pypi_index):
-    cat = catalog.load()
-    sources = load_sources(torch_index=torch_index, pypi_index=pypi_index)
-    return resolve_plan(cat, model, card, cuda=cuda, python=python, strict=strict,
-                        overrides=parse_overrides(set_), sources=sources), sources
 
 
 @command()
@@ -89,7 +81,9 @@ def resolve(model: str, card: str = typer.Option("a100", "--card", help="Target 
             set_: Optional[List[str]] = SET, torch_index: Optional[str] = TORCH_INDEX,
             pypi_index: Optional[str] = PYPI_INDEX, json_: bool = JSON):
     """Print the Plan: what runs on the card, and why."""
-    plan, _ = _plan(model, card, cuda, python, strict, set_, torch_index, pypi_index)
+    from .pipeline import plan_for
+    plan, _ = plan_for(_request(model, card, cuda, python, strict, set_, torch_index=torch_index,
+                                pypi_index=pypi_index))
     if json_:
         return show.emit_json(plan.to_dict())
     show.plan(plan)
@@ -209,7 +203,6 @@ def lock(model: str, card: str = CARD, cuda: Optional[str] = CUDA, python: Optio
          out: Optional[Path] = typer.Option(None, "-o", "--out", help="Context folder (default: envbuild's cache)."),
          torch_index: Optional[str] = TORCH_INDEX, pypi_index: Optional[str] = PYPI_INDEX, json_: bool = JSON):
     """pip-compile --generate-hashes inside a container of the Plan's Python."""
-    from .config import load_sources
     from .lock import lock as run_lock
     from .pipeline import prepare
     req = _request(model, card, cuda, python, strict, set_, None, base_image, None, torch_index, pypi_index)
@@ -299,7 +292,6 @@ def pull(model: str, card: str = CARD, cuda: Optional[str] = CUDA, python: Optio
     """Pull the image for a model and card (tag derived from the Plan), after a driver check."""
     from . import build as build_stage
     from . import ship
-    from .config import load_sources
     from .pipeline import plan_for
     plan, sources = plan_for(_request(model, card, cuda, python, strict, set_, torch_index=torch_index))
     prefix = load_sources(registry=registry).registry if registry else sources.registry
@@ -487,7 +479,6 @@ def bake(models_: Optional[List[str]] = typer.Option(None, "--models", help="Mod
          print_: bool = typer.Option(False, "--print", help="Print the resolved bake plan."), json_: bool = JSON):
     """A docker-bake file for the models x cards matrix (docker buildx bake on remote builders)."""
     from . import bake as bake_stage
-    from .config import load_sources
     split = lambda vals: [v for item in vals or [] for v in item.split(",") if v] or None  # noqa: E731
     sources = load_sources(torch_index=torch_index, registry=registry)
     doc, skipped = bake_stage.bake_file(split(models_), split(cards_), out.parent, sources, sources.registry,

@@ -5,7 +5,6 @@ A check never crashes the command: a missing tool is a finding, not a traceback.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil

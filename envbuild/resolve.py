@@ -15,7 +15,7 @@ from functools import lru_cache
 
 
 from .catalog import (
-    PKG_RE, V, Card, Catalog, Compiled, FlashAttn, Model, TorchRelease, Toolkit, cc_key, is_exact, minor_key,
+    PKG_RE, V, Card, Catalog, FlashAttn, Model, TorchRelease, Toolkit, cc_key, is_exact, minor_key,
 )
 from .config import Sources
 from .errors import BadInput
@@ -326,17 +326,13 @@ def _try(cat: Catalog, model: Model, card: Card, stack: _Stack, toolkit_req: Too
     mmcv_pin: Pin | None = None
     for name, spec in model.packages.items():
         forced = overrides.get(name)
-        if name in MMCV:
-            pin = _choose_compiled(cat, name, spec, forced, rel, strict, reasons)
-            if pin is None:
-                return _Attempt(label, reasons, depth)
-            mmcv_pin = pin
-            compiled.append(name)
-        elif name in cat.compiled:
+        if name in cat.compiled:
             pin = _choose_compiled(cat, name, spec, forced, rel, strict, reasons)
             if pin is None:
                 return _Attempt(label, reasons, depth)
             compiled.append(name)
+            if name in MMCV:
+                mmcv_pin = pin
         elif name == "flash-attn":
             pin = _choose_flash_attn(cat, spec, forced, rel, toolkit, card, py, strict, reasons)
             if pin is None:
@@ -606,7 +602,7 @@ def _base_image(cat: Catalog, toolkit: Toolkit, python: str, cxx: int, sources: 
     return ubuntu, tag, why
 
 
-def _blockers(cat: Catalog, model: Model, card: Card, sources: Sources, seen: list[str]) -> list[str]:
+def _blockers(cat: Catalog, model: Model, card: Card, sources: Sources) -> list[str]:
     """Upstream pins that would still block once torch were upgraded to run on the card."""
     first = None
     for version in cat.torch_versions():
@@ -634,7 +630,7 @@ def _conflict(cat, model, card, cuda, python, strict, overrides, sources, attemp
     first = attempts[0]
     chain = [f"upstream {first.label}: {r}" for r in first.reasons]
     if strict:
-        chain += _blockers(cat, model, card, sources, first.reasons)
+        chain += _blockers(cat, model, card, sources)
         try:
             port = resolve(cat, model.name, card.id, cuda, python, False, overrides, sources)
             hint = "a port would change: " + ("; ".join(port.deviations) or "nothing") + \

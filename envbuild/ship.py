@@ -7,14 +7,8 @@ import shutil
 import subprocess
 
 from . import engine
+from .build import split_ref
 from .errors import BadInput, OperationFailed
-
-
-def _split(ref: str) -> tuple[str, str]:
-    repo, sep, tag = ref.rpartition(":")
-    if not sep or "/" in tag:
-        return ref, "latest"
-    return repo, tag
 
 
 def push(ref: str, echo=None) -> str:
@@ -25,7 +19,7 @@ def push(ref: str, echo=None) -> str:
         client.images.get(ref)
     except ImageNotFound:
         raise BadInput(f"no local image {ref!r}", "see `envbuild images`") from None
-    repo, tag = _split(ref)
+    repo, tag = split_ref(ref)
     digest = None
     try:
         for event in client.images.push(repo, tag, stream=True, decode=True):
@@ -89,7 +83,7 @@ def pull(ref: str, min_driver: str, compat_driver: str, cuda: str, card: str = "
         raise OperationFailed(f"not pulling {ref}: {reason}", "update the NVIDIA driver or pick an older --cuda")
     client = engine.client()
     from docker.errors import APIError, NotFound
-    repo, tag = _split(ref)
+    repo, tag = split_ref(ref)
     try:
         image = client.images.pull(repo, tag=tag)
     except NotFound:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from . import engine, ship
+from .build import split_ref
 from .errors import BadInput, OperationFailed
 
 LEVELS = ("env", "arch", "ops", "comm", "train", "io")
@@ -136,10 +137,7 @@ def record(image: str, report: dict) -> str:
     finally:
         container.remove(force=True)
     if image != img.id and not image.startswith("sha256:"):
-        repo, _, tag = image.rpartition(":")
-        if "/" in tag or not repo:
-            repo, tag = image, "latest"
-        new.tag(repo, tag)
+        new.tag(*split_ref(image))
     return new.id
 
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import FIXTURE, ROOT
+from conftest import ROOT
 
 pytestmark = pytest.mark.integration
 

@@ -1,5 +1,4 @@
 import itertools
-import time
 
 import pytest
 from hypothesis import given, settings, strategies as st

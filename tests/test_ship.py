@@ -11,7 +11,7 @@ import uuid
 import pytest
 
 from conftest import ROOT
-from envbuild import bake, doctor
+from envbuild import doctor
 
 
 def cli(*args, env=None):
