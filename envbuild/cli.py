@@ -357,6 +357,7 @@ def smoke(target: str = typer.Argument(..., metavar="IMAGE|MODEL"),
           ops_check: Optional[Path] = typer.Option(None, "--ops-check", help="A file defining check(device) for the model's ops."),
           compile_: bool = typer.Option(False, "--compile", help="torch.compile the synthetic net (torch >= 2.0)."),
           ipc_host: bool = typer.Option(False, "--ipc-host", help="Share the host's IPC namespace instead of a sized /dev/shm."),
+          comm_timeout: int = typer.Option(120, "--comm-timeout", min=1, help="Seconds before an all-reduce counts as hung."),
           report: Optional[Path] = typer.Option(None, "--report", help="Write the JSON report here."),
           json_: bool = JSON):
     """Prove the image works on the card: env, arch, ops, comm, train, io."""
@@ -377,7 +378,8 @@ def smoke(target: str = typer.Argument(..., metavar="IMAGE|MODEL"),
         image_ref = build_stage.image_tag(plan, f"{sources.registry}envbuild/{plan.model}" if sources.registry else "")
     data_ = smoke_stage.run(image_ref, smoke_stage.parse_levels(level), gpus=gpus, steps=steps, recipe=recipe,
                             data=str(data) if data else None, ckpt_dir=str(ckpt_dir) if ckpt_dir else None,
-                            ops_check=str(ops_check) if ops_check else None, compile_model=compile_, ipc_host=ipc_host)
+                            ops_check=str(ops_check) if ops_check else None, compile_model=compile_, ipc_host=ipc_host,
+                            comm_timeout=comm_timeout)
     if card and cat.card(card).id != data_.get("card"):
         data_.setdefault("notes", []).append(f"image built for {data_.get('card')}, smoke asked for {cat.card(card).id}")
     if report:
@@ -407,13 +409,30 @@ def _print_smoke(data_, report):
                     detail += f" model recipe: {run.get('status')} {run.get('reason', '')}"
         if name == "io" and lvl.get("status") == "passed":
             detail = f"checkpoint {lvl['size_mb']} MB: write {lvl['write_MBps']} MB/s, read {lvl['read_MBps']} MB/s"
-        if name == "env":
-            detail = f"{len(lvl.get('packages', []))} packages, {lvl.get('failed', 0)} failed"
+        if name == "env" and "packages" in lvl:
+            detail = (f"{len(lvl['packages'])} packages, {len(lvl.get('extensions', []))} compiled extensions loaded; "
+                      f"{lvl.get('failed', 0)} failed")
         if name == "comm" and lvl.get("works_with"):
             detail = f"all-reduce over {lvl['gpus']} GPU(s) works with {lvl['works_with']}"
+        if name == "ops" and lvl.get("checks"):
+            detail = f"{sum(c['ok'] for c in lvl['checks'])}/{len(lvl['checks'])} op checks match their reference"
         show.out.print(f"  {name:6} {lvl['status']:8} {detail}", markup=False)
+        for problem in _smoke_findings(name, lvl):
+            show.out.print(f"         {problem}", markup=False)
     if report:
         show.out.print(f"report: {report}", markup=False)
+
+
+def _smoke_findings(name: str, lvl: dict) -> list[str]:
+    """The lines under a level that say what went wrong, or what was not checked."""
+    found = [f"{p['name']}: {'; '.join(p['problems'])}" for p in lvl.get("packages", []) if not p.get("ok")]
+    found += [f"{e['path']}: {e['error']}" for e in lvl.get("extensions", []) if e.get("ok") is False]
+    found += list(lvl.get("problems") or [])
+    found += [f"{c['op']}: {c['detail']}" for c in lvl.get("checks", []) if not c["ok"]]
+    found += [f"{a['setting']}: {a.get('error', '').strip()[-200:]}" for a in lvl.get("attempts", []) if not a["ok"]]
+    if lvl.get("unchecked"):
+        found.append(f"no op check ran on: {', '.join(lvl['unchecked'])}")
+    return found
 
 
 @command()

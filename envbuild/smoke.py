@@ -41,7 +41,7 @@ def shm_size_bytes() -> int:
 def run(image: str, levels: list[str], gpus: str = "all", steps: int = 20, recipe: str = "synthetic",
         data: str | None = None, ckpt_dir: str | None = None, ops_check: str | None = None,
         compile_model: bool = False, loader: str = "tuned", ipc_host: bool = False, timeout: int = 3600,
-        extra_args: list | None = None) -> dict:
+        comm_timeout: int = 120, extra_args: list | None = None) -> dict:
     client = engine.client()
     import docker
     from docker.errors import ImageNotFound
@@ -53,7 +53,7 @@ def run(image: str, levels: list[str], gpus: str = "all", steps: int = 20, recip
         raise BadInput(f"{image} is not an envbuild image (no io.envbuild labels)")
     driver = ship.host_driver()
     cmd = ["python", "/opt/envbuild/smoke.py", "--level", ",".join(levels), "--steps", str(steps),
-           "--recipe", recipe, "--loader", loader]
+           "--recipe", recipe, "--loader", loader, "--comm-timeout", str(comm_timeout)]
     volumes = {}
     if data:
         if not Path(data).is_dir():
@@ -82,7 +82,15 @@ def run(image: str, levels: list[str], gpus: str = "all", steps: int = 20, recip
     if driver and gpus != "none":
         count = -1 if gpus == "all" else int(gpus)
         kwargs["device_requests"] = [docker.types.DeviceRequest(count=count, capabilities=[["gpu"]])]
-    container = client.containers.run(img.id, cmd, **kwargs)
+    from docker.errors import APIError
+    try:
+        container = client.containers.run(img.id, cmd, **kwargs)
+    except APIError as exc:
+        if "device_requests" in kwargs and "gpu" in str(exc).lower():
+            raise OperationFailed(f"Docker cannot give the container the GPUs: {exc.explanation or exc}",
+                                  "install nvidia-container-toolkit, run `nvidia-ctk runtime configure --runtime=docker` "
+                                  "and restart dockerd (envbuild doctor checks this)") from None
+        raise OperationFailed(f"cannot start the smoke container for {image}: {exc.explanation or exc}") from None
     start = time.monotonic()
     try:
         status = container.wait(timeout=timeout)

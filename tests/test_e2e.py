@@ -108,7 +108,7 @@ def test_extension_holds_sm80_sass(built, docker_engine, offline_base, tmp_path)
     find = docker_engine.containers.run(built["ref"], ["sh", "-c", "find /opt/venv -name 'tinybev_ops*.so'"],
                                         remove=True).decode().split()
     assert len(find) == 1, find
-    so = _copy_out(docker_engine, built["ref"], find[0], tmp_path / "tinybev_ops.so")
+    _copy_out(docker_engine, built["ref"], find[0], tmp_path / "tinybev_ops.so")
     out = docker_engine.containers.run(offline_base["devel"], ["cuobjdump", "--list-elf", "--list-ptx", "/x/tinybev_ops.so"],
                                        volumes={str(tmp_path): {"bind": "/x", "mode": "ro"}}, remove=True).decode()
     assert "sm_80.cubin" in out, out
@@ -249,8 +249,13 @@ def test_smoke_cpu_levels_and_gpu_levels_skipped(built, fixture_env, tmp_path):
     assert {p["name"] for p in levels["env"]["packages"]} >= {"torch", "numpy"}
     assert levels["arch"]["status"] == "passed" and "8.0" in levels["arch"]["torch_archs"]
     assert any("tinybev_ops" in e["path"] and e["runs_via"] == "sm_80" for e in levels["arch"]["extensions"])
+    loaded = {e["load"]: e for e in levels["env"]["extensions"]}
+    assert loaded["tinybev_ops"]["ok"] and loaded["tinybev_ops"]["kind"] == "module"
+    assert any(e["package"] == "torchvision" and e["kind"] == "library" and e["ok"] for e in loaded.values())
     for gpu_level in ("ops", "comm"):  # no GPU here: skipped with the reason, never passed
         assert levels[gpu_level]["status"] == "skipped" and "no GPU" in levels[gpu_level]["reason"]
+    rehearsal = levels["comm"]["cpu_rehearsal"]  # the launcher and rendezvous still ran, on gloo
+    assert rehearsal["ok"] and rehearsal["world"] == 2 and rehearsal["backend"] == "gloo"
     synthetic = levels["train"]["runs"]["synthetic"]
     assert synthetic["steps"] == 6 and synthetic["samples_per_s"] > 0 and 0 <= synthetic["data_wait_share"] <= 1
     assert all(v == v and abs(v) < 1e6 for v in synthetic["losses"])  # finite
@@ -303,3 +308,54 @@ def test_compare_two_reports(built, fixture_env, tmp_path):
     assert r.returncode == 0, r.stderr
     page = out.read_text()
     assert page.count("<svg") == 3 and page.count("<polyline") == 2 and "samples/s" in page
+
+
+def test_smoke_comm_is_bounded_by_its_timeout(built, fixture_env, docker_engine, tmp_path):
+    before = {c.id for c in docker_engine.containers.list(all=True)}
+    r = cli(fixture_env, "smoke", built["ref"], "--level", "comm", "--comm-timeout", "1", "--json", timeout=300)
+    assert r.returncode == 0, r.stderr  # skipped (no GPU) is not a failure
+    comm = json.loads(r.stdout)["levels"]["comm"]
+    # torchrun cannot even start in 1 s: the attempt is killed and reported, never waited on
+    assert comm["cpu_rehearsal"] == {"ok": False, "error": "timed out after 1s (hang)"}
+    assert "FAILED: timed out" in comm["reason"] and comm["seconds"] < 60
+    assert {c.id for c in docker_engine.containers.list(all=True)} <= before
+
+
+BROKEN_EXTENSION = r"""
+/* A torch extension as a mismatched build leaves it: GPU code inside, and a symbol the
+   loaded libtorch does not have. */
+__attribute__((section(".nv_fatbin"), used, aligned(8)))
+static const unsigned char fatbin[] = {%s};
+extern void at_symbol_from_another_torch(void);
+void *PyInit_envbuild_broken_ext(void) { at_symbol_from_another_torch(); return 0; }
+"""
+
+
+def fatbin_bytes(arch):
+    """A fatbin container holding one (empty) cubin for sm_<arch>: header fields only."""
+    import struct
+    entry = struct.pack("<HHIQ", 2, 0, 64, 8) + bytes(12) + struct.pack("<I", arch) + bytes(32) + bytes(8)
+    return struct.pack("<IHHQ", 0xBA55ED50, 1, 16, len(entry)) + entry
+
+
+def test_env_level_names_the_extension_that_does_not_load(built, offline_base, docker_engine, tmp_path):
+    code = BROKEN_EXTENSION % ", ".join(str(b) for b in fatbin_bytes(80))
+    (tmp_path / "broken.c").write_text(code)
+    name = "envbuild_broken_ext.cpython-311-x86_64-linux-gnu.so"
+    docker_engine.containers.run(offline_base["devel"], ["gcc", "-shared", "-fPIC", "-o", f"/x/{name}", "/x/broken.c"],
+                                 volumes={str(tmp_path): {"bind": "/x", "mode": "rw"}}, remove=True)
+    site = "/opt/venv/lib/python3.11/site-packages"
+    container = docker_engine.containers.run(
+        built["ref"], ["python", "/opt/envbuild/smoke.py", "--level", "env"], detach=True,
+        volumes={str(tmp_path / name): {"bind": f"{site}/{name}", "mode": "ro"}})
+    try:
+        exit_code = container.wait(timeout=300)["StatusCode"]
+        out = container.logs(stdout=True, stderr=False)
+    finally:
+        container.remove(force=True)
+    env = json.loads(out)["levels"]["env"]
+    assert exit_code == 1 and env["status"] == "failed"
+    loaded = {e["load"]: e for e in env["extensions"]}
+    broken = loaded["envbuild_broken_ext"]
+    assert not broken["ok"] and "at_symbol_from_another_torch" in broken["error"]
+    assert loaded["tinybev_ops"]["ok"]  # one bad extension does not hide the others

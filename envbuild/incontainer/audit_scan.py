@@ -9,6 +9,7 @@ Usage: python audit_scan.py ROOT [ROOT ...]
 
 import json
 import os
+import re
 import struct
 import sys
 
@@ -78,7 +79,13 @@ def scan_file(path):
         offset, size = sections[".nv_fatbin"]
         fh.seek(offset)
         sass, ptx = fatbin_archs(fh.read(size))
-    return {"path": path, "sass": sass, "ptx": ptx, "bytes": os.path.getsize(path)}
+        python_module = None
+        if ".dynstr" in sections:  # a Python extension module exports PyInit_<name>
+            offset, size = sections[".dynstr"]
+            fh.seek(offset)
+            names = re.findall(rb"\0PyInit_(\w+)\0", fh.read(size))
+            python_module = names[0].decode() if names else None
+    return {"path": path, "sass": sass, "ptx": ptx, "bytes": os.path.getsize(path), "python_module": python_module}
 
 
 def main(roots):

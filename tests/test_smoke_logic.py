@@ -1,0 +1,89 @@
+"""The pure logic of the in-image smoke script (envbuild/incontainer/smoke.py), on the host.
+
+Its torch-using levels run in containers (test_e2e); these are the decisions around them:
+which compiled files get loaded and how, and when NCCL is retried with P2P off.
+"""
+
+import importlib.util
+
+import pytest
+
+from conftest import ROOT
+
+spec = importlib.util.spec_from_file_location("incontainer_smoke", ROOT / "envbuild" / "incontainer" / "smoke.py")
+smoke = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(smoke)
+
+SITE = "/opt/venv/lib/python3.8/site-packages"
+
+
+def lib(path, module=None):
+    return {"path": path, "sass": ["8.0"], "ptx": [], "python_module": module}
+
+
+def test_extension_targets_name_modules_from_their_import_root():
+    libs = [
+        lib(f"{SITE}/mmcv/_ext.cpython-38-x86_64-linux-gnu.so", "_ext"),
+        lib(f"{SITE}/flash_attn_2_cuda.cpython-38-x86_64-linux-gnu.so", "flash_attn_2_cuda"),
+        lib(f"{SITE}/torchvision/_C.so"),  # an op library: no PyInit
+        lib("/workspace/model/mmdet3d/ops/iou3d/iou3d_cuda.cpython-38-x86_64-linux-gnu.so", "iou3d_cuda"),
+        lib("/workspace/model/build/lib.linux-x86_64-cpython-38/iou3d_cuda.cpython-38-x86_64-linux-gnu.so",
+            "iou3d_cuda"),  # a build leftover
+        lib(f"{SITE}/torch/lib/libtorch_cuda.so"),  # torch's own
+        lib(f"{SITE}/nvidia/cublas/lib/libcublas.so.11"),  # NVIDIA's
+        lib(f"{SITE}/torchvision.libs/libcudart.782fcab0.so.11.0"),
+        lib("/elsewhere/x.so", "x"),  # under no import root
+    ]
+    targets = smoke.extension_targets(libs, [SITE, "/workspace/model/"])
+    got = {(t["kind"], t["load"], t["package"]) for t in targets}
+    assert got == {
+        ("module", "mmcv._ext", "mmcv"),
+        ("module", "flash_attn_2_cuda", "flash_attn_2_cuda"),
+        ("library", f"{SITE}/torchvision/_C.so", "torchvision"),
+        ("module", "mmdet3d.ops.iou3d.iou3d_cuda", "mmdet3d"),
+    }
+
+
+def test_nccl_is_retried_with_p2p_off_and_the_working_setting_reported(monkeypatch):
+    monkeypatch.delenv("NCCL_P2P_DISABLE", raising=False)
+    seen = []
+
+    def run(nproc, backend, env, timeout):
+        seen.append(env.get("NCCL_P2P_DISABLE"))
+        return {"ok": env.get("NCCL_P2P_DISABLE") == "1"} if seen[-1] == "1" else {"ok": False, "error": "timed out"}
+
+    attempts, works = smoke.comm_attempts(8, "nccl", 5, run=run)
+    assert seen == [None, "1"] and works == "NCCL_P2P_DISABLE=1"
+    assert [a["setting"] for a in attempts] == ["NCCL_P2P_DISABLE=unset", "NCCL_P2P_DISABLE=1"]
+
+
+@pytest.mark.parametrize("preset, calls, works", [("1", 1, None), (None, 1, "NCCL_P2P_DISABLE=unset")])
+def test_no_retry_when_p2p_is_already_off_or_the_first_try_works(monkeypatch, preset, calls, works):
+    if preset:
+        monkeypatch.setenv("NCCL_P2P_DISABLE", preset)
+    else:
+        monkeypatch.delenv("NCCL_P2P_DISABLE", raising=False)
+    seen = []
+
+    def run(nproc, backend, env, timeout):
+        seen.append(1)
+        return {"ok": not preset}
+
+    attempts, got = smoke.comm_attempts(2, "nccl", 5, run=run)
+    assert len(seen) == calls and got == works
+
+
+def test_gloo_rehearsal_is_one_attempt_without_nccl_settings():
+    attempts, works = smoke.comm_attempts(2, "gloo", 5, run=lambda *a: {"ok": False, "error": "x"})
+    assert attempts == [{"ok": False, "error": "x"}] and works is None
+
+
+@pytest.mark.parametrize("sass, ptx, cc, via", [
+    (["8.0"], [], "8.6", "sm_80"),         # same major, older minor SASS runs
+    (["8.0", "8.6"], [], "8.9", "sm_86"),
+    (["8.0"], [], "9.0", None),            # sm_80 SASS never runs on Hopper
+    (["8.0"], ["8.0"], "9.0", "compute_80"),  # PTX JIT does
+    (["9.0"], [], "8.0", None),
+])
+def test_runs_on(sass, ptx, cc, via):
+    assert smoke.runs_on(sass, ptx, cc) == via
