@@ -93,9 +93,18 @@ class TorchRelease:
     pypi: str
     cxx: int
     ext_max_arch: str
+    compile_python_max: str | None = None  # None: no torch.compile in this release
 
     def supports_python(self, python: str) -> bool:
         return minor_key(self.python[0]) <= minor_key(python) <= minor_key(self.python[1])
+
+    def compiles_on(self, python: str) -> tuple[bool, str]:
+        """Whether torch.compile (inductor) runs with this Python, and why."""
+        if self.compile_python_max is None:
+            return False, f"torch {self.version} has no torch.compile (it came in 2.0)"
+        if minor_key(python) > minor_key(self.compile_python_max):
+            return False, f"torch {self.version}'s torch.compile runs on Python <= {self.compile_python_max}, not {python}"
+        return True, f"torch {self.version} compiles on Python {python}"
 
 
 @dataclass(frozen=True)
@@ -412,6 +421,7 @@ def load(root: Path | str | None = None) -> Catalog:
             pypi=r.get("pypi", str, pattern=CUDA_RE),
             cxx=r.get("cxx", int),
             ext_max_arch=r.get("ext_max_arch", str, pattern=CC_RE),
+            compile_python_max=r.get("compile_python_max", str, None, pattern=re.compile(r"^3\.\d{1,2}$")),
         )
         for cu in (*rel.index, rel.pypi):
             if cu not in wheel_archs:

@@ -405,6 +405,10 @@ def _print_smoke(data_, report):
                 if run.get("status") == "passed" and rname == "synthetic":
                     detail = (f"synthetic: {run['samples_per_s']} samples/s, step {run['step_time_s']}s, "
                               f"data wait {run['data_wait_share']:.0%}, loss {run['first_loss']:.3f} -> {run['last_loss']:.3f}")
+                elif rname == "synthetic_compiled":
+                    detail += (f"; torch.compile: {run['status']}"
+                               + (f", {run['speedup_vs_eager']}x eager" if "speedup_vs_eager" in run else "")
+                               + (f" ({run['reason']})" if run.get("reason") else ""))
                 elif rname == "model":
                     detail += f" model recipe: {run.get('status')} {run.get('reason', '')}"
         if name == "io" and lvl.get("status") == "passed":

@@ -99,7 +99,12 @@ class Context:
 
     @property
     def runtime_apt(self) -> list[str]:
-        return [f"python{self.python}", f"python{self.python}-venv"] + RUNTIME_APT
+        apt = [f"python{self.python}", f"python{self.python}-venv"] + RUNTIME_APT
+        if self.plan.torch_compile:
+            # torch.compile builds code at run time: inductor's C++ kernels on CPU, triton's
+            # launcher module on GPU. Both need a compiler and Python's headers.
+            apt += [f"python{self.python}-dev", "g++"]
+        return apt
 
     @property
     def deadsnakes(self) -> bool:

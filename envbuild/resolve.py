@@ -112,6 +112,8 @@ class Plan:
     compat_driver: str
     cxx: int
     train: dict
+    torch_compile: bool = False  # torch.compile (inductor) runs on this torch x Python
+    torch_compile_why: str = ""
     notes: tuple[str, ...] = ()
 
     @property
@@ -403,6 +405,7 @@ def _try(cat: Catalog, model: Model, card: Card, stack: _Stack, toolkit_req: Too
     up_local = f"+cu{model.cuda.replace('.', '')}" if model.cuda != cat.torch[model.torch].pypi else ""
     upstream_tag = model.torch + up_local
     local = f"+{tag}" if stack.from_index else ""
+    torch_compile, torch_compile_why = rel.compiles_on(py)
     return Plan(
         model=model.name, repo=model.repo, commit=model.commit,
         card=card.id, card_name=card.name, cc=card.cc,
@@ -428,6 +431,7 @@ def _try(cat: Catalog, model: Model, card: Card, stack: _Stack, toolkit_req: Too
         train={"launcher": model.train.launcher, "entry": model.train.entry, "config": model.train.config,
                "local_rank_arg": model.train.local_rank_arg, "extra_args": list(model.train.extra_args),
                "ops_check": model.train.ops_check, "cpu_args": list(model.train.cpu_args)},
+        torch_compile=torch_compile, torch_compile_why=torch_compile_why,
         notes=tuple(notes),
     )
 

@@ -36,6 +36,7 @@ def plan(p) -> None:
     out.print(f"  CUDA        {p.cuda}  [dim]# {e(p.cuda_why)}[/]")
     out.print(f"  gcc         {p.gcc} (nvcc accepts <= {p.gcc_max}); extensions built as C++{p.cxx}")
     out.print(f"  driver      >= {p.min_driver} (>= {p.compat_driver} with minor-version compatibility)")
+    out.print(f"  compile     torch.compile {'yes' if p.torch_compile else 'no'}: {p.torch_compile_why}")
     out.print(f"  torch index {p.torch_index or 'plain PyPI'}")
     t = Table(show_header=True, box=None, pad_edge=False)
     for col in ("", "package", "pin", "upstream", "why"):

@@ -49,6 +49,13 @@ def test_flash_attn_gets_memory_sized_jobs_and_no_download(cat):
     assert "FLASH_ATTENTION_FORCE_BUILD=TRUE" in prev and "max_jobs.py 9" in prev
 
 
+def test_runtime_gets_a_compiler_only_where_torch_compile_runs(cat):
+    ported = render.dockerfile(ctx_for(cat, "sparsedrive", "h20")).split("AS runtime")[1]
+    old = render.dockerfile(ctx_for(cat, "maptr", "a800")).split("AS runtime")[1]
+    assert "python3.8-dev g++" in ported  # torch 2.0.1 on Python 3.8: inductor builds code at run time
+    assert "g++" not in old  # torch 1.9: nothing compiles at run time; keep the image slim
+
+
 def test_4090_sets_nccl_p2p_off(cat):
     text = render.dockerfile(ctx_for(cat, "qcnet", "4090"))
     assert "NCCL_P2P_DISABLE=1" in text

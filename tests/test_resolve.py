@@ -87,6 +87,16 @@ def test_sparsedrive_h20_cuda_118(cat):
     assert p.pin("mmcv-full").version == "1.7.1"
 
 
+@pytest.mark.parametrize("model, card, python, compiles, why", [
+    ("maptr", "a800", None, False, "no torch.compile"),           # torch 1.9
+    ("sparsedrive", "h20", None, True, "compiles on Python 3.8"),  # ported to torch 2.0.1
+    ("sparsedrive", "h20", "3.11", False, "Python <= 3.10, not 3.11"),
+])
+def test_plan_says_whether_torch_compile_runs(cat, model, card, python, compiles, why):
+    p = resolve(cat, model, card, python=python)
+    assert p.torch_compile is compiles and why in p.torch_compile_why
+
+
 @pytest.mark.parametrize("model", ["maptr", "sparsedrive", "qcnet", "gaussianformer"])
 def test_any_model_on_4090_disables_p2p(cat, model):
     p = resolve(cat, model, "4090")
@@ -171,6 +181,11 @@ def test_every_plan_is_sound(cat, sources):
             assert p.runtime_env["NCCL_P2P_DISABLE"]["value"] == "1"
         if p.strict is False and p.mode == "upstream":
             assert not [pin for pin in p.pins if pin.is_port]
+        rel = cat.torch[p.torch.version.split("+")[0]]
+        if p.torch_compile:  # torch.compile only where the release has it for this Python
+            assert cc_key(rel.compile_python_max) >= cc_key(p.python.version)
+        else:
+            assert rel.compile_python_max is None or cc_key(rel.compile_python_max) < cc_key(p.python.version)
     assert n > 50
 
 

@@ -610,6 +610,30 @@ def train_synthetic(args, device, tuned=True, compile_model=False):
     return result("passed", **out)
 
 
+def train_compiled(plan, args, device, eager):
+    """The synthetic run again under torch.compile (inductor), with its speed-up over eager.
+
+    The Plan says whether this torch x Python has torch.compile; where it should work and
+    does not (no compiler in the image, an inductor bug), the run fails and says why."""
+    import torch
+    can = plan.get("torch_compile", hasattr(torch, "compile"))
+    if not can:
+        return result("skipped", reason=plan.get("torch_compile_why") or "torch %s has no torch.compile" % torch.__version__)
+    try:
+        run = train_synthetic(args, device, tuned=args.loader == "tuned", compile_model=True)
+    except Exception as exc:  # noqa: BLE001 - the compile error is the finding
+        lines = str(exc).strip().splitlines() or [""]
+        return result("failed", reason="torch.compile: %s: %s" % (type(exc).__name__, lines[0][:300]))
+    if run["status"] == "passed" and eager.get("status") == "passed":
+        run["speedup_vs_eager"] = round(run["samples_per_s"] / max(eager["samples_per_s"], 1e-9), 2)
+        # Same seed, same batches: the compiled net must start from the same loss as eager.
+        gap = abs(run["first_loss"] - eager["first_loss"]) / max(abs(eager["first_loss"]), 1e-9)
+        run["first_loss_gap_vs_eager"] = round(gap, 6)
+        if gap > 1e-2:  # room for TF32 convolutions on Ampere and newer
+            run["status"], run["reason"] = "failed", "compiled first loss differs from eager by %.2g (relative)" % gap
+    return run
+
+
 def train_recipe(plan, args, device):
     """The model's own entry point, launched the way the catalog says, with --local-rank handled."""
     train = plan.get("train") or {}
@@ -662,7 +686,9 @@ def level_train(plan, args):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     runs = {}
     if args.recipe in ("synthetic", "both"):
-        runs["synthetic"] = train_synthetic(args, device, tuned=args.loader == "tuned", compile_model=args.compile)
+        runs["synthetic"] = train_synthetic(args, device, tuned=args.loader == "tuned")
+        if args.compile:
+            runs["synthetic_compiled"] = train_compiled(plan, args, device, runs["synthetic"])
     if args.recipe in ("model", "both"):
         runs["model"] = train_recipe(plan, args, device)
     statuses = [r["status"] for r in runs.values()]
