@@ -11,7 +11,7 @@ CUDA ?=
 IMAGE ?=
 CUDA_FLAG := $(if $(CUDA),--cuda $(CUDA),)
 
-.PHONY: setup test test-unit test-integration image images resolve dockerfiles bench bench-build lint clean base smoke smoke-gpu doctor export bake
+.PHONY: setup test test-unit test-integration image images resolve dockerfiles bench bench-build lint clean base smoke smoke-gpu selftest-gpu doctor export bake
 
 $(BIN)/envbuild: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -57,8 +57,11 @@ smoke: setup  ## CPU-capable smoke levels for IMAGE (or MODEL + CARD)
 	$(BIN)/envbuild smoke $(or $(IMAGE),$(MODEL) --card $(CARD)) --report smoke-report.json
 
 smoke-gpu: setup  ## every GPU level for one image, in one go, on a GPU host
-	$(BIN)/envbuild smoke $(or $(IMAGE),$(MODEL) --card $(CARD)) --gpus all --level env,arch,ops,comm,train,io \
+	$(BIN)/envbuild smoke $(or $(IMAGE),$(MODEL) --card $(CARD)) --gpus all --level env,arch,ops,comm,train,io --compile \
 	  --steps 50 --report smoke-$(CARD)-$$(hostname).json
+
+selftest-gpu:  ## the smoke script's GPU levels against this host's torch (no Docker): CARD=h200
+	CARD=$(or $(CARD),h200) scripts/gpu-selftest.sh
 
 doctor: setup
 	$(BIN)/envbuild doctor

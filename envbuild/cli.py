@@ -358,6 +358,7 @@ def smoke(target: str = typer.Argument(..., metavar="IMAGE|MODEL"),
           compile_: bool = typer.Option(False, "--compile", help="torch.compile the synthetic net (torch >= 2.0)."),
           ipc_host: bool = typer.Option(False, "--ipc-host", help="Share the host's IPC namespace instead of a sized /dev/shm."),
           comm_timeout: int = typer.Option(120, "--comm-timeout", min=1, help="Seconds before an all-reduce counts as hung."),
+          ckpt_mb: int = typer.Option(64, "--ckpt-mb", min=1, help="Checkpoint size for the io level; size it like the model's (weights + optimizer)."),
           report: Optional[Path] = typer.Option(None, "--report", help="Write the JSON report here."),
           json_: bool = JSON):
     """Prove the image works on the card: env, arch, ops, comm, train, io."""
@@ -379,7 +380,7 @@ def smoke(target: str = typer.Argument(..., metavar="IMAGE|MODEL"),
     data_ = smoke_stage.run(image_ref, smoke_stage.parse_levels(level), gpus=gpus, steps=steps, recipe=recipe,
                             data=str(data) if data else None, ckpt_dir=str(ckpt_dir) if ckpt_dir else None,
                             ops_check=str(ops_check) if ops_check else None, compile_model=compile_, ipc_host=ipc_host,
-                            comm_timeout=comm_timeout)
+                            comm_timeout=comm_timeout, extra_args=["--ckpt-mb", str(ckpt_mb)])
     if card and cat.card(card).id != data_.get("card"):
         data_.setdefault("notes", []).append(f"image built for {data_.get('card')}, smoke asked for {cat.card(card).id}")
     if report:

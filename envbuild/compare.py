@@ -82,14 +82,19 @@ def page(reports: list[dict]) -> str:
     for r in reports:
         t = r["_train"]
         io = (r.get("levels") or {}).get("io") or {}
+        comm = (r.get("levels") or {}).get("comm") or {}
+        bus = next((a.get("bus_GBps") for a in comm.get("attempts", []) if a.get("ok")), None)
+        compiled = (((r.get("levels") or {}).get("train") or {}).get("runs") or {}).get("synthetic_compiled") or {}
         rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in (
             r["_label"], r.get("model"), (r.get("environment") or {}).get("torch"), t.get("device"),
             t.get("step_time_s"), t.get("samples_per_s"), t.get("data_wait_share"), t.get("peak_gpu_mem_mb", "-"),
             f"{t['first_loss']:.4f} -> {t['last_loss']:.4f}", io.get("write_MBps", "-"), io.get("read_MBps", "-"),
+            f"{bus} ({comm.get('works_with')})" if bus is not None else comm.get("status", "-"),
+            f"{compiled['speedup_vs_eager']}x" if "speedup_vs_eager" in compiled else compiled.get("status", "-"),
             "ok" if r.get("ok") else "FAILED")) + "</tr>")
     head = "".join(f"<th>{h}</th>" for h in ("machine", "model", "torch", "device", "step s", "samples/s",
                                              "data wait", "peak GPU MB", "loss", "ckpt write MB/s",
-                                             "ckpt read MB/s", "smoke"))
+                                             "ckpt read MB/s", "all-reduce GB/s", "torch.compile", "smoke"))
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>envbuild: card vs card</title>
 <style>body{{font-family:sans-serif;margin:24px}}table{{border-collapse:collapse}}

@@ -241,7 +241,7 @@ def test_no_daemon_is_one_line_exit_1(fixture_env):
 def test_smoke_cpu_levels_and_gpu_levels_skipped(built, fixture_env, tmp_path):
     report_path = tmp_path / "smoke.json"
     r = cli(fixture_env, "smoke", built["ref"], "--recipe", "both", "--steps", "6", "--ckpt-dir", tmp_path,
-            "--compile", "--report", report_path)
+            "--compile", "--ckpt-mb", "8", "--report", report_path)
     assert r.returncode == 0, r.stdout + r.stderr
     report = json.loads(report_path.read_text())
     levels = report["levels"]
@@ -260,6 +260,7 @@ def test_smoke_cpu_levels_and_gpu_levels_skipped(built, fixture_env, tmp_path):
     assert synthetic["steps"] == 6 and synthetic["samples_per_s"] > 0 and 0 <= synthetic["data_wait_share"] <= 1
     assert all(v == v and abs(v) < 1e6 for v in synthetic["losses"])  # finite
     assert synthetic["knobs"]["num_workers"] >= 1 and synthetic["knobs"]["shm_bytes"] > 64 << 20
+    assert synthetic["knobs"]["worker_transport"].startswith("shared memory")
     compiled = levels["train"]["runs"]["synthetic_compiled"]  # the fixture is torch 2.0 on Python 3.11
     assert compiled["status"] == "skipped" and "Python <= 3.10, not 3.11" in compiled["reason"]
     model = levels["train"]["runs"]["model"]
@@ -267,6 +268,7 @@ def test_smoke_cpu_levels_and_gpu_levels_skipped(built, fixture_env, tmp_path):
     assert model["metrics"]["steps"] == 5
     io = levels["io"]
     assert io["status"] == "passed" and io["roundtrip_equal"] and io["write_MBps"] > 0
+    assert 7.5 <= io["size_mb"] <= 8.5
     assert not list(tmp_path.glob("envbuild-smoke-*"))  # the checkpoint is cleaned up
 
 

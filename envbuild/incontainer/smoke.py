@@ -100,12 +100,15 @@ CUDA_LIBRARY = re.compile(r"/site-packages/nvidia/|/lib(cu|nv|cudnn|nccl|nvrtc|n
 _SCAN = {}
 
 
+SCAN_ROOTS = ["/opt/venv", "/workspace"]  # where an envbuild image keeps compiled code
+
+
 def gpu_libraries():
     """Every shared library with GPU code in the venv and the workspace (audit_scan.py), scanned once."""
     if "libs" not in _SCAN:
         scan, libs = os.path.join(HERE, "audit_scan.py"), []
         if os.path.exists(scan):
-            proc = subprocess.run([sys.executable, scan, "/opt/venv", "/workspace"], stdout=subprocess.PIPE, timeout=900)
+            proc = subprocess.run([sys.executable, scan] + SCAN_ROOTS, stdout=subprocess.PIPE, timeout=900)
             libs = json.loads(proc.stdout.decode() or '{"libraries": []}')["libraries"]
         _SCAN["libs"] = libs
     return _SCAN["libs"]
@@ -507,6 +510,15 @@ def loader_knobs(tuned, device):
     return {"num_workers": workers, "pin_memory": device == "cuda", "persistent_workers": True, "prefetch_factor": 4}
 
 
+def sharing_strategy(knobs):
+    """How worker processes hand batches to the trainer: torch's shared memory (file descriptors
+    or files in /dev/shm), which is why /dev/shm's size matters."""
+    if not knobs["num_workers"]:
+        return "none: batches are made in the training process"
+    import torch.multiprocessing as tmp
+    return "shared memory (%s)" % tmp.get_sharing_strategy()
+
+
 def shm_bytes():
     try:
         st = os.statvfs("/dev/shm")
@@ -603,7 +615,7 @@ def train_synthetic(args, device, tuned=True, compile_model=False):
         "samples_per_s": round(args.batch_size * len(step_times) / total, 2),
         "data_wait_share": round(wait / total, 3), "first_loss": losses[0], "last_loss": losses[-1],
         "losses": [round(l, 5) for l in losses], "wall_s": round(time.time() - start, 2),
-        "knobs": dict(knobs, compile=bool(compile_model), shm_bytes=shm_bytes()),
+        "knobs": dict(knobs, compile=bool(compile_model), shm_bytes=shm_bytes(), worker_transport=sharing_strategy(knobs)),
     }
     if device == "cuda":
         out["peak_gpu_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
@@ -766,7 +778,10 @@ def main(argv=None):
     ap.add_argument("--comm-timeout", type=int, default=120)
     ap.add_argument("--train-timeout", type=int, default=900)
     ap.add_argument("--workdir", default="/workspace/model")
+    ap.add_argument("--scan-roots", help="comma-separated folders holding compiled code (default: the image's)")
     args = ap.parse_args(argv)
+    if args.scan_roots:
+        SCAN_ROOTS[:] = [r for r in args.scan_roots.split(",") if r]
     levels = [l.strip() for l in args.level.split(",") if l.strip()]
     unknown = [l for l in levels if l not in LEVELS]
     if unknown:
