@@ -30,6 +30,7 @@ URL_RE = re.compile(r"^https://[A-Za-z0-9.-]+(/[A-Za-z0-9._~-]+)*/?$")
 RELPATH_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._/-]*$")
 # Build commands and train arguments are rendered into RUN lines: plain words only.
 WORD_RE = re.compile(r"^[A-Za-z0-9_.-][A-Za-z0-9._/=,:+-]*$")
+STEPS_ARG_RE = re.compile(r"^(?:[A-Za-z0-9_.=,:+/-]|\{steps\})+$")  # a WORD that may hold {steps}
 LAUNCHERS = ("torch.distributed.launch", "torchrun", "lightning", "mp.spawn")
 
 
@@ -165,6 +166,7 @@ class Train:
     extra_args: tuple[str, ...]
     ops_check: str | None = None  # a file in the repo defining check(device) for the smoke ops level
     cpu_args: tuple[str, ...] = ()  # arguments that make the train script run on the CPU
+    steps_args: tuple[str, ...] = ()  # arguments that stop it after {steps} steps (smoke --steps)
 
 
 @dataclass(frozen=True)
@@ -531,6 +533,7 @@ def _load_model(path: Path, torch: dict, toolkits: dict) -> Model:
         extra_args=tr.strings("extra_args", WORD_RE, []),
         ops_check=tr.get("ops_check", str, None, pattern=RELPATH_RE),
         cpu_args=tr.strings("cpu_args", WORD_RE, []),
+        steps_args=tr.strings("steps_args", STEPS_ARG_RE, []),
     )
     data = doc.get("data", dict, {})
     name = m.get("name", str, pattern=NAME_RE)

@@ -430,7 +430,8 @@ def _try(cat: Catalog, model: Model, card: Card, stack: _Stack, toolkit_req: Too
         min_driver=toolkit.min_driver, compat_driver=toolkit.compat_driver, cxx=cxx,
         train={"launcher": model.train.launcher, "entry": model.train.entry, "config": model.train.config,
                "local_rank_arg": model.train.local_rank_arg, "extra_args": list(model.train.extra_args),
-               "ops_check": model.train.ops_check, "cpu_args": list(model.train.cpu_args)},
+               "ops_check": model.train.ops_check, "cpu_args": list(model.train.cpu_args),
+               "steps_args": list(model.train.steps_args)},
         torch_compile=torch_compile, torch_compile_why=torch_compile_why,
         notes=tuple(notes),
     )

@@ -62,6 +62,9 @@ def _edit(path, old, new):
     ("models/maptr.toml", 'commit = "a6872d8d9670bde17b4b01560f1221f88b443d55"', 'commit = "main"', "model.commit"),
     ("toolchains/cuda.toml", "max_gcc = 10", 'max_gcc = "10"', "cuda.11.1.max_gcc"),
     ("toolchains/torch.toml", 'pypi = "10.2"', 'pypi = "9.9"', "pypi"),
+    ("toolchains/torch.toml", 'compile_python_max = "3.10"', 'compile_python_max = "yes"', "compile_python_max"),
+    ("models/sparsedrive.toml", '"runner.max_iters={steps}"', '"runner.max_iters={steps};reboot"', "train.steps_args"),
+    ("models/sparsedrive.toml", '"runner.max_iters={steps}"', '"{os.system}"', "train.steps_args"),
 ])
 def test_malformed_entry_names_file_key_reason(matrices_copy, file, old, new, key):
     _edit(matrices_copy / file, old, new)

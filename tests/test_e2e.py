@@ -240,8 +240,11 @@ def test_no_daemon_is_one_line_exit_1(fixture_env):
 
 def test_smoke_cpu_levels_and_gpu_levels_skipped(built, fixture_env, tmp_path):
     report_path = tmp_path / "smoke.json"
+    data = tmp_path / "nuscenes-mini"
+    data.mkdir()
+    (data / "v1.0-mini").write_text("")
     r = cli(fixture_env, "smoke", built["ref"], "--recipe", "both", "--steps", "6", "--ckpt-dir", tmp_path,
-            "--compile", "--ckpt-mb", "8", "--report", report_path)
+            "--compile", "--ckpt-mb", "8", "--data", data, "--report", report_path)
     assert r.returncode == 0, r.stdout + r.stderr
     report = json.loads(report_path.read_text())
     levels = report["levels"]
@@ -265,7 +268,8 @@ def test_smoke_cpu_levels_and_gpu_levels_skipped(built, fixture_env, tmp_path):
     assert compiled["status"] == "skipped" and "Python <= 3.10, not 3.11" in compiled["reason"]
     model = levels["train"]["runs"]["model"]
     assert model["status"] == "passed" and "torch.distributed.launch" in model["command"]
-    assert model["metrics"]["steps"] == 5
+    assert model["metrics"]["steps"] == 6 == model["steps"]  # --steps reaches the recipe (steps_args)
+    assert model["metrics"]["data_files"] == ["v1.0-mini"]  # --data is where the repo reads data/
     io = levels["io"]
     assert io["status"] == "passed" and io["roundtrip_equal"] and io["write_MBps"] > 0
     assert 7.5 <= io["size_mb"] <= 8.5

@@ -663,6 +663,8 @@ def train_recipe(plan, args, device):
     if train.get("config"):
         cmd.append(train["config"])
     cmd += list(train.get("extra_args") or [])
+    steps_args = [a.replace("{steps}", str(args.steps)) for a in train.get("steps_args") or []]
+    cmd += steps_args
     if args.recipe_args:
         cmd += args.recipe_args.split()
     if device == "cpu":
@@ -670,6 +672,10 @@ def train_recipe(plan, args, device):
     env = dict(os.environ)
     if args.data:
         env["ENVBUILD_DATA"] = args.data
+        # The repos here read their data from data/ under the repo root (data/nuscenes, data/infos).
+        link = os.path.join(args.workdir, "data")
+        if not os.path.lexists(link):
+            os.symlink(args.data, link)
     start = time.time()
     try:
         proc = subprocess.run(cmd, cwd=args.workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
@@ -680,7 +686,8 @@ def train_recipe(plan, args, device):
     err = proc.stderr.decode(errors="replace")
     status = "passed" if proc.returncode == 0 else "failed"
     lines = [l for l in out.splitlines() if l.startswith("{")]
-    report = {"recipe": "model", "command": cmd, "returncode": proc.returncode, "wall_s": round(time.time() - start, 2)}
+    report = {"recipe": "model", "command": cmd, "returncode": proc.returncode, "wall_s": round(time.time() - start, 2),
+              "steps": args.steps if steps_args else "the recipe's own (the catalog has no steps_args for it)"}
     if lines:
         try:
             report["metrics"] = json.loads(lines[-1])
