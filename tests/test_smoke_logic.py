@@ -87,3 +87,12 @@ def test_gloo_rehearsal_is_one_attempt_without_nccl_settings():
 ])
 def test_runs_on(sass, ptx, cc, via):
     assert smoke.runs_on(sass, ptx, cc) == via
+
+
+def test_op_checks_cover_the_compiled_libraries_the_catalog_uses(monkeypatch):
+    monkeypatch.syspath_prepend(smoke.HERE)  # as level_ops imports it, from beside smoke.py
+    import op_checks
+    assert set(op_checks.OP_CHECKS) == {"mmcv", "flash_attn", "torch_scatter", "spconv", "torchvision"}
+    # the distributions the catalog pins map onto those import names
+    assert {smoke.package_module(n) for n in ("mmcv-full", "flash-attn", "torch-scatter", "spconv-cu117")} \
+        <= set(op_checks.OP_CHECKS)
