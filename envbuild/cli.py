@@ -401,17 +401,9 @@ def _print_smoke(data_, report):
     for name in [l for l in LEVELS if l in data_["levels"]]:
         lvl = data_["levels"][name]
         detail = lvl.get("reason", "")
-        if name == "train":
-            for rname, run in (lvl.get("runs") or {}).items():
-                if run.get("status") == "passed" and rname == "synthetic":
-                    detail = (f"synthetic: {run['samples_per_s']} samples/s, step {run['step_time_s']}s, "
-                              f"data wait {run['data_wait_share']:.0%}, loss {run['first_loss']:.3f} -> {run['last_loss']:.3f}")
-                elif rname == "synthetic_compiled":
-                    detail += (f"; torch.compile: {run['status']}"
-                               + (f", {run['speedup_vs_eager']}x eager" if "speedup_vs_eager" in run else "")
-                               + (f" ({run['reason']})" if run.get("reason") else ""))
-                elif rname == "model":
-                    detail += f" model recipe: {run.get('status')} {run.get('reason', '')}"
+        if name == "train" and lvl.get("runs"):
+            detail = "; ".join(_train_summary(rname, lvl["runs"][rname])
+                               for rname in ("synthetic", "synthetic_compiled", "model") if rname in lvl["runs"])
         if name == "io" and lvl.get("status") == "passed":
             detail = f"checkpoint {lvl['size_mb']} MB: write {lvl['write_MBps']} MB/s, read {lvl['read_MBps']} MB/s"
         if name == "env" and "packages" in lvl:
@@ -426,6 +418,18 @@ def _print_smoke(data_, report):
             show.out.print(f"         {problem}", markup=False)
     if report:
         show.out.print(f"report: {report}", markup=False)
+
+
+def _train_summary(name: str, run: dict) -> str:
+    label = {"synthetic": "synthetic", "synthetic_compiled": "torch.compile", "model": "model recipe"}[name]
+    if run.get("status") != "passed":
+        return f"{label}: {run.get('status')}" + (f" ({run['reason']})" if run.get("reason") else "")
+    if name == "synthetic":
+        return (f"synthetic: {run['samples_per_s']} samples/s, step {run['step_time_s']}s, "
+                f"data wait {run['data_wait_share']:.0%}, loss {run['first_loss']:.3f} -> {run['last_loss']:.3f}")
+    if name == "synthetic_compiled":
+        return f"torch.compile: {run.get('speedup_vs_eager')}x eager samples/s"
+    return f"model recipe: passed in {run.get('wall_s')}s ({run.get('steps')} steps)"
 
 
 def _smoke_findings(name: str, lvl: dict) -> list[str]:

@@ -246,6 +246,8 @@ def test_smoke_cpu_levels_and_gpu_levels_skipped(built, fixture_env, tmp_path):
     r = cli(fixture_env, "smoke", built["ref"], "--recipe", "both", "--steps", "6", "--ckpt-dir", tmp_path,
             "--compile", "--ckpt-mb", "8", "--data", data, "--report", report_path)
     assert r.returncode == 0, r.stdout + r.stderr
+    train_line = next(line for line in r.stdout.splitlines() if line.strip().startswith("train"))
+    assert "synthetic:" in train_line and "torch.compile: skipped" in train_line and "model recipe: passed" in train_line
     report = json.loads(report_path.read_text())
     levels = report["levels"]
     assert levels["env"]["status"] == "passed" and levels["env"]["failed"] == 0
