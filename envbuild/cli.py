@@ -524,7 +524,25 @@ def bake(models_: Optional[List[str]] = typer.Option(None, "--models", help="Mod
 
 
 def main() -> None:
-    app()
+    """Bad options and arguments are bad input like any other: one line, a hint, exit 2."""
+    from .errors import BadInput
+    try:
+        code = app(standalone_mode=False, prog_name="envbuild")
+    except Exception as exc:
+        # Matched by class name: typer raises click's exceptions or, from 0.2x, its own copies.
+        kinds = {c.__name__ for c in type(exc).__mro__}
+        ctx = getattr(exc, "ctx", None)
+        if "NoArgsIsHelpError" in kinds:
+            print(ctx.get_help() if ctx else "envbuild --help")
+            raise SystemExit(0) from None
+        if "Abort" in kinds:  # Ctrl-C outside a command's own handling
+            show.err.print("interrupted")
+            raise SystemExit(130) from None
+        if "UsageError" not in kinds:
+            raise
+        show.error(BadInput(" ".join(exc.format_message().split()), f"{ctx.command_path if ctx else 'envbuild'} --help"))
+        raise SystemExit(2) from None
+    raise SystemExit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -66,3 +66,22 @@ def test_sources_from_config_file_and_env(tmp_path):
     r = envbuild("resolve", "qcnet", "--card", "a800", "--json",
                  env={"ENVBUILD_CONFIG": str(cfg), "ENVBUILD_TORCH_INDEX": "https://mirror.example/whl"})
     assert json.loads(r.stdout)["torch_index"] == "https://mirror.example/whl/cu118"
+
+
+@pytest.mark.parametrize("args, says", [
+    (["resolve"], "Missing argument 'model'"),
+    (["resolve", "maptr", "--bogus"], "No such option: --bogus"),
+    (["nosuchcommand"], "No such command 'nosuchcommand'"),
+    (["smoke", "img", "--steps", "1"], "Invalid value for '--steps'"),
+])
+def test_usage_errors_are_one_line_and_exit_2(args, says):
+    r = envbuild(*args)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    first, hint = r.stderr.strip().splitlines()
+    assert first.startswith("error: ") and says in first and hint.startswith("hint: envbuild")
+
+
+def test_help_and_no_arguments_exit_0():
+    for args in ([], ["--help"], ["smoke", "--help"]):
+        r = envbuild(*args)
+        assert r.returncode == 0 and "Usage" in r.stdout, args
