@@ -8,7 +8,8 @@
 # Output: $OUT/gpu-selftest.json (or ./gpu-selftest.json) and one line per level; exit 1 when
 # a level fails. With Docker and a built image, `make smoke-gpu IMAGE=...` is the usual route.
 #
-# Usage: CARD=h200 PYTHON=python3 scripts/gpu-selftest.sh   (REHEARSE=1: dry run on a CPU)
+# Usage: CARD=h200 PYTHON=python3 scripts/gpu-selftest.sh
+#   REHEARSE=1 TORCH_PIN=2.0.1 PLAN_PYTHON=3.11: a dry run on a CPU, e.g. in a builder image
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -24,9 +25,22 @@ trap 'rm -rf "$work"' EXIT
 # 1. The Plan, from the catalog plus the fixture model.
 cp -r matrices "$work/matrices"
 cp tests/fixture/tinybev.toml "$work/matrices/models/"
-pyver=$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
-ENVBUILD_MATRICES="$work/matrices" ENVBUILD_TORCH_INDEX=none "$PY" -m envbuild.cli resolve tinybev \
-    --card "$CARD" --python "$pyver" --set "torch==$TORCH_PIN" --json > "$work/plan.json"
+# envbuild itself needs Python >= 3.11 with typer: the repo's venv (make setup) where there is
+# one, else the torch interpreter. No level reads the Plan's Python: PLAN_PYTHON only has to be
+# one the pinned torch line supports.
+RESOLVE_PY=${RESOLVE_PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo "$PY")}
+ENVBUILD_MATRICES="$work/matrices" ENVBUILD_TORCH_INDEX=none "$RESOLVE_PY" -m envbuild.cli resolve tinybev \
+    --card "$CARD" --python "${PLAN_PYTHON:-3.12}" --set "torch==$TORCH_PIN" --json > "$work/plan.json"
+# Extensions are built against this host's torch, so its C++ standard wins over the Plan's.
+"$PY" - "$work/plan.json" <<'EOF'
+import json, sys, torch
+std = "c++20" if tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13) else "c++17"
+plan = json.load(open(sys.argv[1]))
+for fixer in plan["fixers"]:
+    if fixer["name"] == "cxx-standard":
+        fixer["args"]["std"] = std
+json.dump(plan, open(sys.argv[1], "w"))
+EOF
 
 # 2. The fixture as an image would hold it: fixed, with its op compiled for the card.
 cp -r tests/fixture/tinybev "$work/model"

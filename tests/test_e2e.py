@@ -369,3 +369,35 @@ def test_env_level_names_the_extension_that_does_not_load(built, offline_base, d
     broken = loaded["envbuild_broken_ext"]
     assert not broken["ok"] and "at_symbol_from_another_torch" in broken["error"]
     assert loaded["tinybev_ops"]["ok"]  # one bad extension does not hide the others
+
+
+def _run_in(docker_engine, image, cmd, **kwargs):
+    container = docker_engine.containers.run(image, cmd, detach=True, **kwargs)
+    try:
+        code = container.wait(timeout=600)["StatusCode"]
+        return code, container.logs(stdout=True, stderr=False).decode()
+    finally:
+        container.remove(force=True)
+
+
+def test_a_gpu_torch_cannot_use_fails_the_gpu_levels_instead_of_skipping(built, docker_engine):
+    # A device node with no usable driver behind it: what a driver older than the image's CUDA
+    # looks like from inside. Skipping here would report a broken host as fine.
+    code, out = _run_in(docker_engine, built["ref"], ["python", "/opt/envbuild/smoke.py", "--level",
+                                                      "arch,ops,comm,train", "--steps", "2"],
+                        devices=["/dev/null:/dev/nvidia0:rwm"])
+    levels = json.loads(out)["levels"]
+    assert code == 1
+    for name in ("ops", "comm", "train"):
+        assert levels[name]["status"] == "failed" and "cannot use them" in levels[name]["reason"], levels[name]
+    assert levels["arch"]["status"] == "failed" and any("cannot use them" in p for p in levels["arch"]["problems"])
+
+
+def test_each_op_check_runs_in_a_fresh_interpreter_and_reports_json(built, docker_engine):
+    code, out = _run_in(docker_engine, built["ref"], ["python", "/opt/envbuild/smoke.py", "op-check", "hook",
+                                                      "/workspace/model/smoke_ops.py"])
+    hook = json.loads(out.strip().splitlines()[-1])  # the model's check ran: no GPU here, so CUDA fails
+    assert code == 0 and hook["ok"] is False and hook["detail"].startswith("RuntimeError: Found no NVIDIA driver")
+    code, out = _run_in(docker_engine, built["ref"], ["python", "/opt/envbuild/smoke.py", "op-check", "torchvision"])
+    tv = json.loads(out.strip().splitlines()[-1])
+    assert code == 0 and tv["ok"] is False and "no NVIDIA driver" in tv["detail"]

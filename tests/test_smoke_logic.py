@@ -5,6 +5,10 @@ which compiled files get loaded and how, and when NCCL is retried with P2P off.
 """
 
 import importlib.util
+import os
+import sys
+import time
+import uuid
 
 import pytest
 
@@ -96,3 +100,35 @@ def test_op_checks_cover_the_compiled_libraries_the_catalog_uses(monkeypatch):
     # the distributions the catalog pins map onto those import names
     assert {smoke.package_module(n) for n in ("mmcv-full", "flash-attn", "torch-scatter", "spconv-cu117")} \
         <= set(op_checks.OP_CHECKS)
+
+
+def _alive_with(marker):
+    found = []
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                if marker.encode() in fh.read():
+                    found.append(pid)
+        except OSError:
+            pass
+    return found
+
+
+def test_run_bounded_kills_workers_that_left_the_launchers_session():
+    # Like torchrun >= 2.2: the launcher starts its worker in a session of its own, and the
+    # worker holds the launcher's stdout. Killing the launcher's group alone would leave it.
+    marker = f"envbuild-test-{uuid.uuid4().hex}"
+    worker = f"import time; time.sleep(120)  # {marker}"
+    launcher = ("import subprocess, sys, time; "
+                f"subprocess.Popen([sys.executable, '-c', {worker!r}], start_new_session=True); "
+                "print('started', flush=True); time.sleep(120)")
+    start = time.monotonic()
+    code, out, err = smoke.run_bounded([sys.executable, "-c", launcher], timeout=2)
+    assert code is None and "started" in out
+    assert time.monotonic() - start < 60  # bounded: not the 120 s the processes wanted
+    assert not _alive_with(marker)
+
+
+def test_run_bounded_returns_output_and_exit_code():
+    code, out, err = smoke.run_bounded([sys.executable, "-c", "import sys; print('x'); sys.exit(3)"], timeout=30)
+    assert (code, out.strip()) == (3, "x")

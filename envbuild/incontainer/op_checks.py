@@ -83,10 +83,11 @@ def check_spconv():
     """Submanifold conv on a fully active grid with every weight 1/2: each output is 1/2 x
     channels x the voxel's neighbour count, whatever the weight layout of the spconv version."""
     import torch
-    try:
-        import spconv.pytorch as sp  # spconv 2.x
-    except ImportError:
-        import spconv as sp  # spconv 1.x
+    import importlib
+    import spconv
+    # spconv 1.x has its layers at the top level; 2.x in spconv.pytorch (an import error there
+    # is the finding, not a reason to fall back)
+    sp = spconv if hasattr(spconv, "SubMConv3d") else importlib.import_module("spconv.pytorch")
     n, cin, cout = 6, 4, 2
     grid = torch.stack(torch.meshgrid(*[torch.arange(n)] * 3), -1).reshape(-1, 3)
     coords = torch.cat((torch.zeros(len(grid), 1, dtype=torch.long), grid), 1).int().cuda()

@@ -13,18 +13,20 @@ Python 3.8+, stdlib and torch only. Prints one JSON report on stdout.
 from __future__ import annotations
 
 import argparse
+import glob
 import importlib
+import importlib.util
 import json
 import math
 import os
 import platform
 import re
-import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LEVELS = ("env", "arch", "ops", "comm", "train", "io")
@@ -66,6 +68,73 @@ def load_plan(path):
 def gpu_count():
     import torch
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def gpu_state():
+    """("ok", n GPUs) | ("none", why) | ("unusable", why).
+
+    A GPU that is there but that torch cannot use (a driver older than the image's CUDA, a
+    missing device library) fails the GPU levels; only a host with no GPU skips them."""
+    import torch
+    if torch.cuda.is_available():
+        return "ok", torch.cuda.device_count()
+    nodes = sorted(glob.glob("/dev/nvidia[0-9]*"))
+    if not nodes:
+        return "none", "no GPU visible"
+    try:  # torch says why, e.g. "The NVIDIA driver on your system is too old"
+        getattr(torch.cuda, "init", getattr(torch.cuda, "_lazy_init", lambda: None))()
+        why = "torch.cuda.is_available() is False"
+    except Exception as exc:  # noqa: BLE001 - the message is the finding
+        why = " ".join(str(exc).split())[:300]
+    return "unusable", "%d GPU device(s) visible (%s, driver %s) but torch %s (CUDA %s) cannot use them: %s" % (
+        len(nodes), ", ".join(nodes), host_driver() or "unknown", torch.__version__, torch.version.cuda, why)
+
+
+def host_driver():
+    try:
+        with open("/proc/driver/nvidia/version") as fh:
+            m = re.search(r"Kernel Module\s+(\S+)", fh.read())
+            return m.group(1) if m else None
+    except OSError:
+        return None
+
+
+def run_bounded(cmd, timeout, env=None, cwd=None):
+    """Run cmd and everything it starts, bounded by timeout: (returncode or None on timeout, out, err).
+
+    torchrun (torch >= 2.2) starts each worker in a session of its own, so killing the launcher's
+    process group can leave a rank hung in NCCL. Every process started here carries a tag in its
+    environment and is found by it; output goes to files, not pipes, that a stray rank could
+    hold open."""
+    tag = uuid.uuid4().hex
+    env = dict(os.environ if env is None else env, ENVBUILD_RUN_TAG=tag)
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=cwd, start_new_session=True)
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            code = None
+            os.killpg(proc.pid, signal.SIGTERM)  # torchrun passes it on to its workers
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                pass
+        _kill_tagged(tag)  # ranks that outlived their launcher, whatever happened
+        proc.wait()
+        out.seek(0)
+        err.seek(0)
+        return code, out.read().decode(errors="replace"), err.read().decode(errors="replace")
+
+
+def _kill_tagged(tag):
+    marker = ("ENVBUILD_RUN_TAG=%s" % tag).encode()
+    for pid in [int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) != os.getpid()]:
+        try:
+            with open("/proc/%d/environ" % pid, "rb") as fh:
+                if marker in fh.read().split(b"\0"):
+                    os.kill(pid, signal.SIGKILL)
+        except OSError:
+            continue
 
 
 # ------------------------------------------------------------------ env
@@ -250,7 +319,10 @@ def level_arch(plan, args):
         if here != cc:
             out["note"] = "the image was built for %s (%s); this GPU is %s" % (plan["card"], cc, here)
     else:
-        out["device"] = "no GPU visible: static check only"
+        state, detail = gpu_state()
+        out["device"] = "no GPU visible: static check only" if state == "none" else detail
+        if state == "unusable":
+            problems.append(detail)
     out["problems"] = problems
     return result("failed" if problems else "passed", **out)
 
@@ -263,34 +335,67 @@ def package_module(name):
     return IMPORT_NAMES.get(name, re.sub(r"^spconv-cu\d+$", "spconv", name).replace("-", "_"))
 
 
-def level_ops(plan, args):
-    import torch
-    if not torch.cuda.is_available():
-        return result("skipped", reason="no GPU visible: CUDA ops need one")
+# Compiled files whose top-level name is not the package their check imports.
+CHECKED_BY = {"flash_attn_2_cuda": "flash_attn", "flash_attn_cuda": "flash_attn", "cumm": "spconv"}
+
+
+def op_checks():
     if HERE not in sys.path:
         sys.path.insert(0, HERE)
-    from op_checks import OP_CHECKS
-    names = {package_module(p["name"]) for p in plan["packages"]} | {"torchvision"}
-    checks = [(module, fn) for module, fn in sorted(OP_CHECKS.items()) if module in names]
+    import op_checks as module
+    return module.OP_CHECKS
+
+
+def level_ops(plan, args):
+    state, detail = gpu_state()
+    if state != "ok":
+        return result("failed", reason=detail) if state == "unusable" else \
+            result("skipped", reason="%s: CUDA ops need one" % detail)
+    names = {package_module(p["name"]) for p in plan["packages"]}
+    if importlib.util.find_spec("torchvision") is not None:
+        names.add("torchvision")
+    checks = [(module, [module]) for module in sorted(op_checks()) if module in names]
     hook = args.ops_check or (plan.get("train") or {}).get("ops_check")
     if hook:
         path = hook if os.path.isabs(hook) else os.path.join(args.workdir, hook)
-        checks.append(("model: " + os.path.basename(path), lambda p=path: _run_hook(p)))
-    out, failed = [], 0
-    for name, fn in checks:
-        try:
-            out.append({"op": name, "ok": True, "detail": fn()})
-        except Exception as exc:  # noqa: BLE001
-            failed += 1
-            out.append({"op": name, "ok": False, "detail": "%s: %s" % (type(exc).__name__, str(exc)[:300])})
+        checks.append(("model: " + os.path.basename(path), ["hook", path]))
+    out = []
+    for name, what in checks:
+        # Each check in a fresh interpreter: a crashing op or a sticky CUDA error (illegal
+        # address) fails that check alone, and the report still gets written.
+        code, stdout, stderr = run_bounded([sys.executable, os.path.abspath(__file__), "op-check"] + what,
+                                           args.ops_timeout, cwd=args.workdir if os.path.isdir(args.workdir) else None)
+        lines = [l for l in stdout.splitlines() if l.startswith("{")]
+        if code is None:
+            item = {"ok": False, "detail": "timed out after %ds" % args.ops_timeout}
+        elif lines:
+            item = json.loads(lines[-1])
+        else:
+            item = {"ok": False, "detail": "crashed (exit %d): %s" % (code, " ".join(stderr.split()[-40:]))}
+        out.append(dict(item, op=name))
     # Compiled code no check ran on, said plainly rather than counted as checked.
     model_ops = {e["name"] for e in plan.get("extensions") or []}
+    checked = {m for m, _ in checks}
     unchecked = sorted({t["path"] for t in extension_targets(gpu_libraries(), import_roots(args.workdir))
-                        if t["package"] not in OP_CHECKS and t["package"] != "torchaudio"
+                        if CHECKED_BY.get(t["package"], t["package"]) not in checked and t["package"] != "torchaudio"
                         and not (hook and (t["package"] in model_ops or t["root"] == args.workdir.rstrip("/")))})
     if not checks:
         return result("skipped", reason="no compiled ops with a known check in this Plan", unchecked=unchecked)
+    failed = [c for c in out if not c["ok"]]
     return result("failed" if failed else "passed", checks=out, unchecked=unchecked)
+
+
+def op_check(name, hook_path=None):
+    """One op check, in this (fresh) interpreter; prints {"ok", "detail"}."""
+    try:
+        if name == "hook":
+            detail = _run_hook(hook_path)
+        else:
+            detail = op_checks()[name]()
+        print(json.dumps({"ok": True, "detail": detail}))
+    except Exception as exc:  # noqa: BLE001 - the failure is the finding
+        print(json.dumps({"ok": False, "detail": "%s: %s" % (type(exc).__name__, str(exc)[:300])}))
+    return 0
 
 
 def _run_hook(path):
@@ -305,14 +410,16 @@ def _run_hook(path):
 # ------------------------------------------------------------------ comm
 
 
-def comm_worker(backend):
+def comm_worker(backend, timeout):
     """One rank of the all-reduce check: the sum must be exact, then 5 timed rounds."""
+    import datetime
     import torch
     import torch.distributed as dist
     on_gpu = backend == "nccl"
     if on_gpu:  # before init: NCCL binds each rank to the current device
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend)
+    # Ranks also give up on their own (where NCCL's watchdog runs) rather than wait forever.
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
     rank, world = dist.get_rank(), dist.get_world_size()
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     t = torch.full((1 << 20,), float(rank + 1), device="cuda" if on_gpu else "cpu")
@@ -333,19 +440,15 @@ def comm_worker(backend):
 
 
 def _torchrun(nproc, backend, env, timeout):
-    """Run the all-reduce on nproc ranks; a hang is killed (the whole process group) at timeout."""
+    """Run the all-reduce on nproc ranks; a hang is killed at timeout, every rank with it."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=%d" % nproc,
-           os.path.abspath(__file__), "comm-worker", backend]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+           os.path.abspath(__file__), "comm-worker", backend, str(timeout)]
+    code, out, err = run_bounded(cmd, timeout, env=env)
+    if code is None:
         return {"ok": False, "error": "timed out after %ds (hang)" % timeout}
-    lines = [l for l in out.decode(errors="replace").splitlines() if l.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        return {"ok": False, "error": err.decode(errors="replace")[-600:] or "exit %d" % proc.returncode}
+    lines = [l for l in out.splitlines() if l.startswith("{")]
+    if code != 0 or not lines:
+        return {"ok": False, "error": err[-600:] or "exit %d" % code}
     return json.loads(lines[-1])
 
 
@@ -370,16 +473,18 @@ def comm_attempts(nproc, backend, timeout, run=_torchrun):
 
 
 def level_comm(plan, args):
-    n = gpu_count()
-    if n == 0:
+    state, detail = gpu_state()
+    if state == "unusable":
+        return result("failed", reason=detail)
+    if state == "none":
         # Still run the launcher, the rendezvous and the timeout bound, on CPU with gloo, so a
         # broken torch.distributed shows up before a GPU host does. It decides nothing.
         rehearsal = comm_attempts(2, "gloo", args.comm_timeout)[0][0]
         said = "ok" if rehearsal["ok"] else "FAILED: " + rehearsal["error"].strip().splitlines()[-1][:200]
         return result("skipped", reason="no GPU visible: NCCL needs GPUs (CPU rehearsal with gloo: %s)" % said,
                       cpu_rehearsal=rehearsal)
-    attempts, works = comm_attempts(n, "nccl", args.comm_timeout)
-    return result("passed" if works else "failed", gpus=n, attempts=attempts, works_with=works)
+    attempts, works = comm_attempts(detail, "nccl", args.comm_timeout)
+    return result("passed" if works else "failed", gpus=detail, attempts=attempts, works_with=works)
 
 
 # ------------------------------------------------------------------ train
@@ -529,6 +634,13 @@ def train_compiled(plan, args, device, eager):
     return run
 
 
+def free_port():
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def train_recipe(plan, args, device):
     """The model's own entry point, launched the way the catalog says, with --local-rank handled."""
     train = plan.get("train") or {}
@@ -538,8 +650,8 @@ def train_recipe(plan, args, device):
     cmd = [sys.executable]
     launcher = train.get("launcher")
     nproc = max(1, gpu_count()) if device == "cuda" else 1
-    if launcher == "torch.distributed.launch":
-        cmd += ["-m", "torch.distributed.launch", "--nproc_per_node=%d" % nproc]
+    if launcher == "torch.distributed.launch":  # its default port 29500 may be taken on a shared host
+        cmd += ["-m", "torch.distributed.launch", "--nproc_per_node=%d" % nproc, "--master_port=%d" % free_port()]
     elif launcher == "torchrun":
         cmd += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=%d" % nproc]
     cmd.append(entry)
@@ -560,16 +672,13 @@ def train_recipe(plan, args, device):
         if not os.path.lexists(link):
             os.symlink(args.data, link)
     start = time.time()
-    try:
-        proc = subprocess.run(cmd, cwd=args.workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-                              timeout=args.train_timeout)
-    except subprocess.TimeoutExpired:
-        return result("failed", recipe="model", command=cmd, reason="timed out after %ds" % args.train_timeout)
-    out = proc.stdout.decode(errors="replace")
-    err = proc.stderr.decode(errors="replace")
-    status = "passed" if proc.returncode == 0 else "failed"
+    code, out, err = run_bounded(cmd, args.train_timeout, env=env, cwd=args.workdir)
+    if code is None:
+        return result("failed", recipe="model", command=cmd, reason="timed out after %ds" % args.train_timeout,
+                      stderr_tail=err[-1500:])
+    status = "passed" if code == 0 else "failed"
     lines = [l for l in out.splitlines() if l.startswith("{")]
-    report = {"recipe": "model", "command": cmd, "returncode": proc.returncode, "wall_s": round(time.time() - start, 2),
+    report = {"recipe": "model", "command": cmd, "returncode": code, "wall_s": round(time.time() - start, 2),
               "steps": args.steps if steps_args else "the recipe's own (the catalog has no steps_args for it)"}
     if lines:
         try:
@@ -584,8 +693,10 @@ def train_recipe(plan, args, device):
 
 
 def level_train(plan, args):
-    import torch
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    state, detail = gpu_state()
+    if state == "unusable":  # training on the CPU instead would hide it
+        return result("failed", reason=detail)
+    device = "cuda" if state == "ok" else "cpu"
     runs = {}
     if args.recipe in ("synthetic", "both"):
         runs["synthetic"] = train_synthetic(args, device, tuned=args.loader == "tuned")
@@ -635,14 +746,9 @@ def environment():
     import torch
     info = {"python": platform.python_version(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
             "hostname": platform.node(), "cpus": os.cpu_count(), "shm_bytes": shm_bytes()}
-    if torch.cuda.is_available():
-        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        if shutil.which("nvidia-smi"):
-            q = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                               stdout=subprocess.PIPE, timeout=30)
-            info["driver"] = q.stdout.decode().strip().splitlines()[0] if q.returncode == 0 and q.stdout else None
-    else:
-        info["gpus"] = []
+    info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] \
+        if torch.cuda.is_available() else []
+    info["driver"] = host_driver()
     return info
 
 
@@ -650,7 +756,9 @@ def main(argv=None):
     if argv is None:
         argv = sys.argv[1:]
     if argv[:1] == ["comm-worker"]:
-        return comm_worker(argv[1])
+        return comm_worker(argv[1], int(argv[2]))
+    if argv[:1] == ["op-check"]:
+        return op_check(argv[1], argv[2] if len(argv) > 2 else None)
     ap = argparse.ArgumentParser(prog="envbuild-smoke")
     ap.add_argument("--plan", default=os.path.join(HERE, "plan.json"))
     ap.add_argument("--lock", default=os.path.join(HERE, "requirements.lock"))
@@ -666,6 +774,7 @@ def main(argv=None):
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--loader", choices=["tuned", "untuned"], default="tuned")
     ap.add_argument("--comm-timeout", type=int, default=120)
+    ap.add_argument("--ops-timeout", type=int, default=300)
     ap.add_argument("--train-timeout", type=int, default=900)
     ap.add_argument("--workdir", default="/workspace/model")
     ap.add_argument("--scan-roots", help="comma-separated folders holding compiled code (default: the image's)")
