@@ -380,7 +380,7 @@ def smoke(target: str = typer.Argument(..., metavar="IMAGE|MODEL"),
     data_ = smoke_stage.run(image_ref, smoke_stage.parse_levels(level), gpus=gpus, steps=steps, recipe=recipe,
                             data=str(data) if data else None, ckpt_dir=str(ckpt_dir) if ckpt_dir else None,
                             ops_check=str(ops_check) if ops_check else None, compile_model=compile_, ipc_host=ipc_host,
-                            comm_timeout=comm_timeout, extra_args=["--ckpt-mb", str(ckpt_mb)])
+                            comm_timeout=comm_timeout, ckpt_mb=ckpt_mb)
     if card and cat.card(card).id != data_.get("card"):
         data_.setdefault("notes", []).append(f"image built for {data_.get('card')}, smoke asked for {cat.card(card).id}")
     if report:

@@ -41,7 +41,7 @@ def shm_size_bytes() -> int:
 def run(image: str, levels: list[str], gpus: str = "all", steps: int = 20, recipe: str = "synthetic",
         data: str | None = None, ckpt_dir: str | None = None, ops_check: str | None = None,
         compile_model: bool = False, loader: str = "tuned", ipc_host: bool = False, timeout: int = 3600,
-        comm_timeout: int = 120, extra_args: list | None = None) -> dict:
+        comm_timeout: int = 120, ckpt_mb: int = 64) -> dict:
     client = engine.client()
     import docker
     from docker.errors import ImageNotFound
@@ -53,7 +53,7 @@ def run(image: str, levels: list[str], gpus: str = "all", steps: int = 20, recip
         raise BadInput(f"{image} is not an envbuild image (no io.envbuild labels)")
     driver = ship.host_driver()
     cmd = ["python", "/opt/envbuild/smoke.py", "--level", ",".join(levels), "--steps", str(steps),
-           "--recipe", recipe, "--loader", loader, "--comm-timeout", str(comm_timeout)]
+           "--recipe", recipe, "--loader", loader, "--comm-timeout", str(comm_timeout), "--ckpt-mb", str(ckpt_mb)]
     volumes = {}
     if data:
         if not Path(data).is_dir():
@@ -73,7 +73,6 @@ def run(image: str, levels: list[str], gpus: str = "all", steps: int = 20, recip
         cmd += ["--ops-check", "/opt/envbuild-ops-check.py"]
     if compile_model:
         cmd.append("--compile")
-    cmd += list(extra_args or [])
     kwargs = {"volumes": volumes, "detach": True}
     if ipc_host:
         kwargs["ipc_mode"] = "host"

@@ -86,7 +86,8 @@ def gpu_state():
         why = "torch.cuda.is_available() is False"
     except Exception as exc:  # noqa: BLE001 - the message is the finding
         why = " ".join(str(exc).split())[:300]
-    return "unusable", "%d GPU device(s) visible (%s, driver %s) but torch %s (CUDA %s) cannot use them: %s" % (
+    return "unusable", ("%d GPU device(s) visible (%s, driver %s) but torch %s (CUDA %s) cannot use them: %s; "
+                        "update the NVIDIA driver or build the image for an older --cuda (envbuild doctor checks)") % (
         len(nodes), ", ".join(nodes), host_driver() or "unknown", torch.__version__, torch.version.cuda, why)
 
 
