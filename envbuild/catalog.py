@@ -10,8 +10,9 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property, lru_cache
+from importlib import resources
 from pathlib import Path
 
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
@@ -19,7 +20,12 @@ from packaging.version import InvalidVersion, Version
 
 from .errors import CatalogError, unknown
 
-DEFAULT_MATRICES = Path(__file__).resolve().parent.parent / "matrices"
+BUILTIN = "built-in"
+
+
+def builtin_root() -> Path:
+    """The catalog shipped inside the package (a wheel carries it as package data)."""
+    return Path(str(resources.files("envbuild") / "matrices"))
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 PKG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -63,6 +69,7 @@ class Card:
     memory_gb: int
     p2p: bool
     aliases: tuple[str, ...]
+    origin: str = BUILTIN  # built-in, or the user catalog file that added or replaced it
 
 
 @dataclass(frozen=True)
@@ -185,6 +192,7 @@ class Model:
     train: Train
     data: dict
     path: str = ""
+    origin: str = BUILTIN
 
     def pinned(self, name: str) -> str | None:
         spec = self.packages.get(name)
@@ -283,7 +291,7 @@ def check_spec(reader: _Reader, key: str, spec: str) -> str:
     return spec
 
 
-def _load_cards(path: Path) -> dict[str, Card]:
+def _load_cards(path: Path, origin: str = BUILTIN) -> dict[str, Card]:
     root = _Reader(path, _load_toml(path), "")
     cards = {}
     for cid in root.get("cards", dict):
@@ -297,6 +305,7 @@ def _load_cards(path: Path) -> dict[str, Card]:
             memory_gb=r.get("memory_gb", int),
             p2p=r.get("p2p", bool),
             aliases=tuple(a.lower() for a in r.strings("aliases", NAME_RE, [])),
+            origin=origin,
         )
     return cards
 
@@ -327,7 +336,8 @@ class Catalog:
     era: tuple[EraPin, ...]
     models: dict[str, Model]
     requires: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    root: Path = field(default=DEFAULT_MATRICES)
+    root: Path = field(default_factory=builtin_root)
+    overlay: Path | None = None  # the user catalog on top of the built-in one
 
     # -- lookups with clear errors
     @cached_property
@@ -368,14 +378,26 @@ class Catalog:
         return sorted(self.torch, key=Version)
 
 
-def load(root: Path | str | None = None) -> Catalog:
-    root = Path(root or os.environ.get("ENVBUILD_MATRICES") or DEFAULT_MATRICES)
-    if not root.is_dir():
-        raise CatalogError(_rel(root), "(dir)", "matrices folder not found")
-    tc = root / "toolchains"
-    cards = _load_cards(root / "cards.toml")
+def load(user: Path | str | None = None) -> Catalog:
+    """The built-in catalog, with a user catalog on top (argument, ENVBUILD_MATRICES or the
+    config's catalog_dir): its cards.toml adds or replaces cards, its models/*.toml add or
+    replace models, and a toolchains/*.toml of its own replaces the built-in file."""
+    from .config import setting
+    base = builtin_root()
+    user = Path(user) if user else (Path(p) if (p := setting("catalog_dir")) else None)
+    if user is not None and not user.is_dir():
+        raise CatalogError(_rel(user), "(dir)", "user catalog folder not found")
+    if user is not None and user.resolve() == base.resolve():
+        user = None
 
-    cuda_path = tc / "cuda.toml"
+    def pick(rel: str) -> Path:
+        return user / rel if user is not None and (user / rel).is_file() else base / rel
+
+    cards = _load_cards(base / "cards.toml")
+    if user is not None and (user / "cards.toml").is_file():
+        cards.update(_load_cards(user / "cards.toml", str(user / "cards.toml")))
+    _check_card_names(cards)
+    cuda_path = pick("toolchains/cuda.toml")
     cuda_doc = _Reader(cuda_path, _load_toml(cuda_path), "")
     ubuntu = {}
     for ver in cuda_doc.get("ubuntu", dict):
@@ -401,7 +423,7 @@ def load(root: Path | str | None = None) -> Catalog:
                 raise r.fail("ubuntu", f"unknown ubuntu release {u} (add it under [ubuntu])")
         toolkits[ver] = tk
 
-    torch_path = tc / "torch.toml"
+    torch_path = pick("toolchains/torch.toml")
     torch_doc = _Reader(torch_path, _load_toml(torch_path), "")
     wheel_archs = {}
     wa = torch_doc.sub("wheel_archs")
@@ -430,7 +452,7 @@ def load(root: Path | str | None = None) -> Catalog:
                 raise r.fail("index", f"no [wheel_archs] entry for CUDA {cu}")
         torch[ver] = rel
 
-    pkg_path = tc / "packages.toml"
+    pkg_path = pick("toolchains/packages.toml")
     pkg = _Reader(pkg_path, _load_toml(pkg_path), "")
     compiled: dict[str, dict[str, Compiled]] = {}
     for name in pkg.get("compiled", dict):
@@ -475,14 +497,28 @@ def load(root: Path | str | None = None) -> Catalog:
         for name in rq.table:
             requires[name] = rq.strings(name, PKG_RE)
 
+    files = {path.stem: path for path in sorted((base / "models").glob("*.toml"))}
+    if user is not None:
+        files.update({path.stem: path for path in sorted((user / "models").glob("*.toml"))})
     models = {}
-    for path in sorted((root / "models").glob("*.toml")):
+    for stem, path in sorted(files.items()):
         m = _load_model(path, torch, toolkits)
-        if m.name in models:
-            raise CatalogError(_rel(path), "model.name", f"duplicate model name {m.name!r}")
+        if user is not None and path.parent.parent == user:
+            m = replace(m, origin=str(path))
         models[m.name] = m
     return Catalog(cards, toolkits, ubuntu, torch, wheel_archs, compiled, asserts, flash,
-                   spconv, tuple(era), models, requires, root)
+                   spconv, tuple(era), models, requires, base, user)
+
+
+def _check_card_names(cards: dict[str, Card]) -> None:
+    """A name (id or alias) means one card: a new card cannot take over another's name."""
+    owner: dict[str, Card] = {}
+    for card in cards.values():
+        for name in dict.fromkeys((card.id, card.id.replace("rtx", ""), *card.aliases)):
+            other = owner.get(name)
+            if other is not None and other.id != card.id:
+                raise CatalogError(card.origin, f"cards.{card.id}", f"name {name!r} already means card {other.id!r} ({other.origin})")
+            owner[name] = card
 
 
 def _load_model(path: Path, torch: dict, toolkits: dict) -> Model:

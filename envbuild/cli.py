@@ -54,12 +54,12 @@ def models(json_: bool = JSON):
         rows.append({"name": m.name, "title": m.title, "python": m.python, "torch": f"{m.torch}",
                      "cuda": m.cuda, "repo": m.repo, "commit": m.commit,
                      "extensions": [e.name for e in m.extensions], "launcher": m.train.launcher,
-                     "description": m.description})
+                     "description": m.description, "from": m.origin})
     if json_:
         return show.emit_json(rows)
-    show.table("models", ["name", "python", "torch", "CUDA", "extensions", "launcher", "description"],
+    show.table("models", ["name", "python", "torch", "CUDA", "extensions", "launcher", "description", "from"],
                [[r["name"], r["python"], r["torch"], r["cuda"], ", ".join(r["extensions"]) or "-",
-                 r["launcher"], r["description"]] for r in rows])
+                 r["launcher"], r["description"], r["from"]] for r in rows])
 
 
 @command()
@@ -67,12 +67,12 @@ def cards(json_: bool = JSON):
     """List the GPU cards in the catalog."""
     cat = catalog.load()
     rows = [{"id": c.id, "name": c.name, "cc": c.cc, "memory_gb": c.memory_gb, "p2p": c.p2p,
-             "aliases": list(c.aliases)} for c in cat.cards.values()]
+             "aliases": list(c.aliases), "from": c.origin} for c in cat.cards.values()]
     if json_:
         return show.emit_json(rows)
-    show.table("cards", ["id", "name", "compute capability", "memory GB", "P2P", "aliases"],
+    show.table("cards", ["id", "name", "compute capability", "memory GB", "P2P", "aliases", "from"],
                [[r["id"], r["name"], r["cc"], r["memory_gb"], "yes" if r["p2p"] else "NO",
-                 ", ".join(r["aliases"])] for r in rows])
+                 ", ".join(r["aliases"]), r["from"]] for r in rows])
 
 
 @command()

@@ -27,6 +27,13 @@ ENV = {
     "ca_bundle": "ENVBUILD_CA_BUNDLE",
     "registry": "ENVBUILD_REGISTRY",
 }
+# Settings that are not package sources: a user catalog on top of the built-in one, and the
+# card to build for when no GPU is present and none is given.
+SETTINGS_ENV = {
+    "catalog_dir": "ENVBUILD_MATRICES",
+    "card": "ENVBUILD_CARD",
+}
+_CARD_LIST_RE = re.compile(r"^[A-Za-z0-9 ._-]+(,[A-Za-z0-9 ._-]+)*$")
 
 
 @dataclass(frozen=True)
@@ -77,25 +84,49 @@ def _check(key: str, value, origin: str):
         if value and not Path(value).is_file():
             raise BadInput(f"{origin}: ca_bundle {value!r} is not a file")
         return value or None
-    raise BadInput(f"{origin}: unknown key {key!r}", f"known keys: {', '.join(ENV)}")
+    if key == "catalog_dir":
+        if value and not Path(value).expanduser().is_dir():
+            raise BadInput(f"{origin}: catalog_dir {value!r} is not a directory",
+                           "a folder with cards.toml and/or models/*.toml that add to the built-in catalog")
+        return str(Path(value).expanduser()) if value else None
+    if key == "card":
+        if value and not _CARD_LIST_RE.match(value):
+            raise BadInput(f"{origin}: card {value!r} is not a card name or a comma-separated list")
+        return value or None
+    raise BadInput(f"{origin}: unknown key {key!r}", f"known keys: {', '.join([*ENV, *SETTINGS_ENV])}")
 
 
-def load_sources(**flags) -> Sources:
-    """Config file < environment < flags. A flag of None means 'not given'."""
+def _file_and_env(env_names: dict) -> dict:
+    """Validated values for these keys: config file, then environment variables."""
     values: dict = {}
     path = config_path()
+    if os.environ.get("ENVBUILD_CONFIG") and not path.is_file():
+        raise BadInput(f"ENVBUILD_CONFIG={path}: no such file", "unset it or point it at a config.toml")
     if path.is_file():
         try:
             doc = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as exc:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise BadInput(f"{path}: not valid TOML: {exc}") from None
         for key, value in doc.get("sources", doc).items():
             if isinstance(value, dict):
                 continue
-            values[key] = _check(key, value, str(path))
-    for key, var in ENV.items():
+            checked = _check(key, value, str(path))  # unknown keys fail here, whichever group asks
+            if key in env_names:
+                values[key] = checked
+    for key, var in env_names.items():
         if var in os.environ:
             values[key] = _check(key, os.environ[var], var)
+    return values
+
+
+def setting(key: str) -> str | None:
+    """catalog_dir or card, from the config file or the environment (None: not set)."""
+    return _file_and_env(SETTINGS_ENV).get(key)
+
+
+def load_sources(**flags) -> Sources:
+    """Config file < environment < flags. A flag of None means 'not given'."""
+    values = _file_and_env(ENV)
     for key, value in flags.items():
         if value is not None:
             values[key] = _check(key, value, f"--{key.replace('_', '-')}")

@@ -291,7 +291,7 @@ def write(ctx: Context, out: Path, source_dir: Path | None = None) -> list[Path]
         if src.is_file():
             dst = helpers / src.name
             _write_if_changed(dst, src.read_text())
-            dst.chmod(src.stat().st_mode & 0o777)
+            dst.chmod(0o755 if src.suffix == ".sh" else 0o644)  # not the install's modes: a wheel may drop x bits
             written.append(dst)
     if source_dir is not None:
         copy_source(source_dir, out / "src")

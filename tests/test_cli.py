@@ -44,10 +44,48 @@ def test_bad_input_is_one_clear_line_exit_2(args, needle):
     assert "Traceback" not in r.stderr + r.stdout
 
 
-def test_malformed_matrix_exit_2(tmp_path):
-    (tmp_path / "cards.toml").write_text("[cards]\n")
+def test_malformed_user_cards_file_exit_2_names_file_and_key(tmp_path):
+    (tmp_path / "cards.toml").write_text('[cards.x9]\nname = "X9"\ncc = "nine"\nmemory_gb = 80\np2p = true\n')
     r = envbuild("cards", env={"ENVBUILD_MATRICES": str(tmp_path)})
     assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "cards.toml" in r.stderr and "cards.x9.cc" in r.stderr and "'nine'" in r.stderr
+
+
+def test_user_catalog_adds_and_replaces_on_top_of_the_builtin(tmp_path):
+    (tmp_path / "cards.toml").write_text('[cards.x9]\nname = "NVIDIA X9"\ncc = "9.0"\nmemory_gb = 96\np2p = false\n'
+                                         '[cards.a800]\nname = "NVIDIA A800 (ours)"\ncc = "8.0"\nmemory_gb = 40\n'
+                                         'p2p = true\naliases = ["a800-40g"]\n')
+    (tmp_path / "models").mkdir()
+    from conftest import ROOT
+    text = (ROOT / "matrices" / "models" / "qcnet.toml").read_text().replace('name = "qcnet"', 'name = "qcnet2"')
+    (tmp_path / "models" / "qcnet2.toml").write_text(text)
+    env = {"ENVBUILD_MATRICES": str(tmp_path)}
+    cards = {c["id"]: c for c in json.loads(envbuild("cards", "--json", env=env).stdout)}
+    assert cards["x9"]["from"] == str(tmp_path / "cards.toml") and cards["h20"]["from"] == "built-in"
+    assert cards["a800"]["name"] == "NVIDIA A800 (ours)" and cards["a800"]["from"].endswith("cards.toml")
+    models = {m["name"]: m for m in json.loads(envbuild("models", "--json", env=env).stdout)}
+    assert models["qcnet2"]["from"] == str(tmp_path / "models" / "qcnet2.toml")
+    assert models["maptr"]["from"] == "built-in" and "sparsedrive" in models
+    # The same folder as the config's catalog_dir; the table output names the origin too.
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(f'catalog_dir = "{tmp_path}"\n')
+    r = envbuild("models", env={"ENVBUILD_CONFIG": str(cfg), "COLUMNS": "400"})
+    assert r.returncode == 0 and "qcnet2" in r.stdout and "built-in" in r.stdout
+    r = envbuild("resolve", "qcnet2", "--card", "x9", "--json", env={"ENVBUILD_CONFIG": str(cfg)})
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["runtime_env"]["NCCL_P2P_DISABLE"]["value"] == "1"
+
+
+def test_a_new_card_cannot_take_over_another_cards_name(tmp_path):
+    (tmp_path / "cards.toml").write_text('[cards.mine]\nname = "Mine"\ncc = "9.0"\nmemory_gb = 96\np2p = true\n'
+                                         'aliases = ["h20"]\n')
+    r = envbuild("resolve", "maptr", "--card", "h20", env={"ENVBUILD_MATRICES": str(tmp_path)})
+    assert r.returncode == 2 and "'h20' already means card 'h20'" in r.stderr
+
+
+def test_missing_config_file_named_in_environment_is_an_error(tmp_path):
+    r = envbuild("resolve", "maptr", "--card", "h20", env={"ENVBUILD_CONFIG": str(tmp_path / "nope.toml")})
+    assert r.returncode == 2 and "nope.toml: no such file" in r.stderr
 
 
 def test_matrix_grid():

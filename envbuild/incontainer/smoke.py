@@ -129,13 +129,30 @@ def run_bounded(cmd, timeout, env=None, cwd=None):
 
 def _kill_tagged(tag):
     marker = ("ENVBUILD_RUN_TAG=%s" % tag).encode()
+    killed = []
     for pid in [int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) != os.getpid()]:
         try:
             with open("/proc/%d/environ" % pid, "rb") as fh:
                 if marker in fh.read().split(b"\0"):
                     os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
         except OSError:
             continue
+    # SIGKILL is delivered asynchronously: return only once they are gone (or zombies), so a
+    # rank cannot still hold a GPU or a port when the next run starts.
+    deadline = time.time() + 10
+    while killed and time.time() < deadline:
+        killed = [pid for pid in killed if _running(pid)]
+        if killed:
+            time.sleep(0.05)
+
+
+def _running(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
 
 
 # ------------------------------------------------------------------ env
