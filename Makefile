@@ -11,7 +11,7 @@ CUDA ?=
 IMAGE ?=
 CUDA_FLAG := $(if $(CUDA),--cuda $(CUDA),)
 
-.PHONY: setup test test-unit test-integration image images resolve dockerfiles bench bench-build lint clean base smoke smoke-gpu selftest-gpu doctor export bake
+.PHONY: locks setup test test-unit test-integration image images resolve dockerfiles bench bench-build lint clean base smoke smoke-gpu selftest-gpu doctor export bake
 
 $(BIN)/envbuild: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,10 @@ base:  ## offline CUDA 11.8 devel base from Debian packages (debootstrap + docke
 dockerfiles: setup  ## regenerate dockerfiles/ (a test fails when they are stale)
 	$(BIN)/python -m envbuild.render --regenerate dockerfiles
 
+locks: setup  ## hash-lock every committed cell in its own Python (needs its base image; Python 3.8 cells cannot be locked on Debian 12)
+	for d in dockerfiles/*/; do cell=$$(basename $$d); \
+	  $(BIN)/envbuild lock $${cell%-*} --card $${cell##*-} -o $$d || exit 1; done
+
 bench: setup  ## resolver timing and data-loader tuning; bench-build for the (slow) image build numbers
 	$(BIN)/python benchmarks/bench_resolve.py
 	$(BIN)/python benchmarks/bench_dataloader.py
@@ -72,8 +76,8 @@ export: setup  ## make export MODEL=maptr CARD=h20 [FORMAT=apptainer]
 bake: setup  ## docker-bake file for the whole matrix
 	$(BIN)/envbuild bake -o bake/docker-bake.json
 
-lint: setup
-	$(BIN)/python -m envbuild.render --lint dockerfiles
+lint: setup  ## hadolint on the committed Dockerfiles (same settings as the test)
+	$(BIN)/hadolint --config .hadolint.yaml dockerfiles/*/Dockerfile
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

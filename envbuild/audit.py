@@ -67,23 +67,31 @@ def scan(image: str) -> list[dict]:
         raise OperationFailed(f"audit scan of {image} printed no report") from None
 
 
-def audit(image: str, card: Card) -> dict:
-    libs = [judge(lib, card.cc) for lib in scan(image)]
+TORCH_LIB = re.compile(r"/site-packages/torch/")
+
+
+def audit(image: str, card: Card, scanned: list[dict] | None = None) -> dict:
+    """The verdict for one card; pass `scanned` (scan()'s result) to judge several cards from one scan."""
+    libs = [judge(lib, card.cc) for lib in (scan(image) if scanned is None else scanned)]
     failing = [lib for lib in libs if not lib["runs"] and lib["kind"] == "extension"]
     warnings = [f"{lib['path']} (NVIDIA CUDA library) has no code for {card.cc}" for lib in libs
                 if not lib["runs"] and lib["kind"] != "extension"]
     return {
         "image": image, "card": card.id, "card_name": card.name, "cc": card.cc,
         "libraries": libs, "ok": not failing, "warnings": warnings,
+        # torch's own wheel decides what runs at all: say so apart from the extensions envbuild compiled
+        "torch_failures": [lib["path"].rsplit("/", 1)[-1] for lib in failing if TORCH_LIB.search(lib["path"])],
         "failures": [f"{lib['path']}: has SASS {', '.join(lib['sass']) or 'none'}, PTX {', '.join(lib['ptx']) or 'none'}; "
                      f"{card.name} needs sm_{card.cc.split('.')[0]}x SASS with minor <= {card.cc.split('.')[1]} "
                      f"or PTX <= {card.cc}" for lib in failing],
     }
 
 
-def image_card(image: str) -> str | None:
+def image_cards(image: str) -> str | None:
+    """The cards an envbuild image was built for (comma-separated), from its labels."""
     client = engine.client()
     try:
-        return (client.images.get(image).labels or {}).get("io.envbuild.card")
+        labels = client.images.get(image).labels or {}
     except Exception:
         return None
+    return labels.get("io.envbuild.cards") or labels.get("io.envbuild.card")

@@ -26,6 +26,8 @@ CUDA = typer.Option(None, "--cuda", help="CUDA toolkit X.Y for the image.")
 PYTHON = typer.Option(None, "--python", help="Python X.Y (default: the model's).")
 STRICT = typer.Option(False, "--strict", help="Upstream pins only; fail with the reason if the card cannot run them.")
 SET = typer.Option(None, "--set", help="Force a pin, PKG==VERSION (repeatable).")
+CARD = typer.Option(None, "--card", help="Card, or cards for one image (a800,h20). Default: this host's GPUs, "
+                    "else the config's card, else a portable image for every catalog card the stack runs on.")
 
 
 def command(*args, **kwargs):
@@ -76,7 +78,7 @@ def cards(json_: bool = JSON):
 
 
 @command()
-def resolve(model: str, card: str = typer.Option("a100", "--card", help="Target card (name or alias)."),
+def resolve(model: str, card: Optional[str] = CARD,
             cuda: Optional[str] = CUDA, python: Optional[str] = PYTHON, strict: bool = STRICT,
             set_: Optional[List[str]] = SET, torch_index: Optional[str] = TORCH_INDEX,
             pypi_index: Optional[str] = PYPI_INDEX, json_: bool = JSON):
@@ -115,7 +117,6 @@ def matrix(models_: Optional[List[str]] = typer.Option(None, "--models", help="M
 SOURCE = typer.Option(None, "--source", help="Local model source tree (forks, offline builds) instead of git.")
 BASE_IMAGE = typer.Option(None, "--base-image", help="Base image override (mirror, offline base).")
 RUNTIME_IMAGE = typer.Option(None, "--runtime-image", help="Runtime-stage image override.")
-CARD = typer.Option(..., "--card", help="Target card (name or alias).")
 
 
 def _request(model, card, cuda=None, python=None, strict=False, set_=None, source=None, base_image=None,
@@ -126,7 +127,7 @@ def _request(model, card, cuda=None, python=None, strict=False, set_=None, sourc
 
 
 @command()
-def render(model: str, card: str = CARD, cuda: Optional[str] = CUDA, python: Optional[str] = PYTHON,
+def render(model: str, card: Optional[str] = CARD, cuda: Optional[str] = CUDA, python: Optional[str] = PYTHON,
            strict: bool = STRICT, set_: Optional[List[str]] = SET, source: Optional[Path] = SOURCE,
            base_image: Optional[str] = BASE_IMAGE, runtime_image: Optional[str] = RUNTIME_IMAGE,
            out: Optional[Path] = typer.Option(None, "-o", "--out", help="Output folder (default: envbuild's cache)."),
@@ -141,10 +142,12 @@ def render(model: str, card: str = CARD, cuda: Optional[str] = CUDA, python: Opt
     if json_:
         return show.emit_json({"dir": str(ctx), "files": files, "locked": locked, "mode": plan.mode})
     show.out.print(f"rendered {plan.model} for {plan.card_name} ({plan.mode}) into {ctx}", markup=False)
+    _print_cards(plan)
     for name in files:
         show.out.print(f"  {name}", markup=False)
     if not locked:
-        show.out.print(f"not locked yet: envbuild lock {plan.model} --card {plan.card}", markup=False)
+        show.out.print(f"not locked yet: envbuild lock {plan.model} --card {','.join(plan.cards)} "
+                       "(envbuild image locks first by itself)", markup=False)
 
 
 @command()
@@ -152,7 +155,8 @@ def fix(path: Path = typer.Argument(..., help="Model source tree."),
         list_: bool = typer.Option(False, "--list", help="Report findings, change nothing."),
         only: Optional[List[str]] = typer.Option(None, "--only", help="Run only these fixers (repeatable)."),
         mmcv: Optional[str] = typer.Option(None, "--mmcv", help="mmcv version the port uses (mmcv-version-assert)."),
-        cxx_std: str = typer.Option("c++17", "--cxx-std", help="C++ standard for cxx-standard."),
+        cxx_std: Optional[str] = typer.Option(None, "--cxx-std", help="C++ standard for cxx-standard (default: drop the "
+                                              "old -std pin and let torch's extension builder choose)."),
         plan_file: Optional[Path] = typer.Option(None, "--plan", help="Apply exactly the fixers of a plan.json."),
         json_: bool = JSON):
     """Find and apply porting fixers on a model's source tree."""
@@ -176,8 +180,8 @@ def fix(path: Path = typer.Argument(..., help="Model source tree."),
             from .catalog import is_exact
             if not is_exact(mmcv):
                 raise BadInput(f"--mmcv {mmcv!r} is not a version")
-        args = {"mmcv-version-assert": {"mmcv": mmcv} if mmcv else {}, "cxx-standard": {"std": cxx_std}}
-        if cxx_std not in ("c++14", "c++17", "c++20"):
+        args = {"mmcv-version-assert": {"mmcv": mmcv} if mmcv else {}, "cxx-standard": {"std": cxx_std} if cxx_std else {}}
+        if cxx_std is not None and cxx_std not in ("c++14", "c++17", "c++20"):
             raise BadInput(f"--cxx-std {cxx_std!r}: choose c++14, c++17 or c++20")
         chosen = [fx.make(n, args.get(n)) for n in names if not (n == "mmcv-version-assert" and not mmcv)]
     if list_:
@@ -198,7 +202,7 @@ def fix(path: Path = typer.Argument(..., help="Model source tree."),
 
 
 @command()
-def lock(model: str, card: str = CARD, cuda: Optional[str] = CUDA, python: Optional[str] = PYTHON,
+def lock(model: str, card: Optional[str] = CARD, cuda: Optional[str] = CUDA, python: Optional[str] = PYTHON,
          strict: bool = STRICT, set_: Optional[List[str]] = SET, base_image: Optional[str] = BASE_IMAGE,
          out: Optional[Path] = typer.Option(None, "-o", "--out", help="Context folder (default: envbuild's cache)."),
          torch_index: Optional[str] = TORCH_INDEX, pypi_index: Optional[str] = PYPI_INDEX, json_: bool = JSON):
@@ -218,8 +222,16 @@ def _echo_dim(line: str) -> None:
     show.err.print(line, markup=False, style="dim")
 
 
+def _say(line: str) -> None:
+    show.err.print(line, markup=False)
+
+
+def _print_cards(plan) -> None:
+    show.out.print(f"for     {', '.join(plan.cards)}  ({plan.cards_why})", markup=False)
+
+
 @command()
-def image(model: str, card: str = CARD, cuda: Optional[str] = CUDA, python: Optional[str] = PYTHON,
+def image(model: str, card: Optional[str] = CARD, cuda: Optional[str] = CUDA, python: Optional[str] = PYTHON,
           strict: bool = STRICT, set_: Optional[List[str]] = SET, tag: Optional[List[str]] = typer.Option(
               None, "--tag", help="Extra tag(s) for the image."),
           push_: bool = typer.Option(False, "--push", help="Push the tags after the build."),
@@ -229,29 +241,33 @@ def image(model: str, card: str = CARD, cuda: Optional[str] = CUDA, python: Opti
           torch_index: Optional[str] = TORCH_INDEX, pypi_index: Optional[str] = PYPI_INDEX,
           quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not stream BuildKit progress."),
           smoke_: bool = typer.Option(False, "--smoke", help="Smoke-test the image and record the result in it."),
+          no_lock: bool = typer.Option(False, "--no-lock", help="Install requirements.in unlocked (pip resolves at build time)."),
           json_: bool = JSON):
-    """Resolve, render, build (BuildKit), tag, optionally smoke-test and push."""
+    """Resolve, render, lock (first time), build (BuildKit), tag, optionally smoke-test and push."""
     from . import build as build_stage
     from . import ship
-    from .pipeline import prepare
+    from .pipeline import prepare_locked
     req = _request(model, card, cuda, python, strict, set_, source and str(source), base_image, runtime_image,
                    torch_index, pypi_index)
-    plan, sources, ctx = prepare(req)
     build_stage.engine.find_cli()
     build_stage.engine.client()
+    echo = None if (json_ or quiet) else _echo_dim
+    plan, sources, ctx, lock_note = prepare_locked(req, lock=not no_lock, echo=echo,
+                                                   say=None if json_ else _say)
     repo = f"{sources.registry}envbuild/{plan.model}" if sources.registry else ""
     tags = [build_stage.image_tag(plan, repo)] + [build_stage.check_ref(t) for t in tag or []]
     if not json_:
         show.out.print(f"building {tags[0]} ({plan.mode}) from {ctx}", markup=False)
-    echo = None if (json_ or quiet) else _echo_dim
+        _print_cards(plan)
     result = build_stage.build(ctx, tags, no_cache=no_cache, ca_bundle=sources.ca_bundle, echo=echo,
                                log_name=f"{plan.model}-{plan.card}")
     summary = result.summary()
+    summary.update(cards=list(plan.cards), cards_why=plan.cards_why, lock=lock_note)
     if smoke_:
         from . import smoke as smoke_stage
         report = smoke_stage.run(tags[0], smoke_stage.parse_levels(None))
         summary["smoke"] = smoke_stage.summary(report)
-        summary["image_id"] = smoke_stage.record(tags[0], report)
+        summary["image_id"] = smoke_stage.record(tags, report)  # every tag moves to the labelled image
         if not report["ok"]:
             from .errors import OperationFailed
             raise OperationFailed(f"image built ({tags[0]}) but its smoke test failed: "
@@ -260,7 +276,7 @@ def image(model: str, card: str = CARD, cuda: Optional[str] = CUDA, python: Opti
         summary["pushed"] = {t: ship.push(t, echo=echo) for t in tags}
     if json_:
         return show.emit_json(summary)
-    show.out.print(f"image   {result.image_id}", markup=False)
+    show.out.print(f"image   {summary['image_id']}", markup=False)
     for t in tags:
         show.out.print(f"tag     {t}", markup=False)
     show.out.print(f"size    {result.size / 1e9:.2f} GB   build {result.seconds:.0f}s   "
@@ -270,6 +286,7 @@ def image(model: str, card: str = CARD, cuda: Optional[str] = CUDA, python: Opti
         show.out.print(f"  {state:>8}  {step['step'][:110]}", markup=False)
     for ref, digest in summary.get("pushed", {}).items():
         show.out.print(f"pushed  {ref}@{digest}", markup=False)
+    show.out.print(f"lock    {lock_note}", markup=False)
     show.out.print(f"log     {result.log}", markup=False)
 
 
@@ -285,7 +302,7 @@ def push(ref: str = typer.Argument(..., help="Local image reference."), json_: b
 
 
 @command()
-def pull(model: str, card: str = CARD, cuda: Optional[str] = CUDA, python: Optional[str] = PYTHON,
+def pull(model: str, card: Optional[str] = CARD, cuda: Optional[str] = CUDA, python: Optional[str] = PYTHON,
          strict: bool = STRICT, set_: Optional[List[str]] = SET,
          registry: Optional[str] = typer.Option(None, "--registry", help="Registry prefix, e.g. 127.0.0.1:5000/"),
          torch_index: Optional[str] = TORCH_INDEX, json_: bool = JSON):
@@ -296,12 +313,13 @@ def pull(model: str, card: str = CARD, cuda: Optional[str] = CUDA, python: Optio
     plan, sources = plan_for(_request(model, card, cuda, python, strict, set_, torch_index=torch_index))
     prefix = load_sources(registry=registry).registry if registry else sources.registry
     ref = build_stage.image_tag(plan, f"{prefix}envbuild/{plan.model}" if prefix else "")
-    result = ship.pull(ref, plan.min_driver, plan.compat_driver, plan.cuda, plan.card)
+    result = ship.pull(ref, plan.min_driver, plan.compat_driver, plan.cuda, plan.cards)
     if json_:
         return show.emit_json(result)
     show.out.print(f"pulled {ref} ({result['id']})", markup=False)
     show.out.print(f"driver: {result['driver']}: {result['driver_reason']}", markup=False)
-    show.out.print(f"validated: {result['validated']}", markup=False)
+    for card_id, verdict in result["validated"].items():
+        show.out.print(f"validated for {card_id}: {verdict}", markup=False)
 
 
 @command()
@@ -318,35 +336,41 @@ def images(json_: bool = JSON):
 
 @command()
 def audit(image_ref: str = typer.Argument(..., metavar="IMAGE"),
-          card: Optional[str] = typer.Option(None, "--card", help="Card to judge against (default: the image's)."),
+          card: Optional[str] = typer.Option(None, "--card", help="Card(s) to judge against, a800,h20 (default: the image's)."),
           json_: bool = JSON):
     """Every compiled extension's SASS/PTX archs; exit 1 when any cannot run on the card."""
     from . import audit as audit_stage
     from .errors import BadInput, OperationFailed
+    from .resolve import parse_cards
     cat = catalog.load()
-    card_id = card or audit_stage.image_card(image_ref)
-    if not card_id:
-        raise BadInput(f"{image_ref} has no io.envbuild.card label: pass --card")
-    report = audit_stage.audit(image_ref, cat.card(card_id))
+    names = card or audit_stage.image_cards(image_ref)
+    if not names:
+        raise BadInput(f"{image_ref} has no io.envbuild.cards label: pass --card")
+    libs = audit_stage.scan(image_ref)
+    reports = [audit_stage.audit(image_ref, c, libs) for c in parse_cards(cat, names)]
     if json_:
-        show.emit_json(report)
-    else:
+        show.emit_json(reports[0] if len(reports) == 1 else reports)
+    for report in reports if not json_ else []:
         show.table(f"{image_ref} on {report['card_name']} ({report['cc']})", ["library", "kind", "SASS", "PTX", "runs via"],
                    [[lib["path"], lib["kind"], " ".join(lib["sass"]) or "-", " ".join(lib["ptx"]) or "-", lib["via"] or "NOTHING"]
                     for lib in report["libraries"]])
-    if not json_:
         for warning in report["warnings"]:
             show.err.print(f"warning: {warning}", markup=False)
-    if not report["ok"]:
-        raise OperationFailed(f"{len(report['failures'])} librar{'y' if len(report['failures']) == 1 else 'ies'} "
-                              f"cannot run on {report['card_name']}: " + "; ".join(report["failures"]))
-    if not json_:
-        show.out.print(f"all {len(report['libraries'])} libraries with GPU code run on {report['card_name']}", markup=False)
+        verdict = (f"all {len(report['libraries'])} libraries with GPU code run on {report['card_name']}" if report["ok"]
+                   else f"FAILS on {report['card_name']}: " + "; ".join(report["failures"]))
+        show.out.print(verdict, markup=False)
+    failing = [r for r in reports if not r["ok"]]
+    if failing:
+        raise OperationFailed("; ".join(
+            f"{len(r['failures'])} librar{'y' if len(r['failures']) == 1 else 'ies'} cannot run on {r['card_name']}"
+            + (f" (torch's own build: {', '.join(sorted(r['torch_failures']))})" if r["torch_failures"] else "")
+            for r in failing))
 
 
 @command()
 def smoke(target: str = typer.Argument(..., metavar="IMAGE|MODEL"),
-          card: Optional[str] = typer.Option(None, "--card", help="Card (needed when MODEL is given)."),
+          card: Optional[str] = typer.Option(None, "--card", help="The card this run is for (default: this host's GPU); "
+                                             "with MODEL, also picks its image like image --card."),
           cuda: Optional[str] = CUDA, python: Optional[str] = PYTHON,
           gpus: str = typer.Option("all", "--gpus", help="all, N, or none."),
           level: Optional[str] = typer.Option(None, "--level", help="env,arch,ops,comm,train,io (default: all)."),
@@ -372,17 +396,13 @@ def smoke(target: str = typer.Argument(..., metavar="IMAGE|MODEL"),
     image_ref = target
     cat = catalog.load()
     if target.lower() in cat.models:
-        if not card:
-            raise BadInput(f"{target} is a model: pass --card to find its image")
         from .pipeline import plan_for
         plan, sources = plan_for(_request(target, card, cuda, python))
         image_ref = build_stage.image_tag(plan, f"{sources.registry}envbuild/{plan.model}" if sources.registry else "")
     data_ = smoke_stage.run(image_ref, smoke_stage.parse_levels(level), gpus=gpus, steps=steps, recipe=recipe,
                             data=str(data) if data else None, ckpt_dir=str(ckpt_dir) if ckpt_dir else None,
                             ops_check=str(ops_check) if ops_check else None, compile_model=compile_, ipc_host=ipc_host,
-                            comm_timeout=comm_timeout, ckpt_mb=ckpt_mb)
-    if card and cat.card(card).id != data_.get("card"):
-        data_.setdefault("notes", []).append(f"image built for {data_.get('card')}, smoke asked for {cat.card(card).id}")
+                            comm_timeout=comm_timeout, ckpt_mb=ckpt_mb, card=_card_here(cat, card))
     if report:
         report.write_text(json.dumps(data_, indent=2, sort_keys=True) + "\n")
     if json_:
@@ -392,6 +412,20 @@ def smoke(target: str = typer.Argument(..., metavar="IMAGE|MODEL"),
     if not data_["ok"]:
         failed = [k for k, v in data_["levels"].items() if v["status"] == "failed"]
         raise OperationFailed(f"smoke failed: {', '.join(failed)}", log=str(report) if report else "")
+
+
+def _card_here(cat, card: str | None):
+    """The card a smoke run is for: the one named, else this host's first GPU, else None."""
+    from . import host
+    if card:
+        from .resolve import parse_cards
+        cards = parse_cards(cat, card)
+        if len(cards) != 1:
+            from .errors import BadInput
+            raise BadInput("smoke runs on one card at a time: pass one --card", "run it once per card, then envbuild compare")
+        return cards[0]
+    gpus = host.gpus()
+    return host.match_card(cat, gpus[0]["name"]) if gpus else None
 
 
 def _print_smoke(data_, report):

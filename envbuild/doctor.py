@@ -12,7 +12,7 @@ import subprocess
 from dataclasses import dataclass
 from typing import Callable
 
-from . import catalog, engine, ship
+from . import catalog, engine, host, ship
 from .errors import OperationFailed
 
 
@@ -43,19 +43,6 @@ def _sh(args, timeout=30) -> subprocess.CompletedProcess | None:
         return None
 
 
-def _gpus() -> list[dict]:
-    r = _sh(["nvidia-smi", "--query-gpu=index,name,compute_cap,driver_version,memory.total",
-             "--format=csv,noheader,nounits"])
-    if not r or r.returncode != 0:
-        return []
-    out = []
-    for line in r.stdout.strip().splitlines():
-        parts = [p.strip() for p in line.split(",")]
-        if len(parts) >= 5:
-            out.append({"index": parts[0], "name": parts[1], "cc": parts[2], "driver": parts[3], "memory_mb": parts[4]})
-    return out
-
-
 @check("docker engine")
 def docker_engine() -> Result:
     try:
@@ -78,7 +65,7 @@ def buildkit() -> Result:
 
 @check("nvidia container runtime")
 def nvidia_runtime() -> Result:
-    if not _gpus():
+    if not list(host.gpus()):
         return Result("nvidia container runtime", "skip", "no NVIDIA GPU on this host")
     cdi = [p for d in ("/etc/cdi", "/var/run/cdi") if os.path.isdir(d) for p in os.listdir(d) if "nvidia" in p]
     runtimes = {}
@@ -96,13 +83,13 @@ def nvidia_runtime() -> Result:
 
 @check("gpus")
 def gpus() -> Result:
-    found = _gpus()
+    found = list(host.gpus())
     if not found:
         return Result("gpus", "skip", "nvidia-smi not found or no GPU")
     cat = catalog.load()
     matched = []
     for gpu in found:
-        card = _match_card(cat, gpu["name"])
+        card = host.match_card(cat, gpu["name"])
         gpu["card"] = card.id if card else None
         if card and gpu["cc"] and gpu["cc"] != card.cc:
             gpu["note"] = f"catalog says {card.cc}"
@@ -115,18 +102,9 @@ def gpus() -> Result:
     return Result("gpus", "ok", names, {"gpus": matched})
 
 
-def _match_card(cat, name: str):
-    low = name.lower()
-    for card in sorted(cat.cards.values(), key=lambda c: -len(c.id)):
-        token = card.id.replace("rtx", "")
-        if re.search(rf"\b{re.escape(token)}\b", low):
-            return card
-    return None
-
-
 @check("driver vs images")
 def driver_vs_images() -> Result:
-    driver = ship.host_driver()
+    driver = host.driver()
     if driver is None:
         return Result("driver vs images", "skip", "no NVIDIA driver on this host")
     try:
@@ -181,7 +159,7 @@ def free_disk() -> Result:
 
 @check("peer-to-peer")
 def peer_to_peer() -> Result:
-    found = _gpus()
+    found = list(host.gpus())
     if len(found) < 2:
         return Result("peer-to-peer", "skip", f"{len(found)} GPU(s): nothing to talk to")
     r = _sh(["nvidia-smi", "topo", "-p2p", "r"])

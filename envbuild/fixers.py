@@ -61,8 +61,8 @@ class Fixer(object):
             if old is None:
                 continue
             new = self.fix_text(relpath, old)
-            if new != old:
-                out[relpath] = (old, new)
+            if new != old and not (relpath.endswith(".py") and _compiles(old) and not _compiles(new)):
+                out[relpath] = (old, new)  # a change that would break Python that compiled is never made
         return out
 
     def detect(self, root):
@@ -139,6 +139,14 @@ def _atomic_write(full, text):
 
 
 # ------------------------------------------------------------------ helpers
+
+
+def _compiles(text):
+    try:
+        compile(text, "<fixed>", "exec", dont_inherit=True)
+        return True
+    except (SyntaxError, ValueError):
+        return False
 
 
 def _call_end(text, start):
@@ -324,14 +332,22 @@ class SetupWithoutGpu(Fixer):
 
 
 class CxxStandard(Fixer):
+    """With a Plan's standard (args std=c++17): raise an old -std pin to it. Without one: drop the
+    pin, so torch's extension builder passes the standard its own headers need (C++17 for
+    torch 2.x, C++20 for the newest)."""
     name = "cxx-standard"
     why = "newer torch headers need a newer C++ standard than setup.py asks for"
     filenames = ("setup.py",)
-    _re = re.compile(r"-std=c\+\+(11|14)\b")
+    _re = re.compile(r"-std=c\+\+(11|14|0x|1y)\b")
+    # a list element that is only the flag, with the comma that joins it to its neighbour
+    _element = re.compile(r"""(?:(['"])-std=c\+\+(?:11|14|0x|1y)\1[ \t]*,[ \t]*|[ \t]*,[ \t]*(['"])-std=c\+\+(?:11|14|0x|1y)\2(?=[ \t]*[\])])|(['"])-std=c\+\+(?:11|14|0x|1y)\3)""")
+    _inline = re.compile(r"[ \t]*-std=c\+\+(11|14|0x|1y)\b")
 
     def fix_text(self, relpath, text):
-        std = self.args.get("std", "c++17")
-        return self._re.sub("-std=" + std, text)
+        std = self.args.get("std")
+        if std:
+            return self._re.sub("-std=" + std, text)
+        return self._inline.sub("", self._element.sub("", text))
 
 
 FIXERS = {cls.name: cls for cls in (LocalRank, ThcToAten, NumbaErrors, MmcvVersionAssert, SetupWithoutGpu, CxxStandard)}

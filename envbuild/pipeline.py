@@ -17,7 +17,7 @@ from .resolve import Plan, parse_overrides, resolve
 @dataclass
 class Request:
     model: str
-    card: str
+    card: str | None = None  # a card, a comma-separated list, or None: see choose_cards
     cuda: str | None = None
     python: str | None = None
     strict: bool = False
@@ -30,8 +30,8 @@ class Request:
 
     def command(self) -> str:
         """The envbuild command line that regenerates this render (for file headers)."""
-        parts = ["envbuild render", self.model, "--card", self.card]
-        for flag, value in (("--cuda", self.cuda), ("--python", self.python), ("--base-image", self.base_image),
+        parts = ["envbuild render", self.model]
+        for flag, value in (("--card", self.card), ("--cuda", self.cuda), ("--python", self.python), ("--base-image", self.base_image),
                             ("--runtime-image", self.runtime_image), ("--source", self.source and Path(self.source).name),
                             ("--torch-index", self.torch_index), ("--pypi-index", self.pypi_index)):
             if value:
@@ -43,11 +43,35 @@ class Request:
         return " ".join(parts)
 
 
+def choose_cards(cat, card: str | None) -> tuple[str | None, str]:
+    """The cards to build for, the same way for every command, and why: the --card given; else
+    the GPUs on this host; else the config's `card`; else None (portable: every catalog card)."""
+    from . import host
+    from .config import setting
+    if card:
+        return card, "--card"
+    found = host.gpus()
+    if found:
+        cards = [host.match_card(cat, g["name"]) for g in found]
+        unknown = sorted({g["name"] for g, c in zip(found, cards) if c is None})
+        if unknown:
+            raise BadInput(f"this host's GPU {', '.join(unknown)} is not in the catalog",
+                           "pass --card, or add it to your catalog's cards.toml (envbuild cards shows where)")
+        ids = list(dict.fromkeys(c.id for c in cards))
+        return ",".join(ids), f"the GPUs on this host ({', '.join(dict.fromkeys(g['name'] for g in found))})"
+    configured = setting("card")
+    if configured:
+        return configured, "the config's card"
+    return None, ("portable: no --card, no GPU on this host and no card in the config, so every catalog card "
+                  "this stack runs on")
+
+
 def plan_for(req: Request) -> tuple[Plan, Sources]:
     cat = catalog.load()
     sources = load_sources(torch_index=req.torch_index, pypi_index=req.pypi_index)
-    plan = resolve(cat, req.model, req.card, cuda=req.cuda, python=req.python, strict=req.strict,
-                   overrides=parse_overrides(req.overrides), sources=sources)
+    card, why = choose_cards(cat, req.card)
+    plan = resolve(cat, req.model, card, cuda=req.cuda, python=req.python, strict=req.strict,
+                   overrides=parse_overrides(req.overrides), sources=sources, cards_why=why)
     return plan, sources
 
 
@@ -74,3 +98,18 @@ def prepare(req: Request, out: Path | None = None) -> tuple[Plan, Sources, Path]
             (out / stale).unlink(missing_ok=True)
     render.write(ctx, out, source_dir)
     return plan, sources, out
+
+
+def prepare_locked(req: Request, out: Path | None = None, lock: bool = True, echo=None, say=None):
+    """prepare(), and lock first when no lock matches the Plan: pip-compile runs in the image's own
+    Python and the lock stays beside the context for the next build. Returns (plan, sources, ctx, note)."""
+    plan, sources, ctx = prepare(req, out)
+    if not lock:
+        return plan, sources, ctx, "not locked (--no-lock): pip resolves requirements.in during the build"
+    if lock_stage.matches(ctx, (ctx / "requirements.in").read_text()):
+        return plan, sources, ctx, f"hash-locked by {ctx / 'requirements.lock'}"
+    if say:
+        say(f"no lock matches this Plan yet: locking first with pip-compile in the image's Python ({ctx})")
+    lock_stage.lock(ctx, ca_bundle=sources.ca_bundle, echo=echo)
+    plan, sources, ctx = prepare(req, out)  # re-render: the Dockerfile now installs from the lock
+    return plan, sources, ctx, f"locked first, hash-locked by {ctx / 'requirements.lock'} (kept for the next build)"

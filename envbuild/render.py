@@ -188,6 +188,7 @@ class Context:
             ("io.envbuild.version", __version__),
             ("io.envbuild.model", p.model),
             ("io.envbuild.card", p.card),
+            ("io.envbuild.cards", ",".join(p.cards)),
             ("io.envbuild.mode", p.mode),
             ("io.envbuild.arch-list", p.arch_list),
             ("io.envbuild.fixers", fixers),
@@ -213,7 +214,7 @@ def _comment(text: str) -> str:
 def plan_summary(p: Plan) -> dict:
     """What images carry as a label: enough to say what is inside and why."""
     return {
-        "model": p.model, "commit": p.commit, "card": p.card, "cc": p.cc, "mode": p.mode,
+        "model": p.model, "commit": p.commit, "card": p.card, "cards": list(p.cards), "cc": p.cc, "mode": p.mode,
         "python": p.python.version, "cuda": p.cuda, "torch": p.torch.version,
         "pins": {pin.name: pin.version for pin in p.packages},
         "compiled": list(p.compiled), "arch_list": p.arch_list,
@@ -341,13 +342,15 @@ def render_catalog(out: Path) -> list[Path]:
     from .config import Sources
     from .resolve import resolve
 
+    from .lock import matches
     cat = catalog.load()
     written = []
     for model, card in catalog_targets(cat):
-        plan = resolve(cat, model, card, sources=Sources())
+        plan = resolve(cat, model, card, sources=Sources(), cards_why="--card")
         ctx = make_context(plan, f"envbuild render {model} --card {card} (make dockerfiles)")
         d = out / f"{model}-{card}"
         d.mkdir(parents=True, exist_ok=True)
+        ctx.locked = matches(d, requirements_in(ctx))  # a cell `make locks` locked installs from its lock
         for name, text in (("Dockerfile", dockerfile(ctx)), ("requirements.in", requirements_in(ctx)),
                            ("plan.json", plan.to_json() + "\n")):
             _write_if_changed(d / name, text)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 
 
@@ -115,6 +115,12 @@ class Plan:
     torch_compile: bool = False  # torch.compile (inductor) runs on this torch x Python
     torch_compile_why: str = ""
     notes: tuple[str, ...] = ()
+    cards: tuple[str, ...] = ()  # every card the image is for (one, a list, or the portable set)
+    cards_why: str = ""  # how the cards were chosen (--card, the host's GPUs, config, portable)
+
+    @property
+    def ccs(self) -> list[str]:
+        return self.cc.split(",")
 
     @property
     def pins(self) -> list[Pin]:
@@ -218,11 +224,27 @@ def parse_overrides(values) -> dict[str, str]:
     return out
 
 
-def resolve(cat: Catalog, model_name: str, card_name: str, cuda: str | None = None,
+PORTABLE = "portable"
+
+
+def parse_cards(cat: Catalog, cards) -> list[Card] | None:
+    """--card a800,h20 (or a list) -> the catalog's cards; None or empty -> None (portable)."""
+    if cards is None:
+        return None
+    names = [n for item in ([cards] if isinstance(cards, str) else cards) for n in item.split(",") if n.strip()]
+    if not names:
+        return None
+    out = list({c.id: c for c in (cat.card(n) for n in names)}.values())
+    return out
+
+
+def resolve(cat: Catalog, model_name: str, card_name=None, cuda: str | None = None,
             python: str | None = None, strict: bool = False, overrides=None,
-            sources: Sources | None = None) -> Plan:
+            sources: Sources | None = None, cards_why: str = "") -> Plan:
+    """The Plan for one card, for several (`a800,h20`: one stack that runs on each), or, with no
+    card, a portable one: the stack that runs on the most catalog cards, for all of them."""
     model = cat.model(model_name)
-    card = cat.card(card_name)
+    cards = parse_cards(cat, card_name)
     sources = sources or Sources()
     overrides = dict(overrides or {})
     toolkit = cat.toolkit(cuda) if cuda else None
@@ -232,14 +254,114 @@ def resolve(cat: Catalog, model_name: str, card_name: str, cuda: str | None = No
             raise BadInput(f"unsupported Python {python!r}", f"choose one of {', '.join(PYTHONS)}")
     if "torch" in overrides:
         cat.torch_release(overrides["torch"])
+    if cards is not None and len(cards) == 1:
+        card = cards[0]
+        attempts: list[_Attempt] = []
+        for stack in _stacks(cat, model, strict, python, toolkit, overrides):
+            result = _try(cat, model, card, stack, toolkit, strict, overrides, sources, python)
+            if isinstance(result, Plan):
+                return replace(result, cards=(card.id,), cards_why=cards_why)
+            attempts.append(result)
+        raise _conflict(cat, model, card, cuda, python, strict, overrides, sources, attempts)
+    return _resolve_many(cat, model, cards, toolkit, strict, overrides, sources, python, cuda, cards_why)
 
+
+def _resolve_many(cat, model, cards, toolkit, strict, overrides, sources, python, cuda, cards_why) -> Plan:
+    portable = cards is None
+    candidates = list(cat.cards.values()) if portable else cards
+    best: tuple[Plan, dict] | None = None
     attempts: list[_Attempt] = []
     for stack in _stacks(cat, model, strict, python, toolkit, overrides):
-        result = _try(cat, model, card, stack, toolkit, strict, overrides, sources, python)
-        if isinstance(result, Plan):
-            return result
-        attempts.append(result)
-    raise _conflict(cat, model, card, cuda, python, strict, overrides, sources, attempts)
+        plans, failed = {}, {}
+        for card in candidates:
+            result = _try(cat, model, card, stack, toolkit, strict, overrides, sources, python)
+            (plans if isinstance(result, Plan) else failed)[card.id] = result
+        if failed and not portable:
+            worst = min(failed.values(), key=lambda a: a.depth)
+            attempts.append(_Attempt(worst.label, [f"{cid}: {a.reasons[-1]}" for cid, a in failed.items()],
+                                     worst.depth))
+            continue
+        merged = _merge(cat, model, [cat.cards[c] for c in plans], plans, stack, toolkit, strict, overrides,
+                        sources, python, portable) if plans else None
+        if merged is None:
+            continue
+        if not portable:
+            return replace(merged, cards_why=cards_why)
+        if best is None or len(merged.cards) > len(best[0].cards):
+            best = (merged, failed)
+        if not failed:
+            break
+    if portable:
+        if best is None:
+            raise Conflict(f"{model.name} runs on no catalog card" + (f" with CUDA {cuda}" if cuda else ""), [],
+                           "pass --card to see why for one card")
+        plan, failed = best
+        left_out = [f"not for {cid}: {a.reasons[-1]}" for cid, a in failed.items()]
+        why = f"{cards_why or 'portable'}: {len(plan.cards)} of {len(candidates)} catalog cards"
+        return replace(plan, cards_why=why, notes=plan.notes + tuple(left_out))
+    names = ", ".join(c.id for c in cards)
+    if not attempts:
+        raise Conflict(f"{model.name} on {names}: no candidate stack", [])
+    best_attempt = max(attempts, key=lambda a: a.depth)
+    raise Conflict(f"{model.name} has no stack that runs on every one of {names}: " + "; ".join(best_attempt.reasons),
+                   [f"{a.label}: {'; '.join(a.reasons)}"
+                    for a in sorted(attempts, key=lambda a: -a.depth)[:3]],
+                   "build one image per card, or drop the card that needs a different stack")
+
+
+def _merge(cat, model, cards: list[Card], plans: dict, stack, toolkit, strict, overrides, sources, python,
+           portable: bool) -> Plan | None:
+    """One Plan that runs on every card: the strictest pins of each, the union of their archs."""
+    versions: dict[str, set] = {}
+    for plan in plans.values():
+        for pin in plan.packages:
+            versions.setdefault(pin.name, set()).add(pin.version)
+    differ = {name: vs for name, vs in versions.items() if len(vs) > 1}
+    if differ:
+        if strict or any(not is_exact(v) for vs in differ.values() for v in vs):
+            return None
+        # The strictest: the highest version any card needs, tried again on every card.
+        floors = {name: max(vs, key=V) for name, vs in differ.items()}
+        plans = {}
+        for card in cards:
+            result = _try(cat, model, card, stack, toolkit, strict, {**overrides, **floors}, sources, python)
+            if not isinstance(result, Plan):
+                return None
+            plans[card.id] = result
+        ids = ", ".join(c.id for c in cards)
+        pins = tuple(replace(p, why=f"the strictest of {ids}: some need {p.version}", source="port")
+                     if p.name in floors and p.name not in overrides else p for p in next(iter(plans.values())).packages)
+    else:
+        pins = next(iter(plans.values())).packages
+    first = next(iter(plans.values()))
+    runtime_env: dict = {}
+    for card in cards:
+        for name, item in plans[card.id].runtime_env.items():
+            runtime_env.setdefault(name, {"value": item["value"], "why": item["why"]})
+    notes = tuple(dict.fromkeys(n for p in plans.values() for n in p.notes))
+    arch_list = union_arch_list([plans[c.id].arch_list for c in cards], ptx_for_newest=portable)
+    arch_why = "; ".join(f"{c.id}: {plans[c.id].arch_why}" for c in cards)
+    if portable:
+        arch_why += "; PTX of the newest arch so later cards can JIT-compile it"
+    mode = "port" if any(p.mode == "port" for p in plans.values()) or any(p.is_port for p in pins) else "upstream"
+    ids = tuple(c.id for c in cards)
+    return replace(first, card=PORTABLE if portable else "+".join(ids), cards=ids,
+                   card_name=(f"{len(cards)} cards (portable)" if portable else " + ".join(c.name for c in cards)),
+                   cc=",".join(c.cc for c in cards), mode=mode, packages=pins, arch_list=arch_list,
+                   arch_why=arch_why, runtime_env=runtime_env, notes=notes)
+
+
+def union_arch_list(entries, ptx_for_newest: bool = False) -> str:
+    """'8.0' + '9.0' -> '8.0;9.0'; an arch with +PTX anywhere keeps its PTX."""
+    archs: dict[str, bool] = {}
+    for entry in entries:
+        for item in entry.split(";"):
+            arch, _, ptx = item.partition("+")
+            archs[arch] = archs.get(arch, False) or bool(ptx)
+    order = sorted(archs, key=cc_key)
+    if ptx_for_newest and order:
+        archs[order[-1]] = True
+    return ";".join(a + ("+PTX" if archs[a] else "") for a in order)
 
 
 def _stacks(cat, model: Model, strict, python, toolkit, overrides):

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 
-from . import engine
+from . import engine, host
 from .build import split_ref
 from .errors import BadInput, OperationFailed
 
@@ -48,19 +46,6 @@ def push(ref: str, echo=None) -> str:
     return digest
 
 
-def host_driver() -> str | None:
-    """The NVIDIA driver version of this host, or None when there is no GPU."""
-    if not shutil.which("nvidia-smi"):
-        return None
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    lines = [l.strip() for l in out.stdout.splitlines() if l.strip()]
-    return lines[0] if out.returncode == 0 and lines else None
-
-
 def _vkey(v: str) -> tuple:
     return tuple(int(p) for p in v.split(".") if p.isdigit())
 
@@ -77,8 +62,9 @@ def driver_check(driver: str | None, min_driver: str, compat_driver: str, cuda: 
     return "fail", f"driver {driver} is older than {compat_driver}: CUDA {cuda} images cannot run"
 
 
-def pull(ref: str, min_driver: str, compat_driver: str, cuda: str, card: str = "", echo=None) -> dict:
-    status, reason = driver_check(host_driver(), min_driver, compat_driver, cuda)
+def pull(ref: str, min_driver: str, compat_driver: str, cuda: str, cards=(), echo=None) -> dict:
+    """Pull after a driver check; says, for each card of the Plan, whether a smoke run validated it."""
+    status, reason = driver_check(host.driver(), min_driver, compat_driver, cuda)
     if status == "fail":
         raise OperationFailed(f"not pulling {ref}: {reason}", "update the NVIDIA driver or pick an older --cuda")
     client = engine.client()
@@ -92,7 +78,7 @@ def pull(ref: str, min_driver: str, compat_driver: str, cuda: str, card: str = "
         raise OperationFailed(f"pull of {ref} failed: {exc.explanation or exc}") from None
     from .smoke import validated_on
     return {"image": ref, "id": image.id, "driver": status, "driver_reason": reason,
-            "validated": validated_on(image.labels, card), "smoke": image.labels.get("io.envbuild.smoke")}
+            "validated": {c: validated_on(image.labels, c) for c in cards}, "smoke": image.labels.get("io.envbuild.smoke")}
 
 
 def local_images() -> list[dict]:

@@ -31,6 +31,7 @@ def plan(p) -> None:
     head = "PORT" if p.mode == "port" else "UPSTREAM"
     out.print(f"[bold]{e(p.model)}[/] on [bold]{e(p.card_name)}[/] (compute capability {p.cc}): "
               f"[bold]{head}[/]{' (strict)' if p.strict else ''}")
+    out.print(f"  cards       {', '.join(p.cards)}  [dim]# {e(p.cards_why)}[/]")
     out.print(f"  source      {p.repo} @ {p.commit[:12]}", markup=False)
     out.print(f"  base image  {p.base_image}  [dim]# {e(p.base_why)}[/]")
     out.print(f"  CUDA        {p.cuda}  [dim]# {e(p.cuda_why)}[/]")

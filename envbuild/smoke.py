@@ -11,7 +11,7 @@ import os
 import time
 from pathlib import Path
 
-from . import engine, ship
+from . import engine, host
 from .build import split_ref
 from .errors import BadInput, OperationFailed
 
@@ -41,7 +41,9 @@ def shm_size_bytes() -> int:
 def run(image: str, levels: list[str], gpus: str = "all", steps: int = 20, recipe: str = "synthetic",
         data: str | None = None, ckpt_dir: str | None = None, ops_check: str | None = None,
         compile_model: bool = False, loader: str = "tuned", ipc_host: bool = False, timeout: int = 3600,
-        comm_timeout: int = 120, ckpt_mb: int = 64) -> dict:
+        comm_timeout: int = 120, ckpt_mb: int = 64, card=None) -> dict:
+    """Run the levels in the image; `card` (a catalog Card) is the card this run is for: the one
+    asked, else the GPU here. A multi-card image without either is judged for all its cards."""
     client = engine.client()
     import docker
     from docker.errors import ImageNotFound
@@ -51,7 +53,7 @@ def run(image: str, levels: list[str], gpus: str = "all", steps: int = 20, recip
         raise BadInput(f"no local image {image!r}", "build it (envbuild image) or pull it (envbuild pull)") from None
     if "io.envbuild.model" not in (img.labels or {}):
         raise BadInput(f"{image} is not an envbuild image (no io.envbuild labels)")
-    driver = ship.host_driver()
+    driver = host.driver()
     cmd = ["python", "/opt/envbuild/smoke.py", "--level", ",".join(levels), "--steps", str(steps),
            "--recipe", recipe, "--loader", loader, "--comm-timeout", str(comm_timeout), "--ckpt-mb", str(ckpt_mb)]
     volumes = {}
@@ -114,6 +116,11 @@ def run(image: str, levels: list[str], gpus: str = "all", steps: int = 20, recip
         raise OperationFailed(f"smoke run of {image} printed no report (exit {status.get('StatusCode')}):\n{tail}")
     report["image"] = image
     report["image_id"] = img.id
+    if card is not None:
+        built_for = (img.labels or {}).get("io.envbuild.cards") or str(report.get("card"))
+        report.update(card=card.id, card_name=card.name, cc=card.cc)
+        if card.id not in built_for.split(","):
+            report.setdefault("notes", []).append(f"image built for {built_for}, smoke run for {card.id}")
     report["host"] = {"driver": driver, "gpus_requested": gpus if driver else "none (no NVIDIA driver on this host)",
                       "shm": "host IPC" if ipc_host else f"{kwargs.get('shm_size', 0) // 2**20} MB",
                       "seconds": round(time.monotonic() - start, 1)}
@@ -128,37 +135,58 @@ def summary(report: dict) -> dict:
             "driver": (report.get("host") or {}).get("driver")}
 
 
-def record(image: str, report: dict) -> str:
+SMOKE_LABEL = "io.envbuild.smoke"
+
+
+def records(labels: dict) -> dict:
+    """{card: smoke summary} an image carries (one entry per card it was smoke-tested for)."""
+    raw = (labels or {}).get(SMOKE_LABEL)
+    try:
+        data = json.loads(raw) if raw else {}
+    except ValueError:
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    if "levels" in data:  # one summary, as images before multi-card labels carry it
+        return {str(data.get("card")): data}
+    return {k: v for k, v in data.items() if isinstance(v, dict)}
+
+
+def record(refs, report: dict) -> str:
     """Add the smoke summary to the image as a label (a metadata-only commit); returns the new id.
 
-    Only `image` (the reference given) moves to the labelled image; other tags stay put.
-    """
+    Summaries for other cards stay; every reference given (all of `image --tag`s) moves to the
+    labelled image, other tags stay put."""
+    refs = [refs] if isinstance(refs, str) else list(refs)
     client = engine.client()
-    img = client.images.get(image)
-    label = json.dumps(summary(report), sort_keys=True, separators=(",", ":"))
+    img = client.images.get(refs[0])
+    kept = records(img.labels)
+    s = summary(report)
+    kept[str(s["card"])] = s
+    label = json.dumps(kept, sort_keys=True, separators=(",", ":"))
     # A created (never started) container has the image's exact config; committing it with one
     # LABEL change adds an empty layer and nothing else.
     container = client.containers.create(img.id)
     try:
-        new = container.commit(changes=[f"LABEL io.envbuild.smoke={json.dumps(label)}"])
+        new = container.commit(changes=[f"LABEL {SMOKE_LABEL}={json.dumps(label)}"])
     finally:
         container.remove(force=True)
-    if image != img.id and not image.startswith("sha256:"):
-        new.tag(*split_ref(image))
+    for ref in refs:
+        if ref != img.id and not ref.startswith("sha256:"):
+            new.tag(*split_ref(ref))
     return new.id
 
 
 def validated_on(labels: dict, card: str) -> str:
-    raw = (labels or {}).get("io.envbuild.smoke")
-    if not raw:
+    found = records(labels)
+    if not found:
         return "not validated: no smoke report recorded with this image"
-    try:
-        s = json.loads(raw)
-    except ValueError:
-        return "smoke label unreadable"
+    s = found.get(card) or next((v for k, v in found.items() if card in k.split("+") or k == "portable"), None)
+    if s is None:
+        return f"not validated for {card}: smoke recorded for {', '.join(sorted(found))} only"
     levels = s.get("levels") or {}
     gpu_levels = [k for k in ("ops", "comm") if levels.get(k) == "passed"]
     where = f"on {s.get('gpu')}" if s.get("gpu") else "without a GPU (CPU levels only)"
     verdict = "passed" if s.get("ok") else "FAILED"
-    same = "the requested card" if s.get("card") == card else f"card {s.get('card')}, not {card}"
+    same = "the requested card" if s.get("card") == card else f"cards {s.get('card')}, which include {card}"
     return f"smoke {verdict} {where} for {same}; GPU levels passed: {', '.join(gpu_levels) or 'none'}"

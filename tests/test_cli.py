@@ -123,3 +123,82 @@ def test_help_and_no_arguments_exit_0():
     for args in ([], ["--help"], ["smoke", "--help"]):
         r = envbuild(*args)
         assert r.returncode == 0 and "Usage" in r.stdout, args
+
+
+def _fake_nvidia_smi(tmp_path, lines):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    exe = bin_dir / "nvidia-smi"
+    exe.write_text("#!/bin/sh\ncat <<'EOF'\n" + "\n".join(lines) + "\nEOF\n")
+    exe.chmod(0o755)
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+
+def _no_gpu(tmp_path):
+    """A PATH without nvidia-smi, as on a host with no GPU (this test must not depend on the host)."""
+    bin_dir = tmp_path / "nogpu"
+    bin_dir.mkdir(exist_ok=True)
+    path = [d for d in os.environ["PATH"].split(":") if not os.path.exists(os.path.join(d, "nvidia-smi"))]
+    return {"PATH": ":".join([str(bin_dir), *path]), "ENVBUILD_CONFIG": str(_empty_config(tmp_path))}
+
+
+def _empty_config(tmp_path):
+    cfg = tmp_path / "empty.toml"
+    cfg.write_text("")
+    return cfg
+
+
+def test_no_card_and_no_gpu_gives_a_portable_plan_and_says_which_cards(tmp_path):
+    r = envbuild("resolve", "sparsedrive", "--cuda", "11.8", "--json", env=_no_gpu(tmp_path))
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)
+    assert plan["card"] == "portable" and {"a800", "h20"} <= set(plan["cards"]) and "v100" not in plan["cards"]
+    assert plan["cards_why"].startswith("portable: no --card, no GPU on this host")
+    r = envbuild("resolve", "sparsedrive", "--cuda", "11.8", env={**_no_gpu(tmp_path), "COLUMNS": "400"})
+    assert "cards       " in r.stdout and "h20" in r.stdout and "not for v100" in r.stdout
+
+
+def test_the_gpus_on_the_host_decide_the_card(tmp_path):
+    env = {**_no_gpu(tmp_path), **_fake_nvidia_smi(tmp_path, ["0, NVIDIA H20, 9.0, 550.54.15, 97871",
+                                                              "1, NVIDIA H20, 9.0, 550.54.15, 97871"])}
+    plan = json.loads(envbuild("resolve", "maptr", "--json", env=env).stdout)
+    assert plan["cards"] == ["h20"] and "the GPUs on this host (NVIDIA H20)" in plan["cards_why"]
+    assert plan["arch_list"] == "9.0"
+    # a flag still wins over the host
+    assert json.loads(envbuild("resolve", "maptr", "--card", "a800", "--json", env=env).stdout)["cards"] == ["a800"]
+
+
+def test_a_host_gpu_missing_from_the_catalog_is_one_clear_error(tmp_path):
+    env = {**_no_gpu(tmp_path), **_fake_nvidia_smi(tmp_path, ["0, NVIDIA Z9000, 12.0, 600.1, 200000"])}
+    r = envbuild("resolve", "maptr", env=env)
+    assert r.returncode == 2 and "NVIDIA Z9000 is not in the catalog" in r.stderr and "hint:" in r.stderr
+
+
+def test_with_no_gpu_the_configs_card_decides(tmp_path):
+    cfg = tmp_path / "config.toml"
+    cfg.write_text('card = "a800,h20"\n')
+    env = {**_no_gpu(tmp_path), "ENVBUILD_CONFIG": str(cfg)}
+    plan = json.loads(envbuild("resolve", "maptr", "--json", env=env).stdout)
+    assert plan["cards"] == ["a800", "h20"] and plan["cards_why"] == "the config's card"
+    assert plan["arch_list"] == "8.0;9.0"
+
+
+def test_render_without_a_card_writes_a_portable_context(tmp_path):
+    out = tmp_path / "ctx"
+    r = envbuild("render", "qcnet", "--cuda", "11.8", "-o", str(out), env=_no_gpu(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert "for     v100, t4" in r.stdout
+    dockerfile = (out / "Dockerfile").read_text()
+    assert 'TORCH_CUDA_ARCH_LIST="7.0;7.5;8.0;8.6;8.9;9.0+PTX"' in dockerfile or \
+        "TORCH_CUDA_ARCH_LIST=7.0;7.5;8.0;8.6;8.9;9.0+PTX" in dockerfile
+    assert 'io.envbuild.cards="v100,t4,' in dockerfile
+
+
+def test_make_lint_runs_hadolint_on_the_committed_dockerfiles():
+    import pathlib
+    from conftest import ROOT
+    venv = pathlib.Path(sys.executable).parent.parent
+    r = subprocess.run(["make", "-s", "lint", f"VENV={venv}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "hadolint" in subprocess.run(["make", "-n", "lint", f"VENV={venv}"], cwd=ROOT, capture_output=True,
+                                        text=True).stdout

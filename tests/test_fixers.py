@@ -189,6 +189,47 @@ def test_setup_builds_without_gpu(tree):
     assert "-std=c++17" in text and "c++14" not in text
 
 
+def test_cxx_standard_without_a_plan_leaves_the_standard_to_torch(tree):
+    # No standard named: the old pin goes, so torch's BuildExtension adds the one its headers need.
+    fixers.apply(str(tree), [fixers.make("cxx-standard")])
+    text = (tree / "ops" / "setup.py").read_text()
+    compile(text, "setup.py", "exec")
+    assert "-std=" not in text and 'extra_compile_args={"cxx": [], "nvcc": []}' in text
+
+
+@pytest.mark.parametrize("before, after", [
+    ('a = ["-O3", "-std=c++14"]\n', 'a = ["-O3"]\n'),
+    ("a = ['-std=c++11', '-O3', '-g']\n", "a = ['-O3', '-g']\n"),
+    ('a = "-O3 -std=c++14"\n', 'a = "-O3"\n'),
+    ('a = ["-std=c++17"]\n', 'a = ["-std=c++17"]\n'),  # a current standard stays
+])
+def test_cxx_standard_drops_only_old_pins(tmp_path, before, after):
+    (tmp_path / "setup.py").write_text(before)
+    fixers.apply(str(tmp_path), [fixers.make("cxx-standard")])
+    assert (tmp_path / "setup.py").read_text() == after
+
+
+def test_fix_cli_drops_the_pin_by_default_and_sets_it_when_asked(tree):
+    import subprocess
+    import sys
+    run = lambda *a: subprocess.run([sys.executable, "-m", "envbuild.cli", "fix", str(tree), "--only", "cxx-standard", *a],
+                                    capture_output=True, text=True)
+    assert run("--cxx-std", "c++20").returncode == 0
+    assert (tree / "ops" / "setup.py").read_text().count("-std=c++20") == 2
+    (tree / "ops" / "setup.py").write_text(SETUP)
+    assert run().returncode == 0
+    assert "-std=" not in (tree / "ops" / "setup.py").read_text()
+
+
+def test_a_fix_that_would_break_python_is_not_made(tmp_path):
+    # A pin inside a string that a naive edit would leave unbalanced: the fixer must leave the file alone.
+    text = 'x = "-std=c++14\\\n"\n'
+    (tmp_path / "setup.py").write_text(text)
+    fixer = fixers.make("cxx-standard", {"std": "c++17\""})
+    assert fixer.changes(str(tmp_path)) == {}
+    assert (tmp_path / "setup.py").read_text() == text
+
+
 def test_never_follows_symlinks_out_of_the_tree(tree, tmp_path):
     outside = tmp_path / "outside"
     outside.mkdir()

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -132,14 +133,47 @@ def test_local_source_is_copied_without_vcs_and_escaping_links(tmp_path, cat):
 
 def test_committed_dockerfiles_are_fresh(tmp_path):
     fresh = tmp_path / "dockerfiles"
-    render.render_catalog(fresh)
     committed = ROOT / "dockerfiles"
+    for lock in [*committed.glob("*/requirements.lock"), *committed.glob("*/torch.lock")]:
+        (fresh / lock.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(lock, fresh / lock.parent.name / lock.name)  # locks come from `make locks`, not render
+    render.render_catalog(fresh)
     names = sorted(p.relative_to(fresh).as_posix() for p in fresh.rglob("*") if p.is_file())
     assert names == sorted(p.relative_to(committed).as_posix() for p in committed.rglob("*") if p.is_file()), \
         "dockerfiles/ is stale: run make dockerfiles"
     for name in names:
         assert (fresh / name).read_text() == (committed / name).read_text(), f"{name} is stale: run make dockerfiles"
     assert len([n for n in names if n.endswith("Dockerfile")]) == 2 * len(catalog.load().models)
+
+
+def test_committed_cells_are_locked_or_say_how_they_get_locked():
+    from envbuild.lock import HEADER, input_digest
+    for cell in sorted(p for p in (ROOT / "dockerfiles").iterdir() if p.is_dir()):
+        dockerfile = (cell / "Dockerfile").read_text()
+        lock = cell / "requirements.lock"
+        if lock.exists():
+            first = lock.read_text().splitlines()[0]
+            assert first == HEADER + input_digest(cell / "requirements.in"), f"{cell.name}: stale lock, run make locks"
+            assert "--require-hashes" in dockerfile
+        else:
+            # Python 3.8 cannot be had on this Debian 12 builder: the cell locks on its first build.
+            assert json.loads((cell / "plan.json").read_text())["python"]["version"] == "3.8", cell.name
+            assert "Not locked: `envbuild image` locks first" in dockerfile and "--require-hashes" not in dockerfile
+
+
+def test_a_stale_lock_is_not_used(tmp_path):
+    from envbuild.lock import HEADER
+    cat = catalog.load()
+    out = tmp_path / "ctx"
+    ctx = ctx_for(cat)
+    render.write(ctx, out)
+    (out / "requirements.lock").write_text(HEADER + "0" * 64 + "\nnumpy==1.24.4\n")
+    (out / "torch.lock").write_text(HEADER + "0" * 64 + "\n")
+    from envbuild.lock import matches
+    assert not matches(out, render.requirements_in(ctx))
+    (out / "requirements.lock").write_text(HEADER + __import__("hashlib").sha256(
+        render.requirements_in(ctx).encode()).hexdigest() + "\nnumpy==1.24.4\n")
+    assert matches(out, render.requirements_in(ctx))
 
 
 def test_hadolint_reports_no_errors_or_warnings():

@@ -204,3 +204,46 @@ def test_same_input_same_plan(cat, data):
         assert again.value.message == exc.message
         return
     assert resolve(cat, model, card, cuda=cuda, strict=strict).to_json() == a
+
+
+# ---------------------------------------------------------- several cards, portable
+
+def test_two_cards_one_stack_union_of_archs(cat):
+    p = resolve(cat, "maptr", "a800,h20")
+    assert p.cards == ("a800", "h20") and p.card == "a800+h20" and p.ccs == ["8.0", "9.0"]
+    assert p.arch_list == "8.0;9.0"
+    # the stack is what the stricter card (H20) needs, and A800 alone would not need it
+    alone = resolve(cat, "maptr", "a800")
+    assert p.torch.version.startswith("2.0") and alone.torch.version.startswith("1.9")
+    assert p.torch.version == resolve(cat, "maptr", "h20").torch.version
+
+
+def test_cards_are_deduplicated_and_aliases_resolve(cat):
+    assert resolve(cat, "qcnet", "a800,A800,h20").cards == ("a800", "h20")
+
+
+def test_no_stack_for_every_card_says_which_card_and_why(cat):
+    with pytest.raises(Conflict) as exc:
+        resolve(cat, "sparsedrive", "a800,v100", cuda="11.8")
+    assert "every one of a800, v100" in exc.value.message and "v100: flash-attn" in exc.value.message
+
+
+def test_no_p2p_card_in_the_set_brings_its_nccl_setting(cat):
+    p = resolve(cat, "qcnet", "a800,rtx4090")
+    assert p.runtime_env["NCCL_P2P_DISABLE"]["value"] == "1"
+    assert "NCCL_P2P_DISABLE" not in resolve(cat, "qcnet", "a800").runtime_env
+
+
+def test_portable_covers_every_card_the_stack_runs_on_and_says_which_not(cat):
+    p = resolve(cat, "sparsedrive", None, cuda="11.8")
+    assert p.card == "portable" and "h20" in p.cards and "a800" in p.cards
+    assert "v100" not in p.cards and "b200" not in p.cards  # flash-attn needs sm_80+; cu118 torch has no sm_100
+    assert any(n.startswith("not for v100: flash-attn") for n in p.notes)
+    assert p.arch_list.endswith("9.0+PTX") and "8.0" in p.arch_list.split(";")
+    assert "portable" in p.cards_why and f"{len(p.cards)} of {len(cat.cards)}" in p.cards_why
+
+
+def test_union_keeps_ptx_and_orders_by_capability():
+    from envbuild.resolve import union_arch_list
+    assert union_arch_list(["9.0", "8.0", "8.6+PTX", "8.0"]) == "8.0;8.6+PTX;9.0"
+    assert union_arch_list(["7.0", "8.0"], ptx_for_newest=True) == "7.0;8.0+PTX"

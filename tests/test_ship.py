@@ -11,7 +11,7 @@ import uuid
 import pytest
 
 from conftest import ROOT
-from envbuild import doctor
+from envbuild import doctor, host
 
 
 def cli(*args, env=None):
@@ -33,11 +33,11 @@ def test_p2p_matrix_verdicts():
 
 
 def test_card_matching_from_nvidia_smi_names(cat):
-    assert doctor._match_card(cat, "NVIDIA H20").id == "h20"
-    assert doctor._match_card(cat, "NVIDIA GeForce RTX 4090").id == "rtx4090"
-    assert doctor._match_card(cat, "NVIDIA A100-SXM4-80GB").id == "a100"
-    assert doctor._match_card(cat, "NVIDIA H200").id == "h200"
-    assert doctor._match_card(cat, "Tesla V100-SXM2-32GB").id == "v100"
+    assert host.match_card(cat, "NVIDIA H20").id == "h20"
+    assert host.match_card(cat, "NVIDIA GeForce RTX 4090").id == "rtx4090"
+    assert host.match_card(cat, "NVIDIA A100-SXM4-80GB").id == "a100"
+    assert host.match_card(cat, "NVIDIA H200").id == "h200"
+    assert host.match_card(cat, "Tesla V100-SXM2-32GB").id == "v100"
 
 
 def test_doctor_never_crashes_without_tools(tmp_path):

@@ -307,20 +307,23 @@ def level_env(plan, args):
 
 def level_arch(plan, args):
     import torch
-    cc = plan["cc"]
+    ccs = plan["cc"].split(",")  # a multi-card image is for each of its cards
     flags = torch._C._cuda_getArchFlags() if hasattr(torch._C, "_cuda_getArchFlags") else ""
     sass = sorted({"%s.%s" % (m[:-1], m[-1]) for m in re.findall(r"sm_(\d+)", flags or "")}, key=cc_key)
     ptx = sorted({"%s.%s" % (m[:-1], m[-1]) for m in re.findall(r"compute_(\d+)", flags or "")}, key=cc_key)
-    via = runs_on(sass, ptx, cc)
-    out = {"card_cc": cc, "torch_cuda": torch.version.cuda, "torch_archs": sass, "torch_ptx": ptx, "torch_runs_via": via}
-    problems = [] if via else ["torch %s ships %s: nothing runs on %s" % (torch.__version__, sass, cc)]
+    via = dict((cc, runs_on(sass, ptx, cc)) for cc in ccs)
+    out = {"card_cc": plan["cc"], "torch_cuda": torch.version.cuda, "torch_archs": sass, "torch_ptx": ptx,
+           "torch_runs_via": via[ccs[0]] if len(ccs) == 1 else via}
+    problems = ["torch %s ships %s: nothing runs on %s" % (torch.__version__, sass, cc) for cc in ccs if not via[cc]]
     libs = gpu_libraries()
     if libs:
         ext = [dict(l) for l in libs if not CUDA_LIBRARY.search(l["path"])]
         for lib in ext:
-            lib["runs_via"] = runs_on(lib["sass"], lib["ptx"], cc)
-            if not lib["runs_via"]:
-                problems.append("%s has SASS %s PTX %s: nothing for %s" % (lib["path"], lib["sass"], lib["ptx"], cc))
+            lib_via = dict((cc, runs_on(lib["sass"], lib["ptx"], cc)) for cc in ccs)
+            lib["runs_via"] = lib_via[ccs[0]] if len(ccs) == 1 else lib_via
+            for cc in ccs:
+                if not lib_via[cc]:
+                    problems.append("%s has SASS %s PTX %s: nothing for %s" % (lib["path"], lib["sass"], lib["ptx"], cc))
         out["extensions"] = ext
     if torch.cuda.is_available():
         dev = torch.cuda.get_device_capability(0)
@@ -334,8 +337,8 @@ def level_arch(plan, args):
         for lib in out.get("extensions", []):
             if not runs_on(lib["sass"], lib["ptx"], here):
                 problems.append("%s has nothing for this GPU, %s (%s)" % (lib["path"], out["device_name"], here))
-        if here != cc:
-            out["note"] = "the image was built for %s (%s); this GPU is %s" % (plan["card"], cc, here)
+        if here not in ccs:
+            out["note"] = "the image was built for %s (%s); this GPU is %s" % (plan["card"], plan["cc"], here)
     else:
         state, detail = gpu_state()
         out["device"] = "no GPU visible: static check only" if state == "none" else detail
