@@ -267,6 +267,7 @@ def image(model: str, card: Optional[str] = CARD, cuda: Optional[str] = CUDA, py
         from . import smoke as smoke_stage
         report = smoke_stage.run(tags[0], smoke_stage.parse_levels(None))
         summary["smoke"] = smoke_stage.summary(report)
+        summary["build_image_id"] = result.image_id
         summary["image_id"] = smoke_stage.record(tags, report)  # every tag moves to the labelled image
         if not report["ok"]:
             from .errors import OperationFailed

@@ -35,6 +35,20 @@ def matches(context: Path, requirements_in_text: str) -> bool:
     return bool(first) and first[0] == HEADER + hashlib.sha256(requirements_in_text.encode()).hexdigest()
 
 
+def find_matching(contexts: Path, requirements_in_text: str) -> Path | None:
+    """A context folder under `contexts` holding locks made from exactly this requirements.in."""
+    if not contexts.is_dir():
+        return None
+    return next((d for d in sorted(contexts.iterdir()) if d.is_dir() and matches(d, requirements_in_text)), None)
+
+
+def copy_lock(src: Path, dst: Path) -> None:
+    for name in ("torch.lock", "requirements.lock"):  # requirements.lock last: it is what matches() reads first
+        tmp = dst / f".{name}.tmp"
+        tmp.write_text((src / name).read_text())
+        tmp.replace(dst / name)
+
+
 def split_blocks(lock_text: str) -> dict[str, str]:
     """{package name: its block (requirement line + hash lines)} of a pip-compile output."""
     blocks, name, current = {}, None, []

@@ -106,8 +106,14 @@ def prepare_locked(req: Request, out: Path | None = None, lock: bool = True, ech
     plan, sources, ctx = prepare(req, out)
     if not lock:
         return plan, sources, ctx, "not locked (--no-lock): pip resolves requirements.in during the build"
-    if lock_stage.matches(ctx, (ctx / "requirements.in").read_text()):
+    wanted = (ctx / "requirements.in").read_text()
+    if lock_stage.matches(ctx, wanted):
         return plan, sources, ctx, f"hash-locked by {ctx / 'requirements.lock'}"
+    shared = lock_stage.find_matching(default_context_dir(plan).parent, wanted)
+    if shared is not None:  # another card's context locked the same lines for the same Python
+        lock_stage.copy_lock(shared, ctx)
+        plan, sources, ctx = prepare(req, out)
+        return plan, sources, ctx, f"hash-locked by {ctx / 'requirements.lock'} (the lock of {shared.name})"
     if say:
         say(f"no lock matches this Plan yet: locking first with pip-compile in the image's Python ({ctx})")
     lock_stage.lock(ctx, ca_bundle=sources.ca_bundle, echo=echo)

@@ -1,4 +1,10 @@
+import json
+import os
 import shutil
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -56,10 +62,10 @@ def offline_base(docker_engine):
 
 @pytest.fixture(scope="session")
 def fixture_env(tmp_path_factory):
-    """Environment for running envbuild on the tinybev fixture: catalog + fixture, sandbox sources."""
-    import os
+    """Environment for running envbuild on the tinybev fixture: a user catalog that adds it to the
+    built-in one, sandbox sources."""
     matrices = tmp_path_factory.mktemp("matrices")
-    shutil.copytree(ROOT / "matrices", matrices, dirs_exist_ok=True)
+    (matrices / "models").mkdir()
     shutil.copy(FIXTURE / "tinybev.toml", matrices / "models" / "tinybev.toml")
     env = dict(os.environ)
     env.update({"ENVBUILD_MATRICES": str(matrices), "ENVBUILD_TORCH_INDEX": "none",
@@ -68,3 +74,62 @@ def fixture_env(tmp_path_factory):
     if Path(CA_BUNDLE).exists():
         env["ENVBUILD_CA_BUNDLE"] = CA_BUNDLE  # TLS-intercepting proxies: the host's trust store
     return env
+
+
+# ---------------------------------------------------------------- the fixture image, built once per run
+
+TIMEOUT = 3600
+
+
+def cli(env, *args, timeout=TIMEOUT):
+    return subprocess.run([sys.executable, "-m", "envbuild.cli", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=timeout, cwd=ROOT)
+
+
+def image_args(base, source=FIXTURE / "tinybev"):
+    return ["tinybev", "--card", "a800", "--cuda", "11.8", "--python", "3.11", "--source", source,
+            "--base-image", base["devel"], "--runtime-image", base["runtime"]]
+
+
+@pytest.fixture(scope="session")
+def built(docker_engine, offline_base, fixture_env):
+    r = cli(fixture_env, "image", *image_args(offline_base), "--json", "--quiet")
+    assert r.returncode == 0, r.stderr[-4000:]
+    summary = json.loads(r.stdout)
+    summary["ref"] = summary["tags"][0]
+    return summary
+
+
+@pytest.fixture(scope="session")
+def registry(docker_engine, tmp_path_factory):
+    """A real registry on loopback: the one .ci/run started, or one started here."""
+    addr = os.environ.get("ENVBUILD_TEST_REGISTRY", "127.0.0.1:5000")
+
+    def up():
+        try:
+            urllib.request.urlopen(f"http://{addr}/v2/", timeout=2)
+            return True
+        except Exception:
+            return False
+
+    proc = None
+    if not up():
+        exe = shutil.which("docker-registry")
+        if not exe:
+            if os.environ.get("CI"):
+                pytest.fail("CI needs docker-registry (apt-get install docker-registry)")
+            pytest.skip("no registry and no docker-registry binary")
+        d = tmp_path_factory.mktemp("registry")
+        (d / "config.yml").write_text(f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {d}/data\n"
+                                      f"http:\n  addr: {addr}\n")
+        proc = subprocess.Popen([exe, "serve", str(d / "config.yml")], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        for _ in range(50):
+            if up():
+                break
+            time.sleep(0.2)
+    assert up(), f"registry at {addr} is not answering"
+    yield addr
+    if proc:
+        proc.terminate()
+        proc.wait(timeout=10)

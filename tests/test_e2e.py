@@ -11,71 +11,14 @@ import signal
 import subprocess
 import sys
 import tarfile
-import time
-import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
 
-from conftest import FIXTURE, ROOT
+from conftest import FIXTURE, ROOT, cli, image_args  # the fixtures built and registry live in conftest
 
 pytestmark = pytest.mark.integration
-TIMEOUT = 3600
-
-
-def cli(env, *args, timeout=TIMEOUT):
-    return subprocess.run([sys.executable, "-m", "envbuild.cli", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=timeout, cwd=ROOT)
-
-
-def image_args(base, source=FIXTURE / "tinybev"):
-    return ["tinybev", "--card", "a800", "--cuda", "11.8", "--python", "3.11", "--source", source,
-            "--base-image", base["devel"], "--runtime-image", base["runtime"]]
-
-
-@pytest.fixture(scope="module")
-def built(docker_engine, offline_base, fixture_env):
-    r = cli(fixture_env, "image", *image_args(offline_base), "--json", "--quiet")
-    assert r.returncode == 0, r.stderr[-4000:]
-    summary = json.loads(r.stdout)
-    summary["ref"] = summary["tags"][0]
-    return summary
-
-
-@pytest.fixture(scope="module")
-def registry(docker_engine, tmp_path_factory):
-    """A real registry on loopback: the one .ci/run started, or one started here."""
-    addr = os.environ.get("ENVBUILD_TEST_REGISTRY", "127.0.0.1:5000")
-
-    def up():
-        try:
-            urllib.request.urlopen(f"http://{addr}/v2/", timeout=2)
-            return True
-        except Exception:
-            return False
-
-    proc = None
-    if not up():
-        exe = shutil.which("docker-registry")
-        if not exe:
-            if os.environ.get("CI"):
-                pytest.fail("CI needs docker-registry (apt-get install docker-registry)")
-            pytest.skip("no registry and no docker-registry binary")
-        d = tmp_path_factory.mktemp("registry")
-        (d / "config.yml").write_text(f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {d}/data\n"
-                                      f"http:\n  addr: {addr}\n")
-        proc = subprocess.Popen([exe, "serve", str(d / "config.yml")], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-        for _ in range(50):
-            if up():
-                break
-            time.sleep(0.2)
-    assert up(), f"registry at {addr} is not answering"
-    yield addr
-    if proc:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def test_image_records_plan_and_fixers(built, docker_engine):
@@ -407,3 +350,48 @@ def test_each_op_check_runs_in_a_fresh_interpreter_and_reports_json(built, docke
     code, out = _run_in(docker_engine, built["ref"], ["python", "/opt/envbuild/smoke.py", "op-check", "torchvision"])
     tv = json.loads(out.strip().splitlines()[-1])
     assert code == 0 and tv["ok"] is False and "no NVIDIA driver" in tv["detail"]
+
+
+def test_default_build_is_hash_locked(built, fixture_env):
+    # No lock existed: image locked first in the image's own Python, kept it, and installed with hashes.
+    assert "hash-locked by" in built["lock"]
+    ctx = Path(built["lock"].split("hash-locked by ", 1)[1].split()[0]).parent
+    assert (ctx / "requirements.lock").read_text().count("--hash=sha256:") > 10
+    steps = [s["step"] for s in built["run_steps"]]
+    assert any("pip install --require-hashes --no-deps" in s and "torch.lock" in s for s in steps), steps
+    assert any("pip install --require-hashes" in s and "requirements.lock" in s for s in steps), steps
+    assert not any("requirements.in" in s for s in steps)
+
+
+def test_no_lock_is_the_explicit_escape(offline_base, fixture_env, tmp_path):
+    r = cli(fixture_env, "render", *image_args(offline_base), "-o", tmp_path / "ctx", "--json")
+    assert json.loads(r.stdout)["locked"] is False  # a fresh folder: nothing locked there
+    dockerfile = (tmp_path / "ctx" / "Dockerfile").read_text()
+    assert "-r /opt/envbuild/requirements.in" in dockerfile and "Not locked: `envbuild image` locks first" in dockerfile
+
+
+def test_image_smoke_labels_every_tag_and_pushes_them(built, offline_base, fixture_env, docker_engine, registry):
+    import docker
+    tags = [f"{registry}/envbuild-test/smoked:{uuid.uuid4().hex[:8]}" for _ in range(2)]
+    try:
+        r = cli(fixture_env, "image", *image_args(offline_base), "--smoke", "--tag", tags[0], "--tag", tags[1],
+                "--push", "--json", "--quiet")
+        assert r.returncode == 0, r.stderr[-3000:]
+        summary = json.loads(r.stdout)
+        assert summary["image_id"] != summary["build_image_id"]  # the labelled image, not the built one
+        for ref in [built["ref"], *tags]:
+            image = docker_engine.images.get(ref)
+            assert image.id == summary["image_id"], ref
+            assert json.loads(image.labels["io.envbuild.smoke"])["a800"]["ok"] is True
+        assert set(summary["pushed"]) == set(tags)
+        # what the registry holds is the labelled image
+        docker_engine.images.remove(tags[1])
+        pulled = docker_engine.images.pull(*tags[1].rsplit(":", 1))
+        assert pulled.id == summary["image_id"] and "io.envbuild.smoke" in pulled.labels
+    finally:
+        for ref in tags:
+            try:
+                docker_engine.images.remove(ref)
+            except docker.errors.ImageNotFound:
+                pass
+        docker_engine.images.get(built["image_id"]).tag(*built["ref"].rsplit(":", 1))  # as the other tests found it
