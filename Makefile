@@ -47,8 +47,10 @@ dockerfiles: setup  ## regenerate dockerfiles/ (a test fails when they are stale
 	$(BIN)/python -m envbuild.render --regenerate dockerfiles
 
 locks: setup  ## hash-lock every committed cell in its own Python (needs its base image; Python 3.8 cells cannot be locked on Debian 12)
-	for d in dockerfiles/*/; do cell=$$(basename $$d); \
-	  $(BIN)/envbuild lock $${cell%-*} --card $${cell##*-} -o $$d || exit 1; done
+	set -e; for d in dockerfiles/*/; do cell=$$(basename $$d); tmp=$$(mktemp -d); \
+	  $(BIN)/envbuild lock $${cell%-*} --card $${cell##*-} -o $$tmp/ctx; \
+	  cp $$tmp/ctx/requirements.lock $$tmp/ctx/torch.lock $$d; rm -rf $$tmp; done
+	$(MAKE) dockerfiles
 
 bench: setup  ## resolver timing and data-loader tuning; bench-build for the (slow) image build numbers
 	$(BIN)/python benchmarks/bench_resolve.py

@@ -43,10 +43,7 @@ def find_matching(contexts: Path, requirements_in_text: str) -> Path | None:
 
 
 def copy_lock(src: Path, dst: Path) -> None:
-    for name in ("torch.lock", "requirements.lock"):  # requirements.lock last: it is what matches() reads first
-        tmp = dst / f".{name}.tmp"
-        tmp.write_text((src / name).read_text())
-        tmp.replace(dst / name)
+    write_locks(dst, (src / "requirements.lock").read_text(), (src / "torch.lock").read_text())
 
 
 def split_blocks(lock_text: str) -> dict[str, str]:
@@ -102,6 +99,16 @@ def lock(context: Path, ca_bundle: str | None = None, echo=None) -> Path:
     if missing:
         raise OperationFailed(f"the lock has no {', '.join(missing)}: is requirements.in from envbuild render?")
     header = HEADER + input_digest(req)
-    (context / "requirements.lock").write_text(f"{header}\n# made by pip-compile inside the image's base stage\n{output}")
-    (context / "torch.lock").write_text(f"{header}\n" + "\n".join(blocks[n] for n in TORCH_TRIO) + "\n")
+    write_locks(context, f"{header}\n# made by pip-compile inside the image's base stage\n{output}",
+                f"{header}\n" + "\n".join(blocks[n] for n in TORCH_TRIO) + "\n")
     return context / "requirements.lock"
+
+
+def write_locks(context: Path, requirements_lock: str, torch_lock: str) -> None:
+    """Both locks, recorded as envbuild's own in the context's manifest (torch.lock first:
+    requirements.lock is what matches() reads first)."""
+    from .render import write_if_changed, folder_lock, record_owned
+    with folder_lock(context):
+        write_if_changed(context / "torch.lock", torch_lock)
+        write_if_changed(context / "requirements.lock", requirements_lock)
+        record_owned(context, ["torch.lock", "requirements.lock"])

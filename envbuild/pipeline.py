@@ -83,20 +83,24 @@ def default_context_dir(plan: Plan) -> Path:
 def prepare(req: Request, out: Path | None = None) -> tuple[Plan, Sources, Path]:
     """Resolve and write a full build context; use a lock there when it matches."""
     plan, sources = plan_for(req)
+    adopt = out is None  # envbuild's own state folder: everything there is envbuild's
     out = Path(out) if out else default_context_dir(plan)
     source_dir = None
     if req.source:
         source_dir = Path(req.source).expanduser()
         if not source_dir.is_dir():
             raise BadInput(f"--source {req.source}: not a directory")
+        render.check_apart(source_dir, out)
     ctx = render.make_context(plan, req.command(), base_image=req.base_image, runtime_image=req.runtime_image,
                               source="local" if source_dir else "git", pypi_index=sources.pypi_index)
     # A lock made from exactly this requirements.in switches the Dockerfile to hash-checked installs.
     ctx.locked = lock_stage.matches(out, render.requirements_in(ctx))
-    if not ctx.locked:
+    if not ctx.locked and out.is_dir():
+        mine = render.owned(out, adopt)
         for stale in ("requirements.lock", "torch.lock"):
-            (out / stale).unlink(missing_ok=True)
-    render.write(ctx, out, source_dir)
+            if stale in mine:  # a lock envbuild made for other pins; a user's own file stays
+                (out / stale).unlink(missing_ok=True)
+    render.write(ctx, out, source_dir, adopt)
     return plan, sources, out
 
 

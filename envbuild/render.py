@@ -7,12 +7,15 @@ so a Plan loaded from anywhere cannot inject an instruction. Same Plan, same byt
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
 import shlex
 import shutil
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -183,7 +186,7 @@ class Context:
             ("org.opencontainers.image.title", f"{p.model} for {p.card_name}"),
             ("org.opencontainers.image.source", p.repo),
             ("org.opencontainers.image.revision", p.commit),
-            ("org.opencontainers.image.description", f"{p.model} {p.mode} on {p.card_name} (sm {p.cc}), built by envbuild"),
+            ("org.opencontainers.image.description", f"{p.model} {p.mode} on {p.card_name} (sm {p.cc_text}), built by envbuild"),
             ("org.opencontainers.image.base.name", self.runtime_image),
             ("io.envbuild.version", __version__),
             ("io.envbuild.model", p.model),
@@ -200,7 +203,7 @@ class Context:
     def plan_lines(self) -> list[str]:
         """The Plan as comment lines at the top of the Dockerfile."""
         p = self.plan
-        lines = [f"{p.model} on {p.card_name} (compute capability {p.cc}): {p.mode}",
+        lines = [f"{p.model} on {p.card_name} (compute capability {p.cc_text}): {p.mode}",
                  f"torch {p.torch.version}, CUDA {p.cuda}, Python {self.python}, TORCH_CUDA_ARCH_LIST={p.arch_list}"]
         lines += [f"deviation: {d}" for d in p.deviations]
         lines += [f"fixer: {f.name}: {f.why}" for f in p.fixers]
@@ -274,56 +277,145 @@ def requirements_in(ctx: Context) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(ctx: Context, out: Path, source_dir: Path | None = None) -> list[Path]:
-    """Write a complete build context to out/ (Dockerfile, requirements, plan, helpers)."""
-    out.mkdir(parents=True, exist_ok=True)
+MANIFEST = ".envbuild-manifest.json"  # what envbuild wrote in a context folder: all it may replace
+FOLDER_LOCK = ".envbuild.lock"
+
+
+def owned(out: Path, adopt: bool = False) -> set[str]:
+    """The names envbuild wrote in `out` (from its manifest). A folder that holds anything else and
+    has no manifest is not envbuild's: it refuses it rather than overwrite a user's files. `adopt`:
+    the folder is inside envbuild's own state folder, so whatever is there is envbuild's."""
+    if not out.exists():
+        return set()
+    if not out.is_dir():
+        raise BadInput(f"{out} exists and is not a folder", "choose a new or empty folder for -o")
+    manifest = out / MANIFEST
+    if manifest.is_file():
+        try:
+            files = json.loads(manifest.read_text())["files"]
+            return {f for f in files if isinstance(f, str)}
+        except (ValueError, OSError, KeyError, TypeError):
+            raise BadInput(f"{manifest} is not an envbuild manifest", "move it away, or choose another folder") from None
+    present = {p.name for p in out.iterdir()} - {FOLDER_LOCK}
+    if adopt:
+        return present
+    if present:
+        raise BadInput(f"{out} is not empty and envbuild did not write it",
+                       "choose a new or empty folder for -o: envbuild replaces only files it wrote")
+    return set()
+
+
+def record_owned(out: Path, names) -> None:
+    """Add names to the folder's manifest (atomically)."""
+    manifest = out / MANIFEST
+    have = set()
+    if manifest.is_file():
+        try:
+            have = set(json.loads(manifest.read_text())["files"])
+        except (ValueError, OSError, KeyError, TypeError):
+            have = set()
+    write_if_changed(manifest, json.dumps({"files": sorted(have | set(names))}, indent=1) + "\n")
+
+
+@contextlib.contextmanager
+def folder_lock(out: Path):
+    """One writer at a time per context folder (two renders into one folder must not mix files)."""
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"{out} exists and is not a folder", "choose a new or empty folder for -o")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fh = open(out / FOLDER_LOCK, "a")
+    except OSError as exc:
+        raise BadInput(f"cannot write to {out}: {exc.strerror or exc}", "choose a folder you can write to") from None
+    with fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def check_apart(source_dir: Path, out: Path) -> None:
+    """The output folder and the model's source must not contain each other."""
+    src, dst = source_dir.resolve(), out.resolve()
+    if dst == src or dst.is_relative_to(src) or src.is_relative_to(dst):
+        raise BadInput(f"-o {out} and --source {source_dir} overlap",
+                       "write the context to a folder outside the source tree (and not above it)")
+
+
+def write(ctx: Context, out: Path, source_dir: Path | None = None, adopt: bool = False) -> list[Path]:
+    """Write a complete build context to out/ (Dockerfile, requirements, plan, helpers), replacing
+    only what envbuild wrote there before; nothing is written when anything would be clobbered."""
+    out = Path(out)
+    if source_dir is not None:
+        check_apart(source_dir, out)
     files = {
         "Dockerfile": dockerfile(ctx),
         "requirements.in": requirements_in(ctx),
         "plan.json": ctx.plan.to_json() + "\n",
     }
-    written = []
-    for name, text in files.items():
-        path = out / name
-        _write_if_changed(path, text)
-        written.append(path)
-    helpers = out / "envbuild"
-    helpers.mkdir(exist_ok=True)
-    for src in [FIXERS_SRC, *sorted(INCONTAINER.glob("*"))]:
-        if src.is_file():
-            dst = helpers / src.name
-            _write_if_changed(dst, src.read_text())
+    helpers = {f"envbuild/{src.name}": src for src in [FIXERS_SRC, *sorted(INCONTAINER.glob("*"))] if src.is_file()}
+    names = [*files, *helpers, "envbuild"] + (["src"] if source_dir is not None else [])
+    with folder_lock(out):
+        mine = owned(out, adopt)
+        clash = [n for n in names if n not in mine and (out / n).exists() and not (n == "envbuild" and (out / n).is_dir()
+                                                                                   and not any((out / n).iterdir()))]
+        if clash:
+            raise BadInput(f"{out / clash[0]} exists and envbuild did not write it",
+                           "move it away or choose another folder for -o")
+        written = []
+        for name, text in files.items():
+            write_if_changed(out / name, text)
+            written.append(out / name)
+        (out / "envbuild").mkdir(exist_ok=True)
+        for name, src in helpers.items():
+            dst = out / name
+            write_if_changed(dst, src.read_text())
             dst.chmod(0o755 if src.suffix == ".sh" else 0o644)  # not the install's modes: a wheel may drop x bits
             written.append(dst)
-    if source_dir is not None:
-        copy_source(source_dir, out / "src")
-        written.append(out / "src")
+        if source_dir is not None:
+            copy_source(source_dir, out / "src")
+            written.append(out / "src")
+        record_owned(out, names)
     return written
 
 
-def _write_if_changed(path: Path, text: str) -> None:
+def write_if_changed(path: Path, text: str) -> None:
     # Unchanged bytes keep their mtime, so BuildKit's context transfer stays a no-op.
     if path.exists() and path.read_text() == text:
         return
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def copy_source(src: Path, dst: Path) -> None:
-    """Copy a local model tree into the context, without VCS data, build trees or symlinks out."""
+    """Copy a local model tree into the context, without VCS data, build trees or symlinks out.
+    The copy is made beside dst and swapped in, so a failure leaves the old copy whole."""
     src = src.resolve()
     if not src.is_dir():
         raise BadInput(f"--source {src} is not a directory")
     ignore = shutil.ignore_patterns(".git", "__pycache__", "build", "*.egg-info", "*.so", ".envbuild*")
-    if dst.exists():
-        shutil.rmtree(dst)
-    shutil.copytree(src, dst, symlinks=True, ignore=ignore)
-    for path in dst.rglob("*"):
-        if path.is_symlink():
-            target = (path.parent / os.readlink(path)).resolve()
-            if not str(target).startswith(str(dst.resolve())):
-                path.unlink()  # a link out of the tree would leak host files into the image
+    staging = Path(tempfile.mkdtemp(dir=dst.parent, prefix=".src."))
+    try:
+        tree = staging / "src"
+        shutil.copytree(src, tree, symlinks=True, ignore=ignore)
+        for path in tree.rglob("*"):
+            if path.is_symlink():
+                target = (path.parent / os.readlink(path)).resolve()
+                if not target.is_relative_to(tree.resolve()):
+                    path.unlink()  # a link out of the tree would leak host files into the image
+        if dst.exists():
+            shutil.rmtree(dst)
+        tree.rename(dst)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- dockerfiles/ for the catalog
@@ -354,7 +446,7 @@ def render_catalog(out: Path) -> list[Path]:
         ctx.locked = matches(d, requirements_in(ctx))  # a cell `make locks` locked installs from its lock
         for name, text in (("Dockerfile", dockerfile(ctx)), ("requirements.in", requirements_in(ctx)),
                            ("plan.json", plan.to_json() + "\n")):
-            _write_if_changed(d / name, text)
+            write_if_changed(d / name, text)
             written.append(d / name)
     return written
 

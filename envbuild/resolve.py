@@ -123,6 +123,11 @@ class Plan:
         return self.cc.split(",")
 
     @property
+    def cc_text(self) -> str:
+        """The distinct compute capabilities, for people: '8.0, 9.0'."""
+        return ", ".join(sorted(set(self.ccs), key=cc_key))
+
+    @property
     def pins(self) -> list[Pin]:
         return [self.python, self.torch, self.torchvision, self.torchaudio, *self.packages]
 

@@ -29,7 +29,7 @@ def table(title: str, columns: list[str], rows: list[list[str]]) -> None:
 def plan(p) -> None:
     """Print a Plan: every pin with its reason, deviations marked."""
     head = "PORT" if p.mode == "port" else "UPSTREAM"
-    out.print(f"[bold]{e(p.model)}[/] on [bold]{e(p.card_name)}[/] (compute capability {p.cc}): "
+    out.print(f"[bold]{e(p.model)}[/] on [bold]{e(p.card_name)}[/] (compute capability {p.cc_text}): "
               f"[bold]{head}[/]{' (strict)' if p.strict else ''}")
     out.print(f"  cards       {', '.join(p.cards)}  [dim]# {e(p.cards_why)}[/]")
     out.print(f"  source      {p.repo} @ {p.commit[:12]}", markup=False)

@@ -190,3 +190,72 @@ def test_failure_excerpt_puts_compiler_errors_first():
     lines = failure_excerpt(out)
     assert lines[0].startswith("ops/src/scale_add_cuda.cu(40): error") and lines[-1] == "Failed to build tinybev-ops"
     assert len(lines) <= 25
+
+
+# ---------------------------------------------------------- envbuild replaces only what it wrote
+
+def _render(*args):
+    return subprocess.run([sys.executable, "-m", "envbuild.cli", "render", "maptr", "--card", "h20", *map(str, args)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def _tree(path):
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_output_inside_the_source_never_touches_the_source(tmp_path):
+    src = tmp_path / "model"
+    (src / "src").mkdir(parents=True)
+    (src / "src" / "train.py").write_text("print('mine')\n")
+    (src / "setup.py").write_text("# mine\n")
+    before = _tree(src)
+    for out in (src, src / "ctx", tmp_path):  # the source itself, inside it, above it
+        r = _render("--source", src / "src" if out == src else src, "-o", out)
+        assert r.returncode == 2 and "overlap" in r.stderr and "Traceback" not in r.stderr, (out, r.stderr)
+    assert _tree(src) == before
+
+
+@pytest.mark.parametrize("name", ["Dockerfile", "requirements.lock", "torch.lock", "notes.txt"])
+def test_a_folder_with_user_files_is_refused_and_left_alone(tmp_path, name):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / name).write_text("the user's own\n")
+    r = _render("-o", out)
+    assert r.returncode == 2 and "not empty and envbuild did not write it" in r.stderr and "hint:" in r.stderr
+    assert _tree(out) == {name: b"the user's own\n"}
+
+
+def test_rendering_again_replaces_only_its_own_files(tmp_path):
+    out = tmp_path / "out"
+    assert _render("-o", out).returncode == 0
+    manifest = json.loads((out / ".envbuild-manifest.json").read_text())["files"]
+    assert {"Dockerfile", "requirements.in", "plan.json", "envbuild/fixers.py"} <= set(manifest)
+    assert _render("-o", out).returncode == 0  # its own folder: fine
+    (out / "src").mkdir()
+    (out / "src" / "x.py").write_text("mine\n")  # the user adds a src/ of their own
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "train.py").write_text("print(1)\n")
+    r = _render("--source", model, "-o", out)
+    assert r.returncode == 2 and "src exists and envbuild did not write it" in r.stderr
+    assert (out / "src" / "x.py").read_text() == "mine\n"
+
+
+def test_an_output_path_that_is_a_file_is_one_clear_error(tmp_path):
+    target = tmp_path / "file"
+    target.write_text("x")
+    r = _render("-o", target)
+    assert r.returncode == 2 and "is not a folder" in r.stderr and target.read_text() == "x"
+
+
+def test_concurrent_renders_into_one_folder_do_not_mix(tmp_path):
+    out = tmp_path / "out"
+    procs = [subprocess.Popen([sys.executable, "-m", "envbuild.cli", "render", "maptr", "--card", card, "-o", str(out)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for card in ("h20", "a800", "h20")]
+    results = [p.communicate(timeout=120) + (p.returncode,) for p in procs]
+    assert all(rc == 0 for _, _, rc in results), results
+    plan = json.loads((out / "plan.json").read_text())
+    # whichever render came last, its files agree with each other and no temp file is left
+    assert f'"card": "{plan["card"]}"' in (out / "plan.json").read_text()
+    assert plan["arch_list"] in (out / "Dockerfile").read_text()
+    assert not [p for p in out.rglob(".*") if p.name not in (".envbuild-manifest.json", ".envbuild.lock")]
