@@ -151,7 +151,7 @@ def render(model: str, card: Optional[str] = CARD, cuda: Optional[str] = CUDA, p
 
 
 @command()
-def fix(path: Path = typer.Argument(..., help="Model source tree."),
+def fix(path: str = typer.Argument(..., help="Model source tree."),
         list_: bool = typer.Option(False, "--list", help="Report findings, change nothing."),
         only: Optional[List[str]] = typer.Option(None, "--only", help="Run only these fixers (repeatable)."),
         mmcv: Optional[str] = typer.Option(None, "--mmcv", help="mmcv version the port uses (mmcv-version-assert)."),
@@ -163,12 +163,14 @@ def fix(path: Path = typer.Argument(..., help="Model source tree."),
     import json as _json
     from . import fixers as fx
     from .errors import BadInput
-    if not path.is_dir():
+    if not path.strip():
+        raise BadInput("the source tree path is empty", "name the model's folder, e.g. envbuild fix ./MapTR")
+    if not Path(path).is_dir():
         raise BadInput(f"{path} is not a directory")
     if plan_file:
         try:
             chosen = fx.fixers_from_plan(_json.loads(plan_file.read_text()))
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, UnicodeDecodeError) as exc:
             raise BadInput(f"cannot use plan {plan_file}: {exc}") from None
     else:
         names = [n for item in (only or []) for n in item.split(",") if n] or list(fx.FIXERS)
@@ -176,14 +178,13 @@ def fix(path: Path = typer.Argument(..., help="Model source tree."),
             if name not in fx.FIXERS:
                 from .errors import unknown
                 raise unknown("fixer", name, list(fx.FIXERS))
-        if mmcv:
-            from .catalog import is_exact
-            if not is_exact(mmcv):
-                raise BadInput(f"--mmcv {mmcv!r} is not a version")
-        args = {"mmcv-version-assert": {"mmcv": mmcv} if mmcv else {}, "cxx-standard": {"std": cxx_std} if cxx_std else {}}
-        if cxx_std is not None and cxx_std not in ("c++14", "c++17", "c++20"):
-            raise BadInput(f"--cxx-std {cxx_std!r}: choose c++14, c++17 or c++20")
-        chosen = [fx.make(n, args.get(n)) for n in names if not (n == "mmcv-version-assert" and not mmcv)]
+        args = {"mmcv-version-assert": {"mmcv": mmcv} if mmcv is not None else {},
+                "cxx-standard": {"std": cxx_std} if cxx_std is not None else {}}
+        try:
+            chosen = [fx.make(n, args.get(n)) for n in names if not (n == "mmcv-version-assert" and mmcv is None)]
+        except ValueError as exc:
+            raise BadInput(str(exc).replace("mmcv=", "--mmcv ").replace("std=", "--cxx-std "),
+                           "--mmcv takes a version like 1.7.2; --cxx-std one of c++14, c++17, c++20") from None
     if list_:
         findings = fx.detect(str(path), chosen)
         if json_:
@@ -192,7 +193,11 @@ def fix(path: Path = typer.Argument(..., help="Model source tree."),
             show.out.print(f"{f.path}:{f.line}: {f.fixer}: {f.why}", markup=False)
         show.out.print(f"{len(findings)} finding(s); nothing changed", markup=False)
         return
-    report = fx.apply(str(path), chosen)
+    try:
+        report = fx.apply(str(path), chosen)
+    except fx.FixerError as exc:
+        from .errors import OperationFailed
+        raise OperationFailed(str(exc), "report it with the file; apply the other fixers with --only") from None
     if json_:
         return show.emit_json(report)
     for name, files in report.items():

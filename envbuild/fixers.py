@@ -12,6 +12,7 @@ work on Python 3.8 with only the standard library.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import re
@@ -21,6 +22,10 @@ import tempfile
 PY = (".py",)
 CXX = (".c", ".cc", ".cpp", ".cxx", ".cu", ".cuh", ".h", ".hpp")
 SKIP_DIRS = {".git", "__pycache__", "build", "dist", ".eggs", "node_modules"}
+
+
+class FixerError(Exception):
+    """A fixer cannot make this change safely (the file is named); nothing is written."""
 
 
 class Finding(object):
@@ -60,10 +65,18 @@ class Fixer(object):
             old = read_text(root, relpath)
             if old is None:
                 continue
-            new = self.fix_text(relpath, old)
-            if new != old and not (relpath.endswith(".py") and _compiles(old) and not _compiles(new)):
-                out[relpath] = (old, new)  # a change that would break Python that compiled is never made
+            new = self.fixed(relpath, old)
+            if new != old:
+                out[relpath] = (old, new)
         return out
+
+    def fixed(self, relpath, text):
+        """fix_text, checked: Python that compiled must still compile, or nothing of the fix is written."""
+        new = self.fix_text(relpath, text)
+        if new != text and relpath.endswith(".py") and _parse(text) is not None and _parse(new) is None:
+            raise FixerError("%s: %s would leave code that does not compile; nothing was changed"
+                             % (relpath, self.name))
+        return new
 
     def detect(self, root):
         findings = []
@@ -141,12 +154,51 @@ def _atomic_write(full, text):
 # ------------------------------------------------------------------ helpers
 
 
-def _compiles(text):
+def _parse(text):
+    """The module's syntax tree, or None when it does not parse (Python 2 code, say)."""
     try:
-        compile(text, "<fixed>", "exec", dont_inherit=True)
-        return True
+        return ast.parse(text)
     except (SyntaxError, ValueError):
-        return False
+        return None
+
+
+class _Source(object):
+    """Character offsets for ast positions (which count UTF-8 bytes within a line)."""
+
+    def __init__(self, text):
+        self.text = text
+        self.lines = text.splitlines(True)
+        self.starts = [0]
+        for line in self.lines:
+            self.starts.append(self.starts[-1] + len(line))
+
+    def offset(self, lineno, col_bytes):
+        line = self.lines[lineno - 1] if lineno - 1 < len(self.lines) else ""
+        return self.starts[lineno - 1] + len(line.encode("utf-8")[:col_bytes].decode("utf-8", "replace"))
+
+    def span(self, node):
+        return self.offset(node.lineno, node.col_offset), self.offset(node.end_lineno, node.end_col_offset)
+
+    def whole_lines(self, node):
+        """(start, end) of the lines a statement occupies, when nothing else shares them."""
+        start, end = self.span(node)
+        line_start = self.starts[node.lineno - 1]
+        line_end = self.starts[node.end_lineno] if node.end_lineno < len(self.starts) else len(self.text)
+        before, after = self.text[line_start:start], self.text[end:line_end]
+        if before.strip() or (after.strip() and not after.strip().startswith("#")):
+            return None
+        return line_start, line_end
+
+
+def _edit(text, edits):
+    """Apply [(start, end, replacement)] (non-overlapping) in one linear pass."""
+    out, pos = [], 0
+    for start, end, repl in sorted(edits):
+        out.append(text[pos:start])
+        out.append(repl)
+        pos = end
+    out.append(text[pos:])
+    return "".join(out)
 
 
 def _call_end(text, start):
@@ -163,16 +215,31 @@ def _call_end(text, start):
 
 
 def _ensure_import_os(text):
-    if re.search(r"^\s*import os\b|^\s*import .*\bos\b|^from os import", text, re.M):
+    """Add `import os` where Python allows it: after the module docstring and any
+    `from __future__` imports (which must come first), or after a shebang/encoding line."""
+    tree = _parse(text)
+    if tree is None:
         return text
-    lines = text.splitlines(True)
+    for node in tree.body:
+        if isinstance(node, ast.Import) and any(a.name == "os" and not a.asname for a in node.names):
+            return text
+    src = _Source(text)
+    after = None
+    for i, node in enumerate(tree.body):
+        docstring = i == 0 and isinstance(node, ast.Expr) and isinstance(getattr(node, "value", None), ast.Constant) \
+            and isinstance(node.value.value, str)
+        if docstring or (isinstance(node, ast.ImportFrom) and node.module == "__future__"):
+            after = node
+            continue
+        break
+    if after is not None:
+        at = src.starts[after.end_lineno] if after.end_lineno < len(src.starts) else len(text)
+        prefix = "" if text[:at].endswith("\n") else "\n"
+        return text[:at] + prefix + "import os\n" + text[at:]
     i = 0
-    # after a shebang, encoding line, docstring-free module header and __future__ imports
-    while i < len(lines) and (lines[i].startswith("#!") or lines[i].startswith("# -*-")
-                              or lines[i].startswith("from __future__")):
+    while i < len(src.lines) and (src.lines[i].startswith("#!") or re.match(r"^#.*coding[:=]", src.lines[i])):
         i += 1
-    lines.insert(i, "import os\n")
-    return "".join(lines)
+    return text[:src.starts[i]] + "import os\n" + text[src.starts[i]:]
 
 
 # ------------------------------------------------------------------ fixers
@@ -181,42 +248,107 @@ def _ensure_import_os(text):
 class LocalRank(Fixer):
     name = "local-rank"
     why = "torch >= 2.0 launch passes --local-rank; accept it beside --local_rank (LOCAL_RANK env kept)"
-    _re = re.compile(r"add_argument\(\s*(['\"])--local_rank\1")
 
     def fix_text(self, relpath, text):
-        out, pos = [], 0
-        for m in self._re.finditer(text):
-            end = _call_end(text, m.start() + len("add_argument("))
-            call = text[m.start():end]
-            if "--local-rank" in call:
+        if "--local_rank" not in text:
+            return text
+        tree = _parse(text)
+        if tree is None:
+            return text
+        src, edits = _Source(text), []
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr == "add_argument"):
                 continue
-            q = m.group(1)
-            out.append(text[pos:m.end()])
-            out.append(", %s--local-rank%s" % (q, q))
-            pos = m.end()
-        out.append(text[pos:])
-        return "".join(out)
+            flags = [a for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
+            values = [a.value for a in flags]
+            if "--local_rank" in values and "--local-rank" not in values:
+                arg = flags[values.index("--local_rank")]
+                start, end = src.span(arg)
+                quote = text[start] if text[start] in "'\"" else "'"
+                edits.append((end, end, ", %s--local-rank%s" % (quote, quote)))
+        return _edit(text, edits)
 
 
 class NumbaErrors(Fixer):
+    """Imports from numba.errors become a try/except that works on both layouts, and attribute
+    uses (numba.errors.X) go through a module bound by that same try/except, so the fixed code
+    runs on numba < 0.49 (numba.errors) and >= 0.49 (numba.core.errors)."""
     name = "numba-errors"
     why = "numba >= 0.49 moved numba.errors to numba.core.errors"
-    _re = re.compile(r"^([ \t]*)from numba\.errors import (.+)$", re.M)
     _marker = "except ImportError:  # numba < 0.49"
+    _alias = "_numba_errors"
 
     def fix_text(self, relpath, text):
-        def repl(m):
-            before = text[:m.start()].rstrip("\n").rsplit("\n", 1)[-1]
-            if before.strip() == self._marker:
-                return m.group(0)
-            ind, names = m.group(1), m.group(2)
-            return ("%stry:\n%s    from numba.core.errors import %s\n%s%s\n%s    from numba.errors import %s"
-                    % (ind, ind, names, ind, self._marker, ind, names))
-        text = self._re.sub(repl, text)
-        text = re.sub(r"^([ \t]*)import numba\.errors\b.*$",
-                      lambda m: m.group(1) + "import numba.core.errors  # was numba.errors (numba >= 0.49)",
-                      text, flags=re.M)
-        return re.sub(r"(?<![\w.])numba\.errors\.", "numba.core.errors.", text)
+        if "numba.errors" not in text:
+            return text
+        tree = _parse(text)
+        if tree is None:
+            return text
+        src, edits = _Source(text), []
+        guarded = set()  # imports already inside our try/except
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Try) and any(isinstance(h.type, ast.Name) and h.type.id == "ImportError"
+                                                 for h in node.handlers):
+                for sub in ast.walk(node):
+                    guarded.add(id(sub))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "numba.errors" and node.level == 0 \
+                    and id(node) not in guarded:
+                lines = src.whole_lines(node)
+                if lines is None:
+                    continue  # shares its line with other code (`a; from numba.errors import X`): leave it
+                ind = " " * node.col_offset
+                names = ", ".join(a.name + (" as " + a.asname if a.asname else "") for a in node.names)
+                comment = text[src.span(node)[1]:lines[1]].strip()  # a trailing comment stays with it
+                edits.append((lines[0], lines[1], "%stry:\n%s    from numba.core.errors import %s%s\n%s%s\n"
+                              "%s    from numba.errors import %s\n" % (ind, ind, names, "  " + comment if comment else "",
+                                                                       ind, self._marker, ind, names)))
+        import_at = None  # the module-level `import numba` / `import numba.errors` that binds numba
+        for node in tree.body:
+            if isinstance(node, ast.Import) and any(a.name in ("numba", "numba.errors") and not a.asname
+                                                    for a in node.names):
+                import_at = node
+                break
+        uses = _dotted_uses(text, ("numba", "errors"))
+        lines = src.whole_lines(import_at) if import_at is not None else None
+        if uses and lines is not None and not isinstance(_parent_try(tree, import_at), ast.Try):
+            binding = ("try:\n    from numba.core import errors as %s\n%s\n    from numba import errors as %s\n"
+                       % (self._alias, self._marker, self._alias))
+            names = list(dict.fromkeys("numba" if a.name == "numba.errors" and not a.asname else
+                                       a.name + (" as " + a.asname if a.asname else "") for a in import_at.names))
+            edits.append((lines[0], lines[1], "import %s\n%s" % (", ".join(names), binding)))
+            edits += [(start, end, self._alias) for start, end in uses]
+        return _edit(text, edits)
+
+
+def _parent_try(tree, target):
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Try) and target in node.body:
+            return node
+    return None
+
+
+def _dotted_uses(text, parts):
+    """Spans of `numba.errors` where it is used as an expression prefix (numba.errors.X), in code
+    only: strings and comments are skipped, and `import numba.errors` lines are left as they are."""
+    import io
+    import tokenize
+    src = _Source(text)
+    try:
+        toks = [t for t in tokenize.generate_tokens(io.StringIO(text).readline)
+                if t.type not in (tokenize.NL, tokenize.COMMENT)]
+    except (tokenize.TokenError, IndentationError, SyntaxError):
+        return []
+    spans = []
+    for i in range(len(toks) - 3):
+        a, dot, b, dot2 = toks[i:i + 4]
+        if (a.type == tokenize.NAME and a.string == parts[0] and dot.string == "." and b.string == parts[1]
+                and dot2.string == "." and not (i and toks[i - 1].string in (".", "import", "from"))):
+            start = src.starts[a.start[0] - 1] + a.start[1]
+            end = src.starts[b.end[0] - 1] + b.end[1]
+            spans.append((start, end))
+    return spans
 
 
 class ThcToAten(Fixer):
@@ -317,6 +449,8 @@ class SetupWithoutGpu(Fixer):
     _re = re.compile(r"torch\.cuda\.is_available\(\)")
 
     def fix_text(self, relpath, text):
+        if _parse(text) is None:
+            return text
         lines = text.splitlines(True)
         changed = False
         for i, line in enumerate(lines):
@@ -334,29 +468,75 @@ class SetupWithoutGpu(Fixer):
 class CxxStandard(Fixer):
     """With a Plan's standard (args std=c++17): raise an old -std pin to it. Without one: drop the
     pin, so torch's extension builder passes the standard its own headers need (C++17 for
-    torch 2.x, C++20 for the newest)."""
+    torch 2.x, C++20 for the newest). Works on string literals of the parsed setup.py: a list
+    element that is only the flag goes with its comma; a flag inside a longer string is cut out."""
     name = "cxx-standard"
     why = "newer torch headers need a newer C++ standard than setup.py asks for"
     filenames = ("setup.py",)
-    _re = re.compile(r"-std=c\+\+(11|14|0x|1y)\b")
-    # a list element that is only the flag, with the comma that joins it to its neighbour
-    _element = re.compile(r"""(?:(['"])-std=c\+\+(?:11|14|0x|1y)\1[ \t]*,[ \t]*|[ \t]*,[ \t]*(['"])-std=c\+\+(?:11|14|0x|1y)\2(?=[ \t]*[\])])|(['"])-std=c\+\+(?:11|14|0x|1y)\3)""")
+    _flag = re.compile(r"-std=c\+\+(11|14|0x|1y)\b")
     _inline = re.compile(r"[ \t]*-std=c\+\+(11|14|0x|1y)\b")
 
     def fix_text(self, relpath, text):
-        std = self.args.get("std")
-        if std:
-            return self._re.sub("-std=" + std, text)
-        return self._inline.sub("", self._element.sub("", text))
+        if not self._flag.search(text):
+            return text
+        tree = _parse(text)
+        if tree is None:
+            return text
+        std, src, edits, done = self.args.get("std"), _Source(text), [], set()
+        if not std:
+            for node in ast.walk(tree):
+                if not isinstance(node, ast.List):
+                    continue
+                elts = node.elts
+                gone = [i for i, e in enumerate(elts) if isinstance(e, ast.Constant) and isinstance(e.value, str)
+                        and self._flag.fullmatch(e.value)]
+                if not gone:
+                    continue
+                done.update(id(elts[i]) for i in gone)
+                kept = [i for i in range(len(elts)) if i not in gone]
+                if not kept:
+                    edits.append((src.span(elts[0])[0], src.span(elts[-1])[1], ""))
+                    continue
+                for i in gone:  # an element before the last kept one goes with the comma after it
+                    if i < kept[-1]:
+                        edits.append((src.span(elts[i])[0], src.span(elts[i + 1])[0], ""))
+                if gone[-1] > kept[-1]:  # trailing ones go with the comma before them
+                    edits.append((src.span(elts[kept[-1]])[1], src.span(elts[-1])[1], ""))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in done \
+                    and self._flag.search(node.value):
+                start, end = src.span(node)
+                literal = text[start:end]
+                new = self._flag.sub("-std=" + std, literal) if std else self._inline.sub("", literal)
+                edits.append((start, end, new))
+        return _edit(text, edits)
 
 
 FIXERS = {cls.name: cls for cls in (LocalRank, ThcToAten, NumbaErrors, MmcvVersionAssert, SetupWithoutGpu, CxxStandard)}
 
 
+# The arguments a fixer takes, each with the only shape it may have: they end up inside source
+# files (a setup.py flag, a version string in mmdet's __init__), so nothing else gets through,
+# whether it came from a flag, a plan.json or the resolver.
+ARGS = {
+    "mmcv-version-assert": {"mmcv": re.compile(r"^\d+(\.\d+){1,3}$")},
+    "cxx-standard": {"std": re.compile(r"^c\+\+(14|17|20)$")},
+}
+
+
 def make(name, args=None):
+    """A fixer by name, its arguments validated; ValueError names what is wrong."""
     if name not in FIXERS:
         raise KeyError(name)
-    return FIXERS[name](**(args or {}))
+    args = dict(args or {})
+    allowed = ARGS.get(name, {})
+    for key, value in args.items():
+        pattern = allowed.get(key)
+        if pattern is None:
+            raise ValueError("fixer %s takes no argument %r" % (name, key))
+        if not isinstance(value, str) or not pattern.match(value) or "\n" in value:
+            raise ValueError("fixer %s: %s=%r is not allowed (expected %s)" % (name, key, value, pattern.pattern))
+    return FIXERS[name](**args)
 
 
 def detect(root, fixers):
@@ -381,7 +561,7 @@ def apply(root, fixers):
             current = staged[relpath][1] if relpath in staged else read_text(root, relpath)
             if current is None:
                 continue
-            new = fx.fix_text(relpath, current)
+            new = fx.fixed(relpath, current)
             if new != current:
                 original = staged[relpath][0] if relpath in staged else current
                 staged[relpath] = (original, new)
@@ -393,7 +573,11 @@ def apply(root, fixers):
 
 
 def fixers_from_plan(plan):
-    return [make(f["name"], f.get("args") or {}) for f in plan.get("fixers", [])]
+    """The Plan's fixers; ValueError (or KeyError for an unknown name) when it is malformed."""
+    items = plan.get("fixers", []) if isinstance(plan, dict) else None
+    if not isinstance(items, list) or not all(isinstance(f, dict) and isinstance(f.get("name"), str) for f in items):
+        raise ValueError("plan.json has no list of fixers with names")
+    return [make(f["name"], f.get("args") or {}) for f in items]
 
 
 def main(argv=None):
@@ -404,14 +588,22 @@ def main(argv=None):
     ap.add_argument("--plan", required=True)
     ap.add_argument("--report")
     ns = ap.parse_args(argv)
-    with open(ns.plan) as fh:
-        plan = json.load(fh)
-    fixers = fixers_from_plan(plan)
+    try:
+        with open(ns.plan) as fh:
+            plan = json.load(fh)
+        fixers = fixers_from_plan(plan)
+    except (OSError, ValueError, KeyError) as exc:
+        print("envbuild-fix: error: cannot use plan %s: %s" % (ns.plan, exc), file=sys.stderr)
+        return 2
     if ns.action == "list":
         for f in detect(ns.tree, fixers):
             print("%s:%d: %s: %s" % (f.path, f.line, f.fixer, f.why))
         return 0
-    report = apply(ns.tree, fixers)
+    try:
+        report = apply(ns.tree, fixers)
+    except FixerError as exc:
+        print("envbuild-fix: error: %s" % exc, file=sys.stderr)
+        return 1
     summary = {"fixers": [{"name": fx.name, "args": fx.args, "files": report[fx.name]} for fx in fixers]}
     for item in summary["fixers"]:
         print("fixer %s: %d file(s) changed" % (item["name"], len(item["files"])))

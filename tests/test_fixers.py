@@ -1,5 +1,6 @@
 """Fixers on small snippets written here (never code from the model repos)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -157,13 +158,72 @@ def test_thc_mapped_to_aten(tree):
     assert cu.count("ATen/cuda/CUDAContext.h") == 1
 
 
-def test_numba_errors_works_on_both_layouts(tree):
-    fixers.apply(str(tree), [fixers.make("numba-errors")])
-    src = (tree / "tools" / "iou.py").read_text()
-    compile(src, "iou.py", "exec")
-    assert "from numba.core.errors import NumbaPerformanceWarning" in src
-    assert "numba.core.errors.NumbaWarning" in src
-    assert "except ImportError:  # numba < 0.49" in src
+def _numba_layout(root, new_layout):
+    """A stand-in numba package: errors in numba.errors (< 0.49) or only in numba.core.errors (>= 0.49)."""
+    errors = ("class NumbaWarning(Warning): pass\n"
+              "class NumbaPerformanceWarning(NumbaWarning): pass\n"
+              "class TypingError(Exception): pass\n")
+    pkg = root / "numba"
+    pkg.mkdir(parents=True)
+    if new_layout:
+        (pkg / "__init__.py").write_text("from . import core\n")
+        (pkg / "core").mkdir()
+        (pkg / "core" / "__init__.py").write_text("from . import errors\n")
+        (pkg / "core" / "errors.py").write_text(errors)
+    else:
+        (pkg / "__init__.py").write_text("from . import errors\n")
+        (pkg / "errors.py").write_text(errors)
+    return root
+
+
+NUMBA_FORMS = textwrap.dedent('''\
+    """Tools."""
+    import numba.errors
+    from numba.errors import (NumbaPerformanceWarning,
+                              NumbaWarning as NW)  # kept
+    from numba.errors import \\
+        TypingError
+
+    def check():
+        from numba.errors import TypingError as TE
+        return TE
+
+    assert issubclass(NumbaPerformanceWarning, NW) and check() is TypingError
+    assert numba.errors.TypingError is TypingError
+    print("ok", "numba.errors.X in a string stays")
+    ''')
+
+
+@pytest.mark.parametrize("text", [NUMBA, NUMBA_FORMS])
+@pytest.mark.parametrize("new_layout", [False, True])
+def test_numba_errors_fixed_code_runs_on_both_layouts(tmp_path, text, new_layout):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "iou.py").write_text(text)
+    fixers.apply(str(tmp_path / "model"), [fixers.make("numba-errors")])
+    fixed = (tmp_path / "model" / "iou.py").read_text()
+    assert fixed != text and "numba.errors.X in a string stays" in fixed or text is NUMBA
+    if text is NUMBA_FORMS:
+        assert "NumbaWarning as NW)  # kept" not in fixed and "NumbaWarning as NW  # kept" in fixed
+    site = _numba_layout(tmp_path / "site", new_layout)
+    r = subprocess.run([sys.executable, str(tmp_path / "model" / "iou.py")], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(site)})
+    assert r.returncode == 0, r.stderr
+    # the unfixed code fails on the new layout: the test can tell
+    if new_layout:
+        (tmp_path / "orig.py").write_text(text)
+        r = subprocess.run([sys.executable, str(tmp_path / "orig.py")], capture_output=True, text=True,
+                           env={**os.environ, "PYTHONPATH": str(site)})
+        assert r.returncode != 0
+
+
+def test_numba_fix_is_idempotent_and_leaves_shared_lines_alone(tmp_path):
+    (tmp_path / "a.py").write_text(NUMBA_FORMS + "x = 1; from numba.errors import TypingError\n")
+    fixers.apply(str(tmp_path), [fixers.make("numba-errors")])
+    once = (tmp_path / "a.py").read_text()
+    fixers.apply(str(tmp_path), [fixers.make("numba-errors")])
+    assert (tmp_path / "a.py").read_text() == once
+    assert "x = 1; from numba.errors import TypingError" in once
+    compile(once, "a.py", "exec")
 
 
 def test_mmcv_assert_relaxed_exactly_to_the_plan(tree, tmp_path):
@@ -202,6 +262,9 @@ def test_cxx_standard_without_a_plan_leaves_the_standard_to_torch(tree):
     ("a = ['-std=c++11', '-O3', '-g']\n", "a = ['-O3', '-g']\n"),
     ('a = "-O3 -std=c++14"\n', 'a = "-O3"\n'),
     ('a = ["-std=c++17"]\n', 'a = ["-std=c++17"]\n'),  # a current standard stays
+    ("a = ['-std=c++14', '-O3', '-std=c++14']\n", "a = ['-O3']\n"),
+    ("a = ['-std=c++14', '-std=c++11']\n", "a = []\n"),
+    ('a = "-std=c++14"\n', 'a = ""\n'),
 ])
 def test_cxx_standard_drops_only_old_pins(tmp_path, before, after):
     (tmp_path / "setup.py").write_text(before)
@@ -222,12 +285,71 @@ def test_fix_cli_drops_the_pin_by_default_and_sets_it_when_asked(tree):
 
 
 def test_a_fix_that_would_break_python_is_not_made(tmp_path):
-    # A pin inside a string that a naive edit would leave unbalanced: the fixer must leave the file alone.
-    text = 'x = "-std=c++14\\\n"\n'
+    class Breaker(fixers.Fixer):  # a fixer with a bug: it unbalances a string
+        name = "breaker"
+        filenames = ("setup.py",)
+
+        def fix_text(self, relpath, text):
+            return text.replace("x = ", "x = (")
+
+    text = 'x = "-std=c++14"\n'
     (tmp_path / "setup.py").write_text(text)
-    fixer = fixers.make("cxx-standard", {"std": "c++17\""})
-    assert fixer.changes(str(tmp_path)) == {}
-    assert (tmp_path / "setup.py").read_text() == text
+    (tmp_path / "other.py").write_text("y = 1\n")
+    with pytest.raises(fixers.FixerError, match="setup.py: breaker would leave code that does not compile"):
+        fixers.apply(str(tmp_path), [fixers.make("cxx-standard"), Breaker()])
+    assert (tmp_path / "setup.py").read_text() == text  # the whole fix rolled back, the earlier fixer's part too
+
+
+@pytest.mark.parametrize("name, args", [
+    ("mmcv-version-assert", {"mmcv": "1.7.2\n"}), ("mmcv-version-assert", {"mmcv": "1.7.2'; import os; '"}),
+    ("cxx-standard", {"std": 'c++17"'}), ("cxx-standard", {"std": "c++98"}), ("local-rank", {"x": "1"}),
+    ("mmcv-version-assert", {"mmcv": 172}),
+])
+def test_fixer_arguments_are_validated_wherever_they_come_from(tmp_path, tree, name, args):
+    with pytest.raises(ValueError):
+        fixers.make(name, args)
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"fixers": [{"name": name, "args": args}]}))
+    before = (tree / "mmdet" / "__init__.py").read_text(), (tree / "ops" / "setup.py").read_text()
+    r = subprocess.run([sys.executable, "-m", "envbuild.cli", "fix", str(tree), "--plan", str(plan)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "is not allowed" in r.stderr or "takes no argument" in r.stderr
+    assert ((tree / "mmdet" / "__init__.py").read_text(), (tree / "ops" / "setup.py").read_text()) == before
+    # the in-image entry point refuses it the same way
+    r = subprocess.run([sys.executable, fixers.__file__, "apply", str(tree), "--plan", str(plan)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "cannot use plan" in r.stderr
+
+
+def test_fix_cli_refuses_an_empty_path_and_a_bad_mmcv(tmp_path, tree):
+    r = subprocess.run([sys.executable, "-m", "envbuild.cli", "fix", ""], capture_output=True, text=True, cwd=tree)
+    assert r.returncode == 2 and "path is empty" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "envbuild.cli", "fix", str(tree), "--mmcv", "1.7.2\n"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "--mmcv" in r.stderr and "Traceback" not in r.stderr
+    assert "'1.4.0'" in (tree / "mmdet" / "__init__.py").read_text()
+
+
+def test_local_rank_is_linear_on_a_big_file(tmp_path):
+    import time
+    body = "".join("p%d.add_argument('--local_rank', type=int, default=0)\n" % i for i in range(3000))
+    body += "x = " + "(" * 50 + "1" + ")" * 50 + "\n"
+    (tmp_path / "big.py").write_text(body * 2)  # ~ 250 KB, 6000 parsers
+    start = time.monotonic()
+    fixers.apply(str(tmp_path), [fixers.make("local-rank")])
+    text = (tmp_path / "big.py").read_text()
+    assert text.count("'--local_rank', '--local-rank'") == 6000
+    assert time.monotonic() - start < 30  # the quadratic version took minutes here
+
+
+def test_setup_without_gpu_puts_import_os_where_python_allows_it(tmp_path):
+    text = '"""Build the ops."""\nfrom __future__ import annotations\nimport torch\nif torch.cuda.is_available():\n    pass\n'
+    (tmp_path / "setup.py").write_text(text)
+    fixers.apply(str(tmp_path), [fixers.make("setup-without-gpu")])
+    fixed = (tmp_path / "setup.py").read_text()
+    compile(fixed, "setup.py", "exec")
+    assert fixed.startswith('"""Build the ops."""\nfrom __future__ import annotations\nimport os\n')
 
 
 def test_never_follows_symlinks_out_of_the_tree(tree, tmp_path):
