@@ -235,6 +235,8 @@ class _Reader:
             raise self.fail(key, f"expected {kind.__name__}, got {type(value).__name__} {value!r}")
         if pattern is not None and isinstance(value, str) and not pattern.match(value):
             raise self.fail(key, f"invalid value {value!r}")
+        if pattern is RELPATH_RE and isinstance(value, str) and ".." in value.split("/"):
+            raise self.fail(key, f"must stay inside the repository: {value!r}")
         if isinstance(value, str) and any(ord(c) < 32 or ord(c) == 127 for c in value):
             # names, reasons and notes reach Dockerfile comments and the terminal: one line each
             raise self.fail(key, f"control characters (newlines included) are not allowed: {value!r}")

@@ -63,6 +63,17 @@ def config_path() -> Path:
 
 
 def _check(key: str, value, origin: str):
+    """A validated setting; a refusal says where the value came from and how to mend it."""
+    try:
+        return _checked(key, value, origin)
+    except BadInput as exc:
+        if not exc.hint:
+            exc.hint = (f"fix it in {origin}" if origin.startswith("/") else f"unset or fix {origin}"
+                        if origin.isupper() or origin.startswith("ENVBUILD") else f"fix {origin}")
+        raise
+
+
+def _checked(key: str, value, origin: str):
     if value is None:
         return None
     if not isinstance(value, str):
@@ -81,6 +92,10 @@ def _check(key: str, value, origin: str):
             raise BadInput(f"{origin}: {key} is not a registry prefix: {value!r}")
         return value
     if key == "ca_bundle":
+        if any(c in value for c in ",\n\r\"'="):
+            # it becomes one field of `--secret id=ca_bundle,src=PATH`: a comma would start another
+            raise BadInput(f"{origin}: ca_bundle {value!r}: a path with , = or quotes cannot be passed to BuildKit",
+                           "copy the bundle to a plain path")
         if value and not Path(value).is_file():
             raise BadInput(f"{origin}: ca_bundle {value!r} is not a file")
         return value or None
@@ -106,7 +121,7 @@ def _file_and_env(env_names: dict) -> dict:
         try:
             doc = tomllib.loads(path.read_text())
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise BadInput(f"{path}: not valid TOML: {exc}") from None
+            raise BadInput(f"{path}: not valid TOML: {exc}", "fix the file, or point ENVBUILD_CONFIG elsewhere") from None
         for key, value in doc.get("sources", doc).items():
             if isinstance(value, dict):
                 continue

@@ -9,6 +9,7 @@ inspect, run, push, pull, save) uses the SDK.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -56,8 +57,10 @@ def find_cli() -> Cli:
     """The first docker CLI that can run a BuildKit build, or a clear error."""
     tried = []
     for path in _candidates():
-        ver = _run([path, "version", "--format", "{{.Client.Version}}"])
-        version = (ver.stdout.strip() if ver and ver.stdout else "") or "unknown"
+        # `docker --version` never talks to the daemon (`docker version` waits on a wedged one)
+        ver = _run([path, "--version"])
+        found = re.search(r"version (\d+\.\d+[^\s,]*)", ver.stdout if ver and ver.stdout else "")
+        version = found.group(1) if found else "unknown"
         bx = _run([path, "buildx", "version"])
         if bx and bx.returncode == 0:
             return Cli(path, version, "buildx")
@@ -73,20 +76,41 @@ def find_cli() -> Cli:
                           "CLI with BuildKit built in, e.g. Debian's /usr/bin/docker 20.10")
 
 
-def client():
-    """A connected Docker SDK client, or one clear line saying what is missing."""
-    import docker
-    from docker.errors import DockerException
+PING_TIMEOUT = 10  # seconds a healthy daemon needs to answer /_ping; a wedged one never does
+API_TIMEOUT = 600  # for calls that stream (pull, push, save, waiting on a container)
 
+
+@lru_cache(maxsize=1)
+def _connected():
+    import docker
+
+    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
     try:
-        c = docker.from_env(timeout=600)
-        c.ping()
-        return c
-    except DockerException as exc:
-        host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
-        raise OperationFailed(f"no Docker daemon at {host} ({type(exc).__name__})",
+        docker.from_env(timeout=PING_TIMEOUT).ping()
+    except Exception as exc:  # noqa: BLE001 - the SDK raises its own and requests' errors
+        kind = type(exc).__name__
+        if "Timeout" in kind or "timed out" in str(exc).lower():  # the SDK wraps the read timeout
+            raise OperationFailed(f"the Docker daemon at {host} accepted the connection but did not answer "
+                                  f"in {PING_TIMEOUT} s: it is wedged",
+                                  "restart it (`systemctl restart docker`, or stop and start dockerd)") from None
+        raise OperationFailed(f"no Docker daemon at {host} ({kind})",
                               "start it: `dockerd &` or `systemctl start docker`; install with "
                               "apt-get install docker.io") from None
+    return docker.from_env(timeout=API_TIMEOUT)
+
+
+_failed: list = []  # a daemon that failed is asked once per command, not once per call
+
+
+def client():
+    """The command's Docker SDK client (connected once), or one clear line saying what is wrong."""
+    if _failed:
+        raise _failed[0]
+    try:
+        return _connected()
+    except OperationFailed as exc:
+        _failed.append(exc)
+        raise
 
 
 def available() -> str | None:

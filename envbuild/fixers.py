@@ -190,6 +190,13 @@ class _Source(object):
         return line_start, line_end
 
 
+def _still_a_string(literal):
+    try:
+        return isinstance(ast.literal_eval(literal.strip()), str)
+    except (SyntaxError, ValueError):
+        return False
+
+
 def _edit(text, edits):
     """Apply [(start, end, replacement)] (non-overlapping) in one linear pass."""
     out, pos = [], 0
@@ -508,7 +515,8 @@ class CxxStandard(Fixer):
                 start, end = src.span(node)
                 literal = text[start:end]
                 new = self._flag.sub("-std=" + std, literal) if std else self._inline.sub("", literal)
-                edits.append((start, end, new))
+                if _still_a_string(new):  # implicitly joined literals ('a''b') can merge into nonsense
+                    edits.append((start, end, new))
         return _edit(text, edits)
 
 

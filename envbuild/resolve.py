@@ -18,7 +18,7 @@ from .catalog import (
     PKG_RE, V, Card, Catalog, FlashAttn, Model, TorchRelease, Toolkit, cc_key, is_exact, minor_key,
 )
 from .config import Sources
-from .errors import BadInput
+from .errors import BadInput, unknown
 
 PYTHONS = ("3.8", "3.9", "3.10", "3.11", "3.12")
 MMCV = ("mmcv-full", "mmcv")
@@ -232,6 +232,37 @@ def parse_overrides(values) -> dict[str, str]:
 PORTABLE = "portable"
 
 
+def _strict_cuda(cat: Catalog, cuda: str) -> str:
+    """'11.8' or the toolkit's own '11.8.0'; anything else (11.8.99, 11.8.0.1, ' 11.8x') is refused."""
+    value = cuda.strip()
+    key = ".".join(value.split(".")[:2])
+    tk = cat.toolkits.get(key)
+    if tk is None:
+        raise unknown("CUDA version", cuda, sorted(cat.toolkits))
+    if value not in (tk.version, tk.full):
+        raise BadInput(f"--cuda {cuda!r}: the catalog's CUDA {tk.version} is {tk.full}", f"use --cuda {tk.version}")
+    return key
+
+
+def _check_overrides(cat: Catalog, model: Model, overrides: dict) -> None:
+    """--set must change something this model installs, to a version the catalog knows where it
+    matters: a pin that would be ignored, or skip every check, is refused."""
+    for name, version in overrides.items():
+        if name == "torch":
+            cat.torch_release(version)
+        elif name in ("torchvision", "torchaudio"):
+            raise BadInput(f"--set {name}=={version}: {name} pairs with torch", "set torch instead: --set torch==X")
+        elif name == "python":
+            raise BadInput("--set python: use --python X.Y")
+        elif name not in model.packages:
+            raise BadInput(f"--set {name}=={version}: {model.name} does not install {name}",
+                           f"its packages: {', '.join(sorted(model.packages))}")
+        elif name in cat.compiled and version not in cat.compiled[name]:
+            raise unknown(f"{name} version", version, sorted(cat.compiled[name], key=V))
+        elif name == "flash-attn" and version not in cat.flash_attn:
+            raise unknown("flash-attn version", version, sorted(cat.flash_attn, key=V))
+
+
 def parse_cards(cat: Catalog, cards) -> list[Card] | None:
     """--card a800,h20 (or a list) -> the catalog's cards; None or empty -> None (portable)."""
     if cards is None:
@@ -252,13 +283,14 @@ def resolve(cat: Catalog, model_name: str, card_name=None, cuda: str | None = No
     cards = parse_cards(cat, card_name)
     sources = sources or Sources()
     overrides = dict(overrides or {})
-    toolkit = cat.toolkit(cuda) if cuda else None
+    toolkit = cat.toolkit(_strict_cuda(cat, cuda)) if cuda is not None else None
     if python is not None:
+        if not re.match(r"^3\.\d{1,2}(\.\d{1,2})?$", python.strip()):
+            raise BadInput(f"--python {python!r} is not a Python version", f"choose one of {', '.join(PYTHONS)}")
         python = ".".join(python.strip().split(".")[:2])
         if python not in PYTHONS:
             raise BadInput(f"unsupported Python {python!r}", f"choose one of {', '.join(PYTHONS)}")
-    if "torch" in overrides:
-        cat.torch_release(overrides["torch"])
+    _check_overrides(cat, model, overrides)
     if cards is not None and len(cards) == 1:
         card = cards[0]
         attempts: list[_Attempt] = []

@@ -90,6 +90,8 @@ def local_images() -> list[dict]:
             plan = json.loads(labels.get("io.envbuild.plan", "{}"))
         except ValueError:
             plan = {}
+        if not isinstance(plan, dict):  # a label anyone could set: only an object is a Plan summary
+            plan = {}
         out.append({
             "id": image.short_id.split(":")[-1], "tags": image.tags, "size_bytes": image.attrs.get("Size", 0),
             "model": labels.get("io.envbuild.model"), "card": labels.get("io.envbuild.card"),

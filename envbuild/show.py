@@ -61,11 +61,17 @@ def plan(p) -> None:
         out.print(f"[yellow]* {len(p.deviations)} deviation(s) from upstream[/]; [cyan]+[/] era pin for what upstream left open")
 
 
+def printable(text: str, keep_newlines: bool = False) -> str:
+    """Control characters from arguments or files shown escaped: a newline cannot forge a line."""
+    return "".join(c if c.isprintable() or (keep_newlines and c == "\n") else repr(c)[1:-1] for c in str(text))
+
+
 def error(exc) -> None:
-    err.print(f"[red]error:[/] {e(exc.message)}")
+    # Bad input is one line (it quotes what the user typed); a failed build keeps its excerpt's lines.
+    err.print(f"[red]error:[/] {e(printable(exc.message, keep_newlines=exc.exit_code == 1))}")
     for line in getattr(exc, "chain", None) or []:
-        err.print(f"  - {line}", markup=False)
+        err.print(f"  - {printable(line)}", markup=False)
     if exc.hint:
-        err.print(f"hint: {exc.hint}", markup=False)
+        err.print(f"hint: {printable(exc.hint)}", markup=False)
     if exc.log:
-        err.print(f"full log: {exc.log}", markup=False)
+        err.print(f"full log: {printable(exc.log)}", markup=False)

@@ -202,3 +202,40 @@ def test_make_lint_runs_hadolint_on_the_committed_dockerfiles():
     assert r.returncode == 0, r.stdout + r.stderr
     assert "hadolint" in subprocess.run(["make", "-n", "lint", f"VENV={venv}"], cwd=ROOT, capture_output=True,
                                         text=True).stdout
+
+
+def test_a_wedged_daemon_is_named_as_such_and_does_not_hang(tmp_path):
+    import socket
+    import threading
+    import time
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    held = []
+    stop = threading.Event()
+
+    def accept():  # accept every connection and never answer
+        server.settimeout(0.5)
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                pass
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    try:
+        env = {"DOCKER_HOST": f"tcp://127.0.0.1:{server.getsockname()[1]}"}
+        for args in (["images"], ["doctor"]):
+            start = time.monotonic()
+            r = envbuild(*args, env=env)
+            took = time.monotonic() - start
+            assert "Traceback" not in r.stderr, r.stderr
+            assert took < 60, (args, took)
+            assert "did not answer" in r.stderr + r.stdout and "wedged" in r.stderr + r.stdout, (args, r.stdout, r.stderr)
+        assert r.returncode == 1
+    finally:
+        stop.set()
+        t.join(5)
+        for c in held:
+            c.close()
+        server.close()
