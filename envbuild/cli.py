@@ -261,6 +261,12 @@ def image(model: str, card: Optional[str] = CARD, cuda: Optional[str] = CUDA, py
                                                    say=None if json_ else _say)
     repo = f"{sources.registry}envbuild/{plan.model}" if sources.registry else ""
     tags = [build_stage.image_tag(plan, repo)] + [build_stage.check_ref(t) for t in tag or []]
+    # --push sends the tags that name a registry: the default one only when a registry is configured
+    to_push = tags if sources.registry else tags[1:]
+    if push_ and not to_push:
+        from .errors import BadInput
+        raise BadInput("--push: no registry to push to", "set registry in the config (ENVBUILD_REGISTRY) "
+                       "or add --tag REGISTRY/NAME:TAG")
     if not json_:
         show.out.print(f"building {tags[0]} ({plan.mode}) from {ctx}", markup=False)
         _print_cards(plan)
@@ -270,7 +276,7 @@ def image(model: str, card: Optional[str] = CARD, cuda: Optional[str] = CUDA, py
     summary.update(cards=list(plan.cards), cards_why=plan.cards_why, lock=lock_note)
     if smoke_:
         from . import smoke as smoke_stage
-        report = smoke_stage.run(tags[0], smoke_stage.parse_levels(None))
+        report = smoke_stage.run(tags[0], smoke_stage.parse_levels(None), card=_card_here(catalog.load(), None))
         summary["smoke"] = smoke_stage.summary(report)
         summary["build_image_id"] = result.image_id
         summary["image_id"] = smoke_stage.record(tags, report)  # every tag moves to the labelled image
@@ -279,7 +285,7 @@ def image(model: str, card: Optional[str] = CARD, cuda: Optional[str] = CUDA, py
             raise OperationFailed(f"image built ({tags[0]}) but its smoke test failed: "
                                   + ", ".join(k for k, v in summary["smoke"]["levels"].items() if v == "failed"))
     if push_:
-        summary["pushed"] = {t: ship.push(t, echo=echo) for t in tags}
+        summary["pushed"] = {t: ship.push(t, echo=echo) for t in to_push}
     if json_:
         return show.emit_json(summary)
     show.out.print(f"image   {summary['image_id']}", markup=False)

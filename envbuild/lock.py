@@ -35,6 +35,10 @@ def matches(context: Path, requirements_in_text: str) -> bool:
     return bool(first) and first[0] == HEADER + hashlib.sha256(requirements_in_text.encode()).hexdigest()
 
 
+def has_package(lock: Path, name: str) -> bool:
+    return name in split_blocks(lock.read_text())
+
+
 def find_matching(contexts: Path, requirements_in_text: str) -> Path | None:
     """A context folder under `contexts` holding locks made from exactly this requirements.in."""
     if not contexts.is_dir():

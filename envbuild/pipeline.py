@@ -94,7 +94,7 @@ def prepare(req: Request, out: Path | None = None) -> tuple[Plan, Sources, Path]
     ctx = render.make_context(plan, req.command(), base_image=req.base_image, runtime_image=req.runtime_image,
                               source="local" if source_dir else "git", pypi_index=sources.pypi_index)
     # A lock made from exactly this requirements.in switches the Dockerfile to hash-checked installs.
-    ctx.locked = lock_stage.matches(out, render.requirements_in(ctx))
+    render.use_lock(ctx, out)
     if not ctx.locked and out.is_dir():
         mine = render.owned(out, adopt)
         for stale in ("requirements.lock", "torch.lock"):

@@ -45,6 +45,9 @@ BUILD_TOOLS = ["ninja", "wheel", "psutil"]
 # the runtime only the shared libraries wheels of this era expect from the OS.
 BUILDER_APT = ["ca-certificates", "git", "ninja-build", "ccache"]
 RUNTIME_APT = ["ca-certificates", "libgomp1", "libglib2.0-0"]
+# opencv-python (the GUI build) needs libGL at import; it arrives through other packages'
+# dependencies (av2, nuscenes-devkit) even where the Plan asks for the headless wheel.
+GUI_OPENCV_APT = ["libgl1"]
 
 
 def _check(value: str, pattern: re.Pattern, what: str) -> str:
@@ -84,6 +87,8 @@ class Context:
     source: str  # git | local
     pypi_index: str
     locked: bool
+    # Whether opencv-python (GUI) may be installed: the lock says; unlocked, it may always arrive.
+    gui_opencv: bool = True
 
     pip = "pip==24.0"  # the newest pip that still runs on Python 3.7/3.8
 
@@ -103,6 +108,8 @@ class Context:
     @property
     def runtime_apt(self) -> list[str]:
         apt = [f"python{self.python}", f"python{self.python}-venv"] + RUNTIME_APT
+        if self.gui_opencv:
+            apt += GUI_OPENCV_APT
         if self.plan.torch_compile:
             # torch.compile builds code at run time: inductor's C++ kernels on CPU, triton's
             # launcher module on GPU. Both need a compiler and Python's headers.
@@ -258,6 +265,14 @@ def make_context(plan: Plan, command: str, base_image: str | None = None, runtim
                  "commit", "extensions", "runtime_env"):
         getattr(ctx, prop)
     return ctx
+
+
+def use_lock(ctx: Context, folder: Path) -> None:
+    """Install from the folder's lock when it was made from exactly this requirements.in."""
+    from .lock import has_package, matches
+    ctx.locked = matches(folder, requirements_in(ctx))
+    if ctx.locked:
+        ctx.gui_opencv = has_package(folder / "requirements.lock", "opencv-python")
 
 
 def dockerfile(ctx: Context) -> str:
@@ -435,7 +450,6 @@ def render_catalog(out: Path) -> list[Path]:
     from .config import Sources
     from .resolve import resolve
 
-    from .lock import matches
     cat = catalog.load()
     written = []
     for model, card in catalog_targets(cat):
@@ -443,7 +457,7 @@ def render_catalog(out: Path) -> list[Path]:
         ctx = make_context(plan, f"envbuild render {model} --card {card} (make dockerfiles)")
         d = out / f"{model}-{card}"
         d.mkdir(parents=True, exist_ok=True)
-        ctx.locked = matches(d, requirements_in(ctx))  # a cell `make locks` locked installs from its lock
+        use_lock(ctx, d)  # a cell `make locks` locked installs from its lock
         for name, text in (("Dockerfile", dockerfile(ctx)), ("requirements.in", requirements_in(ctx)),
                            ("plan.json", plan.to_json() + "\n")):
             write_if_changed(d / name, text)

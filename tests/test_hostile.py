@@ -130,6 +130,7 @@ def test_any_set_value_is_a_pin_or_one_clean_bad_input(value):
         assert exc.message
 
 
+@pytest.mark.filterwarnings("ignore::SyntaxWarning")  # generated code like "'a'(b)" compiles with a warning
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.sampled_from(list("()[],'\"\\ \n\t#=abc:.") + ["'-std=c++14'", '"-std=c++11"', "\\\n", "x = ",
                                  "if torch.cuda.is_available():\n    pass\n", "p.add_argument('--local_rank')",
