@@ -38,6 +38,9 @@ RELPATH_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._/-]*$")
 WORD_RE = re.compile(r"^[A-Za-z0-9_.-][A-Za-z0-9._/=,:+-]*$")
 STEPS_ARG_RE = re.compile(r"^(?:[A-Za-z0-9_.=,:+/-]|\{steps\})+$")  # a WORD that may hold {steps}
 LAUNCHERS = ("torch.distributed.launch", "torchrun", "lightning", "mp.spawn")
+CONSTRUCT_KINDS = ("argparse",)
+DOTTED_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 @lru_cache(maxsize=None)
@@ -177,6 +180,19 @@ class Train:
 
 
 @dataclass(frozen=True)
+class Construct:
+    """How smoke's model level builds the network from the model's own code, as its train
+    script does. kind "argparse": the class's own argument hook (Lightning-style
+    add_model_specific_args), the train script's arguments, then cls(**vars(args))."""
+    kind: str
+    module: str
+    object: str
+    args_hook: str
+    args: tuple[str, ...] = ()
+    imports: tuple[str, ...] = ()  # modules the train script imports first (plugins, registries)
+
+
+@dataclass(frozen=True)
 class Model:
     name: str
     title: str
@@ -193,6 +209,7 @@ class Model:
     data: dict
     path: str = ""
     origin: str = BUILTIN
+    construct: Construct | None = None
 
     def pinned(self, name: str) -> str | None:
         spec = self.packages.get(name)
@@ -577,6 +594,15 @@ def _load_model(path: Path, torch: dict, toolkits: dict) -> Model:
         steps_args=tr.strings("steps_args", STEPS_ARG_RE, []),
     )
     data = doc.get("data", dict, {})
+    construct = None
+    if "construct" in doc.table:
+        c = doc.sub("construct")
+        kind = c.get("kind", str)
+        if kind not in CONSTRUCT_KINDS:
+            raise c.fail("kind", f"{kind!r} is not one of {', '.join(CONSTRUCT_KINDS)}")
+        construct = Construct(kind, c.get("module", str, pattern=DOTTED_RE), c.get("object", str, pattern=IDENT_RE),
+                              c.get("args_hook", str, pattern=IDENT_RE), c.strings("args", WORD_RE, []),
+                              c.strings("imports", DOTTED_RE, []))
     name = m.get("name", str, pattern=NAME_RE)
     if name != path.stem:
         raise m.fail("name", f"must match the file name {path.stem!r}")
@@ -595,4 +621,5 @@ def _load_model(path: Path, torch: dict, toolkits: dict) -> Model:
         train=train,
         data=data,
         path=str(path),
+        construct=construct,
     )

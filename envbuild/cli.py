@@ -385,7 +385,7 @@ def smoke(target: str = typer.Argument(..., metavar="IMAGE|MODEL"),
                                              "with MODEL, also picks its image like image --card."),
           cuda: Optional[str] = CUDA, python: Optional[str] = PYTHON,
           gpus: str = typer.Option("all", "--gpus", help="all, N, or none."),
-          level: Optional[str] = typer.Option(None, "--level", help="env,arch,ops,comm,train,io (default: all)."),
+          level: Optional[str] = typer.Option(None, "--level", help="env,model,arch,ops,comm,train,io (default: all)."),
           steps: int = typer.Option(20, "--steps", min=2, help="Training steps."),
           recipe: str = typer.Option("synthetic", "--recipe", help="synthetic, model (the catalog's recipe) or both."),
           data: Optional[Path] = typer.Option(None, "--data", help="Data folder for the model's recipe (e.g. nuScenes-mini)."),
@@ -455,6 +455,8 @@ def _print_smoke(data_, report):
         if name == "env" and "packages" in lvl:
             detail = (f"{len(lvl['packages'])} packages, {len(lvl.get('extensions', []))} compiled extensions loaded; "
                       f"{lvl.get('failed', 0)} failed")
+        if name == "model" and lvl.get("status") == "passed":
+            detail = f"{lvl['object']} built from the model's own code: {lvl['parameters']:,} parameters"
         if name == "comm" and lvl.get("works_with"):
             detail = f"all-reduce over {lvl['gpus']} GPU(s) works with {lvl['works_with']}"
         if name == "ops" and lvl.get("checks"):

@@ -115,6 +115,7 @@ class Plan:
     torch_compile: bool = False  # torch.compile (inductor) runs on this torch x Python
     torch_compile_why: str = ""
     notes: tuple[str, ...] = ()
+    construct: dict | None = None  # smoke's model level: how to build the network (catalog [construct])
     cards: tuple[str, ...] = ()  # every card the image is for (one, a list, or the portable set)
     cards_why: str = ""  # how the cards were chosen (--card, the host's GPUs, config, portable)
 
@@ -592,7 +593,7 @@ def _try(cat: Catalog, model: Model, card: Card, stack: _Stack, toolkit_req: Too
                "ops_check": model.train.ops_check, "cpu_args": list(model.train.cpu_args),
                "steps_args": list(model.train.steps_args)},
         torch_compile=torch_compile, torch_compile_why=torch_compile_why,
-        notes=tuple(notes),
+        notes=tuple(notes), construct=asdict(model.construct) if model.construct else None,
     )
 
 

@@ -15,7 +15,7 @@ from . import engine, host
 from .build import split_ref
 from .errors import BadInput, OperationFailed
 
-LEVELS = ("env", "arch", "ops", "comm", "train", "io")
+LEVELS = ("env", "model", "arch", "ops", "comm", "train", "io")
 
 
 def parse_levels(value: str | None) -> list[str]:

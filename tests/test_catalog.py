@@ -93,3 +93,25 @@ def test_adding_a_model_is_one_file(matrices_copy):
     (matrices_copy / "models" / "qcnet2.toml").write_text(text)
     cat = catalog.load(matrices_copy)
     assert cat.model("QCNet2").torch == "2.0.1"
+
+
+def test_construct_recipe_is_validated(matrices_copy):
+    from envbuild.errors import CatalogError
+    path = matrices_copy / "models" / "qcnet.toml"
+    text = path.read_text()
+    for old, new, says in (('kind = "argparse"', 'kind = "exec"', "is not one of argparse"),
+                           ('module = "predictors"', 'module = "predictors; import os"', "invalid value"),
+                           ('"--dataset", "argoverse_v2"', '"--dataset", "$(curl x)"', "invalid entry")):
+        path.write_text(text.replace(old, new))
+        with pytest.raises(CatalogError, match=says):
+            catalog.load(matrices_copy)
+    path.write_text(text)
+    plan_construct = catalog.load(matrices_copy).model("qcnet").construct
+    assert plan_construct.object == "QCNet" and "--num_recurrent_steps" in plan_construct.args
+
+
+def test_the_plan_carries_the_construct_recipe_to_the_image(cat):
+    from envbuild.resolve import resolve
+    plan = resolve(cat, "qcnet", "a800")
+    assert plan.to_dict()["construct"]["args_hook"] == "add_model_specific_args"
+    assert resolve(cat, "maptr", "a800").construct is None

@@ -400,3 +400,20 @@ def test_image_smoke_labels_every_tag_and_pushes_them(built, offline_base, fixtu
             except docker.errors.ImageNotFound:
                 pass
         docker_engine.images.get(built["image_id"]).tag(*built["ref"].rsplit(":", 1))  # as the other tests found it
+
+
+def _tinybev_parameters(cameras=6, channels=8, classes=4):
+    """TinyBEV's parameter count from its layers (tests/fixture/tinybev/tinybev/model.py)."""
+    conv = lambda cin, cout, k: cin * cout * k * k + cout  # noqa: E731 - weights + bias
+    return (conv(3, channels, 3) + 2 * channels + conv(channels, channels, 3) + 2 * channels
+            + conv(channels * cameras, channels, 1) + conv(channels, channels, 3) + conv(channels, classes, 1))
+
+
+def test_model_level_builds_the_network_from_the_models_own_code(built, fixture_env, tmp_path):
+    report = tmp_path / "model.json"
+    r = cli(fixture_env, "smoke", built["ref"], "--level", "env,model", "--report", report)
+    assert r.returncode == 0, r.stdout + r.stderr
+    level = json.loads(report.read_text())["levels"]["model"]
+    assert level["status"] == "passed" and level["object"] == "tinybev.TinyBEV"
+    assert level["parameters"] == _tinybev_parameters(channels=8)  # the catalog's --channels 8 reached the class
+    assert f"{_tinybev_parameters(channels=8):,} parameters" in r.stdout

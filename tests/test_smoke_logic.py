@@ -132,3 +132,40 @@ def test_run_bounded_kills_workers_that_left_the_launchers_session():
 def test_run_bounded_returns_output_and_exit_code():
     code, out, err = smoke.run_bounded([sys.executable, "-c", "import sys; print('x'); sys.exit(3)"], timeout=30)
     assert (code, out.strip()) == (3, "x")
+
+
+class _Args:
+    def __init__(self, workdir):
+        self.workdir = str(workdir)
+
+
+def _fake_repo(tmp_path):
+    pkg = tmp_path / "repo" / "nets"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text(
+        "class P:\n    def __init__(self, n): self.n, self.requires_grad = n, True\n    def numel(self): return self.n\n"
+        "class Net:\n"
+        "    @staticmethod\n"
+        "    def add_args(parser):\n"
+        "        parser.add_argument('--width', type=int, required=True)\n"
+        "        return parser\n"
+        "    def __init__(self, width): self.width = width\n"
+        "    def parameters(self): return [P(self.width), P(3)]\n")
+    return tmp_path / "repo"
+
+
+def test_model_level_builds_from_the_recipe_and_counts_parameters(tmp_path):
+    repo = _fake_repo(tmp_path)
+    plan = {"model": "fake", "construct": {"kind": "argparse", "module": "nets", "object": "Net", "args_hook": "add_args",
+                                           "args": ["--width", "7"], "imports": []}}
+    out = smoke.level_model(plan, _Args(repo))
+    assert out["status"] == "passed" and out["parameters"] == 10 and out["object"] == "nets.Net"
+
+
+def test_model_level_fails_clearly_when_the_parser_refuses_the_args(tmp_path):
+    repo = _fake_repo(tmp_path)
+    plan = {"model": "fake", "construct": {"kind": "argparse", "module": "nets", "object": "Net", "args_hook": "add_args",
+                                           "args": ["--depth", "7"], "imports": []}}
+    out = smoke.level_model(plan, _Args(repo))
+    assert out["status"] == "failed" and "refused the catalog's construct args" in out["reason"]
+    assert smoke.level_model({"model": "fake"}, _Args(repo))["status"] == "skipped"

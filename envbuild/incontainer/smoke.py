@@ -29,7 +29,7 @@ import time
 import uuid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-LEVELS = ("env", "arch", "ops", "comm", "train", "io")
+LEVELS = ("env", "model", "arch", "ops", "comm", "train", "io")
 # distribution name -> module to import (when they differ)
 IMPORT_NAMES = {
     "mmcv-full": "mmcv", "opencv-python": "cv2", "opencv-python-headless": "cv2", "pyyaml": "yaml",
@@ -265,6 +265,43 @@ def load_extensions(targets, workdir):
                 proc.returncode, proc.stderr.decode(errors="replace").strip()[-200:])
         items.append({k: v for k, v in dict(target, ok=not error, error=error or None).items() if k != "root"})
     return items
+
+
+def level_model(plan, args):
+    """Import the model's own code the way its train script does and build its network from
+    its own arguments (the catalog's construct recipe); report the parameter count."""
+    recipe = plan.get("construct")
+    if not recipe:
+        return result("skipped", reason="the catalog has no construct recipe for %s" % plan["model"])
+    root = args.workdir
+    if not os.path.isdir(root):
+        return result("failed", reason="no model source at %s" % root)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    here = os.getcwd()
+    os.chdir(root)  # repos read configs and assets relative to their root, as their train script runs
+    try:
+        for name in recipe.get("imports") or []:
+            importlib.import_module(name)
+        module = importlib.import_module(recipe["module"])
+        cls = getattr(module, recipe["object"])
+        if recipe["kind"] != "argparse":
+            return result("failed", reason="unknown construct kind %r" % recipe["kind"])
+        parser = argparse.ArgumentParser(prog=recipe["object"])
+        getattr(cls, recipe["args_hook"])(parser)
+        try:
+            ns = parser.parse_args(list(recipe.get("args") or []))
+        except SystemExit:  # argparse exits on arguments it does not take; its message went to stderr
+            return result("failed", reason="%s's parser refused the catalog's construct args %s"
+                          % (recipe["object"], recipe.get("args")))
+        net = cls(**vars(ns))
+    finally:
+        os.chdir(here)
+    params = sum(p.numel() for p in net.parameters())
+    trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    return result("passed" if params > 0 else "failed", object="%s.%s" % (recipe["module"], recipe["object"]),
+                  parameters=params, trainable=trainable, imports=list(recipe.get("imports") or []),
+                  **({} if params > 0 else {"reason": "the network has no parameters"}))
 
 
 def level_env(plan, args):
@@ -783,7 +820,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="envbuild-smoke")
     ap.add_argument("--plan", default=os.path.join(HERE, "plan.json"))
     ap.add_argument("--lock", default=os.path.join(HERE, "requirements.lock"))
-    ap.add_argument("--level", default="env,arch,ops,comm,train,io")
+    ap.add_argument("--level", default=",".join(LEVELS))
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--recipe", choices=["synthetic", "model", "both"], default="synthetic")
@@ -813,7 +850,7 @@ def main(argv=None):
     plan = load_plan(args.plan)
     report = {"model": plan["model"], "card": plan["card"], "card_name": plan["card_name"], "cc": plan["cc"],
               "environment": environment(), "levels": {}}
-    runners = {"env": level_env, "arch": level_arch, "ops": level_ops, "comm": level_comm,
+    runners = {"env": level_env, "model": level_model, "arch": level_arch, "ops": level_ops, "comm": level_comm,
                "train": level_train, "io": level_io}
     for level in levels:
         start = time.time()
