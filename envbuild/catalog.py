@@ -39,6 +39,7 @@ WORD_RE = re.compile(r"^[A-Za-z0-9_.-][A-Za-z0-9._/=,:+-]*$")
 STEPS_ARG_RE = re.compile(r"^(?:[A-Za-z0-9_.=,:+/-]|\{steps\})+$")  # a WORD that may hold {steps}
 LAUNCHERS = ("torch.distributed.launch", "torchrun", "lightning", "mp.spawn")
 CONSTRUCT_KINDS = ("argparse",)
+DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 DOTTED_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -210,6 +211,8 @@ class Model:
     path: str = ""
     origin: str = BUILTIN
     construct: Construct | None = None
+    era: str | None = None  # YYYY-MM-DD: the upstream commit whose pins the entry reflects
+    era_grace_days: int = 30  # releases this long after the era still count as of the era
 
     def pinned(self, name: str) -> str | None:
         spec = self.packages.get(name)
@@ -622,4 +625,6 @@ def _load_model(path: Path, torch: dict, toolkits: dict) -> Model:
         data=data,
         path=str(path),
         construct=construct,
+        era=m.get("era", str, None, pattern=DATE_RE),
+        era_grace_days=m.get("era_grace_days", int, 30),
     )

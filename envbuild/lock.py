@@ -7,12 +7,17 @@ Python 3.8 image. torch.lock holds just the torch trio so torch keeps its own la
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import re
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from . import build as build_stage
 from . import engine
+from .config import PYPI
+from .era import EraIndex, exact_pins
 from .errors import OperationFailed
 
 # pip-tools and pip versions that still support Python 3.8 and agree with each other.
@@ -81,20 +86,34 @@ def lock(context: Path, ca_bundle: str | None = None, echo=None) -> Path:
     env = {"HOME": "/tmp", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
     if ca_bundle:
         volumes[str(Path(ca_bundle).resolve())] = {"bind": "/run/secrets/ca_bundle", "mode": "ro"}
-    script = (
-        f"/opt/envbuild/with-ca.sh pip install -q {PIP} {PIP_TOOLS} && "
-        "/opt/envbuild/with-ca.sh pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras "
-        "--no-emit-index-url --no-emit-find-links --no-header --output-file /tmp/requirements.lock "
-        "/ctx/requirements.in && cat /tmp/requirements.lock"
-    )
-    container = client.containers.run(result.image_id, ["/bin/bash", "-c", script], environment=env,
-                                      volumes=volumes, detach=True, network_mode="host")
-    try:
-        status = container.wait(timeout=3600)
-        output = container.logs(stdout=True, stderr=False).decode()
-        errors = container.logs(stdout=False, stderr=True).decode()
-    finally:
-        container.remove(force=True)
+    text = req.read_text()
+    cutoff = json.loads((context / "plan.json").read_text()).get("index_cutoff") if (context / "plan.json").exists() else None
+    with contextlib.ExitStack() as stack:
+        index = ""
+        if cutoff:
+            # PyPI as it was at the cutoff, served on loopback (the container shares the host's network)
+            upstream = next((line.split(None, 1)[1].strip() for line in text.splitlines()
+                             if line.startswith("--index-url ")), PYPI)
+            until = datetime.fromisoformat(cutoff) + timedelta(days=1)  # the cutoff day counts
+            view = stack.enter_context(EraIndex(upstream, until, exact_pins(text), ca_bundle))
+            index = f"--index-url {view.url} "
+            if echo:
+                echo(f"lock: PyPI as of {cutoff} (exact pins excepted), served at {view.url}")
+        script = (
+            f"/opt/envbuild/with-ca.sh pip install -q {PIP} {PIP_TOOLS} && "
+            "grep -v '^--index-url ' /ctx/requirements.in > /tmp/requirements.in && "
+            f"/opt/envbuild/with-ca.sh pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras {index}"
+            "--no-emit-index-url --no-emit-find-links --no-header --output-file /tmp/requirements.lock "
+            + ("/tmp/requirements.in" if index else "/ctx/requirements.in") + " && cat /tmp/requirements.lock"
+        )
+        container = client.containers.run(result.image_id, ["/bin/bash", "-c", script], environment=env,
+                                          volumes=volumes, detach=True, network_mode="host")
+        try:
+            status = container.wait(timeout=3600)
+            output = container.logs(stdout=True, stderr=False).decode()
+            errors = container.logs(stdout=False, stderr=True).decode()
+        finally:
+            container.remove(force=True)
     if status.get("StatusCode") != 0:
         tail = "\n".join(errors.strip().splitlines()[-15:])
         raise OperationFailed(f"pip-compile failed inside the image's Python:\n{tail}")

@@ -287,6 +287,8 @@ def requirements_in(ctx: Context) -> str:
              "# Everything the image installs with pip except torch (own layer) and the packages",
              "# compiled from source in the builder stage. `envbuild lock` turns this into requirements.lock.",
              f"--index-url {ctx.pypi_index}"]
+    if ctx.plan.index_cutoff:  # part of what the lock is made from: a new cutoff makes a new lock
+        lines.append(f"# resolved as of {ctx.plan.index_cutoff}: {ctx.plan.index_cutoff_why}")
     lines += [f"{' '.join(ctx.torch_index_args)}"] if ctx.torch_index_args else []
     lines += ctx.torch_requirements + ctx.packages
     return "\n".join(lines) + "\n"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import asdict, dataclass, field, replace
+from datetime import date, timedelta
 from functools import lru_cache
 
 
@@ -116,6 +117,8 @@ class Plan:
     torch_compile_why: str = ""
     notes: tuple[str, ...] = ()
     construct: dict | None = None  # smoke's model level: how to build the network (catalog [construct])
+    index_cutoff: str | None = None  # YYYY-MM-DD: the lock sees PyPI as it was then (exact pins excepted)
+    index_cutoff_why: str = ""
     cards: tuple[str, ...] = ()  # every card the image is for (one, a list, or the portable set)
     cards_why: str = ""  # how the cards were chosen (--card, the host's GPUs, config, portable)
 
@@ -594,7 +597,18 @@ def _try(cat: Catalog, model: Model, card: Card, stack: _Stack, toolkit_req: Too
                "steps_args": list(model.train.steps_args)},
         torch_compile=torch_compile, torch_compile_why=torch_compile_why,
         notes=tuple(notes), construct=asdict(model.construct) if model.construct else None,
+        **_index_cutoff(model),
     )
+
+
+def _index_cutoff(model: Model) -> dict:
+    """What the model left unpinned resolves as of its era: its commit date plus a grace period."""
+    if not model.era:
+        return {"index_cutoff": None, "index_cutoff_why": "the catalog gives no era for this model: today's index"}
+    day = date.fromisoformat(model.era) + timedelta(days=model.era_grace_days)
+    return {"index_cutoff": day.isoformat(),
+            "index_cutoff_why": f"upstream's pins date from {model.era}; unpinned and transitive packages resolve as "
+                                f"of {model.era_grace_days} days later (exact pins win)"}
 
 
 def _torch_why(cat, model: Model, card: Card, rel: TorchRelease, cu: str) -> str:

@@ -39,6 +39,7 @@ def plan(p) -> None:
     out.print(f"  driver      >= {p.min_driver} (>= {p.compat_driver} with minor-version compatibility)")
     out.print(f"  compile     torch.compile {'yes' if p.torch_compile else 'no'}: {p.torch_compile_why}")
     out.print(f"  torch index {p.torch_index or 'plain PyPI'}")
+    out.print(f"  PyPI as of  {p.index_cutoff or 'today'}  [dim]# {e(p.index_cutoff_why)}[/]")
     t = Table(show_header=True, box=None, pad_edge=False)
     for col in ("", "package", "pin", "upstream", "why"):
         t.add_column(col, overflow="fold")

@@ -1,0 +1,150 @@
+"""The package index as it was: a local PEP 503 view of PyPI that hides every file uploaded
+after a cutoff date, so that what a model left unpinned resolves as of the model's era.
+
+PyPI's JSON simple API (PEP 691) gives each file's upload time (PEP 700). The lock step runs
+pip-compile against this view, whatever pip the image's Python has (pip 24 on Python 3.8 has
+no --uploaded-prior-to). Exact pins (from the catalog, a port or --set) always win: their
+files stay visible whatever their date. The view serves links to the real file URLs, so pip
+still checks every file's sha256.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+import ssl
+import threading
+import urllib.request
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from packaging.utils import InvalidSdistFilename, InvalidWheelFilename, canonicalize_name, parse_sdist_filename, \
+    parse_wheel_filename
+from packaging.version import InvalidVersion, Version
+
+JSON_ACCEPT = "application/vnd.pypi.simple.v1+json"
+PIN_RE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;#]+)")
+
+
+def exact_pins(requirements_text: str) -> dict[str, set[str]]:
+    """{canonical name: {versions}} of the `name==version` lines: these are never hidden."""
+    pins: dict[str, set[str]] = {}
+    for line in requirements_text.splitlines():
+        m = PIN_RE.match(line.strip())
+        if m:
+            pins.setdefault(canonicalize_name(m.group(1)), set()).add(m.group(2).split("+")[0])
+    return pins
+
+
+def file_version(filename: str) -> str | None:
+    try:
+        if filename.endswith(".whl"):
+            return str(parse_wheel_filename(filename)[1])
+        return str(parse_sdist_filename(filename)[1])
+    except (InvalidWheelFilename, InvalidSdistFilename, InvalidVersion):
+        return None
+
+
+def visible(files: list[dict], cutoff: datetime, pinned: set[str]) -> list[dict]:
+    """The files pip may see: uploaded by the cutoff, or of an exactly pinned version."""
+    out = []
+    for f in files:
+        version = file_version(f.get("filename", ""))
+        if version is not None and any(Version(version) == Version(p) for p in pinned if _is_version(p)):
+            out.append(f)
+            continue
+        uploaded = f.get("upload-time")
+        if not uploaded:
+            continue  # no upload time (PEP 700): cannot prove it is of the era
+        when = datetime.fromisoformat(uploaded.replace("Z", "+00:00"))
+        if when <= cutoff:
+            out.append(f)
+    return out
+
+
+def _is_version(text: str) -> bool:
+    try:
+        Version(text)
+        return True
+    except InvalidVersion:
+        return False
+
+
+def page(name: str, files: list[dict]) -> bytes:
+    """A PEP 503 project page linking the real file URLs (with their sha256)."""
+    links = []
+    for f in files:
+        url = f["url"] + (f"#sha256={f['hashes']['sha256']}" if f.get("hashes", {}).get("sha256") else "")
+        attrs = f' data-requires-python="{html.escape(f["requires-python"])}"' if f.get("requires-python") else ""
+        if f.get("yanked"):
+            attrs += ' data-yanked=""'
+        links.append(f'<a href="{html.escape(url)}"{attrs}>{html.escape(f["filename"])}</a><br/>')
+    return ("<!DOCTYPE html><html><body><h1>" + html.escape(name) + "</h1>\n" + "\n".join(links)
+            + "\n</body></html>\n").encode()
+
+
+class EraIndex:
+    """A loopback server for the time-filtered view; use as a context manager, read .url."""
+
+    def __init__(self, upstream: str, cutoff: datetime, pins: dict[str, set[str]], ca_bundle: str | None = None,
+                 timeout: int = 60):
+        self.upstream = upstream.rstrip("/")
+        self.cutoff = cutoff if cutoff.tzinfo else cutoff.replace(tzinfo=timezone.utc)
+        self.pins = pins
+        self.timeout = timeout
+        self.context = ssl.create_default_context(cafile=ca_bundle) if ca_bundle else ssl.create_default_context()
+        self.hidden: dict[str, int] = {}  # name -> files hidden, for the report
+        self._cache: dict[str, bytes] = {}
+        self._lock = threading.Lock()
+        self.server = None
+
+    def project(self, name: str) -> tuple[int, bytes]:
+        name = canonicalize_name(name)
+        with self._lock:
+            if name in self._cache:
+                return 200, self._cache[name]
+        req = urllib.request.Request(f"{self.upstream}/{name}/", headers={"Accept": JSON_ACCEPT})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout, context=self.context) as resp:
+                data = json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, b""
+        files = data.get("files", [])
+        shown = visible(files, self.cutoff, self.pins.get(name, set()))
+        body = page(name, shown)
+        with self._lock:
+            self._cache[name] = body
+            self.hidden[name] = len(files) - len(shown)
+        return 200, body
+
+    def __enter__(self) -> "EraIndex":
+        era = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server's name
+                m = re.match(r"^/simple/([A-Za-z0-9._-]+)/?$", self.path)
+                try:
+                    status, body = era.project(m.group(1)) if m else (404, b"")
+                except Exception as exc:  # noqa: BLE001 - the client gets a 502, the lock step the reason
+                    status, body = 502, str(exc).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/simple"
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
