@@ -46,9 +46,11 @@ def file_version(filename: str) -> str | None:
         return None
 
 
-def visible(files: list[dict], cutoff: datetime, pinned: set[str]) -> list[dict]:
-    """The files pip may see: uploaded by the cutoff, or of an exactly pinned version."""
-    out = []
+def visible(files: list[dict], cutoff: datetime, pinned: set[str], python: str | None = None) -> list[dict]:
+    """The files pip may see: uploaded by the cutoff, or of an exactly pinned version. When the
+    Plan ports to a Python that no release of the era has a wheel for, the earliest release
+    after the cutoff that has one is shown too: the smallest upgrade that installs there."""
+    out, later = [], {}
     for f in files:
         version = file_version(f.get("filename", ""))
         if version is not None and any(Version(version) == Version(p) for p in pinned if _is_version(p)):
@@ -57,10 +59,37 @@ def visible(files: list[dict], cutoff: datetime, pinned: set[str]) -> list[dict]
         uploaded = f.get("upload-time")
         if not uploaded:
             continue  # no upload time (PEP 700): cannot prove it is of the era
-        when = datetime.fromisoformat(uploaded.replace("Z", "+00:00"))
-        if when <= cutoff:
+        if datetime.fromisoformat(uploaded.replace("Z", "+00:00")) <= cutoff:
             out.append(f)
+        elif version is not None:
+            later.setdefault(version, []).append(f)
+    if python and _has_binary_wheels(files) and not any(_wheel_for(f, python) for f in out):
+        fits = sorted((Version(v), v) for v, fs in later.items() if any(_wheel_for(f, python) for f in fs))
+        if fits:
+            out += later[fits[0][1]]
     return out
+
+
+def _has_binary_wheels(files: list[dict]) -> bool:
+    return any(f.get("filename", "").endswith(".whl") and "-none-any.whl" not in f["filename"] for f in files)
+
+
+def _wheel_for(f: dict, python: str) -> bool:
+    """A wheel this CPython X.Y installs (its own cpXY tag, abi3 from an older one, or pure Python)."""
+    name = f.get("filename", "")
+    if not name.endswith(".whl"):
+        return False
+    try:
+        tags = parse_wheel_filename(name)[3]
+    except (InvalidWheelFilename, InvalidVersion):
+        return False
+    minor = int(python.split(".")[1])
+    for tag in tags:
+        if tag.interpreter in ("py3", f"py3{minor}") or tag.interpreter == f"cp3{minor}":
+            return True
+        if tag.abi == "abi3" and tag.interpreter.startswith("cp3") and int(tag.interpreter[3:] or 99) <= minor:
+            return True
+    return False
 
 
 def _is_version(text: str) -> bool:
@@ -88,7 +117,8 @@ class EraIndex:
     """A loopback server for the time-filtered view; use as a context manager, read .url."""
 
     def __init__(self, upstream: str, cutoff: datetime, pins: dict[str, set[str]], ca_bundle: str | None = None,
-                 timeout: int = 60):
+                 timeout: int = 60, python: str | None = None):
+        self.python = python
         self.upstream = upstream.rstrip("/")
         self.cutoff = cutoff if cutoff.tzinfo else cutoff.replace(tzinfo=timezone.utc)
         self.pins = pins
@@ -111,7 +141,7 @@ class EraIndex:
         except urllib.error.HTTPError as exc:
             return exc.code, b""
         files = data.get("files", [])
-        shown = visible(files, self.cutoff, self.pins.get(name, set()))
+        shown = visible(files, self.cutoff, self.pins.get(name, set()), self.python)
         body = page(name, shown)
         with self._lock:
             self._cache[name] = body

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import re
+import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -87,7 +88,8 @@ def lock(context: Path, ca_bundle: str | None = None, echo=None) -> Path:
     if ca_bundle:
         volumes[str(Path(ca_bundle).resolve())] = {"bind": "/run/secrets/ca_bundle", "mode": "ro"}
     text = req.read_text()
-    cutoff = json.loads((context / "plan.json").read_text()).get("index_cutoff") if (context / "plan.json").exists() else None
+    plan = json.loads((context / "plan.json").read_text()) if (context / "plan.json").exists() else {}
+    cutoff, python = plan.get("index_cutoff"), (plan.get("python") or {}).get("version")
     with contextlib.ExitStack() as stack:
         index = ""
         if cutoff:
@@ -95,7 +97,7 @@ def lock(context: Path, ca_bundle: str | None = None, echo=None) -> Path:
             upstream = next((line.split(None, 1)[1].strip() for line in text.splitlines()
                              if line.startswith("--index-url ")), PYPI)
             until = datetime.fromisoformat(cutoff) + timedelta(days=1)  # the cutoff day counts
-            view = stack.enter_context(EraIndex(upstream, until, exact_pins(text), ca_bundle))
+            view = stack.enter_context(EraIndex(upstream, until, exact_pins(text), ca_bundle, python=python))
             index = f"--index-url {view.url} "
             if echo:
                 echo(f"lock: PyPI as of {cutoff} (exact pins excepted), served at {view.url}")
@@ -115,8 +117,11 @@ def lock(context: Path, ca_bundle: str | None = None, echo=None) -> Path:
         finally:
             container.remove(force=True)
     if status.get("StatusCode") != 0:
-        tail = "\n".join(errors.strip().splitlines()[-15:])
-        raise OperationFailed(f"pip-compile failed inside the image's Python:\n{tail}")
+        log = build_stage.state_dir() / "logs" / f"lock-{context.name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(errors)
+        excerpt = "\n".join(build_stage.failure_excerpt(errors.strip().splitlines()))
+        raise OperationFailed(f"pip-compile failed inside the image's Python:\n{excerpt}", log=str(log))
     blocks = split_blocks(output)
     missing = [n for n in TORCH_TRIO if n not in blocks]
     if missing:

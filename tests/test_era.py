@@ -45,3 +45,18 @@ def test_the_plan_names_the_cutoff_and_why(cat):
     plan = resolve(cat, "qcnet", "a800")
     assert plan.index_cutoff == "2023-10-08" and "2023-09-08" in plan.index_cutoff_why
     assert resolve(cat, "maptr", "a800").index_cutoff is None  # no era in the catalog: said so
+
+
+def test_a_python_port_gets_the_smallest_later_release_with_a_wheel_for_it():
+    files = [f("av-10.0.0-cp310-cp310-manylinux2014_x86_64.whl", "2022-10-18T00:00:00Z"),
+             f("av-10.0.0.tar.gz", "2022-10-18T00:00:00Z"),
+             f("av-11.0.0.tar.gz", "2023-11-10T00:00:00Z"),
+             f("av-12.0.0-cp311-cp311-manylinux2014_x86_64.whl", "2024-03-21T00:00:00Z"),
+             f("av-13.0.0-cp311-cp311-manylinux2014_x86_64.whl", "2024-08-01T00:00:00Z")]
+    names = [x["filename"] for x in visible(files, CUTOFF, set(), python="3.11")]
+    assert "av-12.0.0-cp311-cp311-manylinux2014_x86_64.whl" in names and not any("13.0.0" in n for n in names)
+    # the era's own Python has its wheel: nothing later is shown
+    assert not any("12.0.0" in x["filename"] for x in visible(files, CUTOFF, set(), python="3.10"))
+    # pure-Python packages are never upgraded for a port
+    pure = [f("x-1.0.tar.gz", "2022-01-01T00:00:00Z"), f("x-2.0-py3-none-any.whl", "2024-01-01T00:00:00Z")]
+    assert [x["filename"] for x in visible(pure, CUTOFF, set(), python="3.11")] == ["x-1.0.tar.gz"]

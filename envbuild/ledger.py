@@ -1,0 +1,99 @@
+"""The verified ledger: one committed record per cell that was built from the model's real
+source and checked (audit, smoke env + model). A record holds the digest of the Plan it was
+made for; when today's Plan for the same request differs, the record is stale.
+
+Records live in the catalog (envbuild/matrices/verified/<cell>.json): they are facts about the
+catalog, read wherever it is installed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import date
+from pathlib import Path
+
+from .catalog import builtin_root
+from .errors import BadInput
+
+# What the digest covers: the decisions that make an image, not how they are explained, so a
+# new explanatory field in the Plan does not make every record stale.
+DIGEST_FIELDS = ("model", "commit", "cards", "python", "cuda", "torch", "torchvision", "torchaudio", "torch_index",
+                 "packages", "compiled", "arch_list", "extensions", "fixers", "runtime_env", "index_cutoff",
+                 "base_image", "construct")
+
+
+def folder() -> Path:
+    return builtin_root() / "verified"
+
+
+def digest(plan) -> str:
+    data = plan.to_dict()
+    decided = {k: data.get(k) for k in DIGEST_FIELDS}
+    for key in ("python", "torch", "torchvision", "torchaudio"):
+        decided[key] = (data[key] or {}).get("version")
+    decided["packages"] = sorted((p["name"], p["version"]) for p in data["packages"])
+    return hashlib.sha256(json.dumps(decided, sort_keys=True).encode()).hexdigest()
+
+
+def cell_name(request: dict) -> str:
+    return f"{request['model']}-{request['card'].replace(',', '+')}-py{request.get('python') or 'default'}"
+
+
+def load(path: Path | None = None) -> list[dict]:
+    """Every record; a malformed one is an error naming its file."""
+    records = []
+    for file in sorted((path or folder()).glob("*.json")):
+        try:
+            rec = json.loads(file.read_text())
+            for key in ("request", "digest", "verdict", "levels", "date"):
+                rec[key]  # noqa: B018 - presence check
+        except (ValueError, KeyError, TypeError) as exc:
+            raise BadInput(f"{file}: not a ledger record ({exc})", "rerun make verify for that cell") from None
+        rec["_file"] = str(file)
+        records.append(rec)
+    return records
+
+
+def status(plan, request: dict, records: list[dict] | None = None) -> str:
+    """'verified (DATE)', 'FAILED (DATE): reason', 'stale since DATE' or 'not verified' for this request."""
+    records = load() if records is None else records
+    same = [r for r in records if _same_request(r["request"], request)]
+    if not same:
+        return "not verified"
+    rec = max(same, key=lambda r: r["date"])
+    if rec["digest"] != digest(plan):
+        return f"stale: the Plan changed since it was verified on {rec['date']}"
+    if rec["verdict"] != "passed":
+        return f"FAILED on {rec['date']}: {rec.get('failure', '')}"
+    return f"verified on {rec['date']} ({', '.join(k for k, v in rec['levels'].items() if v == 'passed')})"
+
+
+def _same_request(a: dict, b: dict) -> bool:
+    keys = ("model", "card", "python", "cuda", "torch_index")
+    return all((a.get(k) or None) == (b.get(k) or None) for k in keys)
+
+
+def write(plan, request: dict, image: dict, audit_ok: bool | None, smoke_report: dict | None,
+          failure: str = "", path: Path | None = None) -> Path:
+    """The record of one verification, passed or not (a failure is recorded with its reason)."""
+    levels = {k: v.get("status") for k, v in ((smoke_report or {}).get("levels") or {}).items()}
+    model_level = ((smoke_report or {}).get("levels") or {}).get("model") or {}
+    passed = not failure and audit_ok and levels.get("env") == "passed" and levels.get("model") == "passed"
+    rec = {
+        "request": request, "digest": digest(plan), "date": date.today().isoformat(),
+        "verdict": "passed" if passed else "failed", "failure": failure,
+        "image_id": image.get("image_id"), "image_size_bytes": image.get("size_bytes"),
+        "build_seconds": image.get("build_seconds"),
+        "stages": [{"step": s["step"], "seconds": s["seconds"], "cached": s["cached"]}
+                   for s in image.get("run_steps", [])],
+        "audit": "passed" if audit_ok else ("failed" if audit_ok is False else "not run"),
+        "levels": levels, "parameters": model_level.get("parameters"),
+        "plan": {"torch": plan.torch.version, "cuda": plan.cuda, "python": plan.python.version,
+                 "arch_list": plan.arch_list, "index_cutoff": plan.index_cutoff,
+                 "deviations": plan.deviations},
+    }
+    out = (path or folder()) / f"{cell_name(request)}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rec, indent=1, sort_keys=True) + "\n")
+    return out
