@@ -11,7 +11,7 @@ CUDA ?=
 IMAGE ?=
 CUDA_FLAG := $(if $(CUDA),--cuda $(CUDA),)
 
-.PHONY: locks setup test test-unit test-integration image images resolve dockerfiles bench bench-build lint clean base smoke smoke-gpu selftest-gpu doctor export bake
+.PHONY: locks verify setup test test-unit test-integration image images resolve dockerfiles bench bench-build lint clean base smoke smoke-gpu selftest-gpu doctor export bake
 
 $(BIN)/envbuild: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,10 @@ locks: setup  ## hash-lock every committed cell in its own Python (needs its bas
 	  $(BIN)/envbuild lock $${cell%-*} --card $${cell##*-} -o $$tmp/ctx; \
 	  cp $$tmp/ctx/requirements.lock $$tmp/ctx/torch.lock $$d; rm -rf $$tmp; done
 	$(MAKE) dockerfiles
+
+verify: setup base  ## rebuild one cell from its real source here and record it: make verify MODEL=qcnet CARD=a800 SOURCE=../QCNet
+	ENVBUILD_TORCH_INDEX=none $(BIN)/envbuild verify $(MODEL) --card $(CARD) --python 3.11 --cuda 11.8 \
+	  --source $(SOURCE) --base-image envbuild/cuda:11.8-devel-debian12 --runtime-image envbuild/debian:12
 
 bench: setup  ## resolver timing and data-loader tuning; bench-build for the (slow) image build numbers
 	$(BIN)/python benchmarks/bench_resolve.py

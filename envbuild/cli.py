@@ -84,11 +84,15 @@ def resolve(model: str, card: Optional[str] = CARD,
             pypi_index: Optional[str] = PYPI_INDEX, json_: bool = JSON):
     """Print the Plan: what runs on the card, and why."""
     from .pipeline import plan_for
-    plan, _ = plan_for(_request(model, card, cuda, python, strict, set_, torch_index=torch_index,
-                                pypi_index=pypi_index))
+    from . import ledger
+    plan, sources = plan_for(_request(model, card, cuda, python, strict, set_, torch_index=torch_index,
+                                      pypi_index=pypi_index))
+    verified = ledger.status(plan, {"model": plan.model, "card": ",".join(plan.cards), "python": python,
+                                    "cuda": cuda, "torch_index": sources.torch_index or "none"})
     if json_:
-        return show.emit_json(plan.to_dict())
+        return show.emit_json({**plan.to_dict(), "verified": verified})
     show.plan(plan)
+    show.out.print(f"  ledger      {verified}", markup=False)
 
 
 @command()
@@ -98,9 +102,11 @@ def matrix(models_: Optional[List[str]] = typer.Option(None, "--models", help="M
     """Models x cards: upstream, port (main upgrades) or impossible (reason)."""
     cat = catalog.load()
     split = lambda vals: [v for item in vals or [] for v in item.split(",") if v] or None  # noqa: E731
+    from . import ledger
     cells = grid(cat, split(models_), split(cards_), load_sources(torch_index=torch_index), cuda)
+    marks = ledger.marks(cat)
     if json_:
-        return show.emit_json([c.__dict__ for c in cells])
+        return show.emit_json([{**c.__dict__, "verified": marks.get((c.model, c.card), "")} for c in cells])
     names = list(dict.fromkeys(c.model for c in cells))
     ids = list(dict.fromkeys(c.card for c in cells))
     by = {(c.model, c.card): c for c in cells}
@@ -109,7 +115,8 @@ def matrix(models_: Optional[List[str]] = typer.Option(None, "--models", help="M
         row = [cid]
         for m in names:
             c = by[(m, cid)]
-            row.append(c.status if c.status == "upstream" else f"{c.status}: {c.summary}")
+            mark = f" [{marks[(m, cid)]}]" if (m, cid) in marks else ""
+            row.append((c.status if c.status == "upstream" else f"{c.status}: {c.summary}") + mark)
         rows.append(row)
     show.table("models x cards", ["card", *names], rows)
 
@@ -249,18 +256,13 @@ def image(model: str, card: Optional[str] = CARD, cuda: Optional[str] = CUDA, py
           no_lock: bool = typer.Option(False, "--no-lock", help="Install requirements.in unlocked (pip resolves at build time)."),
           json_: bool = JSON):
     """Resolve, render, lock (first time), build (BuildKit), tag, optionally smoke-test and push."""
-    from . import build as build_stage
     from . import ship
-    from .pipeline import prepare_locked
+    from .pipeline import build_image, prepare_image
     req = _request(model, card, cuda, python, strict, set_, source and str(source), base_image, runtime_image,
                    torch_index, pypi_index)
-    build_stage.engine.find_cli()
-    build_stage.engine.client()
     echo = None if (json_ or quiet) else _echo_dim
-    plan, sources, ctx, lock_note = prepare_locked(req, lock=not no_lock, echo=echo,
-                                                   say=None if json_ else _say)
-    repo = f"{sources.registry}envbuild/{plan.model}" if sources.registry else ""
-    tags = [build_stage.image_tag(plan, repo)] + [build_stage.check_ref(t) for t in tag or []]
+    plan, sources, ctx, lock_note, tags = prepare_image(req, tag, lock=not no_lock, echo=echo,
+                                                        say=None if json_ else _say)
     # --push sends the tags that name a registry: the default one only when a registry is configured
     to_push = tags if sources.registry else tags[1:]
     if push_ and not to_push:
@@ -270,15 +272,12 @@ def image(model: str, card: Optional[str] = CARD, cuda: Optional[str] = CUDA, py
     if not json_:
         show.out.print(f"building {tags[0]} ({plan.mode}) from {ctx}", markup=False)
         _print_cards(plan)
-    result = build_stage.build(ctx, tags, no_cache=no_cache, ca_bundle=sources.ca_bundle, echo=echo,
-                               log_name=f"{plan.model}-{plan.card}")
-    summary = result.summary()
-    summary.update(cards=list(plan.cards), cards_why=plan.cards_why, lock=lock_note)
+    summary = build_image(plan, sources, ctx, lock_note, tags, no_cache=no_cache, echo=echo)
     if smoke_:
         from . import smoke as smoke_stage
         report = smoke_stage.run(tags[0], smoke_stage.parse_levels(None), card=_card_here(catalog.load(), None))
         summary["smoke"] = smoke_stage.summary(report)
-        summary["build_image_id"] = result.image_id
+        summary["build_image_id"] = summary["image_id"]
         summary["image_id"] = smoke_stage.record(tags, report)  # every tag moves to the labelled image
         if not report["ok"]:
             from .errors import OperationFailed
@@ -291,7 +290,7 @@ def image(model: str, card: Optional[str] = CARD, cuda: Optional[str] = CUDA, py
     show.out.print(f"image   {summary['image_id']}", markup=False)
     for t in tags:
         show.out.print(f"tag     {t}", markup=False)
-    show.out.print(f"size    {result.size / 1e9:.2f} GB   build {result.seconds:.0f}s   "
+    show.out.print(f"size    {summary['size_bytes'] / 1e9:.2f} GB   build {summary['build_seconds']:.0f}s   "
                    f"cache hits {summary['cached_steps']}/{summary['steps']} steps", markup=False)
     for step in summary["run_steps"]:
         state = "cached" if step["cached"] else f"{step['seconds'] or 0:.1f}s"
@@ -299,7 +298,55 @@ def image(model: str, card: Optional[str] = CARD, cuda: Optional[str] = CUDA, py
     for ref, digest in summary.get("pushed", {}).items():
         show.out.print(f"pushed  {ref}@{digest}", markup=False)
     show.out.print(f"lock    {lock_note}", markup=False)
-    show.out.print(f"log     {result.log}", markup=False)
+    show.out.print(f"log     {summary['log']}", markup=False)
+
+
+@command()
+def verify(model: str, card: Optional[str] = CARD, cuda: Optional[str] = CUDA, python: Optional[str] = PYTHON,
+           source: Optional[Path] = SOURCE, base_image: Optional[str] = BASE_IMAGE,
+           runtime_image: Optional[str] = RUNTIME_IMAGE, torch_index: Optional[str] = TORCH_INDEX,
+           pypi_index: Optional[str] = PYPI_INDEX, json_: bool = JSON):
+    """Build a cell from the model's real source, audit it, smoke env + model, and record the result
+    (passed, or the exact failure) in the verified ledger."""
+    from . import audit as audit_stage, ledger, smoke as smoke_stage
+    from .errors import OperationFailed
+    from .pipeline import build_image, prepare_image
+    from .resolve import parse_cards
+    req = _request(model, card, cuda, python, False, None, source and str(source), base_image, runtime_image,
+                   torch_index, pypi_index)
+    echo = None if json_ else _echo_dim
+    plan, sources, ctx, lock_note, tags = prepare_image(req, (), echo=echo, say=None if json_ else _say)
+    request = {"model": plan.model, "card": ",".join(plan.cards), "python": python, "cuda": cuda,
+               "torch_index": sources.torch_index or "none"}
+    summary, audit_ok, report, failure = {}, None, None, ""
+    try:
+        summary = build_image(plan, sources, ctx, lock_note, tags, echo=echo)
+        libs = audit_stage.scan(tags[0])
+        audits = [audit_stage.audit(tags[0], c, libs) for c in parse_cards(catalog.load(), list(plan.cards))]
+        audit_ok = all(a["ok"] for a in audits)
+        if not audit_ok:
+            failure = "audit: " + "; ".join(f for a in audits for f in a["failures"])
+        report = smoke_stage.run(tags[0], ["env", "model"], gpus="none")
+        bad = {k: v for k, v in report["levels"].items() if v.get("status") != "passed"}
+        if bad and not failure:
+            failure = "; ".join(f"smoke {k}: {v.get('reason') or _first_problem(v)}" for k, v in bad.items())
+    except OperationFailed as exc:
+        failure = exc.message.splitlines()[0] + (f" (log: {exc.log})" if exc.log else "")
+    path = ledger.write(plan, request, summary, audit_ok, report, failure)
+    status = ledger.status(plan, request)
+    if json_:
+        show.emit_json({"record": str(path), "status": status})
+    else:
+        show.out.print(f"{plan.model} on {', '.join(plan.cards)}: {status}", markup=False)
+        show.out.print(f"record  {path}", markup=False)
+    if failure:
+        raise OperationFailed(f"{plan.model} is not verified: {failure}", log=str(path))
+
+
+def _first_problem(level: dict) -> str:
+    found = [f"{p['name']}: {'; '.join(p['problems'])}" for p in level.get("packages", []) if not p.get("ok")]
+    found += [f"{e['path']}: {e['error']}" for e in level.get("extensions", []) if e.get("ok") is False]
+    return (found or [level.get("status", "?")])[0][:300]
 
 
 @command()

@@ -97,3 +97,29 @@ def write(plan, request: dict, image: dict, audit_ok: bool | None, smoke_report:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rec, indent=1, sort_keys=True) + "\n")
     return out
+
+
+def plan_for_record(cat, rec: dict):
+    """Today's Plan for the request a record was made for."""
+    from .config import Sources
+    from .resolve import resolve
+    req = rec["request"]
+    index = req.get("torch_index")
+    sources = Sources(torch_index=None if index in (None, "none") else index)
+    return resolve(cat, req["model"], req["card"], cuda=req.get("cuda"), python=req.get("python"), sources=sources)
+
+
+def marks(cat) -> dict:
+    """{(model, card): 'verified py3.11' | 'stale py3.11' | 'FAILED py3.11'} for `matrix`."""
+    out = {}
+    for rec in load():
+        req = rec["request"]
+        try:
+            plan = plan_for_record(cat, rec)
+        except BadInput:
+            word = "stale"
+        else:
+            word = "stale" if digest(plan) != rec["digest"] else ("verified" if rec["verdict"] == "passed" else "FAILED")
+        for card in req["card"].split(","):
+            out[(req["model"], card)] = f"{word} py{req.get('python') or plan.python.version}"
+    return out

@@ -123,3 +123,26 @@ def prepare_locked(req: Request, out: Path | None = None, lock: bool = True, ech
     lock_stage.lock(ctx, ca_bundle=sources.ca_bundle, echo=echo)
     plan, sources, ctx = prepare(req, out)  # re-render: the Dockerfile now installs from the lock
     return plan, sources, ctx, f"locked first, hash-locked by {ctx / 'requirements.lock'} (kept for the next build)"
+
+
+def prepare_image(req: Request, extra_tags=(), lock: bool = True, echo=None, say=None):
+    """Everything before the build: engine reachable, context rendered and locked, tags decided.
+    Returns (plan, sources, ctx, lock_note, tags); the Plan's own tag comes first."""
+    from . import build as build_stage
+    build_stage.engine.find_cli()
+    build_stage.engine.client()
+    plan, sources, ctx, lock_note = prepare_locked(req, lock=lock, echo=echo, say=say)
+    repo = f"{sources.registry}envbuild/{plan.model}" if sources.registry else ""
+    tags = [build_stage.image_tag(plan, repo)] + [build_stage.check_ref(t) for t in extra_tags or []]
+    return plan, sources, ctx, lock_note, tags
+
+
+def build_image(plan: Plan, sources: Sources, ctx: Path, lock_note: str, tags: list[str], no_cache: bool = False,
+                echo=None) -> dict:
+    """BuildKit build of a prepared context, tagged on success; the summary the CLI prints."""
+    from . import build as build_stage
+    result = build_stage.build(ctx, tags, no_cache=no_cache, ca_bundle=sources.ca_bundle, echo=echo,
+                               log_name=f"{plan.model}-{plan.card}")
+    summary = result.summary()
+    summary.update(cards=list(plan.cards), cards_why=plan.cards_why, lock=lock_note)
+    return summary

@@ -1,0 +1,58 @@
+"""The verified ledger: committed records parse, and each still matches today's Plan."""
+
+import json
+
+import pytest
+
+from envbuild import ledger
+from envbuild.config import Sources
+from envbuild.resolve import resolve
+
+REQUEST = {"model": "qcnet", "card": "a800", "python": "3.11", "cuda": "11.8", "torch_index": "none"}
+
+
+def plan(cat, **kw):
+    return resolve(cat, "qcnet", "a800", python="3.11", cuda="11.8", sources=Sources(torch_index=None), **kw)
+
+
+def test_committed_records_parse_and_match_todays_plans(cat):
+    for rec in ledger.load():
+        today = ledger.plan_for_record(cat, rec)
+        assert ledger.digest(today) == rec["digest"], \
+            f"{rec['_file']} is stale: the Plan changed since {rec['date']}; rerun make verify for that cell"
+        assert rec["verdict"] in ("passed", "failed") and (rec["verdict"] == "passed" or rec["failure"])
+
+
+def test_status_verified_failed_and_stale(cat, tmp_path):
+    p = plan(cat)
+    image = {"image_id": "sha256:" + "1" * 64, "size_bytes": 6_330_000_000, "build_seconds": 2868.0,
+             "run_steps": [{"step": "[builder 3/9] RUN pip install torch-cluster", "seconds": 1109.0, "cached": False}]}
+    report = {"levels": {"env": {"status": "passed"}, "model": {"status": "passed", "parameters": 7660673}}}
+    ledger.write(p, REQUEST, image, True, report, path=tmp_path)
+    records = ledger.load(tmp_path)
+    assert records[0]["parameters"] == 7660673 and records[0]["stages"][0]["seconds"] == 1109.0
+    assert ledger.status(p, REQUEST, records).startswith("verified on ")
+    other = {**REQUEST, "python": "3.10"}
+    assert ledger.status(plan(cat), other, records) == "not verified"
+    # a Plan that changed since (another pin) makes the record stale
+    changed = resolve(cat, "qcnet", "a800", python="3.11", cuda="11.8", sources=Sources(torch_index=None),
+                      overrides={"numpy": "1.24.4"})
+    assert ledger.status(changed, REQUEST, records).startswith("stale")
+    # a failure is recorded with its reason, not dropped
+    ledger.write(p, REQUEST, image, True, {"levels": {"env": {"status": "failed"}}}, "smoke env: cv2: libGL.so.1",
+                 path=tmp_path)
+    assert ledger.status(p, REQUEST, ledger.load(tmp_path)).startswith("FAILED on ")
+
+
+def test_digest_ignores_how_the_plan_explains_itself(cat):
+    p = plan(cat)
+    from dataclasses import replace
+    assert ledger.digest(p) == ledger.digest(replace(p, cards_why="the config's card", notes=("x",)))
+    assert ledger.digest(p) != ledger.digest(replace(p, arch_list="8.0;9.0"))
+
+
+def test_a_malformed_record_is_one_clear_error(tmp_path):
+    (tmp_path / "bad.json").write_text(json.dumps({"request": {}}))
+    from envbuild.errors import BadInput
+    with pytest.raises(BadInput, match="bad.json: not a ledger record"):
+        ledger.load(tmp_path)
