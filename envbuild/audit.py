@@ -50,17 +50,19 @@ def judge(library: dict, cc: str) -> dict:
 
 def scan(image: str) -> list[dict]:
     client = engine.client()
-    from docker.errors import ImageNotFound, ContainerError
+    from docker.errors import APIError, ImageNotFound
     try:
         client.images.get(image)
     except ImageNotFound:
         raise BadInput(f"no local image {image!r}", "pull or build it first") from None
     try:
-        out = client.containers.run(
-            image, ["sh", "-c", FIND_PYTHON, "audit", *ROOTS], entrypoint=[], remove=True, network_disabled=True,
-            volumes={str(SCANNER.parent): {"bind": "/envbuild-audit", "mode": "ro"}}, stdout=True, stderr=False)
-    except ContainerError as exc:
-        raise OperationFailed(f"audit scan failed in {image}: {exc.stderr.decode(errors='replace')[-500:] if exc.stderr else exc}") from None
+        code, out, err = engine.run_container(
+            image, ["sh", "-c", FIND_PYTHON, "audit", *ROOTS], timeout=1800, entrypoint=[], network_disabled=True,
+            volumes={str(SCANNER.parent): {"bind": "/envbuild-audit", "mode": "ro"}})
+    except APIError as exc:
+        raise OperationFailed(f"cannot start the audit container for {image}: {exc.explanation or exc}") from None
+    if code != 0:
+        raise OperationFailed(f"audit scan failed in {image}: {err.strip()[-500:]}")
     try:
         return json.loads(out)["libraries"]
     except (ValueError, KeyError):

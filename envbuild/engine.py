@@ -113,6 +113,23 @@ def client():
         raise
 
 
+def run_container(image: str, command: list[str], timeout: int = API_TIMEOUT, **kwargs) -> tuple[int, str, str]:
+    """Create, start and wait for a container; (exit code, stdout, stderr). The container is
+    removed whatever happens: a start that fails, a timeout, Ctrl-C."""
+    container = client().containers.create(image, command, **kwargs)
+    try:
+        container.start()
+        status = container.wait(timeout=timeout)
+        out = container.logs(stdout=True, stderr=False).decode(errors="replace")
+        err = container.logs(stdout=False, stderr=True).decode(errors="replace")
+        return status.get("StatusCode", -1), out, err
+    finally:
+        try:
+            container.remove(force=True)
+        except Exception:  # noqa: BLE001 - already gone, or the daemon went away: nothing left to do
+            pass
+
+
 def available() -> str | None:
     """None when builds can run here, else the reason they cannot."""
     try:

@@ -257,9 +257,7 @@ class LocalRank(Fixer):
     why = "torch >= 2.0 launch passes --local-rank; accept it beside --local_rank (LOCAL_RANK env kept)"
 
     def fix_text(self, relpath, text):
-        if "--local_rank" not in text:
-            return text
-        tree = _parse(text)
+        tree = _parse(text) if "--local_rank" in text else None
         if tree is None:
             return text
         src, edits = _Source(text), []
@@ -287,9 +285,7 @@ class NumbaErrors(Fixer):
     _alias = "_numba_errors"
 
     def fix_text(self, relpath, text):
-        if "numba.errors" not in text:
-            return text
-        tree = _parse(text)
+        tree = _parse(text) if "numba.errors" in text else None
         if tree is None:
             return text
         src, edits = _Source(text), []

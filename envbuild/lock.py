@@ -82,7 +82,6 @@ def lock(context: Path, ca_bundle: str | None = None, echo=None) -> Path:
     if not req.exists():
         raise OperationFailed(f"{req} is missing: run envbuild render first")
     result = build_stage.build(context, [], target="base", ca_bundle=ca_bundle, echo=echo, log_name="lock-base")
-    client = engine.client()
     volumes = {str(context): {"bind": "/ctx", "mode": "rw"}}
     env = {"HOME": "/tmp", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
     if ca_bundle:
@@ -108,15 +107,9 @@ def lock(context: Path, ca_bundle: str | None = None, echo=None) -> Path:
             "--no-emit-index-url --no-emit-find-links --no-header --output-file /tmp/requirements.lock "
             + ("/tmp/requirements.in" if index else "/ctx/requirements.in") + " && cat /tmp/requirements.lock"
         )
-        container = client.containers.run(result.image_id, ["/bin/bash", "-c", script], environment=env,
-                                          volumes=volumes, detach=True, network_mode="host")
-        try:
-            status = container.wait(timeout=3600)
-            output = container.logs(stdout=True, stderr=False).decode()
-            errors = container.logs(stdout=False, stderr=True).decode()
-        finally:
-            container.remove(force=True)
-    if status.get("StatusCode") != 0:
+        code, output, errors = engine.run_container(result.image_id, ["/bin/bash", "-c", script], timeout=3600,
+                                                    environment=env, volumes=volumes, network_mode="host")
+    if code != 0:
         log = build_stage.state_dir() / "logs" / f"lock-{context.name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         log.write_text(errors)

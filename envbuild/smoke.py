@@ -75,7 +75,7 @@ def run(image: str, levels: list[str], gpus: str = "all", steps: int = 20, recip
         cmd += ["--ops-check", "/opt/envbuild-ops-check.py"]
     if compile_model:
         cmd.append("--compile")
-    kwargs = {"volumes": volumes, "detach": True}
+    kwargs = {"volumes": volumes}
     if ipc_host:
         kwargs["ipc_mode"] = "host"
     else:
@@ -84,28 +84,17 @@ def run(image: str, levels: list[str], gpus: str = "all", steps: int = 20, recip
         count = -1 if gpus == "all" else int(gpus)
         kwargs["device_requests"] = [docker.types.DeviceRequest(count=count, capabilities=[["gpu"]])]
     from docker.errors import APIError
+    start = time.monotonic()
     try:
-        container = client.containers.run(img.id, cmd, **kwargs)
+        code, out, err = engine.run_container(img.id, cmd, timeout=timeout, **kwargs)
     except APIError as exc:
         if "device_requests" in kwargs and "gpu" in str(exc).lower():
             raise OperationFailed(f"Docker cannot give the container the GPUs: {exc.explanation or exc}",
                                   "install nvidia-container-toolkit, run `nvidia-ctk runtime configure --runtime=docker` "
                                   "and restart dockerd (envbuild doctor checks this)") from None
         raise OperationFailed(f"cannot start the smoke container for {image}: {exc.explanation or exc}") from None
-    start = time.monotonic()
-    try:
-        status = container.wait(timeout=timeout)
-        out = container.logs(stdout=True, stderr=False).decode(errors="replace")
-        err = container.logs(stdout=False, stderr=True).decode(errors="replace")
-    except Exception as exc:
-        if isinstance(exc, KeyboardInterrupt):
-            raise
+    except Exception as exc:  # noqa: BLE001 - a timeout or a daemon that went away; Ctrl-C passes through
         raise OperationFailed(f"smoke run of {image} did not finish: {exc}") from None
-    finally:
-        try:
-            container.remove(force=True)
-        except Exception:
-            pass
     start_json = out.find("{")
     try:
         report = json.loads(out[start_json:]) if start_json >= 0 else None
@@ -113,7 +102,7 @@ def run(image: str, levels: list[str], gpus: str = "all", steps: int = 20, recip
         report = None
     if report is None:
         tail = "\n".join(err.strip().splitlines()[-15:])
-        raise OperationFailed(f"smoke run of {image} printed no report (exit {status.get('StatusCode')}):\n{tail}")
+        raise OperationFailed(f"smoke run of {image} printed no report (exit {code}):\n{tail}")
     report["image"] = image
     report["image_id"] = img.id
     if card is not None:

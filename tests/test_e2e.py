@@ -417,3 +417,27 @@ def test_model_level_builds_the_network_from_the_models_own_code(built, fixture_
     assert level["status"] == "passed" and level["object"] == "tinybev.TinyBEV"
     assert level["parameters"] == _tinybev_parameters(channels=8)  # the catalog's --channels 8 reached the class
     assert f"{_tinybev_parameters(channels=8):,} parameters" in r.stdout
+
+
+def test_a_container_that_cannot_start_is_not_left_behind(docker_engine, fixture_env):
+    # An image with envbuild's labels and nothing to run: every command that starts a container fails
+    # cleanly and removes it.
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        data = b'FROM scratch\nLABEL io.envbuild.model="tinybev" io.envbuild.cards="a800"\nCOPY marker /marker\n'
+        for name, body in (("Dockerfile", data), ("marker", b"x")):
+            info = tarfile.TarInfo(name)
+            info.size = len(body)
+            tar.addfile(info, io.BytesIO(body))
+    buf.seek(0)
+    ref = f"envbuild-test/nostart:{uuid.uuid4().hex[:8]}"
+    docker_engine.images.build(fileobj=buf, custom_context=True, tag=ref)
+    before = {c.id for c in docker_engine.containers.list(all=True)}
+    try:
+        for args in (["smoke", ref, "--level", "env"], ["audit", ref]):
+            r = cli(fixture_env, *args)
+            assert r.returncode == 1 and "Traceback" not in r.stderr, (args, r.stderr)
+            assert "cannot start" in r.stderr, r.stderr
+        assert {c.id for c in docker_engine.containers.list(all=True)} <= before
+    finally:
+        docker_engine.images.remove(ref, force=True)
