@@ -32,7 +32,7 @@ def bake_file(models=None, cards=None, out_dir: Path = Path("bake"), sources: So
     models = [cat.model(m).name for m in models] if models else sorted(cat.models)
     cards = [cat.card(c).id for c in cards] if cards else list(render.DEFAULT_CARDS)
     if parallel < 1 or builder_memory_gb < 1:
-        raise BadInput("--parallel and --builder-memory must be >= 1")
+        raise BadInput("--parallel and --builder-memory must be >= 1", "e.g. --builder-memory 64 --parallel 4")
     targets, bases, skipped = {}, {}, []
     cache = (registry.rstrip("/") + "/envbuild-cache") if registry else ""
     for m in models:

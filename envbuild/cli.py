@@ -173,12 +173,13 @@ def fix(path: str = typer.Argument(..., help="Model source tree."),
     if not path.strip():
         raise BadInput("the source tree path is empty", "name the model's folder, e.g. envbuild fix ./MapTR")
     if not Path(path).is_dir():
-        raise BadInput(f"{path} is not a directory")
+        raise BadInput(f"{path} is not a directory", "name the model's source folder")
     if plan_file:
         try:
             chosen = fx.fixers_from_plan(_json.loads(plan_file.read_text()))
         except (OSError, ValueError, KeyError, UnicodeDecodeError) as exc:
-            raise BadInput(f"cannot use plan {plan_file}: {exc}") from None
+            raise BadInput(f"cannot use plan {plan_file}: {exc}",
+                           "pass the plan.json that envbuild render wrote") from None
     else:
         names = [n for item in (only or []) for n in item.split(",") if n] or list(fx.FIXERS)
         for name in names:
@@ -402,9 +403,11 @@ def audit(image_ref: str = typer.Argument(..., metavar="IMAGE"),
     from .errors import BadInput, OperationFailed
     from .resolve import parse_cards
     cat = catalog.load()
+    from .export import local_image
+    local_image(image_ref)  # a missing or unusable reference is said as such
     names = card or audit_stage.image_cards(image_ref)
     if not names:
-        raise BadInput(f"{image_ref} has no io.envbuild.cards label: pass --card")
+        raise BadInput(f"{image_ref} has no io.envbuild.cards label", "pass --card CARD[,CARD]")
     libs = audit_stage.scan(image_ref)
     reports = [audit_stage.audit(image_ref, c, libs) for c in parse_cards(cat, names)]
     if json_:
@@ -449,9 +452,9 @@ def smoke(target: str = typer.Argument(..., metavar="IMAGE|MODEL"),
     from . import smoke as smoke_stage
     from .errors import BadInput, OperationFailed
     if recipe not in ("synthetic", "model", "both"):
-        raise BadInput(f"--recipe {recipe!r}: choose synthetic, model or both")
+        raise BadInput(f"--recipe {recipe!r} is not a recipe", "choose synthetic, model or both")
     if gpus != "all" and gpus != "none" and not gpus.isdigit():
-        raise BadInput(f"--gpus {gpus!r}: all, N or none")
+        raise BadInput(f"--gpus {gpus!r} is not a GPU request", "all, N or none")
     image_ref = target
     cat = catalog.load()
     if target.lower() in cat.models:
@@ -570,7 +573,7 @@ def export(image_ref: str = typer.Argument(..., metavar="IMAGE"),
     from . import export as export_stage
     from .errors import BadInput
     if format_ not in ("tar", "apptainer"):
-        raise BadInput(f"--format {format_!r}: choose tar or apptainer")
+        raise BadInput(f"--format {format_!r} is not a format", "choose tar or apptainer")
     result = export_stage.export_tar(image_ref, out) if format_ == "tar" else export_stage.export_apptainer(image_ref, out)
     if json_:
         return show.emit_json(result)

@@ -21,17 +21,19 @@ def load(paths) -> list[dict]:
         try:
             data = json.loads(Path(path).read_text())
         except (OSError, ValueError) as exc:
-            raise BadInput(f"cannot read smoke report {path}: {exc}") from None
+            raise BadInput(f"cannot read smoke report {path}: {exc}",
+                           "pass the files envbuild smoke --report wrote") from None
         train = ((data.get("levels") or {}).get("train") or {}).get("runs", {}).get("synthetic")
         if not train or train.get("status") != "passed":
-            raise BadInput(f"{path} has no passed synthetic train run to compare")
+            raise BadInput(f"{path} has no passed synthetic train run to compare",
+                           "run envbuild smoke IMAGE --level train --report FILE first")
         gpus = (data.get("environment") or {}).get("gpus") or []
         data["_label"] = f"{data.get('card_name', data.get('card'))} ({gpus[0] if gpus else train.get('device')})"
         data["_train"] = train
         data["_path"] = str(path)
         reports.append(data)
     if not reports:
-        raise BadInput("no reports given")
+        raise BadInput("no reports given", "envbuild compare A.json B.json")
     return reports
 
 

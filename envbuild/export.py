@@ -27,16 +27,19 @@ def _safe_name(ref: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", ref).strip("_")[:150]
 
 
-def _image(ref: str):
-    from docker.errors import ImageNotFound
+def local_image(ref: str):
+    from docker.errors import APIError, DockerException, ImageNotFound
     try:
         return engine.client().images.get(ref)
     except ImageNotFound:
         raise BadInput(f"no local image {ref!r}", "see `envbuild images`") from None
+    except (APIError, DockerException) as exc:  # e.g. a reference the daemon cannot parse
+        raise BadInput(f"not a usable image reference {ref!r}: {getattr(exc, 'explanation', None) or exc}",
+                       "see `envbuild images` for the local ones") from None
 
 
 def export_tar(ref: str, out_dir: Path, level: int = 3) -> dict:
-    image = _image(ref)
+    image = local_image(ref)
     out_dir.mkdir(parents=True, exist_ok=True)
     name = _safe_name(ref)
     final = out_dir / f"{name}.tar.gz"
@@ -64,7 +67,7 @@ def export_tar(ref: str, out_dir: Path, level: int = 3) -> dict:
 
 def apptainer_def(ref: str, archive_name: str) -> str:
     """An Apptainer definition that bootstraps from the docker-save archive (no registry needed)."""
-    image = _image(ref)
+    image = local_image(ref)
     env = image.attrs.get("Config", {}).get("Env") or []
     labels = image.labels or {}
     lines = [f"# Apptainer/Singularity definition for {ref}, written by envbuild export.",
@@ -108,7 +111,7 @@ def verify(path: Path) -> dict:
     """Check an archive against its manifest; returns the manifest."""
     manifest_path = path.with_name(path.name + ".json")
     if not path.is_file():
-        raise BadInput(f"{path} is not a file")
+        raise BadInput(f"{path} is not a file", "pass the .tar.gz that envbuild export wrote")
     if not manifest_path.is_file():
         raise BadInput(f"no manifest {manifest_path.name} next to {path.name}", "export writes both; copy them together")
     manifest = json.loads(manifest_path.read_text())
@@ -131,7 +134,12 @@ def load(path: Path) -> dict:
             for block in iter(lambda: fh.read(CHUNK), b""):
                 yield block
 
-    images = client.images.load(chunks())
+    from docker.errors import APIError
+    try:
+        images = client.images.load(chunks())
+    except (EOFError, OSError, APIError) as exc:  # gzip.BadGzipFile is an OSError
+        raise OperationFailed(f"cannot load {path}: the archive is truncated or not what export writes ({exc})",
+                              "export it again and copy the .tar.gz and its .json together") from None
     ids = [i.id for i in images]
     if manifest.get("id") and manifest["id"] not in ids:
         raise OperationFailed(f"loaded {ids} but the manifest names {manifest['id']}")

@@ -89,7 +89,7 @@ def prepare(req: Request, out: Path | None = None) -> tuple[Plan, Sources, Path]
     if req.source:
         source_dir = Path(req.source).expanduser()
         if not source_dir.is_dir():
-            raise BadInput(f"--source {req.source}: not a directory")
+            raise BadInput(f"--source {req.source}: not a directory", "point --source at a checkout of the model")
         render.check_apart(source_dir, out)
     ctx = render.make_context(plan, req.command(), base_image=req.base_image, runtime_image=req.runtime_image,
                               source="local" if source_dir else "git", pypi_index=sources.pypi_index)

@@ -172,7 +172,8 @@ class Context:
         for ext in self.plan.extensions:
             _check(ext.path, RELPATH_RE, "extension path")
             if ".." in ext.path.split("/"):
-                raise BadInput(f"refusing to render extension path {ext.path!r}: leaves the source tree")
+                raise BadInput(f"refusing to render extension path {ext.path!r}: leaves the source tree",
+                               "fix the catalog entry")
             cmd = [_check(w, WORD_RE, "build command word") for w in ext.build]
             out.append({"name": ext.name, "path": ext.path, "command": cmd})
         return out
@@ -417,7 +418,7 @@ def copy_source(src: Path, dst: Path) -> None:
     The copy is made beside dst and swapped in, so a failure leaves the old copy whole."""
     src = src.resolve()
     if not src.is_dir():
-        raise BadInput(f"--source {src} is not a directory")
+        raise BadInput(f"--source {src} is not a directory", "point --source at a checkout of the model")
     ignore = shutil.ignore_patterns(".git", "__pycache__", "build", "*.egg-info", "*.so", ".envbuild*")
     staging = Path(tempfile.mkdtemp(dir=dst.parent, prefix=".src."))
     try:

@@ -257,7 +257,7 @@ def _check_overrides(cat: Catalog, model: Model, overrides: dict) -> None:
         elif name in ("torchvision", "torchaudio"):
             raise BadInput(f"--set {name}=={version}: {name} pairs with torch", "set torch instead: --set torch==X")
         elif name == "python":
-            raise BadInput("--set python: use --python X.Y")
+            raise BadInput("--set python is not a pin", "use --python X.Y")
         elif name not in model.packages:
             raise BadInput(f"--set {name}=={version}: {model.name} does not install {name}",
                            f"its packages: {', '.join(sorted(model.packages))}")

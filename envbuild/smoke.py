@@ -52,25 +52,25 @@ def run(image: str, levels: list[str], gpus: str = "all", steps: int = 20, recip
     except ImageNotFound:
         raise BadInput(f"no local image {image!r}", "build it (envbuild image) or pull it (envbuild pull)") from None
     if "io.envbuild.model" not in (img.labels or {}):
-        raise BadInput(f"{image} is not an envbuild image (no io.envbuild labels)")
+        raise BadInput(f"{image} is not an envbuild image (no io.envbuild labels)", "build it with envbuild image")
     driver = host.driver()
     cmd = ["python", "/opt/envbuild/smoke.py", "--level", ",".join(levels), "--steps", str(steps),
            "--recipe", recipe, "--loader", loader, "--comm-timeout", str(comm_timeout), "--ckpt-mb", str(ckpt_mb)]
     volumes = {}
     if data:
         if not Path(data).is_dir():
-            raise BadInput(f"--data {data} is not a directory")
+            raise BadInput(f"--data {data} is not a directory", "point --data at the dataset folder")
         volumes[str(Path(data).resolve())] = {"bind": "/data", "mode": "ro"}
         cmd += ["--data", "/data"]
     if ckpt_dir:
         if not Path(ckpt_dir).is_dir():
-            raise BadInput(f"--ckpt-dir {ckpt_dir} is not a directory")
+            raise BadInput(f"--ckpt-dir {ckpt_dir} is not a directory", "create it first (a NAS or CPFS mount)")
         volumes[str(Path(ckpt_dir).resolve())] = {"bind": "/ckpt", "mode": "rw"}
         cmd += ["--ckpt-dir", "/ckpt"]
     if ops_check:
         path = Path(ops_check).resolve()
         if not path.is_file():
-            raise BadInput(f"--ops-check {ops_check} is not a file")
+            raise BadInput(f"--ops-check {ops_check} is not a file", "a Python file defining check(device)")
         volumes[str(path)] = {"bind": "/opt/envbuild-ops-check.py", "mode": "ro"}
         cmd += ["--ops-check", "/opt/envbuild-ops-check.py"]
     if compile_model:

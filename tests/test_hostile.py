@@ -163,3 +163,19 @@ def test_numba_fixer_output_compiles_for_any_import_form(prefix, names, paren, b
     for n in names:
         assert n.split(" as ")[-1] in new
     assert fixers.make("numba-errors").fix_text("a.py", new) == new
+
+
+@pytest.mark.parametrize("args", [
+    ["compare", "nope.json"], ["compare", "bad.json"], ["fix", "nope-dir"], ["fix", ".", "--plan", "bad.json"],
+    ["fix", ".", "--only", "nosuch"], ["bake", "--parallel", "0", "-o", "bk/docker-bake.json"],
+    ["smoke", "img", "--recipe", "x"], ["smoke", "img", "--gpus", "many"], ["export", "img", "--format", "zip"],
+    ["load", "nope.tar.gz"], ["resolve", "maptr", "--card", "a800,nosuch"], ["render", "maptr", "--card", "h20", "-o", "bad.json"],
+    ["matrix", "--models", "nosuch"], ["lock", "maptr", "--card", "h20", "--set", "x"],
+])
+def test_every_refusal_is_an_error_line_and_a_hint(tmp_path, args):
+    (tmp_path / "bad.json").write_text("{not json")
+    r = envbuild(*args, cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, (args, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert lines[0].startswith("error: ") and lines[-1].startswith("hint: "), (args, r.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.json"]  # nothing written
