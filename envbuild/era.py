@@ -148,14 +148,28 @@ class EraIndex:
             self.hidden[name] = len(files) - len(shown)
         return 200, body
 
+    def metadata(self, name: str) -> tuple[int, bytes]:
+        """PyPI's JSON API for a project, passed through (the version is already chosen)."""
+        base = self.upstream[:-len("/simple")] if self.upstream.endswith("/simple") else self.upstream
+        req = urllib.request.Request(f"{base}/pypi/{canonicalize_name(name)}/json")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout, context=self.context) as resp:
+                return 200, resp.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, b""
+
     def __enter__(self) -> "EraIndex":
         era = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802 - http.server's name
                 m = re.match(r"^/simple/([A-Za-z0-9._-]+)/?$", self.path)
+                js = re.match(r"^/pypi/([A-Za-z0-9._-]+)/json$", self.path)
                 try:
-                    status, body = era.project(m.group(1)) if m else (404, b"")
+                    if js:  # pip-tools reads a pinned version's hashes here instead of downloading its files
+                        status, body = era.metadata(js.group(1))
+                    else:
+                        status, body = era.project(m.group(1)) if m else (404, b"")
                 except Exception as exc:  # noqa: BLE001 - the client gets a 502, the lock step the reason
                     status, body = 502, str(exc).encode()
                 self.send_response(status)
