@@ -108,6 +108,10 @@ def page(name: str, files: list[dict]) -> bytes:
         attrs = f' data-requires-python="{html.escape(f["requires-python"])}"' if f.get("requires-python") else ""
         if f.get("yanked"):
             attrs += ' data-yanked=""'
+        meta = f.get("core-metadata", f.get("dist-info-metadata"))
+        if meta:  # PEP 658/714: pip reads the metadata file instead of downloading the whole wheel
+            value = "sha256=" + meta["sha256"] if isinstance(meta, dict) and meta.get("sha256") else "true"
+            attrs += f' data-core-metadata="{value}" data-dist-info-metadata="{value}"'
         links.append(f'<a href="{html.escape(url)}"{attrs}>{html.escape(f["filename"])}</a><br/>')
     return ("<!DOCTYPE html><html><body><h1>" + html.escape(name) + "</h1>\n" + "\n".join(links)
             + "\n</body></html>\n").encode()

@@ -60,3 +60,10 @@ def test_a_python_port_gets_the_smallest_later_release_with_a_wheel_for_it():
     # pure-Python packages are never upgraded for a port
     pure = [f("x-1.0.tar.gz", "2022-01-01T00:00:00Z"), f("x-2.0-py3-none-any.whl", "2024-01-01T00:00:00Z")]
     assert [x["filename"] for x in visible(pure, CUTOFF, set(), python="3.11")] == ["x-1.0.tar.gz"]
+
+
+def test_the_page_offers_metadata_files_so_pip_need_not_download_wheels():
+    body = page("x", [f("x-1.0-py3-none-any.whl", "2020-01-01T00:00:00Z", **{"core-metadata": {"sha256": "cd" * 32}}),
+                      f("x-0.9.tar.gz", "2019-01-01T00:00:00Z", **{"core-metadata": False})]).decode()
+    assert 'data-core-metadata="sha256=' + "cd" * 32 + '"' in body and 'data-dist-info-metadata="sha256=' in body
+    assert body.count("data-core-metadata") == 1
