@@ -10,6 +10,7 @@ import json
 import re
 from pathlib import Path
 
+from . import labels as label
 from . import engine
 from .catalog import Card, cc_key
 from .errors import BadInput, OperationFailed
@@ -96,4 +97,4 @@ def image_cards(image: str) -> str | None:
         labels = client.images.get(image).labels or {}
     except Exception:
         return None
-    return labels.get("io.envbuild.cards") or labels.get("io.envbuild.card")
+    return labels.get(label.CARDS) or labels.get(label.CARD)

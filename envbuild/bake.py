@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from . import labels as label
 from . import catalog, render
 from .build import image_tag
 from .config import Sources
@@ -58,7 +59,7 @@ def bake_file(models=None, cards=None, out_dir: Path = Path("bake"), sources: So
             tag = image_tag(plan, f"{registry.rstrip('/')}/envbuild/{m}" if registry else "")
             target = {
                 "context": f"contexts/{name}", "dockerfile": "Dockerfile", "target": "runtime",
-                "tags": [tag], "labels": {"io.envbuild.model": m, "io.envbuild.card": c, "io.envbuild.mode": plan.mode},
+                "tags": [tag], "labels": {label.MODEL: m, label.CARD: c, label.MODE: plan.mode},
                 "args": {"ENVBUILD_JOBS_CAP": str(jobs_cap)},
                 "secret": ["id=ca_bundle,env=ENVBUILD_CA_BUNDLE"],
             }

@@ -17,6 +17,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from . import labels as label
 from . import engine
 from .errors import BadInput, OperationFailed
 
@@ -79,7 +80,7 @@ def apptainer_def(ref: str, archive_name: str) -> str:
             lines.append(f"    export {key}={json.dumps(value)}")
     lines += ["", "%labels"]
     for key in sorted(labels):
-        if key.startswith(("io.envbuild.model", "io.envbuild.card", "io.envbuild.mode", "io.envbuild.arch-list",
+        if key.startswith((label.MODEL, label.CARD, label.MODE, label.ARCH_LIST,
                            "org.opencontainers.image.revision")):
             lines.append(f"    {key} {labels[key]}")
     lines += ["", "%runscript", "    cd /workspace/model", '    exec "$@"', ""]

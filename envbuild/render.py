@@ -21,6 +21,7 @@ from pathlib import Path
 
 import jinja2
 
+from . import labels as label
 from . import __version__
 from .catalog import PKG_RE, is_exact
 from .errors import BadInput
@@ -196,15 +197,15 @@ class Context:
             ("org.opencontainers.image.revision", p.commit),
             ("org.opencontainers.image.description", f"{p.model} {p.mode} on {p.card_name} (sm {p.cc_text}), built by envbuild"),
             ("org.opencontainers.image.base.name", self.runtime_image),
-            ("io.envbuild.version", __version__),
-            ("io.envbuild.model", p.model),
-            ("io.envbuild.card", p.card),
-            ("io.envbuild.cards", ",".join(p.cards)),
-            ("io.envbuild.mode", p.mode),
-            ("io.envbuild.arch-list", p.arch_list),
-            ("io.envbuild.fixers", fixers),
-            ("io.envbuild.deviations", str(len(p.deviations))),
-            ("io.envbuild.plan", json.dumps(plan_summary(p), sort_keys=True, separators=(",", ":"))),
+            (label.VERSION, __version__),
+            (label.MODEL, p.model),
+            (label.CARD, p.card),
+            (label.CARDS, ",".join(p.cards)),
+            (label.MODE, p.mode),
+            (label.ARCH_LIST, p.arch_list),
+            (label.FIXERS, fixers),
+            (label.DEVIATIONS, str(len(p.deviations))),
+            (label.PLAN, json.dumps(plan_summary(p), sort_keys=True, separators=(",", ":"))),
         ]
 
     @property

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from . import labels as label
 from . import engine, host
 from .build import split_ref
 from .errors import BadInput, OperationFailed
@@ -78,25 +79,25 @@ def pull(ref: str, min_driver: str, compat_driver: str, cuda: str, cards=(), ech
         raise OperationFailed(f"pull of {ref} failed: {exc.explanation or exc}") from None
     from .smoke import validated_on
     return {"image": ref, "id": image.id, "driver": status, "driver_reason": reason,
-            "validated": {c: validated_on(image.labels, c) for c in cards}, "smoke": image.labels.get("io.envbuild.smoke")}
+            "validated": {c: validated_on(image.labels, c) for c in cards}, "smoke": image.labels.get(label.SMOKE)}
 
 
 def local_images() -> list[dict]:
     client = engine.client()
     out = []
-    for image in client.images.list(filters={"label": "io.envbuild.model"}):
+    for image in client.images.list(filters={"label": label.MODEL}):
         labels = image.labels or {}
         try:
-            plan = json.loads(labels.get("io.envbuild.plan", "{}"))
+            plan = json.loads(labels.get(label.PLAN, "{}"))
         except ValueError:
             plan = {}
         if not isinstance(plan, dict):  # a label anyone could set: only an object is a Plan summary
             plan = {}
         out.append({
             "id": image.short_id.split(":")[-1], "tags": image.tags, "size_bytes": image.attrs.get("Size", 0),
-            "model": labels.get("io.envbuild.model"), "card": labels.get("io.envbuild.card"),
-            "mode": labels.get("io.envbuild.mode"), "arch_list": labels.get("io.envbuild.arch-list"),
+            "model": labels.get(label.MODEL), "card": labels.get(label.CARD),
+            "mode": labels.get(label.MODE), "arch_list": labels.get(label.ARCH_LIST),
             "torch": plan.get("torch"), "cuda": plan.get("cuda"), "python": plan.get("python"),
-            "fixers": plan.get("fixers", []), "smoke": labels.get("io.envbuild.smoke"),
+            "fixers": plan.get("fixers", []), "smoke": labels.get(label.SMOKE),
         })
     return sorted(out, key=lambda i: (i["model"] or "", i["card"] or "", i["id"]))

@@ -11,6 +11,7 @@ import os
 import time
 from pathlib import Path
 
+from . import labels as label
 from . import engine, host
 from .build import split_ref
 from .errors import BadInput, OperationFailed
@@ -51,7 +52,7 @@ def run(image: str, levels: list[str], gpus: str = "all", steps: int = 20, recip
         img = client.images.get(image)
     except ImageNotFound:
         raise BadInput(f"no local image {image!r}", "build it (envbuild image) or pull it (envbuild pull)") from None
-    if "io.envbuild.model" not in (img.labels or {}):
+    if label.MODEL not in (img.labels or {}):
         raise BadInput(f"{image} is not an envbuild image (no io.envbuild labels)", "build it with envbuild image")
     driver = host.driver()
     cmd = ["python", "/opt/envbuild/smoke.py", "--level", ",".join(levels), "--steps", str(steps),
@@ -106,7 +107,7 @@ def run(image: str, levels: list[str], gpus: str = "all", steps: int = 20, recip
     report["image"] = image
     report["image_id"] = img.id
     if card is not None:
-        built_for = (img.labels or {}).get("io.envbuild.cards") or str(report.get("card"))
+        built_for = (img.labels or {}).get(label.CARDS) or str(report.get("card"))
         report.update(card=card.id, card_name=card.name, cc=card.cc)
         if card.id not in built_for.split(","):
             report.setdefault("notes", []).append(f"image built for {built_for}, smoke run for {card.id}")
@@ -124,12 +125,9 @@ def summary(report: dict) -> dict:
             "driver": (report.get("host") or {}).get("driver")}
 
 
-SMOKE_LABEL = "io.envbuild.smoke"
-
-
 def records(labels: dict) -> dict:
     """{card: smoke summary} an image carries (one entry per card it was smoke-tested for)."""
-    raw = (labels or {}).get(SMOKE_LABEL)
+    raw = (labels or {}).get(label.SMOKE)
     try:
         data = json.loads(raw) if raw else {}
     except ValueError:
@@ -152,12 +150,12 @@ def record(refs, report: dict) -> str:
     kept = records(img.labels)
     s = summary(report)
     kept[str(s["card"])] = s
-    label = json.dumps(kept, sort_keys=True, separators=(",", ":"))
+    value = json.dumps(kept, sort_keys=True, separators=(",", ":"))
     # A created (never started) container has the image's exact config; committing it with one
     # LABEL change adds an empty layer and nothing else.
     container = client.containers.create(img.id)
     try:
-        new = container.commit(changes=[f"LABEL {SMOKE_LABEL}={json.dumps(label)}"])
+        new = container.commit(changes=[f"LABEL {label.SMOKE}={json.dumps(value)}"])
     finally:
         container.remove(force=True)
     for ref in refs:

@@ -433,7 +433,8 @@ def test_a_container_that_cannot_start_is_not_left_behind(docker_engine, fixture
     # cleanly and removes it.
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
-        data = b'FROM scratch\nLABEL io.envbuild.model="tinybev" io.envbuild.cards="a800"\nCOPY marker /marker\n'
+        data = (b'FROM scratch\nLABEL io.envbuild.model="tinybev" io.envbuild.cards="a800" io.envbuild.plan="[1,2]" '
+                b'io.envbuild.smoke="not json"\nCOPY marker /marker\n')
         for name, body in (("Dockerfile", data), ("marker", b"x")):
             info = tarfile.TarInfo(name)
             info.size = len(body)
@@ -448,5 +449,9 @@ def test_a_container_that_cannot_start_is_not_left_behind(docker_engine, fixture
             assert r.returncode == 1 and "Traceback" not in r.stderr, (args, r.stderr)
             assert "cannot start" in r.stderr, r.stderr
         assert {c.id for c in docker_engine.containers.list(all=True)} <= before
+        # labels anyone could set, malformed: images still lists it
+        r = cli(fixture_env, "images", "--json")
+        assert r.returncode == 0 and "Traceback" not in r.stderr
+        assert any(ref in row["tags"] for row in json.loads(r.stdout))
     finally:
         docker_engine.images.remove(ref, force=True)
