@@ -31,7 +31,7 @@ def bake_file(models=None, cards=None, out_dir: Path = Path("bake"), sources: So
     cat = catalog.load()
     sources = sources or Sources()
     models = [cat.model(m).name for m in models] if models else sorted(cat.models)
-    cards = [cat.card(c).id for c in cards] if cards else list(render.DEFAULT_CARDS)
+    cards = [cat.card(c).id for c in cards] if cards else list(cat.cards)  # the whole matrix by default
     if parallel < 1 or builder_memory_gb < 1:
         raise BadInput("--parallel and --builder-memory must be >= 1", "e.g. --builder-memory 64 --parallel 4")
     targets, bases, skipped = {}, {}, []
@@ -44,13 +44,14 @@ def bake_file(models=None, cards=None, out_dir: Path = Path("bake"), sources: So
                 skipped.append({"model": m, "card": c, "reason": exc.message})
                 continue
             name = _key(f"{m}-{c}")
-            ctx_dir = out_dir / "contexts" / name
+            # absolute: buildx resolves a relative context from where it runs, not from the bake file
+            ctx_dir = (out_dir / "contexts" / name).resolve()
             ctx = render.make_context(plan, f"envbuild bake --models {m} --cards {c}", base_image=base_image,
                                       pypi_index=sources.pypi_index)
             render.write(ctx, ctx_dir)
             base_name = _key(f"base-{ctx.base_image.split('/')[-1]}-py{plan.python.version}")
             bases.setdefault(base_name, {
-                "context": f"contexts/{name}", "dockerfile": "Dockerfile", "target": "base",
+                "context": str(ctx_dir), "dockerfile": "Dockerfile", "target": "base",
                 **({"cache-from": [f"type=registry,ref={cache}:{base_name}"],
                     "cache-to": [f"type=registry,ref={cache}:{base_name},mode=max"]} if cache else {}),
             })
@@ -58,11 +59,12 @@ def bake_file(models=None, cards=None, out_dir: Path = Path("bake"), sources: So
             jobs_cap = max(1, builder_memory_gb // (gb * parallel))
             tag = image_tag(plan, f"{registry.rstrip('/')}/envbuild/{m}" if registry else "")
             target = {
-                "context": f"contexts/{name}", "dockerfile": "Dockerfile", "target": "runtime",
-                "tags": [tag], "labels": {label.MODEL: m, label.CARD: c, label.MODE: plan.mode},
+                "context": str(ctx_dir), "dockerfile": "Dockerfile", "target": "runtime",
+                "tags": [tag], "labels": {label.MODEL: m, label.CARD: c, label.CARDS: c, label.MODE: plan.mode},
                 "args": {"ENVBUILD_JOBS_CAP": str(jobs_cap)},
-                "secret": ["id=ca_bundle,env=ENVBUILD_CA_BUNDLE"],
             }
+            if sources.ca_bundle:  # the file itself, mounted as a secret: never its path as the value
+                target["secret"] = [f"id=ca_bundle,src={Path(sources.ca_bundle).resolve()}"]
             if cache:
                 target["cache-from"] = [f"type=registry,ref={cache}:{name}", f"type=registry,ref={cache}:{base_name}"]
                 target["cache-to"] = [f"type=registry,ref={cache}:{name},mode=max"]

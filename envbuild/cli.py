@@ -596,7 +596,7 @@ def load(file: Path = typer.Argument(..., help="An archive from envbuild export.
 
 @command()
 def bake(models_: Optional[List[str]] = typer.Option(None, "--models", help="Models (default: all)."),
-         cards_: Optional[List[str]] = typer.Option(None, "--cards", help="Cards (default: a800,h20)."),
+         cards_: Optional[List[str]] = typer.Option(None, "--cards", help="Cards (default: every catalog card)."),
          out: Path = typer.Option(Path("bake/docker-bake.json"), "-o", "--out", help="Bake file to write."),
          registry: Optional[str] = typer.Option(None, "--registry", help="Registry for tags and the build cache."),
          builder_memory: int = typer.Option(64, "--builder-memory", help="GB of memory per builder."),

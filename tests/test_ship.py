@@ -9,6 +9,7 @@ import sys
 import uuid
 
 import pytest
+from pathlib import Path
 
 from conftest import ROOT
 from envbuild import doctor, host
@@ -67,7 +68,7 @@ def test_bake_file_for_the_matrix(tmp_path):
     skipped = json.loads(r.stdout)["skipped"]
     assert any(s["model"] == "sparsedrive" and s["card"] == "v100" and "flash-attn" in s["reason"] for s in skipped)
     for name, t in images.items():
-        assert (tmp_path / t["context"] / "Dockerfile").exists()
+        assert Path(t["context"]).is_absolute() and (Path(t["context"]) / "Dockerfile").exists()
         assert t["tags"][0].startswith("registry.local:5000/envbuild/")
         assert any("envbuild-cache" in c for c in t["cache-from"]) and t["cache-to"]
         assert t["labels"]["io.envbuild.card"] in ("a800", "h20", "v100")
@@ -85,6 +86,23 @@ def test_bake_file_for_the_matrix(tmp_path):
         p = subprocess.run(["docker", "buildx", "bake", "--print", "-f", str(tmp_path / "docker-bake.json"), "all"],
                            capture_output=True, text=True, cwd=tmp_path)
         assert p.returncode == 0, p.stderr
+
+
+def test_bake_covers_every_catalog_card_by_default_and_passes_the_ca_as_a_file(tmp_path):
+    ca = tmp_path / "corp-ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    r = subprocess.run([sys.executable, "-m", "envbuild.cli", "bake", "--models", "qcnet", "-o", str(tmp_path / "b.json"),
+                        "--json"], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                       env={**os.environ, "ENVBUILD_CA_BUNDLE": str(ca)})
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    images = {n for n, t in out["bake"]["target"].items() if t["target"] == "runtime"}
+    from envbuild import catalog
+    cards = set(catalog.load().cards)
+    assert len(images) + len(out["skipped"]) == len(cards)  # every card: built or skipped with its reason
+    assert all(s["reason"] for s in out["skipped"])
+    secrets = {s for t in out["bake"]["target"].values() for s in t.get("secret", [])}
+    assert secrets == {f"id=ca_bundle,src={ca}"}
 
 
 def test_bake_bad_input():
