@@ -79,6 +79,35 @@ def check_torch_scatter():
     return "scatter sum forward/backward"
 
 
+def check_torch_cluster():
+    """radius_graph on the GPU against the brute-force distance matrix on the CPU."""
+    import torch
+    from torch_cluster import radius_graph
+    gen = torch.Generator().manual_seed(0)
+    pos = torch.rand(64, 3, generator=gen)
+    edges = radius_graph(pos.cuda(), r=0.3, loop=False, max_num_neighbors=64).cpu()
+    dist = torch.cdist(pos, pos)
+    want = {(j, i) for i in range(64) for j in range(64) if i != j and dist[i, j] <= 0.3}
+    got = set(zip(edges[0].tolist(), edges[1].tolist()))
+    assert got == want, "radius_graph found %d edges, the distance matrix %d" % (len(got), len(want))
+    return "radius_graph vs distance matrix (%d edges)" % len(want)
+
+
+def check_torch_sparse():
+    """SparseTensor @ dense on the GPU, forward and backward, against the dense product."""
+    import torch
+    from torch_sparse import SparseTensor
+    gen = torch.Generator().manual_seed(0)
+    dense = torch.rand(32, 32, generator=gen) * (torch.rand(32, 32, generator=gen) > 0.8)
+    x = torch.rand(32, 8, generator=gen).cuda().requires_grad_()
+    out = SparseTensor.from_dense(dense.cuda()).matmul(x)
+    out.sum().backward()
+    ref = dense.cuda() @ x.detach()
+    assert _close(out, ref, 1e-4), "sparse matmul differs from dense"
+    assert _close(x.grad, dense.cuda().t() @ torch.ones(32, 8, device="cuda"), 1e-4), "sparse matmul backward"
+    return "SparseTensor matmul forward/backward vs dense"
+
+
 def check_spconv():
     """Submanifold conv on a fully active grid with every weight 1/2: each output is 1/2 x
     channels x the voxel's neighbour count, whatever the weight layout of the spconv version."""
@@ -123,4 +152,5 @@ def check_torchvision():
 
 # import name of the package -> its check
 OP_CHECKS = {"mmcv": check_mmcv, "flash_attn": check_flash_attn, "torch_scatter": check_torch_scatter,
+             "torch_cluster": check_torch_cluster, "torch_sparse": check_torch_sparse,
              "spconv": check_spconv, "torchvision": check_torchvision}
