@@ -333,7 +333,7 @@ def verify(model: str, card: Optional[str] = CARD, cuda: Optional[str] = CUDA, p
             failure = "; ".join(f"smoke {k}: {v.get('reason') or _first_problem(v)}" for k, v in bad.items())
     except OperationFailed as exc:
         failure = exc.message.splitlines()[0] + (f" (log: {exc.log})" if exc.log else "")
-    path = ledger.write(plan, request, summary, audit_ok, report, failure)
+    path = ledger.write(plan, request, summary, audit_ok, report, failure, model=catalog.load().model(plan.model))
     status = ledger.status(plan, request)
     if json_:
         show.emit_json({"record": str(path), "status": status})

@@ -13,7 +13,7 @@ import json
 from datetime import date
 from pathlib import Path
 
-from .catalog import builtin_root
+from .catalog import BUILTIN, builtin_root
 from .errors import BadInput
 
 # What the digest covers: the decisions that make an image, not how they are explained, so a
@@ -23,8 +23,17 @@ DIGEST_FIELDS = ("model", "commit", "cards", "python", "cuda", "torch", "torchvi
                  "base_image", "construct")
 
 
-def folder() -> Path:
-    return builtin_root() / "verified"
+def folder(model=None) -> Path:
+    """Where records go: beside the catalog the model comes from (a user catalog's own models
+    are verified into it), else the built-in catalog's."""
+    origin = getattr(model, "origin", BUILTIN)
+    return (Path(origin).parent.parent if origin != BUILTIN else builtin_root()) / "verified"
+
+
+def folders() -> list[Path]:
+    from .config import setting
+    user = setting("catalog_dir")
+    return [builtin_root() / "verified"] + ([Path(user) / "verified"] if user else [])
 
 
 def digest(plan) -> str:
@@ -41,9 +50,10 @@ def cell_name(request: dict) -> str:
 
 
 def load(path: Path | None = None) -> list[dict]:
-    """Every record; a malformed one is an error naming its file."""
+    """Every record (built-in and user catalog); a malformed one is an error naming its file."""
     records = []
-    for file in sorted((path or folder()).glob("*.json")):
+    files = sorted(path.glob("*.json")) if path else [f for d in folders() for f in sorted(d.glob("*.json"))]
+    for file in files:
         try:
             rec = json.loads(file.read_text())
             for key in ("request", "digest", "verdict", "levels", "date"):
@@ -75,7 +85,7 @@ def _same_request(a: dict, b: dict) -> bool:
 
 
 def write(plan, request: dict, image: dict, audit_ok: bool | None, smoke_report: dict | None,
-          failure: str = "", path: Path | None = None) -> Path:
+          failure: str = "", path: Path | None = None, model=None) -> Path:
     """The record of one verification, passed or not (a failure is recorded with its reason)."""
     levels = {k: v.get("status") for k, v in ((smoke_report or {}).get("levels") or {}).items()}
     model_level = ((smoke_report or {}).get("levels") or {}).get("model") or {}
@@ -93,7 +103,7 @@ def write(plan, request: dict, image: dict, audit_ok: bool | None, smoke_report:
                  "arch_list": plan.arch_list, "index_cutoff": plan.index_cutoff,
                  "deviations": plan.deviations},
     }
-    out = (path or folder()) / f"{cell_name(request)}.json"
+    out = (path or folder(model)) / f"{cell_name(request)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rec, indent=1, sort_keys=True) + "\n")
     return out

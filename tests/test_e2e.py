@@ -455,3 +455,21 @@ def test_a_container_that_cannot_start_is_not_left_behind(docker_engine, fixture
         assert any(ref in row["tags"] for row in json.loads(r.stdout))
     finally:
         docker_engine.images.remove(ref, force=True)
+
+
+def test_verify_records_the_cell_beside_its_catalog_and_resolve_shows_it(built, offline_base, fixture_env):
+    args = image_args(offline_base)
+    r = cli(fixture_env, "verify", *args, "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = json.loads(r.stdout)
+    record = json.loads(Path(out["record"]).read_text())
+    # a user catalog's model is verified into that catalog, not into envbuild's own
+    assert Path(out["record"]).parent == Path(fixture_env["ENVBUILD_MATRICES"]) / "verified"
+    assert record["verdict"] == "passed" and record["levels"] == {"env": "passed", "model": "passed"}
+    assert record["audit"] == "passed" and record["image_id"] == built["image_id"] and record["parameters"] > 0
+    assert out["status"].startswith("verified on ")
+    r = cli(fixture_env, "resolve", "tinybev", "--card", "a800", "--cuda", "11.8", "--python", "3.11", "--json")
+    assert json.loads(r.stdout)["verified"].startswith("verified on ")
+    # another request for the same model is not covered by that record
+    r = cli(fixture_env, "resolve", "tinybev", "--card", "h20", "--cuda", "11.8", "--python", "3.11", "--json")
+    assert r.returncode == 2 or json.loads(r.stdout)["verified"] == "not verified"
