@@ -262,6 +262,9 @@ def image(model: str, card: Optional[str] = CARD, cuda: Optional[str] = CUDA, py
     req = _request(model, card, cuda, python, strict, set_, source and str(source), base_image, runtime_image,
                    torch_index, pypi_index)
     echo = None if (json_ or quiet) else _echo_dim
+    if not json_:  # which cards, and why, before the (long) lock and build
+        from .pipeline import plan_for
+        _print_cards(plan_for(req)[0])
     plan, sources, ctx, lock_note, tags = prepare_image(req, tag, lock=not no_lock, echo=echo,
                                                         say=None if json_ else _say)
     # --push sends the tags that name a registry: the default one only when a registry is configured
@@ -272,7 +275,6 @@ def image(model: str, card: Optional[str] = CARD, cuda: Optional[str] = CUDA, py
                        "or add --tag REGISTRY/NAME:TAG")
     if not json_:
         show.out.print(f"building {tags[0]} ({plan.mode}) from {ctx}", markup=False)
-        _print_cards(plan)
     summary = build_image(plan, sources, ctx, lock_note, tags, no_cache=no_cache, echo=echo)
     if smoke_:
         from . import smoke as smoke_stage

@@ -239,3 +239,16 @@ def test_a_wedged_daemon_is_named_as_such_and_does_not_hang(tmp_path):
         for c in held:
             c.close()
         server.close()
+
+
+def test_the_mission_command_runs_as_written_and_says_which_cards(tmp_path):
+    # No GPU, no card in the config: a portable image, and the output says which cards and why before
+    # anything long starts. (The daemon here is absent on purpose: the build itself is tested in e2e.)
+    env = {**_no_gpu(tmp_path), "DOCKER_HOST": "unix:///nonexistent/docker.sock", "COLUMNS": "400",
+           "ENVBUILD_HOME": str(tmp_path / "home")}
+    r = envbuild("image", "sparsedrive", "--cuda", "11.8", env=env)
+    assert "Missing option" not in r.stderr and "Traceback" not in r.stderr
+    first = r.stdout.splitlines()[0]
+    assert first.startswith("for ") and "a800" in first and "h20" in first and "v100" not in first
+    assert "portable" in first and "no GPU on this host" in first
+    assert r.returncode == 1 and "no Docker daemon" in r.stderr
