@@ -539,10 +539,10 @@ def _try(cat: Catalog, model: Model, card: Card, stack: _Stack, toolkit_req: Too
     # 8. base image: OS whose gcc nvcc accepts and whose C++ suits torch's headers
     cxx = max([rel.cxx] + [cat.compiled[n][p.version].cxx for n in compiled for p in pins
                            if p.name == n and n in cat.compiled and p.version in cat.compiled[n]])
-    base = _base_image(cat, toolkit, py, rel.cxx, sources)
+    base = _base_image(cat, toolkit, py, cxx, sources)  # the standard of everything compiled
     if base is None:
         return fail(f"no nvidia/cuda:{toolkit.full} devel image has a gcc nvcc {toolkit.version} accepts "
-                    f"(max gcc {toolkit.max_gcc}) for C++{rel.cxx}")
+                    f"(max gcc {toolkit.max_gcc}) for C++{cxx}")
     ubuntu, base_image, base_why = base
     # 9. the port's fixers, and the runtime environment for the card
     deviates = not upstream_torch or py != model.python or any(p.is_port for p in pins)

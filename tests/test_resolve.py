@@ -247,3 +247,18 @@ def test_union_keeps_ptx_and_orders_by_capability():
     from envbuild.resolve import union_arch_list
     assert union_arch_list(["9.0", "8.0", "8.6+PTX", "8.0"]) == "8.0;8.6+PTX;9.0"
     assert union_arch_list(["7.0", "8.0"], ptx_for_newest=True) == "7.0;8.0+PTX"
+
+
+def test_the_base_image_suits_the_strictest_cxx_of_torch_and_compiled_packages(matrices_copy):
+    from envbuild import catalog
+    # a catalog where CUDA 11.1 exists only on Ubuntu 18.04 (gcc 7, no C++17) and mmcv-full 1.4.0 needs C++17
+    cuda = matrices_copy / "toolchains" / "cuda.toml"
+    cuda.write_text(cuda.read_text().replace('ubuntu = ["18.04", "20.04"]', 'ubuntu = ["18.04"]', 1))
+    pkg = matrices_copy / "toolchains" / "packages.toml"
+    text = pkg.read_text()
+    head, tail = text.split('[compiled.mmcv-full."1.4.0"]', 1)
+    pkg.write_text(head + '[compiled.mmcv-full."1.4.0"]' + tail.replace("cxx = 14", "cxx = 17", 1))
+    cat = catalog.load(matrices_copy)
+    with pytest.raises(Conflict) as exc:
+        resolve(cat, "maptr", "a100", cuda="11.1", strict=True)
+    assert "for C++17" in exc.value.message  # torch 1.9 alone (C++14) would have taken gcc 7
