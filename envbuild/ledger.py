@@ -94,7 +94,7 @@ def write(plan, request: dict, image: dict, audit_ok: bool | None, smoke_report:
         "request": request, "digest": digest(plan), "date": date.today().isoformat(),
         "verdict": "passed" if passed else "failed", "failure": failure,
         "image_id": image.get("image_id"), "image_size_bytes": image.get("size_bytes"),
-        "build_seconds": image.get("build_seconds"),
+        "build_seconds": image.get("build_seconds"), "stages_log": image.get("stages_log"),
         "stages": [{"step": s["step"], "seconds": s["seconds"], "cached": s["cached"]}
                    for s in image.get("run_steps", [])],
         "audit": "passed" if audit_ok else ("failed" if audit_ok is False else "not run"),
@@ -133,3 +133,15 @@ def marks(cat) -> dict:
         for card in req["card"].split(","):
             out[(req["model"], card)] = f"{word} py{req.get('python') or plan.python.version}"
     return out
+
+
+def cold_build(plan) -> dict:
+    """The step times of the newest build log of this context that compiled something (a verify
+    that hits the cache everywhere records those, naming the log)."""
+    from .build import parse_progress, state_dir
+    for log in sorted((state_dir() / "logs").glob(f"{plan.model}-{plan.card}-*.log"), reverse=True):
+        steps = [s for s in parse_progress(log.read_text(errors="replace").splitlines()) if "] RUN " in s.name]
+        if any(not s.cached for s in steps):
+            return {"run_steps": [{"step": s.name, "cached": s.cached, "seconds": s.seconds} for s in steps],
+                    "build_seconds": round(sum(s.seconds or 0 for s in steps), 1), "stages_log": str(log)}
+    return {}
