@@ -94,7 +94,11 @@ def test_push_remove_pull_same_id(built, docker_engine, registry, fixture_env):
     r = cli(fixture_env, "push", ref, "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["digest"].startswith("sha256:")
-    # Remove the image locally for real (every tag), then pull it back.
+    # Remove the image locally for real (every tag), then pull it back. Images committed on top of it
+    # (smoke labels of earlier runs on this machine) would keep it: they go first.
+    for child in docker_engine.images.list(all=True):
+        if child.attrs.get("Parent") == image.id and not child.tags:
+            docker_engine.images.remove(child.id, force=True)
     docker_engine.images.remove(image.id, force=True)
     with pytest.raises(docker.errors.ImageNotFound):
         docker_engine.images.get(image.id)
@@ -257,6 +261,13 @@ def test_smoke_summary_recorded_with_the_image(built, docker_engine, fixture_env
     os.environ["ENVBUILD_DOCKER"] = fixture_env["ENVBUILD_DOCKER"]
     ref = f"envbuild-test/smoked:{uuid.uuid4().hex[:8]}"
     docker_engine.images.get(built["ref"]).tag(ref)
+    try:
+        _check_smoke_record(smoke, ref, docker_engine)
+    finally:  # the labelled image is a child of the built one: never leave it behind
+        docker_engine.images.remove(ref, force=True)
+
+
+def _check_smoke_record(smoke, ref, docker_engine):
     report = smoke.run(ref, ["env", "arch"], steps=2)
     new_id = smoke.record(ref, report)
     labels = docker_engine.images.get(ref).labels
@@ -266,7 +277,6 @@ def test_smoke_summary_recorded_with_the_image(built, docker_engine, fixture_env
     text = smoke.validated_on(labels, "a800")
     assert "passed without a GPU" in text and "requested card" in text
     assert "not validated for h20: smoke recorded for a800 only" == smoke.validated_on(labels, "h20")
-    docker_engine.images.remove(ref)
 
 
 def test_compare_two_reports(built, fixture_env, tmp_path):
@@ -409,6 +419,10 @@ def test_image_smoke_labels_every_tag_and_pushes_them(built, offline_base, fixtu
             except docker.errors.ImageNotFound:
                 pass
         docker_engine.images.get(built["image_id"]).tag(*built["ref"].rsplit(":", 1))  # as the other tests found it
+        try:  # the labelled image is a child of the built one: left behind, it would pin it on this machine
+            docker_engine.images.remove(summary["image_id"], force=True)
+        except (docker.errors.ImageNotFound, NameError):
+            pass
 
 
 def _tinybev_parameters(cameras=6, channels=8, classes=4):
