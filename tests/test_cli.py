@@ -136,10 +136,8 @@ def _fake_nvidia_smi(tmp_path, lines):
 
 def _no_gpu(tmp_path):
     """A PATH without nvidia-smi, as on a host with no GPU (this test must not depend on the host)."""
-    bin_dir = tmp_path / "nogpu"
-    bin_dir.mkdir(exist_ok=True)
     path = [d for d in os.environ["PATH"].split(":") if not os.path.exists(os.path.join(d, "nvidia-smi"))]
-    return {"PATH": ":".join([str(bin_dir), *path]), "ENVBUILD_CONFIG": str(_empty_config(tmp_path))}
+    return {"PATH": ":".join(path), "ENVBUILD_CONFIG": str(_empty_config(tmp_path))}
 
 
 def _empty_config(tmp_path):
