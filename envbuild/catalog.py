@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property, lru_cache
 from importlib import resources
 from pathlib import Path
@@ -38,7 +38,10 @@ RELPATH_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._/-]*$")
 WORD_RE = re.compile(r"^[A-Za-z0-9_.-][A-Za-z0-9._/=,:+-]*$")
 STEPS_ARG_RE = re.compile(r"^(?:[A-Za-z0-9_.=,:+/-]|\{steps\})+$")  # a WORD that may hold {steps}
 LAUNCHERS = ("torch.distributed.launch", "torchrun", "lightning", "mp.spawn")
-CONSTRUCT_KINDS = ("argparse",)
+# Each construct kind and the recipe fields it takes.
+CONSTRUCT_FIELDS = {"argparse": ("module", "object", "args_hook", "args", "imports"),
+                    "config": ("config", "loader", "builder", "cfg_kwargs", "imports")}
+CONSTRUCT_KINDS = tuple(CONSTRUCT_FIELDS)
 DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 DOTTED_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -183,14 +186,25 @@ class Train:
 @dataclass(frozen=True)
 class Construct:
     """How smoke's model level builds the network from the model's own code, as its train
-    script does. kind "argparse": the class's own argument hook (Lightning-style
-    add_model_specific_args), the train script's arguments, then cls(**vars(args))."""
+    script does.
+    kind "argparse": the class's own argument hook (Lightning-style add_model_specific_args),
+    the train script's arguments, then cls(**vars(args)).
+    kind "config": the model's training config read by its loader (mmcv's or mmengine's
+    Config.fromfile), then builder(cfg.model, **{k: cfg.get(k) for k in cfg_kwargs})."""
     kind: str
-    module: str
-    object: str
-    args_hook: str
+    module: str = ""  # argparse: where the class lives
+    object: str = ""
+    args_hook: str = ""
     args: tuple[str, ...] = ()
     imports: tuple[str, ...] = ()  # modules the train script imports first (plugins, registries)
+    config: str = ""  # config: the training config, relative to the repository
+    loader: str = ""  # config: dotted callable that reads it
+    builder: str = ""  # config: dotted callable that builds the network from cfg.model
+    cfg_kwargs: tuple[str, ...] = ()  # config: top-level config keys the train script also passes
+
+    def to_dict(self) -> dict:
+        """The fields this kind uses (what reaches the image and the ledger's digest)."""
+        return {k: v for k, v in asdict(self).items() if v not in ("", ())}
 
 
 @dataclass(frozen=True)
@@ -603,9 +617,20 @@ def _load_model(path: Path, torch: dict, toolkits: dict) -> Model:
         kind = c.get("kind", str)
         if kind not in CONSTRUCT_KINDS:
             raise c.fail("kind", f"{kind!r} is not one of {', '.join(CONSTRUCT_KINDS)}")
-        construct = Construct(kind, c.get("module", str, pattern=DOTTED_RE), c.get("object", str, pattern=IDENT_RE),
-                              c.get("args_hook", str, pattern=IDENT_RE), c.strings("args", WORD_RE, []),
-                              c.strings("imports", DOTTED_RE, []))
+        if kind == "argparse":
+            construct = Construct(kind, module=c.get("module", str, pattern=DOTTED_RE),
+                                  object=c.get("object", str, pattern=IDENT_RE),
+                                  args_hook=c.get("args_hook", str, pattern=IDENT_RE),
+                                  args=c.strings("args", WORD_RE, []), imports=c.strings("imports", DOTTED_RE, []))
+        else:
+            construct = Construct(kind, config=c.get("config", str, pattern=RELPATH_RE),
+                                  loader=c.get("loader", str, pattern=DOTTED_RE),
+                                  builder=c.get("builder", str, pattern=DOTTED_RE),
+                                  cfg_kwargs=c.strings("cfg_kwargs", IDENT_RE, []),
+                                  imports=c.strings("imports", DOTTED_RE, []))
+        unknown = set(c.table) - {"kind", *CONSTRUCT_FIELDS[kind]}
+        if unknown:
+            raise c.fail(sorted(unknown)[0], f"not a field of construct kind {kind!r}")
     name = m.get("name", str, pattern=NAME_RE)
     if name != path.stem:
         raise m.fail("name", f"must match the file name {path.stem!r}")

@@ -596,7 +596,7 @@ def _try(cat: Catalog, model: Model, card: Card, stack: _Stack, toolkit_req: Too
                "ops_check": model.train.ops_check, "cpu_args": list(model.train.cpu_args),
                "steps_args": list(model.train.steps_args)},
         torch_compile=torch_compile, torch_compile_why=torch_compile_why,
-        notes=tuple(notes), construct=asdict(model.construct) if model.construct else None,
+        notes=tuple(notes), construct=model.construct.to_dict() if model.construct else None,
         **_index_cutoff(model),
     )
 

@@ -106,6 +106,19 @@ def test_construct_recipe_is_validated(matrices_copy):
         with pytest.raises(CatalogError, match=says):
             catalog.load(matrices_copy)
     path.write_text(text)
+    gf = matrices_copy / "models" / "gaussianformer.toml"
+    gf_text = gf.read_text()
+    for old, new, says in (('builder = "mmseg.models.build_segmentor"', 'builder = "mmseg.models.build_segmentor()"', "invalid value"),
+                           ('config = "config/nuscenes_gs25600_solid.py"\nloader', 'config = "../../etc/passwd"\nloader', "construct.config: invalid value"),
+                           ('imports = ["model"]', 'imports = ["model"]\nargs_hook = "add_args"', "not a field of construct kind 'config'"),
+                           ('loader = "mmengine.Config.fromfile"\n', '', "loader: missing")):
+        gf.write_text(gf_text.replace(old, new))
+        with pytest.raises(CatalogError, match=says):
+            catalog.load(matrices_copy)
+    gf.write_text(gf_text)
+    assert catalog.load(matrices_copy).model("gaussianformer").construct.to_dict() == {
+        "kind": "config", "config": "config/nuscenes_gs25600_solid.py", "loader": "mmengine.Config.fromfile",
+        "builder": "mmseg.models.build_segmentor", "imports": ("model",)}
     plan_construct = catalog.load(matrices_copy).model("qcnet").construct
     assert plan_construct.object == "QCNet" and "--num_recurrent_steps" in plan_construct.args
 

@@ -164,6 +164,60 @@ def test_model_level_builds_from_the_recipe_and_counts_parameters(tmp_path):
     assert out["status"] == "passed" and out["parameters"] == 10 and out["object"] == "nets.Net"
 
 
+def _fake_config_repo(tmp_path):
+    """A repo in the OpenMMLab shape: a registry filled by importing the plugin package, a config
+    file, a loader and a builder that looks the type up in the registry."""
+    repo = _fake_repo(tmp_path)
+    (repo / "registry.py").write_text(
+        "NETS = {}\n"
+        "def build(cfg, train_cfg=None, test_cfg=None):\n"
+        "    cfg = dict(cfg)\n"
+        "    return NETS[cfg.pop('type')](train_cfg=train_cfg, test_cfg=test_cfg, **cfg)\n"
+        "class Config(dict):\n"
+        "    @classmethod\n"
+        "    def fromfile(cls, path):\n"
+        "        scope = {}\n"
+        "        exec(open(path).read(), scope)\n"
+        "        return cls((k, v) for k, v in scope.items() if not k.startswith('__'))\n")
+    plugin = repo / "plugin"
+    plugin.mkdir()
+    (plugin / "__init__.py").write_text(
+        "import registry, nets\n"
+        "class Det(nets.Net):\n"
+        "    def __init__(self, width, train_cfg, test_cfg):\n"
+        "        assert train_cfg == {'lr': 1}, train_cfg\n"
+        "        nets.Net.__init__(self, width)\n"
+        "registry.NETS['Det'] = Det\n")
+    (repo / "configs").mkdir()
+    (repo / "configs" / "det.py").write_text("model = dict(type='Det', width=5)\ntrain_cfg = dict(lr=1)\n")
+    return repo
+
+
+def test_model_level_builds_from_the_training_config_through_the_models_builder(tmp_path):
+    for name in ("registry", "plugin", "nets"):
+        sys.modules.pop(name, None)
+    repo = _fake_config_repo(tmp_path)
+    recipe = {"kind": "config", "config": "configs/det.py", "loader": "registry.Config.fromfile",
+              "builder": "registry.build", "cfg_kwargs": ["train_cfg", "test_cfg"], "imports": ["plugin"]}
+    out = smoke.level_model({"model": "fake", "construct": recipe}, _Args(repo))
+    assert out["status"] == "passed" and out["parameters"] == 8, out
+    assert out["object"] == "registry.build(configs/det.py: model)"
+    # without the plugin import the registry is empty: the builder's KeyError is the finding
+    for name in ("registry", "plugin", "nets"):
+        sys.modules.pop(name, None)
+    with pytest.raises(KeyError):
+        smoke.level_model({"model": "fake", "construct": dict(recipe, imports=[])}, _Args(repo))
+    out = smoke.level_model({"model": "fake", "construct": dict(recipe, config="configs/none.py")}, _Args(repo))
+    assert out["status"] == "failed" and "no config configs/none.py" in out["reason"]
+
+
+def test_dotted_paths_reach_attributes_past_the_module():
+    assert smoke.dotted("os.path.join") is __import__("os").path.join
+    assert smoke.dotted("json.JSONDecoder.decode") is __import__("json").JSONDecoder.decode
+    with pytest.raises(ImportError):
+        smoke.dotted("no_such_module_here.x")
+
+
 def test_model_level_fails_clearly_when_the_parser_refuses_the_args(tmp_path):
     repo = _fake_repo(tmp_path)
     plan = {"model": "fake", "construct": {"kind": "argparse", "module": "nets", "object": "Net", "args_hook": "add_args",

@@ -267,6 +267,43 @@ def load_extensions(targets, workdir):
     return items
 
 
+def dotted(path):
+    """The object a dotted path names: the longest importable module, then attributes
+    ("mmengine.Config.fromfile")."""
+    parts = path.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            if cut == 1:
+                raise
+            continue
+        for attr in parts[cut:]:
+            obj = getattr(obj, attr)
+        return obj
+
+
+def construct_argparse(recipe):
+    """(network, what built it), or (None, why not)."""
+    cls = getattr(importlib.import_module(recipe["module"]), recipe["object"])
+    parser = argparse.ArgumentParser(prog=recipe["object"])
+    getattr(cls, recipe["args_hook"])(parser)
+    try:
+        ns = parser.parse_args(list(recipe.get("args") or []))
+    except SystemExit:  # argparse exits on arguments it does not take; its message went to stderr
+        return None, "%s's parser refused the catalog's construct args %s" % (recipe["object"], recipe.get("args"))
+    return cls(**vars(ns)), "%s.%s" % (recipe["module"], recipe["object"])
+
+
+def construct_from_config(recipe):
+    """The network the training config describes, built by the model's own builder."""
+    if not os.path.isfile(recipe["config"]):
+        return None, "no config %s in the model source" % recipe["config"]
+    cfg = dotted(recipe["loader"])(recipe["config"])
+    kwargs = dict((key, cfg.get(key)) for key in recipe.get("cfg_kwargs") or [])
+    return dotted(recipe["builder"])(cfg["model"], **kwargs), "%s(%s: model)" % (recipe["builder"], recipe["config"])
+
+
 def level_model(plan, args):
     """Import the model's own code the way its train script does and build its network from
     its own arguments (the catalog's construct recipe); report the parameter count."""
@@ -283,23 +320,19 @@ def level_model(plan, args):
     try:
         for name in recipe.get("imports") or []:
             importlib.import_module(name)
-        module = importlib.import_module(recipe["module"])
-        cls = getattr(module, recipe["object"])
-        if recipe["kind"] != "argparse":
+        if recipe["kind"] == "argparse":
+            net, built = construct_argparse(recipe)
+        elif recipe["kind"] == "config":
+            net, built = construct_from_config(recipe)
+        else:
             return result("failed", reason="unknown construct kind %r" % recipe["kind"])
-        parser = argparse.ArgumentParser(prog=recipe["object"])
-        getattr(cls, recipe["args_hook"])(parser)
-        try:
-            ns = parser.parse_args(list(recipe.get("args") or []))
-        except SystemExit:  # argparse exits on arguments it does not take; its message went to stderr
-            return result("failed", reason="%s's parser refused the catalog's construct args %s"
-                          % (recipe["object"], recipe.get("args")))
-        net = cls(**vars(ns))
+        if net is None:
+            return result("failed", reason=built)
     finally:
         os.chdir(here)
     params = sum(p.numel() for p in net.parameters())
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
-    return result("passed" if params > 0 else "failed", object="%s.%s" % (recipe["module"], recipe["object"]),
+    return result("passed" if params > 0 else "failed", object=built,
                   parameters=params, trainable=trainable, imports=list(recipe.get("imports") or []),
                   **({} if params > 0 else {"reason": "the network has no parameters"}))
 
