@@ -42,6 +42,7 @@ LAUNCHERS = ("torch.distributed.launch", "torchrun", "lightning", "mp.spawn")
 CONSTRUCT_FIELDS = {"argparse": ("module", "object", "args_hook", "args", "imports"),
                     "config": ("config", "loader", "builder", "cfg_kwargs", "imports")}
 CONSTRUCT_KINDS = tuple(CONSTRUCT_FIELDS)
+PYTHON_RE = re.compile(r"^3\.\d{1,2}$")
 DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 DOTTED_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -227,6 +228,7 @@ class Model:
     construct: Construct | None = None
     era: str | None = None  # YYYY-MM-DD: the upstream commit whose pins the entry reflects
     era_grace_days: int = 30  # releases this long after the era still count as of the era
+    corrections: dict = field(default_factory=dict)  # name -> (spec, why): upstream pins that cannot work
 
     def pinned(self, name: str) -> str | None:
         spec = self.packages.get(name)
@@ -375,6 +377,7 @@ class Catalog:
     era: tuple[EraPin, ...]
     models: dict[str, Model]
     requires: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    python_floors: dict[str, dict[str, str]] = field(default_factory=dict)  # name -> {python: first release}
     root: Path = field(default_factory=builtin_root)
     overlay: Path | None = None  # the user catalog on top of the built-in one
 
@@ -395,6 +398,13 @@ class Catalog:
         if key in self._card_names:
             return self.cards[self._card_names[key]]
         raise unknown("card", name, sorted(self._card_names))
+
+    def python_floor(self, name: str, python: str) -> str | None:
+        """The first release of a package that runs on this Python (the floor listed for the
+        newest Python not above it), or None when the catalog knows none."""
+        floors = self.python_floors.get(name.lower(), {})
+        fits = [py for py in floors if Version(py) <= Version(python)]
+        return floors[max(fits, key=Version)] if fits else None
 
     def model(self, name: str) -> Model:
         key = name.strip().lower()
@@ -536,6 +546,18 @@ def load(user: Path | str | None = None) -> Catalog:
         for name in rq.table:
             requires[name] = rq.strings(name, PKG_RE)
 
+    python_floors = {}
+    if "python_floor" in pkg.table:
+        fl = pkg.sub("python_floor")
+        for name in fl.table:
+            if not PKG_RE.match(name):
+                raise fl.fail(name, "not a package name")
+            row = fl.sub(name)
+            bad = [py for py in row.table if not PYTHON_RE.match(py)]
+            if bad:
+                raise row.fail(bad[0], "not a Python version (X.Y)")
+            python_floors[name] = {py: row.version(py) for py in row.table}
+
     files = {path.stem: path for path in sorted((base / "models").glob("*.toml"))}
     if user is not None:
         files.update({path.stem: path for path in sorted((user / "models").glob("*.toml"))})
@@ -546,7 +568,7 @@ def load(user: Path | str | None = None) -> Catalog:
             m = replace(m, origin=str(path))
         models[m.name] = m
     return Catalog(cards, toolkits, ubuntu, torch, wheel_archs, compiled, asserts, flash,
-                   spconv, tuple(era), models, requires, base, user)
+                   spconv, tuple(era), models, requires, python_floors, base, user)
 
 
 def _check_card_names(cards: dict[str, Card]) -> None:
@@ -579,6 +601,14 @@ def _load_model(path: Path, torch: dict, toolkits: dict) -> Model:
         if not isinstance(spec, str):
             raise pk.fail(name, f"expected a version string, got {spec!r}")
         packages[name.lower()] = check_spec(pk, name, spec)
+    corrections = {}
+    if "corrections" in doc.table:
+        cr = doc.sub("corrections")
+        for name in cr.table:
+            if name.lower() not in packages:
+                raise cr.fail(name, "corrects a package the model does not pin in [packages]")
+            row = cr.sub(name)
+            corrections[name.lower()] = (check_spec(row, "version", row.get("version", str)), row.get("why", str))
     vendored = {}
     if "vendored" in doc.table:
         for name in doc.get("vendored", dict):
@@ -644,6 +674,7 @@ def _load_model(path: Path, torch: dict, toolkits: dict) -> Model:
         torch=torch_version,
         cuda=cuda,
         packages=packages,
+        corrections=corrections,
         vendored=vendored,
         extensions=tuple(extensions),
         train=train,

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import date, timedelta
 from functools import lru_cache
 
+from packaging.specifiers import SpecifierSet
+
 
 from .catalog import (
     PKG_RE, V, Card, Catalog, FlashAttn, Model, TorchRelease, Toolkit, cc_key, is_exact, minor_key,
@@ -40,18 +42,19 @@ class Pin:
     version: str  # exact version, or a specifier ("" = unpinned; the lock decides)
     why: str
     upstream: str | None = None  # what upstream pins; None when envbuild added it
-    source: str = "upstream"  # upstream | port | era | override
+    source: str = "upstream"  # upstream | port | era | override | fix (a catalog correction)
 
     @property
     def deviation(self) -> bool:
         """Differs from what upstream pinned (era pins on unpinned packages do not)."""
-        if self.source in ("port", "override"):
+        if self.source in ("port", "override", "fix"):
             return self.version != self.upstream
         return self.source == "era" and self.upstream not in (None, "*")
 
     @property
     def is_port(self) -> bool:
-        """An upgrade the card forces (or the user set), which makes the Plan a port."""
+        """An upgrade the card forces (or the user set), which makes the Plan a port. A catalog
+        correction (upstream pins that cannot install) is a deviation, not a port: strict keeps it."""
         return self.source in ("port", "override") and self.version != self.upstream
 
     @property
@@ -511,8 +514,12 @@ def _try(cat: Catalog, model: Model, card: Card, stack: _Stack, toolkit_req: Too
             pin = Pin(name, forced, "set with --set", spec, "override")
         elif spec == "*":
             pin = Pin(name, "", "unpinned upstream; the lock picks a version", spec)
+        elif name in model.corrections:
+            fixed, why = model.corrections[name]
+            pin = (_python_port(cat, name, fixed, py, model.python, upstream=spec)
+                   or Pin(name, fixed, f"catalog correction: {why}", spec, "fix"))
         else:
-            pin = Pin(name, spec, "upstream pin", spec)
+            pin = _python_port(cat, name, spec, py, model.python) or Pin(name, spec, "upstream pin", spec)
         pins.append(pin)
     depth += 1
     # 6. packages that assert the mmcv range at import
@@ -719,6 +726,26 @@ def _choose_spconv(cat, name, spec, cu, strict, reasons) -> Pin | None:
     best = max(same, key=minor_key)
     new = "spconv-cu" + best.replace(".", "")
     return Pin(new, version, f"{name} is a CUDA {have_cu} build; torch uses CUDA {cu}", f"{name} {spec}", "port")
+
+
+def _python_port(cat: Catalog, name: str, spec: str, py: str, upstream_py: str, upstream: str | None = None
+                 ) -> Pin | None:
+    """A pin that no release for this Python satisfies, moved to the first release that runs on
+    it (the catalog's python_floor); None when the pin stands."""
+    floor = cat.python_floor(name, py)
+    if floor is None or py == upstream_py:
+        return None
+    if is_exact(spec):
+        if V(spec) >= V(floor):
+            return None
+        return Pin(name, floor, f"{name} {spec} does not run on Python {py}; {floor} is the first release that does",
+                   upstream or spec, "port")
+    allowed = SpecifierSet(spec)
+    caps = [s for s in allowed if s.operator in ("<", "<=", "==", "~=", "===")]
+    if allowed.contains(floor, prereleases=True) or not any(V(s.version.rstrip(".*")) < V(floor) for s in caps):
+        return None
+    return Pin(name, f">={floor}", f"every release {spec} allows predates Python {py}; {floor} is the first that "
+               f"runs on it", upstream or spec, "port")
 
 
 def _era_pins(cat: Catalog, pins: list[Pin], rel: TorchRelease, model: Model) -> list[Pin]:

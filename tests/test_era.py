@@ -2,6 +2,7 @@
 
 from datetime import datetime, timezone
 
+from envbuild import catalog
 from envbuild.era import exact_pins, file_version, page, visible
 from envbuild.resolve import resolve
 
@@ -44,7 +45,14 @@ def test_the_page_is_pep503_with_hashes_and_escaped_attributes():
 def test_the_plan_names_the_cutoff_and_why(cat):
     plan = resolve(cat, "qcnet", "a800")
     assert plan.index_cutoff == "2023-10-08" and "2023-09-08" in plan.index_cutoff_why
-    assert resolve(cat, "maptr", "a800").index_cutoff is None  # no era in the catalog: said so
+    assert resolve(cat, "maptr", "a800").index_cutoff == "2023-10-14"
+
+
+def test_a_model_without_an_era_resolves_against_todays_index_and_says_so(matrices_copy):
+    path = matrices_copy / "models" / "maptr.toml"
+    path.write_text("\n".join(l for l in path.read_text().splitlines() if not l.startswith("era =")))
+    plan = resolve(catalog.load(matrices_copy), "maptr", "a800")
+    assert plan.index_cutoff is None and "no era" in plan.index_cutoff_why
 
 
 def test_a_python_port_gets_the_smallest_later_release_with_a_wheel_for_it():

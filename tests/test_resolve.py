@@ -3,6 +3,7 @@ import itertools
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from envbuild import catalog
 from envbuild.catalog import cc_key
 from envbuild.config import Sources
 from envbuild.errors import BadInput
@@ -41,7 +42,9 @@ def test_maptr_a100_strict_is_upstream(cat):
     assert p.mode == "upstream" and p.torch.version == "1.9.1+cu111"
     assert p.pin("mmcv-full").version == "1.4.0" and p.arch_list == "8.0"
     assert p.torch_index and "torch_stable" in p.torch_index
-    assert p.deviations == []
+    # the one deviation strict keeps: the catalog's correction of pins that cannot install together
+    assert [d.split(": catalog")[0] for d in p.deviations] == ["numpy: <1.20.0 -> 1.23.5"]
+    assert p.pin("numpy").source == "fix" and "av2" in p.pin("numpy").why
 
 
 def test_maptr_l20_strict_runs_through_sm86(cat):
@@ -139,7 +142,7 @@ def test_unknown_inputs_are_bad_input(cat):
 
 def test_era_pins_hold_what_upstream_left_open(cat):
     p = resolve(cat, "maptr", "a100")
-    assert p.pin("numpy").version == "<1.20.0"  # upstream wins
+    assert p.pin("numpy").version == "1.23.5"  # the catalog's correction wins over the era's numpy<2
     assert p.pin("yapf").version == "==0.40.1" and p.pin("yapf").source == "era"
     assert p.pin("opencv-python-headless") is not None
     sd = resolve(cat, "sparsedrive", "a100")
@@ -262,3 +265,56 @@ def test_the_base_image_suits_the_strictest_cxx_of_torch_and_compiled_packages(m
     with pytest.raises(Conflict) as exc:
         resolve(cat, "maptr", "a100", cuda="11.1", strict=True)
     assert "for C++17" in exc.value.message  # torch 1.9 alone (C++14) would have taken gcc 7
+
+
+# ---------------------------------------------------------- Python ports of plain pins
+
+def test_a_python_port_moves_exact_pins_below_the_first_release_for_that_python(cat):
+    p = resolve(cat, "maptr", "a800", python="3.11", cuda="11.8")
+    numba = p.pin("numba")
+    assert (numba.version, numba.upstream, numba.source) == ("0.57.0", "0.48.0", "port")
+    assert "does not run on Python 3.11" in numba.why
+    assert p.pin("scikit-image").version == "0.20.0"
+    assert p.pin("shapely").version == "1.8.5.post1"  # at or above the floor (1.8.5): it stands
+    # a range that excludes every release for the Python opens at the floor
+    assert p.pin("networkx").version == ">=2.4" and p.pin("networkx").upstream == ">=2.2,<2.3"
+    # upstream's own Python keeps upstream's pins
+    up = resolve(cat, "maptr", "a100")
+    assert up.pin("numba").version == "0.48.0" and up.pin("networkx").version == ">=2.2,<2.3"
+
+
+def test_the_floor_for_a_python_is_the_newest_entry_not_above_it(cat):
+    assert cat.python_floor("numba", "3.11") == "0.57.0"
+    assert cat.python_floor("networkx", "3.12") == "2.4"  # one entry holds for every later Python
+    assert cat.python_floor("numba", "3.8") is None and cat.python_floor("torch", "3.11") is None
+    assert cat.python_floor("NumPy", "3.10") == "1.21.2"
+
+
+def test_a_floor_never_lowers_a_pin_or_a_range_that_already_allows_it(cat):
+    from envbuild.resolve import _python_port
+    assert _python_port(cat, "numpy", "1.24.4", "3.11", "3.8") is None
+    assert _python_port(cat, "numpy", ">=1.21", "3.11", "3.8") is None
+    assert _python_port(cat, "numpy", "<1.25", "3.11", "3.8") is None
+    assert _python_port(cat, "numpy", "~=1.19.0", "3.11", "3.8").version == ">=1.23.2"
+    assert _python_port(cat, "numpy", "1.19.5", "3.11", "3.11") is None  # not a port: upstream's Python
+
+
+def test_python_floors_and_corrections_are_validated(matrices_copy):
+    from envbuild.errors import CatalogError
+    pkg = matrices_copy / "toolchains" / "packages.toml"
+    text = pkg.read_text()
+    for bad, says in (('[python_floor.numba]\n"3.x" = "1.0"\n', "not a Python version"),
+                      ('[python_floor.numba]\n"3.9" = "latest"\n', "not a version")):
+        pkg.write_text(text.replace("[python_floor.numba]\n", bad.split("\n", 1)[0] + "\n" + bad.split("\n", 1)[1]
+                                    ).replace('"3.9" = "0.53.0"\n', "", 1))
+        with pytest.raises(CatalogError, match=says):
+            catalog.load(matrices_copy)
+    pkg.write_text(text)
+    model = matrices_copy / "models" / "maptr.toml"
+    mtext = model.read_text()
+    for old, new, says in (("[corrections.numpy]", "[corrections.pillow]", "does not pin in"),
+                           ('version = "1.23.5"', 'version = "1.23.5; rm -rf /"', "not a version or specifier"),
+                           ('why = "av2', 'wh = "av2', "why: missing")):
+        model.write_text(mtext.replace(old, new, 1))
+        with pytest.raises(CatalogError, match=says):
+            catalog.load(matrices_copy)
