@@ -42,6 +42,10 @@ LAUNCHERS = ("torch.distributed.launch", "torchrun", "lightning", "mp.spawn")
 CONSTRUCT_FIELDS = {"argparse": ("module", "object", "args_hook", "args", "imports"),
                     "config": ("config", "loader", "builder", "cfg_kwargs", "imports")}
 CONSTRUCT_KINDS = tuple(CONSTRUCT_FIELDS)
+APT_RE = re.compile(r"^[a-z0-9][a-z0-9.+-]+$")  # a Debian package name
+FILE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")  # a plain file name, no folders
+ENV_NAME_RE = re.compile(r"^[A-Z][A-Z0-9_]*$")
+ENV_VALUE_RE = re.compile(r"^[A-Za-z0-9._:/,=-]*$")
 PYTHON_RE = re.compile(r"^3\.\d{1,2}$")
 DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 DOTTED_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
@@ -162,6 +166,17 @@ class EraPin:
     when_package: str | None = None
     replaces: str | None = None
     always: bool = False
+
+
+@dataclass(frozen=True)
+class SourceBuild:
+    """How to build a package from its sdist without downloads from outside PyPI (a Python port
+    whose locked version has no wheel for that Python): OS libraries instead of bundled ones."""
+    name: str
+    build_apt: tuple[str, ...]  # installed in the deps stage, before pip builds it
+    runtime_apt: tuple[str, ...]  # the shared libraries the built package then loads
+    build_env: dict  # NAME -> value for the pip install that builds it
+    build_files: tuple[str, ...] = ()  # files from envbuild/incontainer/ the build_env points at
 
 
 @dataclass(frozen=True)
@@ -378,6 +393,7 @@ class Catalog:
     models: dict[str, Model]
     requires: dict[str, tuple[str, ...]] = field(default_factory=dict)
     python_floors: dict[str, dict[str, str]] = field(default_factory=dict)  # name -> {python: first release}
+    source_builds: dict[str, SourceBuild] = field(default_factory=dict)
     root: Path = field(default_factory=builtin_root)
     overlay: Path | None = None  # the user catalog on top of the built-in one
 
@@ -558,6 +574,24 @@ def load(user: Path | str | None = None) -> Catalog:
                 raise row.fail(bad[0], "not a Python version (X.Y)")
             python_floors[name] = {py: row.version(py) for py in row.table}
 
+    source_builds = {}
+    if "source_build" in pkg.table:
+        sb = pkg.sub("source_build")
+        for name in sb.table:
+            if name not in python_floors:
+                raise sb.fail(name, "has no python_floor: nothing says when it builds from source")
+            row = sb.sub(name)
+            env = row.get("build_env", dict, {})
+            for key, value in env.items():
+                if not ENV_NAME_RE.match(key) or not isinstance(value, str) or not ENV_VALUE_RE.match(value):
+                    raise row.fail("build_env", f"invalid entry {key}={value!r}")
+            files = row.strings("build_files", FILE_RE, [])
+            missing = [f for f in files if not (Path(__file__).parent / "incontainer" / f).is_file()]
+            if missing:
+                raise row.fail("build_files", f"{missing[0]} is not a file in envbuild/incontainer/")
+            source_builds[name] = SourceBuild(name, row.strings("build_apt", APT_RE, []), row.strings("runtime_apt", APT_RE, []),
+                                              env, files)
+
     files = {path.stem: path for path in sorted((base / "models").glob("*.toml"))}
     if user is not None:
         files.update({path.stem: path for path in sorted((user / "models").glob("*.toml"))})
@@ -568,7 +602,7 @@ def load(user: Path | str | None = None) -> Catalog:
             m = replace(m, origin=str(path))
         models[m.name] = m
     return Catalog(cards, toolkits, ubuntu, torch, wheel_archs, compiled, asserts, flash,
-                   spconv, tuple(era), models, requires, python_floors, base, user)
+                   spconv, tuple(era), models, requires, python_floors, source_builds, base, user)
 
 
 def _check_card_names(cards: dict[str, Card]) -> None:

@@ -45,6 +45,11 @@ def has_package(lock: Path, name: str) -> bool:
     return name in split_blocks(lock.read_text())
 
 
+def locked_version(lock: Path, name: str) -> str | None:
+    block = split_blocks(lock.read_text()).get(name)
+    return block.split("==", 1)[1].split()[0].rstrip("\\") if block else None
+
+
 def find_matching(contexts: Path, requirements_in_text: str) -> Path | None:
     """A context folder under `contexts` holding locks made from exactly this requirements.in."""
     if not contexts.is_dir():

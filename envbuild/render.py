@@ -23,7 +23,7 @@ import jinja2
 
 from . import labels as label
 from . import __version__
-from .catalog import PKG_RE, is_exact
+from .catalog import APT_RE, ENV_NAME_RE, ENV_VALUE_RE, FILE_RE, PKG_RE, V, is_exact
 from .errors import BadInput
 from .resolve import Plan
 
@@ -37,8 +37,6 @@ URL_RE = re.compile(r"^https?://[A-Za-z0-9.:@_-]+(/[A-Za-z0-9._~%+-]+)*/?$")
 ARCH_RE = re.compile(r"^\d{1,2}\.\d(\+PTX)?(;\d{1,2}\.\d(\+PTX)?)*$")
 WORD_RE = re.compile(r"^[A-Za-z0-9_.-][A-Za-z0-9._/=,:+-]*$")
 RELPATH_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._/-]*$")
-ENV_NAME_RE = re.compile(r"^[A-Z][A-Z0-9_]*$")
-ENV_VALUE_RE = re.compile(r"^[A-Za-z0-9._:/,=-]*$")
 # GB of builder memory one compile job needs (flash-attn's nvcc jobs are the hungry ones).
 GB_PER_JOB = {"flash-attn": 9}
 BUILD_TOOLS = ["ninja", "wheel", "psutil"]
@@ -90,6 +88,8 @@ class Context:
     locked: bool
     # Whether opencv-python (GUI) may be installed: the lock says; unlocked, it may always arrive.
     gui_opencv: bool = True
+    # Which of the Plan's source_builds the deps stage does: the lock says; unlocked, all may.
+    source_built: list | None = None
 
     pip = "pip==24.0"  # the newest pip that still runs on Python 3.7/3.8
 
@@ -107,10 +107,30 @@ class Context:
         return self.python_apt + BUILDER_APT
 
     @property
+    def source_builds(self) -> list[dict]:
+        """The catalog's recipes for the packages pip builds from source in the deps stage."""
+        chosen = self.plan.source_builds if self.source_built is None else self.source_built
+        return [dict(self.plan.source_builds[name], name=name) for name in sorted(chosen)]
+
+    @property
+    def deps_apt(self) -> list[str]:
+        return sorted({_check(a, APT_RE, "apt package") for sb in self.source_builds for a in sb["build_apt"]})
+
+    @property
+    def deps_env(self) -> list[tuple[str, str]]:
+        return [(_check(k, ENV_NAME_RE, "env name"), _check(v, ENV_VALUE_RE, "env value"))
+                for sb in self.source_builds for k, v in sorted(sb["build_env"].items())]
+
+    @property
+    def deps_files(self) -> list[str]:
+        return sorted({_check(f, FILE_RE, "build file") for sb in self.source_builds for f in sb["build_files"]})
+
+    @property
     def runtime_apt(self) -> list[str]:
         apt = [f"python{self.python}", f"python{self.python}-venv"] + RUNTIME_APT
         if self.gui_opencv:
             apt += GUI_OPENCV_APT
+        apt += sorted({_check(a, APT_RE, "apt package") for sb in self.source_builds for a in sb["runtime_apt"]})
         if self.plan.torch_compile:
             # torch.compile builds code at run time: inductor's C++ kernels on CPU, triton's
             # launcher module on GPU. Both need a compiler and Python's headers.
@@ -264,17 +284,21 @@ def make_context(plan: Plan, command: str, base_image: str | None = None, runtim
     ctx = Context(plan, _comment(command), base, runtime, source, _check(pypi_index, URL_RE, "PyPI index"), locked)
     # Validate every value that reaches the Dockerfile or requirements.in now, before any file is written.
     for prop in ("torch_requirements", "torch_index_args", "packages", "compiled_steps", "arch_list", "repo",
-                 "commit", "extensions", "runtime_env"):
+                 "commit", "extensions", "runtime_env", "deps_apt", "deps_env", "deps_files", "runtime_apt"):
         getattr(ctx, prop)
     return ctx
 
 
 def use_lock(ctx: Context, folder: Path) -> None:
     """Install from the folder's lock when it was made from exactly this requirements.in."""
-    from .lock import has_package, matches
+    from .lock import has_package, locked_version, matches
     ctx.locked = matches(folder, requirements_in(ctx))
     if ctx.locked:
-        ctx.gui_opencv = has_package(folder / "requirements.lock", "opencv-python")
+        lock = folder / "requirements.lock"
+        ctx.gui_opencv = has_package(lock, "opencv-python")
+        # a locked version older than the first with a wheel for this Python builds from its sdist
+        ctx.source_built = [name for name, sb in ctx.plan.source_builds.items()
+                            if (v := locked_version(lock, name)) and V(v) < V(sb["below"])]
 
 
 def dockerfile(ctx: Context) -> str:

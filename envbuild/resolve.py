@@ -124,6 +124,9 @@ class Plan:
     index_cutoff_why: str = ""
     cards: tuple[str, ...] = ()  # every card the image is for (one, a list, or the portable set)
     cards_why: str = ""  # how the cards were chosen (--card, the host's GPUs, config, portable)
+    # Packages that build from their sdist when the lock's version is below "below" (no wheel
+    # for this Python), and how (catalog source_build): the lock decides which apply.
+    source_builds: dict = field(default_factory=dict)
 
     @property
     def ccs(self) -> list[str]:
@@ -604,6 +607,7 @@ def _try(cat: Catalog, model: Model, card: Card, stack: _Stack, toolkit_req: Too
                "steps_args": list(model.train.steps_args)},
         torch_compile=torch_compile, torch_compile_why=torch_compile_why,
         notes=tuple(notes), construct=model.construct.to_dict() if model.construct else None,
+        source_builds=_source_builds(cat, py) if py != model.python else {},
         **_index_cutoff(model),
     )
 
@@ -746,6 +750,16 @@ def _python_port(cat: Catalog, name: str, spec: str, py: str, upstream_py: str, 
         return None
     return Pin(name, f">={floor}", f"every release {spec} allows predates Python {py}; {floor} is the first that "
                f"runs on it", upstream or spec, "port")
+
+
+def _source_builds(cat: Catalog, py: str) -> dict:
+    out = {}
+    for name, sb in sorted(cat.source_builds.items()):
+        floor = cat.python_floor(name, py)
+        if floor:
+            out[name] = {"below": floor, "build_apt": list(sb.build_apt), "runtime_apt": list(sb.runtime_apt),
+                         "build_env": dict(sb.build_env), "build_files": list(sb.build_files)}
+    return out
 
 
 def _era_pins(cat: Catalog, pins: list[Pin], rel: TorchRelease, model: Model) -> list[Pin]:

@@ -259,3 +259,45 @@ def test_concurrent_renders_into_one_folder_do_not_mix(tmp_path):
     assert f'"card": "{plan["card"]}"' in (out / "plan.json").read_text()
     assert plan["arch_list"] in (out / "Dockerfile").read_text()
     assert not [p for p in out.rglob(".*") if p.name not in (".envbuild-manifest.json", ".envbuild.lock")]
+
+
+def test_the_lock_decides_which_packages_build_from_source_and_with_what(tmp_path):
+    """A Python 3.11 port of GaussianFormer: nuscenes-devkit caps matplotlib < 3.6, which has no
+    cp311 wheel. Locked to 3.5.3, the deps stage installs FreeType/Qhull headers and points the
+    build at the OS's libraries; the runtime gets the shared libraries. Locked to 3.6.0: none of it."""
+    import hashlib
+    from envbuild.lock import HEADER
+    plan = resolve(catalog.load(), "gaussianformer", "a800", python="3.11", cuda="11.8")
+    assert plan.source_builds["matplotlib"]["below"] == "3.6.0"
+    assert resolve(catalog.load(), "gaussianformer", "a800").source_builds == {}  # upstream's Python: wheels exist
+    out = tmp_path / "ctx"
+    ctx = render.make_context(plan, "test")
+    render.write(ctx, out)
+    header = HEADER + hashlib.sha256(render.requirements_in(ctx).encode()).hexdigest()
+    (out / "torch.lock").write_text(header + "\n")
+    for version, built in (("3.5.3", True), ("3.6.0", False)):
+        (out / "requirements.lock").write_text(f"{header}\nmatplotlib=={version} \\\n    --hash=sha256:{'a' * 64}\n")
+        ctx = render.make_context(plan, "test")
+        render.use_lock(ctx, out)
+        text = render.dockerfile(ctx)
+        assert ctx.locked
+        assert ("libqhull-dev" in text and "MPLSETUPCFG=/opt/envbuild/mplsetup.cfg /opt/envbuild/with-ca.sh pip install"
+                in text and "COPY envbuild/mplsetup.cfg" in text) is built, version
+        assert ("libqhull-r8.0" in ctx.runtime_apt) is built
+    # unlocked, the lock's choice is not known: the build is ready for it
+    assert "libfreetype-dev" in render.dockerfile(render.make_context(plan, "test"))
+
+
+def test_source_build_recipes_are_validated(matrices_copy):
+    from envbuild.errors import CatalogError
+    pkg = matrices_copy / "toolchains" / "packages.toml"
+    text = pkg.read_text()
+    for old, new, says in (('build_env = { MPLSETUPCFG = "/opt/envbuild/mplsetup.cfg" }',
+                            'build_env = { MPLSETUPCFG = "$(reboot)" }', "build_env: invalid entry"),
+                           ('build_files = ["mplsetup.cfg"]', 'build_files = ["../../etc/passwd"]', "invalid entry"),
+                           ('build_files = ["mplsetup.cfg"]', 'build_files = ["setup.cfg"]', "not a file in envbuild/incontainer"),
+                           ('runtime_apt = ["libfreetype6"', 'runtime_apt = ["libfreetype6; rm"', "invalid entry"),
+                           ("[source_build.matplotlib]", "[source_build.pillow]", "has no python_floor")):
+        pkg.write_text(text.replace(old, new))
+        with pytest.raises(CatalogError, match=says):
+            catalog.load(matrices_copy)

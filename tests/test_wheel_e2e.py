@@ -40,8 +40,11 @@ def test_the_installed_package_is_not_the_checkout(installed):
                            capture_output=True, text=True, cwd=cwd).stdout.strip()
     assert "site-packages" in where and not where.startswith(str(ROOT))
     for rel in ("matrices/cards.toml", "matrices/models/maptr.toml", "incontainer/with-ca.sh", "incontainer/smoke.py",
-                "templates/Dockerfile.j2"):
+                "incontainer/mplsetup.cfg", "templates/Dockerfile.j2"):
         assert os.path.isfile(os.path.join(where, rel)), rel
+    # the ledger ships too: an installed envbuild says what was verified, as the checkout does
+    verified = sorted(p.name for p in (ROOT / "envbuild" / "matrices" / "verified").glob("*.json"))
+    assert verified and sorted(os.listdir(os.path.join(where, "matrices", "verified"))) == verified
 
 
 def test_resolve_render_fix_from_the_wheel(installed, tmp_path):
