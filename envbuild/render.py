@@ -66,6 +66,22 @@ def requirement(name: str, version: str) -> str:
     return name + _check(version.replace(" ", ""), SPEC_RE, f"specifier of {name}")
 
 
+def without_deps(command: list[str]) -> list[str]:
+    """A model extension's build command that installs only the extension: the lock decided
+    every dependency, and `setup.py develop` or `pip install` would otherwise re-resolve the
+    repo's own requirements (MapTR's vendored mmdetection3d asks numba==0.48.0, numpy<1.20)."""
+    words = list(command)
+    if "--no-deps" in words or "-N" in words:
+        return words
+    if "develop" in words:  # setuptools' develop installs install_requires with easy_install
+        at = words.index("develop")
+    elif "install" in words and words[words.index("install") - 1] in ("pip", "pip3"):
+        at = words.index("install")
+    else:
+        return words
+    return words[:at + 1] + ["--no-deps"] + words[at + 1:]
+
+
 @dataclass
 class Step:
     """One compiled package built as a wheel in the builder stage."""
@@ -195,7 +211,7 @@ class Context:
             if ".." in ext.path.split("/"):
                 raise BadInput(f"refusing to render extension path {ext.path!r}: leaves the source tree",
                                "fix the catalog entry")
-            cmd = [_check(w, WORD_RE, "build command word") for w in ext.build]
+            cmd = without_deps([_check(w, WORD_RE, "build command word") for w in ext.build])
             out.append({"name": ext.name, "path": ext.path, "command": cmd})
         return out
 

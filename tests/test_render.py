@@ -301,3 +301,21 @@ def test_source_build_recipes_are_validated(matrices_copy):
         pkg.write_text(text.replace(old, new))
         with pytest.raises(CatalogError, match=says):
             catalog.load(matrices_copy)
+
+
+@pytest.mark.parametrize("command, expected", [
+    ("python setup.py develop", "python setup.py develop --no-deps"),
+    ("pip install --no-build-isolation .", "pip install --no-deps --no-build-isolation ."),
+    ("python -m pip install -e .", "python -m pip install --no-deps -e ."),
+    ("pip install --no-deps .", "pip install --no-deps ."),  # already: unchanged
+    ("python setup.py build install", "python setup.py build install"),
+    ("python setup.py build_ext --inplace", "python setup.py build_ext --inplace"),
+])
+def test_extension_builds_install_only_the_extension(command, expected):
+    assert " ".join(render.without_deps(command.split())) == expected
+
+
+def test_maptrs_vendored_mmdet3d_builds_without_reresolving_its_requirements():
+    plan = resolve(catalog.load(), "maptr", "a800", python="3.11", cuda="11.8")
+    text = render.dockerfile(render.make_context(plan, "test"))
+    assert "python setup.py develop --no-deps" in text
