@@ -576,6 +576,35 @@ def apply(root, fixers):
     return report
 
 
+def installed_roots(dist_name):
+    """The package folders an installed distribution put in site-packages, found from its
+    metadata without importing it (an import may be what fails)."""
+    from importlib import metadata
+    try:
+        dist = metadata.distribution(dist_name)
+    except metadata.PackageNotFoundError:
+        raise FixerError("%s: not installed, so its code cannot be fixed" % dist_name)
+    tops = (dist.read_text("top_level.txt") or "").split()
+    if not tops:
+        tops = sorted({str(f).split("/")[0] for f in dist.files or [] if str(f).endswith(".py") and "/" in str(f)})
+    roots = [str(dist.locate_file(t)) for t in tops if os.path.isdir(str(dist.locate_file(t)))]
+    if not roots:
+        raise FixerError("%s: no package folder found in its installed files" % dist_name)
+    return roots
+
+
+def apply_installed(plan_fixers, fixers):
+    """Run each fixer over the installed distributions the Plan names for it; {fixer: [files]}."""
+    report = {}
+    for item, fx in zip(plan_fixers, fixers):
+        changed = []
+        for dist_name in item.get("installed") or []:
+            for root in installed_roots(dist_name):
+                changed += [os.path.join(root, f) for f in apply(root, [fx])[fx.name]]
+        report[fx.name] = changed
+    return report
+
+
 def fixers_from_plan(plan):
     """The Plan's fixers; ValueError (or KeyError for an unknown name) when it is malformed."""
     items = plan.get("fixers", []) if isinstance(plan, dict) else None
@@ -587,8 +616,8 @@ def fixers_from_plan(plan):
 def main(argv=None):
     """In-image entry point: python fixers.py apply --plan plan.json --report out.json TREE"""
     ap = argparse.ArgumentParser(prog="envbuild-fix")
-    ap.add_argument("action", choices=["apply", "list"])
-    ap.add_argument("tree")
+    ap.add_argument("action", choices=["apply", "list", "apply-installed"])
+    ap.add_argument("tree", nargs="?", help="the model tree (not for apply-installed: the Plan names the packages)")
     ap.add_argument("--plan", required=True)
     ap.add_argument("--report")
     ns = ap.parse_args(argv)
@@ -599,12 +628,14 @@ def main(argv=None):
     except (OSError, ValueError, KeyError) as exc:
         print("envbuild-fix: error: cannot use plan %s: %s" % (ns.plan, exc), file=sys.stderr)
         return 2
+    if ns.action != "apply-installed" and not ns.tree:
+        ap.error("%s needs the model tree" % ns.action)
     if ns.action == "list":
         for f in detect(ns.tree, fixers):
             print("%s:%d: %s: %s" % (f.path, f.line, f.fixer, f.why))
         return 0
     try:
-        report = apply(ns.tree, fixers)
+        report = apply_installed(plan["fixers"], fixers) if ns.action == "apply-installed" else apply(ns.tree, fixers)
     except FixerError as exc:
         print("envbuild-fix: error: %s" % exc, file=sys.stderr)
         return 1

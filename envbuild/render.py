@@ -129,6 +129,11 @@ class Context:
         return [dict(self.plan.source_builds[name], name=name) for name in sorted(chosen)]
 
     @property
+    def fixes_installed(self) -> list[str]:
+        """Installed distributions a fixer patches (validated names: they reach a comment)."""
+        return sorted({_check(d, PKG_RE, "package name") for f in self.plan.fixers for d in f.installed})
+
+    @property
     def deps_apt(self) -> list[str]:
         return sorted({_check(a, APT_RE, "apt package") for sb in self.source_builds for a in sb["build_apt"]})
 
@@ -300,7 +305,7 @@ def make_context(plan: Plan, command: str, base_image: str | None = None, runtim
     ctx = Context(plan, _comment(command), base, runtime, source, _check(pypi_index, URL_RE, "PyPI index"), locked)
     # Validate every value that reaches the Dockerfile or requirements.in now, before any file is written.
     for prop in ("torch_requirements", "torch_index_args", "packages", "compiled_steps", "arch_list", "repo",
-                 "commit", "extensions", "runtime_env", "deps_apt", "deps_env", "deps_files", "runtime_apt"):
+                 "commit", "extensions", "runtime_env", "deps_apt", "deps_env", "deps_files", "runtime_apt", "fixes_installed"):
         getattr(ctx, prop)
     return ctx
 

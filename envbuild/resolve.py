@@ -71,6 +71,8 @@ class Fixer:
     name: str
     why: str
     args: dict = field(default_factory=dict)
+    # installed distributions (pip names) whose own code needs the fixer too, beside the model tree
+    installed: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -526,17 +528,19 @@ def _try(cat: Catalog, model: Model, card: Card, stack: _Stack, toolkit_req: Too
         pins.append(pin)
     depth += 1
     # 6. packages that assert the mmcv range at import
-    asserting = []
+    asserting, installed = [], []
     for name in sorted(set(model.packages) | set(model.vendored)):
         facts = cat.asserts.get(name, {}).get(model.pinned(name) or "")
         if facts and mmcv_pin and V(mmcv_pin.version) > V(facts.mmcv[1]):
             if strict:
                 return fail(f"{name} {facts.version} asserts mmcv <= {facts.mmcv[1]}")
             asserting.append(f"{name} {facts.version} (mmcv <= {facts.mmcv[1]})")
+            if name not in model.vendored:  # a vendored copy is in the model tree; the rest is in the venv
+                installed.append(name)
     if asserting:
         fixers.append(Fixer("mmcv-version-assert",
                             f"{', '.join(asserting)} assert at import; the port uses "
-                            f"{mmcv_pin.name} {mmcv_pin.version}", {"mmcv": mmcv_pin.version}))
+                            f"{mmcv_pin.name} {mmcv_pin.version}", {"mmcv": mmcv_pin.version}, tuple(installed)))
     # 7. runtime deps of what is compiled with --no-deps, then era pins for what is left open
     have = {p.name for p in pins}
     for name in compiled:

@@ -9,6 +9,7 @@ import textwrap
 import pytest
 
 from envbuild import fixers
+from conftest import ROOT
 
 TRAIN = textwrap.dedent('''\
     import argparse
@@ -399,3 +400,48 @@ def test_fixer_code_runs_on_python38():
     r = subprocess.run([vermin, "-t=3.8-", "--no-tips", "--violations",
                         fixers.__file__], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def _installed(site, dist, version, package, files):
+    """A distribution installed into `site` the way pip leaves it: its package folder and a
+    dist-info with METADATA and top_level.txt."""
+    pkg = site / package
+    pkg.mkdir(parents=True)
+    for name, text in files.items():
+        (pkg / name).write_text(text)
+    info = site / f"{dist.replace('-', '_')}-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+    (info / "top_level.txt").write_text(package + "\n")
+
+
+def test_fixers_reach_installed_packages_named_by_the_plan_without_importing_them(tmp_path):
+    """mmsegmentation 0.14.1 from PyPI asserts mmcv <= 1.4.0 in its own __init__; a port to
+    mmcv-full 1.7.1 must relax it in site-packages, found from the metadata (importing it is what fails)."""
+    site = tmp_path / "site"
+    _installed(site, "mmsegmentation", "0.14.1", "mmseg", {"__init__.py": MMDET_INIT, "version.py": "__version__ = short_version = '0.14.1'\n"})
+    _installed(site, "unrelated", "1.0", "unrelated", {"__init__.py": "mmcv_maximum_version = '1.4.0'\n"})
+    plan = {"fixers": [{"name": "mmcv-version-assert", "why": "w", "args": {"mmcv": "1.7.1"}, "installed": ["mmsegmentation"]}]}
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    code = ("import sys; sys.path.insert(0, %r); sys.argv[1:] = ['apply-installed', '--plan', %r, '--report', %r];"
+            "from envbuild import fixers; raise SystemExit(fixers.main())"
+            % (str(site), str(tmp_path / "plan.json"), str(tmp_path / "report.json")))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert "mmcv_maximum_version = '1.7.1'" in (site / "mmseg" / "__init__.py").read_text()
+    assert (site / "unrelated" / "__init__.py").read_text() == "mmcv_maximum_version = '1.4.0'\n"  # not named: untouched
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["fixers"][0]["files"] == [str(site / "mmseg" / "__init__.py")]
+    # a package the Plan names but the image lacks is an error, not a silent pass
+    plan["fixers"][0]["installed"] = ["mmdet"]
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 1 and "mmdet: not installed" in r.stderr
+
+
+def test_the_plan_names_installed_packages_that_assert_the_mmcv_range():
+    from envbuild import catalog
+    from envbuild.resolve import resolve
+    plan = resolve(catalog.load(), "maptr", "h20")
+    fx = next(f for f in plan.fixers if f.name == "mmcv-version-assert")
+    assert fx.installed == ("mmdet", "mmsegmentation")  # mmdet3d is vendored: the tree pass fixes it
