@@ -39,8 +39,8 @@ WORD_RE = re.compile(r"^[A-Za-z0-9_.-][A-Za-z0-9._/=,:+-]*$")
 STEPS_ARG_RE = re.compile(r"^(?:[A-Za-z0-9_.=,:+/-]|\{steps\})+$")  # a WORD that may hold {steps}
 LAUNCHERS = ("torch.distributed.launch", "torchrun", "lightning", "mp.spawn")
 # Each construct kind and the recipe fields it takes.
-CONSTRUCT_FIELDS = {"argparse": ("module", "object", "args_hook", "args", "imports"),
-                    "config": ("config", "loader", "builder", "cfg_kwargs", "imports")}
+CONSTRUCT_FIELDS = {"argparse": ("module", "object", "args_hook", "args", "imports", "step"),
+                    "config": ("config", "loader", "builder", "cfg_kwargs", "imports", "step")}
 CONSTRUCT_KINDS = tuple(CONSTRUCT_FIELDS)
 APT_RE = re.compile(r"^[a-z0-9][a-z0-9.+-]+$")  # a Debian package name
 FILE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")  # a plain file name, no folders
@@ -217,6 +217,7 @@ class Construct:
     loader: str = ""  # config: dotted callable that reads it
     builder: str = ""  # config: dotted callable that builds the network from cfg.model
     cfg_kwargs: tuple[str, ...] = ()  # config: top-level config keys the train script also passes
+    step: str = ""  # a training step on a synthetic batch (incontainer/train_steps.py STEPS), run on the CPU
 
     def to_dict(self) -> dict:
         """The fields this kind uses (what reaches the image and the ledger's digest)."""
@@ -316,6 +317,12 @@ class _Reader:
 
     def sub(self, key) -> "_Reader":
         return _Reader(self.path, self.get(key, dict), f"{self.prefix}{key}.")
+
+
+def train_step_names() -> tuple[str, ...]:
+    """The synthetic training steps smoke's model level can run (in-container, stdlib at import)."""
+    from .incontainer import train_steps
+    return tuple(train_steps.STEPS)
 
 
 def _rel(path: Path) -> str:
@@ -692,6 +699,10 @@ def _load_model(path: Path, torch: dict, toolkits: dict) -> Model:
                                   builder=c.get("builder", str, pattern=DOTTED_RE),
                                   cfg_kwargs=c.strings("cfg_kwargs", IDENT_RE, []),
                                   imports=c.strings("imports", DOTTED_RE, []))
+        step = c.get("step", str, "")
+        if step and step not in train_step_names():
+            raise c.fail("step", f"{step!r} is not one of {', '.join(train_step_names())}")
+        construct = replace(construct, step=step)
         unknown = set(c.table) - {"kind", *CONSTRUCT_FIELDS[kind]}
         if unknown:
             raise c.fail(sorted(unknown)[0], f"not a field of construct kind {kind!r}")

@@ -225,3 +225,38 @@ def test_model_level_fails_clearly_when_the_parser_refuses_the_args(tmp_path):
     out = smoke.level_model(plan, _Args(repo))
     assert out["status"] == "failed" and "refused the catalog's construct args" in out["reason"]
     assert smoke.level_model({"model": "fake"}, _Args(repo))["status"] == "skipped"
+
+
+def test_the_model_level_runs_the_recipes_training_step_and_judges_it(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(smoke.HERE)
+    import train_steps
+    repo = _fake_repo(tmp_path)
+    seen = {}
+
+    def step(net, torch):
+        seen["cwd"], seen["net"] = os.getcwd(), net
+        return dict(outcomes.pop(0))
+    outcomes = [{"loss": 0.5, "grads": 3, "nonfinite_grads": 0},
+                {"loss": float("nan"), "grads": 3, "nonfinite_grads": 0},
+                {"loss": 0.5, "grads": 3, "nonfinite_grads": 1},
+                {"loss": 0.5, "grads": 0, "nonfinite_grads": 0}]
+    monkeypatch.setitem(train_steps.STEPS, "fake-step", step)
+    monkeypatch.setitem(sys.modules, "torch", type(sys)("torch"))
+    plan = {"model": "fake", "construct": {"kind": "argparse", "module": "nets", "object": "Net", "args_hook": "add_args",
+                                           "args": ["--width", "7"], "imports": [], "step": "fake-step"}}
+    out = smoke.level_model(plan, _Args(repo))
+    assert out["status"] == "passed" and out["step"] == {"loss": 0.5, "grads": 3, "nonfinite_grads": 0}
+    assert seen["cwd"] == str(repo) and seen["net"].width == 7  # the constructed network, run from the repo root
+    for says in ("the loss is nan", "1 parameter(s) got a non-finite gradient", "backward reached no parameter"):
+        out = smoke.level_model(plan, _Args(repo))
+        assert out["status"] == "failed" and says in out["reason"], out
+
+
+def test_catalog_steps_name_real_training_steps(matrices_copy):
+    from envbuild import catalog
+    from envbuild.errors import CatalogError
+    assert catalog.load(matrices_copy).model("qcnet").construct.step == "qcnet-argoverse2"
+    path = matrices_copy / "models" / "qcnet.toml"
+    path.write_text(path.read_text().replace('step = "qcnet-argoverse2"', 'step = "os.system"'))
+    with pytest.raises(CatalogError, match="'os.system' is not one of qcnet-argoverse2"):
+        catalog.load(matrices_copy)

@@ -332,9 +332,36 @@ def level_model(plan, args):
         os.chdir(here)
     params = sum(p.numel() for p in net.parameters())
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
-    return result("passed" if params > 0 else "failed", object=built,
-                  parameters=params, trainable=trainable, imports=list(recipe.get("imports") or []),
-                  **({} if params > 0 else {"reason": "the network has no parameters"}))
+    out = dict(object=built, parameters=params, trainable=trainable, imports=list(recipe.get("imports") or []))
+    if params <= 0:
+        return result("failed", reason="the network has no parameters", **out)
+    if recipe.get("step"):
+        out["step"] = train_step(recipe["step"], net, root)
+        if out["step"].get("problem"):
+            return result("failed", reason="training step %s: %s" % (recipe["step"], out["step"]["problem"]), **out)
+    return result("passed", **out)
+
+
+def train_step(name, net, root):
+    """One synthetic training step (train_steps.py beside this file) with the model's root as
+    the working folder; what it measured, plus "problem" when forward/backward did not work."""
+    import torch
+    if HERE not in sys.path:
+        sys.path.insert(0, HERE)
+    import train_steps
+    here = os.getcwd()
+    os.chdir(root)
+    try:
+        measured = train_steps.STEPS[name](net, torch)
+    finally:
+        os.chdir(here)
+    if not math.isfinite(measured["loss"]):
+        measured["problem"] = "the loss is %s" % measured["loss"]
+    elif measured["nonfinite_grads"]:
+        measured["problem"] = "%d parameter(s) got a non-finite gradient" % measured["nonfinite_grads"]
+    elif not measured["grads"]:
+        measured["problem"] = "backward reached no parameter"
+    return measured
 
 
 def level_env(plan, args):
