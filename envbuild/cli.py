@@ -335,8 +335,8 @@ def verify(model: str, card: Optional[str] = CARD, cuda: Optional[str] = CUDA, p
             failure = "; ".join(f"smoke {k}: {v.get('reason') or _first_problem(v)}" for k, v in bad.items())
     except OperationFailed as exc:
         failure = exc.message.splitlines()[0] + (f" (log: {exc.log})" if exc.log else "")
-    if summary and all(step["cached"] for step in summary.get("run_steps", [])):
-        summary.update(ledger.cold_build(plan))  # every step a cache hit: the times of the build that compiled them
+    if summary:
+        summary = ledger.with_cold_times(plan, summary)
     path = ledger.write(plan, request, summary, audit_ok, report, failure, model=catalog.load().model(plan.model))
     status = ledger.status(plan, request)
     if json_:

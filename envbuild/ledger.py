@@ -94,11 +94,11 @@ def write(plan, request: dict, image: dict, audit_ok: bool | None, smoke_report:
         "request": request, "digest": digest(plan), "date": date.today().isoformat(),
         "verdict": "passed" if passed else "failed", "failure": failure,
         "image_id": image.get("image_id"), "image_size_bytes": image.get("size_bytes"),
-        "build_seconds": image.get("build_seconds"), "stages_log": image.get("stages_log"),
-        "stages": [{"step": s["step"], "seconds": s["seconds"], "cached": s["cached"]}
-                   for s in image.get("run_steps", [])],
+        "build_seconds": image.get("build_seconds"),
+        "stages": [{"step": s["step"], "seconds": s["seconds"], "cached": s["cached"],
+                    **({"from_log": s["from_log"]} if s.get("from_log") else {})} for s in image.get("run_steps", [])],
         "audit": "passed" if audit_ok else ("failed" if audit_ok is False else "not run"),
-        "levels": levels, "parameters": model_level.get("parameters"),
+        "levels": levels, "parameters": model_level.get("parameters"), "train_step": model_level.get("step"),
         "plan": {"torch": plan.torch.version, "cuda": plan.cuda, "python": plan.python.version,
                  "arch_list": plan.arch_list, "index_cutoff": plan.index_cutoff,
                  "deviations": plan.deviations},
@@ -135,13 +135,27 @@ def marks(cat) -> dict:
     return out
 
 
-def cold_build(plan) -> dict:
-    """The step times of the newest build log of this context that compiled something (a verify
-    that hits the cache everywhere records those, naming the log)."""
+def with_cold_times(plan, summary: dict) -> dict:
+    """A step this build found in the cache took no time here: record what it took in the newest
+    build of this context that ran it (that log named), so the record says what the cell costs
+    to build cold. Steps match by their command, not their stage index (which shifts)."""
     from .build import parse_progress, state_dir
+    steps = [dict(s) for s in summary.get("run_steps", [])]
+    wanted = {_command(s["step"]) for s in steps if s["cached"]}
+    found: dict[str, tuple[float, str]] = {}
     for log in sorted((state_dir() / "logs").glob(f"{plan.model}-{plan.card}-*.log"), reverse=True):
-        steps = [s for s in parse_progress(log.read_text(errors="replace").splitlines()) if "] RUN " in s.name]
-        if any(not s.cached for s in steps):
-            return {"run_steps": [{"step": s.name, "cached": s.cached, "seconds": s.seconds} for s in steps],
-                    "build_seconds": round(sum(s.seconds or 0 for s in steps), 1), "stages_log": str(log)}
-    return {}
+        if not wanted - found.keys():
+            break
+        for step in parse_progress(log.read_text(errors="replace").splitlines()):
+            key = _command(step.name)
+            if key in wanted and key not in found and not step.cached and step.seconds is not None:
+                found[key] = (step.seconds, str(log))
+    for step in steps:
+        if step["cached"] and _command(step["step"]) in found:
+            step["seconds"], step["from_log"] = found[_command(step["step"])]
+    return dict(summary, run_steps=steps, build_seconds=round(sum(s["seconds"] or 0 for s in steps), 1))
+
+
+def _command(step_name: str) -> str:
+    """'[builder  3/16] RUN pip install x' -> 'RUN pip install x'."""
+    return step_name.split("] ", 1)[-1].strip()

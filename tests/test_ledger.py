@@ -56,3 +56,26 @@ def test_a_malformed_record_is_one_clear_error(tmp_path):
     from envbuild.errors import BadInput
     with pytest.raises(BadInput, match="bad.json: not a ledger record"):
         ledger.load(tmp_path)
+
+
+def test_cached_steps_record_what_they_took_in_the_build_that_ran_them(cat, tmp_path, monkeypatch):
+    """A re-verify that recompiles nothing still records the cell's cold cost: each cached step
+    takes its time from the newest log that ran it, matched by command (stage numbers shift)."""
+    monkeypatch.setenv("ENVBUILD_HOME", str(tmp_path))
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    p = plan(cat)
+    old = ("#7 [builder 3/12] RUN pip install torch-cluster==1.6.1\n#7 DONE 1569.2s\n"
+           "#8 [deps 2/3] RUN pip install -r requirements.lock\n#8 DONE 91.6s\n")
+    older = "#7 [builder 3/12] RUN pip install torch-cluster==1.6.1\n#7 DONE 9999.0s\n"
+    (logs / f"{p.model}-{p.card}-20261129-100000.log").write_text(older)
+    (logs / f"{p.model}-{p.card}-20261129-120000.log").write_text(old)
+    summary = {"run_steps": [{"step": "[builder 3/16] RUN pip install torch-cluster==1.6.1", "cached": True, "seconds": None},
+                             {"step": "[deps 2/5] RUN pip install -r requirements.lock", "cached": False, "seconds": 95.0},
+                             {"step": "[runtime 2/8] RUN apt-get install x", "cached": True, "seconds": None}]}
+    out = ledger.with_cold_times(p, summary)
+    steps = out["run_steps"]
+    assert steps[0]["seconds"] == 1569.2 and steps[0]["from_log"].endswith("120000.log")  # the newest that ran it
+    assert steps[1]["seconds"] == 95.0 and "from_log" not in steps[1]  # ran in this build: its own time
+    assert steps[2]["seconds"] is None  # no log ran it: unknown, not made up
+    assert out["build_seconds"] == 1664.2
