@@ -80,6 +80,9 @@ def split_blocks(lock_text: str) -> dict[str, str]:
     return blocks
 
 
+TORCH_LOCK_HEADER = "# torch, torchvision and torchaudio as pinned in requirements.lock beside this file"
+
+
 def lock(context: Path, ca_bundle: str | None = None, echo=None) -> Path:
     """Run pip-compile --generate-hashes in the context's base stage; write the locks."""
     context = context.resolve()
@@ -125,8 +128,10 @@ def lock(context: Path, ca_bundle: str | None = None, echo=None) -> Path:
     if missing:
         raise OperationFailed(f"the lock has no {', '.join(missing)}: is requirements.in from envbuild render?")
     header = HEADER + input_digest(req)
+    # torch.lock names nothing of the model: every model on this torch shares its layer and
+    # everything compiled on top of it (the wheel stages).
     write_locks(context, f"{header}\n# made by pip-compile inside the image's base stage\n{output}",
-                f"{header}\n" + "\n".join(blocks[n] for n in TORCH_TRIO) + "\n")
+                TORCH_LOCK_HEADER + "\n" + "\n".join(blocks[n] for n in TORCH_TRIO) + "\n")
     return context / "requirements.lock"
 
 

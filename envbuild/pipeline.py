@@ -96,10 +96,12 @@ def prepare(req: Request, out: Path | None = None) -> tuple[Plan, Sources, Path]
     # A lock made from exactly this requirements.in switches the Dockerfile to hash-checked installs.
     render.use_lock(ctx, out)
     if not ctx.locked and out.is_dir():
-        mine = render.owned(out, adopt)
-        for stale in ("requirements.lock", "torch.lock"):
-            if stale in mine:  # a lock envbuild made for other pins; a user's own file stays
-                (out / stale).unlink(missing_ok=True)
+        mine = render.owned(out, adopt)  # refuses a folder that is not envbuild's, touching nothing
+        stale = [name for name in ("requirements.lock", "torch.lock") if name in mine]
+        if stale:  # locks envbuild made for other pins (a user's own file stays)
+            with render.folder_lock(out):  # not while another render writes there
+                for name in stale:
+                    (out / name).unlink(missing_ok=True)
     render.write(ctx, out, source_dir, adopt)
     return plan, sources, out
 

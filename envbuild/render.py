@@ -40,6 +40,9 @@ RELPATH_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._/-]*$")
 # GB of builder memory one compile job needs (flash-attn's nvcc jobs are the hungry ones).
 GB_PER_JOB = {"flash-attn": 9}
 BUILD_TOOLS = ["ninja", "wheel", "psutil"]
+# The compile stage's own tools, fixed so that every model's wheel stages share it (the lock's
+# versions differ per model). Each runs on Python 3.8-3.13; setuptools < 70 keeps old setup.py working.
+COMPILE_TOOLS = ["ninja==1.11.1.1", "packaging==24.0", "psutil==5.9.8", "setuptools==69.5.1", "wheel==0.43.0"]
 # OS packages beside Python: the builder needs git (model source), ninja and ccache;
 # the runtime only the shared libraries wheels of this era expect from the OS.
 BUILDER_APT = ["ca-certificates", "git", "ninja-build", "ccache"]
@@ -90,6 +93,10 @@ class Step:
     gb_per_job: int
     env: dict = field(default_factory=dict)
 
+    @property
+    def stage(self) -> str:
+        return "wheel-" + self.name.lower()
+
 
 @dataclass
 class Context:
@@ -127,6 +134,8 @@ class Context:
         """The catalog's recipes for the packages pip builds from source in the deps stage."""
         chosen = self.plan.source_builds if self.source_built is None else self.source_built
         return [dict(self.plan.source_builds[name], name=name) for name in sorted(chosen)]
+
+    build_tools = COMPILE_TOOLS
 
     @property
     def fixes_installed(self) -> list[str]:
@@ -427,6 +436,8 @@ def write(ctx: Context, out: Path, source_dir: Path | None = None, adopt: bool =
         if clash:
             raise BadInput(f"{out / clash[0]} exists and envbuild did not write it",
                            "move it away or choose another folder for -o")
+        # the manifest first: whoever looks in without the lock never sees envbuild's files unclaimed
+        record_owned(out, names)
         written = []
         for name, text in files.items():
             write_if_changed(out / name, text)
@@ -440,7 +451,6 @@ def write(ctx: Context, out: Path, source_dir: Path | None = None, adopt: bool =
         if source_dir is not None:
             copy_source(source_dir, out / "src")
             written.append(out / "src")
-        record_owned(out, names)
     return written
 
 

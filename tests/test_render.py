@@ -31,23 +31,24 @@ def test_same_plan_same_bytes(cat):
 def test_dockerfile_carries_the_plan(cat):
     text = render.dockerfile(ctx_for(cat))
     assert "ENV TORCH_CUDA_ARCH_LIST=9.0 FORCE_CUDA=1" in text
-    assert "pip install --no-build-isolation --no-deps mmcv-full==1.7.1" in text
-    assert "MMCV_WITH_OPS=1" in text and "max_jobs.py" in text
+    wheel = "\n".join(stage(text, "wheel-mmcv-full"))
+    assert "pip download --no-deps --no-binary :all: --no-build-isolation -d /src/sdist mmcv-full==1.7.1" in wheel
+    assert "MMCV_WITH_OPS=1" in wheel and "max_jobs.py 2" in wheel and "pip wheel --no-build-isolation --no-deps" in wheel
+    assert "--mount=type=bind,from=wheel-mmcv-full,source=/wheels" in "\n".join(stage(text, "builder"))
     assert "--mount=type=cache,target=/root/.ccache" in text and "--mount=type=secret,id=ca_bundle" in text
     assert "FROM ${RUNTIME_IMAGE} AS runtime" in text
     assert "fixers.py apply /workspace/model --plan" in text
     assert "io.envbuild.plan=" in text and "org.opencontainers.image.revision" in text
-    # layer order: torch, then deps, then compiled packages, then the model source and its ops
-    order = [text.index(s) for s in ("AS torch", "AS deps", "mmcv-full==1.7.1", "AS source",
-                                     "COPY --from=source", "setup.py develop")]
+    # layer order: torch, the compiled wheels (beside deps, not on it), the model source and its ops
+    order = [text.index(s) for s in ("AS torch", "AS deps", "AS compile", "mmcv-full==1.7.1", "AS builder",
+                                     "AS source", "COPY --from=source", "setup.py develop")]
     assert order == sorted(order)
 
 
 def test_flash_attn_gets_memory_sized_jobs_and_no_download(cat):
     text = render.dockerfile(ctx_for(cat, "sparsedrive", "a800"))
-    line = next(l for l in text.splitlines() if "flash-attn==2.3.2" in l)
-    prev = text.splitlines()[text.splitlines().index(line) - 1]
-    assert "FLASH_ATTENTION_FORCE_BUILD=TRUE" in prev and "max_jobs.py 9" in prev
+    wheel = "\n".join(stage(text, "wheel-flash-attn"))
+    assert "flash-attn==2.3.2" in wheel and "FLASH_ATTENTION_FORCE_BUILD=TRUE" in wheel and "max_jobs.py 9" in wheel
 
 
 def test_runtime_gets_a_compiler_only_where_torch_compile_runs(cat):
@@ -319,3 +320,34 @@ def test_maptrs_vendored_mmdet3d_builds_without_reresolving_its_requirements():
     plan = resolve(catalog.load(), "maptr", "a800", python="3.11", cuda="11.8")
     text = render.dockerfile(render.make_context(plan, "test"))
     assert "python setup.py develop --no-deps" in text
+
+
+def stage(dockerfile: str, name: str) -> list[str]:
+    """A stage's instructions (comments and blank lines aside): what BuildKit's cache keys see."""
+    lines, inside = [], False
+    for line in dockerfile.splitlines():
+        if line.startswith("FROM "):
+            inside = line.endswith(f" AS {name}")
+        if inside and line.strip() and not line.lstrip().startswith("#"):
+            lines.append(line)
+    assert lines, f"no stage {name}"
+    return lines
+
+
+def test_models_sharing_a_compiled_package_render_the_same_wheel_stage():
+    """MapTR and SparseDrive on H20 compile the same mmcv-full 1.7.1 against torch 2.0.1+cu118 for
+    sm_90: every stage the wheel depends on renders the same, so BuildKit compiles it once."""
+    cat = catalog.load()
+    files = [(ROOT / "dockerfiles" / cell / "Dockerfile").read_text() for cell in ("maptr-h20", "sparsedrive-h20")]
+    for name in ("base", "torch", "compile", "wheel-mmcv-full"):
+        assert stage(files[0], name) == stage(files[1], name), name
+    args = [[l for l in f.splitlines() if l.startswith("ARG ")] for f in files]
+    assert args[0] == args[1]
+    # the model's own requirements stay out: the builder (FROM deps) is where they meet
+    assert "requirements" not in "\n".join(stage(files[0], "wheel-mmcv-full") + stage(files[0], "compile"))
+    # a different arch list is a different wheel
+    a800 = render.dockerfile(render.make_context(resolve(cat, "maptr", "a800", python="3.8", cuda="11.8",
+                                                         overrides={"mmcv-full": "1.7.1", "torch": "2.0.1"}), "x"))
+    assert stage(a800, "wheel-mmcv-full") == stage(files[0], "wheel-mmcv-full")
+    assert stage(a800, "compile") != stage(files[0], "compile")  # TORCH_CUDA_ARCH_LIST=8.0 vs 9.0
+    assert "flash-attn" in "\n".join(stage(files[1], "wheel-flash-attn")) and "wheel-flash-attn" not in files[0]
