@@ -39,8 +39,9 @@ WORD_RE = re.compile(r"^[A-Za-z0-9_.-][A-Za-z0-9._/=,:+-]*$")
 STEPS_ARG_RE = re.compile(r"^(?:[A-Za-z0-9_.=,:+/-]|\{steps\})+$")  # a WORD that may hold {steps}
 LAUNCHERS = ("torch.distributed.launch", "torchrun", "lightning", "mp.spawn")
 # Each construct kind and the recipe fields it takes.
-CONSTRUCT_FIELDS = {"argparse": ("module", "object", "args_hook", "args", "imports", "step"),
-                    "config": ("config", "loader", "builder", "cfg_kwargs", "imports", "step")}
+CONSTRUCT_FIELDS = {"argparse": ("module", "object", "args_hook", "args", "imports", "step", "arrays"),
+                    "config": ("config", "loader", "builder", "cfg_kwargs", "imports", "step", "arrays")}
+ARRAY_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._/-]*\.npy=[1-9][0-9]{0,5}(x[1-9][0-9]{0,5}){0,5}$")  # PATH.npy=AxBxC
 CONSTRUCT_KINDS = tuple(CONSTRUCT_FIELDS)
 APT_RE = re.compile(r"^[a-z0-9][a-z0-9.+-]+$")  # a Debian package name
 FILE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")  # a plain file name, no folders
@@ -218,6 +219,9 @@ class Construct:
     builder: str = ""  # config: dotted callable that builds the network from cfg.model
     cfg_kwargs: tuple[str, ...] = ()  # config: top-level config keys the train script also passes
     step: str = ""  # a training step on a synthetic batch (incontainer/train_steps.py STEPS), run on the CPU
+    # PATH.npy=AxB: float32 arrays the network reads when it is built, which the model's scripts
+    # make from the dataset (SparseDrive's k-means anchors); smoke writes zeros where none is
+    arrays: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         """The fields this kind uses (what reaches the image and the ledger's digest)."""
@@ -702,7 +706,10 @@ def _load_model(path: Path, torch: dict, toolkits: dict) -> Model:
         step = c.get("step", str, "")
         if step and step not in train_step_names():
             raise c.fail("step", f"{step!r} is not one of {', '.join(train_step_names())}")
-        construct = replace(construct, step=step)
+        arrays = c.strings("arrays", ARRAY_RE, [])
+        if any(".." in a.split("=")[0].split("/") for a in arrays):
+            raise c.fail("arrays", "must stay inside the repository")
+        construct = replace(construct, step=step, arrays=arrays)
         unknown = set(c.table) - {"kind", *CONSTRUCT_FIELDS[kind]}
         if unknown:
             raise c.fail(sorted(unknown)[0], f"not a field of construct kind {kind!r}")

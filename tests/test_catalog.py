@@ -127,4 +127,22 @@ def test_the_plan_carries_the_construct_recipe_to_the_image(cat):
     from envbuild.resolve import resolve
     plan = resolve(cat, "qcnet", "a800")
     assert plan.to_dict()["construct"]["args_hook"] == "add_model_specific_args"
-    assert resolve(cat, "maptr", "a800").construct is None
+    sd = resolve(cat, "sparsedrive", "a800").to_dict()["construct"]
+    assert sd["builder"] == "mmdet.models.build_detector" and "data/kmeans/kmeans_det_900.npy=900x11" in sd["arrays"]
+
+
+def test_construct_arrays_are_validated(matrices_copy):
+    from envbuild.errors import CatalogError
+    path = matrices_copy / "models" / "sparsedrive.toml"
+    text = path.read_text()
+    for new, says in (('"data/kmeans/kmeans_det_900.npy=900x11"', None),
+                      ('"data/../../etc/x.npy=1"', "must stay inside the repository"),
+                      ('"data/k.npy=0x11"', "invalid entry"),
+                      ('"data/k.txt=9"', "invalid entry"),
+                      ('"data/k.npy=9; rm -rf /"', "invalid entry")):
+        path.write_text(text.replace('"data/kmeans/kmeans_det_900.npy=900x11"', new))
+        if says is None:
+            assert catalog.load(matrices_copy).model("sparsedrive").construct.arrays[0] == "data/kmeans/kmeans_det_900.npy=900x11"
+            continue
+        with pytest.raises(CatalogError, match=says):
+            catalog.load(matrices_copy)

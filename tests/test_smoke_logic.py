@@ -260,3 +260,29 @@ def test_catalog_steps_name_real_training_steps(matrices_copy):
     path.write_text(path.read_text().replace('step = "qcnet-argoverse2"', 'step = "os.system"'))
     with pytest.raises(CatalogError, match="'os.system' is not one of qcnet-argoverse2"):
         catalog.load(matrices_copy)
+
+
+def _read_npy(path):
+    """(shape, dtype, values) of a .npy v1.0 file, read by the format's spec (numpy is not here)."""
+    import ast
+    import struct as st
+    raw = path.read_bytes()
+    assert raw[:8] == b"\x93NUMPY\x01\x00"
+    (length,) = st.unpack("<H", raw[8:10])
+    assert (10 + length) % 64 == 0  # numpy aligns the data
+    header = ast.literal_eval(raw[10:10 + length].decode("latin1"))
+    data = raw[10 + length:]
+    return header["shape"], header["descr"], st.unpack("<%df" % (len(data) // 4), data)
+
+
+def test_synthetic_arrays_are_real_npy_files_and_never_replace_the_models_own(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "mine.npy").write_bytes(b"the model's own")
+    made = smoke.write_arrays(["data/kmeans/det_900.npy=900x11", "data/map.npy=100x20x2", "data/mine.npy=3x3"])
+    assert made == ["data/kmeans/det_900.npy=900x11", "data/map.npy=100x20x2"]
+    shape, dtype, values = _read_npy(tmp_path / "data" / "kmeans" / "det_900.npy")
+    assert shape == (900, 11) and dtype == "<f4" and len(values) == 9900 and not any(values)
+    assert _read_npy(tmp_path / "data" / "map.npy")[0] == (100, 20, 2)
+    assert (tmp_path / "data" / "mine.npy").read_bytes() == b"the model's own"  # never replaced
+    assert smoke.write_arrays(["v.npy=7"]) == ["v.npy=7"] and _read_npy(tmp_path / "v.npy")[0] == (7,)

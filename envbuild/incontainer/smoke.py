@@ -22,6 +22,7 @@ import os
 import platform
 import re
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -283,6 +284,29 @@ def dotted(path):
         return obj
 
 
+def write_arrays(specs):
+    """Zero float32 .npy files ("path.npy=AxB", relative to the working folder) where none exists:
+    inputs the network reads when it is built. Written with the stdlib (the .npy v1.0 layout)."""
+    made = []
+    for spec in specs:
+        path, dims = spec.split("=")
+        shape = tuple(int(d) for d in dims.split("x"))
+        if os.path.exists(path):
+            continue  # the model's own file: never replaced
+        header = "{'descr': '<f4', 'fortran_order': False, 'shape': (%s), }" % "".join("%d," % d for d in shape)
+        header += " " * (63 - (10 + len(header)) % 64) + "\n"  # pad so the data starts on a 64-byte boundary
+        count = 1
+        for d in shape:
+            count *= d
+        if os.path.dirname(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as fh:
+            fh.write(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header.encode("latin1"))
+            fh.write(bytes(4 * count))
+        made.append(spec)
+    return made
+
+
 def construct_argparse(recipe):
     """(network, what built it), or (None, why not)."""
     cls = getattr(importlib.import_module(recipe["module"]), recipe["object"])
@@ -318,6 +342,7 @@ def level_model(plan, args):
     here = os.getcwd()
     os.chdir(root)  # repos read configs and assets relative to their root, as their train script runs
     try:
+        made = write_arrays(recipe.get("arrays") or [])
         for name in recipe.get("imports") or []:
             importlib.import_module(name)
         if recipe["kind"] == "argparse":
@@ -333,6 +358,8 @@ def level_model(plan, args):
     params = sum(p.numel() for p in net.parameters())
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
     out = dict(object=built, parameters=params, trainable=trainable, imports=list(recipe.get("imports") or []))
+    if made:
+        out["synthetic_arrays"] = made
     if params <= 0:
         return result("failed", reason="the network has no parameters", **out)
     if recipe.get("step"):
