@@ -178,6 +178,18 @@ class Context:
                 requirement("torchaudio", p.torchaudio.version)]
 
     @property
+    def trusted_hosts(self) -> str:
+        """Hosts of plain-http indexes (an in-house mirror): pip ignores those unless trusted.
+        Loopback is trusted by pip already."""
+        from urllib.parse import urlsplit
+        hosts = []
+        for url in (self.pypi_index, self.plan.torch_index or ""):
+            parts = urlsplit(url)
+            if parts.scheme == "http" and parts.hostname not in ("localhost", "127.0.0.1", "::1", None):
+                hosts.append(parts.hostname)
+        return ",".join(dict.fromkeys(hosts))
+
+    @property
     def torch_index_args(self) -> list[str]:
         url = self.plan.torch_index
         if not url:

@@ -351,3 +351,13 @@ def test_models_sharing_a_compiled_package_render_the_same_wheel_stage():
     assert stage(a800, "wheel-mmcv-full") == stage(files[0], "wheel-mmcv-full")
     assert stage(a800, "compile") != stage(files[0], "compile")  # TORCH_CUDA_ARCH_LIST=8.0 vs 9.0
     assert "flash-attn" in "\n".join(stage(files[1], "wheel-flash-attn")) and "wheel-flash-attn" not in files[0]
+
+
+def test_a_plain_http_mirror_is_trusted_by_host_and_https_or_loopback_are_left_alone():
+    plan = resolve(catalog.load(), "qcnet", "a800")
+    for index, trusted in (("http://10.1.2.3:8080/simple", "10.1.2.3"), ("https://mirror.example/simple", ""),
+                           ("http://127.0.0.1:3141/simple", "")):
+        ctx = render.make_context(plan, "x", pypi_index=index)
+        base = "\n".join(stage(render.dockerfile(ctx), "base"))
+        assert ctx.trusted_hosts == trusted
+        assert (f"PIP_TRUSTED_HOST={trusted}" in base) is bool(trusted) and f"PIP_INDEX_URL={index}" in base

@@ -1,0 +1,141 @@
+"""Two fixture models that share one compiled package (tinyscale, served from a local index):
+shared by tests/test_compile_once_e2e.py and benchmarks/bench_compile_once.py."""
+
+import hashlib
+import io
+import json
+import shutil
+import subprocess
+import tarfile
+import threading
+import time
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURE = ROOT / "tests" / "fixture"
+PACKAGE = "tinyscale"
+
+
+def fresh_version() -> str:
+    """A version no builder has compiled before, so the first image always compiles it."""
+    return f"0.1.{int(time.time())}"
+
+
+def sdist(version: str) -> bytes:
+    """tinyscale's sdist at this version (a tar.gz with PKG-INFO, as `setup.py sdist` makes)."""
+    top = f"{PACKAGE}-{version}"
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        def add(name: str, data: bytes):
+            info = tarfile.TarInfo(f"{top}/{name}")
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            tar.addfile(info, io.BytesIO(data))
+        add("PKG-INFO", f"Metadata-Version: 1.0\nName: {PACKAGE}\nVersion: {version}\n".encode())
+        add("VERSION", f"{version}\n".encode())
+        src = FIXTURE / PACKAGE
+        for path in sorted(src.rglob("*")):
+            if path.is_file() and path.name != "VERSION" and "__pycache__" not in path.parts:
+                add(str(path.relative_to(src)), path.read_bytes())
+    return buf.getvalue()
+
+
+def bridge_gateway() -> str:
+    """The host's address on Docker's default bridge: build containers reach it."""
+    out = subprocess.run(["/usr/bin/docker", "network", "inspect", "bridge", "-f",
+                          "{{range .IPAM.Config}}{{.Gateway}}{{end}}"], capture_output=True, text=True, timeout=60)
+    return out.stdout.strip() or "172.17.0.1"
+
+
+@contextmanager
+def local_index(version: str):
+    """A PEP 503 index serving tinyscale's sdist; every other project redirects to PyPI."""
+    data = sdist(version)
+    filename = f"{PACKAGE}-{version}.tar.gz"
+    digest = hashlib.sha256(data).hexdigest()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            parts = [p for p in self.path.split("?")[0].split("/") if p]
+            if parts[:2] == ["simple", PACKAGE]:
+                body = f'<a href="/files/{filename}#sha256={digest}">{filename}</a>\n'.encode()
+                self._send(200, body, "text/html")
+            elif parts[:1] == ["simple"] and len(parts) == 2:
+                self.send_response(301)
+                self.send_header("Location", f"https://pypi.org/simple/{parts[1]}/")
+                self.end_headers()
+            elif parts == ["files", filename]:
+                self._send(200, data, "application/octet-stream")
+            else:
+                self._send(404, b"not here\n", "text/plain")
+
+        def _send(self, code, body, kind):
+            self.send_response(code)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer((bridge_gateway(), 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        host, port = server.server_address[:2]
+        yield f"http://{host}:{port}/simple"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def twin_catalog(folder: Path, version: str) -> Path:
+    """A user catalog: the built-in packages.toml plus tinyscale as a compiled package, and two
+    copies of the tinybev fixture that pin it, twina and twinb (twinb adds one more dependency,
+    so the two images differ from the deps stage on)."""
+    (folder / "toolchains").mkdir(parents=True, exist_ok=True)
+    (folder / "models").mkdir(exist_ok=True)
+    packages = (ROOT / "envbuild" / "matrices" / "toolchains" / "packages.toml").read_text()
+    packages = packages.replace("\n[requires]\n", f'\n[requires]\n{PACKAGE} = []\n', 1)
+    packages += (f'\n[compiled.{PACKAGE}."{version}"]\nseries = "{PACKAGE}0"\ntorch = ["1.10", "2.2"]\ncxx = 14\n'
+                 'notes = "envbuild test fixture"\n')
+    (folder / "toolchains" / "packages.toml").write_text(packages)
+    base = (FIXTURE / "tinybev.toml").read_text()
+    base = "\n".join(line for line in base.splitlines() if not line.startswith("era ="))  # today's index
+    for name, extra in (("twina", ""), ("twinb", '\nsix = "*"')):
+        text = base.replace('name = "tinybev"', f'name = "{name}"')
+        text = text.replace('numpy = "*"', f'numpy = "*"\n{PACKAGE} = "{version}"{extra}')
+        (folder / "models" / f"{name}.toml").write_text(text)
+    return folder
+
+
+def build(env: dict, model: str, base: dict, index: str, timeout=3600) -> dict:
+    import sys
+    r = subprocess.run([sys.executable, "-m", "envbuild.cli", "image", model, "--card", "a800", "--cuda", "11.8",
+                        "--python", "3.11", "--source", str(FIXTURE / "tinybev"), "--base-image", base["devel"],
+                        "--runtime-image", base["runtime"], "--pypi-index", index, "--json", "--quiet"],
+                       capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return json.loads(r.stdout)
+
+
+def wheel_step(summary: dict, version: str) -> dict:
+    steps = [s for s in summary["run_steps"] if f"{PACKAGE}=={version}" in s["step"] and "pip wheel" in s["step"]]
+    assert len(steps) == 1, summary["run_steps"]
+    return steps[0]
+
+
+def compile_seconds(summary: dict) -> float:
+    """Seconds the build spent in wheel stages (compiling packages) that it did not find cached."""
+    return sum(s["seconds"] or 0 for s in summary["run_steps"] if "pip wheel" in s["step"] and not s["cached"])
+
+
+def remove(*refs: str) -> None:
+    subprocess.run(["/usr/bin/docker", "image", "rm", "-f", *refs], capture_output=True, timeout=600)
+
+
+def cleanup_contexts(env: dict) -> None:
+    for name in ("twina-a800", "twinb-a800"):
+        shutil.rmtree(Path(env["ENVBUILD_HOME"]) / "contexts" / name, ignore_errors=True)

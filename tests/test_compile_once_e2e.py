@@ -1,0 +1,43 @@
+"""Compile once: two models that pin the same compiled package on the same torch, Python and card
+share its wheel stage, so the second image does not compile it again (real builds, a real
+local index serving the package's sdist)."""
+
+import subprocess
+
+import pytest
+
+import compile_once as co
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def twins(docker_engine, offline_base, fixture_env, tmp_path_factory):
+    version = co.fresh_version()
+    env = dict(fixture_env, ENVBUILD_MATRICES=str(co.twin_catalog(tmp_path_factory.mktemp("twins"), version)))
+    with co.local_index(version) as index:
+        first = co.build(env, "twina", offline_base, index)
+        second = co.build(env, "twinb", offline_base, index)
+    yield version, first, second
+    co.remove(first["tags"][0], second["tags"][0])
+    co.cleanup_contexts(env)
+
+
+def test_the_second_model_reuses_the_first_ones_compiled_wheel(twins):
+    version, first, second = twins
+    compiled, reused = co.wheel_step(first, version), co.wheel_step(second, version)
+    assert not compiled["cached"] and compiled["seconds"] > 0  # a version no builder had: compiled here
+    assert reused["cached"]  # same base, Python, torch, arch list and version: BuildKit's cache
+    # the images do differ where the models do (twinb pins one more package): not one image twice
+    assert first["image_id"] != second["image_id"]
+    assert any("requirements.lock" in s["step"] and not s["cached"] for s in second["run_steps"])
+
+
+def test_the_shared_wheel_is_installed_and_its_op_loads(twins):
+    version, _, second = twins
+    r = subprocess.run(["/usr/bin/docker", "run", "--rm", second["tags"][0], "python", "-c",
+                        "import importlib.metadata as m, tinyscale, torch; from tinyscale import _C; "
+                        "print(m.version('tinyscale'), tinyscale.scale(torch.ones(3), 2.0).tolist())"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == [version, "[2.0,", "2.0,", "2.0]"]
