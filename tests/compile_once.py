@@ -139,3 +139,24 @@ def remove(*refs: str) -> None:
 def cleanup_contexts(env: dict) -> None:
     for name in ("twina-a800", "twinb-a800"):
         shutil.rmtree(Path(env["ENVBUILD_HOME"]) / "contexts" / name, ignore_errors=True)
+
+
+def push(registry: str, ref: str) -> str:
+    """Tag the image into the registry and push it; the registry ref."""
+    name, tag = ref.rsplit(":", 1)
+    target = f"{registry}/{name}:{tag}"
+    for cmd in (["tag", ref, target], ["push", target]):
+        r = subprocess.run(["/usr/bin/docker", *cmd], capture_output=True, text=True, timeout=3600)
+        assert r.returncode == 0, r.stderr[-2000:]
+    return target
+
+
+def manifest_layers(registry: str, ref: str) -> dict:
+    """{layer digest: compressed size} of an image as the registry stores it (what a pull moves)."""
+    import urllib.request
+    repo, tag = ref[len(registry) + 1:].rsplit(":", 1)
+    req = urllib.request.Request(f"http://{registry}/v2/{repo}/manifests/{tag}",
+                                 headers={"Accept": "application/vnd.docker.distribution.manifest.v2+json"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        manifest = json.loads(resp.read())
+    return {layer["digest"]: layer["size"] for layer in manifest["layers"]}

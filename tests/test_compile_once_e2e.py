@@ -12,19 +12,20 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def twins(docker_engine, offline_base, fixture_env, tmp_path_factory):
+def twins(docker_engine, offline_base, fixture_env, registry, tmp_path_factory):
     version = co.fresh_version()
     env = dict(fixture_env, ENVBUILD_MATRICES=str(co.twin_catalog(tmp_path_factory.mktemp("twins"), version)))
     with co.local_index(version) as index:
         first = co.build(env, "twina", offline_base, index)
         second = co.build(env, "twinb", offline_base, index)
-    yield version, first, second
-    co.remove(first["tags"][0], second["tags"][0])
+    pushed = [co.push(registry, s["tags"][0]) for s in (first, second)]
+    yield version, first, second, pushed
+    co.remove(first["tags"][0], second["tags"][0], *pushed)
     co.cleanup_contexts(env)
 
 
 def test_the_second_model_reuses_the_first_ones_compiled_wheel(twins):
-    version, first, second = twins
+    version, first, second, _ = twins
     compiled, reused = co.wheel_step(first, version), co.wheel_step(second, version)
     assert not compiled["cached"] and compiled["seconds"] > 0  # a version no builder had: compiled here
     assert reused["cached"]  # same base, Python, torch, arch list and version: BuildKit's cache
@@ -34,10 +35,22 @@ def test_the_second_model_reuses_the_first_ones_compiled_wheel(twins):
 
 
 def test_the_shared_wheel_is_installed_and_its_op_loads(twins):
-    version, _, second = twins
+    version, _, second, _ = twins
     r = subprocess.run(["/usr/bin/docker", "run", "--rm", second["tags"][0], "python", "-c",
                         "import importlib.metadata as m, tinyscale, torch; from tinyscale import _C; "
                         "print(m.version('tinyscale'), tinyscale.scale(torch.ones(3), 2.0).tolist())"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split() == [version, "[2.0,", "2.0,", "2.0]"]
+
+
+def test_a_host_with_the_first_image_pulls_little_of_the_second(twins, registry):
+    """torch is a runtime layer of its own, identical in both images: the registry stores it once
+    and a host that has the first image pulls only the rest of the second."""
+    _, _, _, (ref_a, ref_b) = twins
+    layers_a, layers_b = co.manifest_layers(registry, ref_a), co.manifest_layers(registry, ref_b)
+    new = sum(size for digest, size in layers_b.items() if digest not in layers_a)
+    total = sum(layers_b.values())
+    biggest = max(layers_b, key=layers_b.get)
+    assert biggest in layers_a, "the biggest layer (torch's venv) is not shared"
+    assert new / total <= 0.25, (new, total)
