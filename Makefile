@@ -62,6 +62,7 @@ bench: setup  ## resolver timing and data-loader tuning; bench-build for the (sl
 
 bench-build: setup
 	$(BIN)/python benchmarks/bench_build.py
+	$(BIN)/python benchmarks/bench_compile_once.py
 
 smoke: setup  ## CPU-capable smoke levels for IMAGE (or MODEL + CARD)
 	$(BIN)/envbuild smoke $(or $(IMAGE),$(MODEL) --card $(CARD)) --report smoke-report.json
