@@ -25,6 +25,10 @@ from .errors import OperationFailed
 PIP_TOOLS = "pip-tools==7.4.1"
 PIP = "pip==24.0"
 TORCH_TRIO = ("torch", "torchvision", "torchaudio")
+# The wheels torch pins exactly (its CUDA libraries, triton): the same in every lock for one
+# torch, so they go into torch's own layer with it. What torch leaves open (sympy, networkx...)
+# differs between models' locks and stays in requirements.lock.
+TORCH_EXACT_RE = re.compile(r"^(nvidia-[a-z0-9-]+|triton)$")
 HEADER = "# envbuild lock of requirements.in sha256:"
 
 
@@ -83,6 +87,12 @@ def split_blocks(lock_text: str) -> dict[str, str]:
 TORCH_LOCK_HEADER = "# torch, torchvision and torchaudio as pinned in requirements.lock beside this file"
 
 
+def torch_lock_text(blocks: dict[str, str]) -> str:
+    """torch.lock: the torch trio and the wheels torch pins exactly, with their hashes."""
+    names = [*TORCH_TRIO, *sorted(n for n in blocks if TORCH_EXACT_RE.match(n))]
+    return TORCH_LOCK_HEADER + "\n" + "\n".join(blocks[n] for n in names) + "\n"
+
+
 def lock(context: Path, ca_bundle: str | None = None, echo=None) -> Path:
     """Run pip-compile --generate-hashes in the context's base stage; write the locks."""
     context = context.resolve()
@@ -131,7 +141,7 @@ def lock(context: Path, ca_bundle: str | None = None, echo=None) -> Path:
     # torch.lock names nothing of the model: every model on this torch shares its layer and
     # everything compiled on top of it (the wheel stages).
     write_locks(context, f"{header}\n# made by pip-compile inside the image's base stage\n{output}",
-                TORCH_LOCK_HEADER + "\n" + "\n".join(blocks[n] for n in TORCH_TRIO) + "\n")
+                torch_lock_text(blocks))
     return context / "requirements.lock"
 
 

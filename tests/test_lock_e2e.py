@@ -37,6 +37,8 @@ def test_lock_then_hash_checked_build(docker_engine, offline_base, fixture_env, 
     assert all("--hash=sha256:" in b for b in blocks if not b.startswith("#"))
     torch_lock = (ctx / "torch.lock").read_text()
     assert "torch==2.0.1" in torch_lock and "--hash=sha256:" in torch_lock and "numpy" not in torch_lock
+    # the CUDA libraries torch pins exactly share its layer; what it leaves open (sympy) does not
+    assert "nvidia-cudnn-cu11==8.5.0.96" in torch_lock and "triton==2.0.0" in torch_lock and "sympy" not in torch_lock
     # The lock was made by the image's Python 3.11, not the host's: the cp311 wheels' hashes are there.
     dockerfile = (ctx / "Dockerfile").read_text()
     assert "--require-hashes" in dockerfile and "COPY requirements.lock" in dockerfile

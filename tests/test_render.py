@@ -361,3 +361,16 @@ def test_a_plain_http_mirror_is_trusted_by_host_and_https_or_loopback_are_left_a
         base = "\n".join(stage(render.dockerfile(ctx), "base"))
         assert ctx.trusted_hosts == trusted
         assert (f"PIP_TRUSTED_HOST={trusted}" in base) is bool(trusted) and f"PIP_INDEX_URL={index}" in base
+
+
+def test_torch_lock_takes_torchs_exact_pins_and_leaves_what_it_leaves_open():
+    from envbuild.lock import split_blocks, torch_lock_text
+    lock = ("torch==2.0.1 \\\n    --hash=sha256:aa\n    # via -r requirements.in\n"
+            "nvidia-cudnn-cu11==8.5.0.96 \\\n    --hash=sha256:bb\n    # via torch\n"
+            "triton==2.0.0 \\\n    --hash=sha256:cc\n    # via torch\n"
+            "sympy==1.12 \\\n    --hash=sha256:dd\n    # via torch\n"
+            "torchvision==0.15.2 \\\n    --hash=sha256:ee\ntorchaudio==2.0.2 \\\n    --hash=sha256:ff\n")
+    text = torch_lock_text(split_blocks(lock))
+    names = [l.split("==")[0] for l in text.splitlines() if "==" in l]
+    assert names == ["torch", "torchvision", "torchaudio", "nvidia-cudnn-cu11", "triton"]
+    assert "--hash=sha256:bb" in text and "sympy" not in text and "# via" not in text
