@@ -334,12 +334,27 @@ def stage(dockerfile: str, name: str) -> list[str]:
     return lines
 
 
+def ancestry(dockerfile: str, name: str) -> list[str]:
+    """The stage and every stage it is built FROM, up to the base image."""
+    parents = {}
+    for line in dockerfile.splitlines():
+        if line.startswith("FROM ") and " AS " in line:
+            parent, child = line[5:].split(" AS ")
+            parents[child.strip()] = parent.strip()
+    chain = [name]
+    while parents.get(chain[-1]) in parents:
+        chain.append(parents[chain[-1]])
+    return chain
+
+
 def test_models_sharing_a_compiled_package_render_the_same_wheel_stage():
     """MapTR and SparseDrive on H20 compile the same mmcv-full 1.7.1 against torch 2.0.1+cu118 for
     sm_90: every stage the wheel depends on renders the same, so BuildKit compiles it once."""
     cat = catalog.load()
-    files = [(ROOT / "dockerfiles" / cell / "Dockerfile").read_text() for cell in ("maptr-h20", "sparsedrive-h20")]
-    for name in ("base", "torch", "compile", "wheel-mmcv-full"):
+    files = [render.dockerfile(render.make_context(resolve(cat, model, "h20"), "x")) for model in ("maptr", "sparsedrive")]
+    chain = ancestry(files[0], "wheel-mmcv-full")
+    assert chain == ["wheel-mmcv-full", "compile", "torch", "base"]  # nothing of the model on the way
+    for name in chain:
         assert stage(files[0], name) == stage(files[1], name), name
     args = [[l for l in f.splitlines() if l.startswith("ARG ")] for f in files]
     assert args[0] == args[1]
