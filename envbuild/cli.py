@@ -350,8 +350,9 @@ def verify(model: str, card: Optional[str] = CARD, cuda: Optional[str] = CUDA, p
 
 def _first_problem(level: dict) -> str:
     found = [f"{p['name']}: {'; '.join(p['problems'])}" for p in level.get("packages", []) if not p.get("ok")]
-    found += [f"{e['path']}: {e['error']}" for e in level.get("extensions", []) if e.get("ok") is False]
-    return (found or [level.get("status", "?")])[0][:300]
+    found += [f"{e['path']}: {e['error']}" for e in level.get("extensions", []) if e.get("ok") is False
+              and e.get("required", True)]
+    return (found or [level.get("reason") or level.get("status", "?")])[0][:300]
 
 
 @command()
@@ -509,8 +510,13 @@ def _print_smoke(data_, report):
         if name == "env" and "packages" in lvl:
             detail = (f"{len(lvl['packages'])} packages, {len(lvl.get('extensions', []))} compiled extensions loaded; "
                       f"{lvl.get('failed', 0)} failed")
+            if lvl.get("optional_failures"):
+                detail += f"; {len(lvl['optional_failures'])} outside the Plan did not load (not needed by it)"
         if name == "model" and lvl.get("status") == "passed":
             detail = f"{lvl['object']} built from the model's own code: {lvl['parameters']:,} parameters"
+            if lvl.get("step"):
+                detail += (f"; training step on a synthetic batch: loss {lvl['step']['loss']:.4g}, "
+                           f"{lvl['step']['grads']} parameters got gradients")
         if name == "comm" and lvl.get("works_with"):
             detail = f"all-reduce over {lvl['gpus']} GPU(s) works with {lvl['works_with']}"
         if name == "ops" and lvl.get("checks"):
@@ -537,7 +543,8 @@ def _train_summary(name: str, run: dict) -> str:
 def _smoke_findings(name: str, lvl: dict) -> list[str]:
     """The lines under a level that say what went wrong, or what was not checked."""
     found = [f"{p['name']}: {'; '.join(p['problems'])}" for p in lvl.get("packages", []) if not p.get("ok")]
-    found += [f"{e['path']}: {e['error']}" for e in lvl.get("extensions", []) if e.get("ok") is False]
+    found += [f"{e['path']}: {e['error']}" + ("" if e.get("required", True) else " (outside the Plan: reported only)")
+              for e in lvl.get("extensions", []) if e.get("ok") is False]
     found += list(lvl.get("problems") or [])
     found += [f"{c['op']}: {c['detail']}" for c in lvl.get("checks", []) if not c["ok"]]
     found += [f"{a['setting']}: {a.get('error', '').strip()[-200:]}" for a in lvl.get("attempts", []) if not a["ok"]]

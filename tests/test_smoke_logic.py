@@ -286,3 +286,59 @@ def test_synthetic_arrays_are_real_npy_files_and_never_replace_the_models_own(tm
     assert _read_npy(tmp_path / "data" / "map.npy")[0] == (100, 20, 2)
     assert (tmp_path / "data" / "mine.npy").read_bytes() == b"the model's own"  # never replaced
     assert smoke.write_arrays(["v.npy=7"]) == ["v.npy=7"] and _read_npy(tmp_path / "v.npy")[0] == (7,)
+
+
+def test_an_extension_that_fails_only_beside_another_gets_its_own_interpreter(tmp_path):
+    """open3d ships a cpu and a cuda build of one module; loading both in one interpreter fails
+    ("type already registered") though each loads alone. A failure counts only when it also
+    fails alone; a real failure still does."""
+    (tmp_path / "torch.py").write_text("class ops:\n    load_library = staticmethod(lambda path: None)\n")  # stand-in
+    (tmp_path / "types_registry.py").write_text("SEEN = set()\n")
+    register = ("import types_registry\nif 'Vector3d' in types_registry.SEEN:\n"
+                "    raise ImportError('generic_type: type Vector3d is already registered!')\n"
+                "types_registry.SEEN.add('Vector3d')\n")
+    (tmp_path / "cpu_pybind.py").write_text(register)
+    (tmp_path / "cuda_pybind.py").write_text(register)
+    (tmp_path / "broken_ops.py").write_text("raise OSError('libcudart.so.12: cannot open shared object file')\n")
+    targets = [{"kind": "module", "load": name, "path": f"/x/{name}.so", "package": "p", "root": str(tmp_path)}
+               for name in ("cpu_pybind", "cuda_pybind", "broken_ops")]
+    out = {i["load"]: i for i in smoke.load_extensions(targets, str(tmp_path))}
+    assert out["cpu_pybind"]["ok"] and out["cuda_pybind"]["ok"], out
+    assert not out["broken_ops"]["ok"] and "libcudart.so.12" in out["broken_ops"]["error"]
+
+
+def test_env_requires_the_plans_and_the_models_extensions_and_reports_the_rest(tmp_path, monkeypatch):
+    """open3d (pulled in by mmdet3d, not in the Plan) ships torch ops for a CUDA the image does
+    not have: reported as optional, the level passes. The same failure in a package the Plan
+    names, or in the model's own extension (not in the lock), fails it."""
+    site = tmp_path / "site"
+    for dist, module in (("open3d", "open3d"), ("mmcv", "mmcv")):
+        info = site / f"{dist}-1.0.dist-info"
+        info.mkdir(parents=True)
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
+        (info / "top_level.txt").write_text(module + "\n")
+    monkeypatch.syspath_prepend(str(site))
+    lock = tmp_path / "requirements.lock"
+    lock.write_text("open3d==1.0 \\\n    --hash=sha256:aa\nmmcv==1.0 \\\n    --hash=sha256:bb\n")
+    libs = [{"path": f"{site}/{pkg}/{name}.so", "python_module": name} for pkg, name in
+            (("open3d", "torch_ops"), ("mmcv", "_ext"), ("local_aggregate", "_C"))]
+    monkeypatch.setattr(smoke, "gpu_libraries", lambda: libs)
+    monkeypatch.setattr(smoke, "import_roots", lambda workdir: [str(site)])
+    monkeypatch.setattr(smoke, "dist_version", lambda name: "1.0")
+    monkeypatch.setattr(smoke.importlib, "import_module", lambda name: None)
+    failing = {"open3d.torch_ops"}
+    monkeypatch.setattr(smoke, "load_extensions", lambda targets, workdir: [
+        dict(t, ok=t["load"] not in failing, error="OSError: libcudart.so.12" if t["load"] in failing else None)
+        for t in targets])
+
+    class Args:
+        workdir = str(tmp_path)
+    Args.lock = str(lock)
+    plan = {"torch": {"version": "1.0"}, "torchvision": {"version": "1.0"}, "torchaudio": {"version": "1.0"},
+            "packages": [{"name": "mmcv", "version": "1.0"}]}
+    out = smoke.level_env(plan, Args)
+    assert out["status"] == "passed" and out["optional_failures"] == ["open3d.torch_ops (open3d): OSError: libcudart.so.12"]
+    for broken in ("mmcv._ext", "local_aggregate._C"):  # the Plan's package; the model's extension
+        failing = {broken}
+        out = smoke.level_env(plan, Args)
+        assert out["status"] == "failed" and out["failed"] == 1, broken
