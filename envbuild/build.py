@@ -129,24 +129,14 @@ def failure_excerpt(output: list[str], errors: int = 12, tail: int = 12) -> list
     return marked + (["..."] if marked and last else []) + last
 
 
-def build(context: Path, tags: list[str], target: str = "runtime", no_cache: bool = False,
-          ca_bundle: str | None = None, build_args: dict | None = None, echo=None,
-          log_name: str = "build") -> BuildResult:
-    cli = engine.find_cli()
-    client = engine.client()
+def _log_path(name: str) -> Path:
     logs = state_dir() / "logs"
     logs.mkdir(exist_ok=True)
-    log_path = logs / f"{log_name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
-    iidfile = log_path.with_suffix(".iid")
-    cmd = cli.build_cmd() + ["--progress=plain", "--target", target, "--iidfile", str(iidfile)]
-    if no_cache:
-        cmd.append("--no-cache")
-    if ca_bundle:
-        cmd += ["--secret", f"id=ca_bundle,src={ca_bundle}"]
-    for key, value in sorted((build_args or {}).items()):
-        cmd += ["--build-arg", f"{key}={value}"]
-    cmd.append(str(context))
-    start = time.monotonic()
+    return logs / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+
+
+def _run(cli, cmd, log_path: Path, echo) -> tuple[int, list[str]]:
+    """Run a docker build command, teeing its plain progress into the log."""
     lines = []
     with open(log_path, "w") as log:
         log.write("$ " + " ".join(cmd) + "\n")
@@ -158,25 +148,66 @@ def build(context: Path, tags: list[str], target: str = "runtime", no_cache: boo
                 lines.append(line)
                 if echo:
                     echo(line.rstrip("\n"))
-            rc = proc.wait()
+            return proc.wait(), lines
         except KeyboardInterrupt:
             proc.terminate()
             try:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
-            iidfile.unlink(missing_ok=True)
             raise
+
+
+def _fail(rc: int, steps, lines, log_path: Path):
+    failed = next((s for s in steps if s.error), None)
+    if failed:
+        detail = f"step {failed.name} failed: {failed.error}\n" + "\n".join(failure_excerpt(failed.output))
+    else:
+        detail = "".join(lines[-25:])
+    raise OperationFailed(f"build failed (exit {rc})\n{detail}".rstrip(), log=str(log_path))
+
+
+def export_stage(context: Path, target: str, dest: Path, ca_bundle: str | None = None, echo=None,
+                 log_name: str = "export") -> list:
+    """Build one stage and write its files to dest (BuildKit's local exporter): no image."""
+    cli = engine.find_cli()
+    log_path = _log_path(log_name)
+    cmd = cli.build_cmd() + ["--progress=plain", "--target", target, "--output", f"type=local,dest={dest}"]
+    if ca_bundle:
+        cmd += ["--secret", f"id=ca_bundle,src={ca_bundle}"]
+    cmd.append(str(context))
+    rc, lines = _run(cli, cmd, log_path, echo)
+    steps = parse_progress(lines)
+    if rc != 0:
+        _fail(rc, steps, lines, log_path)
+    return steps
+
+
+def build(context: Path, tags: list[str], target: str = "runtime", no_cache: bool = False,
+          ca_bundle: str | None = None, build_args: dict | None = None, echo=None,
+          log_name: str = "build") -> BuildResult:
+    cli = engine.find_cli()
+    client = engine.client()
+    log_path = _log_path(log_name)
+    iidfile = log_path.with_suffix(".iid")
+    cmd = cli.build_cmd() + ["--progress=plain", "--target", target, "--iidfile", str(iidfile)]
+    if no_cache:
+        cmd.append("--no-cache")
+    if ca_bundle:
+        cmd += ["--secret", f"id=ca_bundle,src={ca_bundle}"]
+    for key, value in sorted((build_args or {}).items()):
+        cmd += ["--build-arg", f"{key}={value}"]
+    cmd.append(str(context))
+    start = time.monotonic()
+    try:
+        rc, lines = _run(cli, cmd, log_path, echo)
+    except KeyboardInterrupt:
+        iidfile.unlink(missing_ok=True)
+        raise
     seconds = time.monotonic() - start
     steps = parse_progress(lines)
     if rc != 0 or not iidfile.exists():
-        failed = next((s for s in steps if s.error), None)
-        detail = ""
-        if failed:
-            detail = f"step {failed.name} failed: {failed.error}\n" + "\n".join(failure_excerpt(failed.output))
-        else:
-            detail = "".join(lines[-25:])
-        raise OperationFailed(f"build failed (exit {rc})\n{detail}".rstrip(), log=str(log_path))
+        _fail(rc, steps, lines, log_path)
     image_id = iidfile.read_text().strip()
     iidfile.unlink(missing_ok=True)
     image = client.images.get(image_id)

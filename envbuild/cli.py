@@ -231,6 +231,25 @@ def lock(model: str, card: Optional[str] = CARD, cuda: Optional[str] = CUDA, pyt
     show.out.print(f"locked {plan.model} for {plan.card_name}: {path}", markup=False)
 
 
+@command()
+def wheels(model: str, card: Optional[str] = CARD, cuda: Optional[str] = CUDA, python: Optional[str] = PYTHON,
+           set_: Optional[List[str]] = SET, base_image: Optional[str] = BASE_IMAGE,
+           out: Optional[Path] = typer.Option(None, "-o", "--out", help="Folder for the wheels (default: envbuild's cache)."),
+           torch_index: Optional[str] = TORCH_INDEX, pypi_index: Optional[str] = PYPI_INDEX, json_: bool = JSON):
+    """Export the packages envbuild compiles for a Plan (mmcv, flash-attn, PyG ops) as wheels, for
+    `pip install --find-links DIR` on a host without envbuild."""
+    from .pipeline import export_wheels
+    req = _request(model, card, cuda, python, False, set_, None, base_image, None, torch_index, pypi_index)
+    plan, dest, made = export_wheels(req, out, echo=None if json_ else _echo_dim, say=None if json_ else _say)
+    if json_:
+        return show.emit_json({"dir": str(dest), "wheels": made})
+    show.out.print(f"{len(made)} wheel(s) for {plan.model} on {', '.join(plan.cards)} in {dest}", markup=False)
+    for w in made:
+        show.out.print(f"  {w['package']} {w['version']}  torch {w['torch']}, CUDA {w['cuda']}, Python {w['python']}, "
+                       f"arch {w['arch_list']}, {w['size_bytes'] / 1e6:.1f} MB", markup=False)
+    show.out.print(f"install: pip install --find-links {dest} <package>==<version>", markup=False)
+
+
 def _echo_dim(line: str) -> None:
     show.err.print(line, markup=False, style="dim")
 

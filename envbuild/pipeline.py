@@ -5,6 +5,8 @@ Each function here calls stage modules in order; none decides anything a stage o
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,3 +150,30 @@ def build_image(plan: Plan, sources: Sources, ctx: Path, lock_note: str, tags: l
     summary = result.summary()
     summary.update(cards=list(plan.cards), cards_why=plan.cards_why, lock=lock_note)
     return summary
+
+
+def export_wheels(req: Request, dest: Path | None = None, echo=None, say=None) -> tuple[Plan, Path, list[dict]]:
+    """The Plan's compiled wheels as a plain folder `pip install --find-links` can use: the wheel
+    stages (cache hits once an image was built) exported without an image. Returns the wheels
+    with what they were built for."""
+    from . import build as build_stage
+    plan, sources, ctx, _ = prepare_locked(req, echo=echo, say=say)
+    if not plan.compiled:
+        raise BadInput(f"{plan.model} compiles no package from source: there are no wheels to export",
+                       "its packages come as wheels from the index already")
+    dest = Path(dest) if dest else build_stage.state_dir() / "wheels" / f"{plan.model}-{plan.card}"
+    render.owned(dest, adopt=False)  # a folder that is not envbuild's is refused, touching nothing
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".envbuild-wheels-") as tmp:
+        build_stage.export_stage(ctx, "wheels", Path(tmp), ca_bundle=sources.ca_bundle, echo=echo,
+                                 log_name=f"wheels-{plan.model}-{plan.card}")
+        made = sorted(Path(tmp).glob("*.whl"))
+        dest.mkdir(parents=True, exist_ok=True)
+        render.record_owned(dest, [w.name for w in made])
+        for wheel in made:
+            os.replace(wheel, dest / wheel.name)
+    facts = {"torch": plan.torch.version, "cuda": plan.torch_cuda, "python": plan.python.version,
+             "arch_list": plan.arch_list}
+    wheels = [dict(facts, file=str(dest / w.name), package=w.name.split("-")[0].replace("_", "-"),
+                   version=w.name.split("-")[1], size_bytes=(dest / w.name).stat().st_size) for w in made]
+    return plan, dest, wheels
