@@ -160,3 +160,12 @@ def manifest_layers(registry: str, ref: str) -> dict:
     with urllib.request.urlopen(req, timeout=60) as resp:
         manifest = json.loads(resp.read())
     return {layer["digest"]: layer["size"] for layer in manifest["layers"]}
+
+
+def export_wheels(env: dict, model: str, base: dict, index: str, dest: Path) -> tuple[dict, Path]:
+    import sys
+    r = subprocess.run([sys.executable, "-m", "envbuild.cli", "wheels", model, "--card", "a800", "--cuda", "11.8",
+                        "--python", "3.11", "--base-image", base["devel"], "--pypi-index", index, "-o", str(dest),
+                        "--json"], capture_output=True, text=True, env=env, timeout=3600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return json.loads(r.stdout), dest

@@ -3,6 +3,7 @@ share its wheel stage, so the second image does not compile it again (real build
 local index serving the package's sdist)."""
 
 import subprocess
+import sys
 
 import pytest
 
@@ -18,14 +19,15 @@ def twins(docker_engine, offline_base, fixture_env, registry, tmp_path_factory):
     with co.local_index(version) as index:
         first = co.build(env, "twina", offline_base, index)
         second = co.build(env, "twinb", offline_base, index)
+        exported = co.export_wheels(env, "twinb", offline_base, index, tmp_path_factory.mktemp("wheels") / "out")
     pushed = [co.push(registry, s["tags"][0]) for s in (first, second)]
-    yield version, first, second, pushed
+    yield version, first, second, pushed, exported
     co.remove(first["tags"][0], second["tags"][0], *pushed)
     co.cleanup_contexts(env)
 
 
 def test_the_second_model_reuses_the_first_ones_compiled_wheel(twins):
-    version, first, second, _ = twins
+    version, first, second, _, _ = twins
     compiled, reused = co.wheel_step(first, version), co.wheel_step(second, version)
     assert not compiled["cached"] and compiled["seconds"] > 0  # a version no builder had: compiled here
     assert reused["cached"]  # same base, Python, torch, arch list and version: BuildKit's cache
@@ -35,7 +37,7 @@ def test_the_second_model_reuses_the_first_ones_compiled_wheel(twins):
 
 
 def test_the_shared_wheel_is_installed_and_its_op_loads(twins):
-    version, _, second, _ = twins
+    version, _, second, _, _ = twins
     r = subprocess.run(["/usr/bin/docker", "run", "--rm", second["tags"][0], "python", "-c",
                         "import importlib.metadata as m, tinyscale, torch; from tinyscale import _C; "
                         "print(m.version('tinyscale'), tinyscale.scale(torch.ones(3), 2.0).tolist())"],
@@ -47,10 +49,24 @@ def test_the_shared_wheel_is_installed_and_its_op_loads(twins):
 def test_a_host_with_the_first_image_pulls_little_of_the_second(twins, registry):
     """torch is a runtime layer of its own, identical in both images: the registry stores it once
     and a host that has the first image pulls only the rest of the second."""
-    _, _, _, (ref_a, ref_b) = twins
+    _, _, _, (ref_a, ref_b), _ = twins
     layers_a, layers_b = co.manifest_layers(registry, ref_a), co.manifest_layers(registry, ref_b)
     new = sum(size for digest, size in layers_b.items() if digest not in layers_a)
     total = sum(layers_b.values())
     biggest = max(layers_b, key=layers_b.get)
     assert biggest in layers_a, "the biggest layer (torch's venv) is not shared"
     assert new / total <= 0.25, (new, total)
+
+
+def test_envbuild_wheels_exports_the_compiled_wheel_for_pip(twins):
+    """`envbuild wheels` hands out what the wheel stage compiled (a cache hit: no compile), as a
+    folder pip --find-links can install from, with what it was built for."""
+    version, _, _, _, (listing, folder) = twins
+    wheel = listing["wheels"][0]
+    assert [w["package"] for w in listing["wheels"]] == ["tinyscale"] and wheel["version"] == version
+    assert (wheel["torch"], wheel["python"], wheel["arch_list"]) == ("2.0.1", "3.11", "8.0")
+    assert sorted(p.name for p in folder.iterdir() if p.suffix == ".whl") == [f"tinyscale-{version}-cp311-cp311-linux_x86_64.whl"]
+    r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-index", "--find-links", str(folder),
+                        "--python-version", "3.11", "--platform", "linux_x86_64", "--only-binary", ":all:",
+                        "-d", str(folder / "got"), f"tinyscale=={version}"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]  # pip finds it there by name and version
