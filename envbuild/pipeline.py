@@ -157,12 +157,13 @@ def export_wheels(req: Request, dest: Path | None = None, echo=None, say=None) -
     stages (cache hits once an image was built) exported without an image. Returns the wheels
     with what they were built for."""
     from . import build as build_stage
-    plan, sources, ctx, _ = prepare_locked(req, echo=echo, say=say)
+    plan, _ = plan_for(req)
     if not plan.compiled:
         raise BadInput(f"{plan.model} compiles no package from source: there are no wheels to export",
                        "its packages come as wheels from the index already")
     dest = Path(dest) if dest else build_stage.state_dir() / "wheels" / f"{plan.model}-{plan.card}"
     render.owned(dest, adopt=False)  # a folder that is not envbuild's is refused, touching nothing
+    plan, sources, ctx, _ = prepare_locked(req, echo=echo, say=say)
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".envbuild-wheels-") as tmp:
         build_stage.export_stage(ctx, "wheels", Path(tmp), ca_bundle=sources.ca_bundle, echo=echo,

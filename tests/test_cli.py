@@ -2,10 +2,13 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
+
+from conftest import ROOT
 
 
 def envbuild(*args, env=None):
@@ -251,3 +254,17 @@ def test_the_mission_command_runs_as_written_and_says_which_cards(tmp_path):
     assert first.startswith("for ") and "a800" in first and "h20" in first and "v100" not in first
     assert "portable" in first and "no GPU on this host" in first
     assert r.returncode == 1 and "no Docker daemon" in r.stderr
+
+
+def test_wheels_refuses_a_model_without_compiled_packages_and_a_folder_it_did_not_write(tmp_path):
+    env = {"ENVBUILD_MATRICES": str(tmp_path / "m"), "ENVBUILD_HOME": str(tmp_path / "home")}
+    (tmp_path / "m" / "models").mkdir(parents=True)
+    shutil.copy(ROOT / "tests" / "fixture" / "tinybev.toml", tmp_path / "m" / "models")
+    r = envbuild("wheels", "tinybev", "--card", "a800", env=env)
+    assert r.returncode == 2 and "compiles no package from source" in r.stderr and "Traceback" not in r.stderr
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    r = envbuild("wheels", "qcnet", "--card", "a800", "-o", str(mine), env=env)
+    assert r.returncode == 2 and "envbuild did not write it" in r.stderr
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
