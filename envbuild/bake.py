@@ -84,6 +84,14 @@ def bake_file(models=None, cards=None, out_dir: Path = Path("bake"), sources: So
 
 
 def write(doc: dict, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    """The bake file; an existing file is replaced only when it is one envbuild wrote (a bake
+    file whose targets build envbuild's rendered contexts)."""
+    def made_by_envbuild(text: str) -> bool:
+        try:
+            old = json.loads(text)
+            return bool(old["target"]) and all(
+                (Path(t["context"]) / render.MANIFEST).is_file() for t in old["target"].values())
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return False
+    render.write_own_file(path, json.dumps(doc, indent=2, sort_keys=True) + "\n", made_by_envbuild)
     return path

@@ -577,8 +577,9 @@ def compare(reports: List[Path] = typer.Argument(..., help="Smoke reports (JSON)
             out: Path = typer.Option(Path("compare.html"), "-o", "--out", help="HTML file to write.")):
     """One HTML page comparing cards: loss curves, throughput, step time."""
     from . import compare as compare_stage
+    from .render import write_own_file
     page = compare_stage.page(compare_stage.load(reports))
-    out.write_text(page)
+    write_own_file(out, page, lambda text: compare_stage.GENERATOR in text)
     show.out.print(f"wrote {out}", markup=False)
 
 

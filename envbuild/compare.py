@@ -78,6 +78,9 @@ def _bar_chart(items, title, unit, width=640, pad=48, bar=26) -> str:
     return "".join(parts)
 
 
+GENERATOR = '<meta name="generator" content="envbuild compare">'  # how a page envbuild wrote is recognised
+
+
 def page(reports: list[dict]) -> str:
     losses = [{"label": r["_label"], "values": r["_train"]["losses"]} for r in reports]
     rows = []
@@ -98,7 +101,7 @@ def page(reports: list[dict]) -> str:
                                              "data wait", "peak GPU MB", "loss", "ckpt write MB/s",
                                              "ckpt read MB/s", "all-reduce GB/s", "torch.compile", "smoke"))
     return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>envbuild: card vs card</title>
+<html><head><meta charset="utf-8"><meta name="generator" content="envbuild compare"><title>envbuild: card vs card</title>
 <style>body{{font-family:sans-serif;margin:24px}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 8px;font-size:13px}}</style></head>
 <body><h1>envbuild smoke: card vs card</h1>

@@ -390,6 +390,30 @@ def owned(out: Path, adopt: bool = False) -> set[str]:
     return set()
 
 
+def write_own_file(path: Path, text: str, made_by_envbuild) -> None:
+    """Write one output file (an HTML report, a bake file) atomically. An existing file is
+    replaced only when made_by_envbuild(its text) says envbuild wrote it: a user's own file
+    with the same name is refused, untouched."""
+    path = Path(path)
+    if path.is_dir():
+        raise BadInput(f"{path} is a folder", "give a file name with -o")
+    if path.exists():
+        try:
+            current = path.read_text(errors="replace")
+        except OSError as exc:
+            raise BadInput(f"cannot read {path}: {exc.strerror or exc}", "choose another file with -o") from None
+        if not made_by_envbuild(current):
+            raise BadInput(f"{path} exists and envbuild did not write it", "choose another file with -o, or move it away")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise BadInput(f"cannot write {path}: {exc.strerror or exc}", "choose a folder you can write to") from None
+
+
 def record_owned(out: Path, names) -> None:
     """Add names to the folder's manifest (atomically)."""
     manifest = out / MANIFEST

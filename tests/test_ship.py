@@ -178,3 +178,33 @@ def test_export_apptainer_definition(small_image, tmp_path):
 def test_export_unknown_image_is_bad_input(docker_engine):
     r = cli("export", "envbuild-test/does-not-exist:1")
     assert r.returncode == 2 and "no local image" in r.stderr
+
+
+def test_bake_never_replaces_a_file_it_did_not_write(tmp_path):
+    mine = tmp_path / "docker-bake.json"
+    mine.write_text('{"target": {"app": {"context": "."}}}\n')  # the user's own bake file
+    r = cli("bake", "--models", "qcnet", "--cards", "a800", "-o", mine)
+    assert r.returncode == 2 and "envbuild did not write it" in r.stderr and "Traceback" not in r.stderr
+    assert mine.read_text() == '{"target": {"app": {"context": "."}}}\n'
+    ours = tmp_path / "ours.json"
+    for _ in range(2):  # its own file: written, then replaced on the next run
+        r = cli("bake", "--models", "qcnet", "--cards", "a800", "-o", ours)
+        assert r.returncode == 0, r.stderr
+    assert "qcnet-a800" in json.loads(ours.read_text())["target"]
+
+
+def test_an_html_report_replaces_only_a_page_envbuild_wrote(tmp_path):
+    from envbuild import compare, render
+    from envbuild.errors import BadInput
+    page = tmp_path / "compare.html"
+    page.write_text("<html>my notes</html>")
+    mine = lambda text: compare.GENERATOR in text  # noqa: E731
+    with pytest.raises(BadInput, match="envbuild did not write it"):
+        render.write_own_file(page, "<html>new</html>", mine)
+    assert page.read_text() == "<html>my notes</html>"
+    ours = tmp_path / "ours.html"
+    render.write_own_file(ours, f"<html>{compare.GENERATOR}1</html>", mine)
+    render.write_own_file(ours, f"<html>{compare.GENERATOR}2</html>", mine)
+    assert ours.read_text().endswith("2</html>") and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    with pytest.raises(BadInput, match="is a folder"):
+        render.write_own_file(tmp_path, "x", mine)
