@@ -389,3 +389,14 @@ def test_torch_lock_takes_torchs_exact_pins_and_leaves_what_it_leaves_open():
     names = [l.split("==")[0] for l in text.splitlines() if "==" in l]
     assert names == ["torch", "torchvision", "torchaudio", "nvidia-cudnn-cu11", "triton"]
     assert "--hash=sha256:bb" in text and "sympy" not in text and "# via" not in text
+
+
+def test_a_local_source_lands_in_the_builder_stage_the_runtime_copies_from():
+    """With --source the model is COPYed into the builder stage itself (no source stage): nothing
+    may start a new stage between the builder and that COPY (the wheels export stage once did)."""
+    plan = resolve(catalog.load(), "gaussianformer", "a800", python="3.11", cuda="11.8")
+    text = render.dockerfile(render.make_context(plan, "x", source="local"))
+    builder = "\n".join(stage(text, "builder"))
+    assert "COPY src/ /workspace/model/" in builder and "fixers.py apply /workspace/model" in builder
+    assert "pip install --no-deps --no-build-isolation -e ." in builder and "/opt/venv-delta" in builder
+    assert "COPY --from=builder /workspace/model /workspace/model" in text
