@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import os
+import sys
 import json
 from pathlib import Path
 from typing import List, Optional
@@ -41,8 +43,13 @@ def command(*args, **kwargs):
                 show.error(exc)
                 raise typer.Exit(exc.exit_code) from None
             except KeyboardInterrupt:
+                # Cleanups ran on the way up (no tag, no container, no temp file). Exit now: a
+                # worker thread still waiting on a busy daemon must not hold the exit (it did,
+                # past two minutes, with the daemon cancelling a build).
                 show.err.print("interrupted")
-                raise typer.Exit(130) from None
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(130)
         return app.command(*args, **kwargs)(inner)
     return wrap
 
