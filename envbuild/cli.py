@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
-import json
 from pathlib import Path
 from typing import List, Optional
 
