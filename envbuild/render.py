@@ -142,9 +142,13 @@ class Context:
         """Installed distributions a fixer patches (validated names: they reach a comment)."""
         return sorted({_check(d, PKG_RE, "package name") for f in self.plan.fixers for d in f.installed})
 
+    def _source_build_apt(self, key: str) -> list[str]:
+        """The OS packages the chosen source builds need ("build_apt" or "runtime_apt"), validated."""
+        return sorted({_check(a, APT_RE, "apt package") for sb in self.source_builds for a in sb[key]})
+
     @property
     def deps_apt(self) -> list[str]:
-        return sorted({_check(a, APT_RE, "apt package") for sb in self.source_builds for a in sb["build_apt"]})
+        return self._source_build_apt("build_apt")
 
     @property
     def deps_env(self) -> list[tuple[str, str]]:
@@ -160,7 +164,7 @@ class Context:
         apt = [f"python{self.python}", f"python{self.python}-venv"] + RUNTIME_APT
         if self.gui_opencv:
             apt += GUI_OPENCV_APT
-        apt += sorted({_check(a, APT_RE, "apt package") for sb in self.source_builds for a in sb["runtime_apt"]})
+        apt += self._source_build_apt("runtime_apt")
         if self.plan.torch_compile:
             # torch.compile builds code at run time: inductor's C++ kernels on CPU, triton's
             # launcher module on GPU. Both need a compiler and Python's headers.
