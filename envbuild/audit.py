@@ -12,9 +12,9 @@ from pathlib import Path
 
 from . import labels as label
 from . import engine
-from .catalog import Card, cc_key
+from .catalog import Card
 from .errors import BadInput, OperationFailed
-from .resolve import sass_runs_on
+from .incontainer.archrules import code_name, runs_on
 
 SCANNER = Path(__file__).resolve().parent / "incontainer" / "audit_scan.py"
 ROOTS = ["/opt", "/workspace", "/usr/local/lib", "/usr/lib/python3", "/root/.local"]
@@ -38,14 +38,8 @@ def kind_of(path: str) -> str:
 
 def judge(library: dict, cc: str) -> dict:
     """Whether a library's GPU code runs on compute capability cc, and through what."""
-    sass = [a for a in library["sass"] if sass_runs_on(a, cc)]
-    ptx = [a for a in library["ptx"] if cc_key(a) <= cc_key(cc)]
-    if sass:
-        via = f"sm_{max(sass, key=cc_key).replace('.', '')} SASS"
-    elif ptx:
-        via = f"compute_{max(ptx, key=cc_key).replace('.', '')} PTX (JIT at first launch)"
-    else:
-        via = None
+    arch = runs_on(library["sass"], cc, library["ptx"])
+    via = arch and code_name(arch) + (" PTX (JIT at first launch)" if arch.endswith("+PTX") else " SASS")
     return {**library, "runs": via is not None, "via": via, "kind": kind_of(library["path"])}
 
 

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from . import labels as label
-from . import catalog, render
+from . import catalog, packages, render
 from .build import image_tag
 from .config import Sources
 from .errors import BadInput
@@ -55,7 +55,7 @@ def bake_file(models=None, cards=None, out_dir: Path = Path("bake"), sources: So
                 **({"cache-from": [f"type=registry,ref={cache}:{base_name}"],
                     "cache-to": [f"type=registry,ref={cache}:{base_name},mode=max"]} if cache else {}),
             })
-            gb = max([render.GB_PER_JOB.get(n, 2) for n in plan.compiled] + [2])
+            gb = max([render.compiled_block(plan, n).gb_per_job for n in plan.compiled] + [packages.DEFAULT_GB_PER_JOB])
             jobs_cap = max(1, builder_memory_gb // (gb * parallel))
             tag = image_tag(plan, f"{registry.rstrip('/')}/envbuild/{m}" if registry else "")
             target = {

@@ -18,6 +18,7 @@ from pathlib import Path
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
+from .incontainer.archrules import cc_key  # noqa: F401  (catalog users order ccs with it)
 from .errors import CatalogError, unknown
 
 BUILTIN = "built-in"
@@ -60,11 +61,6 @@ def V(version: str) -> Version:
 
 
 @lru_cache(maxsize=None)
-def cc_key(cc: str) -> tuple[int, int]:
-    major, minor = cc.split(".")
-    return int(major), int(minor)
-
-
 @lru_cache(maxsize=None)
 def minor_key(version: str) -> tuple[int, int]:
     v = V(version)

@@ -22,10 +22,11 @@ from pathlib import Path
 import jinja2
 
 from . import labels as label
+from . import packages
 from . import __version__
 from .catalog import APT_RE, ENV_NAME_RE, ENV_VALUE_RE, FILE_RE, PKG_RE, V, is_exact
 from .errors import BadInput
-from .resolve import Plan
+from .plan import Plan
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 INCONTAINER = Path(__file__).resolve().parent / "incontainer"
@@ -37,8 +38,6 @@ URL_RE = re.compile(r"^https?://[A-Za-z0-9.:@_-]+(/[A-Za-z0-9._~%+-]+)*/?$")
 ARCH_RE = re.compile(r"^\d{1,2}\.\d(\+PTX)?(;\d{1,2}\.\d(\+PTX)?)*$")
 WORD_RE = re.compile(r"^[A-Za-z0-9_.-][A-Za-z0-9._/=,:+-]*$")
 RELPATH_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._/-]*$")
-# GB of builder memory one compile job needs (flash-attn's nvcc jobs are the hungry ones).
-GB_PER_JOB = {"flash-attn": 9}
 BUILD_TOOLS = ["ninja", "wheel", "psutil"]
 # The compile stage's own tools, fixed so that every model's wheel stages share it (the lock's
 # versions differ per model). Each runs on Python 3.8-3.13; setuptools < 70 keeps old setup.py working.
@@ -83,6 +82,11 @@ def without_deps(command: list[str]) -> list[str]:
     else:
         return words
     return words[:at + 1] + ["--no-deps"] + words[at + 1:]
+
+
+def compiled_block(plan: Plan, name: str) -> packages.Block:
+    """The building block the resolver chose for a compiled package of the Plan."""
+    return packages.by_family(plan.native_packages[name]["family"])
 
 
 @dataclass
@@ -210,16 +214,10 @@ class Context:
 
     @property
     def compiled_steps(self) -> list[Step]:
-        steps = []
+        """One wheel stage per compiled package: its building block says how it builds."""
         by_name = {p.name: p for p in self.plan.packages}
-        for name in self.plan.compiled:
-            env = {}
-            if name in ("mmcv-full", "mmcv"):
-                env["MMCV_WITH_OPS"] = "1"
-            if name == "flash-attn":
-                env["FLASH_ATTENTION_FORCE_BUILD"] = "TRUE"  # no GitHub wheel download: compile for this card
-            steps.append(Step(name, requirement(name, by_name[name].version), GB_PER_JOB.get(name, 2), env))
-        return steps
+        return [Step(name, requirement(name, by_name[name].version), block.gb_per_job, dict(block.build_env))
+                for name, block in ((n, compiled_block(self.plan, n)) for n in self.plan.compiled)]
 
     @property
     def arch_list(self) -> str:

@@ -8,208 +8,29 @@ forward; no 8.x cubin runs on 9.x.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import asdict, dataclass, field, replace
 from datetime import date, timedelta
-from functools import lru_cache
 
 from packaging.specifiers import SpecifierSet
 
-
-from .catalog import (
-    PKG_RE, V, Card, Catalog, FlashAttn, Model, TorchRelease, Toolkit, cc_key, is_exact, minor_key,
-)
+from . import packages
+from .catalog import PKG_RE, V, Card, Catalog, Model, TorchRelease, Toolkit, is_exact, minor_key
 from .config import Sources
 from .errors import BadInput, unknown
+from .incontainer.archrules import code_name, extension_arch, runs_on, union_arch_list
+from .plan import Fixer, Pin, Plan
 
 PYTHONS = ("3.8", "3.9", "3.10", "3.11", "3.12")
-MMCV = ("mmcv-full", "mmcv")
-SPCONV_RE = re.compile(r"^spconv-cu(\d+)$")
 
 
 class Conflict(BadInput):
     """No stack satisfies the request; `chain` holds the constraints that failed."""
 
-    def __init__(self, message: str, chain: list[str], hint: str = ""):
+    def __init__(self, message: str, chain: list[str], hint: str = "", reason: str = ""):
         super().__init__(message, hint)
         self.chain = chain
-
-
-@dataclass(frozen=True)
-class Pin:
-    name: str
-    version: str  # exact version, or a specifier ("" = unpinned; the lock decides)
-    why: str
-    upstream: str | None = None  # what upstream pins; None when envbuild added it
-    source: str = "upstream"  # upstream | port | era | override | fix (a catalog correction)
-
-    @property
-    def deviation(self) -> bool:
-        """Differs from what upstream pinned (era pins on unpinned packages do not)."""
-        if self.source in ("port", "override", "fix"):
-            return self.version != self.upstream
-        return self.source == "era" and self.upstream not in (None, "*")
-
-    @property
-    def is_port(self) -> bool:
-        """An upgrade the card forces (or the user set), which makes the Plan a port. A catalog
-        correction (upstream pins that cannot install) is a deviation, not a port: strict keeps it."""
-        return self.source in ("port", "override") and self.version != self.upstream
-
-    @property
-    def requirement(self) -> str:
-        if not self.version:
-            return self.name
-        if is_exact(self.version):
-            return f"{self.name}=={self.version}"
-        return f"{self.name}{self.version}"
-
-
-@dataclass(frozen=True)
-class Fixer:
-    name: str
-    why: str
-    args: dict = field(default_factory=dict)
-    # installed distributions (pip names) whose own code needs the fixer too, beside the model tree
-    installed: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class ExtensionBuild:
-    name: str
-    path: str
-    build: tuple[str, ...]
-    needs_visible_gpu: bool
-
-
-@dataclass(frozen=True)
-class Plan:
-    model: str
-    repo: str
-    commit: str
-    card: str
-    card_name: str
-    cc: str
-    mode: str  # upstream | port
-    strict: bool
-    python: Pin
-    python_source: str  # system | deadsnakes
-    cuda: str  # full toolkit version, e.g. 11.8.0
-    cuda_why: str
-    base_image: str
-    base_why: str
-    os: str
-    gcc: int
-    gcc_max: int
-    torch: Pin
-    torchvision: Pin
-    torchaudio: Pin
-    torch_cuda: str  # CUDA of the torch build, e.g. 11.8
-    torch_index: str | None  # None = plain PyPI
-    packages: tuple[Pin, ...]
-    compiled: tuple[str, ...]  # packages compiled from source in the builder stage
-    arch_list: str  # TORCH_CUDA_ARCH_LIST for extension builds
-    arch_why: str
-    extensions: tuple[ExtensionBuild, ...]
-    fixers: tuple[Fixer, ...]
-    runtime_env: dict  # name -> {"value":..., "why":...}
-    min_driver: str
-    compat_driver: str
-    cxx: int
-    train: dict
-    torch_compile: bool = False  # torch.compile (inductor) runs on this torch x Python
-    torch_compile_why: str = ""
-    notes: tuple[str, ...] = ()
-    construct: dict | None = None  # smoke's model level: how to build the network (catalog [construct])
-    index_cutoff: str | None = None  # YYYY-MM-DD: the lock sees PyPI as it was then (exact pins excepted)
-    index_cutoff_why: str = ""
-    cards: tuple[str, ...] = ()  # every card the image is for (one, a list, or the portable set)
-    cards_why: str = ""  # how the cards were chosen (--card, the host's GPUs, config, portable)
-    # Packages that build from their sdist when the lock's version is below "below" (no wheel
-    # for this Python), and how (catalog source_build): the lock decides which apply.
-    source_builds: dict = field(default_factory=dict)
-
-    @property
-    def ccs(self) -> list[str]:
-        return self.cc.split(",")
-
-    @property
-    def cc_text(self) -> str:
-        """The distinct compute capabilities, for people: '8.0, 9.0'."""
-        return ", ".join(sorted(set(self.ccs), key=cc_key))
-
-    @property
-    def pins(self) -> list[Pin]:
-        return [self.python, self.torch, self.torchvision, self.torchaudio, *self.packages]
-
-    @property
-    def deviations(self) -> list[str]:
-        out = []
-        for pin in self.pins:
-            if pin.deviation:
-                out.append(f"{pin.name}: {pin.upstream or '(unpinned)'} -> {pin.version}: {pin.why}")
-        return out
-
-    def pin(self, name: str) -> Pin | None:
-        return next((p for p in self.pins if p.name == name), None)
-
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        data["deviations"] = self.deviations
-        return data
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-
-# ------------------------------------------------------------ binary rules
-
-
-def sass_runs_on(sass: str, cc: str) -> bool:
-    """A cubin for X.y runs on X.z only when z >= y."""
-    (smaj, smin), (cmaj, cmin) = cc_key(sass), cc_key(cc)
-    return smaj == cmaj and smin <= cmin
-
-
-@lru_cache(maxsize=None)
-def _wheel_runs_on(archs: tuple, cc: str, ptx: tuple) -> str | None:
-    """The arch whose code runs on cc (SASS first, then PTX JIT), or None."""
-    fitting = [a for a in archs if sass_runs_on(a, cc)]
-    if fitting:
-        return max(fitting, key=cc_key)
-    jit = [a for a in ptx if cc_key(a) <= cc_key(cc)]
-    return f"{max(jit, key=cc_key)}+PTX" if jit else None
-
-
-def wheel_runs_on(archs, cc: str, ptx=()) -> str | None:
-    return _wheel_runs_on(tuple(archs), cc, tuple(ptx))
-
-
-@lru_cache(maxsize=None)
-def _extension_arch(cc: str, nvcc_archs: tuple, torch_max: str) -> tuple[str | None, str]:
-    """Arch to compile extensions for: native, else same-major SASS, else PTX."""
-    usable = [a for a in nvcc_archs if cc_key(a) <= cc_key(torch_max)]
-    if cc in usable:
-        return cc, f"native SASS for compute capability {cc}"
-    same_major = [a for a in usable if sass_runs_on(a, cc)]
-    limit = []
-    if cc not in nvcc_archs:
-        limit.append(f"nvcc cannot emit sm_{cc.replace('.', '')}")
-    elif cc_key(cc) > cc_key(torch_max):
-        limit.append(f"torch's extension builder knows archs only up to {torch_max}")
-    if same_major:
-        best = max(same_major, key=cc_key)
-        return best, f"{'; '.join(limit)}: sm_{best.replace('.', '')} SASS runs on {cc} (same major, lower minor)"
-    lower = [a for a in usable if cc_key(a) < cc_key(cc)]
-    if lower:
-        best = max(lower, key=cc_key)
-        return f"{best}+PTX", f"{'; '.join(limit)}: compute_{best.replace('.', '')} PTX JIT-compiles forward on {cc}"
-    return None, f"no arch this nvcc can emit runs on {cc}"
-
-
-def extension_arch(cc: str, nvcc_archs, torch_max: str) -> tuple[str | None, str]:
-    return _extension_arch(cc, tuple(nvcc_archs), torch_max)
+        self.reason = reason or message  # the one constraint that decided it, for one-line summaries
 
 
 # ------------------------------------------------------------ resolver
@@ -269,10 +90,8 @@ def _check_overrides(cat: Catalog, model: Model, overrides: dict) -> None:
         elif name not in model.packages:
             raise BadInput(f"--set {name}=={version}: {model.name} does not install {name}",
                            f"its packages: {', '.join(sorted(model.packages))}")
-        elif name in cat.compiled and version not in cat.compiled[name]:
-            raise unknown(f"{name} version", version, sorted(cat.compiled[name], key=V))
-        elif name == "flash-attn" and version not in cat.flash_attn:
-            raise unknown("flash-attn version", version, sorted(cat.flash_attn, key=V))
+        elif block := packages.block_for(cat, name):
+            block.check_override(cat, name, version)
 
 
 def parse_cards(cat: Catalog, cards) -> list[Card] | None:
@@ -400,19 +219,6 @@ def _merge(cat, model, cards: list[Card], plans: dict, stack, toolkit, strict, o
                    arch_why=arch_why, runtime_env=runtime_env, notes=notes)
 
 
-def union_arch_list(entries, ptx_for_newest: bool = False) -> str:
-    """'8.0' + '9.0' -> '8.0;9.0'; an arch with +PTX anywhere keeps its PTX."""
-    archs: dict[str, bool] = {}
-    for entry in entries:
-        for item in entry.split(";"):
-            arch, _, ptx = item.partition("+")
-            archs[arch] = archs.get(arch, False) or bool(ptx)
-    order = sorted(archs, key=cc_key)
-    if ptx_for_newest and order:
-        archs[order[-1]] = True
-    return ";".join(a + ("+PTX" if archs[a] else "") for a in order)
-
-
 def _stacks(cat, model: Model, strict, python, toolkit, overrides):
     """Candidate (python, torch build) stacks, smallest upgrade from upstream first."""
     pythons = [python] if python else [model.python]
@@ -451,169 +257,243 @@ def _stacks(cat, model: Model, strict, python, toolkit, overrides):
                 yield _Stack(py, rel, cu, builds[cu])
 
 
-def _try(cat: Catalog, model: Model, card: Card, stack: _Stack, toolkit_req: Toolkit | None,
-         strict: bool, overrides: dict, sources: Sources, python_req: str | None = None):
-    rel, cu, py = stack.torch, stack.cuda, stack.python
-    tag = "cu" + cu.replace(".", "")
-    label = f"python {py}, torch {rel.version}+{tag}"
-    reasons: list[str] = []
-    depth = 0
+@dataclass
+class _Candidate:
+    """One (Python, torch build) stack on one card, filled in gate by gate."""
+    cat: Catalog
+    model: Model
+    card: Card
+    stack: _Stack
+    toolkit_req: Toolkit | None
+    strict: bool
+    overrides: dict
+    sources: Sources
+    python_req: str | None
+    toolkit: Toolkit | None = None
+    runs: str | None = None  # the torch wheel's arch whose code runs on the card
+    arch: str = ""  # TORCH_CUDA_ARCH_LIST for extensions
+    arch_why: str = ""
+    pins: list = field(default_factory=list)
+    blocks: dict = field(default_factory=dict)  # pin name -> its building block (native code)
+    fixers: list = field(default_factory=list)
+    cxx: int = 0
+    base: tuple = ()  # (ubuntu, image, why)
+    deviates: bool = False
+    runtime_env: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)
 
-    def fail(reason: str):
-        reasons.append(reason)
-        return _Attempt(label, reasons, depth)
+    @property
+    def tag(self) -> str:
+        return "cu" + self.stack.cuda.replace(".", "")
 
-    # 1. the torch wheel must exist for this Python and in the configured sources
+    @property
+    def label(self) -> str:
+        return f"python {self.stack.python}, torch {self.stack.torch.version}+{self.tag}"
+
+    @property
+    def upstream_torch(self) -> bool:
+        return V(self.stack.torch.version) == V(self.model.torch) and self.stack.cuda == self.model.cuda
+
+    @property
+    def compiled(self) -> list[str]:
+        return [name for name, block in self.blocks.items() if block.compiled]
+
+
+# Each gate answers one compatibility question for a candidate: None when it holds (filling in
+# what it found), else the reason. A failing gate's index is how far the candidate got.
+
+
+def _torch_wheel_exists(c: _Candidate) -> str | None:
+    rel, py = c.stack.torch, c.stack.python
     if not rel.supports_python(py):
-        return fail(f"torch {rel.version} has wheels for Python {rel.python[0]}-{rel.python[1]}, not {py}")
-    if stack.from_index and sources.torch_index is None:
-        return fail(f"torch {rel.version}+{tag} is only on the PyTorch index; PyPI carries its "
-                    f"CUDA {rel.pypi} build (configure torch_index to use it)")
-    depth += 1
-    # 2. a CUDA toolkit (nvcc, devel image) whose major matches the torch build
-    toolkit = toolkit_req or cat.toolkits.get(cu)
-    if toolkit is None:
-        return fail(f"no nvidia/cuda devel image survives for CUDA {cu} (EOL tags are deleted)")
-    if V(toolkit.version).major != V(cu).major:
-        return fail(f"torch {rel.version}+{tag} needs nvcc {V(cu).major}.x to build extensions; "
-                    f"CUDA {toolkit.version} was requested")
-    depth += 1
-    # 3. the torch wheel must carry code for the card
-    archs = cat.wheel_archs[cu]
-    runs = wheel_runs_on(archs, card.cc)
-    if runs is None:
-        return fail(f"torch {rel.version}+{tag} ships SASS for {', '.join(archs)} and no PTX: "
-                    f"none runs on {card.name} (compute capability {card.cc})")
-    depth += 1
-    # 4. extensions must be compilable for the card
-    arch, arch_why = extension_arch(card.cc, toolkit.archs, rel.ext_max_arch)
-    if arch is None:
-        return fail(f"CUDA {toolkit.version}: {arch_why}")
-    depth += 1
-    # 5. model packages
-    upstream_torch = V(rel.version) == V(model.torch) and cu == model.cuda
-    pins: list[Pin] = []
-    compiled: list[str] = []
-    fixers: list[Fixer] = []
-    notes: list[str] = []
-    mmcv_pin: Pin | None = None
+        return f"torch {rel.version} has wheels for Python {rel.python[0]}-{rel.python[1]}, not {py}"
+    if c.stack.from_index and c.sources.torch_index is None:
+        return (f"torch {rel.version}+{c.tag} is only on the PyTorch index; PyPI carries its "
+                f"CUDA {rel.pypi} build (configure torch_index to use it)")
+    return None
+
+
+def _toolkit_matches(c: _Candidate) -> str | None:
+    """A CUDA toolkit (nvcc, devel image) whose major matches the torch build."""
+    cu = c.stack.cuda
+    c.toolkit = c.toolkit_req or c.cat.toolkits.get(cu)
+    if c.toolkit is None:
+        return f"no nvidia/cuda devel image survives for CUDA {cu} (EOL tags are deleted)"
+    if V(c.toolkit.version).major != V(cu).major:
+        return (f"torch {c.stack.torch.version}+{c.tag} needs nvcc {V(cu).major}.x to build extensions; "
+                f"CUDA {c.toolkit.version} was requested")
+    return None
+
+
+def _card_runs_torch(c: _Candidate) -> str | None:
+    archs = c.cat.wheel_archs[c.stack.cuda]
+    c.runs = runs_on(archs, c.card.cc)
+    if c.runs is None:
+        return (f"torch {c.stack.torch.version}+{c.tag} ships SASS for {', '.join(archs)} and no PTX: "
+                f"none runs on {c.card.name} (compute capability {c.card.cc})")
+    return None
+
+
+def _extensions_compile_for_card(c: _Candidate) -> str | None:
+    c.arch, c.arch_why = extension_arch(c.card.cc, c.toolkit.archs, c.stack.torch.ext_max_arch)
+    return None if c.arch else f"CUDA {c.toolkit.version}: {c.arch_why}"
+
+
+def _model_pins(c: _Candidate) -> str | None:
+    """Every package the model pins: native ones by their building block, the rest as pinned
+    (or corrected, or moved to a release that runs on this Python)."""
+    model, py = c.model, c.stack.python
+    target = packages.Target(c.cat, c.stack.torch, c.stack.cuda, c.toolkit, c.card, py, c.strict)
     for name, spec in model.packages.items():
-        forced = overrides.get(name)
-        if name in cat.compiled:
-            pin = _choose_compiled(cat, name, spec, forced, rel, strict, reasons)
-            if pin is None:
-                return _Attempt(label, reasons, depth)
-            compiled.append(name)
-            if name in MMCV:
-                mmcv_pin = pin
-        elif name == "flash-attn":
-            pin = _choose_flash_attn(cat, spec, forced, rel, toolkit, card, py, strict, reasons)
-            if pin is None:
-                return _Attempt(label, reasons, depth)
-            compiled.append(name)
-        elif SPCONV_RE.match(name):
-            pin = _choose_spconv(cat, name, spec, cu, strict, reasons)
-            if pin is None:
-                return _Attempt(label, reasons, depth)
+        forced = c.overrides.get(name)
+        block = packages.block_for(c.cat, name)
+        if block:
+            pin = block.choose(target, name, spec, forced)
+            if isinstance(pin, str):
+                return pin
+            c.blocks[pin.name] = block
         elif forced:
             pin = Pin(name, forced, "set with --set", spec, "override")
         elif spec == "*":
             pin = Pin(name, "", "unpinned upstream; the lock picks a version", spec)
         elif name in model.corrections:
             fixed, why = model.corrections[name]
-            pin = (_python_port(cat, name, fixed, py, model.python, upstream=spec)
+            pin = (_python_port(c.cat, name, fixed, py, model.python, upstream=spec)
                    or Pin(name, fixed, f"catalog correction: {why}", spec, "fix"))
         else:
-            pin = _python_port(cat, name, spec, py, model.python) or Pin(name, spec, "upstream pin", spec)
-        pins.append(pin)
-    depth += 1
-    # 6. packages that assert the mmcv range at import
+            pin = _python_port(c.cat, name, spec, py, model.python) or Pin(name, spec, "upstream pin", spec)
+        c.pins.append(pin)
+    return None
+
+
+def _mmcv_asserts(c: _Candidate) -> str | None:
+    """Packages that assert the mmcv range at import: a fixer for a port, a failure when strict."""
+    mmcv = packages.by_family("mmcv")
+    mmcv_pin = next((p for p in c.pins if c.blocks.get(p.name) is mmcv), None)
     asserting, installed = [], []
-    for name in sorted(set(model.packages) | set(model.vendored)):
-        facts = cat.asserts.get(name, {}).get(model.pinned(name) or "")
-        if facts and mmcv_pin and V(mmcv_pin.version) > V(facts.mmcv[1]):
-            if strict:
-                return fail(f"{name} {facts.version} asserts mmcv <= {facts.mmcv[1]}")
-            asserting.append(f"{name} {facts.version} (mmcv <= {facts.mmcv[1]})")
-            if name not in model.vendored:  # a vendored copy is in the model tree; the rest is in the venv
-                installed.append(name)
+    for name in sorted(set(c.model.packages) | set(c.model.vendored)):
+        facts = c.cat.asserts.get(name, {}).get(c.model.pinned(name) or "")
+        if not (facts and mmcv_pin and V(mmcv_pin.version) > V(facts.mmcv[1])):
+            continue
+        if c.strict:
+            return f"{name} {facts.version} asserts mmcv <= {facts.mmcv[1]}"
+        asserting.append(f"{name} {facts.version} (mmcv <= {facts.mmcv[1]})")
+        if name not in c.model.vendored:  # a vendored copy is in the model tree; the rest is in the venv
+            installed.append(name)
     if asserting:
-        fixers.append(Fixer("mmcv-version-assert",
-                            f"{', '.join(asserting)} assert at import; the port uses "
-                            f"{mmcv_pin.name} {mmcv_pin.version}", {"mmcv": mmcv_pin.version}, tuple(installed)))
-    # 7. runtime deps of what is compiled with --no-deps, then era pins for what is left open
-    have = {p.name for p in pins}
-    for name in compiled:
-        for dep in cat.requires.get(name, ()):
+        c.fixers.append(Fixer("mmcv-version-assert", f"{', '.join(asserting)} assert at import; the port uses "
+                              f"{mmcv_pin.name} {mmcv_pin.version}", {"mmcv": mmcv_pin.version}, tuple(installed)))
+    return None
+
+
+def _compiled_deps_and_era(c: _Candidate) -> str | None:
+    """Runtime deps of what is compiled with --no-deps, then era pins for what is left open."""
+    have = {p.name for p in c.pins}
+    for name in c.compiled:
+        for dep in c.cat.requires.get(name, ()):
             dep = dep.lower()
             if dep not in have and not (dep == "opencv-python-headless" and "opencv-python" in have):
-                pins.append(Pin(dep, "", f"needed by {name} (compiled without its dependencies)", None, "era"))
+                c.pins.append(Pin(dep, "", f"needed by {name} (compiled without its dependencies)", None, "era"))
                 have.add(dep)
-    pins = _era_pins(cat, pins, rel, model)
-    # 8. base image: OS whose gcc nvcc accepts and whose C++ suits torch's headers
-    cxx = max([rel.cxx] + [cat.compiled[n][p.version].cxx for n in compiled for p in pins
-                           if p.name == n and n in cat.compiled and p.version in cat.compiled[n]])
-    base = _base_image(cat, toolkit, py, cxx, sources)  # the standard of everything compiled
-    if base is None:
-        return fail(f"no nvidia/cuda:{toolkit.full} devel image has a gcc nvcc {toolkit.version} accepts "
-                    f"(max gcc {toolkit.max_gcc}) for C++{cxx}")
-    ubuntu, base_image, base_why = base
-    # 9. the port's fixers, and the runtime environment for the card
-    deviates = not upstream_torch or py != model.python or any(p.is_port for p in pins)
-    fixers = _fixers(model, rel, cat.torch[model.torch], deviates) + fixers
-    if strict and deviates:
-        return fail("strict mode allows upstream pins only")
-    runtime_env = {}
-    if not card.p2p:
-        runtime_env["NCCL_P2P_DISABLE"] = {
-            "value": "1", "why": f"{card.name} has no peer-to-peer between GPUs; NCCL all-reduce hangs without it"}
-    if runs != card.cc:
-        notes.append(f"torch runs on {card.cc} through its sm_{runs.replace('.', '')} code")
-    if toolkit.version != cu:
-        notes.append(f"nvcc {toolkit.version} builds extensions for torch's CUDA {cu} build (same major: accepted)")
+    c.pins = _era_pins(c.cat, c.pins, c.stack.torch, c.model)
+    return None
 
-    why_py = ("upstream pin" if py == model.python else "requested with --python" if python_req
+
+def _base_image_fits(c: _Candidate) -> str | None:
+    """An OS whose gcc nvcc accepts, for the C++ standard of everything compiled."""
+    c.cxx = max([c.stack.torch.cxx] + [c.blocks[p.name].cxx(c.cat, p) for p in c.pins if p.name in c.blocks])
+    c.base = _base_image(c.cat, c.toolkit, c.stack.python, c.cxx, c.sources)
+    if c.base is None:
+        return (f"no nvidia/cuda:{c.toolkit.full} devel image has a gcc nvcc {c.toolkit.version} accepts "
+                f"(max gcc {c.toolkit.max_gcc}) for C++{c.cxx}")
+    return None
+
+
+def _port_allowed(c: _Candidate) -> str | None:
+    """The port's fixers; strict mode takes upstream pins only."""
+    rel, model = c.stack.torch, c.model
+    c.deviates = not c.upstream_torch or c.stack.python != model.python or any(p.is_port for p in c.pins)
+    c.fixers = _fixers(model, rel, c.cat.torch[model.torch], c.deviates) + c.fixers
+    return "strict mode allows upstream pins only" if c.strict and c.deviates else None
+
+
+def _runtime_env(c: _Candidate) -> str | None:
+    """What the card needs at run time, and notes on how the stack reaches it."""
+    if not c.card.p2p:
+        c.runtime_env["NCCL_P2P_DISABLE"] = {
+            "value": "1", "why": f"{c.card.name} has no peer-to-peer between GPUs; NCCL all-reduce hangs without it"}
+    if c.runs != c.card.cc:
+        c.notes.append(f"torch runs on {c.card.cc} through its {code_name(c.runs)} code")
+    if c.toolkit.version != c.stack.cuda:
+        c.notes.append(f"nvcc {c.toolkit.version} builds extensions for torch's CUDA {c.stack.cuda} build "
+                       f"(same major: accepted)")
+    return None
+
+
+GATES = (_torch_wheel_exists, _toolkit_matches, _card_runs_torch, _extensions_compile_for_card, _model_pins,
+         _mmcv_asserts, _compiled_deps_and_era, _base_image_fits, _port_allowed, _runtime_env)
+
+
+def _try(cat: Catalog, model: Model, card: Card, stack: _Stack, toolkit_req: Toolkit | None,
+         strict: bool, overrides: dict, sources: Sources, python_req: str | None = None):
+    """The Plan for one stack on one card, or the _Attempt that says which gate stopped it."""
+    c = _Candidate(cat, model, card, stack, toolkit_req, strict, overrides, sources, python_req)
+    for depth, gate in enumerate(GATES):
+        reason = gate(c)
+        if reason:
+            return _Attempt(c.label, [reason], depth)
+    return _assemble(c)
+
+
+def _assemble(c: _Candidate) -> Plan:
+    """The Plan, from a candidate every gate passed: the one place a Plan is made."""
+    model, rel, py, toolkit = c.model, c.stack.torch, c.stack.python, c.toolkit
+    ubuntu, base_image, base_why = c.base
+    why_py = ("upstream pin" if py == model.python else "requested with --python" if c.python_req
               else f"torch {rel.version} has no wheels for Python {model.python}")
-    torch_source = "port" if not upstream_torch else "upstream"
-    torch_why = ("upstream pin" if upstream_torch else
-                 _torch_why(cat, model, card, rel, cu))
-    if "torch" in overrides:
-        torch_source, torch_why = "override", "set with --set"
-    up_local = f"+cu{model.cuda.replace('.', '')}" if model.cuda != cat.torch[model.torch].pypi else ""
-    upstream_tag = model.torch + up_local
-    local = f"+{tag}" if stack.from_index else ""
     torch_compile, torch_compile_why = rel.compiles_on(py)
     return Plan(
         model=model.name, repo=model.repo, commit=model.commit,
-        card=card.id, card_name=card.name, cc=card.cc,
-        mode="port" if deviates else "upstream", strict=strict,
+        card=c.card.id, card_name=c.card.name, cc=c.card.cc,
+        mode="port" if c.deviates else "upstream", strict=c.strict,
         python=Pin("python", py, why_py, model.python, "upstream" if py == model.python else "port"),
-        python_source="system" if cat.ubuntu[ubuntu].python == py else "deadsnakes",
+        python_source="system" if c.cat.ubuntu[ubuntu].python == py else "deadsnakes",
         cuda=toolkit.full,
-        cuda_why=("requested with --cuda" if toolkit_req else f"the CUDA of the torch build (+{tag})"),
+        cuda_why=("requested with --cuda" if c.toolkit_req else f"the CUDA of the torch build (+{c.tag})"),
         base_image=base_image, base_why=base_why, os=f"ubuntu{ubuntu}",
-        gcc=cat.ubuntu[ubuntu].gcc, gcc_max=toolkit.max_gcc,
-        torch=Pin("torch", rel.version + local, torch_why, upstream_tag, torch_source),
-        torchvision=Pin("torchvision", rel.torchvision + local, f"pairs with torch {rel.version}",
-                        cat.torch[model.torch].torchvision + up_local, torch_source),
-        torchaudio=Pin("torchaudio", rel.torchaudio, f"pairs with torch {rel.version}",
-                       cat.torch[model.torch].torchaudio, torch_source),
-        torch_cuda=cu,
-        torch_index=sources.torch_index_for(rel.version, cu) if stack.from_index else None,
-        packages=tuple(pins), compiled=tuple(compiled),
-        arch_list=arch, arch_why=arch_why,
-        extensions=tuple(ExtensionBuild(e.name, e.path, e.build, e.needs_visible_gpu) for e in model.extensions),
-        fixers=tuple(fixers), runtime_env=runtime_env,
-        min_driver=toolkit.min_driver, compat_driver=toolkit.compat_driver, cxx=cxx,
-        train={"launcher": model.train.launcher, "entry": model.train.entry, "config": model.train.config,
-               "local_rank_arg": model.train.local_rank_arg, "extra_args": list(model.train.extra_args),
-               "ops_check": model.train.ops_check, "cpu_args": list(model.train.cpu_args),
-               "steps_args": list(model.train.steps_args)},
+        gcc=c.cat.ubuntu[ubuntu].gcc, gcc_max=toolkit.max_gcc,
+        **_torch_pins(c),
+        torch_cuda=c.stack.cuda,
+        torch_index=c.sources.torch_index_for(rel.version, c.stack.cuda) if c.stack.from_index else None,
+        packages=tuple(c.pins), compiled=tuple(c.compiled),
+        arch_list=c.arch, arch_why=c.arch_why,
+        extensions=model.extensions,
+        fixers=tuple(c.fixers), runtime_env=c.runtime_env,
+        min_driver=toolkit.min_driver, compat_driver=toolkit.compat_driver, cxx=c.cxx,
+        train={k: list(v) if isinstance(v, tuple) else v for k, v in asdict(model.train).items()},
         torch_compile=torch_compile, torch_compile_why=torch_compile_why,
-        notes=tuple(notes), construct=model.construct.to_dict() if model.construct else None,
-        source_builds=_source_builds(cat, py) if py != model.python else {},
+        notes=tuple(c.notes), construct=model.construct.to_dict() if model.construct else None,
+        source_builds=_source_builds(c.cat, py) if py != model.python else {},
+        native_packages={name: {"family": block.family, **block.in_image(name)} for name, block in c.blocks.items()},
         **_index_cutoff(model),
     )
+
+
+def _torch_pins(c: _Candidate) -> dict:
+    """torch and its companions, as upstream pinned them or as the port moves them."""
+    model, rel, cat = c.model, c.stack.torch, c.cat
+    source, why = ("upstream", "upstream pin") if c.upstream_torch else ("port", _torch_why(c))
+    if "torch" in c.overrides:
+        source, why = "override", "set with --set"
+    up_local = f"+cu{model.cuda.replace('.', '')}" if model.cuda != cat.torch[model.torch].pypi else ""
+    local = f"+{c.tag}" if c.stack.from_index else ""
+    upstream = cat.torch[model.torch]
+    return {
+        "torch": Pin("torch", rel.version + local, why, model.torch + up_local, source),
+        "torchvision": Pin("torchvision", rel.torchvision + local, f"pairs with torch {rel.version}",
+                           upstream.torchvision + up_local, source),
+        "torchaudio": Pin("torchaudio", rel.torchaudio, f"pairs with torch {rel.version}", upstream.torchaudio, source),
+    }
 
 
 def _index_cutoff(model: Model) -> dict:
@@ -626,114 +506,12 @@ def _index_cutoff(model: Model) -> dict:
                                 f"of {model.era_grace_days} days later (exact pins win)"}
 
 
-def _torch_why(cat, model: Model, card: Card, rel: TorchRelease, cu: str) -> str:
-    up = cat.torch[model.torch]
-    up_archs = cat.wheel_archs[model.cuda]
-    if wheel_runs_on(up_archs, card.cc) is None:
-        return (f"torch {up.version}+cu{model.cuda.replace('.', '')} has no code for {card.cc}; "
+def _torch_why(c: _Candidate) -> str:
+    model, rel, cu = c.model, c.stack.torch, c.stack.cuda
+    if runs_on(c.cat.wheel_archs[model.cuda], c.card.cc) is None:
+        return (f"torch {model.torch}+cu{model.cuda.replace('.', '')} has no code for {c.card.cc}; "
                 f"{rel.version}+cu{cu.replace('.', '')} is the smallest upgrade that has")
     return f"smallest torch upgrade that satisfies every other constraint (CUDA {cu})"
-
-
-def _choose_compiled(cat, name, spec, forced, rel: TorchRelease, strict, reasons) -> Pin | None:
-    known = cat.compiled.get(name, {})
-    upstream = spec if is_exact(spec) else None
-    if forced:
-        facts = known.get(forced)
-        if facts and not facts.builds_with(rel.version):
-            reasons.append(f"{name} {forced} (--set) builds only with torch [{facts.torch[0]}, {facts.torch[1]}): {facts.notes}")
-            return None
-        return Pin(name, forced, "set with --set", upstream, "override")
-    if upstream is None:
-        # Unpinned upstream: take the newest known release that builds with this torch.
-        fits = [c for c in known.values() if c.builds_with(rel.version)]
-        if not fits:
-            reasons.append(f"no {name} release in the catalog builds with torch {rel.version}")
-            return None
-        best = max(fits, key=lambda c: V(c.version))
-        return Pin(name, best.version, f"newest {name} that builds with torch {rel.version}", spec, "era")
-    facts = known.get(upstream)
-    if facts is None:
-        reasons.append(f"no facts about {name} {upstream} in toolchains/packages.toml")
-        return None
-    if facts.builds_with(rel.version):
-        return Pin(name, upstream, f"upstream pin; builds with torch {rel.version}", upstream)
-    chain = f"{name} {upstream} builds only with torch [{facts.torch[0]}, {facts.torch[1]}): {facts.notes}"
-    if strict:
-        reasons.append(chain)
-        return None
-    later = sorted((c for c in known.values() if c.series == facts.series
-                    and V(c.version) > V(upstream) and c.builds_with(rel.version)),
-                   key=lambda c: V(c.version))
-    if not later:
-        reasons.append(f"{chain}; no later {name} of the same series builds with torch {rel.version}")
-        return None
-    return Pin(name, later[0].version,
-               f"{name} {upstream} cannot build with torch {rel.version} ({facts.notes}); "
-               f"{later[0].version} is the smallest release that can", upstream, "port")
-
-
-def _flash_attn_problem(fa: FlashAttn, rel: TorchRelease, toolkit: Toolkit, card: Card, py: str) -> str | None:
-    if card.cc not in fa.runtime:
-        return (f"flash-attn {fa.version} runs only on compute capability "
-                f"{fa.runtime[0]}-{fa.runtime[-1]}; {card.name} is {card.cc}")
-    if V(rel.version) < V(fa.min_torch):
-        return f"flash-attn {fa.version} needs torch >= {fa.min_torch}"
-    if minor_key(toolkit.version) < minor_key(fa.min_nvcc):
-        return f"flash-attn {fa.version} needs nvcc >= {fa.min_nvcc}"
-    if not (minor_key(fa.python[0]) <= minor_key(py) <= minor_key(fa.python[1])):
-        return f"flash-attn {fa.version} supports Python {fa.python[0]}-{fa.python[1]}"
-    sass = [a for a, nvcc in fa.sass.items() if minor_key(toolkit.version) >= minor_key(nvcc)]
-    if wheel_runs_on(sass, card.cc) is None:
-        need = [f"sm_{a.replace('.', '')} (nvcc >= {n})" for a, n in fa.sass.items()]
-        return (f"flash-attn {fa.version} compiles {', '.join(need)} and ignores TORCH_CUDA_ARCH_LIST; "
-                f"with nvcc {toolkit.version} none runs on {card.cc}")
-    return None
-
-
-def _choose_flash_attn(cat, spec, forced, rel, toolkit, card, py, strict, reasons) -> Pin | None:
-    upstream = spec if is_exact(spec) else None
-    versions = sorted(cat.flash_attn, key=V)
-    if forced:
-        fa = cat.flash_attn.get(forced)
-        problem = fa and _flash_attn_problem(fa, rel, toolkit, card, py)
-        if problem:
-            reasons.append(problem + " (--set)")
-            return None
-        return Pin("flash-attn", forced, "set with --set", upstream, "override")
-    start = upstream or versions[0]
-    if start not in cat.flash_attn:
-        reasons.append(f"no facts about flash-attn {start} in toolchains/packages.toml")
-        return None
-    problem = _flash_attn_problem(cat.flash_attn[start], rel, toolkit, card, py)
-    if problem is None:
-        return Pin("flash-attn", start, f"upstream pin; has sm_{card.cc.replace('.', '')}-compatible kernels", upstream)
-    if strict:
-        reasons.append(problem)
-        return None
-    for v in versions:
-        if V(v) > V(start) and _flash_attn_problem(cat.flash_attn[v], rel, toolkit, card, py) is None:
-            return Pin("flash-attn", v, f"{problem}; {v} is the smallest release that works", upstream, "port")
-    reasons.append(f"{problem}; no flash-attn 2.x release in the catalog fixes it")
-    return None
-
-
-def _choose_spconv(cat, name, spec, cu, strict, reasons) -> Pin | None:
-    have = SPCONV_RE.match(name).group(1)
-    have_cu = f"{have[:-1]}.{have[-1]}"
-    version = "" if spec == "*" else spec
-    if V(have_cu).major == V(cu).major:
-        return Pin(name, version, f"{name} bundles its CUDA {have_cu} runtime; same major as torch's {cu}", spec)
-    if strict:
-        reasons.append(f"{name} is a CUDA {have_cu} build; torch uses CUDA {cu}")
-        return None
-    same = [b for b in cat.spconv_builds if V(b).major == V(cu).major and minor_key(b) <= minor_key(cu)]
-    if not same:
-        reasons.append(f"no spconv build for CUDA {V(cu).major}.x at or below {cu}")
-        return None
-    best = max(same, key=minor_key)
-    new = "spconv-cu" + best.replace(".", "")
-    return Pin(new, version, f"{name} is a CUDA {have_cu} build; torch uses CUDA {cu}", f"{name} {spec}", "port")
 
 
 def _python_port(cat: Catalog, name: str, spec: str, py: str, upstream_py: str, upstream: str | None = None
@@ -834,7 +612,7 @@ def _blockers(cat: Catalog, model: Model, card: Card, sources: Sources) -> list[
         if V(version) <= V(model.torch):
             continue
         cus = list(rel.index if sources.torch_index else ()) + [rel.pypi]
-        if any(wheel_runs_on(cat.wheel_archs[cu], card.cc) for cu in cus):
+        if any(runs_on(cat.wheel_archs[cu], card.cc) for cu in cus):
             first = rel
             break
     if first is None:
@@ -861,12 +639,13 @@ def _conflict(cat, model, card, cuda, python, strict, overrides, sources, attemp
                 (f"; fixers: {', '.join(f.name for f in port.fixers)}" if port.fixers else "")
         except Conflict as exc:
             hint = "a port cannot run it either: " + exc.chain[-1]
-        return Conflict(f"{target} is impossible with upstream pins: " + "; ".join(first.reasons), chain, hint)
+        return Conflict(f"{target} is impossible with upstream pins: " + "; ".join(first.reasons), chain, hint,
+                        reason=first.reasons[-1])
     best = max(attempts, key=lambda a: a.depth)
     if best is not first:
         chain.append(f"closest port {best.label}: {'; '.join(best.reasons)}")
     return Conflict(f"{target} is impossible: {best.reasons[-1]}", chain,
-                    f"tried {len(attempts)} stacks from torch {model.torch} upward")
+                    f"tried {len(attempts)} stacks from torch {model.torch} upward", reason=best.reasons[-1])
 
 
 @dataclass(frozen=True)
@@ -887,7 +666,7 @@ def grid(cat: Catalog, models=None, cards=None, sources: Sources | None = None, 
             try:
                 plan = resolve(cat, m, c, cuda=cuda, sources=sources)
             except Conflict as exc:
-                reason = exc.message.split(" is impossible: ", 1)[-1].split("; ")[0]
+                reason = exc.reason.split("; ")[0]
                 cells.append(Cell(m, c, "impossible", reason))
                 continue
             main = [f"{p.name} {p.version}" for p in plan.pins if p.deviation and p.name not in ("torchvision", "torchaudio")]

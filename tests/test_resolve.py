@@ -7,7 +7,8 @@ from envbuild import catalog
 from envbuild.catalog import cc_key
 from envbuild.config import Sources
 from envbuild.errors import BadInput
-from envbuild.resolve import Conflict, extension_arch, parse_overrides, resolve, sass_runs_on, wheel_runs_on
+from envbuild.incontainer.archrules import extension_arch, runs_on as wheel_runs_on, sass_runs_on
+from envbuild.resolve import Conflict, parse_overrides, resolve
 
 PYPI_ONLY = Sources(torch_index=None)
 
@@ -247,7 +248,7 @@ def test_portable_covers_every_card_the_stack_runs_on_and_says_which_not(cat):
 
 
 def test_union_keeps_ptx_and_orders_by_capability():
-    from envbuild.resolve import union_arch_list
+    from envbuild.incontainer.archrules import union_arch_list
     assert union_arch_list(["9.0", "8.0", "8.6+PTX", "8.0"]) == "8.0;8.6+PTX;9.0"
     assert union_arch_list(["7.0", "8.0"], ptx_for_newest=True) == "7.0;8.0+PTX"
 

@@ -1,0 +1,109 @@
+"""What every compiled-package building block answers; the resolver, the renderer, bake and
+the in-image checks ask these questions and nothing else about a package family."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..catalog import V, Card, Catalog, TorchRelease, Toolkit, is_exact
+from ..errors import unknown
+from ..plan import Pin
+
+
+@dataclass(frozen=True)
+class Target:
+    """The stack a block chooses a pin for: one candidate (Python, torch build) on one card."""
+    cat: Catalog
+    torch: TorchRelease
+    cuda: str  # CUDA of the torch build
+    toolkit: Toolkit  # the nvcc that compiles
+    card: Card
+    python: str
+    strict: bool  # upstream pins only
+
+
+class Block:
+    """One family of packages with native code.
+
+    choose() returns the Pin, or the reason no version of the family fits the target (a str).
+    """
+
+    family = ""
+    compiled = True  # compiled from its sdist in a wheel stage of its own (False: a prebuilt wheel)
+    gb_per_job = 2  # builder memory one compile job needs
+    build_env: dict = {}  # environment its build needs
+    op_check: str | None = None  # the in-image op check (incontainer/op_checks.OP_CHECKS) of its import
+    also_covers: tuple = ()  # compiled modules outside its import name that its op check exercises
+
+    def owns(self, cat: Catalog, name: str) -> bool:
+        raise NotImplementedError
+
+    def choose(self, target: Target, name: str, spec: str, forced: str | None) -> Pin | str:
+        raise NotImplementedError
+
+    def import_name(self, name: str) -> str:
+        return name.replace("-", "_")
+
+    def check_override(self, cat: Catalog, name: str, version: str) -> None:
+        """--set NAME==VERSION must name a version the catalog has facts about."""
+
+    def cxx(self, cat: Catalog, pin: Pin) -> int:
+        """The C++ standard its build needs (0: whatever torch's headers need)."""
+        return 0
+
+    def op_check_for(self, name: str) -> str | None:
+        return self.op_check
+
+    def in_image(self, name: str) -> dict:
+        """What the in-image checks need to know, written into plan.json (they are stdlib-only)."""
+        return {"module": self.import_name(name), "op_check": self.op_check_for(name),
+                "also_covers": list(self.also_covers)}
+
+
+class CatalogCompiled(Block):
+    """A package compiled against torch whose releases and torch ranges are catalog facts
+    (toolchains/packages.toml [compiled.NAME."VERSION"]): any such package, without code."""
+
+    family = "compiled"
+
+    def owns(self, cat, name):
+        return name in cat.compiled
+
+    def check_override(self, cat, name, version):
+        if version not in cat.compiled[name]:
+            raise unknown(f"{name} version", version, sorted(cat.compiled[name], key=V))
+
+    def cxx(self, cat, pin):
+        facts = cat.compiled.get(pin.name, {}).get(pin.version)
+        return facts.cxx if facts else 0
+
+    def choose(self, target, name, spec, forced):
+        known = target.cat.compiled.get(name, {})
+        rel = target.torch
+        upstream = spec if is_exact(spec) else None
+        if forced:
+            facts = known.get(forced)
+            if facts and not facts.builds_with(rel.version):
+                return f"{name} {forced} (--set) builds only with torch [{facts.torch[0]}, {facts.torch[1]}): {facts.notes}"
+            return Pin(name, forced, "set with --set", upstream, "override")
+        if upstream is None:  # unpinned upstream: the newest known release that builds with this torch
+            fits = [c for c in known.values() if c.builds_with(rel.version)]
+            if not fits:
+                return f"no {name} release in the catalog builds with torch {rel.version}"
+            best = max(fits, key=lambda c: V(c.version))
+            return Pin(name, best.version, f"newest {name} that builds with torch {rel.version}", spec, "era")
+        facts = known.get(upstream)
+        if facts is None:
+            return f"no facts about {name} {upstream} in toolchains/packages.toml"
+        if facts.builds_with(rel.version):
+            return Pin(name, upstream, f"upstream pin; builds with torch {rel.version}", upstream)
+        chain = f"{name} {upstream} builds only with torch [{facts.torch[0]}, {facts.torch[1]}): {facts.notes}"
+        if target.strict:
+            return chain
+        later = sorted((c for c in known.values() if c.series == facts.series
+                        and V(c.version) > V(upstream) and c.builds_with(rel.version)), key=lambda c: V(c.version))
+        if not later:
+            return f"{chain}; no later {name} of the same series builds with torch {rel.version}"
+        return Pin(name, later[0].version,
+                   f"{name} {upstream} cannot build with torch {rel.version} ({facts.notes}); "
+                   f"{later[0].version} is the smallest release that can", upstream, "port")

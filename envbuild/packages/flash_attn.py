@@ -1,0 +1,66 @@
+"""flash-attn 2.x: compiled for the archs its own setup.py chooses (not TORCH_CUDA_ARCH_LIST),
+so whether it runs on a card depends on nvcc, not on the Plan's arch list."""
+
+from __future__ import annotations
+
+from ..catalog import V, FlashAttn, minor_key
+from ..errors import unknown
+from ..incontainer.archrules import code_name, runs_on
+from ..plan import Pin
+from ..catalog import is_exact
+from .base import Block, Target
+
+
+class FlashAttention(Block):
+    family = "flash-attn"
+    gb_per_job = 9  # its nvcc jobs are the hungry ones: fewer jobs, or the builder dies silently
+    build_env = {"FLASH_ATTENTION_FORCE_BUILD": "TRUE"}  # no GitHub wheel download: compile for this card
+    op_check = "flash_attn"
+    also_covers = ("flash_attn_2_cuda", "flash_attn_cuda")
+
+    def owns(self, cat, name):
+        return name == "flash-attn"
+
+    def check_override(self, cat, name, version):
+        if version not in cat.flash_attn:
+            raise unknown("flash-attn version", version, sorted(cat.flash_attn, key=V))
+
+    def choose(self, target, name, spec, forced):
+        cat, card = target.cat, target.card
+        upstream = spec if is_exact(spec) else None
+        if forced:
+            fa = cat.flash_attn.get(forced)
+            problem = fa and self.problem(fa, target)
+            return problem + " (--set)" if problem else Pin(name, forced, "set with --set", upstream, "override")
+        versions = sorted(cat.flash_attn, key=V)
+        start = upstream or versions[0]
+        if start not in cat.flash_attn:
+            return f"no facts about flash-attn {start} in toolchains/packages.toml"
+        problem = self.problem(cat.flash_attn[start], target)
+        if problem is None:
+            return Pin(name, start, f"upstream pin; has {code_name(card.cc)}-compatible kernels", upstream)
+        if target.strict:
+            return problem
+        for v in versions:
+            if V(v) > V(start) and self.problem(cat.flash_attn[v], target) is None:
+                return Pin(name, v, f"{problem}; {v} is the smallest release that works", upstream, "port")
+        return f"{problem}; no flash-attn 2.x release in the catalog fixes it"
+
+    @staticmethod
+    def problem(fa: FlashAttn, target: Target) -> str | None:
+        """Why this release cannot run on the target, or None."""
+        nvcc, card, py = target.toolkit.version, target.card, target.python
+        if card.cc not in fa.runtime:
+            return f"flash-attn {fa.version} runs only on compute capability {fa.runtime[0]}-{fa.runtime[-1]}; {card.name} is {card.cc}"
+        if V(target.torch.version) < V(fa.min_torch):
+            return f"flash-attn {fa.version} needs torch >= {fa.min_torch}"
+        if minor_key(nvcc) < minor_key(fa.min_nvcc):
+            return f"flash-attn {fa.version} needs nvcc >= {fa.min_nvcc}"
+        if not (minor_key(fa.python[0]) <= minor_key(py) <= minor_key(fa.python[1])):
+            return f"flash-attn {fa.version} supports Python {fa.python[0]}-{fa.python[1]}"
+        sass = [a for a, need in fa.sass.items() if minor_key(nvcc) >= minor_key(need)]
+        if runs_on(sass, card.cc) is None:
+            need = [f"{code_name(a)} (nvcc >= {n})" for a, n in fa.sass.items()]
+            return (f"flash-attn {fa.version} compiles {', '.join(need)} and ignores TORCH_CUDA_ARCH_LIST; "
+                    f"with nvcc {nvcc} none runs on {card.cc}")
+        return None

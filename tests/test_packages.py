@@ -1,0 +1,96 @@
+"""Compiled-package building blocks and the resolver's gates."""
+
+import ast
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from envbuild import packages, render, resolve as rs
+from envbuild.catalog import Compiled
+from envbuild.config import Sources
+from envbuild.resolve import resolve
+
+OP_CHECKS_PY = Path(rs.__file__).parent / "incontainer" / "op_checks.py"
+
+
+def _op_check_names() -> set:
+    """The keys of op_checks.OP_CHECKS, read without importing it (it needs torch on a GPU)."""
+    tree = ast.parse(OP_CHECKS_PY.read_text())
+    table = next(n.value for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == "OP_CHECKS")
+    return {k.value for k in table.keys}
+
+
+def test_every_native_package_of_the_catalog_has_a_block_whose_op_check_exists(cat):
+    checks = _op_check_names()
+    seen = {}
+    for model in cat.models.values():
+        for card in ("a800", "h20"):
+            try:
+                plan = resolve(cat, model.name, card)
+            except rs.Conflict:
+                continue
+            seen.update(plan.native_packages)
+            for name in plan.compiled:
+                assert name in plan.native_packages, (model.name, name)
+    assert {"mmcv-full", "mmcv", "flash-attn", "torch-scatter", "torch-sparse", "torch-cluster"} <= set(seen)
+    assert any(n.startswith("spconv-cu") for n in seen)
+    missing = {name: info["op_check"] for name, info in seen.items() if info["op_check"] not in checks}
+    assert not missing, f"op checks named by blocks but absent from op_checks.py: {missing}"
+
+
+def test_blocks_say_how_they_build(cat):
+    plan = resolve(cat, "sparsedrive", "h20")
+    steps = {s.name: s for s in render.make_context(plan, "test").compiled_steps}
+    assert steps["flash-attn"].gb_per_job == 9 and steps["flash-attn"].env == {"FLASH_ATTENTION_FORCE_BUILD": "TRUE"}
+    assert steps["mmcv-full"].env == {"MMCV_WITH_OPS": "1"} and steps["mmcv-full"].gb_per_job == 2
+    spconv = packages.block_for(cat, "spconv-cu117")
+    assert spconv.family == "spconv" and not spconv.compiled and spconv.import_name("spconv-cu117") == "spconv"
+
+
+def test_a_new_compiled_package_needs_only_catalog_facts(cat):
+    """A package the catalog describes under [compiled] is chosen, built in a wheel stage of its
+    own and imported by the in-image checks, with no code for it anywhere."""
+    facts = {"0.3.0": Compiled("bev-pool", "0.3.0", "0.3", ("1.9", "2.0"), 14, "built against torch's ABI"),
+             "0.4.0": Compiled("bev-pool", "0.4.0", "0.3", ("2.0", "2.5"), 17, "torch 2.x")}
+    model = cat.models["qcnet"]
+    cat2 = replace(cat, compiled={**cat.compiled, "bev-pool": facts},
+                   models={**cat.models, "qcnet": replace(model, packages={**model.packages, "bev-pool": "0.3.0"})})
+    plan = resolve(cat2, "qcnet", "h20")  # a port to torch 2.x: 0.3.0 cannot build, 0.4.0 can
+    pin = plan.pin("bev-pool")
+    assert "bev-pool" in plan.compiled and pin.version == "0.4.0" and pin.source == "port"
+    assert plan.cxx == 17  # its C++ standard reaches the base image's choice
+    assert plan.native_packages["bev-pool"]["module"] == "bev_pool"
+    dockerfile = render.dockerfile(render.make_context(plan, "test"))
+    assert "AS wheel-bev-pool" in dockerfile and "bev-pool==0.4.0" in dockerfile
+
+
+def test_set_spconv_is_honoured(cat):
+    plan = resolve(cat, "gaussianformer", "a800", overrides={"spconv-cu117": "2.3.6"})
+    pin = plan.pin("spconv-cu117")
+    assert pin.version == "2.3.6" and pin.source == "override"
+
+
+def _attempt(cat, model, card, overrides, strict=True):
+    m = cat.model(model)
+    stack = next(rs._stacks(cat, m, strict, None, None, overrides))
+    return rs._try(cat, m, cat.card(card), stack, None, strict, overrides, Sources(), None)
+
+
+@pytest.mark.parametrize("model, card, overrides, gate", [
+    ("maptr", "h20", {}, rs._card_runs_torch),
+    ("maptr", "a800", {"mmcv-full": "1.7.2"}, rs._mmcv_asserts),
+    ("sparsedrive", "a800", {"mmcv-full": "1.7.2"}, rs._port_allowed),
+])
+def test_a_failed_candidate_reports_the_gate_that_stopped_it(cat, model, card, overrides, gate):
+    attempt = _attempt(cat, model, card, overrides)
+    assert isinstance(attempt, rs._Attempt), attempt
+    assert attempt.depth == rs.GATES.index(gate), (attempt.depth, attempt.reasons)
+
+
+def test_conflict_carries_its_deciding_reason(cat):
+    with pytest.raises(rs.Conflict) as exc:
+        resolve(cat, "maptr", "h20", strict=True)
+    assert exc.value.reason and exc.value.reason in exc.value.message
+    cell = next(c for c in rs.grid(cat, ["maptr"], ["h20"]) if c.card == "h20")
+    assert cell.status in ("port", "upstream", "impossible")
