@@ -1,11 +1,14 @@
-"""The pure logic of the in-image smoke script (envbuild/incontainer/smoke.py), on the host.
+"""The pure logic of the in-image smoke script (envbuild/incontainer/smoke.py, its levels in
+level_*.py and their shared helpers in smoke_common.py beside it), on the host.
 
 Its torch-using levels run in containers (test_e2e); these are the decisions around them:
 which compiled files get loaded and how, and when NCCL is retried with P2P off.
 """
 
+import ast
 import importlib.util
 import os
+import subprocess
 import sys
 import time
 import uuid
@@ -16,7 +19,12 @@ from conftest import ROOT
 
 spec = importlib.util.spec_from_file_location("incontainer_smoke", ROOT / "envbuild" / "incontainer" / "smoke.py")
 smoke = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(smoke)
+spec.loader.exec_module(smoke)  # puts its folder on sys.path, as running it as a script does
+import level_arch as arch_level  # noqa: E402 - importable only once smoke.py has run
+import level_comm as comm_level  # noqa: E402
+import level_env as env_level  # noqa: E402
+import level_model as model_level  # noqa: E402
+import smoke_common as common  # noqa: E402
 
 SITE = "/opt/venv/lib/python3.8/site-packages"
 
@@ -38,7 +46,7 @@ def test_extension_targets_name_modules_from_their_import_root():
         lib(f"{SITE}/torchvision.libs/libcudart.782fcab0.so.11.0"),
         lib("/elsewhere/x.so", "x"),  # under no import root
     ]
-    targets = smoke.extension_targets(libs, [SITE, "/workspace/model/"])
+    targets = common.extension_targets(libs, [SITE, "/workspace/model/"])
     got = {(t["kind"], t["load"], t["package"]) for t in targets}
     assert got == {
         ("module", "mmcv._ext", "mmcv"),
@@ -56,7 +64,7 @@ def test_nccl_is_retried_with_p2p_off_and_the_working_setting_reported(monkeypat
         seen.append(env.get("NCCL_P2P_DISABLE"))
         return {"ok": env.get("NCCL_P2P_DISABLE") == "1"} if seen[-1] == "1" else {"ok": False, "error": "timed out"}
 
-    attempts, works = smoke.comm_attempts(8, "nccl", 5, run=run)
+    attempts, works = comm_level.comm_attempts(8, "nccl", 5, run=run)
     assert seen == [None, "1"] and works == "NCCL_P2P_DISABLE=1"
     assert [a["setting"] for a in attempts] == ["NCCL_P2P_DISABLE=unset", "NCCL_P2P_DISABLE=1"]
 
@@ -73,12 +81,12 @@ def test_no_retry_when_p2p_is_already_off_or_the_first_try_works(monkeypatch, pr
         seen.append(1)
         return {"ok": not preset}
 
-    attempts, got = smoke.comm_attempts(2, "nccl", 5, run=run)
+    attempts, got = comm_level.comm_attempts(2, "nccl", 5, run=run)
     assert len(seen) == calls and got == works
 
 
 def test_gloo_rehearsal_is_one_attempt_without_nccl_settings():
-    attempts, works = smoke.comm_attempts(2, "gloo", 5, run=lambda *a: {"ok": False, "error": "x"})
+    attempts, works = comm_level.comm_attempts(2, "gloo", 5, run=lambda *a: {"ok": False, "error": "x"})
     assert attempts == [{"ok": False, "error": "x"}] and works is None
 
 
@@ -90,17 +98,31 @@ def test_gloo_rehearsal_is_one_attempt_without_nccl_settings():
     (["9.0"], [], "8.0", None),
 ])
 def test_runs_on(sass, ptx, cc, via):
-    assert smoke.runs_on(sass, ptx, cc) == via
+    assert arch_level.runs_on(sass, ptx, cc) == via
+
+
+def test_smoke_runs_as_a_script_with_its_levels_beside_it(tmp_path):
+    # As the image runs it (python /opt/envbuild/smoke.py): the levels import by plain name from
+    # the script's folder, whatever the working folder; an unknown level is refused before torch.
+    script = ROOT / "envbuild" / "incontainer" / "smoke.py"
+    r = subprocess.run([sys.executable, str(script), "--level", "nope"], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=60)
+    assert r.returncode == 2 and "unknown level(s): nope" in r.stderr, r.stderr
+
+
+def test_in_image_code_is_python_3_8():
+    for path in sorted((ROOT / "envbuild" / "incontainer").glob("*.py")):
+        ast.parse(path.read_text(), str(path), feature_version=(3, 8))
 
 
 def test_op_checks_cover_the_compiled_libraries_the_catalog_uses(monkeypatch, cat):
-    monkeypatch.syspath_prepend(smoke.HERE)  # as level_ops imports it, from beside smoke.py
+    monkeypatch.syspath_prepend(smoke.HERE)  # as level_ops.py imports it, from beside smoke.py
     import op_checks
     # every compiled package (and spconv) any catalog model installs has a GPU op check
     compiled = {name for m in cat.models.values() for name in m.packages
                 if name in cat.compiled or name == "flash-attn" or name.startswith("spconv")}
     assert compiled >= {"mmcv-full", "torch-cluster", "torch-sparse", "torch-scatter", "flash-attn"}
-    missing = {name for name in compiled if smoke.package_module(name) not in op_checks.OP_CHECKS}
+    missing = {name for name in compiled if common.package_module(name) not in op_checks.OP_CHECKS}
     assert not missing, f"no op check for {sorted(missing)}"
 
 
@@ -125,14 +147,14 @@ def test_run_bounded_kills_workers_that_left_the_launchers_session():
                 f"subprocess.Popen([sys.executable, '-c', {worker!r}], start_new_session=True); "
                 "print('started', flush=True); time.sleep(120)")
     start = time.monotonic()
-    code, out, err = smoke.run_bounded([sys.executable, "-c", launcher], timeout=2)
+    code, out, err = common.run_bounded([sys.executable, "-c", launcher], timeout=2)
     assert code is None and "started" in out
     assert time.monotonic() - start < 60  # bounded: not the 120 s the processes wanted
     assert not _alive_with(marker)
 
 
 def test_run_bounded_returns_output_and_exit_code():
-    code, out, err = smoke.run_bounded([sys.executable, "-c", "import sys; print('x'); sys.exit(3)"], timeout=30)
+    code, out, err = common.run_bounded([sys.executable, "-c", "import sys; print('x'); sys.exit(3)"], timeout=30)
     assert (code, out.strip()) == (3, "x")
 
 
@@ -160,7 +182,7 @@ def test_model_level_builds_from_the_recipe_and_counts_parameters(tmp_path):
     repo = _fake_repo(tmp_path)
     plan = {"model": "fake", "construct": {"kind": "argparse", "module": "nets", "object": "Net", "args_hook": "add_args",
                                            "args": ["--width", "7"], "imports": []}}
-    out = smoke.level_model(plan, _Args(repo))
+    out = model_level.level_model(plan, _Args(repo))
     assert out["status"] == "passed" and out["parameters"] == 10 and out["object"] == "nets.Net"
 
 
@@ -199,32 +221,32 @@ def test_model_level_builds_from_the_training_config_through_the_models_builder(
     repo = _fake_config_repo(tmp_path)
     recipe = {"kind": "config", "config": "configs/det.py", "loader": "registry.Config.fromfile",
               "builder": "registry.build", "cfg_kwargs": ["train_cfg", "test_cfg"], "imports": ["plugin"]}
-    out = smoke.level_model({"model": "fake", "construct": recipe}, _Args(repo))
+    out = model_level.level_model({"model": "fake", "construct": recipe}, _Args(repo))
     assert out["status"] == "passed" and out["parameters"] == 8, out
     assert out["object"] == "registry.build(configs/det.py: model)"
     # without the plugin import the registry is empty: the builder's KeyError is the finding
     for name in ("registry", "plugin", "nets"):
         sys.modules.pop(name, None)
     with pytest.raises(KeyError):
-        smoke.level_model({"model": "fake", "construct": dict(recipe, imports=[])}, _Args(repo))
-    out = smoke.level_model({"model": "fake", "construct": dict(recipe, config="configs/none.py")}, _Args(repo))
+        model_level.level_model({"model": "fake", "construct": dict(recipe, imports=[])}, _Args(repo))
+    out = model_level.level_model({"model": "fake", "construct": dict(recipe, config="configs/none.py")}, _Args(repo))
     assert out["status"] == "failed" and "no config configs/none.py" in out["reason"]
 
 
 def test_dotted_paths_reach_attributes_past_the_module():
-    assert smoke.dotted("os.path.join") is __import__("os").path.join
-    assert smoke.dotted("json.JSONDecoder.decode") is __import__("json").JSONDecoder.decode
+    assert model_level.dotted("os.path.join") is __import__("os").path.join
+    assert model_level.dotted("json.JSONDecoder.decode") is __import__("json").JSONDecoder.decode
     with pytest.raises(ImportError):
-        smoke.dotted("no_such_module_here.x")
+        model_level.dotted("no_such_module_here.x")
 
 
 def test_model_level_fails_clearly_when_the_parser_refuses_the_args(tmp_path):
     repo = _fake_repo(tmp_path)
     plan = {"model": "fake", "construct": {"kind": "argparse", "module": "nets", "object": "Net", "args_hook": "add_args",
                                            "args": ["--depth", "7"], "imports": []}}
-    out = smoke.level_model(plan, _Args(repo))
+    out = model_level.level_model(plan, _Args(repo))
     assert out["status"] == "failed" and "refused the catalog's construct args" in out["reason"]
-    assert smoke.level_model({"model": "fake"}, _Args(repo))["status"] == "skipped"
+    assert model_level.level_model({"model": "fake"}, _Args(repo))["status"] == "skipped"
 
 
 def test_the_model_level_runs_the_recipes_training_step_and_judges_it(tmp_path, monkeypatch):
@@ -244,11 +266,11 @@ def test_the_model_level_runs_the_recipes_training_step_and_judges_it(tmp_path, 
     monkeypatch.setitem(sys.modules, "torch", type(sys)("torch"))
     plan = {"model": "fake", "construct": {"kind": "argparse", "module": "nets", "object": "Net", "args_hook": "add_args",
                                            "args": ["--width", "7"], "imports": [], "step": "fake-step"}}
-    out = smoke.level_model(plan, _Args(repo))
+    out = model_level.level_model(plan, _Args(repo))
     assert out["status"] == "passed" and out["step"] == {"loss": 0.5, "grads": 3, "nonfinite_grads": 0}
     assert seen["cwd"] == str(repo) and seen["net"].width == 7  # the constructed network, run from the repo root
     for says in ("the loss is nan", "1 parameter(s) got a non-finite gradient", "backward reached no parameter"):
-        out = smoke.level_model(plan, _Args(repo))
+        out = model_level.level_model(plan, _Args(repo))
         assert out["status"] == "failed" and says in out["reason"], out
 
 
@@ -279,13 +301,13 @@ def test_synthetic_arrays_are_real_npy_files_and_never_replace_the_models_own(tm
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "mine.npy").write_bytes(b"the model's own")
-    made = smoke.write_arrays(["data/kmeans/det_900.npy=900x11", "data/map.npy=100x20x2", "data/mine.npy=3x3"])
+    made = model_level.write_arrays(["data/kmeans/det_900.npy=900x11", "data/map.npy=100x20x2", "data/mine.npy=3x3"])
     assert made == ["data/kmeans/det_900.npy=900x11", "data/map.npy=100x20x2"]
     shape, dtype, values = _read_npy(tmp_path / "data" / "kmeans" / "det_900.npy")
     assert shape == (900, 11) and dtype == "<f4" and len(values) == 9900 and not any(values)
     assert _read_npy(tmp_path / "data" / "map.npy")[0] == (100, 20, 2)
     assert (tmp_path / "data" / "mine.npy").read_bytes() == b"the model's own"  # never replaced
-    assert smoke.write_arrays(["v.npy=7"]) == ["v.npy=7"] and _read_npy(tmp_path / "v.npy")[0] == (7,)
+    assert model_level.write_arrays(["v.npy=7"]) == ["v.npy=7"] and _read_npy(tmp_path / "v.npy")[0] == (7,)
 
 
 def test_an_extension_that_fails_only_beside_another_gets_its_own_interpreter(tmp_path):
@@ -302,7 +324,7 @@ def test_an_extension_that_fails_only_beside_another_gets_its_own_interpreter(tm
     (tmp_path / "broken_ops.py").write_text("raise OSError('libcudart.so.12: cannot open shared object file')\n")
     targets = [{"kind": "module", "load": name, "path": f"/x/{name}.so", "package": "p", "root": str(tmp_path)}
                for name in ("cpu_pybind", "cuda_pybind", "broken_ops")]
-    out = {i["load"]: i for i in smoke.load_extensions(targets, str(tmp_path))}
+    out = {i["load"]: i for i in env_level.load_extensions(targets, str(tmp_path))}
     assert out["cpu_pybind"]["ok"] and out["cuda_pybind"]["ok"], out
     assert not out["broken_ops"]["ok"] and "libcudart.so.12" in out["broken_ops"]["error"]
 
@@ -322,12 +344,12 @@ def test_env_requires_the_plans_and_the_models_extensions_and_reports_the_rest(t
     lock.write_text("open3d==1.0 \\\n    --hash=sha256:aa\nmmcv==1.0 \\\n    --hash=sha256:bb\n")
     libs = [{"path": f"{site}/{pkg}/{name}.so", "python_module": name} for pkg, name in
             (("open3d", "torch_ops"), ("mmcv", "_ext"), ("local_aggregate", "_C"))]
-    monkeypatch.setattr(smoke, "gpu_libraries", lambda: libs)
-    monkeypatch.setattr(smoke, "import_roots", lambda workdir: [str(site)])
-    monkeypatch.setattr(smoke, "dist_version", lambda name: "1.0")
-    monkeypatch.setattr(smoke.importlib, "import_module", lambda name: None)
+    monkeypatch.setattr(env_level, "gpu_libraries", lambda: libs)
+    monkeypatch.setattr(env_level, "import_roots", lambda workdir: [str(site)])
+    monkeypatch.setattr(env_level, "dist_version", lambda name: "1.0")
+    monkeypatch.setattr(env_level.importlib, "import_module", lambda name: None)
     failing = {"open3d.torch_ops"}
-    monkeypatch.setattr(smoke, "load_extensions", lambda targets, workdir: [
+    monkeypatch.setattr(env_level, "load_extensions", lambda targets, workdir: [
         dict(t, ok=t["load"] not in failing, error="OSError: libcudart.so.12" if t["load"] in failing else None)
         for t in targets])
 
@@ -336,9 +358,9 @@ def test_env_requires_the_plans_and_the_models_extensions_and_reports_the_rest(t
     Args.lock = str(lock)
     plan = {"torch": {"version": "1.0"}, "torchvision": {"version": "1.0"}, "torchaudio": {"version": "1.0"},
             "packages": [{"name": "mmcv", "version": "1.0"}]}
-    out = smoke.level_env(plan, Args)
+    out = env_level.level_env(plan, Args)
     assert out["status"] == "passed" and out["optional_failures"] == ["open3d.torch_ops (open3d): OSError: libcudart.so.12"]
     for broken in ("mmcv._ext", "local_aggregate._C"):  # the Plan's package; the model's extension
         failing = {broken}
-        out = smoke.level_env(plan, Args)
+        out = env_level.level_env(plan, Args)
         assert out["status"] == "failed" and out["failed"] == 1, broken

@@ -39,8 +39,9 @@ def test_the_installed_package_is_not_the_checkout(installed):
     where = subprocess.run([str(exe.parent / "python"), "-c", "import envbuild, os; print(os.path.dirname(envbuild.__file__))"],
                            capture_output=True, text=True, cwd=cwd).stdout.strip()
     assert "site-packages" in where and not where.startswith(str(ROOT))
-    for rel in ("matrices/cards.toml", "matrices/models/maptr.toml", "incontainer/with-ca.sh", "incontainer/smoke.py",
-                "incontainer/mplsetup.cfg", "templates/Dockerfile.j2"):
+    # every in-image helper (smoke.py imports its level_*.py and smoke_common.py from beside it)
+    incontainer = [f"incontainer/{p.name}" for p in sorted((ROOT / "envbuild" / "incontainer").iterdir()) if p.is_file()]
+    for rel in ("matrices/cards.toml", "matrices/models/maptr.toml", *incontainer, "templates/Dockerfile.j2"):
         assert os.path.isfile(os.path.join(where, rel)), rel
     # the ledger ships too: an installed envbuild says what was verified, as the checkout does
     verified = sorted(p.name for p in (ROOT / "envbuild" / "matrices" / "verified").glob("*.json"))
@@ -60,7 +61,8 @@ def test_resolve_render_fix_from_the_wheel(installed, tmp_path):
     # the same bytes as the checkout renders
     subprocess.run([sys.executable, "-m", "envbuild.cli", "render", "maptr", "--card", "h20", "-o", str(tmp_path / "ctx2")],
                    check=True, capture_output=True, cwd=ROOT, env=env, timeout=300)
-    for name in ("Dockerfile", "requirements.in", "plan.json", "envbuild/smoke.py", "envbuild/fixers.py"):
+    for name in ("Dockerfile", "requirements.in", "plan.json", "envbuild/smoke.py", "envbuild/smoke_common.py",
+                 "envbuild/fixers.py"):
         assert (tmp_path / "ctx" / name).read_bytes() == (tmp_path / "ctx2" / name).read_bytes(), name
     src = tmp_path / "src"
     shutil.copytree(FIXTURE / "tinybev", src)

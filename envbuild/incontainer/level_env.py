@@ -1,0 +1,147 @@
+"""Smoke level "env": every Plan package is installed at its pinned version (the lock's, else
+the Plan's) and imports; every compiled extension in the image loads in a fresh interpreter.
+The Plan's packages and the model's own extensions must load; a failure in a package something
+else pulled in is reported as optional.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+
+from smoke_common import CHECKED_BY, extension_targets, gpu_libraries, import_roots, package_module, result
+
+NOT_IMPORTED = {"setuptools", "wheel", "ninja", "psutil", "pip", "yapf"}
+
+
+def dist_version(name):
+    try:
+        from importlib import metadata
+    except ImportError:  # pragma: no cover - Python < 3.8
+        return None
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def locked_versions(path):
+    pins = {}
+    if path and os.path.exists(path):
+        with open(path) as fh:
+            for line in fh:
+                m = re.match(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s\\]+)", line)
+                if m:
+                    pins[m.group(1).lower().replace("_", "-")] = m.group(2)
+    return pins
+
+
+LOAD_EXTENSIONS = """
+import importlib, json, sys
+import torch  # extensions bind to the libtorch this import loads
+sys.path.insert(0, sys.argv[2])
+for kind, target in json.loads(sys.argv[1]):
+    print(json.dumps([target, None]), flush=True)
+    try:
+        importlib.import_module(target) if kind == "module" else torch.ops.load_library(target)
+        print(json.dumps([target, ""]), flush=True)
+    except BaseException as exc:
+        print(json.dumps([target, "%s: %s" % (type(exc).__name__, str(exc)[:300])]), flush=True)
+"""
+
+
+def load_extensions(targets, workdir):
+    """Load each compiled extension in a fresh interpreter: undefined symbols, ABI and
+    torch-version mismatches show here, without a GPU. A crash names the one it hit."""
+    if not targets:
+        return []
+    outcome = _load(targets, workdir)
+    # A failure can come from an earlier load in the same interpreter (two builds of one package,
+    # like open3d's cpu and cuda modules, registering the same types; a crash that ended the
+    # run): each failure gets an interpreter of its own before it counts.
+    for target in targets:
+        if outcome[target["load"]]:
+            outcome.update(_load([target], workdir))
+    return [{k: v for k, v in dict(t, ok=not outcome[t["load"]], error=outcome[t["load"]] or None).items()
+             if k != "root"} for t in targets]
+
+
+def _load(targets, workdir):
+    """{target: "" when it loaded, else the error}, loading them in order in one interpreter."""
+    todo = [[t["kind"], t["load"]] for t in targets]
+    proc = subprocess.run([sys.executable, "-c", LOAD_EXTENSIONS, json.dumps(todo), workdir],
+                          cwd=workdir if os.path.isdir(workdir) else None,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=600)
+    outcome = {}
+    for line in proc.stdout.decode(errors="replace").splitlines():
+        if line.startswith("["):
+            name, error = json.loads(line)
+            outcome[name] = error
+    for target in targets:
+        error = outcome.get(target["load"], "not reached: the loader died before it (exit %d)" % proc.returncode)
+        if error is None:
+            error = "the interpreter crashed importing it (exit %d): %s" % (
+                proc.returncode, proc.stderr.decode(errors="replace").strip()[-200:])
+        outcome[target["load"]] = error
+    return outcome
+
+
+def transitive_modules(dist_names):
+    """Top-level modules of installed distributions (from their metadata, not imported)."""
+    from importlib import metadata
+    modules = set()
+    for name in dist_names:
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue
+        modules.update((dist.read_text("top_level.txt") or "").split() or [package_module(name)])
+    return modules
+
+
+def level_env(plan, args):
+    lock = locked_versions(args.lock)
+    packages = []
+    wanted = [("torch", plan["torch"]["version"]), ("torchvision", plan["torchvision"]["version"]),
+              ("torchaudio", plan["torchaudio"]["version"])]
+    wanted += [(p["name"], p["version"]) for p in plan["packages"]]
+    failed = 0
+    for name, pin in wanted:
+        item = {"name": name}
+        expected = lock.get(name) or (pin if re.match(r"^\d[\w.+!]*$", pin or "") else None)
+        installed = dist_version(name)
+        item["version"], item["expected"] = installed, expected
+        problems = []
+        if installed is None:
+            problems.append("not installed")
+        elif expected and installed != expected and installed.split("+")[0] != expected.split("+")[0]:
+            problems.append("version %s, expected %s" % (installed, expected))
+        module = package_module(name)
+        if name not in NOT_IMPORTED and installed is not None:
+            try:
+                importlib.import_module(module)
+                item["import"] = module
+            except Exception as exc:  # noqa: BLE001 - any import failure is the finding
+                problems.append("import %s: %s: %s" % (module, type(exc).__name__, str(exc)[:200]))
+        item["ok"] = not problems
+        if problems:
+            item["problems"] = problems
+            failed += 1
+        packages.append(item)
+    targets = extension_targets(gpu_libraries(), import_roots(args.workdir))
+    extensions = load_extensions(targets, args.workdir)
+    # The Plan's packages and the model's own extensions must all load. A library of a package
+    # something else pulled in (open3d's CUDA 12 torch ops, via mmdet3d) is reported, not fatal:
+    # nothing the Plan names loads it.
+    pulled_in = transitive_modules(set(lock) - set(name.lower().replace("_", "-") for name, _ in wanted))
+    for ext in extensions:
+        ext["required"] = CHECKED_BY.get(ext["package"], ext["package"]) not in pulled_in
+    failed += sum(1 for e in extensions if not e["ok"] and e["required"])
+    optional = ["%s (%s): %s" % (e["load"], e["package"], e["error"]) for e in extensions if not e["ok"] and not e["required"]]
+    status = "passed" if not failed else "failed"
+    return result(status, packages=packages, extensions=extensions, failed=failed, lock=bool(lock),
+                  **({"optional_failures": optional} if optional else {}))
