@@ -6,6 +6,7 @@ which compiled files get loaded and how, and when NCCL is retried with P2P off.
 """
 
 import ast
+import json
 import importlib.util
 import os
 import subprocess
@@ -118,12 +119,26 @@ def test_in_image_code_is_python_3_8():
 def test_op_checks_cover_the_compiled_libraries_the_catalog_uses(monkeypatch, cat):
     monkeypatch.syspath_prepend(smoke.HERE)  # as level_ops.py imports it, from beside smoke.py
     import op_checks
-    # every compiled package (and spconv) any catalog model installs has a GPU op check
-    compiled = {name for m in cat.models.values() for name in m.packages
-                if name in cat.compiled or name == "flash-attn" or name.startswith("spconv")}
-    assert compiled >= {"mmcv-full", "torch-cluster", "torch-sparse", "torch-scatter", "flash-attn"}
-    missing = {name for name in compiled if common.package_module(name) not in op_checks.OP_CHECKS}
-    assert not missing, f"no op check for {sorted(missing)}"
+    from envbuild.resolve import resolve
+    # every package with native code any catalog model installs has a GPU op check, found the
+    # way level_ops finds it: through the Plan's native_packages, as plan.json carries them
+    seen = set()
+    for model in cat.models:
+        plan = json.loads(resolve(cat, model, "a800").to_json())
+        for name, info in plan["native_packages"].items():
+            seen.add(name)
+            assert info["op_check"] in op_checks.OP_CHECKS, (model, name, info)
+            assert common.package_module(name, plan) == info["module"]
+    assert {"mmcv-full", "torch-cluster", "torch-sparse", "torch-scatter"} <= seen
+    assert any(name.startswith("spconv-cu") for name in seen)
+
+
+def test_compiled_modules_are_attributed_to_the_package_whose_check_covers_them():
+    plan = {"native_packages": {"flash-attn": {"module": "flash_attn", "op_check": "flash_attn",
+                                               "also_covers": ["flash_attn_2_cuda"]}}}
+    assert common.checked_by(plan) == {"flash_attn_2_cuda": "flash_attn"}
+    assert common.package_module("flash-attn", plan) == "flash_attn"
+    assert common.package_module("scikit-image", plan) == "skimage"  # pure Python: the stdlib table
 
 
 def _alive_with(marker):

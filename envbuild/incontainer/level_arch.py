@@ -6,21 +6,15 @@ from __future__ import annotations
 
 import re
 
+import archrules
+from archrules import cc_key
 from smoke_common import CUDA_LIBRARY, gpu_libraries, gpu_state, result
 
 
-def cc_key(cc):
-    major, minor = cc.split(".")
-    return int(major), int(minor)
-
-
 def runs_on(sass, ptx, cc):
-    """The arch whose code runs on cc: same-major SASS with minor <= card's, else older PTX."""
-    fit = [a for a in sass if cc_key(a)[0] == cc_key(cc)[0] and cc_key(a)[1] <= cc_key(cc)[1]]
-    if fit:
-        return "sm_" + max(fit, key=cc_key).replace(".", "")
-    jit = [a for a in ptx if cc_key(a) <= cc_key(cc)]
-    return ("compute_" + max(jit, key=cc_key).replace(".", "")) if jit else None
+    """The code that runs on cc ('sm_80' SASS, 'compute_80' PTX), or None."""
+    arch = archrules.runs_on(sass, cc, ptx)
+    return archrules.code_name(arch) if arch else None
 
 
 def level_arch(plan, args):

@@ -13,7 +13,7 @@ import re
 import subprocess
 import sys
 
-from smoke_common import CHECKED_BY, extension_targets, gpu_libraries, import_roots, package_module, result
+from smoke_common import checked_by, extension_targets, gpu_libraries, import_roots, package_module, result
 
 NOT_IMPORTED = {"setuptools", "wheel", "ninja", "psutil", "pip", "yapf"}
 
@@ -120,7 +120,7 @@ def level_env(plan, args):
             problems.append("not installed")
         elif expected and installed != expected and installed.split("+")[0] != expected.split("+")[0]:
             problems.append("version %s, expected %s" % (installed, expected))
-        module = package_module(name)
+        module = package_module(name, plan)
         if name not in NOT_IMPORTED and installed is not None:
             try:
                 importlib.import_module(module)
@@ -138,8 +138,9 @@ def level_env(plan, args):
     # something else pulled in (open3d's CUDA 12 torch ops, via mmdet3d) is reported, not fatal:
     # nothing the Plan names loads it.
     pulled_in = transitive_modules(set(lock) - set(name.lower().replace("_", "-") for name, _ in wanted))
+    covered = checked_by(plan)
     for ext in extensions:
-        ext["required"] = CHECKED_BY.get(ext["package"], ext["package"]) not in pulled_in
+        ext["required"] = covered.get(ext["package"], ext["package"]) not in pulled_in
     failed += sum(1 for e in extensions if not e["ok"] and e["required"])
     optional = ["%s (%s): %s" % (e["load"], e["package"], e["error"]) for e in extensions if not e["ok"] and not e["required"]]
     status = "passed" if not failed else "failed"

@@ -10,8 +10,8 @@ import json
 import os
 import sys
 
-from smoke_common import (CHECKED_BY, ENTRY, HERE, extension_targets, gpu_libraries, gpu_state, import_roots,
-                          package_module, result, run_bounded)
+from smoke_common import (ENTRY, HERE, checked_by, extension_targets, gpu_libraries, gpu_state, import_roots,
+                          native_packages, result, run_bounded)
 
 
 def op_checks():
@@ -26,7 +26,7 @@ def level_ops(plan, args):
     if state != "ok":
         return result("failed", reason=detail) if state == "unusable" else \
             result("skipped", reason="%s: CUDA ops need one" % detail)
-    names = {package_module(p["name"]) for p in plan["packages"]}
+    names = {info["op_check"] for info in native_packages(plan).values() if info.get("op_check")}
     if importlib.util.find_spec("torchvision") is not None:
         names.add("torchvision")
     checks = [(module, [module]) for module in sorted(op_checks()) if module in names]
@@ -51,8 +51,9 @@ def level_ops(plan, args):
     # Compiled code no check ran on, said plainly rather than counted as checked.
     model_ops = {e["name"] for e in plan.get("extensions") or []}
     checked = {m for m, _ in checks}
+    covered = checked_by(plan)
     unchecked = sorted({t["path"] for t in extension_targets(gpu_libraries(), import_roots(args.workdir))
-                        if CHECKED_BY.get(t["package"], t["package"]) not in checked and t["package"] != "torchaudio"
+                        if covered.get(t["package"], t["package"]) not in checked and t["package"] != "torchaudio"
                         and not (hook and (t["package"] in model_ops or t["root"] == args.workdir.rstrip("/")))})
     if not checks:
         return result("skipped", reason="no compiled ops with a known check in this Plan", unchecked=unchecked)

@@ -23,12 +23,12 @@ import uuid
 HERE = os.path.dirname(os.path.abspath(__file__))
 ENTRY = os.path.join(HERE, "smoke.py")  # the entry point; subcommands (op-check, comm-worker) rerun it
 
-# distribution name -> module to import (when they differ)
+# distribution name -> module to import, where they differ, for packages without native code
+# (for the rest the Plan's native_packages say it: envbuild's building blocks decide)
 IMPORT_NAMES = {
-    "mmcv-full": "mmcv", "opencv-python": "cv2", "opencv-python-headless": "cv2", "pyyaml": "yaml",
+    "opencv-python": "cv2", "opencv-python-headless": "cv2", "pyyaml": "yaml",
     "pillow": "PIL", "scikit-image": "skimage", "scikit-learn": "sklearn", "nuscenes-devkit": "nuscenes",
-    "torch-geometric": "torch_geometric", "pytorch-lightning": "pytorch_lightning", "flash-attn": "flash_attn",
-    "torch-scatter": "torch_scatter", "torch-sparse": "torch_sparse", "torch-cluster": "torch_cluster",
+    "torch-geometric": "torch_geometric", "pytorch-lightning": "pytorch_lightning",
     "mmsegmentation": "mmseg", "ipython": "IPython", "lyft-dataset-sdk": "lyft_dataset_kit",
 }
 
@@ -43,13 +43,22 @@ def load_plan(path):
         return json.load(fh)
 
 
-def package_module(name):
+def native_packages(plan):
+    """The Plan's packages with native code -> {"module", "op_check", "also_covers"}."""
+    return (plan or {}).get("native_packages") or {}
+
+
+def package_module(name, plan=None):
     """The module a distribution is imported as (spconv-cu117 -> spconv, mmcv-full -> mmcv)."""
-    return IMPORT_NAMES.get(name, re.sub(r"^spconv-cu\d+$", "spconv", name).replace("-", "_"))
+    native = native_packages(plan).get(name)
+    return native["module"] if native else IMPORT_NAMES.get(name, name.replace("-", "_"))
 
 
-# Compiled files whose top-level name is not the package their check imports.
-CHECKED_BY = {"flash_attn_2_cuda": "flash_attn", "flash_attn_cuda": "flash_attn", "cumm": "spconv"}
+def checked_by(plan):
+    """Compiled modules whose top-level name is not the package whose check exercises them
+    (flash_attn_2_cuda -> flash_attn, cumm -> spconv)."""
+    return dict((covered, info["module"]) for info in native_packages(plan).values()
+                for covered in info.get("also_covers") or ())
 
 
 def gpu_count():
