@@ -238,7 +238,6 @@ class Model:
     vendored: dict  # name -> (version, path)
     extensions: tuple[Extension, ...]
     train: Train
-    data: dict
     path: str = ""
     origin: str = BUILTIN
     construct: Construct | None = None
@@ -373,6 +372,17 @@ def _load_cards(path: Path, origin: str = BUILTIN) -> dict[str, Card]:
     return cards
 
 
+def _check_card_names(cards: dict[str, Card]) -> None:
+    """A name (id or alias) means one card: a new card cannot take over another's name."""
+    owner: dict[str, Card] = {}
+    for card in cards.values():
+        for name in dict.fromkeys((card.id, card.id.replace("rtx", ""), *card.aliases)):
+            other = owner.get(name)
+            if other is not None and other.id != card.id:
+                raise CatalogError(card.origin, f"cards.{card.id}", f"name {name!r} already means card {other.id!r} ({other.origin})")
+            owner[name] = card
+
+
 def _range(r: _Reader, key: str) -> tuple[str, str]:
     lo_hi = r.strings(key, re.compile(r"^[0-9][0-9a-z.]*$"))
     if len(lo_hi) != 2:
@@ -465,12 +475,35 @@ def load(user: Path | str | None = None) -> Catalog:
     def pick(rel: str) -> Path:
         return user / rel if user is not None and (user / rel).is_file() else base / rel
 
+    # Files and sections are read in this order, so the first error a broken catalog
+    # reports stays the same.
     cards = _load_cards(base / "cards.toml")
     if user is not None and (user / "cards.toml").is_file():
         cards.update(_load_cards(user / "cards.toml", str(user / "cards.toml")))
     _check_card_names(cards)
-    cuda_path = pick("toolchains/cuda.toml")
-    cuda_doc = _Reader(cuda_path, _load_toml(cuda_path), "")
+    ubuntu, toolkits = _load_cuda(pick("toolchains/cuda.toml"))
+    torch, wheel_archs = _load_torch(pick("toolchains/torch.toml"))
+    pkg_path = pick("toolchains/packages.toml")
+    pkg = _Reader(pkg_path, _load_toml(pkg_path), "")
+    compiled = _load_compiled(pkg)
+    asserts = _load_asserts(pkg)
+    flash = _load_flash_attn(pkg)
+    spconv = pkg.sub("spconv").strings("builds", CUDA_RE)
+    era = _load_era(pkg)
+    requires = _load_requires(pkg)
+    python_floors = _load_python_floors(pkg)
+    source_builds = _load_source_builds(pkg, python_floors)
+    models = _load_models(base, user, torch)
+    return Catalog(cards, toolkits, ubuntu, torch, wheel_archs, compiled, asserts, flash,
+                   spconv, tuple(era), models, requires, python_floors, source_builds, base, user)
+
+
+# -- toolchains/cuda.toml
+
+
+def _load_cuda(path: Path) -> tuple[dict[str, Ubuntu], dict[str, Toolkit]]:
+    """[ubuntu] then [cuda]: every toolkit's ubuntu releases must be listed under [ubuntu]."""
+    cuda_doc = _Reader(path, _load_toml(path), "")
     ubuntu = {}
     for ver in cuda_doc.get("ubuntu", dict):
         r = cuda_doc.sub("ubuntu").sub(ver)
@@ -494,9 +527,15 @@ def load(user: Path | str | None = None) -> Catalog:
             if u not in ubuntu:
                 raise r.fail("ubuntu", f"unknown ubuntu release {u} (add it under [ubuntu])")
         toolkits[ver] = tk
+    return ubuntu, toolkits
 
-    torch_path = pick("toolchains/torch.toml")
-    torch_doc = _Reader(torch_path, _load_toml(torch_path), "")
+
+# -- toolchains/torch.toml
+
+
+def _load_torch(path: Path) -> tuple[dict[str, TorchRelease], dict[str, tuple[str, ...]]]:
+    """[wheel_archs] then [torch]: every CUDA build a release lists needs its wheel_archs entry."""
+    torch_doc = _Reader(path, _load_toml(path), "")
     wheel_archs = {}
     wa = torch_doc.sub("wheel_archs")
     for cu in wa.table:
@@ -523,9 +562,13 @@ def load(user: Path | str | None = None) -> Catalog:
             if cu not in wheel_archs:
                 raise r.fail("index", f"no [wheel_archs] entry for CUDA {cu}")
         torch[ver] = rel
+    return torch, wheel_archs
 
-    pkg_path = pick("toolchains/packages.toml")
-    pkg = _Reader(pkg_path, _load_toml(pkg_path), "")
+
+# -- toolchains/packages.toml, one function per section
+
+
+def _load_compiled(pkg: _Reader) -> dict[str, dict[str, Compiled]]:
     compiled: dict[str, dict[str, Compiled]] = {}
     for name in pkg.get("compiled", dict):
         for ver in pkg.sub("compiled").get(name, dict):
@@ -534,11 +577,19 @@ def load(user: Path | str | None = None) -> Catalog:
                 name, ver, r.get("series", str, pattern=NAME_RE), _range(r, "torch"),
                 r.get("cxx", int), r.get("notes", str, ""),
             )
+    return compiled
+
+
+def _load_asserts(pkg: _Reader) -> dict[str, dict[str, MmcvAssert]]:
     asserts: dict[str, dict[str, MmcvAssert]] = {}
     for name in pkg.get("asserts", dict):
         for ver in pkg.sub("asserts").get(name, dict):
             r = pkg.sub("asserts").sub(name).sub(ver)
             asserts.setdefault(name, {})[ver] = MmcvAssert(name, ver, _range(r, "mmcv"))
+    return asserts
+
+
+def _load_flash_attn(pkg: _Reader) -> dict[str, FlashAttn]:
     flash = {}
     for ver in pkg.get("flash_attn", dict):
         r = pkg.sub("flash_attn").sub(ver)
@@ -550,10 +601,13 @@ def load(user: Path | str | None = None) -> Catalog:
             ver, r.get("min_nvcc", str, pattern=CUDA_RE), r.version("min_torch"),
             _range(r, "python"), dict(sass), r.strings("runtime", CC_RE),
         )
-    spconv = pkg.sub("spconv").strings("builds", CUDA_RE)
+    return flash
+
+
+def _load_era(pkg: _Reader) -> list[EraPin]:
     era = []
     for i, item in enumerate(pkg.get("era", list)):
-        r = _Reader(pkg_path, item, f"era[{i}].")
+        r = _Reader(pkg.path, item, f"era[{i}].")
         era.append(EraPin(
             name=r.get("name", str, pattern=PKG_RE),
             spec=check_spec(r, "spec", r.get("spec", str)),
@@ -563,12 +617,19 @@ def load(user: Path | str | None = None) -> Catalog:
             replaces=r.get("replaces", str, None, pattern=PKG_RE),
             always=r.get("always", bool, False),
         ))
+    return era
+
+
+def _load_requires(pkg: _Reader) -> dict[str, tuple[str, ...]]:
     requires = {}
     if "requires" in pkg.table:
         rq = pkg.sub("requires")
         for name in rq.table:
             requires[name] = rq.strings(name, PKG_RE)
+    return requires
 
+
+def _load_python_floors(pkg: _Reader) -> dict[str, dict[str, str]]:
     python_floors = {}
     if "python_floor" in pkg.table:
         fl = pkg.sub("python_floor")
@@ -580,7 +641,11 @@ def load(user: Path | str | None = None) -> Catalog:
             if bad:
                 raise row.fail(bad[0], "not a Python version (X.Y)")
             python_floors[name] = {py: row.version(py) for py in row.table}
+    return python_floors
 
+
+def _load_source_builds(pkg: _Reader, python_floors: dict[str, dict[str, str]]) -> dict[str, SourceBuild]:
+    """[source_build]: only for packages with a python_floor (that says when they build from source)."""
     source_builds = {}
     if "source_build" in pkg.table:
         sb = pkg.sub("source_build")
@@ -598,117 +663,41 @@ def load(user: Path | str | None = None) -> Catalog:
                 raise row.fail("build_files", f"{missing[0]} is not a file in envbuild/incontainer/")
             source_builds[name] = SourceBuild(name, row.strings("build_apt", APT_RE, []), row.strings("runtime_apt", APT_RE, []),
                                               env, files)
+    return source_builds
 
+
+# -- models/*.toml, one function per section
+
+
+def _load_models(base: Path, user: Path | None, torch: dict[str, TorchRelease]) -> dict[str, Model]:
+    """Every models/*.toml; a user file replaces the built-in one of the same name."""
     files = {path.stem: path for path in sorted((base / "models").glob("*.toml"))}
     if user is not None:
         files.update({path.stem: path for path in sorted((user / "models").glob("*.toml"))})
     models = {}
     for stem, path in sorted(files.items()):
-        m = _load_model(path, torch, toolkits)
+        m = _load_model(path, torch)
         if user is not None and path.parent.parent == user:
             m = replace(m, origin=str(path))
         models[m.name] = m
-    return Catalog(cards, toolkits, ubuntu, torch, wheel_archs, compiled, asserts, flash,
-                   spconv, tuple(era), models, requires, python_floors, source_builds, base, user)
+    return models
 
 
-def _check_card_names(cards: dict[str, Card]) -> None:
-    """A name (id or alias) means one card: a new card cannot take over another's name."""
-    owner: dict[str, Card] = {}
-    for card in cards.values():
-        for name in dict.fromkeys((card.id, card.id.replace("rtx", ""), *card.aliases)):
-            other = owner.get(name)
-            if other is not None and other.id != card.id:
-                raise CatalogError(card.origin, f"cards.{card.id}", f"name {name!r} already means card {other.id!r} ({other.origin})")
-            owner[name] = card
-
-
-def _load_model(path: Path, torch: dict, toolkits: dict) -> Model:
+def _load_model(path: Path, torch: dict) -> Model:
+    # The sections are read in this order (and [model]'s name is checked after them) so the
+    # first error a broken file reports stays the same.
     doc = _Reader(path, _load_toml(path), "")
     m = doc.sub("model")
-    t = doc.sub("torch")
-    torch_version = t.version("version")
-    if torch_version not in torch:
-        raise t.fail("version", f"torch {torch_version} is not in toolchains/torch.toml")
-    cuda = t.get("cuda", str, pattern=CUDA_RE)
-    rel = torch[torch_version]
-    if cuda not in rel.index and cuda != rel.pypi:
-        raise t.fail("cuda", f"torch {torch_version} has no CUDA {cuda} build")
-    packages = {}
-    pk = doc.sub("packages") if "packages" in doc.table else _Reader(path, {}, "packages.")
-    for name, spec in pk.table.items():
-        if not PKG_RE.match(name):
-            raise pk.fail(name, "invalid package name")
-        if not isinstance(spec, str):
-            raise pk.fail(name, f"expected a version string, got {spec!r}")
-        packages[name.lower()] = check_spec(pk, name, spec)
-    corrections = {}
-    if "corrections" in doc.table:
-        cr = doc.sub("corrections")
-        for name in cr.table:
-            if name.lower() not in packages:
-                raise cr.fail(name, "corrects a package the model does not pin in [packages]")
-            row = cr.sub(name)
-            corrections[name.lower()] = (check_spec(row, "version", row.get("version", str)), row.get("why", str))
-    vendored = {}
-    if "vendored" in doc.table:
-        for name in doc.get("vendored", dict):
-            v = doc.sub("vendored").sub(name)
-            vendored[name] = (v.version("version"), v.get("path", str, pattern=RELPATH_RE))
-    extensions = []
-    for i, item in enumerate(doc.get("extensions", list, [])):
-        e = _Reader(path, item, f"extensions[{i}].")
-        ext_path = e.get("path", str, pattern=RELPATH_RE)
-        if ".." in ext_path.split("/"):
-            raise e.fail("path", "must stay inside the repository")
-        build = e.get("build", str)
-        words = tuple(build.split(" "))
-        if not words or any(not WORD_RE.match(w) for w in words):
-            raise e.fail("build", f"only plain words are allowed: {build!r}")
-        extensions.append(Extension(e.get("name", str, pattern=PKG_RE), ext_path, words,
-                                    e.get("needs_visible_gpu", bool, False)))
-    tr = doc.sub("train")
-    launcher = tr.get("launcher", str)
-    if launcher not in LAUNCHERS:
-        raise tr.fail("launcher", f"{launcher!r} is not one of {', '.join(LAUNCHERS)}")
-    train = Train(
-        launcher=launcher,
-        entry=tr.get("entry", str, pattern=RELPATH_RE),
-        config=tr.get("config", str, None, pattern=RELPATH_RE),
-        local_rank_arg=tr.get("local_rank_arg", str, None, pattern=re.compile(r"^--local[_-]rank$")),
-        extra_args=tr.strings("extra_args", WORD_RE, []),
-        ops_check=tr.get("ops_check", str, None, pattern=RELPATH_RE),
-        cpu_args=tr.strings("cpu_args", WORD_RE, []),
-        steps_args=tr.strings("steps_args", STEPS_ARG_RE, []),
-    )
-    data = doc.get("data", dict, {})
-    construct = None
-    if "construct" in doc.table:
-        c = doc.sub("construct")
-        kind = c.get("kind", str)
-        if kind not in CONSTRUCT_KINDS:
-            raise c.fail("kind", f"{kind!r} is not one of {', '.join(CONSTRUCT_KINDS)}")
-        if kind == "argparse":
-            construct = Construct(kind, module=c.get("module", str, pattern=DOTTED_RE),
-                                  object=c.get("object", str, pattern=IDENT_RE),
-                                  args_hook=c.get("args_hook", str, pattern=IDENT_RE),
-                                  args=c.strings("args", WORD_RE, []), imports=c.strings("imports", DOTTED_RE, []))
-        else:
-            construct = Construct(kind, config=c.get("config", str, pattern=RELPATH_RE),
-                                  loader=c.get("loader", str, pattern=DOTTED_RE),
-                                  builder=c.get("builder", str, pattern=DOTTED_RE),
-                                  cfg_kwargs=c.strings("cfg_kwargs", IDENT_RE, []),
-                                  imports=c.strings("imports", DOTTED_RE, []))
-        step = c.get("step", str, "")
-        if step and step not in train_step_names():
-            raise c.fail("step", f"{step!r} is not one of {', '.join(train_step_names())}")
-        arrays = c.strings("arrays", ARRAY_RE, [])
-        if any(".." in a.split("=")[0].split("/") for a in arrays):
-            raise c.fail("arrays", "must stay inside the repository")
-        construct = replace(construct, step=step, arrays=arrays)
-        unknown = set(c.table) - {"kind", *CONSTRUCT_FIELDS[kind]}
-        if unknown:
-            raise c.fail(sorted(unknown)[0], f"not a field of construct kind {kind!r}")
+    torch_version, cuda = _model_torch(doc, torch)
+    packages = _model_packages(doc, path)
+    corrections = _model_corrections(doc, packages)
+    vendored = _model_vendored(doc)
+    extensions = _model_extensions(doc, path)
+    train = _model_train(doc)
+    # [data] (the dataset a person needs: documentation only) stays accepted and must be a
+    # table, as before, but nothing reads it, so it is not kept.
+    doc.get("data", dict, {})
+    construct = _model_construct(doc) if "construct" in doc.table else None
     name = m.get("name", str, pattern=NAME_RE)
     if name != path.stem:
         raise m.fail("name", f"must match the file name {path.stem!r}")
@@ -726,9 +715,117 @@ def _load_model(path: Path, torch: dict, toolkits: dict) -> Model:
         vendored=vendored,
         extensions=tuple(extensions),
         train=train,
-        data=data,
         path=str(path),
         construct=construct,
         era=m.get("era", str, None, pattern=DATE_RE),
         era_grace_days=m.get("era_grace_days", int, 30),
     )
+
+
+def _model_torch(doc: _Reader, torch: dict) -> tuple[str, str]:
+    """[torch]: a release in toolchains/torch.toml and one of its CUDA builds."""
+    t = doc.sub("torch")
+    torch_version = t.version("version")
+    if torch_version not in torch:
+        raise t.fail("version", f"torch {torch_version} is not in toolchains/torch.toml")
+    cuda = t.get("cuda", str, pattern=CUDA_RE)
+    rel = torch[torch_version]
+    if cuda not in rel.index and cuda != rel.pypi:
+        raise t.fail("cuda", f"torch {torch_version} has no CUDA {cuda} build")
+    return torch_version, cuda
+
+
+def _model_packages(doc: _Reader, path: Path) -> dict[str, str]:
+    packages = {}
+    pk = doc.sub("packages") if "packages" in doc.table else _Reader(path, {}, "packages.")
+    for name, spec in pk.table.items():
+        if not PKG_RE.match(name):
+            raise pk.fail(name, "invalid package name")
+        if not isinstance(spec, str):
+            raise pk.fail(name, f"expected a version string, got {spec!r}")
+        packages[name.lower()] = check_spec(pk, name, spec)
+    return packages
+
+
+def _model_corrections(doc: _Reader, packages: dict[str, str]) -> dict[str, tuple[str, str]]:
+    corrections = {}
+    if "corrections" in doc.table:
+        cr = doc.sub("corrections")
+        for name in cr.table:
+            if name.lower() not in packages:
+                raise cr.fail(name, "corrects a package the model does not pin in [packages]")
+            row = cr.sub(name)
+            corrections[name.lower()] = (check_spec(row, "version", row.get("version", str)), row.get("why", str))
+    return corrections
+
+
+def _model_vendored(doc: _Reader) -> dict[str, tuple[str, str]]:
+    vendored = {}
+    if "vendored" in doc.table:
+        for name in doc.get("vendored", dict):
+            v = doc.sub("vendored").sub(name)
+            vendored[name] = (v.version("version"), v.get("path", str, pattern=RELPATH_RE))
+    return vendored
+
+
+def _model_extensions(doc: _Reader, path: Path) -> list[Extension]:
+    extensions = []
+    for i, item in enumerate(doc.get("extensions", list, [])):
+        e = _Reader(path, item, f"extensions[{i}].")
+        ext_path = e.get("path", str, pattern=RELPATH_RE)
+        if ".." in ext_path.split("/"):
+            raise e.fail("path", "must stay inside the repository")
+        build = e.get("build", str)
+        words = tuple(build.split(" "))
+        if not words or any(not WORD_RE.match(w) for w in words):
+            raise e.fail("build", f"only plain words are allowed: {build!r}")
+        extensions.append(Extension(e.get("name", str, pattern=PKG_RE), ext_path, words,
+                                    e.get("needs_visible_gpu", bool, False)))
+    return extensions
+
+
+def _model_train(doc: _Reader) -> Train:
+    tr = doc.sub("train")
+    launcher = tr.get("launcher", str)
+    if launcher not in LAUNCHERS:
+        raise tr.fail("launcher", f"{launcher!r} is not one of {', '.join(LAUNCHERS)}")
+    return Train(
+        launcher=launcher,
+        entry=tr.get("entry", str, pattern=RELPATH_RE),
+        config=tr.get("config", str, None, pattern=RELPATH_RE),
+        local_rank_arg=tr.get("local_rank_arg", str, None, pattern=re.compile(r"^--local[_-]rank$")),
+        extra_args=tr.strings("extra_args", WORD_RE, []),
+        ops_check=tr.get("ops_check", str, None, pattern=RELPATH_RE),
+        cpu_args=tr.strings("cpu_args", WORD_RE, []),
+        steps_args=tr.strings("steps_args", STEPS_ARG_RE, []),
+    )
+
+
+def _model_construct(doc: _Reader) -> Construct:
+    """[construct]: the fields of its kind only, a known training step, arrays inside the repo."""
+    c = doc.sub("construct")
+    kind = c.get("kind", str)
+    if kind not in CONSTRUCT_KINDS:
+        raise c.fail("kind", f"{kind!r} is not one of {', '.join(CONSTRUCT_KINDS)}")
+    if kind == "argparse":
+        construct = Construct(kind, module=c.get("module", str, pattern=DOTTED_RE),
+                              object=c.get("object", str, pattern=IDENT_RE),
+                              args_hook=c.get("args_hook", str, pattern=IDENT_RE),
+                              args=c.strings("args", WORD_RE, []), imports=c.strings("imports", DOTTED_RE, []))
+    else:
+        construct = Construct(kind, config=c.get("config", str, pattern=RELPATH_RE),
+                              loader=c.get("loader", str, pattern=DOTTED_RE),
+                              builder=c.get("builder", str, pattern=DOTTED_RE),
+                              cfg_kwargs=c.strings("cfg_kwargs", IDENT_RE, []),
+                              imports=c.strings("imports", DOTTED_RE, []))
+    step = c.get("step", str, "")
+    if step and step not in train_step_names():
+        raise c.fail("step", f"{step!r} is not one of {', '.join(train_step_names())}")
+    arrays = c.strings("arrays", ARRAY_RE, [])
+    if any(".." in a.split("=")[0].split("/") for a in arrays):
+        raise c.fail("arrays", "must stay inside the repository")
+    construct = replace(construct, step=step, arrays=arrays)
+    unknown = set(c.table) - {"kind", *CONSTRUCT_FIELDS[kind]}
+    if unknown:
+        raise c.fail(sorted(unknown)[0], f"not a field of construct kind {kind!r}")
+    return construct

@@ -57,23 +57,8 @@ def run(image: str, levels: list[str], gpus: str = "all", steps: int = 20, recip
     driver = host.driver()
     cmd = ["python", "/opt/envbuild/smoke.py", "--level", ",".join(levels), "--steps", str(steps),
            "--recipe", recipe, "--loader", loader, "--comm-timeout", str(comm_timeout), "--ckpt-mb", str(ckpt_mb)]
-    volumes = {}
-    if data:
-        if not Path(data).is_dir():
-            raise BadInput(f"--data {data} is not a directory", "point --data at the dataset folder")
-        volumes[str(Path(data).resolve())] = {"bind": "/data", "mode": "ro"}
-        cmd += ["--data", "/data"]
-    if ckpt_dir:
-        if not Path(ckpt_dir).is_dir():
-            raise BadInput(f"--ckpt-dir {ckpt_dir} is not a directory", "create it first (a NAS or CPFS mount)")
-        volumes[str(Path(ckpt_dir).resolve())] = {"bind": "/ckpt", "mode": "rw"}
-        cmd += ["--ckpt-dir", "/ckpt"]
-    if ops_check:
-        path = Path(ops_check).resolve()
-        if not path.is_file():
-            raise BadInput(f"--ops-check {ops_check} is not a file", "a Python file defining check(device)")
-        volumes[str(path)] = {"bind": "/opt/envbuild-ops-check.py", "mode": "ro"}
-        cmd += ["--ops-check", "/opt/envbuild-ops-check.py"]
+    volumes, mount_args = _mounts(data, ckpt_dir, ops_check)
+    cmd += mount_args
     if compile_model:
         cmd.append("--compile")
     kwargs = {"volumes": volumes}
@@ -96,14 +81,7 @@ def run(image: str, levels: list[str], gpus: str = "all", steps: int = 20, recip
         raise OperationFailed(f"cannot start the smoke container for {image}: {exc.explanation or exc}") from None
     except Exception as exc:  # noqa: BLE001 - a timeout or a daemon that went away; Ctrl-C passes through
         raise OperationFailed(f"smoke run of {image} did not finish: {exc}") from None
-    start_json = out.find("{")
-    try:
-        report = json.loads(out[start_json:]) if start_json >= 0 else None
-    except ValueError:
-        report = None
-    if report is None:
-        tail = "\n".join(err.strip().splitlines()[-15:])
-        raise OperationFailed(f"smoke run of {image} printed no report (exit {code}):\n{tail}")
+    report = _report(image, code, out, err)
     report["image"] = image
     report["image_id"] = img.id
     if card is not None:
@@ -114,6 +92,43 @@ def run(image: str, levels: list[str], gpus: str = "all", steps: int = 20, recip
     report["host"] = {"driver": driver, "gpus_requested": gpus if driver else "none (no NVIDIA driver on this host)",
                       "shm": "host IPC" if ipc_host else f"{kwargs.get('shm_size', 0) // 2**20} MB",
                       "seconds": round(time.monotonic() - start, 1)}
+    return report
+
+
+def _mounts(data: str | None, ckpt_dir: str | None, ops_check: str | None) -> tuple[dict, list[str]]:
+    """The host folders and file the levels read, as Docker volumes, and the smoke.py
+    arguments that point at them inside the container."""
+    volumes, cmd = {}, []
+    if data:
+        if not Path(data).is_dir():
+            raise BadInput(f"--data {data} is not a directory", "point --data at the dataset folder")
+        volumes[str(Path(data).resolve())] = {"bind": "/data", "mode": "ro"}
+        cmd += ["--data", "/data"]
+    if ckpt_dir:
+        if not Path(ckpt_dir).is_dir():
+            raise BadInput(f"--ckpt-dir {ckpt_dir} is not a directory", "create it first (a NAS or CPFS mount)")
+        volumes[str(Path(ckpt_dir).resolve())] = {"bind": "/ckpt", "mode": "rw"}
+        cmd += ["--ckpt-dir", "/ckpt"]
+    if ops_check:
+        path = Path(ops_check).resolve()
+        if not path.is_file():
+            raise BadInput(f"--ops-check {ops_check} is not a file", "a Python file defining check(device)")
+        volumes[str(path)] = {"bind": "/opt/envbuild-ops-check.py", "mode": "ro"}
+        cmd += ["--ops-check", "/opt/envbuild-ops-check.py"]
+    return volumes, cmd
+
+
+def _report(image: str, code: int, out: str, err: str) -> dict:
+    """The JSON report smoke.py printed on stdout: from its first "{" to the end (what comes
+    before is noise); no report is a failure that shows the end of stderr."""
+    start_json = out.find("{")
+    try:
+        report = json.loads(out[start_json:]) if start_json >= 0 else None
+    except ValueError:
+        report = None
+    if report is None:
+        tail = "\n".join(err.strip().splitlines()[-15:])
+        raise OperationFailed(f"smoke run of {image} printed no report (exit {code}):\n{tail}")
     return report
 
 
