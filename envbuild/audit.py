@@ -11,14 +11,14 @@ import re
 from pathlib import Path
 
 from . import labels as label
-from . import engine
+from . import engine, paths
 from .catalog import Card
 from .errors import BadInput, OperationFailed
 from .incontainer.archrules import code_name, runs_on
 
 SCANNER = Path(__file__).resolve().parent / "incontainer" / "audit_scan.py"
 ROOTS = ["/opt", "/workspace", "/usr/local/lib", "/usr/lib/python3", "/root/.local"]
-FIND_PYTHON = ('for p in /opt/venv/bin/python python3 python; do '
+FIND_PYTHON = (f'for p in {paths.VENV}/bin/python python3 python; do '
                'if command -v "$p" >/dev/null 2>&1; then exec "$p" /envbuild-audit/audit_scan.py "$@"; fi; done; '
                'echo "no python in the image" >&2; exit 3')
 

@@ -18,7 +18,7 @@ import subprocess
 from pathlib import Path
 
 from . import labels as label
-from . import engine
+from . import engine, paths
 from .errors import BadInput, OperationFailed
 
 CHUNK = 4 << 20
@@ -83,7 +83,7 @@ def apptainer_def(ref: str, archive_name: str) -> str:
         if key.startswith((label.MODEL, label.CARD, label.MODE, label.ARCH_LIST,
                            "org.opencontainers.image.revision")):
             lines.append(f"    {key} {labels[key]}")
-    lines += ["", "%runscript", "    cd /workspace/model", '    exec "$@"', ""]
+    lines += ["", "%runscript", f"    cd {paths.MODEL}", '    exec "$@"', ""]
     return "\n".join(lines)
 
 

@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from . import build as build_stage
-from . import engine
+from . import engine, paths
 from .config import PYPI
 from .era import EraIndex, exact_pins
 from .errors import OperationFailed
@@ -119,9 +119,9 @@ def lock(context: Path, ca_bundle: str | None = None, echo=None) -> Path:
             if echo:
                 echo(f"lock: PyPI as of {cutoff} (exact pins excepted), served at {view.url}")
         script = (
-            f"/opt/envbuild/with-ca.sh pip install -q {PIP} {PIP_TOOLS} && "
+            f"{paths.HELPERS}/with-ca.sh pip install -q {PIP} {PIP_TOOLS} && "
             "grep -v '^--index-url ' /ctx/requirements.in > /tmp/requirements.in && "
-            f"/opt/envbuild/with-ca.sh pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras {index}"
+            f"{paths.HELPERS}/with-ca.sh pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras {index}"
             "--no-emit-index-url --no-emit-find-links --no-header --output-file /tmp/requirements.lock "
             + ("/tmp/requirements.in" if index else "/ctx/requirements.in") + " && cat /tmp/requirements.lock"
         )

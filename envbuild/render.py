@@ -18,11 +18,12 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import jinja2
 
 from . import labels as label
-from . import packages
+from . import packages, paths
 from . import __version__
 from .catalog import APT_RE, ENV_NAME_RE, ENV_VALUE_RE, FILE_RE, PKG_RE, V, is_exact
 from .errors import BadInput
@@ -49,6 +50,8 @@ RUNTIME_APT = ["ca-certificates", "libgomp1", "libglib2.0-0"]
 # opencv-python (the GUI build) needs libGL at import; it arrives through other packages'
 # dependencies (av2, nuscenes-devkit) even where the Plan asks for the headless wheel.
 GUI_OPENCV_APT = ["libgl1"]
+# The image's paths by name, for the template: {{ p.venv }} (envbuild/paths.py holds them).
+IMAGE_PATHS = SimpleNamespace(venv=paths.VENV, helpers=paths.HELPERS, model=paths.MODEL, venv_delta=paths.VENV_DELTA)
 
 
 def _check(value: str, pattern: re.Pattern, what: str) -> str:
@@ -125,13 +128,51 @@ class Context:
         return self.plan.python.version
 
     @property
+    def python_bin(self) -> str:
+        return f"python{self.python}"
+
+    @property
     def python_apt(self) -> list[str]:
         py = self.python
         return [f"python{py}", f"python{py}-dev", f"python{py}-venv"]
 
     @property
+    def python_probe(self) -> str:
+        """The apt package the base and runtime stages look for before they install Python: where
+        the image's apt sources lack it, they add the deadsnakes PPA first.
+
+        Probed at build time on purpose, though the Plan says where Python comes from
+        (plan.python_source): the Plan knows only the OS of its own base image (Ubuntu), while
+        --base-image/--runtime-image (the integration tests' Debian 12 images) and the
+        BASE_IMAGE/RUNTIME_IMAGE build args name images it never saw. Debian 12 has Python 3.11
+        itself, which the Plan takes from deadsnakes on Ubuntu 22.04, and a PPA cannot be added
+        on Debian: following the Plan there would break the build."""
+        return self.python_apt[0]
+
+    @property
+    def python_origin(self) -> list[str]:
+        """Comment lines: where the Plan takes Python from, and that the build checks (python_probe)."""
+        if self.deadsnakes:
+            return [f"Python {self.python} is not in this OS: it comes from the deadsnakes PPA (Ubuntu)."]
+        return [f"Python {self.python} comes from the OS; a base image given with --base-image may lack it,",
+                "and then it comes from the deadsnakes PPA (Ubuntu)."]
+
+    @property
+    def pip_env(self) -> list[tuple[str, str]]:
+        """The base stage's pip settings beside PIP_DISABLE_PIP_VERSION_CHECK."""
+        env = [("PIP_INDEX_URL", self.pypi_index)]
+        if self.trusted_hosts:
+            env.append(("PIP_TRUSTED_HOST", self.trusted_hosts))
+        return env
+
+    @property
     def builder_apt(self) -> list[str]:
         return self.python_apt + BUILDER_APT
+
+    @property
+    def deps_from(self) -> str:
+        """What the deps stage installs from (its header says)."""
+        return "hash-checked lock" if self.locked else "requirements.in, not locked yet"
 
     @property
     def source_builds(self) -> list[dict]:
@@ -224,6 +265,17 @@ class Context:
         return _check(self.plan.arch_list, ARCH_RE, "TORCH_CUDA_ARCH_LIST")
 
     @property
+    def local_source(self) -> bool:
+        """The model's source comes in the build context (src/, --source), copied into the builder;
+        else a source stage fetches it from git and a model stage on the builder takes it in."""
+        return self.source == "local"
+
+    @property
+    def model_stage(self) -> str:
+        """The stage that ends with the model and its extensions built: the runtime copies from it."""
+        return "builder" if self.local_source else "model"
+
+    @property
     def repo(self) -> str:
         return _check(self.plan.repo, URL_RE, "repository URL")
 
@@ -240,7 +292,7 @@ class Context:
                 raise BadInput(f"refusing to render extension path {ext.path!r}: leaves the source tree",
                                "fix the catalog entry")
             cmd = without_deps([_check(w, WORD_RE, "build command word") for w in ext.build])
-            out.append({"name": ext.name, "path": ext.path, "command": cmd})
+            out.append({"name": ext.name, "path": ext.path, "command": cmd, "gb_per_job": packages.DEFAULT_GB_PER_JOB})
         return out
 
     @property
@@ -311,6 +363,7 @@ def _env():
     env.filters["sh"] = shlex.quote
     env.filters["shjoin"] = lambda words: " ".join(shlex.quote(w) for w in words)
     env.filters["label"] = _label_value
+    env.filters["rel"] = lambda path: path.lstrip("/")  # an image path relative to /
     return env
 
 
@@ -346,7 +399,7 @@ def use_lock(ctx: Context, folder: Path) -> None:
 
 
 def dockerfile(ctx: Context) -> str:
-    return _env().get_template("Dockerfile.j2").render(c=ctx)
+    return _env().get_template("Dockerfile.j2").render(c=ctx, p=IMAGE_PATHS)
 
 
 def requirements_in(ctx: Context) -> str:

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from . import labels as label
-from . import engine, host
+from . import engine, host, paths
 from .build import split_ref
 from .errors import BadInput, OperationFailed
 
@@ -55,7 +55,7 @@ def run(image: str, levels: list[str], gpus: str = "all", steps: int = 20, recip
     if label.MODEL not in (img.labels or {}):
         raise BadInput(f"{image} is not an envbuild image (no io.envbuild labels)", "build it with envbuild image")
     driver = host.driver()
-    cmd = ["python", "/opt/envbuild/smoke.py", "--level", ",".join(levels), "--steps", str(steps),
+    cmd = ["python", f"{paths.HELPERS}/smoke.py", "--level", ",".join(levels), "--steps", str(steps),
            "--recipe", recipe, "--loader", loader, "--comm-timeout", str(comm_timeout), "--ckpt-mb", str(ckpt_mb)]
     volumes, mount_args = _mounts(data, ckpt_dir, ops_check)
     cmd += mount_args
@@ -113,8 +113,8 @@ def _mounts(data: str | None, ckpt_dir: str | None, ops_check: str | None) -> tu
         path = Path(ops_check).resolve()
         if not path.is_file():
             raise BadInput(f"--ops-check {ops_check} is not a file", "a Python file defining check(device)")
-        volumes[str(path)] = {"bind": "/opt/envbuild-ops-check.py", "mode": "ro"}
-        cmd += ["--ops-check", "/opt/envbuild-ops-check.py"]
+        volumes[str(path)] = {"bind": paths.OPS_CHECK, "mode": "ro"}
+        cmd += ["--ops-check", paths.OPS_CHECK]
     return volumes, cmd
 
 
