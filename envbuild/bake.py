@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from . import labels as label
-from . import catalog, packages, render
+from . import catalog, outputs, packages, render
 from .build import image_tag
 from .config import Sources
 from .errors import BadInput
@@ -90,8 +90,8 @@ def write(doc: dict, path: Path) -> Path:
         try:
             old = json.loads(text)
             return bool(old["target"]) and all(
-                (Path(t["context"]) / render.MANIFEST).is_file() for t in old["target"].values())
+                (Path(t["context"]) / outputs.MANIFEST).is_file() for t in old["target"].values())
         except (ValueError, KeyError, TypeError, AttributeError):
             return False
-    render.write_own_file(path, json.dumps(doc, indent=2, sort_keys=True) + "\n", made_by_envbuild)
+    outputs.write_own_file(path, json.dumps(doc, indent=2, sort_keys=True) + "\n", made_by_envbuild)
     return path

@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from . import build as build_stage
-from . import engine, paths
+from . import engine, outputs, paths
 from .config import PYPI
 from .era import EraIndex, exact_pins
 from .errors import OperationFailed
@@ -148,8 +148,7 @@ def lock(context: Path, ca_bundle: str | None = None, echo=None) -> Path:
 def write_locks(context: Path, requirements_lock: str, torch_lock: str) -> None:
     """Both locks, recorded as envbuild's own in the context's manifest (torch.lock first:
     requirements.lock is what matches() reads first)."""
-    from .render import write_if_changed, folder_lock, record_owned
-    with folder_lock(context):
-        write_if_changed(context / "torch.lock", torch_lock)
-        write_if_changed(context / "requirements.lock", requirements_lock)
-        record_owned(context, ["torch.lock", "requirements.lock"])
+    with outputs.folder_lock(context):
+        outputs.write_if_changed(context / "torch.lock", torch_lock)
+        outputs.write_if_changed(context / "requirements.lock", requirements_lock)
+        outputs.record_owned(context, ["torch.lock", "requirements.lock"])

@@ -7,15 +7,10 @@ so a Plan loaded from anywhere cannot inject an instruction. Same Plan, same byt
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
-import os
 import re
 import shlex
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,10 +18,11 @@ from types import SimpleNamespace
 import jinja2
 
 from . import labels as label
-from . import packages, paths
+from . import outputs, packages, paths
 from . import __version__
 from .catalog import APT_RE, ENV_NAME_RE, ENV_VALUE_RE, FILE_RE, PKG_RE, V, is_exact
 from .errors import BadInput
+from .lock import has_package, locked_version, matches
 from .plan import Plan
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -388,7 +384,6 @@ def make_context(plan: Plan, command: str, base_image: str | None = None, runtim
 
 def use_lock(ctx: Context, folder: Path) -> None:
     """Install from the folder's lock when it was made from exactly this requirements.in."""
-    from .lock import has_package, locked_version, matches
     ctx.locked = matches(folder, requirements_in(ctx))
     if ctx.locked:
         lock = folder / "requirements.lock"
@@ -417,102 +412,12 @@ def requirements_in(ctx: Context) -> str:
     return "\n".join(lines) + "\n"
 
 
-MANIFEST = ".envbuild-manifest.json"  # what envbuild wrote in a context folder: all it may replace
-FOLDER_LOCK = ".envbuild.lock"
-
-
-def owned(out: Path, adopt: bool = False) -> set[str]:
-    """The names envbuild wrote in `out` (from its manifest). A folder that holds anything else and
-    has no manifest is not envbuild's: it refuses it rather than overwrite a user's files. `adopt`:
-    the folder is inside envbuild's own state folder, so whatever is there is envbuild's."""
-    if not out.exists():
-        return set()
-    if not out.is_dir():
-        raise BadInput(f"{out} exists and is not a folder", "choose a new or empty folder for -o")
-    manifest = out / MANIFEST
-    if manifest.is_file():
-        try:
-            files = json.loads(manifest.read_text())["files"]
-            return {f for f in files if isinstance(f, str)}
-        except (ValueError, OSError, KeyError, TypeError):
-            raise BadInput(f"{manifest} is not an envbuild manifest", "move it away, or choose another folder") from None
-    present = {p.name for p in out.iterdir()} - {FOLDER_LOCK}
-    if adopt:
-        return present
-    if present:
-        raise BadInput(f"{out} is not empty and envbuild did not write it",
-                       "choose a new or empty folder for -o: envbuild replaces only files it wrote")
-    return set()
-
-
-def write_own_file(path: Path, text: str, made_by_envbuild) -> None:
-    """Write one output file (an HTML report, a bake file) atomically. An existing file is
-    replaced only when made_by_envbuild(its text) says envbuild wrote it: a user's own file
-    with the same name is refused, untouched."""
-    path = Path(path)
-    if path.is_dir():
-        raise BadInput(f"{path} is a folder", "give a file name with -o")
-    if path.exists():
-        try:
-            current = path.read_text(errors="replace")
-        except OSError as exc:
-            raise BadInput(f"cannot read {path}: {exc.strerror or exc}", "choose another file with -o") from None
-        if not made_by_envbuild(current):
-            raise BadInput(f"{path} exists and envbuild did not write it", "choose another file with -o, or move it away")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise BadInput(f"cannot write {path}: {exc.strerror or exc}", "choose a folder you can write to") from None
-
-
-def record_owned(out: Path, names) -> None:
-    """Add names to the folder's manifest (atomically)."""
-    manifest = out / MANIFEST
-    have = set()
-    if manifest.is_file():
-        try:
-            have = set(json.loads(manifest.read_text())["files"])
-        except (ValueError, OSError, KeyError, TypeError):
-            have = set()
-    write_if_changed(manifest, json.dumps({"files": sorted(have | set(names))}, indent=1) + "\n")
-
-
-@contextlib.contextmanager
-def folder_lock(out: Path):
-    """One writer at a time per context folder (two renders into one folder must not mix files)."""
-    if out.exists() and not out.is_dir():
-        raise BadInput(f"{out} exists and is not a folder", "choose a new or empty folder for -o")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        fh = open(out / FOLDER_LOCK, "a")
-    except OSError as exc:
-        raise BadInput(f"cannot write to {out}: {exc.strerror or exc}", "choose a folder you can write to") from None
-    with fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def check_apart(source_dir: Path, out: Path) -> None:
-    """The output folder and the model's source must not contain each other."""
-    src, dst = source_dir.resolve(), out.resolve()
-    if dst == src or dst.is_relative_to(src) or src.is_relative_to(dst):
-        raise BadInput(f"-o {out} and --source {source_dir} overlap",
-                       "write the context to a folder outside the source tree (and not above it)")
-
-
 def write(ctx: Context, out: Path, source_dir: Path | None = None, adopt: bool = False) -> list[Path]:
     """Write a complete build context to out/ (Dockerfile, requirements, plan, helpers), replacing
     only what envbuild wrote there before; nothing is written when anything would be clobbered."""
     out = Path(out)
     if source_dir is not None:
-        check_apart(source_dir, out)
+        outputs.check_apart(source_dir, out)
     files = {
         "Dockerfile": dockerfile(ctx),
         "requirements.in": requirements_in(ctx),
@@ -520,67 +425,29 @@ def write(ctx: Context, out: Path, source_dir: Path | None = None, adopt: bool =
     }
     helpers = {f"envbuild/{src.name}": src for src in [FIXERS_SRC, *sorted(INCONTAINER.glob("*"))] if src.is_file()}
     names = [*files, *helpers, "envbuild"] + (["src"] if source_dir is not None else [])
-    with folder_lock(out):
-        mine = owned(out, adopt)
+    with outputs.folder_lock(out):
+        mine = outputs.owned(out, adopt)
         clash = [n for n in names if n not in mine and (out / n).exists() and not (n == "envbuild" and (out / n).is_dir()
                                                                                    and not any((out / n).iterdir()))]
         if clash:
             raise BadInput(f"{out / clash[0]} exists and envbuild did not write it",
                            "move it away or choose another folder for -o")
         # the manifest first: whoever looks in without the lock never sees envbuild's files unclaimed
-        record_owned(out, names)
+        outputs.record_owned(out, names)
         written = []
         for name, text in files.items():
-            write_if_changed(out / name, text)
+            outputs.write_if_changed(out / name, text)
             written.append(out / name)
         (out / "envbuild").mkdir(exist_ok=True)
         for name, src in helpers.items():
             dst = out / name
-            write_if_changed(dst, src.read_text())
+            outputs.write_if_changed(dst, src.read_text())
             dst.chmod(0o755 if src.suffix == ".sh" else 0o644)  # not the install's modes: a wheel may drop x bits
             written.append(dst)
         if source_dir is not None:
-            copy_source(source_dir, out / "src")
+            outputs.copy_source(source_dir, out / "src")
             written.append(out / "src")
     return written
-
-
-def write_if_changed(path: Path, text: str) -> None:
-    # Unchanged bytes keep their mtime, so BuildKit's context transfer stays a no-op.
-    if path.exists() and path.read_text() == text:
-        return
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def copy_source(src: Path, dst: Path) -> None:
-    """Copy a local model tree into the context, without VCS data, build trees or symlinks out.
-    The copy is made beside dst and swapped in, so a failure leaves the old copy whole."""
-    src = src.resolve()
-    if not src.is_dir():
-        raise BadInput(f"--source {src} is not a directory", "point --source at a checkout of the model")
-    ignore = shutil.ignore_patterns(".git", "__pycache__", "build", "*.egg-info", "*.so", ".envbuild*")
-    staging = Path(tempfile.mkdtemp(dir=dst.parent, prefix=".src."))
-    try:
-        tree = staging / "src"
-        shutil.copytree(src, tree, symlinks=True, ignore=ignore)
-        for path in tree.rglob("*"):
-            if path.is_symlink():
-                target = (path.parent / os.readlink(path)).resolve()
-                if not target.is_relative_to(tree.resolve()):
-                    path.unlink()  # a link out of the tree would leak host files into the image
-        if dst.exists():
-            shutil.rmtree(dst)
-        tree.rename(dst)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- dockerfiles/ for the catalog
@@ -610,7 +477,7 @@ def render_catalog(out: Path) -> list[Path]:
         use_lock(ctx, d)  # a cell `make locks` locked installs from its lock
         for name, text in (("Dockerfile", dockerfile(ctx)), ("requirements.in", requirements_in(ctx)),
                            ("plan.json", plan.to_json() + "\n")):
-            write_if_changed(d / name, text)
+            outputs.write_if_changed(d / name, text)
             written.append(d / name)
     return written
 

@@ -194,17 +194,17 @@ def test_bake_never_replaces_a_file_it_did_not_write(tmp_path):
 
 
 def test_an_html_report_replaces_only_a_page_envbuild_wrote(tmp_path):
-    from envbuild import compare, render
+    from envbuild import compare, outputs
     from envbuild.errors import BadInput
     page = tmp_path / "compare.html"
     page.write_text("<html>my notes</html>")
     mine = lambda text: compare.GENERATOR in text  # noqa: E731
     with pytest.raises(BadInput, match="envbuild did not write it"):
-        render.write_own_file(page, "<html>new</html>", mine)
+        outputs.write_own_file(page, "<html>new</html>", mine)
     assert page.read_text() == "<html>my notes</html>"
     ours = tmp_path / "ours.html"
-    render.write_own_file(ours, f"<html>{compare.GENERATOR}1</html>", mine)
-    render.write_own_file(ours, f"<html>{compare.GENERATOR}2</html>", mine)
+    outputs.write_own_file(ours, f"<html>{compare.GENERATOR}1</html>", mine)
+    outputs.write_own_file(ours, f"<html>{compare.GENERATOR}2</html>", mine)
     assert ours.read_text().endswith("2</html>") and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     with pytest.raises(BadInput, match="is a folder"):
-        render.write_own_file(tmp_path, "x", mine)
+        outputs.write_own_file(tmp_path, "x", mine)
