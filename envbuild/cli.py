@@ -403,7 +403,7 @@ def pull(model: str, card: Optional[str] = CARD, cuda: Optional[str] = CUDA, pyt
     from .pipeline import plan_for
     plan, sources = plan_for(_request(model, card, cuda, python, strict, set_, torch_index=torch_index))
     prefix = load_sources(registry=registry).registry if registry else sources.registry
-    ref = build_stage.image_tag(plan, f"{prefix}envbuild/{plan.model}" if prefix else "")
+    ref = build_stage.image_ref(plan, prefix)
     result = ship.pull(ref, plan.min_driver, plan.compat_driver, plan.cuda, plan.cards)
     if json_:
         return show.emit_json(result)
@@ -491,7 +491,7 @@ def smoke(target: str = typer.Argument(..., metavar="IMAGE|MODEL"),
     if target.lower() in cat.models:
         from .pipeline import plan_for
         plan, sources = plan_for(_request(target, card, cuda, python))
-        image_ref = build_stage.image_tag(plan, f"{sources.registry}envbuild/{plan.model}" if sources.registry else "")
+        image_ref = build_stage.image_ref(plan, sources.registry)
     data_ = smoke_stage.run(image_ref, smoke_stage.parse_levels(level), gpus=gpus, steps=steps, recipe=recipe,
                             data=str(data) if data else None, ckpt_dir=str(ckpt_dir) if ckpt_dir else None,
                             ops_check=str(ops_check) if ops_check else None, compile_model=compile_, ipc_host=ipc_host,

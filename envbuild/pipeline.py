@@ -136,8 +136,7 @@ def prepare_image(req: Request, extra_tags=(), lock: bool = True, echo=None, say
     build_stage.engine.find_cli()
     build_stage.engine.client()
     plan, sources, ctx, lock_note = prepare_locked(req, lock=lock, echo=echo, say=say)
-    repo = f"{sources.registry}envbuild/{plan.model}" if sources.registry else ""
-    tags = [build_stage.image_tag(plan, repo)] + [build_stage.check_ref(t) for t in extra_tags or []]
+    tags = [build_stage.image_ref(plan, sources.registry)] + [build_stage.check_ref(t) for t in extra_tags or []]
     return plan, sources, ctx, lock_note, tags
 
 
