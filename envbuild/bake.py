@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import labels as label
 from . import catalog, outputs, packages, render
-from .build import image_tag
+from .build import image_ref
 from .config import Sources
 from .errors import BadInput
 from .resolve import Conflict, resolve
@@ -57,7 +57,7 @@ def bake_file(models=None, cards=None, out_dir: Path = Path("bake"), sources: So
             })
             gb = max([render.compiled_block(plan, n).gb_per_job for n in plan.compiled] + [packages.DEFAULT_GB_PER_JOB])
             jobs_cap = max(1, builder_memory_gb // (gb * parallel))
-            tag = image_tag(plan, f"{registry.rstrip('/')}/envbuild/{m}" if registry else "")
+            tag = image_ref(plan, registry)
             target = {
                 "context": str(ctx_dir), "dockerfile": "Dockerfile", "target": "runtime",
                 "tags": [tag], "labels": {label.MODEL: m, label.CARD: c, label.CARDS: c, label.MODE: plan.mode},

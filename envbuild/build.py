@@ -32,14 +32,16 @@ def state_dir() -> Path:
     return path
 
 
-def image_tag(plan: Plan, repository: str = "") -> str:
-    """Repository:tag encoding model, model ref, Python, CUDA, torch and target archs."""
+def image_ref(plan: Plan, registry: str = "") -> str:
+    """The Plan's image reference, the one place it is composed: envbuild/MODEL (under `registry`,
+    a prefix such as 127.0.0.1:5000/, when given) and a tag encoding model ref, Python, CUDA, torch
+    and target archs."""
     torch = plan.torch.version.split("+")[0]
     cuda = "".join(plan.cuda.split(".")[:2])
     arch = plan.arch_list.replace(".", "").replace("+PTX", "ptx").replace(";", "-")
     tag = f"{plan.commit[:7]}-py{plan.python.version}-cu{cuda}-torch{torch}-sm{arch}"
     tag = TAG_CHARS.sub("-", tag)[:128]
-    repo = repository or f"envbuild/{plan.model}"
+    repo = f"{registry.rstrip('/')}/envbuild/{plan.model}" if registry else f"envbuild/{plan.model}"
     ref = f"{repo}:{tag}"
     if not REF_RE.match(ref):
         raise OperationFailed(f"cannot make a valid image reference from {ref!r}")

@@ -18,7 +18,6 @@ from pathlib import Path
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
-from .incontainer.archrules import cc_key  # noqa: F401  (catalog users order ccs with it)
 from .errors import CatalogError, unknown
 
 BUILTIN = "built-in"

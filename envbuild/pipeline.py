@@ -1,34 +1,54 @@
-"""Glue between stages for the commands that chain them (render, lock, image).
+"""Glue between stages: what each command does, as one call that runs the stages in order.
 
-Each function here calls stage modules in order; none decides anything a stage owns.
+None of these functions decides anything a stage owns, and none prints: what a long call says
+on the way goes through a Progress, and what it found is returned for show.py to present.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-from . import catalog, lock as lock_stage, render
-from .config import Sources, load_sources
-from .errors import BadInput
-from .resolve import Plan, parse_overrides, resolve
+from . import audit as audit_stage
+from . import bake as bake_stage
+from . import build as build_stage
+from . import compare as compare_stage
+from . import export as export_stage
+from . import fixers as fix_stage
+from . import lock as lock_stage
+from . import smoke as smoke_stage
+from . import catalog, engine, host, ledger, outputs, render, ship
+from .build import check_ref, image_ref
+from .config import Sources, load_sources, setting
+from .errors import BadInput, EnvbuildError, OperationFailed, unknown
+from .plan import Plan
+from .resolve import grid, parse_cards, parse_overrides, resolve
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Request:
+    """What a command asks for, by keyword: Request(model="maptr", card="h20", cuda="11.8")."""
+
     model: str
     card: str | None = None  # a card, a comma-separated list, or None: see choose_cards
     cuda: str | None = None
     python: str | None = None
     strict: bool = False
-    overrides: tuple = ()
+    overrides: tuple = ()  # --set PKG==VERSION items (a list, or None from typer, becomes a tuple)
     source: str | None = None  # local source tree (default: git at the pinned commit)
     base_image: str | None = None
     runtime_image: str | None = None
     torch_index: str | None = None
     pypi_index: str | None = None
+
+    def __post_init__(self):
+        self.overrides = tuple(self.overrides or ())
+        if self.source is not None:
+            self.source = str(self.source)
 
     def command(self) -> str:
         """The envbuild command line that regenerates this render (for file headers)."""
@@ -45,19 +65,40 @@ class Request:
         return " ".join(parts)
 
 
+@dataclass(kw_only=True, frozen=True)
+class Progress:
+    """What a long call says while it runs; each is optional (None: nothing said)."""
+
+    echo: Callable[[str], None] | None = None  # build and lock output, line by line
+    say: Callable[[str], None] | None = None  # a step worth a line of its own (locking first, ...)
+    planned: Callable[[Plan], None] | None = None  # the Plan, before the long steps start
+    building: Callable[[str, Plan, Path], None] | None = None  # the build starts: (image ref, Plan, context)
+
+
+QUIET = Progress()
+
+
+@dataclass(kw_only=True)
+class Verification:
+    """What `verify` recorded: the ledger file, the cell's status now, and the failure to report, if any."""
+
+    plan: Plan
+    record: Path
+    status: str
+    failure: EnvbuildError | None = None
+
+
 def choose_cards(cat, card: str | None) -> tuple[str | None, str]:
     """The cards to build for, the same way for every command, and why: the --card given; else
     the GPUs on this host; else the config's `card`; else None (portable: every catalog card)."""
-    from . import host
-    from .config import setting
     if card:
         return card, "--card"
     found = host.gpus()
     if found:
         cards = [host.match_card(cat, g["name"]) for g in found]
-        unknown = sorted({g["name"] for g, c in zip(found, cards) if c is None})
-        if unknown:
-            raise BadInput(f"this host's GPU {', '.join(unknown)} is not in the catalog",
+        missing = sorted({g["name"] for g, c in zip(found, cards) if c is None})
+        if missing:
+            raise BadInput(f"this host's GPU {', '.join(missing)} is not in the catalog",
                            "pass --card, or add it to your catalog's cards.toml (envbuild cards shows where)")
         ids = list(dict.fromkeys(c.id for c in cards))
         return ",".join(ids), f"the GPUs on this host ({', '.join(dict.fromkeys(g['name'] for g in found))})"
@@ -66,6 +107,17 @@ def choose_cards(cat, card: str | None) -> tuple[str | None, str]:
         return configured, "the config's card"
     return None, ("portable: no --card, no GPU on this host and no card in the config, so every catalog card "
                   "this stack runs on")
+
+
+def card_here(cat, card: str | None):
+    """The card a smoke run is for: the one named, else this host's first GPU, else None."""
+    if card:
+        cards = parse_cards(cat, card)
+        if len(cards) != 1:
+            raise BadInput("smoke runs on one card at a time: pass one --card", "run it once per card, then envbuild compare")
+        return cards[0]
+    gpus = host.gpus()
+    return host.match_card(cat, gpus[0]["name"]) if gpus else None
 
 
 def plan_for(req: Request) -> tuple[Plan, Sources]:
@@ -77,9 +129,28 @@ def plan_for(req: Request) -> tuple[Plan, Sources]:
     return plan, sources
 
 
+def ledger_request(plan: Plan, sources: Sources, req: Request) -> dict:
+    """The request a ledger record is kept under: what verify writes and resolve looks up."""
+    return {"model": plan.model, "card": ",".join(plan.cards), "python": req.python, "cuda": req.cuda,
+            "torch_index": sources.torch_index or "none"}
+
+
+def resolve_plan(req: Request) -> tuple[Plan, str]:
+    """The Plan, and what the verified ledger says of it (verified, stale, FAILED or not verified)."""
+    plan, sources = plan_for(req)
+    return plan, ledger.status(plan, ledger_request(plan, sources, req))
+
+
+def matrix(models: list[str] | None = None, cards: list[str] | None = None, *, cuda: str | None = None,
+           torch_index: str | None = None) -> tuple[list, dict]:
+    """Every (model, card) cell (upstream, port or impossible) and the ledger's marks {(model, card): mark}."""
+    cat = catalog.load()
+    cells = grid(cat, models, cards, load_sources(torch_index=torch_index), cuda)
+    return cells, ledger.marks(cat)
+
+
 def default_context_dir(plan: Plan) -> Path:
-    from .build import state_dir
-    return state_dir() / "contexts" / f"{plan.model}-{plan.card}"
+    return build_stage.state_dir() / "contexts" / f"{plan.model}-{plan.card}"
 
 
 def prepare(req: Request, out: Path | None = None) -> tuple[Plan, Sources, Path]:
@@ -92,23 +163,39 @@ def prepare(req: Request, out: Path | None = None) -> tuple[Plan, Sources, Path]
         source_dir = Path(req.source).expanduser()
         if not source_dir.is_dir():
             raise BadInput(f"--source {req.source}: not a directory", "point --source at a checkout of the model")
-        render.check_apart(source_dir, out)
+        outputs.check_apart(source_dir, out)
     ctx = render.make_context(plan, req.command(), base_image=req.base_image, runtime_image=req.runtime_image,
                               source="local" if source_dir else "git", pypi_index=sources.pypi_index)
     # A lock made from exactly this requirements.in switches the Dockerfile to hash-checked installs.
     render.use_lock(ctx, out)
     if not ctx.locked and out.is_dir():
-        mine = render.owned(out, adopt)  # refuses a folder that is not envbuild's, touching nothing
+        mine = outputs.owned(out, adopt)  # refuses a folder that is not envbuild's, touching nothing
         stale = [name for name in ("requirements.lock", "torch.lock") if name in mine]
         if stale:  # locks envbuild made for other pins (a user's own file stays)
-            with render.folder_lock(out):  # not while another render writes there
+            with outputs.folder_lock(out):  # not while another render writes there
                 for name in stale:
                     (out / name).unlink(missing_ok=True)
     render.write(ctx, out, source_dir, adopt)
     return plan, sources, out
 
 
-def prepare_locked(req: Request, out: Path | None = None, lock: bool = True, echo=None, say=None):
+def render_context(req: Request, out: Path | None = None) -> tuple[Plan, dict]:
+    """prepare(), and what it wrote: {dir, files, locked, mode}."""
+    plan, _, ctx = prepare(req, out)
+    files = sorted(str(p.relative_to(ctx)) for p in ctx.iterdir())
+    return plan, {"dir": str(ctx), "files": files, "locked": (ctx / "requirements.lock").exists(), "mode": plan.mode}
+
+
+def lock_context(req: Request, out: Path | None = None, progress: Progress = QUIET) -> tuple[Plan, Path, Path]:
+    """pip-compile in the Plan's own Python, then the context rendered again to install from the lock.
+    Returns (plan, lock file, context)."""
+    plan, sources, ctx = prepare(req, out)
+    path = lock_stage.lock(ctx, ca_bundle=sources.ca_bundle, echo=progress.echo)
+    plan, sources, ctx = prepare(req, out)  # re-render: the Dockerfile now installs from the lock
+    return plan, path, ctx
+
+
+def prepare_locked(req: Request, out: Path | None = None, lock: bool = True, progress: Progress = QUIET):
     """prepare(), and lock first when no lock matches the Plan: pip-compile runs in the image's own
     Python and the lock stays beside the context for the next build. Returns (plan, sources, ctx, note)."""
     plan, sources, ctx = prepare(req, out)
@@ -122,29 +209,26 @@ def prepare_locked(req: Request, out: Path | None = None, lock: bool = True, ech
         lock_stage.copy_lock(shared, ctx)
         plan, sources, ctx = prepare(req, out)
         return plan, sources, ctx, f"hash-locked by {ctx / 'requirements.lock'} (the lock of {shared.name})"
-    if say:
-        say(f"no lock matches this Plan yet: locking first with pip-compile in the image's Python ({ctx})")
-    lock_stage.lock(ctx, ca_bundle=sources.ca_bundle, echo=echo)
+    if progress.say:
+        progress.say(f"no lock matches this Plan yet: locking first with pip-compile in the image's Python ({ctx})")
+    lock_stage.lock(ctx, ca_bundle=sources.ca_bundle, echo=progress.echo)
     plan, sources, ctx = prepare(req, out)  # re-render: the Dockerfile now installs from the lock
     return plan, sources, ctx, f"locked first, hash-locked by {ctx / 'requirements.lock'} (kept for the next build)"
 
 
-def prepare_image(req: Request, extra_tags=(), lock: bool = True, echo=None, say=None):
+def prepare_image(req: Request, extra_tags=(), lock: bool = True, progress: Progress = QUIET):
     """Everything before the build: engine reachable, context rendered and locked, tags decided.
     Returns (plan, sources, ctx, lock_note, tags); the Plan's own tag comes first."""
-    from . import build as build_stage
-    build_stage.engine.find_cli()
-    build_stage.engine.client()
-    plan, sources, ctx, lock_note = prepare_locked(req, lock=lock, echo=echo, say=say)
-    repo = f"{sources.registry}envbuild/{plan.model}" if sources.registry else ""
-    tags = [build_stage.image_tag(plan, repo)] + [build_stage.check_ref(t) for t in extra_tags or []]
+    engine.find_cli()
+    engine.client()
+    plan, sources, ctx, lock_note = prepare_locked(req, lock=lock, progress=progress)
+    tags = [image_ref(plan, sources.registry)] + [check_ref(t) for t in extra_tags or []]
     return plan, sources, ctx, lock_note, tags
 
 
-def build_image(plan: Plan, sources: Sources, ctx: Path, lock_note: str, tags: list[str], no_cache: bool = False,
-                echo=None) -> dict:
+def _build(plan: Plan, sources: Sources, ctx: Path, lock_note: str, tags: list[str], no_cache: bool = False,
+           echo=None) -> dict:
     """BuildKit build of a prepared context, tagged on success; the summary the CLI prints."""
-    from . import build as build_stage
     result = build_stage.build(ctx, tags, no_cache=no_cache, ca_bundle=sources.ca_bundle, echo=echo,
                                log_name=f"{plan.model}-{plan.card}")
     summary = result.summary()
@@ -152,25 +236,152 @@ def build_image(plan: Plan, sources: Sources, ctx: Path, lock_note: str, tags: l
     return summary
 
 
-def export_wheels(req: Request, dest: Path | None = None, echo=None, say=None) -> tuple[Plan, Path, list[dict]]:
+def build_image(req: Request, *, tags=(), lock: bool = True, no_cache: bool = False, smoke: bool = False,
+                push: bool = False, progress: Progress = QUIET) -> dict:
+    """What `envbuild image` does: resolve, render, lock (first time), build, tag; then, when asked,
+    smoke-test the image (its result recorded in a label every tag moves to) and push the tags that
+    name a registry. Returns the build summary, with `smoke` and `pushed` when they ran."""
+    if progress.planned:  # which cards, and why, before the (long) lock and build
+        progress.planned(plan_for(req)[0])
+    plan, sources, ctx, lock_note, refs = prepare_image(req, tags, lock=lock, progress=progress)
+    # --push sends the tags that name a registry: the default one only when a registry is configured
+    to_push = refs if sources.registry else refs[1:]
+    if push and not to_push:
+        raise BadInput("--push: no registry to push to", "set registry in the config (ENVBUILD_REGISTRY) "
+                       "or add --tag REGISTRY/NAME:TAG")
+    if progress.building:
+        progress.building(refs[0], plan, ctx)
+    summary = _build(plan, sources, ctx, lock_note, refs, no_cache=no_cache, echo=progress.echo)
+    if smoke:
+        _smoke_and_label(summary, refs)
+    if push:
+        summary["pushed"] = {t: ship.push(t, echo=progress.echo) for t in to_push}
+    return summary
+
+
+def _smoke_and_label(summary: dict, refs: list[str]) -> None:
+    """Smoke-test a fresh build on this host's card; its result becomes a label of the image every
+    tag moves to (summary: `smoke`, `build_image_id`, and the labelled image's `image_id`)."""
+    report = smoke_stage.run(refs[0], smoke_stage.parse_levels(None), card=card_here(catalog.load(), None))
+    summary["smoke"] = smoke_stage.summary(report)
+    summary["build_image_id"] = summary["image_id"]
+    summary["image_id"] = smoke_stage.record(refs, report)  # every tag moves to the labelled image
+    if not report["ok"]:
+        raise OperationFailed(f"image built ({refs[0]}) but its smoke test failed: "
+                              + ", ".join(k for k, v in summary["smoke"]["levels"].items() if v == "failed"))
+
+
+def verify_cell(req: Request, *, progress: Progress = QUIET) -> Verification:
+    """What `envbuild verify` does: build the cell, audit it for each of its cards, smoke env + model
+    without a GPU, and record the outcome (passed, or the first failure) in the verified ledger."""
+    plan, sources, ctx, lock_note, refs = prepare_image(req, (), progress=progress)
+    request = ledger_request(plan, sources, req)
+    summary, audit_ok, report, failure = {}, None, None, ""
+    try:
+        summary = _build(plan, sources, ctx, lock_note, refs, echo=progress.echo)
+        audits = _audit_all(refs[0], None, list(plan.cards))
+        audit_ok = all(a["ok"] for a in audits)
+        if not audit_ok:
+            failure = "audit: " + "; ".join(f for a in audits for f in a["failures"])
+        report = smoke_stage.run(refs[0], ["env", "model"], gpus="none")
+        if not failure:
+            failure = _smoke_failure(report)
+    except OperationFailed as exc:
+        failure = exc.message.splitlines()[0] + (f" (log: {exc.log})" if exc.log else "")
+    if summary:
+        summary = ledger.with_cold_times(plan, summary)
+    path = ledger.write(plan, request, summary, audit_ok, report, failure, model=catalog.load().model(plan.model))
+    error = OperationFailed(f"{plan.model} is not verified: {failure}", log=str(path)) if failure else None
+    return Verification(plan=plan, record=path, status=ledger.status(plan, request), failure=error)
+
+
+def _smoke_failure(report: dict) -> str:
+    """'' when every level passed, else each level that did not, with its first problem."""
+    bad = {k: v for k, v in report["levels"].items() if v.get("status") != "passed"}
+    return "; ".join(f"smoke {k}: {v.get('reason') or _first_problem(v)}" for k, v in bad.items())
+
+
+def _first_problem(level: dict) -> str:
+    found = [f"{p['name']}: {'; '.join(p['problems'])}" for p in level.get("packages", []) if not p.get("ok")]
+    found += [f"{e['path']}: {e['error']}" for e in level.get("extensions", []) if e.get("ok") is False
+              and e.get("required", True)]
+    return (found or [level.get("reason") or level.get("status", "?")])[0][:300]
+
+
+def _audit_all(ref: str, cat, cards) -> list[dict]:
+    """One scan of the image, judged for each card (catalog names or ids)."""
+    libs = audit_stage.scan(ref)
+    return [audit_stage.audit(ref, c, libs) for c in parse_cards(cat or catalog.load(), cards)]
+
+
+def audit_image(ref: str, card: str | None = None) -> tuple[list[dict], EnvbuildError | None]:
+    """Every compiled library of the image judged for each card (the ones named, else the image's
+    own): the reports, and the failure to report when a library cannot run on a card."""
+    cat = catalog.load()
+    export_stage.local_image(ref)  # a missing or unusable reference is said as such
+    names = card or audit_stage.image_cards(ref)
+    if not names:
+        raise BadInput(f"{ref} has no io.envbuild.cards label", "pass --card CARD[,CARD]")
+    reports = _audit_all(ref, cat, names)
+    failing = [r for r in reports if not r["ok"]]
+    if not failing:
+        return reports, None
+    return reports, OperationFailed("; ".join(
+        f"{len(r['failures'])} librar{'y' if len(r['failures']) == 1 else 'ies'} cannot run on {r['card_name']}"
+        + (f" (torch's own build: {', '.join(sorted(r['torch_failures']))})" if r["torch_failures"] else "")
+        for r in failing))
+
+
+def smoke_image(target: str, *, card: str | None = None, cuda: str | None = None, python: str | None = None,
+                level: str | None = None, gpus: str = "all", recipe: str = "synthetic", report: Path | None = None,
+                **options) -> tuple[dict, EnvbuildError | None]:
+    """What `envbuild smoke` does: the levels run in an image, or in a model's image (the ref its Plan
+    names), for the card; `options` go to smoke.run as they are. The report is written to `report`
+    when given. Returns the report, and the failure to report when a level failed."""
+    if recipe not in ("synthetic", "model", "both"):
+        raise BadInput(f"--recipe {recipe!r} is not a recipe", "choose synthetic, model or both")
+    if gpus != "all" and gpus != "none" and not gpus.isdigit():
+        raise BadInput(f"--gpus {gpus!r} is not a GPU request", "all, N or none")
+    ref = target
+    cat = catalog.load()
+    if target.lower() in cat.models:
+        plan, sources = plan_for(Request(model=target, card=card, cuda=cuda, python=python))
+        ref = image_ref(plan, sources.registry)
+    levels = smoke_stage.parse_levels(level)
+    data = smoke_stage.run(ref, levels, gpus=gpus, recipe=recipe, card=card_here(cat, card), **options)
+    if report:
+        report.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    if data["ok"]:
+        return data, None
+    failed = [k for k, v in data["levels"].items() if v["status"] == "failed"]
+    return data, OperationFailed(f"smoke failed: {', '.join(failed)}", log=str(report) if report else "")
+
+
+def pull_image(req: Request, *, registry: str | None = None) -> dict:
+    """The image a Plan names, pulled after a driver check, from `registry` (default: the config's)."""
+    plan, sources = plan_for(req)
+    prefix = load_sources(registry=registry).registry if registry else sources.registry
+    return ship.pull(image_ref(plan, prefix), plan.min_driver, plan.compat_driver, plan.cuda, plan.cards)
+
+
+def export_wheels(req: Request, dest: Path | None = None, progress: Progress = QUIET) -> tuple[Plan, Path, list[dict]]:
     """The Plan's compiled wheels as a plain folder `pip install --find-links` can use: the wheel
     stages (cache hits once an image was built) exported without an image. Returns the wheels
     with what they were built for."""
-    from . import build as build_stage
     plan, _ = plan_for(req)
     if not plan.compiled:
         raise BadInput(f"{plan.model} compiles no package from source: there are no wheels to export",
                        "its packages come as wheels from the index already")
     dest = Path(dest) if dest else build_stage.state_dir() / "wheels" / f"{plan.model}-{plan.card}"
-    render.owned(dest, adopt=False)  # a folder that is not envbuild's is refused, touching nothing
-    plan, sources, ctx, _ = prepare_locked(req, echo=echo, say=say)
+    outputs.owned(dest, adopt=False)  # a folder that is not envbuild's is refused, touching nothing
+    plan, sources, ctx, _ = prepare_locked(req, progress=progress)
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".envbuild-wheels-") as tmp:
-        build_stage.export_stage(ctx, "wheels", Path(tmp), ca_bundle=sources.ca_bundle, echo=echo,
+        build_stage.export_stage(ctx, "wheels", Path(tmp), ca_bundle=sources.ca_bundle, echo=progress.echo,
                                  log_name=f"wheels-{plan.model}-{plan.card}")
         made = sorted(Path(tmp).glob("*.whl"))
         dest.mkdir(parents=True, exist_ok=True)
-        render.record_owned(dest, [w.name for w in made])
+        outputs.record_owned(dest, [w.name for w in made])
         for wheel in made:
             os.replace(wheel, dest / wheel.name)
     facts = {"torch": plan.torch.version, "cuda": plan.torch_cuda, "python": plan.python.version,
@@ -178,3 +389,65 @@ def export_wheels(req: Request, dest: Path | None = None, echo=None, say=None) -
     wheels = [dict(facts, file=str(dest / w.name), package=w.name.split("-")[0].replace("_", "-"),
                    version=w.name.split("-")[1], size_bytes=(dest / w.name).stat().st_size) for w in made]
     return plan, dest, wheels
+
+
+def fix_tree(path: str, *, only: list[str] | None = None, mmcv: str | None = None, cxx_std: str | None = None,
+             plan_file: Path | None = None, dry_run: bool = False):
+    """What `envbuild fix` does: the fixers a plan.json names, else those --only names (else all),
+    detected (dry_run: a list of findings, nothing changed) or applied ({fixer: changed files})."""
+    if not path.strip():
+        raise BadInput("the source tree path is empty", "name the model's folder, e.g. envbuild fix ./MapTR")
+    if not Path(path).is_dir():
+        raise BadInput(f"{path} is not a directory", "name the model's source folder")
+    chosen = _fixers_of_plan(plan_file) if plan_file else _fixers_named(only, mmcv, cxx_std)
+    if dry_run:
+        return fix_stage.detect(str(path), chosen)
+    try:
+        return fix_stage.apply(str(path), chosen)
+    except fix_stage.FixerError as exc:
+        raise OperationFailed(str(exc), "report it with the file; apply the other fixers with --only") from None
+
+
+def _fixers_of_plan(plan_file: Path) -> list:
+    try:
+        return fix_stage.fixers_from_plan(json.loads(plan_file.read_text()))
+    except (OSError, ValueError, KeyError, UnicodeDecodeError) as exc:
+        raise BadInput(f"cannot use plan {plan_file}: {exc}", "pass the plan.json that envbuild render wrote") from None
+
+
+def _fixers_named(only: list[str] | None, mmcv: str | None, cxx_std: str | None) -> list:
+    names = [n for item in (only or []) for n in item.split(",") if n] or list(fix_stage.FIXERS)
+    for name in names:
+        if name not in fix_stage.FIXERS:
+            raise unknown("fixer", name, list(fix_stage.FIXERS))
+    args = {"mmcv-version-assert": {"mmcv": mmcv} if mmcv is not None else {},
+            "cxx-standard": {"std": cxx_std} if cxx_std is not None else {}}
+    try:
+        return [fix_stage.make(n, args.get(n)) for n in names if not (n == "mmcv-version-assert" and mmcv is None)]
+    except ValueError as exc:
+        raise BadInput(str(exc).replace("mmcv=", "--mmcv ").replace("std=", "--cxx-std "),
+                       "--mmcv takes a version like 1.7.2; --cxx-std one of c++14, c++17, c++20") from None
+
+
+def export_image(ref: str, format_: str, out: Path) -> dict:
+    """A compressed docker save (tar) or an Apptainer definition (apptainer) of a local image, in out."""
+    if format_ not in ("tar", "apptainer"):
+        raise BadInput(f"--format {format_!r} is not a format", "choose tar or apptainer")
+    return export_stage.export_tar(ref, out) if format_ == "tar" else export_stage.export_apptainer(ref, out)
+
+
+def compare_reports(reports: list[Path], out: Path) -> Path:
+    """One HTML page from smoke reports; replaces only a page envbuild wrote."""
+    page = compare_stage.page(compare_stage.load(reports))
+    outputs.write_own_file(out, page, lambda text: compare_stage.GENERATOR in text)
+    return out
+
+
+def bake_matrix(models: list[str] | None, cards: list[str] | None, *, out: Path, registry: str | None = None,
+                builder_memory: int = 64, parallel: int = 4, base_image: str | None = None,
+                torch_index: str | None = None) -> tuple[Path, dict, list[dict]]:
+    """The docker-bake file for models x cards, its contexts beside it. Returns (file, bake, skipped cells)."""
+    sources = load_sources(torch_index=torch_index, registry=registry)
+    doc, skipped = bake_stage.bake_file(models, cards, out.parent, sources, sources.registry,
+                                        builder_memory, parallel, base_image)
+    return bake_stage.write(doc, out), doc, skipped

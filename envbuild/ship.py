@@ -6,12 +6,13 @@ import json
 
 from . import labels as label
 from . import engine, host
-from .build import split_ref
+from .build import check_ref, split_ref
 from .errors import BadInput, OperationFailed
 
 
 def push(ref: str, echo=None) -> str:
     """Push a local image; returns the registry digest. Refusals and auth needs say so."""
+    check_ref(ref)
     client = engine.client()
     from docker.errors import ImageNotFound, APIError
     try:

@@ -1,4 +1,7 @@
-"""Presentation: rich tables and plain text for the CLI. No decisions here."""
+"""Presentation: rich tables and plain text for the CLI. No decisions here.
+
+Each command hands its result to one function here; `as_json` prints it as JSON on stdout instead.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +11,8 @@ import sys
 from rich.console import Console
 from rich.markup import escape as e
 from rich.table import Table
+
+from .smoke import LEVELS
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -76,3 +81,277 @@ def error(exc) -> None:
         err.print(f"hint: {printable(exc.hint)}", markup=False)
     if exc.log:
         err.print(f"full log: {printable(exc.log)}", markup=False)
+
+
+def line(text: str) -> None:
+    """One line of plain text on stdout (no markup: names and paths print as they are)."""
+    out.print(text, markup=False)
+
+
+def dim(text: str) -> None:
+    """Build and lock output, streamed on stderr."""
+    err.print(text, markup=False, style="dim")
+
+
+def note(text: str) -> None:
+    """A step worth its own line, on stderr (stdout stays the result)."""
+    err.print(text, markup=False)
+
+
+def plan_cards(p) -> None:
+    """Which cards a Plan is for, and why."""
+    line(f"for     {', '.join(p.cards)}  ({p.cards_why})")
+
+
+def catalog_models(cat, as_json: bool = False) -> None:
+    rows = [{"name": m.name, "title": m.title, "python": m.python, "torch": f"{m.torch}", "cuda": m.cuda,
+             "repo": m.repo, "commit": m.commit, "extensions": [x.name for x in m.extensions],
+             "launcher": m.train.launcher, "description": m.description, "from": m.origin}
+            for m in cat.models.values()]
+    if as_json:
+        return emit_json(rows)
+    table("models", ["name", "python", "torch", "CUDA", "extensions", "launcher", "description", "from"],
+          [[r["name"], r["python"], r["torch"], r["cuda"], ", ".join(r["extensions"]) or "-",
+            r["launcher"], r["description"], r["from"]] for r in rows])
+
+
+def catalog_cards(cat, as_json: bool = False) -> None:
+    rows = [{"id": c.id, "name": c.name, "cc": c.cc, "memory_gb": c.memory_gb, "p2p": c.p2p,
+             "aliases": list(c.aliases), "from": c.origin} for c in cat.cards.values()]
+    if as_json:
+        return emit_json(rows)
+    table("cards", ["id", "name", "compute capability", "memory GB", "P2P", "aliases", "from"],
+          [[r["id"], r["name"], r["cc"], r["memory_gb"], "yes" if r["p2p"] else "NO",
+            ", ".join(r["aliases"]), r["from"]] for r in rows])
+
+
+def resolved(p, verified: str, as_json: bool = False) -> None:
+    if as_json:
+        return emit_json({**p.to_dict(), "verified": verified})
+    plan(p)
+    line(f"  ledger      {verified}")
+
+
+def matrix(cells, marks: dict, as_json: bool = False) -> None:
+    if as_json:
+        return emit_json([{**c.__dict__, "verified": marks.get((c.model, c.card), "")} for c in cells])
+    names = list(dict.fromkeys(c.model for c in cells))
+    ids = list(dict.fromkeys(c.card for c in cells))
+    by = {(c.model, c.card): c for c in cells}
+    rows = []
+    for cid in ids:
+        row = [cid]
+        for m in names:
+            c = by[(m, cid)]
+            mark = f" [{marks[(m, cid)]}]" if (m, cid) in marks else ""
+            row.append((c.status if c.status == "upstream" else f"{c.status}: {c.summary}") + mark)
+        rows.append(row)
+    table("models x cards", ["card", *names], rows)
+
+
+def rendered(p, listing: dict, as_json: bool = False) -> None:
+    if as_json:
+        return emit_json(listing)
+    line(f"rendered {p.model} for {p.card_name} ({p.mode}) into {listing['dir']}")
+    plan_cards(p)
+    for name in listing["files"]:
+        line(f"  {name}")
+    if not listing["locked"]:
+        line(f"not locked yet: envbuild lock {p.model} --card {','.join(p.cards)} (envbuild image locks first by itself)")
+
+
+def findings(found, as_json: bool = False) -> None:
+    if as_json:
+        return emit_json([f.to_dict() for f in found])
+    for f in found:
+        line(f"{f.path}:{f.line}: {f.fixer}: {f.why}")
+    line(f"{len(found)} finding(s); nothing changed")
+
+
+def fixes(report: dict, as_json: bool = False) -> None:
+    if as_json:
+        return emit_json(report)
+    for name, files in report.items():
+        line(f"{name}: {len(files)} file(s) changed")
+        for f in files:
+            line(f"  {f}")
+
+
+def locked(p, path, ctx, as_json: bool = False) -> None:
+    if as_json:
+        return emit_json({"lock": str(path), "torch_lock": str(ctx / "torch.lock"), "dir": str(ctx)})
+    line(f"locked {p.model} for {p.card_name}: {path}")
+
+
+def wheels(p, dest, made: list[dict], as_json: bool = False) -> None:
+    if as_json:
+        return emit_json({"dir": str(dest), "wheels": made})
+    line(f"{len(made)} wheel(s) for {p.model} on {', '.join(p.cards)} in {dest}")
+    for w in made:
+        line(f"  {w['package']} {w['version']}  torch {w['torch']}, CUDA {w['cuda']}, Python {w['python']}, "
+             f"arch {w['arch_list']}, {w['size_bytes'] / 1e6:.1f} MB")
+    line(f"install: pip install --find-links {dest} <package>==<version>")
+
+
+def building(ref: str, p, ctx) -> None:
+    line(f"building {ref} ({p.mode}) from {ctx}")
+
+
+def image(summary: dict, as_json: bool = False) -> None:
+    """What `envbuild image` built: id, tags, size and time, each RUN step, pushes, lock and log."""
+    if as_json:
+        return emit_json(summary)
+    line(f"image   {summary['image_id']}")
+    for t in summary["tags"]:
+        line(f"tag     {t}")
+    line(f"size    {summary['size_bytes'] / 1e9:.2f} GB   build {summary['build_seconds']:.0f}s   "
+         f"cache hits {summary['cached_steps']}/{summary['steps']} steps")
+    for step in summary["run_steps"]:
+        state = "cached" if step["cached"] else f"{step['seconds'] or 0:.1f}s"
+        line(f"  {state:>8}  {step['step'][:110]}")
+    for ref, digest in summary.get("pushed", {}).items():
+        line(f"pushed  {ref}@{digest}")
+    line(f"lock    {summary['lock']}")
+    line(f"log     {summary['log']}")
+
+
+def verified(result, as_json: bool = False) -> None:
+    if as_json:
+        return emit_json({"record": str(result.record), "status": result.status})
+    line(f"{result.plan.model} on {', '.join(result.plan.cards)}: {result.status}")
+    line(f"record  {result.record}")
+
+
+def pushed(ref: str, digest: str, as_json: bool = False) -> None:
+    if as_json:
+        return emit_json({"image": ref, "digest": digest})
+    line(f"pushed {ref}@{digest}")
+
+
+def pulled(result: dict, as_json: bool = False) -> None:
+    if as_json:
+        return emit_json(result)
+    line(f"pulled {result['image']} ({result['id']})")
+    line(f"driver: {result['driver']}: {result['driver_reason']}")
+    for card_id, verdict in result["validated"].items():
+        line(f"validated for {card_id}: {verdict}")
+
+
+def images(rows: list[dict], as_json: bool = False) -> None:
+    if as_json:
+        return emit_json(rows)
+    table("envbuild images", ["id", "tags", "model", "card", "mode", "torch", "CUDA", "arch", "size GB"],
+          [[r["id"], "\n".join(r["tags"]) or "<untagged>", r["model"], r["card"], r["mode"], r["torch"],
+            r["cuda"], r["arch_list"], f"{r['size_bytes'] / 1e9:.2f}"] for r in rows])
+
+
+def audit(ref: str, reports: list[dict], as_json: bool = False) -> None:
+    """Per card: each library's SASS/PTX and what runs it; warnings on stderr; the verdict."""
+    if as_json:
+        return emit_json(reports[0] if len(reports) == 1 else reports)
+    for report in reports:
+        table(f"{ref} on {report['card_name']} ({report['cc']})", ["library", "kind", "SASS", "PTX", "runs via"],
+              [[lib["path"], lib["kind"], " ".join(lib["sass"]) or "-", " ".join(lib["ptx"]) or "-", lib["via"] or "NOTHING"]
+               for lib in report["libraries"]])
+        for warning in report["warnings"]:
+            err.print(f"warning: {warning}", markup=False)
+        line(f"all {len(report['libraries'])} libraries with GPU code run on {report['card_name']}" if report["ok"]
+             else f"FAILS on {report['card_name']}: " + "; ".join(report["failures"]))
+
+
+def smoke(report: dict, path=None, as_json: bool = False) -> None:
+    """A smoke report: one line per level, the problems under it, and where the report was written."""
+    if as_json:
+        return emit_json(report)
+    env = report.get("environment", {})
+    line(f"{report['image']} on {', '.join(env.get('gpus') or []) or 'no GPU (CPU levels only)'}")
+    for name in [lv for lv in LEVELS if lv in report["levels"]]:
+        lvl = report["levels"][name]
+        line(f"  {name:6} {lvl['status']:8} {_level_detail(name, lvl)}")
+        for problem in _smoke_findings(lvl):
+            line(f"         {problem}")
+    if path:
+        line(f"report: {path}")
+
+
+def _level_detail(name: str, lvl: dict) -> str:
+    detail = lvl.get("reason", "")
+    if name == "train" and lvl.get("runs"):
+        detail = "; ".join(_train_summary(rname, lvl["runs"][rname])
+                           for rname in ("synthetic", "synthetic_compiled", "model") if rname in lvl["runs"])
+    if name == "io" and lvl.get("status") == "passed":
+        detail = f"checkpoint {lvl['size_mb']} MB: write {lvl['write_MBps']} MB/s, read {lvl['read_MBps']} MB/s"
+    if name == "env" and "packages" in lvl:
+        detail = (f"{len(lvl['packages'])} packages, {len(lvl.get('extensions', []))} compiled extensions loaded; "
+                  f"{lvl.get('failed', 0)} failed")
+        if lvl.get("optional_failures"):
+            detail += f"; {len(lvl['optional_failures'])} outside the Plan did not load (not needed by it)"
+    if name == "model" and lvl.get("status") == "passed":
+        detail = f"{lvl['object']} built from the model's own code: {lvl['parameters']:,} parameters"
+        if lvl.get("step"):
+            detail += (f"; training step on a synthetic batch: loss {lvl['step']['loss']:.4g}, "
+                       f"{lvl['step']['grads']} parameters got gradients")
+    if name == "comm" and lvl.get("works_with"):
+        detail = f"all-reduce over {lvl['gpus']} GPU(s) works with {lvl['works_with']}"
+    if name == "ops" and lvl.get("checks"):
+        detail = f"{sum(c['ok'] for c in lvl['checks'])}/{len(lvl['checks'])} op checks match their reference"
+    return detail
+
+
+def _train_summary(name: str, run: dict) -> str:
+    label = {"synthetic": "synthetic", "synthetic_compiled": "torch.compile", "model": "model recipe"}[name]
+    if run.get("status") != "passed":
+        return f"{label}: {run.get('status')}" + (f" ({run['reason']})" if run.get("reason") else "")
+    if name == "synthetic":
+        return (f"synthetic: {run['samples_per_s']} samples/s, step {run['step_time_s']}s, "
+                f"data wait {run['data_wait_share']:.0%}, loss {run['first_loss']:.3f} -> {run['last_loss']:.3f}")
+    if name == "synthetic_compiled":
+        return f"torch.compile: {run.get('speedup_vs_eager')}x eager samples/s"
+    return f"model recipe: passed in {run.get('wall_s')}s ({run.get('steps')} steps)"
+
+
+def _smoke_findings(lvl: dict) -> list[str]:
+    """The lines under a level that say what went wrong, or what was not checked."""
+    found = [f"{p['name']}: {'; '.join(p['problems'])}" for p in lvl.get("packages", []) if not p.get("ok")]
+    found += [f"{x['path']}: {x['error']}" + ("" if x.get("required", True) else " (outside the Plan: reported only)")
+              for x in lvl.get("extensions", []) if x.get("ok") is False]
+    found += list(lvl.get("problems") or [])
+    found += [f"{c['op']}: {c['detail']}" for c in lvl.get("checks", []) if not c["ok"]]
+    found += [f"{a['setting']}: {a.get('error', '').strip()[-200:]}" for a in lvl.get("attempts", []) if not a["ok"]]
+    if lvl.get("unchecked"):
+        found.append(f"no op check ran on: {', '.join(lvl['unchecked'])}")
+    return found
+
+
+def doctor(results, as_json: bool = False) -> None:
+    if as_json:
+        return emit_json([r.__dict__ for r in results])
+    table("envbuild doctor", ["check", "status", "reason"], [[r.name, r.status, r.reason] for r in results])
+
+
+def exported(result: dict, format_: str, as_json: bool = False) -> None:
+    if as_json:
+        return emit_json(result)
+    line(f"archive   {result['archive']} ({result['bytes'] / 1e9:.2f} GB, sha256 {result['sha256'][:16]}...)")
+    line(f"manifest  {result['manifest']}")
+    if format_ == "apptainer":
+        line(f"apptainer {result['definition']}")
+        line(f"sif       {result['sif'] or result.get('sif_note')}")
+
+
+def loaded(result: dict, as_json: bool = False) -> None:
+    if as_json:
+        return emit_json(result)
+    line(f"checksum ok; loaded {', '.join(result['loaded'])} ({', '.join(result['tags'])})")
+
+
+def baked(path, doc: dict, skipped: list[dict], parallel: int, as_json: bool = False) -> None:
+    """The bake file written: its targets, shared bases and waves, the cells left out and why."""
+    if as_json:
+        return emit_json({"file": str(path), "bake": doc, "skipped": skipped})
+    targets = [n for n, t in doc["target"].items() if t.get("target") == "runtime"]
+    line(f"wrote {path}: {len(targets)} image target(s), {len(doc['group']['bases']['targets'])} shared base(s), "
+         f"{len([g for g in doc['group'] if g.startswith('wave-')])} wave(s) of <= {parallel}")
+    for s_ in skipped:
+        line(f"  skipped {s_['model']} on {s_['card']}: {s_['reason']}")
+    line(f"build: docker buildx bake -f {path} wave-1 (then wave-2, ...), or `all` on a big builder")

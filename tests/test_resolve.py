@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from envbuild import catalog
-from envbuild.catalog import cc_key
+from envbuild.incontainer.archrules import cc_key
 from envbuild.config import Sources
 from envbuild.errors import BadInput
 from envbuild.incontainer.archrules import extension_arch, runs_on as wheel_runs_on, sass_runs_on
