@@ -412,20 +412,21 @@ def _insert_after_includes(text, block):
 class MmcvVersionAssert(Fixer):
     name = "mmcv-version-assert"
     why = "mmdet/mmseg/mmdet3d assert an mmcv maximum below the version the port uses"
-    _re = re.compile(r"""^([ \t]*mmcv_maximum_version\s*=\s*)(['"])([0-9][0-9a-z.]*)\2""", re.M)
+    # mmdet/mmdet3d name the maximum mmcv_maximum_version, mmseg 0.x MMCV_MAX
+    _re = re.compile(r"""^([ \t]*(mmcv_maximum_version|MMCV_MAX)\s*=\s*)(['"])([0-9][0-9a-z.]*)\3""", re.M)
 
     def fix_text(self, relpath, text):
         target = self.args.get("mmcv")
         if not target:
             return text
-        strict_lt = re.search(r"<\s*digit_version\(\s*mmcv_maximum_version\s*\)", text) is not None
 
         def repl(m):
-            current = m.group(3)
+            strict_lt = re.search(r"<\s*digit_version\(\s*%s\s*\)" % m.group(2), text) is not None
+            current = m.group(4)
             want = _bump_patch(target) if strict_lt else target
             if _vkey(current) >= _vkey(want):
                 return m.group(0)
-            return "%s%s%s%s" % (m.group(1), m.group(2), want, m.group(2))
+            return "%s%s%s%s" % (m.group(1), m.group(3), want, m.group(3))
         return self._re.sub(repl, text)
 
 

@@ -242,6 +242,37 @@ def test_mmcv_assert_relaxed_exactly_to_the_plan(tree, tmp_path):
     assert "mmcv_maximum_version = '1.7.1'" in (tree / "mmdet" / "__init__.py").read_text()
 
 
+def test_mmcv_assert_fix_lets_an_mmseg_style_package_import(tmp_path):
+    """mmseg 0.x keeps its range in MMCV_MIN/MMCV_MAX and compares lists; the fixed package must
+    import beside an mmcv the port uses, and still refuse one below its minimum."""
+    (tmp_path / "mmcv").mkdir()
+    (tmp_path / "mmcv" / "__init__.py").write_text("import os\n__version__ = os.environ['FAKE_MMCV']\n")
+    pkg = tmp_path / "segpkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(textwrap.dedent("""\
+        import mmcv
+
+        MMCV_MIN = '1.3.1'
+        MMCV_MAX = '1.4.0'
+
+
+        def as_list(text):
+            return [int(part) for part in text.split('.')]
+
+
+        assert as_list(MMCV_MIN) <= as_list(mmcv.__version__) <= as_list(MMCV_MAX), mmcv.__version__
+        """))
+
+    def imports(version):
+        r = subprocess.run([sys.executable, "-c", "import segpkg"], cwd=tmp_path, capture_output=True, text=True,
+                           env={**os.environ, "FAKE_MMCV": version, "PYTHONPATH": str(tmp_path)})
+        return r.returncode == 0
+
+    assert not imports("1.7.1")
+    fixers.apply(str(tmp_path), [fixers.make("mmcv-version-assert", {"mmcv": "1.7.1"})])
+    assert imports("1.7.1") and imports("1.4.0") and not imports("1.2.0")
+
+
 def test_setup_builds_without_gpu(tree):
     fixers.apply(str(tree), [fixers.make("setup-without-gpu"), fixers.make("cxx-standard", {"std": "c++17"})])
     text = (tree / "ops" / "setup.py").read_text()
