@@ -141,6 +141,9 @@ class MmcvAssert:
     name: str
     version: str
     mmcv: tuple[str, str]  # inclusive
+    # mmcv-full from this version registers layers this package also registers (sparse conv):
+    # importing both raises KeyError unless the package's registration is forced
+    layers_clash_from: str | None = None
 
 
 @dataclass(frozen=True)
@@ -243,6 +246,8 @@ class Model:
     era: str | None = None  # YYYY-MM-DD: the upstream commit whose pins the entry reflects
     era_grace_days: int = 30  # releases this long after the era still count as of the era
     corrections: dict = field(default_factory=dict)  # name -> (spec, why): upstream pins that cannot work
+    # stdlib modules the OS packs apart from Python (tkinter) that the model imports -> why
+    stdlib_modules: dict = field(default_factory=dict)
 
     def pinned(self, name: str) -> str | None:
         spec = self.packages.get(name)
@@ -584,7 +589,8 @@ def _load_asserts(pkg: _Reader) -> dict[str, dict[str, MmcvAssert]]:
     for name in pkg.get("asserts", dict):
         for ver in pkg.sub("asserts").get(name, dict):
             r = pkg.sub("asserts").sub(name).sub(ver)
-            asserts.setdefault(name, {})[ver] = MmcvAssert(name, ver, _range(r, "mmcv"))
+            asserts.setdefault(name, {})[ver] = MmcvAssert(name, ver, _range(r, "mmcv"),
+                                                           r.version("layers_clash_from", None))
     return asserts
 
 
@@ -697,6 +703,7 @@ def _load_model(path: Path, torch: dict) -> Model:
     # table, as before, but nothing reads it, so it is not kept.
     doc.get("data", dict, {})
     construct = _model_construct(doc) if "construct" in doc.table else None
+    stdlib_modules = _model_stdlib_modules(doc)
     name = m.get("name", str, pattern=NAME_RE)
     if name != path.stem:
         raise m.fail("name", f"must match the file name {path.stem!r}")
@@ -718,7 +725,26 @@ def _load_model(path: Path, torch: dict) -> Model:
         construct=construct,
         era=m.get("era", str, None, pattern=DATE_RE),
         era_grace_days=m.get("era_grace_days", int, 30),
+        stdlib_modules=stdlib_modules,
     )
+
+
+# Modules of Python's standard library that Debian and Ubuntu ship in a package of their own
+# (python3-tk, or python3.X-tk beside a deadsnakes Python): module -> the package's suffix.
+STDLIB_APART = {"tkinter": "tk"}
+
+
+def _model_stdlib_modules(doc: _Reader) -> dict:
+    """[stdlib_modules]: module = "why the model needs it", for modules the OS packs apart."""
+    if "stdlib_modules" not in doc.table:
+        return {}
+    section = doc.sub("stdlib_modules")
+    out = {}
+    for module in doc.get("stdlib_modules", dict):
+        if module not in STDLIB_APART:
+            raise section.fail(module, f"not a module the OS packs apart from Python (known: {', '.join(STDLIB_APART)})")
+        out[module] = section.get(module, str)
+    return out
 
 
 def _model_torch(doc: _Reader, torch: dict) -> tuple[str, str]:

@@ -446,6 +446,17 @@ def _bump_patch(version):
     return ".".join(parts[:3])
 
 
+class MmcvLayerClash(Fixer):
+    name = "mmcv-layer-clash"
+    why = "mmcv-full >= 1.4.6 registers the sparse conv layers mmdet3d 0.x registers too: KeyError at import"
+    # only the registrations of sparse conv classes (SparseConv3d, SubMConv3d, ...), forced, so
+    # the package's own classes keep the names it builds from its configs
+    _re = re.compile(r"@CONV_LAYERS\.register_module\(\)(?=[ \t]*\r?\n[ \t]*class (?:Sparse|SubM)\w*\b)")
+
+    def fix_text(self, relpath, text):
+        return self._re.sub("@CONV_LAYERS.register_module(force=True)", text)
+
+
 class SetupWithoutGpu(Fixer):
     name = "setup-without-gpu"
     why = "setup.py refuses to build CUDA ops without a visible GPU; image builds have none (FORCE_CUDA=1)"
@@ -517,7 +528,8 @@ class CxxStandard(Fixer):
         return _edit(text, edits)
 
 
-FIXERS = {cls.name: cls for cls in (LocalRank, ThcToAten, NumbaErrors, MmcvVersionAssert, SetupWithoutGpu, CxxStandard)}
+FIXERS = {cls.name: cls for cls in (LocalRank, ThcToAten, NumbaErrors, MmcvVersionAssert, MmcvLayerClash, SetupWithoutGpu,
+                                                CxxStandard)}
 
 
 # The arguments a fixer takes, each with the only shape it may have: they end up inside source

@@ -98,6 +98,7 @@ class Plan:
     # Each package with native code -> its building block's family and what the in-image checks
     # need (import name, op check, compiled modules the check covers): packages/ decides.
     native_packages: dict = field(default_factory=dict)
+    stdlib_modules: dict = field(default_factory=dict)  # module the OS packs apart (tkinter) -> why
 
     @property
     def ccs(self) -> list[str]:

@@ -20,7 +20,7 @@ import jinja2
 from . import labels as label
 from . import outputs, packages, paths
 from . import __version__
-from .catalog import APT_RE, ENV_NAME_RE, ENV_VALUE_RE, FILE_RE, PKG_RE, V, is_exact
+from .catalog import STDLIB_APART, APT_RE, ENV_NAME_RE, ENV_VALUE_RE, FILE_RE, PKG_RE, V, is_exact
 from .errors import BadInput
 from .lock import has_package, locked_version, matches
 from .plan import Plan
@@ -144,6 +144,13 @@ class Context:
         itself, which the Plan takes from deadsnakes on Ubuntu 22.04, and a PPA cannot be added
         on Debian: following the Plan there would break the build."""
         return self.python_apt[0]
+
+    @property
+    def python_extras(self) -> list[str]:
+        """Suffixes of the OS packages holding stdlib modules the model imports (tk: tkinter). The
+        package is python3.X-tk beside a deadsnakes Python, python3-tk beside the OS's: which one,
+        the runtime stage asks apt, as it does for Python itself (python_probe)."""
+        return sorted({STDLIB_APART[m] for m in self.plan.stdlib_modules})
 
     @property
     def python_origin(self) -> list[str]:

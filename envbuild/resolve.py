@@ -383,7 +383,25 @@ def _mmcv_asserts(c: _Candidate) -> str | None:
     if asserting:
         c.fixers.append(Fixer("mmcv-version-assert", f"{', '.join(asserting)} assert at import; the port uses "
                               f"{mmcv_pin.name} {mmcv_pin.version}", {"mmcv": mmcv_pin.version}, tuple(installed)))
+    c.fixers += _mmcv_layer_clash(c, mmcv_pin)
     return None
+
+
+def _mmcv_layer_clash(c: _Candidate, mmcv_pin: Pin | None) -> list[Fixer]:
+    """Packages that register layers the port's mmcv-full registers too: their registration forced."""
+    clashing, installed = [], []
+    for name in sorted(set(c.model.packages) | set(c.model.vendored)):
+        facts = c.cat.asserts.get(name, {}).get(c.model.pinned(name) or "")
+        since = facts and facts.layers_clash_from
+        if since and mmcv_pin and V(mmcv_pin.version) >= V(since):
+            clashing.append(f"{name} {facts.version}")
+            if name not in c.model.vendored:
+                installed.append(name)
+    if not clashing:
+        return []
+    return [Fixer("mmcv-layer-clash", f"{mmcv_pin.name} {mmcv_pin.version} registers the sparse conv layers "
+                  f"{', '.join(clashing)} registers too (KeyError at import); theirs are registered with force=True",
+                  {}, tuple(installed))]
 
 
 def _compiled_deps_and_era(c: _Candidate) -> str | None:
@@ -475,6 +493,7 @@ def _assemble(c: _Candidate) -> Plan:
         notes=tuple(c.notes), construct=model.construct.to_dict() if model.construct else None,
         source_builds=_source_builds(c.cat, py) if py != model.python else {},
         native_packages={name: {"family": block.family, **block.in_image(name)} for name, block in c.blocks.items()},
+        stdlib_modules=dict(model.stdlib_modules),
         **_index_cutoff(model),
     )
 

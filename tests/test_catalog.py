@@ -65,6 +65,8 @@ def _edit(path, old, new):
     ("toolchains/torch.toml", 'compile_python_max = "3.10"', 'compile_python_max = "yes"', "compile_python_max"),
     ("models/sparsedrive.toml", '"runner.max_iters={steps}"', '"runner.max_iters={steps};reboot"', "train.steps_args"),
     ("models/sparsedrive.toml", '"runner.max_iters={steps}"', '"{os.system}"', "train.steps_args"),
+    ("models/maptr.toml", "tkinter = ", "curses = ", "stdlib_modules.curses"),
+    ("toolchains/packages.toml", 'layers_clash_from = "1.4.6"', 'layers_clash_from = "soon"', "layers_clash_from"),
 ])
 def test_malformed_entry_names_file_key_reason(matrices_copy, file, old, new, key):
     _edit(matrices_copy / file, old, new)

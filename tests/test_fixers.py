@@ -273,6 +273,66 @@ def test_mmcv_assert_fix_lets_an_mmseg_style_package_import(tmp_path):
     assert imports("1.7.1") and imports("1.4.0") and not imports("1.2.0")
 
 
+def test_layer_clash_fix_lets_both_registrations_import(tmp_path):
+    """A stand-in mmcv whose registry refuses a second registration of a name, as mmcv 1.x does:
+    a package that registers SparseConv3d again fails at import until the fixer forces its own."""
+    (tmp_path / "mmcv" / "cnn").mkdir(parents=True)
+    (tmp_path / "mmcv" / "__init__.py").write_text("")
+    (tmp_path / "mmcv" / "cnn" / "__init__.py").write_text(textwrap.dedent("""\
+        class Registry:
+            def __init__(self):
+                self.modules = {}
+
+            def register_module(self, force=False):
+                def add(cls):
+                    if cls.__name__ in self.modules and not force:
+                        raise KeyError(cls.__name__ + " is already registered")
+                    self.modules[cls.__name__] = cls
+                    return cls
+                return add
+
+
+        CONV_LAYERS = Registry()
+
+
+        @CONV_LAYERS.register_module()
+        class SparseConv3d:
+            origin = "mmcv"
+        """))
+    ops = tmp_path / "det3d" / "ops"
+    ops.mkdir(parents=True)
+    (tmp_path / "det3d" / "__init__.py").write_text("")
+    (ops / "__init__.py").write_text("from .conv import SparseConv3d, Plain\n")
+    (ops / "conv.py").write_text(textwrap.dedent("""\
+        from mmcv.cnn import CONV_LAYERS
+
+
+        @CONV_LAYERS.register_module()
+        class SparseConv3d:
+            origin = "det3d"
+
+
+        @CONV_LAYERS.register_module()
+        class Plain:
+            pass
+        """))
+    probe = "import det3d.ops; from mmcv.cnn import CONV_LAYERS; print(CONV_LAYERS.modules['SparseConv3d'].origin)"
+
+    def run():
+        return subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(tmp_path)})
+
+    assert "KeyError" in run().stderr
+    fixers.apply(str(tmp_path), [fixers.make("mmcv-layer-clash")])
+    r = run()
+    assert r.returncode == 0 and r.stdout.strip() == "det3d", r.stderr
+    text = (ops / "conv.py").read_text()
+    assert text.count("register_module(force=True)") == 1  # the unrelated layer keeps its registration
+    before = text
+    fixers.apply(str(tmp_path), [fixers.make("mmcv-layer-clash")])
+    assert (ops / "conv.py").read_text() == before
+
+
 def test_setup_builds_without_gpu(tree):
     fixers.apply(str(tree), [fixers.make("setup-without-gpu"), fixers.make("cxx-standard", {"std": "c++17"})])
     text = (tree / "ops" / "setup.py").read_text()

@@ -400,3 +400,15 @@ def test_a_local_source_lands_in_the_builder_stage_the_runtime_copies_from():
     assert "COPY src/ /workspace/model/" in builder and "fixers.py apply /workspace/model" in builder
     assert "pip install --no-deps --no-build-isolation -e ." in builder and "/opt/venv-delta" in builder
     assert "COPY --from=builder /workspace/model /workspace/model" in text
+
+
+def test_a_model_that_imports_tkinter_gets_the_os_package_that_holds_it(cat):
+    """Beside a deadsnakes Python it is python3.X-tk, beside the OS's python3-tk: apt is asked in
+    the runtime stage, since --runtime-image may name an OS the Plan never saw."""
+    plan = resolve(cat, "maptr", "a800", python="3.11", cuda="11.8")
+    assert "tkinter" in plan.stdlib_modules
+    text = render.dockerfile(render.make_context(plan, "test"))
+    runtime = text[text.index("AS runtime"):]
+    assert "apt-cache show python3.11-tk >/dev/null 2>&1 && echo python3.11-tk || echo python3-tk" in runtime
+    other = render.dockerfile(render.make_context(resolve(cat, "qcnet", "a800"), "test"))
+    assert "-tk" not in other

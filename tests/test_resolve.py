@@ -319,3 +319,12 @@ def test_python_floors_and_corrections_are_validated(matrices_copy):
         model.write_text(mtext.replace(old, new, 1))
         with pytest.raises(CatalogError, match=says):
             catalog.load(matrices_copy)
+
+
+def test_a_port_past_mmcv_1_4_6_forces_mmdet3d_0x_sparse_conv_registration(cat):
+    port = resolve(cat, "maptr", "a800", python="3.11", cuda="11.8")
+    clash = next(f for f in port.fixers if f.name == "mmcv-layer-clash")
+    assert "mmdet3d 0.17.2" in clash.why and clash.installed == ()  # vendored: fixed in the model tree
+    upstream = resolve(cat, "maptr", "a800")  # mmcv-full 1.4.0 has no sparse conv of its own
+    assert upstream.pin("mmcv-full").version == "1.4.0"
+    assert all(f.name != "mmcv-layer-clash" for f in upstream.fixers)

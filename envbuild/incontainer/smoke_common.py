@@ -29,7 +29,7 @@ IMPORT_NAMES = {
     "opencv-python": "cv2", "opencv-python-headless": "cv2", "pyyaml": "yaml",
     "pillow": "PIL", "scikit-image": "skimage", "scikit-learn": "sklearn", "nuscenes-devkit": "nuscenes",
     "torch-geometric": "torch_geometric", "pytorch-lightning": "pytorch_lightning",
-    "mmsegmentation": "mmseg", "ipython": "IPython", "lyft-dataset-sdk": "lyft_dataset_kit",
+    "mmsegmentation": "mmseg", "ipython": "IPython",
 }
 
 
