@@ -177,8 +177,6 @@ def train_recipe(plan, args, device):
     cmd += list(train.get("extra_args") or [])
     steps_args = [a.replace("{steps}", str(args.steps)) for a in train.get("steps_args") or []]
     cmd += steps_args
-    if args.recipe_args:
-        cmd += args.recipe_args.split()
     if device == "cpu":
         cmd += list(train.get("cpu_args") or [])  # how the model's script runs without a GPU
     env = dict(os.environ)

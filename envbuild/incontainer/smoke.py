@@ -61,7 +61,6 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--recipe", choices=["synthetic", "model", "both"], default="synthetic")
-    ap.add_argument("--recipe-args", default="")
     ap.add_argument("--data")
     ap.add_argument("--ckpt-dir")
     ap.add_argument("--ckpt-mb", type=int, default=64)
