@@ -449,12 +449,27 @@ def _bump_patch(version):
 class MmcvLayerClash(Fixer):
     name = "mmcv-layer-clash"
     why = "mmcv-full >= 1.4.6 registers the sparse conv layers mmdet3d 0.x registers too: KeyError at import"
-    # only the registrations of sparse conv classes (SparseConv3d, SubMConv3d, ...), forced, so
-    # the package's own classes keep the names it builds from its configs
-    _re = re.compile(r"@CONV_LAYERS\.register_module\(\)(?=[ \t]*\r?\n[ \t]*class (?:Sparse|SubM)\w*\b)")
+    # Only the registrations of sparse conv classes (SparseConv3d, SubMConv3d, ...) are forced,
+    # so the package's own classes keep the names its configs build; other layers stay as they are.
+    _classes = re.compile(r"^(Sparse|SubM)\w*$")
 
     def fix_text(self, relpath, text):
-        return self._re.sub("@CONV_LAYERS.register_module(force=True)", text)
+        if "CONV_LAYERS" not in text:
+            return text
+        tree = _parse(text)
+        if tree is None:
+            return text
+        src, edits = _Source(text), []
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.ClassDef) and self._classes.match(node.name)):
+                continue
+            for deco in node.decorator_list:
+                if (isinstance(deco, ast.Call) and not deco.args and not deco.keywords
+                        and isinstance(deco.func, ast.Attribute) and deco.func.attr == "register_module"
+                        and isinstance(deco.func.value, ast.Name) and deco.func.value.id == "CONV_LAYERS"):
+                    end = src.span(deco)[1]  # just after ")": the argument goes before it
+                    edits.append((end - 1, end - 1, "force=True"))
+        return _edit(text, edits)
 
 
 class SetupWithoutGpu(Fixer):
