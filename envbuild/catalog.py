@@ -49,6 +49,9 @@ ENV_NAME_RE = re.compile(r"^[A-Z][A-Z0-9_]*$")
 ENV_VALUE_RE = re.compile(r"^[A-Za-z0-9._:/,=-]*$")
 PYTHON_RE = re.compile(r"^3\.\d{1,2}$")
 DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+# a vendor's find-links page: {cu} (cu118) and {torch} (2.0) are filled in per build; http for mirrors
+FIND_LINKS_RE = re.compile(r"^https?://[A-Za-z0-9.-]+(:\d{1,5})?(/([A-Za-z0-9._~+-]|\{cu\}|\{torch\})+)*/?$")
+TORCH_MINOR_RE = re.compile(r"^\d\.\d{1,2}$")
 DOTTED_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -154,6 +157,33 @@ class FlashAttn:
     python: tuple[str, str]
     sass: dict  # arch -> min nvcc
     runtime: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class VendorBuild:
+    """One matrix of prebuilt wheels a vendor publishes, and the GPU code they carry."""
+    versions: tuple[str, ...]
+    torch: tuple[str, ...]  # torch major.minor
+    cuda: tuple[str, ...]  # CUDA of the torch build
+    python: tuple[str, str]  # inclusive
+    sass: tuple[str, ...]
+    ptx: tuple[str, ...] = ()
+
+    def serves(self, version: str, torch: str, cuda: str, python: str) -> bool:
+        return (version in self.versions and ".".join(torch.split("+")[0].split(".")[:2]) in self.torch
+                and cuda in self.cuda and minor_key(self.python[0]) <= minor_key(python) <= minor_key(self.python[1]))
+
+
+@dataclass(frozen=True)
+class VendorWheels:
+    """Where a vendor publishes prebuilt wheels of a compiled package (a page pip's --find-links reads)."""
+    name: str
+    find_links: str  # {cu} -> cu118, {torch} -> 2.0
+    builds: tuple[VendorBuild, ...]
+
+    def url(self, torch: str, cuda: str) -> str:
+        return self.find_links.replace("{cu}", "cu" + cuda.replace(".", "")).replace(
+            "{torch}", ".".join(torch.split("+")[0].split(".")[:2]))
 
 
 @dataclass(frozen=True)
@@ -415,6 +445,7 @@ class Catalog:
     requires: dict[str, tuple[str, ...]] = field(default_factory=dict)
     python_floors: dict[str, dict[str, str]] = field(default_factory=dict)  # name -> {python: first release}
     source_builds: dict[str, SourceBuild] = field(default_factory=dict)
+    vendor: dict[str, VendorWheels] = field(default_factory=dict)  # compiled package -> its prebuilt wheels
     root: Path = field(default_factory=builtin_root)
     overlay: Path | None = None  # the user catalog on top of the built-in one
 
@@ -497,9 +528,28 @@ def load(user: Path | str | None = None) -> Catalog:
     requires = _load_requires(pkg)
     python_floors = _load_python_floors(pkg)
     source_builds = _load_source_builds(pkg, python_floors)
+    vendor = _load_vendor(pkg)
     models = _load_models(base, user, torch)
     return Catalog(cards, toolkits, ubuntu, torch, wheel_archs, compiled, asserts, flash,
-                   spconv, tuple(era), models, requires, python_floors, source_builds, base, user)
+                   spconv, tuple(era), models, requires, python_floors, source_builds, vendor, base, user)
+
+
+def _load_vendor(pkg: _Reader) -> dict[str, VendorWheels]:
+    """[vendor.NAME]: find_links and [[vendor.NAME.builds]] (versions, torch, cuda, python, sass, ptx)."""
+    out = {}
+    for name in pkg.get("vendor", dict, {}):
+        r = pkg.sub("vendor").sub(name)
+        builds = []
+        for i, row in enumerate(r.get("builds", list)):
+            if not isinstance(row, dict):
+                raise r.fail(f"builds[{i}]", "expected a table")
+            b = _Reader(r.path, row, f"{r.prefix}builds[{i}].")
+            builds.append(VendorBuild(
+                versions=b.strings("versions", re.compile(r"^[0-9][0-9A-Za-z.+!]*$")),
+                torch=b.strings("torch", TORCH_MINOR_RE), cuda=b.strings("cuda", CUDA_RE),
+                python=_range(b, "python"), sass=b.strings("sass", CC_RE), ptx=b.strings("ptx", CC_RE, [])))
+        out[name] = VendorWheels(name, r.get("find_links", str, pattern=FIND_LINKS_RE), tuple(builds))
+    return out
 
 
 # -- toolchains/cuda.toml

@@ -32,6 +32,8 @@ CUDA = typer.Option(None, "--cuda", help="CUDA toolkit X.Y for the image.")
 PYTHON = typer.Option(None, "--python", help="Python X.Y (default: the model's).")
 STRICT = typer.Option(False, "--strict", help="Upstream pins only; fail with the reason if the card cannot run them.")
 SET = typer.Option(None, "--set", help="Force a pin, PKG==VERSION (repeatable).")
+COMPILE = typer.Option(False, "--compile", help="Compile every compiled package from source, even where a vendor's "
+                       "prebuilt wheel covers the card.")
 CARD = typer.Option(None, "--card", help="Card, or cards for one image (a800,h20). Default: this host's GPUs, "
                     "else the config's card, else a portable image for every catalog card the stack runs on.")
 SOURCE = typer.Option(None, "--source", help="Local model source tree (forks, offline builds) instead of git.")
@@ -96,10 +98,10 @@ def cards(json_: bool = JSON):
 @command()
 def resolve(model: str, card: Optional[str] = CARD,
             cuda: Optional[str] = CUDA, python: Optional[str] = PYTHON, strict: bool = STRICT,
-            set_: Optional[List[str]] = SET, torch_index: Optional[str] = TORCH_INDEX,
+            set_: Optional[List[str]] = SET, compile_: bool = COMPILE, torch_index: Optional[str] = TORCH_INDEX,
             pypi_index: Optional[str] = PYPI_INDEX, json_: bool = JSON):
     """Print the Plan: what runs on the card, and why."""
-    plan, verified = pipeline.resolve_plan(Request(model=model, card=card, cuda=cuda, python=python, strict=strict,
+    plan, verified = pipeline.resolve_plan(Request(model=model, compile_only=compile_, card=card, cuda=cuda, python=python, strict=strict,
                                                    overrides=set_, torch_index=torch_index, pypi_index=pypi_index))
     show.resolved(plan, verified, as_json=json_)
 
@@ -118,9 +120,9 @@ def render(model: str, card: Optional[str] = CARD, cuda: Optional[str] = CUDA, p
            strict: bool = STRICT, set_: Optional[List[str]] = SET, source: Optional[Path] = SOURCE,
            base_image: Optional[str] = BASE_IMAGE, runtime_image: Optional[str] = RUNTIME_IMAGE,
            out: Optional[Path] = typer.Option(None, "-o", "--out", help="Output folder (default: envbuild's cache)."),
-           torch_index: Optional[str] = TORCH_INDEX, pypi_index: Optional[str] = PYPI_INDEX, json_: bool = JSON):
+           compile_: bool = COMPILE, torch_index: Optional[str] = TORCH_INDEX, pypi_index: Optional[str] = PYPI_INDEX, json_: bool = JSON):
     """Write Dockerfile, requirements.in, requirements.lock (when locked) and plan.json."""
-    req = Request(model=model, card=card, cuda=cuda, python=python, strict=strict, overrides=set_, source=source,
+    req = Request(model=model, compile_only=compile_, card=card, cuda=cuda, python=python, strict=strict, overrides=set_, source=source,
                   base_image=base_image, runtime_image=runtime_image, torch_index=torch_index, pypi_index=pypi_index)
     plan, listing = pipeline.render_context(req, out)
     show.rendered(plan, listing, as_json=json_)
@@ -144,9 +146,9 @@ def fix(path: str = typer.Argument(..., help="Model source tree."),
 def lock(model: str, card: Optional[str] = CARD, cuda: Optional[str] = CUDA, python: Optional[str] = PYTHON,
          strict: bool = STRICT, set_: Optional[List[str]] = SET, base_image: Optional[str] = BASE_IMAGE,
          out: Optional[Path] = typer.Option(None, "-o", "--out", help="Context folder (default: envbuild's cache)."),
-         torch_index: Optional[str] = TORCH_INDEX, pypi_index: Optional[str] = PYPI_INDEX, json_: bool = JSON):
+         compile_: bool = COMPILE, torch_index: Optional[str] = TORCH_INDEX, pypi_index: Optional[str] = PYPI_INDEX, json_: bool = JSON):
     """pip-compile --generate-hashes inside a container of the Plan's Python."""
-    req = Request(model=model, card=card, cuda=cuda, python=python, strict=strict, overrides=set_,
+    req = Request(model=model, compile_only=compile_, card=card, cuda=cuda, python=python, strict=strict, overrides=set_,
                   base_image=base_image, torch_index=torch_index, pypi_index=pypi_index)
     plan, path, ctx = pipeline.lock_context(req, out, progress=_progress(json_))
     show.locked(plan, path, ctx, as_json=json_)
@@ -156,10 +158,10 @@ def lock(model: str, card: Optional[str] = CARD, cuda: Optional[str] = CUDA, pyt
 def wheels(model: str, card: Optional[str] = CARD, cuda: Optional[str] = CUDA, python: Optional[str] = PYTHON,
            set_: Optional[List[str]] = SET, base_image: Optional[str] = BASE_IMAGE,
            out: Optional[Path] = typer.Option(None, "-o", "--out", help="Folder for the wheels (default: envbuild's cache)."),
-           torch_index: Optional[str] = TORCH_INDEX, pypi_index: Optional[str] = PYPI_INDEX, json_: bool = JSON):
+           compile_: bool = COMPILE, torch_index: Optional[str] = TORCH_INDEX, pypi_index: Optional[str] = PYPI_INDEX, json_: bool = JSON):
     """Export the packages envbuild compiles for a Plan (mmcv, flash-attn, PyG ops) as wheels, for
     `pip install --find-links DIR` on a host without envbuild."""
-    req = Request(model=model, card=card, cuda=cuda, python=python, overrides=set_, base_image=base_image,
+    req = Request(model=model, compile_only=compile_, card=card, cuda=cuda, python=python, overrides=set_, base_image=base_image,
                   torch_index=torch_index, pypi_index=pypi_index)
     plan, dest, made = pipeline.export_wheels(req, out, progress=_progress(json_))
     show.wheels(plan, dest, made, as_json=json_)
@@ -173,13 +175,13 @@ def image(model: str, card: Optional[str] = CARD, cuda: Optional[str] = CUDA, py
           source: Optional[Path] = SOURCE, base_image: Optional[str] = BASE_IMAGE,
           runtime_image: Optional[str] = RUNTIME_IMAGE,
           no_cache: bool = typer.Option(False, "--no-cache", help="Build every step again."),
-          torch_index: Optional[str] = TORCH_INDEX, pypi_index: Optional[str] = PYPI_INDEX,
+          compile_: bool = COMPILE, torch_index: Optional[str] = TORCH_INDEX, pypi_index: Optional[str] = PYPI_INDEX,
           quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not stream BuildKit progress."),
           smoke_: bool = typer.Option(False, "--smoke", help="Smoke-test the image and record the result in it."),
           no_lock: bool = typer.Option(False, "--no-lock", help="Install requirements.in unlocked (pip resolves at build time)."),
           json_: bool = JSON):
     """Resolve, render, lock (first time), build (BuildKit), tag, optionally smoke-test and push."""
-    req = Request(model=model, card=card, cuda=cuda, python=python, strict=strict, overrides=set_, source=source,
+    req = Request(model=model, compile_only=compile_, card=card, cuda=cuda, python=python, strict=strict, overrides=set_, source=source,
                   base_image=base_image, runtime_image=runtime_image, torch_index=torch_index, pypi_index=pypi_index)
     summary = pipeline.build_image(req, tags=tag or (), lock=not no_lock, no_cache=no_cache, smoke=smoke_,
                                    push=push_, progress=_progress(json_, quiet))
@@ -189,11 +191,11 @@ def image(model: str, card: Optional[str] = CARD, cuda: Optional[str] = CUDA, py
 @command()
 def verify(model: str, card: Optional[str] = CARD, cuda: Optional[str] = CUDA, python: Optional[str] = PYTHON,
            source: Optional[Path] = SOURCE, base_image: Optional[str] = BASE_IMAGE,
-           runtime_image: Optional[str] = RUNTIME_IMAGE, torch_index: Optional[str] = TORCH_INDEX,
+           runtime_image: Optional[str] = RUNTIME_IMAGE, compile_: bool = COMPILE, torch_index: Optional[str] = TORCH_INDEX,
            pypi_index: Optional[str] = PYPI_INDEX, json_: bool = JSON):
     """Build a cell from the model's real source, audit it, smoke env + model, and record the result
     (passed, or the exact failure) in the verified ledger."""
-    req = Request(model=model, card=card, cuda=cuda, python=python, source=source, base_image=base_image,
+    req = Request(model=model, compile_only=compile_, card=card, cuda=cuda, python=python, source=source, base_image=base_image,
                   runtime_image=runtime_image, torch_index=torch_index, pypi_index=pypi_index)
     result = pipeline.verify_cell(req, progress=_progress(json_))
     show.verified(result, as_json=json_)
@@ -211,9 +213,9 @@ def push(ref: str = typer.Argument(..., help="Local image reference."), json_: b
 def pull(model: str, card: Optional[str] = CARD, cuda: Optional[str] = CUDA, python: Optional[str] = PYTHON,
          strict: bool = STRICT, set_: Optional[List[str]] = SET,
          registry: Optional[str] = typer.Option(None, "--registry", help="Registry prefix, e.g. 127.0.0.1:5000/"),
-         torch_index: Optional[str] = TORCH_INDEX, json_: bool = JSON):
+         compile_: bool = COMPILE, torch_index: Optional[str] = TORCH_INDEX, json_: bool = JSON):
     """Pull the image for a model and card (tag derived from the Plan), after a driver check."""
-    req = Request(model=model, card=card, cuda=cuda, python=python, strict=strict, overrides=set_,
+    req = Request(model=model, compile_only=compile_, card=card, cuda=cuda, python=python, strict=strict, overrides=set_,
                   torch_index=torch_index)
     show.pulled(pipeline.pull_image(req, registry=registry), as_json=json_)
 

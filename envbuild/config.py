@@ -26,6 +26,7 @@ ENV = {
     "registry_mirror": "ENVBUILD_REGISTRY_MIRROR",
     "ca_bundle": "ENVBUILD_CA_BUNDLE",
     "registry": "ENVBUILD_REGISTRY",
+    "vendor_wheels": "ENVBUILD_VENDOR_WHEELS",
 }
 # Settings that are not package sources: a user catalog on top of the built-in one, and the
 # card to build for when no GPU is present and none is given.
@@ -45,6 +46,9 @@ class Sources:
     registry_mirror: str = ""  # prefix put before nvidia/cuda base images, e.g. "mirror.local/"
     ca_bundle: str | None = None  # extra CA bundle handed to builds as a BuildKit secret
     registry: str = ""  # default push registry, e.g. "127.0.0.1:5000/"
+    # Vendors' prebuilt wheels (OpenMMLab, PyG, flash-attn releases) may be used where the catalog
+    # says they cover the card; False (air-gapped, or --compile): every compiled package compiles.
+    vendor_wheels: bool = True
 
     def torch_index_for(self, torch_version: str, cuda: str) -> str:
         """The index URL pip needs for torch X+cuYYY (flat find-links before 1.11)."""
@@ -73,9 +77,18 @@ def _check(key: str, value, origin: str):
         raise
 
 
+_TRUE, _FALSE = ("1", "true", "on", "yes"), ("0", "false", "off", "no", "none")
+
+
 def _checked(key: str, value, origin: str):
     if value is None:
         return None
+    if key == "vendor_wheels":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
+        raise BadInput(f"{origin}: vendor_wheels must be true or false, not {value!r}")
     if not isinstance(value, str):
         raise BadInput(f"{origin}: {key} must be a string")
     value = value.strip()

@@ -42,6 +42,10 @@ def digest(plan) -> str:
     for key in ("python", "torch", "torchvision", "torchaudio"):
         decided[key] = (data[key] or {}).get("version")
     decided["packages"] = sorted((p["name"], p["version"]) for p in data["packages"])
+    vendor = sorted(name for name, info in (data.get("native_packages") or {}).items()
+                    if (info.get("build") or {}).get("from") == "vendor")
+    if vendor:  # a vendor's wheel instead of a compile: another image (absent: records made before stay valid)
+        decided["vendor_wheels"] = vendor
     return hashlib.sha256(json.dumps(decided, sort_keys=True).encode()).hexdigest()
 
 

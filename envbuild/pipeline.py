@@ -44,6 +44,7 @@ class Request:
     runtime_image: str | None = None
     torch_index: str | None = None
     pypi_index: str | None = None
+    compile_only: bool = False  # --compile: no vendor wheels, every compiled package from its sdist
 
     def __post_init__(self):
         self.overrides = tuple(self.overrides or ())
@@ -60,6 +61,8 @@ class Request:
                 parts += [flag, str(value)]
         if self.strict:
             parts.append("--strict")
+        if self.compile_only:
+            parts.append("--compile")
         for item in self.overrides:
             parts += ["--set", item]
         return " ".join(parts)
@@ -122,7 +125,8 @@ def card_here(cat, card: str | None):
 
 def plan_for(req: Request) -> tuple[Plan, Sources]:
     cat = catalog.load()
-    sources = load_sources(torch_index=req.torch_index, pypi_index=req.pypi_index)
+    sources = load_sources(torch_index=req.torch_index, pypi_index=req.pypi_index,
+                           vendor_wheels=False if req.compile_only else None)
     card, why = choose_cards(cat, req.card)
     plan = resolve(cat, req.model, card, cuda=req.cuda, python=req.python, strict=req.strict,
                    overrides=parse_overrides(req.overrides), sources=sources, cards_why=why)

@@ -20,7 +20,7 @@ import jinja2
 from . import labels as label
 from . import outputs, packages, paths
 from . import __version__
-from .catalog import STDLIB_APART, APT_RE, ENV_NAME_RE, ENV_VALUE_RE, FILE_RE, PKG_RE, V, is_exact
+from .catalog import CC_RE, FIND_LINKS_RE, STDLIB_APART, APT_RE, ENV_NAME_RE, ENV_VALUE_RE, FILE_RE, PKG_RE, V, is_exact
 from .errors import BadInput
 from .lock import has_package, locked_version, matches
 from .plan import Plan
@@ -90,11 +90,13 @@ def compiled_block(plan: Plan, name: str) -> packages.Block:
 
 @dataclass
 class Step:
-    """One compiled package built as a wheel in the builder stage."""
+    """One compiled package's wheel stage: compiled from its sdist, or a vendor's prebuilt wheel
+    (vendor: its find-links page and why it serves the card), audited before it is used."""
     name: str
     requirement: str
     gb_per_job: int
     env: dict = field(default_factory=dict)
+    vendor: dict | None = None
 
     @property
     def stage(self) -> str:
@@ -235,7 +237,8 @@ class Context:
         Loopback is trusted by pip already."""
         from urllib.parse import urlsplit
         hosts = []
-        for url in (self.pypi_index, self.plan.torch_index or ""):
+        vendor = [s.vendor["find_links"] for s in self.compiled_steps if s.vendor]
+        for url in (self.pypi_index, self.plan.torch_index or "", *vendor):
             parts = urlsplit(url)
             if parts.scheme == "http" and parts.hostname not in ("localhost", "127.0.0.1", "::1", None):
                 hosts.append(parts.hostname)
@@ -260,8 +263,21 @@ class Context:
     def compiled_steps(self) -> list[Step]:
         """One wheel stage per compiled package: its building block says how it builds."""
         by_name = {p.name: p for p in self.plan.packages}
-        return [Step(name, requirement(name, by_name[name].version), block.gb_per_job, dict(block.build_env))
-                for name, block in ((n, compiled_block(self.plan, n)) for n in self.plan.compiled)]
+        steps = []
+        for name in self.plan.compiled:
+            block, build = compiled_block(self.plan, name), self.plan.native_packages[name].get("build") or {}
+            vendor = None
+            if build.get("from") == "vendor":
+                vendor = {"find_links": _check(build["find_links"], FIND_LINKS_RE, "vendor find-links"),
+                          "why": _comment(build["why"])}
+            steps.append(Step(name, requirement(name, by_name[name].version), block.gb_per_job, dict(block.build_env),
+                              vendor))
+        return steps
+
+    @property
+    def card_ccs(self) -> str:
+        """The compute capabilities a vendor wheel's kernels must run on, for its audit."""
+        return ",".join(_check(cc, CC_RE, "compute capability") for cc in sorted(set(self.plan.ccs)))
 
     @property
     def arch_list(self) -> str:

@@ -214,9 +214,21 @@ def _merge(cat, model, cards: list[Card], plans: dict, stack, toolkit, strict, o
     mode = "port" if any(p.mode == "port" for p in plans.values()) or any(p.is_port for p in pins) else "upstream"
     ids = tuple(c.id for c in cards)
     return replace(first, card=PORTABLE if portable else "+".join(ids), cards=ids,
+                   native_packages=_merged_native(plans),
                    card_name=(f"{len(cards)} cards (portable)" if portable else " + ".join(c.name for c in cards)),
                    cc=",".join(c.cc for c in cards), mode=mode, packages=pins, arch_list=arch_list,
                    arch_why=arch_why, runtime_env=runtime_env, notes=notes)
+
+
+def _merged_native(plans: dict) -> dict:
+    """A vendor wheel serves a multi-card image only when it serves every card; else it compiles."""
+    merged = {name: dict(info) for name, info in next(iter(plans.values())).native_packages.items()}
+    for name, info in merged.items():
+        builds = {cid: p.native_packages[name].get("build") for cid, p in plans.items() if name in p.native_packages}
+        source = next(((cid, b) for cid, b in builds.items() if b and b["from"] == "source"), None)
+        if source and info.get("build", {}).get("from") == "vendor":
+            info["build"] = {"from": "source", "why": f"{source[0]}: {source[1]['why']}"}
+    return merged
 
 
 def _stacks(cat, model: Model, strict, python, toolkit, overrides):
@@ -275,6 +287,7 @@ class _Candidate:
     arch_why: str = ""
     pins: list = field(default_factory=list)
     blocks: dict = field(default_factory=dict)  # pin name -> its building block (native code)
+    origins: dict = field(default_factory=dict)  # compiled pin name -> where its wheel comes from (Block.origin)
     fixers: list = field(default_factory=list)
     cxx: int = 0
     base: tuple = ()  # (ubuntu, image, why)
@@ -343,7 +356,8 @@ def _model_pins(c: _Candidate) -> str | None:
     """Every package the model pins: native ones by their building block, the rest as pinned
     (or corrected, or moved to a release that runs on this Python)."""
     model, py = c.model, c.stack.python
-    target = packages.Target(c.cat, c.stack.torch, c.stack.cuda, c.toolkit, c.card, py, c.strict)
+    target = packages.Target(c.cat, c.stack.torch, c.stack.cuda, c.toolkit, c.card, py, c.strict,
+                             c.sources.vendor_wheels)
     for name, spec in model.packages.items():
         forced = c.overrides.get(name)
         block = packages.block_for(c.cat, name)
@@ -352,6 +366,8 @@ def _model_pins(c: _Candidate) -> str | None:
             if isinstance(pin, str):
                 return pin
             c.blocks[pin.name] = block
+            if block.compiled:
+                c.origins[pin.name] = block.origin(target, pin)
         elif forced:
             pin = Pin(name, forced, "set with --set", spec, "override")
         elif spec == "*":
@@ -492,7 +508,9 @@ def _assemble(c: _Candidate) -> Plan:
         torch_compile=torch_compile, torch_compile_why=torch_compile_why,
         notes=tuple(c.notes), construct=model.construct.to_dict() if model.construct else None,
         source_builds=_source_builds(c.cat, py) if py != model.python else {},
-        native_packages={name: {"family": block.family, **block.in_image(name)} for name, block in c.blocks.items()},
+        native_packages={name: {"family": block.family, **block.in_image(name),
+                                **({"build": c.origins[name]} if name in c.origins else {})}
+                         for name, block in c.blocks.items()},
         stdlib_modules=dict(model.stdlib_modules),
         **_index_cutoff(model),
     )

@@ -53,8 +53,10 @@ def plan(p) -> None:
         t.add_row(mark, e(pin.name), e(pin.version or "(lock)"), e(pin.upstream or "-"), e(pin.why))
     out.print(t)
     out.print(f"  TORCH_CUDA_ARCH_LIST={p.arch_list}  [dim]# {e(p.arch_why)}[/]")
-    if p.compiled:
-        out.print(f"  compiled from source: {', '.join(p.compiled)}", markup=False)
+    for name in p.compiled:  # each compiled package: a vendor's wheel or a source build, and why
+        build = p.native_packages.get(name, {}).get("build") or {}
+        how = "vendor wheel" if build.get("from") == "vendor" else "source build"
+        out.print(f"  {how:<11} {name}  [dim]# {e(build.get('why', ''))}[/]")
     for ext in p.extensions:
         out.print(f"  extension   {ext.name}: {ext.path} ({' '.join(ext.build)})", markup=False)
     for fx in p.fixers:

@@ -111,12 +111,62 @@ def twin_catalog(folder: Path, version: str) -> Path:
     return folder
 
 
-def build(env: dict, model: str, base: dict, index: str, timeout=3600) -> dict:
+@contextmanager
+def find_links(folder: Path):
+    """A vendor's page as pip's --find-links reads it: links to every wheel in folder, served on
+    Docker's bridge (a build container reaches it) the way a mirror of a vendor index would be."""
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            name = self.path.split("?")[0].strip("/")
+            wheels = sorted(p.name for p in folder.glob("*.whl"))
+            if name in ("", "index.html"):
+                body = "".join(f'<a href="{w}">{w}</a>\n' for w in wheels).encode()
+                kind = "text/html"
+            elif name in wheels:
+                body, kind = (folder / name).read_bytes(), "application/octet-stream"
+            else:
+                body, kind = b"not here\n", "text/plain"
+            self.send_response(200 if kind != "text/plain" else 404)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer((bridge_gateway(), 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        host, port = server.server_address[:2]
+        yield f"http://{host}:{port}/index.html"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def vendor_catalog(folder: Path, version: str, links: str, sass: str, model: str) -> Path:
+    """The twin catalog plus a vendor entry for tinyscale VERSION (its wheels at links, carrying
+    the SASS given, as the catalog would claim) and one more copy of the fixture, MODEL, pinning it."""
+    twin_catalog(folder, version)
+    path = folder / "toolchains" / "packages.toml"
+    path.write_text(path.read_text() + (
+        f'\n[vendor.{PACKAGE}]\nfind_links = "{links}"\n[[vendor.{PACKAGE}.builds]]\nversions = ["{version}"]\n'
+        f'torch = ["2.0"]\ncuda = ["11.8"]\npython = ["3.11", "3.11"]\nsass = ["{sass}"]\n'))
+    text = (folder / "models" / "twina.toml").read_text().replace('name = "twina"', f'name = "{model}"')
+    (folder / "models" / f"{model}.toml").write_text(text)
+    return folder
+
+
+def build(env: dict, model: str, base: dict, index: str, timeout=3600, check=True):
+    """The image's JSON summary; with check=False, the finished process instead."""
     import sys
     r = subprocess.run([sys.executable, "-m", "envbuild.cli", "image", model, "--card", "a800", "--cuda", "11.8",
                         "--python", "3.11", "--source", str(FIXTURE / "tinybev"), "--base-image", base["devel"],
                         "--runtime-image", base["runtime"], "--pypi-index", index, "--json", "--quiet"],
                        capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+    if not check:
+        return r
     assert r.returncode == 0, r.stderr[-4000:]
     return json.loads(r.stdout)
 
@@ -137,7 +187,7 @@ def remove(*refs: str) -> None:
 
 
 def cleanup_contexts(env: dict) -> None:
-    for name in ("twina-a800", "twinb-a800"):
+    for name in ("twina-a800", "twinb-a800", "twinc-a800", "twind-a800"):
         shutil.rmtree(Path(env["ENVBUILD_HOME"]) / "contexts" / name, ignore_errors=True)
 
 

@@ -2,8 +2,10 @@
 share its wheel stage, so the second image does not compile it again (real builds, a real
 local index serving the package's sdist)."""
 
+import json
 import subprocess
 import sys
+import zipfile
 
 import pytest
 
@@ -70,3 +72,61 @@ def test_envbuild_wheels_exports_the_compiled_wheel_for_pip(twins):
                         "--python-version", "3.11", "--platform", "linux_x86_64", "--only-binary", ":all:",
                         "-d", str(folder / "got"), f"tinyscale=={version}"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]  # pip finds it there by name and version
+
+
+# ---------------------------------------------------------------- a vendor's prebuilt wheel
+
+@pytest.fixture(scope="module")
+def vendored(twins, offline_base, fixture_env, tmp_path_factory):
+    """The wheel twinb's stage compiled, served as a vendor would serve it (a find-links page);
+    a third copy of the fixture, twinc, whose catalog says that wheel carries sm_80."""
+    version, _, _, _, (_, folder) = twins
+    with co.local_index(version) as index, co.find_links(folder) as links:
+        cat = co.vendor_catalog(tmp_path_factory.mktemp("vendor"), version, links, "8.0", "twinc")
+        env = dict(fixture_env, ENVBUILD_MATRICES=str(cat))
+        plan = subprocess.run([sys.executable, "-m", "envbuild.cli", "resolve", "twinc", "--card", "a800", "--cuda",
+                               "11.8", "--python", "3.11", "--json"], capture_output=True, text=True, env=env,
+                              timeout=300, cwd=co.ROOT)
+        summary = co.build(env, "twinc", offline_base, index)
+    yield version, json.loads(plan.stdout), summary
+    co.remove(summary["tags"][0])
+    co.cleanup_contexts(env)
+
+
+def test_a_vendor_wheel_that_covers_the_card_is_downloaded_audited_and_not_compiled(vendored):
+    version, plan, summary = vendored
+    build = plan["native_packages"]["tinyscale"]["build"]
+    assert build["from"] == "vendor" and "sm_80" in build["why"], build
+    steps = [s["step"] for s in summary["run_steps"] if f"tinyscale=={version}" in s["step"]]
+    assert any("--only-binary :all:" in s and "audit_scan.py --wheels /wheels --cc 8.0" in s for s in steps), steps
+    assert not any("pip wheel" in s for s in steps)  # nothing compiled for it
+    r = subprocess.run(["/usr/bin/docker", "run", "--rm", summary["tags"][0], "python", "-c",
+                        "import importlib.metadata as m, tinyscale, torch; "
+                        "print(m.version('tinyscale'), tinyscale.scale(torch.ones(2), 3.0).tolist())"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.split() == [version, "[3.0,", "3.0]"], r.stderr[-2000:]
+
+
+def test_a_vendor_wheel_whose_kernels_miss_the_card_fails_the_build_at_its_audit(
+        twins, offline_base, fixture_env, tmp_path_factory, docker_engine):
+    """The catalog claims sm_80; the wheel served carries only sm_90 code: the build stops in the
+    wheel's stage, says which library lacks what, and tags nothing."""
+    from fakecuda import elf_with_fatbin, fatbin_bytes
+    version = co.fresh_version() + "1"
+    folder = tmp_path_factory.mktemp("lying-vendor")
+    with zipfile.ZipFile(folder / f"tinyscale-{version}-cp311-cp311-linux_x86_64.whl", "w") as whl:
+        whl.writestr("tinyscale/_C.cpython-311-x86_64-linux-gnu.so", elf_with_fatbin(fatbin_bytes(90)))
+        whl.writestr("tinyscale/__init__.py", "")
+        whl.writestr(f"tinyscale-{version}.dist-info/METADATA",
+                     f"Metadata-Version: 2.1\nName: tinyscale\nVersion: {version}\n")
+        whl.writestr(f"tinyscale-{version}.dist-info/WHEEL",
+                     "Wheel-Version: 1.0\nRoot-Is-Purelib: false\nTag: cp311-cp311-linux_x86_64\n")
+        whl.writestr(f"tinyscale-{version}.dist-info/RECORD", "")
+    with co.local_index(version) as index, co.find_links(folder) as links:
+        cat = co.vendor_catalog(tmp_path_factory.mktemp("lying"), version, links, "8.0", "twind")
+        env = dict(fixture_env, ENVBUILD_MATRICES=str(cat))
+        r = co.build(env, "twind", offline_base, index, check=False)
+    co.cleanup_contexts(env)
+    assert r.returncode != 0
+    assert "vendor wheel refused" in r.stderr and "nothing runs on 8.0" in r.stderr, r.stderr[-3000:]
+    assert not [t for i in docker_engine.images.list() for t in i.tags if "/twind:" in t or t.startswith("envbuild/twind")]

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from fakecuda import fatbin_bytes
 from conftest import FIXTURE, ROOT, cli, image_args  # the fixtures built and registry live in conftest
 
 pytestmark = pytest.mark.integration
@@ -312,13 +313,6 @@ static const unsigned char fatbin[] = {%s};
 extern void at_symbol_from_another_torch(void);
 void *PyInit_envbuild_broken_ext(void) { at_symbol_from_another_torch(); return 0; }
 """
-
-
-def fatbin_bytes(arch):
-    """A fatbin container holding one (empty) cubin for sm_<arch>: header fields only."""
-    import struct
-    entry = struct.pack("<HHIQ", 2, 0, 64, 8) + bytes(12) + struct.pack("<I", arch) + bytes(32) + bytes(8)
-    return struct.pack("<IHHQ", 0xBA55ED50, 1, 16, len(entry)) + entry
 
 
 def test_env_level_names_the_extension_that_does_not_load(built, offline_base, docker_engine, tmp_path):

@@ -94,3 +94,78 @@ def test_conflict_carries_its_deciding_reason(cat):
     assert exc.value.reason and exc.value.reason in exc.value.message
     cell = next(c for c in rs.grid(cat, ["maptr"], ["h20"]) if c.card == "h20")
     assert cell.status in ("port", "upstream", "impossible")
+
+
+# ---------------------------------------------------------------- vendors' prebuilt wheels
+
+def _with_vendor(cat, sass=("8.0", "8.6"), ptx=()):
+    from envbuild.catalog import VendorBuild, VendorWheels
+    # like OpenMMLab's index: mmcv-full 1.7.1 for torch 1.13 + CUDA 11.7 (SparseDrive upstream on
+    # A800); here also the 2.1 + 12.1 stack its H20 port takes from PyPI
+    build = VendorBuild(("1.7.1", "1.7.2"), ("1.13", "2.1"), ("11.7", "12.1"), ("3.8", "3.11"), tuple(sass), tuple(ptx))
+    links = "https://download.example.org/mmcv/dist/{cu}/torch{torch}/index.html"
+    return replace(cat, vendor={"mmcv-full": VendorWheels("mmcv-full", links, (build,))})
+
+
+def test_a_vendor_wheel_that_carries_code_for_the_card_is_used_and_says_why(cat):
+    plan = resolve(_with_vendor(cat), "sparsedrive", "a800", sources=Sources(torch_index=None))
+    build = plan.native_packages["mmcv-full"]["build"]
+    assert build["from"] == "vendor" and "sm_80" in build["why"] and "audited" in build["why"]
+    assert build["find_links"] == "https://download.example.org/mmcv/dist/cu117/torch1.13/index.html"
+    assert plan.native_packages["flash-attn"]["build"]["from"] == "source"  # no vendor facts for it
+    text = render.dockerfile(render.make_context(plan, "test"))
+    stage = text[text.index("AS wheel-mmcv-full"):text.index("AS wheel-flash-attn")]
+    assert "pip download --no-deps --only-binary :all: -f " + build["find_links"] in stage
+    assert "audit_scan.py --wheels /wheels --cc 8.0" in stage and "pip wheel" not in stage
+    assert "FROM compile AS wheel-flash-attn" in text  # the other one still compiles
+
+
+@pytest.mark.parametrize("card, sources, expect", [
+    ("h20", Sources(torch_index=None), "nothing runs on NVIDIA H20 (9.0)"),  # no sm_90, no PTX
+    ("a800", Sources(torch_index=None, vendor_wheels=False), "vendor wheels are off"),
+    ("a800,h20", Sources(torch_index=None), "h20: "),  # one image for both: the wheel must serve each
+])
+def test_otherwise_it_compiles_and_says_why(cat, card, sources, expect):
+    plan = resolve(_with_vendor(cat), "sparsedrive", card, sources=sources)
+    build = plan.native_packages["mmcv-full"]["build"]
+    assert build["from"] == "source" and expect in build["why"], build
+    assert "pip wheel" in render.dockerfile(render.make_context(plan, "test")).split("AS wheel-mmcv-full")[1]
+
+
+def test_ptx_in_a_vendor_wheel_serves_a_newer_card(cat):
+    plan = resolve(_with_vendor(cat, sass=("8.0",), ptx=("8.0",)), "sparsedrive", "h20", sources=Sources(torch_index=None))
+    assert plan.native_packages["mmcv-full"]["build"]["from"] == "vendor"
+    assert "compute_80" in plan.native_packages["mmcv-full"]["build"]["why"]
+
+
+def test_the_wheel_audit_refuses_kernels_that_do_not_run_on_the_card(tmp_path):
+    import zipfile
+    from fakecuda import elf_with_fatbin, fatbin_bytes
+    from envbuild.incontainer import audit_scan
+    with zipfile.ZipFile(tmp_path / "ops-1.0-cp311-cp311-linux_x86_64.whl", "w") as whl:
+        whl.writestr("ops/_C.cpython-311-x86_64-linux-gnu.so", elf_with_fatbin(fatbin_bytes(80)))
+        whl.writestr("ops/__init__.py", "")
+    checked, problems = audit_scan.wheel_problems(str(tmp_path), ["8.0", "8.6"])
+    assert [c["sass"] for c in checked] == [["8.0"]] and problems == []
+    checked, problems = audit_scan.wheel_problems(str(tmp_path), ["8.0", "9.0"])
+    assert len(problems) == 1 and "nothing runs on 9.0" in problems[0] and "ops/_C" in problems[0]
+    cpu_only = tmp_path / "cpu"
+    cpu_only.mkdir()
+    with zipfile.ZipFile(cpu_only / "ops-1.0-py3-none-any.whl", "w") as whl:
+        whl.writestr("ops/__init__.py", "")
+    assert audit_scan.wheel_problems(str(cpu_only), ["8.0"])[1] == ["ops-1.0-py3-none-any.whl carries no GPU code"]
+
+
+def test_vendor_entries_in_the_catalog_are_validated(matrices_copy):
+    from envbuild import catalog
+    from envbuild.errors import CatalogError
+    path = matrices_copy / "toolchains" / "packages.toml"
+    good = ('\n[vendor.mmcv-full]\nfind_links = "https://download.example.org/mmcv/dist/{cu}/torch{torch}/index.html"\n'
+            '[[vendor.mmcv-full.builds]]\nversions = ["1.7.1"]\ntorch = ["2.0"]\ncuda = ["11.8"]\n'
+            'python = ["3.8", "3.11"]\nsass = ["8.0", "8.6"]\n')
+    path.write_text(path.read_text() + good)
+    assert catalog.load(matrices_copy).vendor["mmcv-full"].builds[0].sass == ("8.0", "8.6")
+    path.write_text(path.read_text().replace('sass = ["8.0", "8.6"]', 'sass = ["sm_80"]'))
+    with pytest.raises(CatalogError) as exc:
+        catalog.load(matrices_copy)
+    assert "vendor.mmcv-full.builds[0].sass" in exc.value.message

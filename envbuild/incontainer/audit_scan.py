@@ -5,6 +5,8 @@ and the SM number of every embedded cubin and PTX), so it needs no CUDA toolkit 
 GPU. Runs inside images: Python 3.8+, stdlib only. Prints one JSON document.
 
 Usage: python audit_scan.py ROOT [ROOT ...]
+       python audit_scan.py --wheels FOLDER --cc 8.0,9.0   (a vendor's wheels, before they are
+       trusted: exit 1 unless every library with GPU code in them runs on each compute capability)
 """
 
 import json
@@ -88,7 +90,8 @@ def scan_file(path):
     return {"path": path, "sass": sass, "ptx": ptx, "bytes": os.path.getsize(path), "python_module": python_module}
 
 
-def main(roots):
+def libraries(roots):
+    """Every shared library with GPU code under the roots, once each."""
     found, seen = [], set()
     for root in roots:
         for dirpath, dirnames, filenames in os.walk(root):
@@ -107,10 +110,50 @@ def main(roots):
                     continue
                 if item and (item["sass"] or item["ptx"]):
                     found.append(item)
-    json.dump({"libraries": found}, sys.stdout, indent=1, sort_keys=True)
+    return found
+
+
+def main(roots):
+    json.dump({"libraries": libraries(roots)}, sys.stdout, indent=1, sort_keys=True)
     sys.stdout.write("\n")
     return 0
 
 
+def wheel_problems(folder, ccs):
+    """(libraries checked, problems): each wheel unpacked, each library with GPU code judged by
+    archrules for every compute capability; a wheel without GPU code is a problem too."""
+    import tempfile
+    import zipfile
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import archrules
+    wheels = sorted(n for n in os.listdir(folder) if n.endswith(".whl"))
+    checked, problems = [], [] if wheels else ["no wheel in %s" % folder]
+    for name in wheels:
+        with tempfile.TemporaryDirectory() as tmp:
+            zipfile.ZipFile(os.path.join(folder, name)).extractall(tmp)
+            libs = libraries([tmp])
+            if not libs:
+                problems.append("%s carries no GPU code" % name)
+            for lib in libs:
+                where = "%s: %s" % (name, os.path.relpath(lib["path"], tmp))
+                checked.append({"library": where, "sass": lib["sass"], "ptx": lib["ptx"]})
+                for cc in ccs:
+                    if archrules.runs_on(lib["sass"], cc, lib["ptx"]) is None:
+                        problems.append("%s has SASS %s, PTX %s: nothing runs on %s" % (
+                            where, ",".join(lib["sass"]) or "none", ",".join(lib["ptx"]) or "none", cc))
+    return checked, problems
+
+
+def check_wheels(folder, ccs):
+    checked, problems = wheel_problems(folder, ccs)
+    json.dump({"checked": checked, "problems": problems}, sys.stdout, indent=1, sort_keys=True)
+    sys.stdout.write("\n")
+    for problem in problems:
+        sys.stderr.write("envbuild: vendor wheel refused: %s (build it from source: --compile)\n" % problem)
+    return 1 if problems else 0
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--wheels"] and len(sys.argv) == 5 and sys.argv[3] == "--cc":
+        sys.exit(check_wheels(sys.argv[2], sys.argv[4].split(",")))
     sys.exit(main(sys.argv[1:] or ["/opt/venv", "/workspace"]))

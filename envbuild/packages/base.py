@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from ..catalog import V, Card, Catalog, TorchRelease, Toolkit, is_exact
 from ..errors import unknown
+from ..incontainer.archrules import code_name, runs_on
 from ..plan import Pin
 
 
@@ -20,6 +21,7 @@ class Target:
     card: Card
     python: str
     strict: bool  # upstream pins only
+    vendor_wheels: bool = True  # vendors' prebuilt wheels may be fetched (not air-gapped, no --compile)
 
 
 class Block:
@@ -50,6 +52,31 @@ class Block:
     def cxx(self, cat: Catalog, pin: Pin) -> int:
         """The C++ standard its build needs (0: whatever torch's headers need)."""
         return 0
+
+    def origin(self, target: Target, pin: Pin) -> dict:
+        """Where its wheel comes from: {"from": "vendor", "why", "find_links", "sass", "ptx"} when a
+        vendor's prebuilt wheel carries code for every card (its kernels are audited in the build
+        before it is used), else {"from": "source", "why"}."""
+        vendor = target.cat.vendor.get(pin.name)
+        if vendor is None:
+            return {"from": "source", "why": f"the catalog knows no vendor wheels of {pin.name}"}
+        build = next((b for b in vendor.builds
+                      if b.serves(pin.version, target.torch.version, target.cuda, target.python)), None)
+        stack = f"torch {target.torch.version}, CUDA {target.cuda}, Python {target.python}"
+        if build is None:
+            return {"from": "source", "why": f"no vendor wheel of {pin.name} {pin.version} for {stack}"}
+        arch = runs_on(build.sass, target.card.cc, build.ptx)
+        if arch is None:
+            return {"from": "source", "why": f"the vendor's {pin.name} {pin.version} wheel carries SASS "
+                    f"{', '.join(build.sass)}{' PTX ' + ', '.join(build.ptx) if build.ptx else ''}: "
+                    f"nothing runs on {target.card.name} ({target.card.cc})"}
+        if not target.vendor_wheels:
+            return {"from": "source", "why": f"a vendor wheel exists for {stack}, but vendor wheels are off "
+                    "(--compile, or vendor_wheels = false: an air-gapped builder)"}
+        return {"from": "vendor", "find_links": vendor.url(target.torch.version, target.cuda),
+                "sass": list(build.sass), "ptx": list(build.ptx),
+                "why": f"the vendor's wheel for {stack} carries {code_name(arch)} for {target.card.cc}; "
+                       "its kernels are audited for the card before it is installed"}
 
     def op_check_for(self, name: str) -> str | None:
         return self.op_check

@@ -1,0 +1,29 @@
+"""Bytes that look like compiled CUDA code to envbuild's audit: a fatbin container and a minimal
+ELF shared object carrying it in .nv_fatbin (headers only; nothing runs)."""
+
+import struct
+
+
+def fatbin_bytes(arch, kind=2):
+    """A fatbin container holding one empty entry for sm_<arch> (kind 2: a cubin; 1: PTX)."""
+    entry = struct.pack("<HHIQ", kind, 0, 64, 8) + bytes(12) + struct.pack("<I", arch) + bytes(32) + bytes(8)
+    return struct.pack("<IHHQ", 0xBA55ED50, 1, 16, len(entry)) + entry
+
+
+def elf_with_fatbin(fatbin: bytes) -> bytes:
+    """A 64-bit little-endian ELF with sections null, .shstrtab and .nv_fatbin."""
+    names = b"\0.shstrtab\0.nv_fatbin\0"
+    strtab_off = 64
+    fatbin_off = (strtab_off + len(names) + 7) & ~7
+    shoff = (fatbin_off + len(fatbin) + 7) & ~7
+    header = b"\x7fELF" + bytes([2, 1, 1]) + bytes(9)
+    header += struct.pack("<HHIQQQIHHHHHH", 3, 62, 1, 0, 0, shoff, 0, 64, 0, 0, 64, 3, 1)
+
+    def section(name, kind, offset, size):
+        return struct.pack("<IIQQQQIIQQ", name, kind, 0, 0, offset, size, 0, 0, 1, 0)
+
+    body = bytearray(header.ljust(strtab_off, b"\0") + names)
+    body = body.ljust(fatbin_off, b"\0") + fatbin
+    body = body.ljust(shoff, b"\0")
+    body += section(0, 0, 0, 0) + section(1, 3, strtab_off, len(names)) + section(11, 1, fatbin_off, len(fatbin))
+    return bytes(body)
