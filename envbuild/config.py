@@ -27,6 +27,7 @@ ENV = {
     "ca_bundle": "ENVBUILD_CA_BUNDLE",
     "registry": "ENVBUILD_REGISTRY",
     "vendor_wheels": "ENVBUILD_VENDOR_WHEELS",
+    "wheel_cache": "ENVBUILD_WHEEL_CACHE",
 }
 # Settings that are not package sources: a user catalog on top of the built-in one, and the
 # card to build for when no GPU is present and none is given.
@@ -34,6 +35,7 @@ SETTINGS_ENV = {
     "catalog_dir": "ENVBUILD_MATRICES",
     "card": "ENVBUILD_CARD",
 }
+_REPO_RE = re.compile(r"^[a-z0-9.-]+(:[0-9]{1,5})?(/[a-z0-9._-]+)+$")
 _CARD_LIST_RE = re.compile(r"^[A-Za-z0-9 ._-]+(,[A-Za-z0-9 ._-]+)*$")
 
 
@@ -49,6 +51,10 @@ class Sources:
     # Vendors' prebuilt wheels (OpenMMLab, PyG, flash-attn releases) may be used where the catalog
     # says they cover the card; False (air-gapped, or --compile): every compiled package compiles.
     vendor_wheels: bool = True
+    # A registry repository that holds compiled wheels (one small image per wheel stage, tagged by
+    # the stage's inputs), e.g. "registry.local:5000/envbuild-wheels": a builder uses what any
+    # builder pushed there instead of compiling, and pushes what it compiled. "" = not shared.
+    wheel_cache: str = ""
 
     def torch_index_for(self, torch_version: str, cuda: str) -> str:
         """The index URL pip needs for torch X+cuYYY (flat find-links before 1.11)."""
@@ -112,6 +118,11 @@ def _checked(key: str, value, origin: str):
         if value and not Path(value).is_file():
             raise BadInput(f"{origin}: ca_bundle {value!r} is not a file")
         return value or None
+    if key == "wheel_cache":
+        if value and not _REPO_RE.match(value):
+            raise BadInput(f"{origin}: wheel_cache {value!r} is not a registry repository",
+                           "e.g. registry.local:5000/envbuild-wheels (no tag)")
+        return value
     if key == "catalog_dir":
         if value and not Path(value).expanduser().is_dir():
             raise BadInput(f"{origin}: catalog_dir {value!r} is not a directory",

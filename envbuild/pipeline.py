@@ -172,6 +172,9 @@ def prepare(req: Request, out: Path | None = None) -> tuple[Plan, Sources, Path]
                               source="local" if source_dir else "git", pypi_index=sources.pypi_index)
     # A lock made from exactly this requirements.in switches the Dockerfile to hash-checked installs.
     render.use_lock(ctx, out)
+    if sources.wheel_cache:  # wheels some builder already compiled and pushed: used, not compiled
+        ctx.wheel_cache = sources.wheel_cache
+        ctx.shared_wheels = {s.name: s.cache_ref for s in ctx.compiled_steps if s.cache_ref and ship.in_registry(s.cache_ref)}
     if not ctx.locked and out.is_dir():
         mine = outputs.owned(out, adopt)  # refuses a folder that is not envbuild's, touching nothing
         stale = [name for name in ("requirements.lock", "torch.lock") if name in mine]
@@ -256,11 +259,32 @@ def build_image(req: Request, *, tags=(), lock: bool = True, no_cache: bool = Fa
     if progress.building:
         progress.building(refs[0], plan, ctx)
     summary = _build(plan, sources, ctx, lock_note, refs, no_cache=no_cache, echo=progress.echo)
+    summary.update(_share_wheels(ctx, sources, progress.echo))
     if smoke:
         _smoke_and_label(summary, refs)
     if push:
         summary["pushed"] = {t: ship.push(t, echo=progress.echo) for t in to_push}
     return summary
+
+
+def _share_wheels(ctx: Path, sources: Sources, echo=None) -> dict:
+    """After a build: push each wheel it compiled to the wheel cache (a stage holding only the
+    wheel, a cache hit of the build just made), so no other builder compiles it again. Returns
+    {"wheel_cache": {package: {"ref", "from": "cache" | "pushed"}}} when a cache is configured."""
+    listing = ctx / "wheel-cache.json"
+    if not sources.wheel_cache or not listing.is_file():
+        return {}
+    done = {}
+    for item in json.loads(listing.read_text()):
+        if not item["shared"]:
+            build_stage.build(ctx, [item["ref"]], target=item["pack"], ca_bundle=sources.ca_bundle, echo=echo,
+                              log_name=f"wheel-cache-{item['package']}")
+            try:
+                ship.push(item["ref"], echo=echo)
+            finally:
+                engine.client().images.remove(item["ref"], noprune=False)  # the registry keeps it, not this host
+        done[item["package"]] = {"ref": item["ref"], "from": "cache" if item["shared"] else "pushed"}
+    return {"wheel_cache": done}
 
 
 def _smoke_and_label(summary: dict, refs: list[str]) -> None:
@@ -283,6 +307,7 @@ def verify_cell(req: Request, *, progress: Progress = QUIET) -> Verification:
     summary, audit_ok, report, failure = {}, None, None, ""
     try:
         summary = _build(plan, sources, ctx, lock_note, refs, echo=progress.echo)
+        summary.update(_share_wheels(ctx, sources, progress.echo))
         audits = _audit_all(refs[0], None, list(plan.cards))
         audit_ok = all(a["ok"] for a in audits)
         if not audit_ok:

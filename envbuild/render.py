@@ -7,6 +7,7 @@ so a Plan loaded from anywhere cannot inject an instruction. Same Plan, same byt
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shlex
@@ -35,6 +36,8 @@ URL_RE = re.compile(r"^https?://[A-Za-z0-9.:@_-]+(/[A-Za-z0-9._~%+-]+)*/?$")
 ARCH_RE = re.compile(r"^\d{1,2}\.\d(\+PTX)?(;\d{1,2}\.\d(\+PTX)?)*$")
 WORD_RE = re.compile(r"^[A-Za-z0-9_.-][A-Za-z0-9._/=,:+-]*$")
 RELPATH_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._/-]*$")
+# Part of every wheel cache tag: bump it when the compile or wheel stages change how a wheel is made.
+WHEEL_STAGE_FORMAT = "wheel-stage/1"
 BUILD_TOOLS = ["ninja", "wheel", "psutil"]
 # The compile stage's own tools, fixed so that every model's wheel stages share it (the lock's
 # versions differ per model). Each runs on Python 3.8-3.13; setuptools < 70 keeps old setup.py working.
@@ -97,6 +100,13 @@ class Step:
     gb_per_job: int
     env: dict = field(default_factory=dict)
     vendor: dict | None = None
+    shared_ref: str | None = None  # the wheel cache's image of this stage: used instead of compiling
+    cache_ref: str | None = None  # where this stage's wheel goes in the wheel cache (compiled here)
+
+    @property
+    def pack(self) -> str:
+        """The stage that holds only the wheel: what the wheel cache stores."""
+        return self.stage + "-pack"
 
     @property
     def stage(self) -> str:
@@ -118,6 +128,10 @@ class Context:
     gui_opencv: bool = True
     # Which of the Plan's source_builds the deps stage does: the lock says; unlocked, all may.
     source_built: list | None = None
+    wheel_cache: str = ""  # registry repository of compiled wheels (Sources.wheel_cache)
+    torch_lock_text: str = ""  # the torch.lock the torch stage installs (locked contexts)
+    # compiled package -> its image in the wheel cache, for those some builder already pushed
+    shared_wheels: dict = field(default_factory=dict)
 
     pip = "pip==24.0"  # the newest pip that still runs on Python 3.7/3.8
 
@@ -270,9 +284,22 @@ class Context:
             if build.get("from") == "vendor":
                 vendor = {"find_links": _check(build["find_links"], FIND_LINKS_RE, "vendor find-links"),
                           "why": _comment(build["why"])}
-            steps.append(Step(name, requirement(name, by_name[name].version), block.gb_per_job, dict(block.build_env),
-                              vendor))
+            step = Step(name, requirement(name, by_name[name].version), block.gb_per_job, dict(block.build_env), vendor)
+            if self.wheel_cache and not vendor:
+                ref = self.wheel_ref(step)
+                step.shared_ref, step.cache_ref = (ref, None) if name in self.shared_wheels else (None, ref)
+            steps.append(step)
         return steps
+
+    def wheel_ref(self, step: Step) -> str:
+        """The wheel cache's tag for a compiled stage: a digest of exactly what the wheel is built
+        from (base, Python, torch, build tools, arch list, the package and its build environment),
+        so two builders that would compile the same wheel name the same image."""
+        torch = self.torch_lock_text or " ".join(self.torch_requirements)
+        inputs = [WHEEL_STAGE_FORMAT, self.base_image, self.python, torch, " ".join(COMPILE_TOOLS), self.arch_list,
+                  step.requirement, json.dumps(step.env, sort_keys=True)]
+        digest = hashlib.sha256("\n".join(inputs).encode()).hexdigest()[:20]
+        return f"{self.wheel_cache}:{step.stage}-{digest}"
 
     @property
     def card_ccs(self) -> str:
@@ -414,6 +441,8 @@ def use_lock(ctx: Context, folder: Path) -> None:
         # a locked version older than the first with a wheel for this Python builds from its sdist
         ctx.source_built = [name for name, sb in ctx.plan.source_builds.items()
                             if (v := locked_version(lock, name)) and V(v) < V(sb["below"])]
+        if (folder / "torch.lock").is_file():
+            ctx.torch_lock_text = (folder / "torch.lock").read_text()
 
 
 def dockerfile(ctx: Context) -> str:
@@ -446,6 +475,11 @@ def write(ctx: Context, out: Path, source_dir: Path | None = None, adopt: bool =
         "requirements.in": requirements_in(ctx),
         "plan.json": ctx.plan.to_json() + "\n",
     }
+    if ctx.wheel_cache:  # what this build takes from the wheel cache, and what it pushes there after
+        files["wheel-cache.json"] = json.dumps(
+            [{"package": s.name, "stage": s.stage, "pack": s.pack, "ref": s.shared_ref or s.cache_ref,
+              "shared": bool(s.shared_ref)} for s in ctx.compiled_steps if s.shared_ref or s.cache_ref],
+            indent=1) + "\n"
     helpers = {f"envbuild/{src.name}": src for src in [FIXERS_SRC, *sorted(INCONTAINER.glob("*"))] if src.is_file()}
     names = [*files, *helpers, "envbuild"] + (["src"] if source_dir is not None else [])
     with outputs.folder_lock(out):

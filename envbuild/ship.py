@@ -48,6 +48,19 @@ def push(ref: str, echo=None) -> str:
     return digest
 
 
+def in_registry(ref: str) -> bool:
+    """Whether the registry holds ref (its manifest, asked through the daemon; nothing pulled).
+    Unreachable or refusing counts as absent: the caller compiles instead."""
+    from docker.errors import APIError, NotFound
+    try:
+        engine.client().images.get_registry_data(check_ref(ref))
+        return True
+    except (NotFound, APIError):
+        return False
+    except Exception:  # noqa: BLE001 - connection refused, DNS, TLS: the cache is not there
+        return False
+
+
 def _vkey(v: str) -> tuple:
     return tuple(int(p) for p in v.split(".") if p.isdigit())
 

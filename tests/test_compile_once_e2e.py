@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -130,3 +131,43 @@ def test_a_vendor_wheel_whose_kernels_miss_the_card_fails_the_build_at_its_audit
     assert r.returncode != 0
     assert "vendor wheel refused" in r.stderr and "nothing runs on 8.0" in r.stderr, r.stderr[-3000:]
     assert not [t for i in docker_engine.images.list() for t in i.tags if "/twind:" in t or t.startswith("envbuild/twind")]
+
+
+# ---------------------------------------------------------------- the wheel cache: builders that share a registry
+
+@pytest.fixture(scope="module")
+def cached(offline_base, fixture_env, registry, tmp_path_factory):
+    """A first build compiles tinyscale and pushes the wheel to the registry's wheel cache (its
+    local copy removed); a second build, of another model, finds it there."""
+    version = co.fresh_version() + "2"
+    env = dict(fixture_env, ENVBUILD_MATRICES=str(co.twin_catalog(tmp_path_factory.mktemp("cache"), version)),
+               ENVBUILD_WHEEL_CACHE=f"{registry}/envbuild-wheel-cache-test")
+    with co.local_index(version) as index:
+        first = co.build(env, "twina", offline_base, index)
+        second = co.build(env, "twinb", offline_base, index)
+    yield version, first, second, env
+    co.remove(first["tags"][0], second["tags"][0])
+    co.cleanup_contexts(env)
+
+
+def test_a_compiled_wheel_goes_to_the_wheel_cache_and_not_onto_the_host(cached, registry, docker_engine):
+    version, first, _, _ = cached
+    shared = first["wheel_cache"]["tinyscale"]
+    assert shared["from"] == "pushed" and shared["ref"].startswith(f"{registry}/envbuild-wheel-cache-test:wheel-tinyscale-")
+    assert not co.wheel_step(first, version)["cached"]  # compiled by this build (a fresh version)
+    assert co.manifest_layers(registry, shared["ref"])  # the registry has it
+    assert not [t for i in docker_engine.images.list() for t in i.tags if t == shared["ref"]]
+
+
+def test_another_build_takes_the_wheel_from_the_registry_and_compiles_nothing(cached, fixture_env):
+    version, first, second, env = cached
+    shared = second["wheel_cache"]["tinyscale"]
+    assert shared == {"ref": first["wheel_cache"]["tinyscale"]["ref"], "from": "cache"}
+    assert not [s for s in second["run_steps"] if "pip wheel" in s["step"]]  # nothing compiled at all
+    dockerfile = (Path(env["ENVBUILD_HOME"]) / "contexts" / "twinb-a800" / "Dockerfile").read_text()
+    assert f"FROM {shared['ref']} AS wheel-tinyscale" in dockerfile
+    r = subprocess.run(["/usr/bin/docker", "run", "--rm", second["tags"][0], "python", "-c",
+                        "import importlib.metadata as m, tinyscale, torch; "
+                        "print(m.version('tinyscale'), tinyscale.scale(torch.ones(2), 4.0).tolist())"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.split() == [version, "[4.0,", "4.0]"], r.stderr[-2000:]

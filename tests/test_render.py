@@ -412,3 +412,34 @@ def test_a_model_that_imports_tkinter_gets_the_os_package_that_holds_it(cat):
     assert "apt-cache show python3.11-tk >/dev/null 2>&1 && echo python3.11-tk || echo python3-tk" in runtime
     other = render.dockerfile(render.make_context(resolve(cat, "qcnet", "a800"), "test"))
     assert "-tk" not in other
+
+
+def test_the_wheel_cache_names_a_wheel_by_what_it_is_built_from(cat):
+    def steps(model, card, shared=()):
+        ctx = render.make_context(resolve(cat, model, card), "x")
+        ctx.wheel_cache = "registry.local:5000/envbuild-wheels"
+        ctx.shared_wheels = {name: "" for name in shared}
+        return ctx, {s.name: s for s in ctx.compiled_steps}
+
+    _, maptr = steps("maptr", "h20")
+    ctx, sparse = steps("sparsedrive", "h20")
+    # the same mmcv-full on the same base, Python, torch and arch list: one wheel for both models
+    assert maptr["mmcv-full"].cache_ref == sparse["mmcv-full"].cache_ref
+    assert maptr["mmcv-full"].cache_ref.startswith("registry.local:5000/envbuild-wheels:wheel-mmcv-full-")
+    _, a800 = steps("sparsedrive", "a800")  # another torch and arch list: another wheel
+    assert a800["mmcv-full"].cache_ref != sparse["mmcv-full"].cache_ref
+    text = render.dockerfile(ctx)
+    assert "FROM scratch AS wheel-mmcv-full-pack\nCOPY --from=wheel-mmcv-full /wheels/ /wheels/" in text
+    ctx, shared = steps("sparsedrive", "h20", shared=["mmcv-full"])
+    text = render.dockerfile(ctx)
+    assert f"FROM {shared['mmcv-full'].shared_ref} AS wheel-mmcv-full" in text
+    stage = text.split("AS wheel-mmcv-full\n")[1].split("\nFROM ")[0]
+    assert "wheel-mmcv-full-pack" not in text and "pip wheel" not in stage
+
+
+def test_wheel_cache_setting_is_a_repository(monkeypatch):
+    from envbuild.config import load_sources
+    assert load_sources(wheel_cache="127.0.0.1:5000/envbuild-wheels").wheel_cache == "127.0.0.1:5000/envbuild-wheels"
+    for bad in ("127.0.0.1:5000/w:tag", "http://reg/w", "reg/w\nRUN x"):
+        with pytest.raises(BadInput):
+            load_sources(wheel_cache=bad)
