@@ -1,6 +1,8 @@
 """Compile once (issue 14), from one run (ratios; these machines are noisy):
   (a) two fixture models sharing a compiled package (tinyscale, served from a local index): the
       second image's compile seconds over the first's (goal <= 5 %);
+  (b) a builder that shares only the registry's wheel cache with the one that compiled the
+      package (another version, so no local cache can help): its compile seconds over the cold one's;
   (c) bytes a host that has the first image must pull for the second (same torch), over the
       second image's size, as the registry stores them (goal <= 25 %).
 Needs a Docker engine, the offline base (scripts/bootstrap-base.sh) and a registry on
@@ -49,10 +51,33 @@ def main():
             "bytes_to_pull_with_first": new,
             "pull_fraction": round(new / sum(layers_b.values()), 3),
         }
+        out.update(wheel_cache(base, registry, work))
         print(json.dumps(out, indent=2))
+        results = ROOT / "benchmarks" / "results"
+        results.mkdir(exist_ok=True)
+        (results / "compile_once.json").write_text(json.dumps(out, indent=2) + "\n")
     finally:
         co.remove(first["tags"][0], second["tags"][0], *refs)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def wheel_cache(base: dict, registry: str, work: Path) -> dict:
+    """(b): twina compiles a fresh version and pushes it to the wheel cache; twinb, whose only link
+    to that compile is the registry (the stage it would compile is never in its build), takes it."""
+    version = co.fresh_version()
+    env = {**os.environ, "ENVBUILD_MATRICES": str(co.twin_catalog(work / "cache-matrices", version)),
+           "ENVBUILD_TORCH_INDEX": "none", "ENVBUILD_HOME": str(work / "cache-home"),
+           "ENVBUILD_WHEEL_CACHE": f"{registry}/envbuild-wheel-cache-bench"}
+    if Path("/etc/ssl/certs/ca-certificates.crt").exists():
+        env["ENVBUILD_CA_BUNDLE"] = "/etc/ssl/certs/ca-certificates.crt"
+    with co.local_index(version) as index:
+        cold = co.build(env, "twina", base, index)
+        shared = co.build(env, "twinb", base, index)
+    co.remove(cold["tags"][0], shared["tags"][0])
+    return {"wheel_cache_compile_seconds_cold": round(co.compile_seconds(cold), 1),
+            "wheel_cache_compile_seconds_second_builder": round(co.compile_seconds(shared), 1),
+            "wheel_cache_second_over_cold": round(co.compile_seconds(shared) / max(co.compile_seconds(cold), 1e-9), 3),
+            "wheel_cache_second_from": shared.get("wheel_cache", {}).get(co.PACKAGE, {}).get("from")}
 
 
 if __name__ == "__main__":
