@@ -60,7 +60,7 @@ def export_tar(ref: str, out_dir: Path, level: int = 3) -> dict:
     finally:
         tmp.unlink(missing_ok=True)
     manifest = {"file": final.name, "sha256": digest.hexdigest(), "bytes": size, "image": ref, "id": image.id,
-                "tags": image.tags, "labels": {k: v for k, v in (image.labels or {}).items() if k.startswith("io.envbuild")}}
+                "tags": image.tags, "labels": {k: v for k, v in (image.labels or {}).items() if k.startswith(label.PREFIX)}}
     (out_dir / f"{final.name}.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     (out_dir / f"{final.name}.sha256").write_text(f"{manifest['sha256']}  {final.name}\n")
     return {"archive": str(final), "manifest": str(out_dir / f"{final.name}.json"), **manifest}

@@ -21,6 +21,7 @@ from . import export as export_stage
 from . import fixers as fix_stage
 from . import lock as lock_stage
 from . import smoke as smoke_stage
+from . import labels as label
 from . import catalog, engine, host, ledger, outputs, render, ship
 from .build import check_ref, image_ref
 from .config import Sources, load_sources, setting
@@ -350,7 +351,7 @@ def audit_image(ref: str, card: str | None = None) -> tuple[list[dict], Envbuild
     export_stage.local_image(ref)  # a missing or unusable reference is said as such
     names = card or audit_stage.image_cards(ref)
     if not names:
-        raise BadInput(f"{ref} has no io.envbuild.cards label", "pass --card CARD[,CARD]")
+        raise BadInput(f"{ref} has no {label.CARDS} label", "pass --card CARD[,CARD]")
     reports = _audit_all(ref, cat, names)
     failing = [r for r in reports if not r["ok"]]
     if not failing:
