@@ -152,7 +152,8 @@ def vendor_catalog(folder: Path, version: str, links: str, sass: str, model: str
     path = folder / "toolchains" / "packages.toml"
     path.write_text(path.read_text() + (
         f'\n[vendor.{PACKAGE}]\nfind_links = "{links}"\n[[vendor.{PACKAGE}.builds]]\nversions = ["{version}"]\n'
-        f'torch = ["2.0"]\ncuda = ["11.8"]\npython = ["3.11", "3.11"]\nsass = ["{sass}"]\n'))
+        # keyed like a vendor's matrix: torch and the CUDA of the torch build (PyPI's 2.0.1 is cu117)
+        f'torch = ["2.0"]\ncuda = ["11.7"]\npython = ["3.11", "3.11"]\nsass = ["{sass}"]\n'))
     text = (folder / "models" / "twina.toml").read_text().replace('name = "twina"', f'name = "{model}"')
     (folder / "models" / f"{model}.toml").write_text(text)
     return folder
