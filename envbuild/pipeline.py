@@ -277,14 +277,18 @@ def _share_wheels(ctx: Path, sources: Sources, echo=None) -> dict:
         return {}
     done = {}
     for item in json.loads(listing.read_text()):
+        entry = {"ref": item["ref"], "from": "cache" if item["shared"] else "pushed"}
         if not item["shared"]:
-            build_stage.build(ctx, [item["ref"]], target=item["pack"], ca_bundle=sources.ca_bundle, echo=echo,
-                              log_name=f"wheel-cache-{item['package']}")
-            try:
-                ship.push(item["ref"], echo=echo)
-            finally:
-                engine.client().images.remove(item["ref"], noprune=False)  # the registry keeps it, not this host
-        done[item["package"]] = {"ref": item["ref"], "from": "cache" if item["shared"] else "pushed"}
+            try:  # the image is built already: a cache that cannot take the wheel is reported, not fatal
+                build_stage.build(ctx, [item["ref"]], target=item["pack"], ca_bundle=sources.ca_bundle, echo=echo,
+                                  log_name=f"wheel-cache-{item['package']}")
+                try:
+                    ship.push(item["ref"], echo=echo)
+                finally:
+                    engine.client().images.remove(item["ref"], noprune=False)  # the registry keeps it, not this host
+            except OperationFailed as exc:
+                entry = {"ref": item["ref"], "from": "not shared", "why": exc.message.splitlines()[0]}
+        done[item["package"]] = entry
     return {"wheel_cache": done}
 
 

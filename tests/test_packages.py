@@ -169,3 +169,23 @@ def test_vendor_entries_in_the_catalog_are_validated(matrices_copy):
     with pytest.raises(CatalogError) as exc:
         catalog.load(matrices_copy)
     assert "vendor.mmcv-full.builds[0].sass" in exc.value.message
+
+
+def test_a_wheel_cache_that_cannot_take_the_wheel_does_not_fail_the_built_image(tmp_path, monkeypatch):
+    import json as _json
+    from envbuild import pipeline
+    from envbuild.errors import OperationFailed
+    (tmp_path / "wheel-cache.json").write_text(_json.dumps(
+        [{"package": "tinyscale", "stage": "wheel-tinyscale", "pack": "wheel-tinyscale-pack",
+          "ref": "127.0.0.1:5000/w:wheel-tinyscale-abc", "shared": False},
+         {"package": "mmcv-full", "stage": "wheel-mmcv-full", "pack": "wheel-mmcv-full-pack",
+          "ref": "127.0.0.1:5000/w:wheel-mmcv-full-def", "shared": True}]))
+
+    def refuse(*args, **kwargs):
+        raise OperationFailed("build failed: no space left on device\nstep ...")
+    monkeypatch.setattr(pipeline.build_stage, "build", refuse)
+    out = pipeline._share_wheels(tmp_path, Sources(wheel_cache="127.0.0.1:5000/w"))["wheel_cache"]
+    assert out["tinyscale"] == {"ref": "127.0.0.1:5000/w:wheel-tinyscale-abc", "from": "not shared",
+                                "why": "build failed: no space left on device"}
+    assert out["mmcv-full"]["from"] == "cache"
+    assert pipeline._share_wheels(tmp_path, Sources()) == {}  # no cache configured: nothing to do
