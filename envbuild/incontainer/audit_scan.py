@@ -146,8 +146,9 @@ def wheel_problems(folder, ccs):
 
 def check_wheels(folder, ccs):
     checked, problems = wheel_problems(folder, ccs)
-    json.dump({"checked": checked, "problems": problems}, sys.stdout, indent=1, sort_keys=True)
+    json.dump({"checked": checked, "problems": problems}, sys.stdout, sort_keys=True)  # one line
     sys.stdout.write("\n")
+    sys.stdout.flush()  # the refusals come last, where a build log's tail shows them
     for problem in problems:
         sys.stderr.write("envbuild: vendor wheel refused: %s (build it from source: --compile)\n" % problem)
     return 1 if problems else 0
