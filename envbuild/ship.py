@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 
 from . import labels as label
 from . import engine, host
@@ -48,16 +49,15 @@ def push(ref: str, echo=None) -> str:
     return digest
 
 
+@lru_cache(maxsize=None)
 def in_registry(ref: str) -> bool:
-    """Whether the registry holds ref (its manifest, asked through the daemon; nothing pulled).
-    Unreachable or refusing counts as absent: the caller compiles instead."""
-    from docker.errors import APIError, NotFound
+    """Whether the registry holds ref (its manifest, asked through the daemon; nothing pulled),
+    asked once per command: a context is rendered again after locking. Unreachable, refusing or
+    not there counts as absent: the caller compiles instead."""
     try:
         engine.client().images.get_registry_data(check_ref(ref))
         return True
-    except (NotFound, APIError):
-        return False
-    except Exception:  # noqa: BLE001 - connection refused, DNS, TLS: the cache is not there
+    except Exception:  # noqa: BLE001 - not found, connection refused, DNS, TLS: the cache is not there
         return False
 
 

@@ -3,11 +3,10 @@ so whether it runs on a card depends on nvcc, not on the Plan's arch list."""
 
 from __future__ import annotations
 
-from ..catalog import V, FlashAttn, minor_key
+from ..catalog import V, FlashAttn, is_exact, minor_key
 from ..errors import unknown
 from ..incontainer.archrules import code_name, runs_on
 from ..plan import Pin
-from ..catalog import is_exact
 from .base import Block, Target
 
 
