@@ -40,7 +40,10 @@ FROM $BASE_TAG
 RUN apt-get update \\
  && apt-get install -y --no-install-recommends nvidia-cuda-toolkit gcc-11 g++-11 \\
       python3 python3-dev python3-venv python3-pip ca-certificates git \\
+ && find /usr/lib/x86_64-linux-gnu -maxdepth 1 -name 'lib*_static*.a' ! -name libcudart_static.a -delete \\
  && rm -rf /var/lib/apt/lists/*
+# Above: the CUDA libraries' static archives (2.7 GB of 7.7) go. Extensions link them through
+# torch's shared libraries; nvcc's default static cudart stays.
 # nvidia/cuda images keep the toolkit under /usr/local/cuda; torch's extension builder looks there.
 RUN mkdir -p /usr/local/cuda/bin && ln -sf /usr/bin/nvcc /usr/local/cuda/bin/nvcc \\
  && ln -sf /usr/include /usr/local/cuda/include && ln -sf /usr/lib/x86_64-linux-gnu /usr/local/cuda/lib64 \\

@@ -48,47 +48,81 @@ def bridge_gateway() -> str:
     return out.stdout.strip() or "172.17.0.1"
 
 
-@contextmanager
-def local_index(version: str):
-    """A PEP 503 index serving tinyscale's sdist; every other project redirects to PyPI."""
-    data = sdist(version)
-    filename = f"{PACKAGE}-{version}.tar.gz"
-    digest = hashlib.sha256(data).hexdigest()
+class Mirror:
+    """What build containers download from, served on Docker's bridge (they reach it): a PEP 503
+    index with tinyscale's sdists at the versions added (every other project redirects to PyPI),
+    and find-links pages for folders of wheels, as a mirror of a vendor's index would serve them.
+    One address for a whole test module: the base stage's pip settings name the index, so one
+    address per build would give every build a torch stage (GBs) of its own."""
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - http.server's name
-            parts = [p for p in self.path.split("?")[0].split("/") if p]
-            if parts[:2] == ["simple", PACKAGE]:
-                body = f'<a href="/files/{filename}#sha256={digest}">{filename}</a>\n'.encode()
-                self._send(200, body, "text/html")
-            elif parts[:1] == ["simple"] and len(parts) == 2:
-                self.send_response(301)
-                self.send_header("Location", f"https://pypi.org/simple/{parts[1]}/")
+    def __init__(self):
+        self.sdists: dict[str, tuple[bytes, str]] = {}  # file name -> (bytes, sha256)
+        self.folders: dict[str, Path] = {}
+        mirror = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server's name
+                code, body, kind, location = mirror.answer([p for p in self.path.split("?")[0].split("/") if p])
+                self.send_response(code)
+                if location:
+                    self.send_header("Location", location)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-            elif parts == ["files", filename]:
-                self._send(200, data, "application/octet-stream")
-            else:
-                self._send(404, b"not here\n", "text/plain")
+                self.wfile.write(body)
 
-        def _send(self, code, body, kind):
-            self.send_response(code)
-            self.send_header("Content-Type", kind)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            def log_message(self, *args):
+                pass
 
-        def log_message(self, *args):
-            pass
+        self.server = ThreadingHTTPServer((bridge_gateway(), 0), Handler)
+        host, port = self.server.server_address[:2]
+        self.root = f"http://{host}:{port}"
+        self.index = f"{self.root}/simple"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
-    server = ThreadingHTTPServer((bridge_gateway(), 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    def add(self, version: str) -> str:
+        """Serve tinyscale's sdist at this version; the index URL."""
+        data = sdist(version)
+        self.sdists[f"{PACKAGE}-{version}.tar.gz"] = (data, hashlib.sha256(data).hexdigest())
+        return self.index
+
+    def find_links(self, folder: Path) -> str:
+        """Serve a page linking every wheel in folder; its URL (pip's --find-links)."""
+        name = f"links{len(self.folders)}"
+        self.folders[name] = folder
+        return f"{self.root}/{name}/index.html"
+
+    def answer(self, parts: list[str]) -> tuple[int, bytes, str, str]:
+        """(status, body, content type, redirect) for a request path split on '/'."""
+        html, binary = "text/html", "application/octet-stream"
+        if parts[:2] == ["simple", PACKAGE]:
+            return 200, "".join(f'<a href="/files/{f}#sha256={d}">{f}</a>\n'
+                                for f, (_, d) in self.sdists.items()).encode(), html, ""
+        if parts[:1] == ["simple"] and len(parts) == 2:
+            return 301, b"", html, f"https://pypi.org/simple/{parts[1]}/"
+        if len(parts) == 2 and parts[0] == "files" and parts[1] in self.sdists:
+            return 200, self.sdists[parts[1]][0], binary, ""
+        folder = self.folders.get(parts[0]) if parts else None
+        if folder is not None:
+            wheels = sorted(p.name for p in folder.glob("*.whl"))
+            if parts[1:] in ([], ["index.html"]):
+                return 200, "".join(f'<a href="{w}">{w}</a>\n' for w in wheels).encode(), html, ""
+            if len(parts) == 2 and parts[1] in wheels:
+                return 200, (folder / parts[1]).read_bytes(), binary, ""
+        return 404, b"not here\n", "text/plain", ""
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@contextmanager
+def mirror():
+    served = Mirror()
     try:
-        host, port = server.server_address[:2]
-        yield f"http://{host}:{port}/simple"
+        yield served
     finally:
-        server.shutdown()
-        server.server_close()
+        served.close()
 
 
 def twin_catalog(folder: Path, version: str) -> Path:
@@ -109,40 +143,6 @@ def twin_catalog(folder: Path, version: str) -> Path:
         text = text.replace('numpy = "*"', f'numpy = "*"\n{PACKAGE} = "{version}"{extra}')
         (folder / "models" / f"{name}.toml").write_text(text)
     return folder
-
-
-@contextmanager
-def find_links(folder: Path):
-    """A vendor's page as pip's --find-links reads it: links to every wheel in folder, served on
-    Docker's bridge (a build container reaches it) the way a mirror of a vendor index would be."""
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - http.server's name
-            name = self.path.split("?")[0].strip("/")
-            wheels = sorted(p.name for p in folder.glob("*.whl"))
-            if name in ("", "index.html"):
-                body = "".join(f'<a href="{w}">{w}</a>\n' for w in wheels).encode()
-                kind = "text/html"
-            elif name in wheels:
-                body, kind = (folder / name).read_bytes(), "application/octet-stream"
-            else:
-                body, kind = b"not here\n", "text/plain"
-            self.send_response(200 if kind != "text/plain" else 404)
-            self.send_header("Content-Type", kind)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer((bridge_gateway(), 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        host, port = server.server_address[:2]
-        yield f"http://{host}:{port}/index.html"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def vendor_catalog(folder: Path, version: str, links: str, sass: str, model: str) -> Path:

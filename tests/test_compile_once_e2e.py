@@ -16,13 +16,20 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def twins(docker_engine, offline_base, fixture_env, registry, tmp_path_factory):
+def mirror():
+    """One index for every build of this module: their base and torch stages are shared."""
+    with co.mirror() as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def twins(docker_engine, offline_base, fixture_env, registry, mirror, tmp_path_factory):
     version = co.fresh_version()
     env = dict(fixture_env, ENVBUILD_MATRICES=str(co.twin_catalog(tmp_path_factory.mktemp("twins"), version)))
-    with co.local_index(version) as index:
-        first = co.build(env, "twina", offline_base, index)
-        second = co.build(env, "twinb", offline_base, index)
-        exported = co.export_wheels(env, "twinb", offline_base, index, tmp_path_factory.mktemp("wheels") / "out")
+    index = mirror.add(version)
+    first = co.build(env, "twina", offline_base, index)
+    second = co.build(env, "twinb", offline_base, index)
+    exported = co.export_wheels(env, "twinb", offline_base, index, tmp_path_factory.mktemp("wheels") / "out")
     pushed = [co.push(registry, s["tags"][0]) for s in (first, second)]
     yield version, first, second, pushed, exported
     co.remove(first["tags"][0], second["tags"][0], *pushed)
@@ -78,17 +85,16 @@ def test_envbuild_wheels_exports_the_compiled_wheel_for_pip(twins):
 # ---------------------------------------------------------------- a vendor's prebuilt wheel
 
 @pytest.fixture(scope="module")
-def vendored(twins, offline_base, fixture_env, tmp_path_factory):
+def vendored(twins, offline_base, fixture_env, mirror, tmp_path_factory):
     """The wheel twinb's stage compiled, served as a vendor would serve it (a find-links page);
     a third copy of the fixture, twinc, whose catalog says that wheel carries sm_80."""
     version, _, _, _, (_, folder) = twins
-    with co.local_index(version) as index, co.find_links(folder) as links:
-        cat = co.vendor_catalog(tmp_path_factory.mktemp("vendor"), version, links, "8.0", "twinc")
-        env = dict(fixture_env, ENVBUILD_MATRICES=str(cat))
-        plan = subprocess.run([sys.executable, "-m", "envbuild.cli", "resolve", "twinc", "--card", "a800", "--cuda",
-                               "11.8", "--python", "3.11", "--json"], capture_output=True, text=True, env=env,
-                              timeout=300, cwd=co.ROOT)
-        summary = co.build(env, "twinc", offline_base, index)
+    cat = co.vendor_catalog(tmp_path_factory.mktemp("vendor"), version, mirror.find_links(folder), "8.0", "twinc")
+    env = dict(fixture_env, ENVBUILD_MATRICES=str(cat))
+    plan = subprocess.run([sys.executable, "-m", "envbuild.cli", "resolve", "twinc", "--card", "a800", "--cuda",
+                           "11.8", "--python", "3.11", "--json"], capture_output=True, text=True, env=env,
+                          timeout=300, cwd=co.ROOT)
+    summary = co.build(env, "twinc", offline_base, mirror.index)
     yield version, json.loads(plan.stdout), summary
     co.remove(summary["tags"][0])
     co.cleanup_contexts(env)
@@ -109,7 +115,7 @@ def test_a_vendor_wheel_that_covers_the_card_is_downloaded_audited_and_not_compi
 
 
 def test_a_vendor_wheel_whose_kernels_miss_the_card_fails_the_build_at_its_audit(
-        offline_base, fixture_env, tmp_path_factory, docker_engine):
+        offline_base, fixture_env, mirror, tmp_path_factory, docker_engine):
     """The catalog claims sm_80; the wheel served carries only sm_90 code: the build stops in the
     wheel's stage, says which library lacks what, and tags nothing."""
     from fakecuda import elf_with_fatbin, fatbin_bytes
@@ -123,10 +129,9 @@ def test_a_vendor_wheel_whose_kernels_miss_the_card_fails_the_build_at_its_audit
         whl.writestr(f"tinyscale-{version}.dist-info/WHEEL",
                      "Wheel-Version: 1.0\nRoot-Is-Purelib: false\nTag: cp311-cp311-linux_x86_64\n")
         whl.writestr(f"tinyscale-{version}.dist-info/RECORD", "")
-    with co.local_index(version) as index, co.find_links(folder) as links:
-        cat = co.vendor_catalog(tmp_path_factory.mktemp("lying"), version, links, "8.0", "twind")
-        env = dict(fixture_env, ENVBUILD_MATRICES=str(cat))
-        r = co.build(env, "twind", offline_base, index, check=False)
+    cat = co.vendor_catalog(tmp_path_factory.mktemp("lying"), version, mirror.find_links(folder), "8.0", "twind")
+    env = dict(fixture_env, ENVBUILD_MATRICES=str(cat))
+    r = co.build(env, "twind", offline_base, mirror.add(version), check=False)
     co.cleanup_contexts(env)
     assert r.returncode != 0
     said = " ".join(r.stderr.split())  # the terminal may wrap the excerpt's long lines
@@ -137,15 +142,15 @@ def test_a_vendor_wheel_whose_kernels_miss_the_card_fails_the_build_at_its_audit
 # ---------------------------------------------------------------- the wheel cache: builders that share a registry
 
 @pytest.fixture(scope="module")
-def cached(offline_base, fixture_env, registry, tmp_path_factory):
+def cached(offline_base, fixture_env, registry, mirror, tmp_path_factory):
     """A first build compiles tinyscale and pushes the wheel to the registry's wheel cache (its
     local copy removed); a second build, of another model, finds it there."""
     version = co.fresh_version() + "2"
     env = dict(fixture_env, ENVBUILD_MATRICES=str(co.twin_catalog(tmp_path_factory.mktemp("cache"), version)),
                ENVBUILD_WHEEL_CACHE=f"{registry}/envbuild-wheel-cache-test")
-    with co.local_index(version) as index:
-        first = co.build(env, "twina", offline_base, index)
-        second = co.build(env, "twinb", offline_base, index)
+    index = mirror.add(version)
+    first = co.build(env, "twina", offline_base, index)
+    second = co.build(env, "twinb", offline_base, index)
     yield version, first, second, env
     co.remove(first["tags"][0], second["tags"][0])
     co.cleanup_contexts(env)
