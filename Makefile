@@ -52,9 +52,10 @@ locks: setup  ## hash-lock every committed cell in its own Python (needs its bas
 	  cp $$tmp/ctx/requirements.lock $$tmp/ctx/torch.lock $$d; rm -rf $$tmp; done
 	$(MAKE) dockerfiles
 
-verify: setup base  ## rebuild one cell from its real source here and record it: make verify MODEL=qcnet CARD=a800 SOURCE=../QCNet
+verify: setup base  ## rebuild one cell from its real source here and record it: make verify MODEL=qcnet CARD=a800 SOURCE=../QCNet [TIME_LIMIT=seconds]
 	ENVBUILD_TORCH_INDEX=none $(BIN)/envbuild verify $(MODEL) --card $(CARD) --python 3.11 --cuda 11.8 \
-	  --source $(SOURCE) --base-image envbuild/cuda:11.8-devel-debian12 --runtime-image envbuild/debian:12
+	  --source $(SOURCE) --base-image envbuild/cuda:11.8-devel-debian12 --runtime-image envbuild/debian:12 \
+	  $(if $(TIME_LIMIT),--time-limit $(TIME_LIMIT))
 
 bench: setup  ## resolver timing and data-loader tuning; bench-build for the (slow) image build numbers
 	$(BIN)/python benchmarks/bench_resolve.py

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,27 +138,51 @@ def _log_path(name: str) -> Path:
     return logs / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
 
 
-def _run(cli, cmd, log_path: Path, echo) -> tuple[int, list[str]]:
-    """Run a docker build command, teeing its plain progress into the log."""
+def _run(cli, cmd, log_path: Path, echo, time_limit: float | None = None) -> tuple[int, list[str]]:
+    """Run a docker build command, teeing its plain progress into the log. Past time_limit
+    seconds the client is stopped (BuildKit cancels the build; what ccache holds stays) and
+    OperationFailed names the steps that were still running."""
     lines = []
     with open(log_path, "w") as log:
         log.write("$ " + " ".join(cmd) + "\n")
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env=cli.env(), bufsize=1)
+        timer = threading.Timer(time_limit, _stop, (proc,)) if time_limit else None
+        if timer:
+            timer.start()
         try:
             for line in proc.stdout:
                 log.write(line)
                 lines.append(line)
                 if echo:
                     echo(line.rstrip("\n"))
-            return proc.wait(), lines
+            rc = proc.wait()
         except KeyboardInterrupt:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            _stop(proc)
             raise
+        finally:
+            if timer:
+                timer.cancel()
+    if timer and timer.finished.is_set() and rc != 0:
+        running = [_progress_of(s) for s in parse_progress(lines) if not (s.cached or s.seconds or s.error)]
+        raise OperationFailed(f"build stopped at its time limit ({time_limit:.0f} s) while running: "
+                              + ("; ".join(running) or "nothing (it was finishing)"), log=str(log_path))
+    return rc, lines
+
+
+def _stop(proc) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def _progress_of(step: Step) -> str:
+    """A running step's name, with how far its compile got where ninja counts ([12/96])."""
+    counts = [m for line in step.output if (m := re.match(r"\[(\d+)/(\d+)\]", line))]
+    done = f" (ninja: {counts[-1].group(1)} of {counts[-1].group(2)} compiled)" if counts else ""
+    return step.name.split("] ", 1)[0] + "]" + done
 
 
 def _fail(rc: int, steps, lines, log_path: Path):
@@ -187,7 +212,7 @@ def export_stage(context: Path, target: str, dest: Path, ca_bundle: str | None =
 
 def build(context: Path, tags: list[str], target: str = "runtime", no_cache: bool = False,
           ca_bundle: str | None = None, build_args: dict | None = None, echo=None,
-          log_name: str = "build") -> BuildResult:
+          log_name: str = "build", time_limit: float | None = None) -> BuildResult:
     cli = engine.find_cli()
     client = engine.client()
     log_path = _log_path(log_name)
@@ -202,8 +227,8 @@ def build(context: Path, tags: list[str], target: str = "runtime", no_cache: boo
     cmd.append(str(context))
     start = time.monotonic()
     try:
-        rc, lines = _run(cli, cmd, log_path, echo)
-    except KeyboardInterrupt:
+        rc, lines = _run(cli, cmd, log_path, echo, time_limit)
+    except (KeyboardInterrupt, OperationFailed):
         iidfile.unlink(missing_ok=True)
         raise
     seconds = time.monotonic() - start

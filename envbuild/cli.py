@@ -192,12 +192,15 @@ def image(model: str, card: Optional[str] = CARD, cuda: Optional[str] = CUDA, py
 def verify(model: str, card: Optional[str] = CARD, cuda: Optional[str] = CUDA, python: Optional[str] = PYTHON,
            source: Optional[Path] = SOURCE, base_image: Optional[str] = BASE_IMAGE,
            runtime_image: Optional[str] = RUNTIME_IMAGE, compile_: bool = COMPILE, torch_index: Optional[str] = TORCH_INDEX,
-           pypi_index: Optional[str] = PYPI_INDEX, json_: bool = JSON):
+           pypi_index: Optional[str] = PYPI_INDEX, json_: bool = JSON,
+           time_limit: Optional[int] = typer.Option(None, "--time-limit", min=60, help=(
+               "Stop the build after this many seconds and record what it was still compiling "
+               "(a rerun continues from the cache)."))):
     """Build a cell from the model's real source, audit it, smoke env + model, and record the result
     (passed, or the exact failure) in the verified ledger."""
     req = Request(model=model, compile_only=compile_, card=card, cuda=cuda, python=python, source=source, base_image=base_image,
                   runtime_image=runtime_image, torch_index=torch_index, pypi_index=pypi_index)
-    result = pipeline.verify_cell(req, progress=_progress(json_))
+    result = pipeline.verify_cell(req, time_limit=time_limit, progress=_progress(json_))
     show.verified(result, as_json=json_)
     _fail(result.failure)
 

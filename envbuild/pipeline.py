@@ -235,10 +235,10 @@ def prepare_image(req: Request, extra_tags=(), lock: bool = True, progress: Prog
 
 
 def _build(plan: Plan, sources: Sources, ctx: Path, lock_note: str, tags: list[str], no_cache: bool = False,
-           echo=None) -> dict:
+           echo=None, time_limit: float | None = None) -> dict:
     """BuildKit build of a prepared context, tagged on success; the summary the CLI prints."""
     result = build_stage.build(ctx, tags, no_cache=no_cache, ca_bundle=sources.ca_bundle, echo=echo,
-                               log_name=f"{plan.model}-{plan.card}")
+                               log_name=f"{plan.model}-{plan.card}", time_limit=time_limit)
     summary = result.summary()
     summary.update(cards=list(plan.cards), cards_why=plan.cards_why, lock=lock_note)
     return summary
@@ -304,14 +304,16 @@ def _smoke_and_label(summary: dict, refs: list[str]) -> None:
                               + ", ".join(k for k, v in summary["smoke"]["levels"].items() if v == "failed"))
 
 
-def verify_cell(req: Request, *, progress: Progress = QUIET) -> Verification:
+def verify_cell(req: Request, *, time_limit: float | None = None, progress: Progress = QUIET) -> Verification:
     """What `envbuild verify` does: build the cell, audit it for each of its cards, smoke env + model
-    without a GPU, and record the outcome (passed, or the first failure) in the verified ledger."""
+    without a GPU, and record the outcome (passed, or the first failure) in the verified ledger.
+    A build still running after time_limit seconds is stopped and recorded as such (what it was
+    compiling, how far it got); a rerun continues from BuildKit's cache and ccache."""
     plan, sources, ctx, lock_note, refs = prepare_image(req, (), progress=progress)
     request = ledger_request(plan, sources, req)
     summary, audit_ok, report, failure = {}, None, None, ""
     try:
-        summary = _build(plan, sources, ctx, lock_note, refs, echo=progress.echo)
+        summary = _build(plan, sources, ctx, lock_note, refs, echo=progress.echo, time_limit=time_limit)
         summary.update(_share_wheels(ctx, sources, progress.echo))
         audits = _audit_all(refs[0], None, list(plan.cards))
         audit_ok = all(a["ok"] for a in audits)

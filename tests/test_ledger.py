@@ -79,3 +79,37 @@ def test_cached_steps_record_what_they_took_in_the_build_that_ran_them(cat, tmp_
     assert steps[1]["seconds"] == 95.0 and "from_log" not in steps[1]  # ran in this build: its own time
     assert steps[2]["seconds"] is None  # no log ran it: unknown, not made up
     assert out["build_seconds"] == 1664.2
+
+
+def test_a_build_past_its_time_limit_is_stopped_and_names_what_it_was_compiling(tmp_path):
+    """verify --time-limit: the build client is stopped at the limit, and the error (the ledger's
+    failure) names the step still running and how far its ninja count got; finished steps are not named."""
+    import sys
+    import time
+
+    from envbuild import build, engine
+    from envbuild.errors import OperationFailed
+    builder = tmp_path / "builder.py"  # prints BuildKit's plain progress, then compiles "forever"
+    builder.write_text(
+        "import sys, time\n"
+        "print('#4 [compile 3/3] RUN pip install ninja'); print('#4 DONE 0.5s')\n"
+        "print('#5 [wheel-flash-attn 1/1] RUN pip wheel flash-attn==2.3.2')\n"
+        "print('#5 12.0 [3/96] nvcc flash_fwd_hdim32_fp16_sm80.cu')\n"
+        "print('#5 95.1 [7/96] nvcc flash_bwd_hdim64_bf16_sm80.cu'); sys.stdout.flush()\n"
+        "time.sleep(60)\n")
+    started = time.monotonic()
+    with pytest.raises(OperationFailed) as err:
+        build._run(engine.Cli("docker", "28", "builtin"), [sys.executable, str(builder)], tmp_path / "build.log", None, time_limit=2)
+    assert time.monotonic() - started < 30  # stopped, not waited out
+    assert err.value.message == ("build stopped at its time limit (2 s) while running: "
+                                 "[wheel-flash-attn 1/1] (ninja: 7 of 96 compiled)")
+    assert err.value.log == str(tmp_path / "build.log") and "[7/96]" in (tmp_path / "build.log").read_text()
+
+
+def test_a_build_that_finishes_within_its_time_limit_is_not_stopped(tmp_path):
+    import sys
+
+    from envbuild import build, engine
+    rc, lines = build._run(engine.Cli("docker", "28", "builtin"), [sys.executable, "-c", "print('#1 [base 1/1] FROM x'); print('#1 DONE 0.1s')"],
+                           tmp_path / "build.log", None, time_limit=30)
+    assert rc == 0 and lines[-1].strip() == "#1 DONE 0.1s"
