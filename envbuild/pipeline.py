@@ -385,6 +385,10 @@ def smoke_image(target: str, *, card: str | None = None, cuda: str | None = None
         ref = image_ref(plan, sources.registry)
     levels = smoke_stage.parse_levels(level)
     data = smoke_stage.run(ref, levels, gpus=gpus, recipe=recipe, card=card_here(cat, card), **options)
+    if data.get("card") and label.PLAN in (engine.client().images.get(data["image_id"]).labels or {}):
+        # an image envbuild made keeps the run in its label, per card (as image --smoke does): pull
+        # then says on which cards it was validated. Images envbuild did not make stay untouched.
+        data["recorded_in"] = smoke_stage.record([ref], data)
     if report:
         report.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     if data["ok"]:

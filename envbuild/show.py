@@ -272,6 +272,8 @@ def smoke(report: dict, path=None, as_json: bool = False) -> None:
         line(f"  {name:6} {lvl['status']:8} {_level_detail(name, lvl)}")
         for problem in _smoke_findings(lvl):
             line(f"         {problem}")
+    if report.get("recorded_in"):
+        line(f"recorded for {report['card']} in the image's label ({report['image']} is now {report['recorded_in'][:19]})")
     if path:
         line(f"report: {path}")
 

@@ -108,6 +108,10 @@ def test_sources_from_config_file_and_env(tmp_path):
     r = envbuild("resolve", "qcnet", "--card", "a800", "--json",
                  env={"ENVBUILD_CONFIG": str(cfg), "ENVBUILD_TORCH_INDEX": "https://mirror.example/whl"})
     assert json.loads(r.stdout)["torch_index"] == "https://mirror.example/whl/cu118"
+    # config file < environment < flag
+    r = envbuild("resolve", "qcnet", "--card", "a800", "--json", "--torch-index", "https://flag.example/whl",
+                 env={"ENVBUILD_CONFIG": str(cfg), "ENVBUILD_TORCH_INDEX": "https://mirror.example/whl"})
+    assert json.loads(r.stdout)["torch_index"] == "https://flag.example/whl/cu118"
 
 
 @pytest.mark.parametrize("args, says", [

@@ -201,6 +201,26 @@ def test_no_daemon_is_one_line_exit_1(fixture_env):
     assert r.returncode == 1 and "no Docker daemon" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_smoke_of_an_image_records_each_card_in_its_label(built, fixture_env, docker_engine):
+    """`smoke IMAGE --card C` keeps the run in the image's label per card (what pull reads): a
+    second card's run adds to the first's; the tag moves to the labelled image, others stay."""
+    from envbuild import smoke as smoke_stage
+    ref = f"envbuild-test/smoke-record:{uuid.uuid4().hex[:8]}"
+    original = docker_engine.images.get(built["ref"])
+    original.tag(*ref.split(":"))
+    try:
+        for card in ("a800", "a100"):
+            r = cli(fixture_env, "smoke", ref, "--card", card, "--level", "env", "--gpus", "none")
+            assert r.returncode == 0, r.stdout + r.stderr
+            assert f"recorded for {card} in the image's label" in r.stdout
+        records = smoke_stage.records(docker_engine.images.get(ref).labels)
+        assert sorted(records) == ["a100", "a800"] and all(v["levels"] == {"env": "passed"} for v in records.values())
+        assert docker_engine.images.get(ref).id != original.id  # the tag moved to the labelled image
+        assert docker_engine.images.get(built["ref"]).id == original.id  # the other tag stayed put
+    finally:
+        docker_engine.images.remove(ref, force=True)
+
+
 def test_smoke_cpu_levels_and_gpu_levels_skipped(built, fixture_env, tmp_path):
     report_path = tmp_path / "smoke.json"
     data = tmp_path / "nuscenes-mini"

@@ -443,3 +443,20 @@ def test_wheel_cache_setting_is_a_repository(monkeypatch):
     for bad in ("127.0.0.1:5000/w:tag", "http://reg/w", "reg/w\nRUN x"):
         with pytest.raises(BadInput):
             load_sources(wheel_cache=bad)
+
+
+@pytest.mark.parametrize("model, card", [("maptr", "h20"), ("qcnet", "a800"), ("sparsedrive", "a800,h20")])
+def test_the_ca_bundle_reaches_only_runs_as_a_secret_and_never_a_layer(cat, model, card):
+    """README: the CA reaches builds as a BuildKit secret and is never written into a layer. Every
+    instruction that runs with-ca.sh (the one place that points pip, git and curl at the bundle)
+    mounts the secret; nothing COPYs, ADDs or writes /run/secrets, and no ENV names it."""
+    text = render.dockerfile(ctx_for(cat, model=model, card=card))
+    instructions = [" ".join(i.split()) for i in text.replace("\\\n", " ").splitlines()
+                    if i.strip() and not i.startswith("#")]
+    uses = [i for i in instructions if "/opt/envbuild/with-ca.sh " in i and i.startswith("RUN")]
+    assert len(uses) >= 3, uses  # base, torch, deps at least
+    assert all("--mount=type=secret,id=ca_bundle" in i for i in uses), [i for i in uses if "secret" not in i]
+    for i in instructions:
+        if "ca_bundle" in i or "/run/secrets" in i:
+            assert i.startswith("RUN --mount") and "--mount=type=secret,id=ca_bundle" in i, i
+            assert "cp /run/secrets" not in i and "> /" not in i.split("with-ca.sh", 1)[0], i

@@ -328,3 +328,14 @@ def test_a_port_past_mmcv_1_4_6_forces_mmdet3d_0x_sparse_conv_registration(cat):
     upstream = resolve(cat, "maptr", "a800")  # mmcv-full 1.4.0 has no sparse conv of its own
     assert upstream.pin("mmcv-full").version == "1.4.0"
     assert all(f.name != "mmcv-layer-clash" for f in upstream.fixers)
+
+
+def test_a_registry_mirror_prefixes_the_base_and_runtime_images(cat):
+    """README: registry_mirror is a prefix for nvidia/cuda base images (hosts that reach Docker Hub
+    only through a mirror)."""
+    plain = resolve(cat, "maptr", "h20")
+    mirrored = resolve(cat, "maptr", "h20", sources=Sources(registry_mirror="mirror.example.com/"))
+    assert plain.base_image.startswith("nvidia/cuda:")
+    assert mirrored.base_image == "mirror.example.com/" + plain.base_image
+    from envbuild.render import runtime_image_for  # the runtime stage's image follows the base's name
+    assert runtime_image_for(mirrored.base_image) == "mirror.example.com/" + runtime_image_for(plain.base_image)
