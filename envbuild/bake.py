@@ -32,8 +32,8 @@ def bake_file(models=None, cards=None, out_dir: Path = Path("bake"), sources: So
     sources = sources or Sources()
     models = [cat.model(m).name for m in models] if models else sorted(cat.models)
     cards = [cat.card(c).id for c in cards] if cards else list(cat.cards)  # the whole matrix by default
-    if parallel < 1 or builder_memory_gb < 1:
-        raise BadInput("--parallel and --builder-memory must be >= 1", "e.g. --builder-memory 64 --parallel 4")
+    if not (1 <= parallel <= 256 and 1 <= builder_memory_gb <= 65536):
+        raise BadInput("--parallel must be 1-256 and --builder-memory 1-65536 (GB)", "e.g. --builder-memory 64 --parallel 4")
     targets, bases, skipped = {}, {}, []
     cache = (registry.rstrip("/") + "/envbuild-cache") if registry else ""
     for m in models:
@@ -83,15 +83,22 @@ def bake_file(models=None, cards=None, out_dir: Path = Path("bake"), sources: So
     return doc, skipped
 
 
+def _made_by_envbuild(text: str) -> bool:
+    """A bake file envbuild wrote: its targets build envbuild's rendered contexts."""
+    try:
+        old = json.loads(text)
+        return bool(old["target"]) and all(
+            (Path(t["context"]) / outputs.MANIFEST).is_file() for t in old["target"].values())
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def check(path: Path) -> None:
+    """Refuse a bake file path envbuild may not write before any context is rendered beside it."""
+    outputs.check_own_file(path, _made_by_envbuild)
+
+
 def write(doc: dict, path: Path) -> Path:
-    """The bake file; an existing file is replaced only when it is one envbuild wrote (a bake
-    file whose targets build envbuild's rendered contexts)."""
-    def made_by_envbuild(text: str) -> bool:
-        try:
-            old = json.loads(text)
-            return bool(old["target"]) and all(
-                (Path(t["context"]) / outputs.MANIFEST).is_file() for t in old["target"].values())
-        except (ValueError, KeyError, TypeError, AttributeError):
-            return False
-    outputs.write_own_file(path, json.dumps(doc, indent=2, sort_keys=True) + "\n", made_by_envbuild)
+    """The bake file; an existing file is replaced only when it is one envbuild wrote."""
+    outputs.write_own_file(path, json.dumps(doc, indent=2, sort_keys=True) + "\n", _made_by_envbuild)
     return path

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import engine
-from .errors import OperationFailed
+from .errors import BadInput, OperationFailed
 from .resolve import Plan
 
 TAG_CHARS = re.compile(r"[^A-Za-z0-9_.-]+")
@@ -29,7 +29,10 @@ ERROR_RE = re.compile(r"^#(\d+) ERROR: (.*)$")
 def state_dir() -> Path:
     base = os.environ.get("ENVBUILD_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "envbuild")
     path = Path(base)
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BadInput(f"ENVBUILD_HOME {path}: {exc.strerror or exc}", "point ENVBUILD_HOME at a folder envbuild may write") from None
     return path
 
 
@@ -58,7 +61,6 @@ def split_ref(ref: str) -> tuple[str, str]:
 
 
 def check_ref(ref: str) -> str:
-    from .errors import BadInput
     if not REF_RE.match(ref):
         raise BadInput(f"not a valid image reference: {ref!r}", "e.g. registry.local:5000/team/maptr:h20")
     return ref

@@ -371,6 +371,10 @@ def _load_toml(path: Path) -> dict:
             return tomllib.load(fh)
     except tomllib.TOMLDecodeError as exc:
         raise CatalogError(_rel(path), "(file)", f"not valid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise CatalogError(_rel(path), "(file)", "not UTF-8 text (TOML files are UTF-8)") from None
+    except RecursionError:
+        raise CatalogError(_rel(path), "(file)", "nested too deeply to be a catalog file") from None
     except OSError as exc:
         raise CatalogError(_rel(path), "(file)", exc.strerror or str(exc)) from None
 

@@ -25,6 +25,15 @@ app = typer.Typer(
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
 )
 
+def _path(value) -> Path:
+    """Every path option and argument: '' is an error, never the current folder (click makes it '.')."""
+    if isinstance(value, Path):
+        return value
+    if not str(value).strip():
+        raise typer.BadParameter("an empty path: name a file or folder ('.' for this one)")
+    return Path(value)
+
+
 JSON = typer.Option(False, "--json", help="Machine-readable output.")
 TORCH_INDEX = typer.Option(None, "--torch-index", help="PyTorch wheel index (or mirror); 'none' = plain PyPI only.")
 PYPI_INDEX = typer.Option(None, "--pypi-index", help="PyPI index URL (or mirror).")
@@ -36,7 +45,7 @@ COMPILE = typer.Option(False, "--compile", help="Compile every compiled package 
                        "prebuilt wheel covers the card.")
 CARD = typer.Option(None, "--card", help="Card, or cards for one image (a800,h20). Default: this host's GPUs, "
                     "else the config's card, else a portable image for every catalog card the stack runs on.")
-SOURCE = typer.Option(None, "--source", help="Local model source tree (forks, offline builds) instead of git.")
+SOURCE = typer.Option(None, "--source", parser=_path, help="Local model source tree (forks, offline builds) instead of git.")
 BASE_IMAGE = typer.Option(None, "--base-image", help="Base image override (mirror, offline base).")
 RUNTIME_IMAGE = typer.Option(None, "--runtime-image", help="Runtime-stage image override.")
 
@@ -51,6 +60,13 @@ def command(*args, **kwargs):
             except EnvbuildError as exc:
                 show.error(exc)
                 raise typer.Exit(exc.exit_code) from None
+            except OSError as exc:  # a path given that cannot be used as one: still one line, no traceback
+                if not exc.filename:
+                    raise
+                where = f"{exc.filename} -> {exc.filename2}" if exc.filename2 else exc.filename
+                show.error(BadInput(f"{where}: {exc.strerror or exc}",
+                                    "check the paths given (-o, --source, ENVBUILD_HOME) and what is at them"))
+                raise typer.Exit(2) from None
             except KeyboardInterrupt:
                 # Cleanups ran on the way up (no tag, no container, no temp file). Exit now: a
                 # worker thread still waiting on a busy daemon must not hold the exit (it did,
@@ -119,7 +135,7 @@ def matrix(models_: Optional[List[str]] = typer.Option(None, "--models", help="M
 def render(model: str, card: Optional[str] = CARD, cuda: Optional[str] = CUDA, python: Optional[str] = PYTHON,
            strict: bool = STRICT, set_: Optional[List[str]] = SET, source: Optional[Path] = SOURCE,
            base_image: Optional[str] = BASE_IMAGE, runtime_image: Optional[str] = RUNTIME_IMAGE,
-           out: Optional[Path] = typer.Option(None, "-o", "--out", help="Output folder (default: envbuild's cache)."),
+           out: Optional[Path] = typer.Option(None, "-o", "--out", parser=_path, help="Output folder (default: envbuild's cache)."),
            compile_: bool = COMPILE, torch_index: Optional[str] = TORCH_INDEX, pypi_index: Optional[str] = PYPI_INDEX, json_: bool = JSON):
     """Write Dockerfile, requirements.in, requirements.lock (when locked) and plan.json."""
     req = Request(model=model, compile_only=compile_, card=card, cuda=cuda, python=python, strict=strict, overrides=set_, source=source,
@@ -135,7 +151,7 @@ def fix(path: str = typer.Argument(..., help="Model source tree."),
         mmcv: Optional[str] = typer.Option(None, "--mmcv", help="mmcv version the port uses (mmcv-version-assert)."),
         cxx_std: Optional[str] = typer.Option(None, "--cxx-std", help="C++ standard for cxx-standard (default: drop the "
                                               "old -std pin and let torch's extension builder choose)."),
-        plan_file: Optional[Path] = typer.Option(None, "--plan", help="Apply exactly the fixers of a plan.json."),
+        plan_file: Optional[Path] = typer.Option(None, "--plan", parser=_path, help="Apply exactly the fixers of a plan.json."),
         json_: bool = JSON):
     """Find and apply porting fixers on a model's source tree."""
     result = pipeline.fix_tree(path, only=only, mmcv=mmcv, cxx_std=cxx_std, plan_file=plan_file, dry_run=list_)
@@ -145,7 +161,7 @@ def fix(path: str = typer.Argument(..., help="Model source tree."),
 @command()
 def lock(model: str, card: Optional[str] = CARD, cuda: Optional[str] = CUDA, python: Optional[str] = PYTHON,
          strict: bool = STRICT, set_: Optional[List[str]] = SET, base_image: Optional[str] = BASE_IMAGE,
-         out: Optional[Path] = typer.Option(None, "-o", "--out", help="Context folder (default: envbuild's cache)."),
+         out: Optional[Path] = typer.Option(None, "-o", "--out", parser=_path, help="Context folder (default: envbuild's cache)."),
          compile_: bool = COMPILE, torch_index: Optional[str] = TORCH_INDEX, pypi_index: Optional[str] = PYPI_INDEX, json_: bool = JSON):
     """pip-compile --generate-hashes inside a container of the Plan's Python."""
     req = Request(model=model, compile_only=compile_, card=card, cuda=cuda, python=python, strict=strict, overrides=set_,
@@ -157,7 +173,7 @@ def lock(model: str, card: Optional[str] = CARD, cuda: Optional[str] = CUDA, pyt
 @command()
 def wheels(model: str, card: Optional[str] = CARD, cuda: Optional[str] = CUDA, python: Optional[str] = PYTHON,
            set_: Optional[List[str]] = SET, base_image: Optional[str] = BASE_IMAGE,
-           out: Optional[Path] = typer.Option(None, "-o", "--out", help="Folder for the wheels (default: envbuild's cache)."),
+           out: Optional[Path] = typer.Option(None, "-o", "--out", parser=_path, help="Folder for the wheels (default: envbuild's cache)."),
            compile_: bool = COMPILE, torch_index: Optional[str] = TORCH_INDEX, pypi_index: Optional[str] = PYPI_INDEX, json_: bool = JSON):
     """Export the packages envbuild compiles for a Plan (mmcv, flash-attn, PyG ops) as wheels, for
     `pip install --find-links DIR` on a host without envbuild."""
@@ -248,14 +264,14 @@ def smoke(target: str = typer.Argument(..., metavar="IMAGE|MODEL"),
           level: Optional[str] = typer.Option(None, "--level", help="env,model,arch,ops,comm,train,io (default: all)."),
           steps: int = typer.Option(20, "--steps", min=2, help="Training steps."),
           recipe: str = typer.Option("synthetic", "--recipe", help="synthetic, model (the catalog's recipe) or both."),
-          data: Optional[Path] = typer.Option(None, "--data", help="Data folder for the model's recipe (e.g. nuScenes-mini)."),
-          ckpt_dir: Optional[Path] = typer.Option(None, "--ckpt-dir", help="Where the io level writes a checkpoint (NAS, CPFS)."),
-          ops_check: Optional[Path] = typer.Option(None, "--ops-check", help="A file defining check(device) for the model's ops."),
+          data: Optional[Path] = typer.Option(None, "--data", parser=_path, help="Data folder for the model's recipe (e.g. nuScenes-mini)."),
+          ckpt_dir: Optional[Path] = typer.Option(None, "--ckpt-dir", parser=_path, help="Where the io level writes a checkpoint (NAS, CPFS)."),
+          ops_check: Optional[Path] = typer.Option(None, "--ops-check", parser=_path, help="A file defining check(device) for the model's ops."),
           compile_: bool = typer.Option(False, "--compile", help="torch.compile the synthetic net (torch >= 2.0)."),
           ipc_host: bool = typer.Option(False, "--ipc-host", help="Share the host's IPC namespace instead of a sized /dev/shm."),
           comm_timeout: int = typer.Option(120, "--comm-timeout", min=1, help="Seconds before an all-reduce counts as hung."),
           ckpt_mb: int = typer.Option(64, "--ckpt-mb", min=1, help="Checkpoint size for the io level; size it like the model's (weights + optimizer)."),
-          report: Optional[Path] = typer.Option(None, "--report", help="Write the JSON report here."),
+          report: Optional[Path] = typer.Option(None, "--report", parser=_path, help="Write the JSON report here."),
           json_: bool = JSON):
     """Prove the image works on the card: env, arch, ops, comm, train, io."""
     data_, failure = pipeline.smoke_image(
@@ -269,7 +285,7 @@ def smoke(target: str = typer.Argument(..., metavar="IMAGE|MODEL"),
 
 @command()
 def compare(reports: List[Path] = typer.Argument(..., help="Smoke reports (JSON) from different cards."),
-            out: Path = typer.Option(Path("compare.html"), "-o", "--out", help="HTML file to write.")):
+            out: Path = typer.Option(Path("compare.html"), "-o", "--out", parser=_path, help="HTML file to write.")):
     """One HTML page comparing cards: loss curves, throughput, step time."""
     show.line(f"wrote {pipeline.compare_reports(reports, out)}")
 
@@ -286,13 +302,13 @@ def doctor(json_: bool = JSON):
 @command()
 def export(image_ref: str = typer.Argument(..., metavar="IMAGE"),
            format_: str = typer.Option("tar", "--format", help="tar (compressed docker save) or apptainer."),
-           out: Path = typer.Option(Path("."), "-o", "--out", help="Output folder."), json_: bool = JSON):
+           out: Path = typer.Option(Path("."), "-o", "--out", parser=_path, help="Output folder."), json_: bool = JSON):
     """Export an image for hosts without Docker or without a registry."""
     show.exported(pipeline.export_image(image_ref, format_, out), format_, as_json=json_)
 
 
 @command()
-def load(file: Path = typer.Argument(..., help="An archive from envbuild export."), json_: bool = JSON):
+def load(file: Path = typer.Argument(..., parser=_path, help="An archive from envbuild export."), json_: bool = JSON):
     """Verify an exported archive's checksum, then load it into the local engine."""
     show.loaded(export_stage.load(file), as_json=json_)
 
@@ -300,7 +316,7 @@ def load(file: Path = typer.Argument(..., help="An archive from envbuild export.
 @command()
 def bake(models_: Optional[List[str]] = typer.Option(None, "--models", help="Models (default: all)."),
          cards_: Optional[List[str]] = typer.Option(None, "--cards", help="Cards (default: every catalog card)."),
-         out: Path = typer.Option(Path("bake/docker-bake.json"), "-o", "--out", help="Bake file to write."),
+         out: Path = typer.Option(Path("bake/docker-bake.json"), "-o", "--out", parser=_path, help="Bake file to write."),
          registry: Optional[str] = typer.Option(None, "--registry", help="Registry for tags and the build cache."),
          builder_memory: int = typer.Option(64, "--builder-memory", help="GB of memory per builder."),
          parallel: int = typer.Option(4, "--parallel", help="Targets built at once per builder."),

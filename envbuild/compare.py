@@ -20,14 +20,21 @@ def load(paths) -> list[dict]:
     for path in paths:
         try:
             data = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as exc:
+            train = ((data.get("levels") or {}).get("train") or {}).get("runs", {}).get("synthetic")
+            passed = isinstance(train, dict) and train.get("status") == "passed"
+            losses = [float(v) for v in train["losses"]] if passed else None
+            if passed:  # the numbers the page plots, as numbers
+                train = dict(train, losses=losses, samples_per_s=float(train["samples_per_s"]),
+                             step_time_s=float(train["step_time_s"]))
+            gpus = (data.get("environment") or {}).get("gpus") or []
+        except (OSError, ValueError, RecursionError) as exc:
             raise BadInput(f"cannot read smoke report {path}: {exc}",
                            "pass the files envbuild smoke --report wrote") from None
-        train = ((data.get("levels") or {}).get("train") or {}).get("runs", {}).get("synthetic")
-        if not train or train.get("status") != "passed":
+        except (AttributeError, TypeError, KeyError):  # JSON, but not shaped like a smoke report
+            raise BadInput(f"{path} is not a smoke report", "pass the files envbuild smoke --report wrote") from None
+        if not losses:
             raise BadInput(f"{path} has no passed synthetic train run to compare",
                            "run envbuild smoke IMAGE --level train --report FILE first")
-        gpus = (data.get("environment") or {}).get("gpus") or []
         data["_label"] = f"{data.get('card_name', data.get('card'))} ({gpus[0] if gpus else train.get('device')})"
         data["_train"] = train
         data["_path"] = str(path)

@@ -144,8 +144,12 @@ def _file_and_env(env_names: dict) -> dict:
     if path.is_file():
         try:
             doc = tomllib.loads(path.read_text())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise BadInput(f"{path}: not valid TOML: {exc}", "fix the file, or point ENVBUILD_CONFIG elsewhere") from None
+        for key, value in doc.items():  # a table is a typo or a setting misplaced: say so
+            if isinstance(value, dict) and key != "sources":
+                raise BadInput(f"{path}: unknown table [{key}]",
+                               "settings go at the top level (or under [sources]): see README, Package sources")
         for key, value in doc.get("sources", doc).items():
             if isinstance(value, dict):
                 continue

@@ -25,7 +25,9 @@ class CatalogError(BadInput):
     """A malformed matrix file: names the file, the key and the reason."""
 
     def __init__(self, path: str, key: str, reason: str):
-        super().__init__(f"{path}: {key}: {reason}")
+        super().__init__(f"{path}: {key}: {reason}",
+                         "fix that entry (README: The catalog), or unset ENVBUILD_MATRICES / "
+                         "catalog_dir to use the built-in catalog alone")
 
 
 class OperationFailed(EnvbuildError):

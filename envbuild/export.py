@@ -115,7 +115,13 @@ def verify(path: Path) -> dict:
         raise BadInput(f"{path} is not a file", "pass the .tar.gz that envbuild export wrote")
     if not manifest_path.is_file():
         raise BadInput(f"no manifest {manifest_path.name} next to {path.name}", "export writes both; copy them together")
-    manifest = json.loads(manifest_path.read_text())
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("sha256"), str):
+            raise ValueError("no sha256 in it")
+    except (OSError, ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise BadInput(f"{manifest_path.name} is not an envbuild export manifest ({exc})",
+                       "export writes both files; copy them together again") from None
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(CHUNK), b""):

@@ -551,7 +551,7 @@ FIXERS = {cls.name: cls for cls in (LocalRank, ThcToAten, NumbaErrors, MmcvVersi
 # files (a setup.py flag, a version string in mmdet's __init__), so nothing else gets through,
 # whether it came from a flag, a plan.json or the resolver.
 ARGS = {
-    "mmcv-version-assert": {"mmcv": re.compile(r"^\d+(\.\d+){1,3}$")},
+    "mmcv-version-assert": {"mmcv": re.compile(r"^[0-9]+(\.[0-9]+){1,3}$")},  # ASCII digits: \d takes ١.٧
     "cxx-standard": {"std": re.compile(r"^c\+\+(14|17|20)$")},
 }
 

@@ -60,9 +60,11 @@ def load(path: Path | None = None) -> list[dict]:
     for file in files:
         try:
             rec = json.loads(file.read_text())
-            for key in ("request", "digest", "verdict", "levels", "date"):
-                rec[key]  # noqa: B018 - presence check
-        except (ValueError, KeyError, TypeError) as exc:
+            shapes = {"request": dict, "digest": str, "verdict": str, "levels": dict, "date": str}
+            wrong = [k for k, kind in shapes.items() if not isinstance(rec[k], kind)]
+            if wrong:
+                raise ValueError(f"{', '.join(wrong)} of the wrong type")
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
             raise BadInput(f"{file}: not a ledger record ({exc})", "rerun make verify for that cell") from None
         rec["_file"] = str(file)
         records.append(rec)

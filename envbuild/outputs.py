@@ -48,6 +48,21 @@ def write_own_file(path: Path, text: str, made_by_envbuild) -> None:
     replaced only when made_by_envbuild(its text) says envbuild wrote it: a user's own file
     with the same name is refused, untouched."""
     path = Path(path)
+    check_own_file(path, made_by_envbuild)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise BadInput(f"cannot write {path}: {exc.strerror or exc}", "choose a folder you can write to") from None
+
+
+def check_own_file(path: Path, made_by_envbuild) -> None:
+    """Refuse, before anything is written, an output file path that is a folder or a file envbuild
+    did not write."""
+    path = Path(path)
     if path.is_dir():
         raise BadInput(f"{path} is a folder", "give a file name with -o")
     if path.exists():
@@ -57,14 +72,6 @@ def write_own_file(path: Path, text: str, made_by_envbuild) -> None:
             raise BadInput(f"cannot read {path}: {exc.strerror or exc}", "choose another file with -o") from None
         if not made_by_envbuild(current):
             raise BadInput(f"{path} exists and envbuild did not write it", "choose another file with -o, or move it away")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise BadInput(f"cannot write {path}: {exc.strerror or exc}", "choose a folder you can write to") from None
 
 
 def record_owned(out: Path, names) -> None:
@@ -136,6 +143,9 @@ def copy_source(src: Path, dst: Path) -> None:
                 target = (path.parent / os.readlink(path)).resolve()
                 if not target.is_relative_to(tree.resolve()):
                     path.unlink()  # a link out of the tree would leak host files into the image
+        if dst.is_symlink() or (dst.exists() and not dst.is_dir()):  # not the copy envbuild made
+            raise BadInput(f"{dst} is not the source copy envbuild made (a link or a file is there now)",
+                           "move it away, or render into another folder")
         if dst.exists():
             shutil.rmtree(dst)
         tree.rename(dst)

@@ -451,12 +451,15 @@ def fix_tree(path: str, *, only: list[str] | None = None, mmcv: str | None = Non
 def _fixers_of_plan(plan_file: Path) -> list:
     try:
         return fix_stage.fixers_from_plan(json.loads(plan_file.read_text()))
-    except (OSError, ValueError, KeyError, UnicodeDecodeError) as exc:
+    except (OSError, ValueError, KeyError, UnicodeDecodeError, RecursionError) as exc:
         raise BadInput(f"cannot use plan {plan_file}: {exc}", "pass the plan.json that envbuild render wrote") from None
 
 
 def _fixers_named(only: list[str] | None, mmcv: str | None, cxx_std: str | None) -> list:
-    names = [n for item in (only or []) for n in item.split(",") if n] or list(fix_stage.FIXERS)
+    names = [n for item in (only or []) for n in item.split(",") if n.strip()]
+    if only is not None and not names:
+        raise BadInput("--only names no fixer", f"name one or more of {', '.join(fix_stage.FIXERS)}, or leave --only out for all")
+    names = names or list(fix_stage.FIXERS)
     for name in names:
         if name not in fix_stage.FIXERS:
             raise unknown("fixer", name, list(fix_stage.FIXERS))
@@ -478,7 +481,11 @@ def export_image(ref: str, format_: str, out: Path) -> dict:
 
 def compare_reports(reports: list[Path], out: Path) -> Path:
     """One HTML page from smoke reports; replaces only a page envbuild wrote."""
-    page = compare_stage.page(compare_stage.load(reports))
+    try:
+        page = compare_stage.page(compare_stage.load(reports))
+    except (AttributeError, TypeError, KeyError, IndexError) as exc:  # JSON, not shaped like a report
+        raise BadInput(f"{', '.join(map(str, reports))}: not shaped like smoke reports ({type(exc).__name__}: {exc})",
+                       "pass the files envbuild smoke --report wrote") from None
     outputs.write_own_file(out, page, lambda text: compare_stage.GENERATOR in text)
     return out
 
@@ -488,6 +495,7 @@ def bake_matrix(models: list[str] | None, cards: list[str] | None, *, out: Path,
                 torch_index: str | None = None) -> tuple[Path, dict, list[dict]]:
     """The docker-bake file for models x cards, its contexts beside it. Returns (file, bake, skipped cells)."""
     sources = load_sources(torch_index=torch_index, registry=registry)
+    bake_stage.check(out)  # before any context is written beside it
     doc, skipped = bake_stage.bake_file(models, cards, out.parent, sources, sources.registry,
                                         builder_memory, parallel, base_image)
     return bake_stage.write(doc, out), doc, skipped

@@ -75,8 +75,10 @@ def printable(text: str, keep_newlines: bool = False) -> str:
 
 
 def error(exc) -> None:
-    # Bad input is one line (it quotes what the user typed); a failed build keeps its excerpt's lines.
-    err.print(f"[red]error:[/] {e(printable(exc.message, keep_newlines=exc.exit_code == 1))}")
+    # Bad input is one line (it quotes what the user typed).
+    # A failed build keeps its excerpt's lines, indented: no line of it can pass for a hint: line.
+    message = printable(exc.message, keep_newlines=exc.exit_code == 1).replace("\n", "\n  ")
+    err.print(f"[red]error:[/] {e(message)}")
     for line in getattr(exc, "chain", None) or []:
         err.print(f"  - {printable(line)}", markup=False)
     if exc.hint:

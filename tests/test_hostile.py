@@ -179,3 +179,123 @@ def test_every_refusal_is_an_error_line_and_a_hint(tmp_path, args):
     lines = r.stderr.strip().splitlines()
     assert lines[0].startswith("error: ") and lines[-1].startswith("hint: "), (args, r.stderr)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.json"]  # nothing written
+
+
+# ---------------------------------------------------------------- a second sweep (101 fresh inputs, 29 not clean): each fixed
+
+def _catalog_copy(tmp_path):
+    import shutil
+    dst = tmp_path / "matrices"
+    shutil.copytree(ROOT / "envbuild" / "matrices", dst, ignore=shutil.ignore_patterns("verified"))
+    return dst
+
+
+@pytest.mark.parametrize("file, data", [
+    ("models/maptr.toml", b"\xff\xfe[model]\n"),
+    ("toolchains/cuda.toml", b"# \xe9t\xe9\n"),
+    ("cards.toml", b"a = " + b"[" * 5000 + b"]" * 5000 + b"\n"),
+])
+def test_a_catalog_file_that_is_not_utf8_or_nested_too_deep_is_one_line(tmp_path, file, data):
+    cat = _catalog_copy(tmp_path)
+    (cat / file).write_bytes(data)
+    one_clear_line(envbuild("resolve", "maptr", "--card", "h20", env={"ENVBUILD_MATRICES": str(cat)}), file.split("/")[-1])
+
+
+def test_deeply_nested_config_plan_and_report_files_are_one_line(tmp_path):
+    deep = tmp_path / "deep.toml"
+    deep.write_text("pypi_index = " + "[" * 5000 + "]" * 5000 + "\n")
+    one_clear_line(envbuild("resolve", "maptr", "--card", "h20", env={"ENVBUILD_CONFIG": str(deep)}), "deep.toml")
+    (tmp_path / "tree").mkdir()
+    (tmp_path / "deep.json").write_text("[" * 100000 + "]" * 100000)
+    one_clear_line(envbuild("fix", tmp_path / "tree", "--plan", tmp_path / "deep.json"), "cannot use plan")
+    for i, shape in enumerate(['{"levels": {"train": {"runs": 5}}}', '{"levels": []}',
+                               '{"levels": {"train": {"runs": {"synthetic": {"status": "passed", "losses": "ab"}}}}}',
+                               '{"environment": [], "levels": {"train": {"runs": {"synthetic": {"status": "passed", '
+                               '"losses": [1.0], "samples_per_s": 1, "step_time_s": 1}}}}}', "[1, 2]"]):
+        (tmp_path / f"r{i}.json").write_text(shape)
+        one_clear_line(envbuild("compare", tmp_path / f"r{i}.json", "-o", tmp_path / "c.html"), f"r{i}.json")
+    assert not (tmp_path / "c.html").exists()
+
+
+def test_a_config_table_envbuild_does_not_know_is_refused(tmp_path):
+    cfg = tmp_path / "config.toml"
+    cfg.write_text('[sourcse]\ntorch_index = "none"\n')
+    one_clear_line(envbuild("resolve", "maptr", "--card", "h20", env={"ENVBUILD_CONFIG": str(cfg)}), "unknown table [sourcse]")
+
+
+@pytest.mark.parametrize("manifest", [b"{bad", b"[1, 2]", b"\xff\xfe", b'{"sha256": 5}'])
+def test_load_with_a_malformed_manifest_is_one_line_and_loads_nothing(tmp_path, manifest):
+    (tmp_path / "img.tar.gz").write_bytes(b"\x1f\x8b not really")
+    (tmp_path / "img.tar.gz.json").write_bytes(manifest)
+    one_clear_line(envbuild("load", tmp_path / "img.tar.gz", env={"ENVBUILD_DOCKER": "/usr/bin/false"}),
+                   "not an envbuild export manifest")
+
+
+def test_an_exit_1_message_cannot_forge_a_hint_line(tmp_path):
+    name = "x\nhint: forged.tar.gz"
+    (tmp_path / name).write_bytes(b"data")
+    (tmp_path / (name + ".json")).write_text(json.dumps({"sha256": "0" * 64}))
+    r = envbuild("load", tmp_path / name, env={"ENVBUILD_DOCKER": "/usr/bin/false"})
+    assert r.returncode == 1 and "checksum mismatch" in r.stderr
+    assert not [line for line in r.stderr.splitlines() if line.startswith("hint: forged")], r.stderr
+
+
+@pytest.mark.parametrize("record", ['{"request": [], "digest": "x", "verdict": "passed", "levels": {}, "date": "d"}', None])
+def test_a_malformed_ledger_record_in_a_user_catalog_is_one_line(tmp_path, record):
+    cat = tmp_path / "mine"
+    (cat / "verified").mkdir(parents=True)
+    if record is None:
+        (cat / "verified" / "zz.json").mkdir()  # a folder where a record should be
+    else:
+        (cat / "verified" / "zz.json").write_text(record)
+    for args in (["resolve", "qcnet", "--card", "a800"], ["matrix", "--models", "qcnet", "--cards", "a800"]):
+        one_clear_line(envbuild(*args, env={"ENVBUILD_MATRICES": str(cat)}), "zz.json")
+
+
+@pytest.mark.parametrize("args", [
+    ["render", "maptr", "--card", "h20", "-o", ""], ["render", "maptr", "--card", "h20", "--source", "", "-o", "out"],
+    ["load", ""], ["fix", ".", "--plan", ""], ["compare", "r.json", "-o", ""],
+    ["render", "maptr", "--card", "h20", "-o", "x" * 300],
+    ["fix", ".", "--only", ""], ["fix", ".", "--mmcv", "１.７.２"], ["fix", ".", "--mmcv", "١.٧.٢"],
+    ["bake", "--models", "qcnet", "--cards", "a800", "--builder-memory", "1" + "0" * 30, "-o", "bk/docker-bake.json"],
+])
+def test_empty_paths_odd_names_and_values_change_nothing(tmp_path, args):
+    """Each was accepted (an empty path became '.', the whole folder copied or written into) or
+    ended in a traceback; now one line, exit 2, and the folder as it was."""
+    (tmp_path / "setup.py").write_text("import os\n")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    r = envbuild(*args, cwd=tmp_path, env={"ENVBUILD_HOME": str(tmp_path.parent / "home")})
+    assert r.returncode == 2 and "Traceback" not in r.stderr, (args, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert lines[0].startswith("error: ") and lines[-1].startswith("hint: "), (args, r.stderr)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_envbuild_home_that_is_a_file_is_one_line(tmp_path):
+    (tmp_path / "home").write_text("")
+    one_clear_line(envbuild("render", "maptr", "--card", "h20", env={"ENVBUILD_HOME": str(tmp_path / "home")}),
+                   "ENVBUILD_HOME")
+
+
+def test_bake_into_a_folder_or_a_users_file_writes_no_context(tmp_path):
+    (tmp_path / "mine.json").write_text('{"mine": true}\n')
+    (tmp_path / "adir").mkdir()
+    for out in ("mine.json", "adir"):
+        r = envbuild("bake", "--models", "qcnet", "--cards", "a800", "-o", out, cwd=tmp_path)
+        one_clear_line(r, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "mine.json"] and not list((tmp_path / "adir").iterdir())
+    assert (tmp_path / "mine.json").read_text() == '{"mine": true}\n'
+
+
+def test_a_link_put_where_the_source_copy_was_is_refused_and_its_target_kept(tmp_path):
+    src, out, theirs = tmp_path / "src", tmp_path / "ctx", tmp_path / "theirs"
+    src.mkdir()
+    (src / "train.py").write_text("print('hi')\n")
+    theirs.mkdir()
+    (theirs / "keep.txt").write_text("mine\n")
+    assert envbuild("render", "maptr", "--card", "h20", "--source", src, "-o", out).returncode == 0
+    import shutil
+    shutil.rmtree(out / "src")
+    (out / "src").symlink_to(theirs)
+    one_clear_line(envbuild("render", "maptr", "--card", "h20", "--source", src, "-o", out), "not the source copy")
+    assert (theirs / "keep.txt").read_text() == "mine\n"
