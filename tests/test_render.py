@@ -460,3 +460,40 @@ def test_the_ca_bundle_reaches_only_runs_as_a_secret_and_never_a_layer(cat, mode
         if "ca_bundle" in i or "/run/secrets" in i:
             assert i.startswith("RUN --mount") and "--mount=type=secret,id=ca_bundle" in i, i
             assert "cp /run/secrets" not in i and "> /" not in i.split("with-ca.sh", 1)[0], i
+
+
+@pytest.mark.parametrize("mem_gb, limit_gb, cores, cap, per_job, jobs", [
+    (64, None, 16, "0", 9, 7),     # memory bounds flash-attn's 9 GB jobs
+    (64, 20, 16, "0", 9, 2),       # a cgroup limit under the host's memory wins
+    (64, None, 2, "0", 2, 2),      # cores bound small jobs
+    (64, None, 16, "3", 2, 3),     # a build farm's cap (bake) bounds the rest
+    (4, None, 16, "0", 9, 1),      # never fewer than one
+    (64, None, 16, "x", 2, 16),    # a malformed cap is ignored, not fatal
+])
+def test_max_jobs_is_the_least_of_cores_memory_and_the_cap(monkeypatch, capsys, mem_gb, limit_gb, cores, cap, per_job, jobs):
+    """README: MAX_JOBS from the builder's memory (GB per job of each package), its cores and a farm's cap."""
+    from envbuild.incontainer import max_jobs
+    monkeypatch.setattr(max_jobs, "available_gb", lambda: float(mem_gb))
+    monkeypatch.setattr(max_jobs, "cgroup_limit_gb", lambda: limit_gb)
+    monkeypatch.setattr(max_jobs.os, "sched_getaffinity", lambda _: set(range(cores)), raising=False)
+    monkeypatch.setenv("ENVBUILD_JOBS_CAP", cap)
+    assert max_jobs.main(["max_jobs.py", str(per_job)]) == 0
+    assert int(capsys.readouterr().out) == jobs
+
+
+def test_a_multi_card_image_is_labelled_with_its_cards(cat):
+    """README: --card a800,h20 labels io.envbuild.card=a800+h20 and io.envbuild.cards=a800,h20."""
+    from envbuild import labels as label
+    text = render.dockerfile(ctx_for(cat, model="sparsedrive", card="a800,h20"))
+    assert f'{label.CARD}="a800+h20"' in text and f'{label.CARDS}="a800,h20"' in text, \
+        [line for line in text.splitlines() if "io.envbuild.card" in line]
+
+
+def test_python_from_deadsnakes_only_where_the_os_lacks_it(cat):
+    """README: Python comes from the OS; deadsnakes is added only when apt has no pythonX.Y."""
+    text = render.dockerfile(ctx_for(cat, model="maptr", card="h20"))
+    base = " ".join(" ".join(stage(text, "base")).split())
+    guard = base.index("if ! apt-cache show python3.8")
+    end = base.index("; fi", guard)
+    assert guard < base.index("add-apt-repository -y ppa:deadsnakes/ppa") < end
+    assert base.index("apt-get install -y --no-install-recommends python3.8 ") > end
