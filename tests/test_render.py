@@ -492,7 +492,7 @@ def test_a_multi_card_image_is_labelled_with_its_cards(cat):
 def test_python_from_deadsnakes_only_where_the_os_lacks_it(cat):
     """README: Python comes from the OS; deadsnakes is added only when apt has no pythonX.Y."""
     text = render.dockerfile(ctx_for(cat, model="maptr", card="h20"))
-    base = " ".join(" ".join(stage(text, "base")).split())
+    base = " ".join(" ".join(stage(text, "base")).replace("\\", " ").split())
     guard = base.index("if ! apt-cache show python3.8")
     end = base.index("; fi", guard)
     assert guard < base.index("add-apt-repository -y ppa:deadsnakes/ppa") < end
