@@ -176,9 +176,12 @@ def test_interrupted_build_leaves_no_tag_and_no_container(built, offline_base, f
                         + setup_py.read_text())
     tag = f"envbuild-test/interrupted:{uuid.uuid4().hex[:8]}"
     before = {c.id for c in docker_engine.containers.list(all=True)}
+    # Ctrl-C as a terminal delivers it: a suite started in the background (CI) inherits SIGINT
+    # ignored, and so would envbuild, which then rightly keeps building (seen: a 120 s timeout).
     proc = subprocess.Popen([sys.executable, "-m", "envbuild.cli", "image", *map(str, image_args(offline_base, src)),
                              "--tag", tag], env=fixture_env, cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     for line in proc.stdout:
         seen.append(line)
@@ -199,6 +202,22 @@ def test_no_daemon_is_one_line_exit_1(fixture_env):
     env = {**fixture_env, "DOCKER_HOST": "unix:///nonexistent/docker.sock"}
     r = cli(env, "image", *image_args({"devel": "envbuild/cuda:11.8-devel-debian12", "runtime": "envbuild/debian:12"}))
     assert r.returncode == 1 and "no Docker daemon" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_training_loss_that_turns_nan_fails_the_run_at_that_step(built, docker_engine):
+    """README: NaN/Inf fails a train run. The image's own synthetic run, with its loss made NaN
+    from the third step on (the loss function wrapped, nothing else changed)."""
+    code = ("import json, sys, types; sys.path.insert(0, '/opt/envbuild'); import torch, level_train\n"
+            "real, calls = torch.nn.functional.cross_entropy, []\n"
+            "def ce(*a, **k):\n"
+            "    calls.append(1)\n"
+            "    return real(*a, **k) * (float('nan') if len(calls) >= 3 else 1.0)\n"
+            "torch.nn.functional.cross_entropy = ce\n"
+            "print(json.dumps(level_train.train_synthetic(types.SimpleNamespace(steps=6, batch_size=2), 'cpu', tuned=False)))\n")
+    out = docker_engine.containers.run(built["ref"], ["python", "-c", code], remove=True).decode()
+    run = json.loads(out.strip().splitlines()[-1])
+    assert run["status"] == "failed" and run["reason"] == "loss is nan at step 2", run
+    assert len(run["losses"]) == 2 and all(v == v for v in run["losses"])  # the finite steps before it
 
 
 def test_smoke_of_an_image_records_each_card_in_its_label(built, fixture_env, docker_engine):
