@@ -33,7 +33,7 @@ def test_dockerfile_carries_the_plan(cat):
     assert "ENV TORCH_CUDA_ARCH_LIST=9.0 FORCE_CUDA=1" in text
     wheel = "\n".join(stage(text, "wheel-mmcv-full"))
     assert "pip download --no-deps --no-binary :all: --no-build-isolation -d /src/sdist mmcv-full==1.7.1" in wheel
-    assert "MMCV_WITH_OPS=1" in wheel and "max_jobs.py 2" in wheel and "pip wheel --no-build-isolation --no-deps" in wheel
+    assert "MMCV_WITH_OPS=1" in wheel and "max_jobs.py 2" in wheel and "pip wheel --no-build-isolation --no-deps -v" in wheel  # -v: ninja's [k/n] in the log
     assert "--mount=type=bind,from=wheel-mmcv-full,source=/wheels" in "\n".join(stage(text, "builder"))
     assert "--mount=type=cache,target=/root/.ccache" in text and "--mount=type=secret,id=ca_bundle" in text
     assert "FROM ${RUNTIME_IMAGE} AS runtime" in text
