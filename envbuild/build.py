@@ -182,7 +182,7 @@ def _stop(proc) -> None:
 
 def _progress_of(step: Step) -> str:
     """A running step's name, with how far its compile got where ninja counts ([12/96])."""
-    counts = [m for line in step.output if (m := re.match(r"\[(\d+)/(\d+)\]", line))]
+    counts = [m for line in step.output if (m := re.match(r"\s*\[(\d+)/(\d+)\]", line))]
     done = f" (ninja: {counts[-1].group(1)} of {counts[-1].group(2)} compiled)" if counts else ""
     return step.name.split("] ", 1)[0] + "]" + done
 
