@@ -166,10 +166,17 @@ def _run(cli, cmd, log_path: Path, echo, time_limit: float | None = None) -> tup
             if timer:
                 timer.cancel()
     if timer and timer.finished.is_set() and rc != 0:
-        running = [_progress_of(s) for s in parse_progress(lines) if not (s.cached or s.seconds or s.error)]
         raise OperationFailed(f"build stopped at its time limit ({time_limit:.0f} s) while running: "
-                              + ("; ".join(running) or "nothing (it was finishing)"), log=str(log_path))
+                              + still_running(lines), log=str(log_path))
     return rc, lines
+
+
+def still_running(lines) -> str:
+    """The RUN steps of a plain-progress log that had not finished, with ninja's count where
+    there is one (FROM and [internal] steps often print no DONE: they are not work)."""
+    running = [_progress_of(s) for s in parse_progress(lines)
+               if "] RUN " in s.name and not (s.cached or s.seconds or s.error)]
+    return "; ".join(running) or "nothing (it was finishing)"
 
 
 def _stop(proc) -> None:

@@ -93,6 +93,7 @@ def test_a_build_past_its_time_limit_is_stopped_and_names_what_it_was_compiling(
     builder.write_text(
         "import sys, time\n"
         "print('#4 [compile 3/3] RUN pip install ninja'); print('#4 DONE 0.5s')\n"
+        "print('#3 [runtime 1/10] FROM docker.io/envbuild/debian:12')\n"  # no DONE: not work
         "print('#5 [wheel-flash-attn 1/1] RUN pip wheel flash-attn==2.3.2')\n"
         "print('#5 12.0 [3/96] nvcc flash_fwd_hdim32_fp16_sm80.cu')\n"
         "print('#5 95.1   [7/96] nvcc flash_bwd_hdim64_bf16_sm80.cu'); sys.stdout.flush()\n"  # pip -v indents it
