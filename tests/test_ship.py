@@ -161,6 +161,27 @@ def test_load_refuses_a_corrupt_archive(small_image, docker_engine, tmp_path):
 
 
 @pytest.mark.integration
+def test_load_of_a_truncated_archive_whose_checksum_matches_is_one_line(small_image, docker_engine, tmp_path):
+    """A copy cut short whose manifest was made from it (the checksum passes): gzip ends early.
+    One line, exit 1 (it once exited 130, 'interrupted'), nothing loaded."""
+    import hashlib
+    tag, image_id = small_image
+    assert cli("export", tag, "-o", tmp_path).returncode == 0
+    archive = next(tmp_path.glob("*.tar.gz"))
+    docker_engine.images.remove(image_id, force=True)
+    cut = archive.read_bytes()[: archive.stat().st_size // 2]
+    archive.write_bytes(cut)
+    manifest = tmp_path / (archive.name + ".json")
+    manifest.write_text(json.dumps(dict(json.loads(manifest.read_text()), sha256=hashlib.sha256(cut).hexdigest())))
+    r = cli("load", archive)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith("error: cannot load") and "truncated" in r.stderr and "\nhint: " in r.stderr, r.stderr
+    import docker
+    with pytest.raises(docker.errors.ImageNotFound):
+        docker_engine.images.get(image_id)
+
+
+@pytest.mark.integration
 def test_export_apptainer_definition(small_image, tmp_path):
     tag, _ = small_image
     r = cli("export", tag, "--format", "apptainer", "-o", tmp_path, "--json")
