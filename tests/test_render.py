@@ -497,3 +497,16 @@ def test_python_from_deadsnakes_only_where_the_os_lacks_it(cat):
     end = base.index("; fi", guard)
     assert guard < base.index("add-apt-repository -y ppa:deadsnakes/ppa") < end
     assert base.index("apt-get install -y --no-install-recommends python3.8 ") > end
+
+
+def test_the_model_source_enters_after_torch_deps_and_the_compiled_wheels(cat):
+    """README: editing the model's source recompiles only its extensions. The local tree is COPYed
+    in one place, the builder, after the compiled wheels are installed; torch, deps, compile and
+    every wheel stage never see it, so a changed file leaves their cache keys as they were."""
+    text = render.dockerfile(ctx_for(cat, model="maptr", card="h20", source="local"))
+    copies = [line for line in text.splitlines() if line.startswith("COPY src/")]
+    assert len(copies) == 1
+    builder = "\n".join(stage(text, "builder"))
+    assert copies[0] in builder and builder.index("/wheels/*/*.whl") < builder.index(copies[0])
+    for name in ("torch", "deps", "compile", "wheel-mmcv-full"):
+        assert "builder" not in ancestry(text, name) and copies[0] not in stage(text, name), name
