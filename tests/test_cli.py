@@ -272,3 +272,20 @@ def test_wheels_refuses_a_model_without_compiled_packages_and_a_folder_it_did_no
     r = envbuild("wheels", "qcnet", "--card", "a800", "-o", str(mine), env=env)
     assert r.returncode == 2 and "envbuild did not write it" in r.stderr
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.parametrize("driver, status", [("550.54.15", "ok"), ("470.82.01", "warn"), ("418.40", "fail")])
+def test_pull_checks_the_hosts_driver_first_and_refuses_one_too_old(tmp_path, driver, status):
+    """README: pull checks the host driver first. CUDA 11.8 needs >= 520.61.05, runs on >= 450.80.02
+    through minor-version compatibility, and not at all on older drivers: refused before any pull
+    (no daemon is needed to refuse)."""
+    from envbuild import ship
+    assert ship.driver_check(driver, "520.61.05", "450.80.02", "11.8")[0] == status
+    if status != "fail":
+        return
+    env = {**_no_gpu(tmp_path), **_fake_nvidia_smi(tmp_path, [f"0, NVIDIA H20, 9.0, {driver}, 97871"]),
+           "DOCKER_HOST": "unix:///nonexistent/docker.sock"}
+    r = envbuild("pull", "maptr", "--card", "h20", "--cuda", "11.8", env=env)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("error: not pulling ") and f"driver {driver} is older than 450.80.02" in r.stderr, r.stderr
+    assert "update the NVIDIA driver" in r.stderr
