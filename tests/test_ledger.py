@@ -114,3 +114,31 @@ def test_a_build_that_finishes_within_its_time_limit_is_not_stopped(tmp_path):
     rc, lines = build._run(engine.Cli("docker", "28", "builtin"), [sys.executable, "-c", "print('#1 [base 1/1] FROM x'); print('#1 DONE 0.1s')"],
                            tmp_path / "build.log", None, time_limit=30)
     assert rc == 0 and lines[-1].strip() == "#1 DONE 0.1s"
+
+
+def test_matrix_marks_the_cells_the_ledger_holds_verified_failed_or_stale(tmp_path):
+    """README: matrix marks the cells (verified / FAILED / stale) from the committed records; a
+    record whose Plan changed since is stale."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    def matrix(env):
+        r = subprocess.run([sys.executable, "-m", "envbuild.cli", "matrix", "--models", "qcnet,sparsedrive,maptr",
+                            "--cards", "a800,h20", "--json"], capture_output=True, text=True,
+                           env={**os.environ, "ENVBUILD_TORCH_INDEX": "none", **env}, timeout=120)
+        assert r.returncode == 0, r.stderr
+        return {(c["model"], c["card"]): c.get("verified") for c in json.loads(r.stdout)}
+    cells = matrix({})
+    by_record = {rec["request"]["model"]: rec["verdict"] for rec in ledger.load()}
+    assert by_record["qcnet"] == "passed" and cells[("qcnet", "a800")] == "verified py3.11"
+    assert by_record["sparsedrive"] == "failed" and cells[("sparsedrive", "a800")] == "FAILED py3.11"
+    assert not cells[("qcnet", "h20")]  # no record for that cell
+    # a user catalog whose qcnet pins another lightning: the same request now makes another Plan
+    user = tmp_path / "mine"
+    (user / "models").mkdir(parents=True)
+    text = (ledger.folders()[0].parent / "models" / "qcnet.toml").read_text()
+    assert 'lightning = "2.0.3"' in text
+    (user / "models" / "qcnet.toml").write_text(text.replace('lightning = "2.0.3"', 'lightning = "2.0.2"'))
+    assert matrix({"ENVBUILD_MATRICES": str(user)})[("qcnet", "a800")].startswith("stale")
