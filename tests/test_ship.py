@@ -229,3 +229,27 @@ def test_an_html_report_replaces_only_a_page_envbuild_wrote(tmp_path):
     assert ours.read_text().endswith("2</html>") and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     with pytest.raises(BadInput, match="is a folder"):
         outputs.write_own_file(tmp_path, "x", mine)
+
+
+@pytest.mark.parametrize("free_gb, status", [(10, "fail"), (35, "warn"), (120, "ok")])
+def test_doctor_free_disk_verdicts(monkeypatch, free_gb, status):
+    """README: doctor checks free disk where images go (under 20 GB one CUDA build fails)."""
+    from envbuild.errors import OperationFailed
+
+    def no_daemon():
+        raise OperationFailed("no daemon")
+    monkeypatch.setattr(doctor.engine, "client", no_daemon)
+    monkeypatch.setattr(doctor.os, "statvfs", lambda path: os.statvfs_result(
+        (4096, 4096, 0, 0, free_gb * 2 ** 30 // 4096, 0, 0, 0, 0, 255)))
+    result = doctor.free_disk()
+    assert result.status == status and f"{free_gb} GB free" in result.reason
+
+
+@pytest.mark.parametrize("shm_gb, status", [(0.06, "warn"), (8, "ok")])
+def test_doctor_shared_memory_verdicts(monkeypatch, shm_gb, status):
+    """README: /dev/shm under 1 GB kills DataLoader workers: a warning that says what to do."""
+    monkeypatch.setattr(doctor.os, "statvfs", lambda path: os.statvfs_result(
+        (4096, 4096, int(shm_gb * 2 ** 30 // 4096), 0, 0, 0, 0, 0, 0, 255)))
+    result = doctor.shared_memory()
+    assert result.status == status and ("DataLoader workers die" in result.reason) == (status == "warn")
+    assert f"{shm_gb:.1f} GB" in result.reason or f"{shm_gb:.2f} GB" in result.reason
