@@ -1,3 +1,4 @@
+import hashlib
 import json
 import os
 import shutil
@@ -510,3 +511,30 @@ def test_the_model_source_enters_after_torch_deps_and_the_compiled_wheels(cat):
     assert copies[0] in builder and builder.index("/wheels/*/*.whl") < builder.index(copies[0])
     for name in ("torch", "deps", "compile", "wheel-mmcv-full"):
         assert "builder" not in ancestry(text, name) and copies[0] not in stage(text, name), name
+
+
+def test_image_without_a_lock_and_with_another_cards_lock(tmp_path, monkeypatch):
+    """README: `image --no-lock` builds from requirements.in, unlocked; and a context for another
+    card whose requirements.in is the same lines takes that card's lock instead of locking again."""
+    from envbuild import lock as lock_stage, pipeline
+    monkeypatch.setenv("ENVBUILD_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("ENVBUILD_TORCH_INDEX", "none")
+    req = pipeline.Request(model="qcnet", card="a800", python="3.11", cuda="11.8")
+    _, _, ctx, note = pipeline.prepare_locked(req, lock=False)
+    assert note.startswith("not locked (--no-lock)")
+    dockerfile = (ctx / "Dockerfile").read_text()
+    assert "-r /opt/envbuild/requirements.in" in dockerfile and "--require-hashes" not in dockerfile
+    # a lock made for exactly these lines, in the a800 context (as `envbuild lock` leaves it)
+    wanted = (ctx / "requirements.in").read_text()
+    lock_stage.write_locks(ctx, lock_stage.HEADER + hashlib.sha256(wanted.encode()).hexdigest() + "\n"
+                           "numpy==1.23.5 \\\n    --hash=sha256:" + "a" * 64 + "\n",
+                           "torch==2.0.1 \\\n    --hash=sha256:" + "b" * 64 + "\n")
+
+    def no_locking(*a, **k):
+        raise AssertionError("locked again although another card's lock matches")
+    monkeypatch.setattr(lock_stage, "lock", no_locking)
+    other = pipeline.Request(model="qcnet", card="a100", python="3.11", cuda="11.8")
+    _, _, ctx100, note = pipeline.prepare_locked(other)
+    assert ctx100 != ctx and note.endswith(f"(the lock of {ctx.name})"), note
+    assert (ctx100 / "requirements.lock").read_text() == (ctx / "requirements.lock").read_text()
+    assert "--require-hashes" in (ctx100 / "Dockerfile").read_text()
