@@ -142,3 +142,17 @@ def test_matrix_marks_the_cells_the_ledger_holds_verified_failed_or_stale(tmp_pa
     assert 'lightning = "2.0.3"' in text
     (user / "models" / "qcnet.toml").write_text(text.replace('lightning = "2.0.3"', 'lightning = "2.0.2"'))
     assert matrix({"ENVBUILD_MATRICES": str(user)})[("qcnet", "a800")].startswith("stale")
+
+
+def test_the_readme_table_says_what_each_record_says():
+    """README's verified table: one row per record, with its verdict, date and parameter count."""
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text().splitlines()
+    for rec in ledger.load():
+        req = rec["request"]
+        rows = [line for line in readme if line.startswith(f"| {req['model']}, {req['card'].upper()}, Python {req['python']}")]
+        assert len(rows) == 1, (rec["_file"], rows)
+        word = "verified" if rec["verdict"] == "passed" else "FAILED"
+        assert f"| {word} {rec['date']}" in rows[0], (rec["_file"], rows[0][:200])
+        if rec.get("parameters"):
+            assert f"{rec['parameters']:,} parameters" in rows[0], rec["_file"]
