@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from pathlib import Path
 
 from conftest import ROOT
 
@@ -160,6 +161,10 @@ def test_no_card_and_no_gpu_gives_a_portable_plan_and_says_which_cards(tmp_path)
     plan = json.loads(r.stdout)
     assert plan["card"] == "portable" and {"a800", "h20"} <= set(plan["cards"]) and "v100" not in plan["cards"]
     assert plan["cards_why"].startswith("portable: no --card, no GPU on this host")
+    # exactly the cards the README's example output lists (14 of 17)
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    listed = readme.split("for     ", 1)[1].split("  (portable", 1)[0]
+    assert sorted(plan["cards"]) == sorted(c.strip() for c in listed.split(",")) and len(plan["cards"]) == 14
     r = envbuild("resolve", "sparsedrive", "--cuda", "11.8", env={**_no_gpu(tmp_path), "COLUMNS": "400"})
     assert "cards       " in r.stdout and "h20" in r.stdout and "not for v100" in r.stdout
 
