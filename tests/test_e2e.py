@@ -87,6 +87,15 @@ def test_cpu_smoke_train_through_the_old_launcher(built, docker_engine):
     assert 0 < result["first_loss"] < 100 and 0 < result["last_loss"] < 100
 
 
+def _remove_untagged_descendants(docker_engine, image_id):
+    """Untagged images committed on top of image_id (smoke labels), deepest first: a child that
+    has children of its own cannot go before them (409 Conflict)."""
+    for child in docker_engine.images.list(all=True):
+        if child.attrs.get("Parent") == image_id and not child.tags:
+            _remove_untagged_descendants(docker_engine, child.id)
+            docker_engine.images.remove(child.id, force=True)
+
+
 def test_push_remove_pull_same_id(built, docker_engine, registry, fixture_env):
     import docker
     ref = f"{registry}/envbuild-test/tinybev:{uuid.uuid4().hex[:8]}"
@@ -97,9 +106,7 @@ def test_push_remove_pull_same_id(built, docker_engine, registry, fixture_env):
     assert json.loads(r.stdout)["digest"].startswith("sha256:")
     # Remove the image locally for real (every tag), then pull it back. Images committed on top of it
     # (smoke labels of earlier runs on this machine) would keep it: they go first.
-    for child in docker_engine.images.list(all=True):
-        if child.attrs.get("Parent") == image.id and not child.tags:
-            docker_engine.images.remove(child.id, force=True)
+    _remove_untagged_descendants(docker_engine, image.id)
     docker_engine.images.remove(image.id, force=True)
     with pytest.raises(docker.errors.ImageNotFound):
         docker_engine.images.get(image.id)
@@ -236,8 +243,12 @@ def test_smoke_of_an_image_records_each_card_in_its_label(built, fixture_env, do
         assert sorted(records) == ["a100", "a800"] and all(v["levels"] == {"env": "passed"} for v in records.values())
         assert docker_engine.images.get(ref).id != original.id  # the tag moved to the labelled image
         assert docker_engine.images.get(built["ref"]).id == original.id  # the other tag stayed put
-    finally:
-        docker_engine.images.remove(ref, force=True)
+    finally:  # the labelled images (one per card, each on the last) go with the tag
+        chain = [docker_engine.images.get(ref)]
+        while chain[-1].attrs.get("Parent") not in ("", None, original.id):
+            chain.append(docker_engine.images.get(chain[-1].attrs["Parent"]))
+        for img in chain:
+            docker_engine.images.remove(img.id, force=True)
 
 
 def test_smoke_cpu_levels_and_gpu_levels_skipped(built, fixture_env, tmp_path):
