@@ -234,6 +234,7 @@ def test_a_training_loss_that_turns_nan_fails_the_run_at_that_step(built, docker
 def test_smoke_of_an_image_records_each_card_in_its_label(built, fixture_env, docker_engine):
     """`smoke IMAGE --card C` keeps the run in the image's label per card (what pull reads): a
     second card's run adds to the first's; the tag moves to the labelled image, others stay."""
+    import docker
     from envbuild import smoke as smoke_stage
     ref = f"envbuild-test/smoke-record:{uuid.uuid4().hex[:8]}"
     original = docker_engine.images.get(built["ref"])
@@ -247,12 +248,13 @@ def test_smoke_of_an_image_records_each_card_in_its_label(built, fixture_env, do
         assert sorted(records) == ["a100", "a800"] and all(v["levels"] == {"env": "passed"} for v in records.values())
         assert docker_engine.images.get(ref).id != original.id  # the tag moved to the labelled image
         assert docker_engine.images.get(built["ref"]).id == original.id  # the other tag stayed put
-    finally:  # the labelled images (one per card, each on the last) go with the tag
-        chain = [docker_engine.images.get(ref)]
-        while chain[-1].attrs.get("Parent") not in ("", None, original.id):
-            chain.append(docker_engine.images.get(chain[-1].attrs["Parent"]))
-        for img in chain:
-            docker_engine.images.remove(img.id, force=True)
+    finally:  # the labelled images (one per card, each on the last) go with the tag: removing
+        # the tag prunes the untagged images below it, and whatever is left goes deepest first
+        try:
+            docker_engine.images.remove(ref)
+        except docker.errors.ImageNotFound:
+            pass
+        _remove_untagged_descendants(docker_engine, original.id)
 
 
 def test_smoke_cpu_levels_and_gpu_levels_skipped(built, fixture_env, tmp_path):
