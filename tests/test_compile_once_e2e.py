@@ -80,6 +80,10 @@ def test_envbuild_wheels_exports_the_compiled_wheel_for_pip(twins):
                         "--python-version", "3.11", "--platform", "linux_x86_64", "--only-binary", ":all:",
                         "-d", str(folder / "got"), f"tinyscale=={version}"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]  # pip finds it there by name and version
+    # tinyscale's setup.py hard-codes sm_80 and sm_90: the builder's nvcc compiled only what a800 runs
+    from envbuild.incontainer.audit_scan import wheel_problems
+    checked, problems = wheel_problems(str(folder), ["8.0"])
+    assert not problems and [(c["sass"], c["ptx"]) for c in checked] == [(["8.0"], [])], checked
 
 
 # ---------------------------------------------------------------- a vendor's prebuilt wheel

@@ -189,3 +189,50 @@ def test_a_wheel_cache_that_cannot_take_the_wheel_does_not_fail_the_built_image(
                                 "why": "build failed: no space left on device"}
     assert out["mmcv-full"]["from"] == "cache"
     assert pipeline._share_wheels(tmp_path, Sources()) == {}  # no cache configured: nothing to do
+
+
+# ---------------------------------------------------------------- the builder's nvcc: archs a package hard-codes
+
+FLASH_ATTN_GENCODES = ["-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90"]
+
+
+@pytest.mark.parametrize("arch_list, kept, dropped", [
+    ("8.0", ["arch=compute_80,code=sm_80"], ["sm_90"]),  # A800: flash-attn's sm_90 half goes
+    ("9.0", ["arch=compute_90,code=sm_90"], ["sm_80"]),  # H20: its sm_80 half goes
+    ("8.6", ["arch=compute_80,code=sm_80"], ["sm_90"]),  # A10: sm_80 SASS runs on 8.6, stays
+    ("8.0;9.0", ["arch=compute_80,code=sm_80", "arch=compute_90,code=sm_90"], []),  # both cards of an image
+    ("7.5", ["arch=compute_80,code=sm_80", "arch=compute_90,code=sm_90"], []),  # nothing would be left: unchanged
+])
+def test_nvcc_drops_the_hard_coded_archs_no_card_of_the_list_runs(arch_list, kept, dropped):
+    from envbuild.incontainer import nvcc_archs
+    args, gone = nvcc_archs.trim(["-c", "k.cu", *FLASH_ATTN_GENCODES, "-O3"], nvcc_archs.list_archs(arch_list))
+    assert [a for a in args if a.startswith("arch=")] == kept and gone == dropped
+    assert args[:2] == ["-c", "k.cu"] and args[-1] == "-O3"  # nothing else touched
+
+
+def test_nvcc_keeps_what_torch_made_from_the_list_and_ptx_that_runs_forward():
+    from envbuild.incontainer import nvcc_archs
+    torch_made = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=compute_90"]
+    assert nvcc_archs.trim(torch_made, nvcc_archs.list_archs("8.0;9.0+PTX")) == (torch_made, [])
+    fat = ["--generate-code", "arch=compute_80,code=[sm_80,compute_80]", "-gencode=arch=compute_70,code=\"sm_70\""]
+    args, gone = nvcc_archs.trim(fat, ["9.0"])  # compute_80 PTX JIT-compiles on 9.0: that target stays
+    assert args == fat[:2] and gone == ["sm_70"]
+
+
+def test_the_nvcc_wrapper_runs_ccache_with_the_trimmed_arguments(tmp_path):
+    """What the builder's nvcc script runs: nvcc_archs.py execs ccache with the real nvcc."""
+    import subprocess
+    import sys
+    fake = tmp_path / "ccache"
+    fake.write_text("#!/bin/sh\necho \"$@\"\n")
+    fake.chmod(0o755)
+    script = Path(rs.__file__).parent / "incontainer" / "nvcc_archs.py"
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "TORCH_CUDA_ARCH_LIST": "8.0"}
+    r = subprocess.run([sys.executable, str(script), "/usr/lib/cuda/bin/nvcc", "-c", "k.cu", *FLASH_ATTN_GENCODES],
+                       capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["/usr/lib/cuda/bin/nvcc", "-c", "k.cu", "-gencode", "arch=compute_80,code=sm_80"]
+    assert "not compiling sm_90" in r.stderr and "TORCH_CUDA_ARCH_LIST=8.0" in r.stderr
+    r = subprocess.run([sys.executable, str(script), "/usr/lib/cuda/bin/nvcc", "--version"],
+                       capture_output=True, text=True, env={"PATH": env["PATH"]}, timeout=60)
+    assert r.stdout.split() == ["/usr/lib/cuda/bin/nvcc", "--version"] and r.stderr == ""

@@ -1,5 +1,6 @@
 """flash-attn 2.x: compiled for the archs its own setup.py chooses (not TORCH_CUDA_ARCH_LIST),
-so whether it runs on a card depends on nvcc, not on the Plan's arch list."""
+so whether it runs on a card depends on nvcc, not on the Plan's arch list. The builder's nvcc
+(incontainer/nvcc_archs.py) then drops those of its archs that no card of the Plan runs."""
 
 from __future__ import annotations
 
