@@ -11,7 +11,7 @@ CUDA ?=
 IMAGE ?=
 CUDA_FLAG := $(if $(CUDA),--cuda $(CUDA),)
 
-.PHONY: locks verify setup test test-unit test-integration image images resolve dockerfiles bench bench-build lint clean base smoke smoke-gpu selftest-gpu doctor export bake
+.PHONY: locks verify setup test test-unit test-integration image images resolve dockerfiles bench bench-build bench-ci lint clean base smoke smoke-gpu selftest-gpu doctor export bake
 
 $(BIN)/envbuild: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -61,10 +61,16 @@ verify: setup base  ## rebuild one cell from its real source here and record it:
 bench: setup  ## resolver timing and data-loader tuning; bench-build for the (slow) image build numbers
 	$(BIN)/python benchmarks/bench_resolve.py
 	$(BIN)/python benchmarks/bench_dataloader.py
+	$(BIN)/python benchmarks/results.py --write
 
-bench-build: setup
+bench-build: setup  ## cold/incremental/no-op builds and compile-once (prunes BuildKit's cache first)
 	$(BIN)/python benchmarks/bench_build.py
 	$(BIN)/python benchmarks/bench_compile_once.py
+	$(BIN)/python benchmarks/results.py --write
+
+bench-ci: setup  ## .ci/run from a fresh clone of HEAD: wall time, tests, peak disk
+	$(BIN)/python benchmarks/bench_ci.py
+	$(BIN)/python benchmarks/results.py --write
 
 smoke: setup  ## CPU-capable smoke levels for IMAGE (or MODEL + CARD)
 	$(BIN)/envbuild smoke $(or $(IMAGE),$(MODEL) --card $(CARD)) --report smoke-report.json

@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("ENVBUILD_DOCKER", "/usr/bin/docker")
 
 import compile_once as co  # noqa: E402 - after the path setup above
+import results  # noqa: E402 - benchmarks/results.py, beside this file
 
 
 def main():
@@ -55,9 +56,7 @@ def main():
             co.remove(first["tags"][0], second["tags"][0], *refs)
         out.update(wheel_cache(base, registry, work, mirror))
     print(json.dumps(out, indent=2))
-    results = ROOT / "benchmarks" / "results"
-    results.mkdir(exist_ok=True)
-    (results / "compile_once.json").write_text(json.dumps(out, indent=2) + "\n")
+    results.write("compile_once", out)
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -14,6 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("ENVBUILD_DOCKER", "/usr/bin/docker")
 
+import results  # noqa: E402 - benchmarks/results.py, beside this file
+
 
 def main():
     from envbuild import ship, smoke
@@ -36,10 +38,8 @@ def main():
     # to a GPU host, where the model runs on the GPU and the cores are free for workers.
     out["ratio_tuned_to_untuned_data_wait"] = round(
         out["tuned"]["data_wait_share"] / max(out["untuned"]["data_wait_share"], 1e-9), 3)
-    results = ROOT / "benchmarks" / "results"
-    results.mkdir(exist_ok=True)
-    (results / "dataloader.json").write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out, indent=2))
+    results.write("dataloader", out)
     return 0
 
 

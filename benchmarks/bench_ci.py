@@ -1,0 +1,83 @@
+"""What CI costs: `.ci/run` from a fresh clone of this checkout's HEAD, as CI runs it, with its wall
+time, its test count and the disk it takes at its peak (sampled every 20 s). CI's limit is
+90 minutes and its machine has this one's disk, so both are worth watching.
+
+Reports whether it started cold (no images, no BuildKit cache) or warm. The log is kept beside
+the clone. Usage: python benchmarks/bench_ci.py   (about 30 min warm, 35 cold, on 2 cores)
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import results  # benchmarks/results.py, beside this file
+
+ROOT = Path(__file__).resolve().parent.parent
+GB = 1e9
+
+
+def docker_state() -> dict:
+    """Images and BuildKit cache at the start: a run with neither is a cold one."""
+    def ask(*args):
+        r = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=120)
+        return r.stdout.split() if r.returncode == 0 else None
+    images = ask("images", "-aq")
+    cache = ask("system", "df", "--format", "{{.Type}}={{.Size}}")
+    return {"images": len(set(images)) if images is not None else None,
+            "build_cache": next((c.split("=", 1)[1] for c in cache or [] if c.startswith("Build")), None)}
+
+
+def main() -> int:
+    work = Path(tempfile.mkdtemp(prefix="envbuild-ci-"))
+    clone, log = work / "clone", work / "ci.log"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+    head = subprocess.run(["git", "-C", str(clone), "rev-parse", "--short", "HEAD"],
+                          capture_output=True, text=True).stdout.strip()
+    state = docker_state()
+    used = [shutil.disk_usage("/").used]
+    done = threading.Event()
+
+    def sample():
+        while not done.wait(20):
+            used.append(shutil.disk_usage("/").used)
+
+    threading.Thread(target=sample, daemon=True).start()
+    t0 = time.monotonic()
+    with open(log, "w") as fh:
+        code = subprocess.run(["bash", ".ci/run"], cwd=clone, stdout=fh, stderr=subprocess.STDOUT,
+                              env={**os.environ, "CI": "true"}).returncode
+    wall = time.monotonic() - t0
+    done.set()
+    text = log.read_text(errors="replace")
+    summary = re.findall(r"^=*\s*(.*\b(?:passed|failed)\b.*) in ([\d.]+)s", text, re.M)
+    counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|error)", summary[-1][0])} if summary else {}
+    out = {
+        "what": ".ci/run from a fresh clone, as CI runs it",
+        "ci_commit": head,
+        "exit_code": code,
+        "cold": state["images"] == 0 and state["build_cache"] in ("0B", None),
+        "at_start": state,
+        "wall_s": round(wall),
+        "pytest_s": round(float(summary[-1][1])) if summary else None,
+        "tests": counts.get("passed", 0) + counts.get("failed", 0),
+        "passed": counts.get("passed", 0),
+        "failed": counts.get("failed", 0) + counts.get("error", 0),
+        "skipped": counts.get("skipped", 0),
+        "disk_used_before_gb": round(used[0] / GB),
+        "disk_used_peak_gb": round(max(used) / GB),
+        "disk_peak_extra_gb": round((max(used) - used[0]) / GB),
+        "sampled": "df every 20 s",
+        "log": str(log),
+    }
+    print(results.write("ci", out).read_text())
+    return 0 if code == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""benchmarks/results.py: the README's measured table is made from the committed results."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import results  # noqa: E402 - benchmarks/results.py
+
+
+def test_the_readme_measured_table_is_the_one_made_from_the_results():
+    text = (ROOT / "README.md").read_text()
+    assert results.readme_with_table(text) == text, "README's measured table is stale: python benchmarks/results.py --write"
+
+
+def test_every_row_reads_its_results_file_and_a_changed_number_changes_the_table(tmp_path, monkeypatch):
+    """Each committed results file fills its rows; a number changed in a file shows in the table
+    (the table is not typed), and a missing file is named instead of its rows."""
+    names = {name for name, _, _ in results.ROWS}
+    present = {p.stem for p in results.RESULTS.glob("*.json")} & names
+    assert present, "no results committed"
+    before = results.table()
+    monkeypatch.setattr(results, "RESULTS", tmp_path)
+    for name in present:
+        data = json.loads((ROOT / "benchmarks" / "results" / f"{name}.json").read_text())
+        (tmp_path / f"{name}.json").write_text(json.dumps(data))
+    assert results.table() == before
+    data = json.loads((tmp_path / "resolve.json").read_text())
+    data["total_s"] = 123.25
+    (tmp_path / "resolve.json").write_text(json.dumps(data))
+    assert "123.25 s in all" in results.table()
+    (tmp_path / "resolve.json").unlink()
+    table = results.table()
+    assert "resolve every model" not in table and "no `resolve.json`" in table
+
+
+def test_a_result_records_when_where_and_how_it_was_measured(tmp_path, monkeypatch):
+    monkeypatch.setattr(results, "RESULTS", tmp_path)
+    monkeypatch.setattr(sys, "argv", [str(ROOT / "benchmarks" / "bench_resolve.py")])
+    data = json.loads(results.write("resolve", {"total_s": 0.5}).read_text())
+    meta = data.pop("meta")
+    assert data == {"total_s": 0.5}
+    assert meta["command"] == "python benchmarks/bench_resolve.py" and len(meta["date"]) == 10
+    assert meta["machine"]["cores"] >= 1 and meta["machine"]["memory_gb"] >= 1 and isinstance(meta["machine"]["gpus"], list)
+
+
+def test_a_readme_without_the_markers_is_refused():
+    with pytest.raises(SystemExit, match="no <!-- measured"):
+        results.readme_with_table("# README\n")
