@@ -85,8 +85,8 @@ selftest-gpu:  ## the smoke script's GPU levels against this host's torch (no Do
 doctor: setup
 	$(BIN)/envbuild doctor
 
-export: setup  ## make export MODEL=maptr CARD=h20 [FORMAT=apptainer]
-	$(BIN)/envbuild export $$($(BIN)/python -c 'import json,subprocess,sys; print(json.loads(subprocess.check_output(["$(BIN)/envbuild","images","--json"]))[0]["tags"][0])' 2>/dev/null || echo missing) --format $(or $(FORMAT),tar) -o export/
+export: setup  ## make export MODEL=maptr CARD=h20 (or IMAGE=...) [FORMAT=apptainer]
+	$(BIN)/envbuild export $(or $(IMAGE),$(MODEL) --card $(CARD)) $(CUDA_FLAG) --format $(or $(FORMAT),tar) -o export/
 
 bake: setup  ## docker-bake file for the whole matrix
 	$(BIN)/envbuild bake -o bake/docker-bake.json

@@ -300,11 +300,13 @@ def doctor(json_: bool = JSON):
 
 
 @command()
-def export(image_ref: str = typer.Argument(..., metavar="IMAGE"),
+def export(target: str = typer.Argument(..., metavar="IMAGE|MODEL"),
+           card: Optional[str] = typer.Option(None, "--card", help="With MODEL: its image for this card, as image --card."),
+           cuda: Optional[str] = CUDA, python: Optional[str] = PYTHON,
            format_: str = typer.Option("tar", "--format", help="tar (compressed docker save) or apptainer."),
            out: Path = typer.Option(Path("."), "-o", "--out", parser=_path, help="Output folder."), json_: bool = JSON):
     """Export an image for hosts without Docker or without a registry."""
-    show.exported(pipeline.export_image(image_ref, format_, out), format_, as_json=json_)
+    show.exported(pipeline.export_image(target, format_, out, card=card, cuda=cuda, python=python), format_, as_json=json_)
 
 
 @command()

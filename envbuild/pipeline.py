@@ -378,11 +378,8 @@ def smoke_image(target: str, *, card: str | None = None, cuda: str | None = None
         raise BadInput(f"--recipe {recipe!r} is not a recipe", "choose synthetic, model or both")
     if gpus != "all" and gpus != "none" and not gpus.isdigit():
         raise BadInput(f"--gpus {gpus!r} is not a GPU request", "all, N or none")
-    ref = target
     cat = catalog.load()
-    if target.lower() in cat.models:
-        plan, sources = plan_for(Request(model=target, card=card, cuda=cuda, python=python))
-        ref = image_ref(plan, sources.registry)
+    ref = target_ref(target, card=card, cuda=cuda, python=python)
     levels = smoke_stage.parse_levels(level)
     data = smoke_stage.run(ref, levels, gpus=gpus, recipe=recipe, card=card_here(cat, card), **options)
     if data.get("card") and label.PLAN in (engine.client().images.get(data["image_id"]).labels or {}):
@@ -472,10 +469,22 @@ def _fixers_named(only: list[str] | None, mmcv: str | None, cxx_std: str | None)
                        "--mmcv takes a version like 1.7.2; --cxx-std one of c++14, c++17, c++20") from None
 
 
-def export_image(ref: str, format_: str, out: Path) -> dict:
-    """A compressed docker save (tar) or an Apptainer definition (apptainer) of a local image, in out."""
+def target_ref(target: str, *, card: str | None = None, cuda: str | None = None, python: str | None = None) -> str:
+    """IMAGE|MODEL as smoke and export take it: a catalog model's name is the image its Plan for the
+    card names (as `image` tagged it); anything else is an image reference."""
+    if target.lower() not in catalog.load().models:
+        return target
+    plan, sources = plan_for(Request(model=target, card=card, cuda=cuda, python=python))
+    return image_ref(plan, sources.registry)
+
+
+def export_image(target: str, format_: str, out: Path, *, card: str | None = None, cuda: str | None = None,
+                 python: str | None = None) -> dict:
+    """A compressed docker save (tar) or an Apptainer definition (apptainer) of a local image (or
+    of a model's image for the card), in out."""
     if format_ not in ("tar", "apptainer"):
         raise BadInput(f"--format {format_!r} is not a format", "choose tar or apptainer")
+    ref = target_ref(target, card=card, cuda=cuda, python=python)
     return export_stage.export_tar(ref, out) if format_ == "tar" else export_stage.export_apptainer(ref, out)
 
 

@@ -294,3 +294,42 @@ def test_pull_checks_the_hosts_driver_first_and_refuses_one_too_old(tmp_path, dr
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.startswith("error: not pulling ") and f"driver {driver} is older than 450.80.02" in r.stderr, r.stderr
     assert "update the NVIDIA driver" in r.stderr
+
+
+@pytest.mark.parametrize("make_args, expected", [
+    (["image", "MODEL=sparsedrive", "CARD=h20", "CUDA=11.8"], ["envbuild image sparsedrive --card h20 --cuda 11.8"]),
+    (["verify", "MODEL=qcnet", "CARD=a800", "SOURCE=../QCNet", "TIME_LIMIT=600"],
+     ["scripts/bootstrap-base.sh", "envbuild verify qcnet --card a800 --python 3.11 --cuda 11.8", "--source ../QCNet",
+      "--base-image envbuild/cuda:11.8-devel-debian12 --runtime-image envbuild/debian:12", "--time-limit 600"]),
+    (["smoke-gpu", "IMAGE=reg/envbuild/maptr:x"], ["envbuild smoke reg/envbuild/maptr:x --gpus all --level env,arch,ops,comm,train,io --compile"]),
+    (["smoke", "MODEL=maptr", "CARD=h20"], ["envbuild smoke maptr --card h20 --report smoke-report.json"]),
+    (["selftest-gpu", "CARD=h200"], ["CARD=h200 scripts/gpu-selftest.sh"]),
+    (["export", "MODEL=maptr", "CARD=h20", "FORMAT=apptainer"], ["envbuild export maptr --card h20  --format apptainer -o export/"]),
+    (["export", "IMAGE=reg/x:1"], ["envbuild export reg/x:1  --format tar -o export/"]),
+    (["bench"], ["benchmarks/bench_resolve.py", "benchmarks/bench_dataloader.py", "benchmarks/results.py --write"]),
+    (["bench-build"], ["benchmarks/bench_build.py", "benchmarks/bench_compile_once.py", "benchmarks/results.py --write"]),
+    (["bench-ci"], ["benchmarks/bench_ci.py", "benchmarks/results.py --write"]),
+    (["dockerfiles"], ["-m envbuild.render --regenerate dockerfiles"]),
+    (["locks"], ["envbuild lock ${cell%-*} --card ${cell##*-}", "cp $tmp/ctx/requirements.lock $tmp/ctx/torch.lock $d",
+                 "--regenerate dockerfiles"]),
+    (["test"], ["pytest -q -rs"]),
+    (["test-unit"], ["pytest -q -m 'not integration'"]),
+])
+def test_the_make_targets_the_readme_names_run_the_commands_it_says(make_args, expected):
+    """`make -n` (nothing runs) of each target the README and the Makefile's header show, with the
+    variables they take: the envbuild command each expands to."""
+    import pathlib
+    from conftest import ROOT
+    venv = pathlib.Path(sys.executable).parent.parent
+    r = subprocess.run(["make", "-n", *make_args, f"VENV={venv}"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    for text in expected:
+        assert text in r.stdout, (text, r.stdout)
+
+
+def test_every_make_target_the_readme_names_exists():
+    import re
+    from conftest import ROOT
+    named = set(re.findall(r"`make ([a-z][a-z-]*)", (ROOT / "README.md").read_text()))
+    targets = set(re.findall(r"^([a-z][a-z-]*):", (ROOT / "Makefile").read_text(), re.M))
+    assert named and named <= targets, named - targets

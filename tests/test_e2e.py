@@ -475,6 +475,31 @@ def test_image_smoke_labels_every_tag_and_pushes_them(built, offline_base, fixtu
             pass
 
 
+def test_image_push_with_a_configured_registry_pushes_the_default_tag(built, offline_base, fixture_env,
+                                                                      docker_engine, registry):
+    """`registry` in the config (here ENVBUILD_REGISTRY) names the image under it, and `image --push`
+    pushes that default tag, which the registry then serves; with no registry configured and no
+    --tag naming one, --push is refused before anything is built."""
+    import urllib.request
+    prefix = f"{registry}/envbuild-test-{uuid.uuid4().hex[:8]}/"
+    expected = prefix + built["ref"]  # REGISTRY/PREFIX/envbuild/tinybev:<commit>-py3.11-cu118-...
+    r = cli(dict(fixture_env, ENVBUILD_REGISTRY=prefix), "image", *image_args(offline_base), "--push", "--json", "--quiet")
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads(r.stdout)
+    try:
+        assert summary["tags"] == [expected] and list(summary["pushed"]) == [expected]
+        repo, tag = expected[len(registry) + 1:].rsplit(":", 1)
+        manifest = urllib.request.Request(f"http://{registry}/v2/{repo}/manifests/{tag}", method="HEAD", headers={
+            "Accept": "application/vnd.docker.distribution.manifest.v2+json, application/vnd.oci.image.manifest.v1+json"})
+        with urllib.request.urlopen(manifest, timeout=30) as resp:
+            assert resp.status == 200
+    finally:
+        docker_engine.images.remove(expected)
+    plain = {k: v for k, v in fixture_env.items() if k != "ENVBUILD_REGISTRY"}
+    r = cli(plain, "image", *image_args(offline_base), "--push", "--json", "--quiet")
+    assert r.returncode == 2 and "--push: no registry to push to" in r.stderr and "Traceback" not in r.stderr
+
+
 def _tinybev_parameters(cameras=6, channels=8, classes=4):
     """TinyBEV's parameter count from its layers (tests/fixture/tinybev/tinybev/model.py)."""
     conv = lambda cin, cout, k: cin * cout * k * k + cout  # noqa: E731 - weights + bias

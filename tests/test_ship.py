@@ -196,6 +196,16 @@ def test_export_apptainer_definition(small_image, tmp_path):
         assert os.path.exists(info["sif"])
 
 
+@pytest.mark.integration
+def test_export_of_a_model_takes_the_image_its_plan_for_the_card_names(docker_engine, tmp_path):
+    """export MODEL --card CARD means the image `image MODEL --card CARD` tags (as smoke does): with
+    none built, it names the one it looked for, per card, and writes nothing."""
+    for card, tag_end in (("h20", "-py3.10-cu118-torch2.0.1-sm90'"), ("a800", "-py3.10-cu118-torch1.11.0-sm80'")):
+        r = cli("export", "maptr", "--card", card, "--cuda", "11.8", "--python", "3.10", "-o", tmp_path / "out")
+        assert r.returncode == 2 and "no local image 'envbuild/maptr:" in r.stderr and tag_end in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_export_unknown_image_is_bad_input(docker_engine):
     r = cli("export", "envbuild-test/does-not-exist:1")
     assert r.returncode == 2 and "no local image" in r.stderr
