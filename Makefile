@@ -76,7 +76,7 @@ smoke: setup  ## CPU-capable smoke levels for IMAGE (or MODEL + CARD)
 	$(BIN)/envbuild smoke $(or $(IMAGE),$(MODEL) --card $(CARD)) --report smoke-report.json
 
 smoke-gpu: setup  ## every GPU level for one image, in one go, on a GPU host
-	$(BIN)/envbuild smoke $(or $(IMAGE),$(MODEL) --card $(CARD)) --gpus all --level env,arch,ops,comm,train,io --compile \
+	$(BIN)/envbuild smoke $(or $(IMAGE),$(MODEL) --card $(CARD)) --gpus all --level env,model,arch,ops,comm,train,io --compile \
 	  --steps 50 --report smoke-$(CARD)-$$(hostname).json
 
 selftest-gpu:  ## the smoke script's GPU levels against this host's torch (no Docker): CARD=h200

@@ -14,6 +14,17 @@ from envbuild import catalog
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# A test that uses one of these reaches for the Docker engine: it is an integration test whether
+# its file says so or not, so `-m 'not integration'` (make test-unit) never needs Docker.
+ENGINE_FIXTURES = {"docker_engine", "offline_base", "built", "registry"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if ENGINE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+
+
 @pytest.fixture(scope="session")
 def cat():
     return catalog.load()

@@ -301,7 +301,7 @@ def test_pull_checks_the_hosts_driver_first_and_refuses_one_too_old(tmp_path, dr
     (["verify", "MODEL=qcnet", "CARD=a800", "SOURCE=../QCNet", "TIME_LIMIT=600"],
      ["scripts/bootstrap-base.sh", "envbuild verify qcnet --card a800 --python 3.11 --cuda 11.8", "--source ../QCNet",
       "--base-image envbuild/cuda:11.8-devel-debian12 --runtime-image envbuild/debian:12", "--time-limit 600"]),
-    (["smoke-gpu", "IMAGE=reg/envbuild/maptr:x"], ["envbuild smoke reg/envbuild/maptr:x --gpus all --level env,arch,ops,comm,train,io --compile"]),
+    (["smoke-gpu", "IMAGE=reg/envbuild/maptr:x"], ["envbuild smoke reg/envbuild/maptr:x --gpus all --level env,model,arch,ops,comm,train,io --compile"]),
     (["smoke", "MODEL=maptr", "CARD=h20"], ["envbuild smoke maptr --card h20 --report smoke-report.json"]),
     (["selftest-gpu", "CARD=h200"], ["CARD=h200 scripts/gpu-selftest.sh"]),
     (["export", "MODEL=maptr", "CARD=h20", "FORMAT=apptainer"], ["envbuild export maptr --card h20  --format apptainer -o export/"]),
@@ -333,3 +333,15 @@ def test_every_make_target_the_readme_names_exists():
     named = set(re.findall(r"`make ([a-z][a-z-]*)", (ROOT / "README.md").read_text()))
     targets = set(re.findall(r"^([a-z][a-z-]*):", (ROOT / "Makefile").read_text(), re.M))
     assert named and named <= targets, named - targets
+
+
+def test_make_smoke_gpu_runs_every_smoke_level():
+    """README: `make smoke-gpu` runs every level; the levels are smoke.LEVELS, not a copy kept by hand."""
+    import pathlib
+    import re
+    from conftest import ROOT
+    from envbuild.smoke import LEVELS
+    venv = pathlib.Path(sys.executable).parent.parent
+    out = subprocess.run(["make", "-n", "smoke-gpu", "IMAGE=x:1", f"VENV={venv}"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60).stdout
+    assert re.search(r"--level (\S+)", out).group(1).split(",") == list(LEVELS)
