@@ -258,12 +258,15 @@ def test_smoke_of_an_image_records_each_card_in_its_label(built, fixture_env, do
 
 
 def test_smoke_cpu_levels_and_gpu_levels_skipped(built, fixture_env, tmp_path):
+    """Every level with no GPU given to the container (--gpus none), for the image's card: the
+    same on a host with GPUs (of any card) as without. GPU hosts run the GPU levels in
+    make smoke-gpu / selftest-gpu."""
     report_path = tmp_path / "smoke.json"
     data = tmp_path / "nuscenes-mini"
     data.mkdir()
     (data / "v1.0-mini").write_text("")
     r = cli(fixture_env, "smoke", built["ref"], "--recipe", "both", "--steps", "6", "--ckpt-dir", tmp_path,
-            "--compile", "--ckpt-mb", "8", "--data", data, "--report", report_path)
+            "--compile", "--ckpt-mb", "8", "--data", data, "--report", report_path, "--gpus", "none", "--card", "a800")
     assert r.returncode == 0, r.stdout + r.stderr
     train_line = next(line for line in r.stdout.splitlines() if line.strip().startswith("train"))
     assert "synthetic:" in train_line and "torch.compile: skipped" in train_line and "model recipe: passed" in train_line
@@ -276,15 +279,10 @@ def test_smoke_cpu_levels_and_gpu_levels_skipped(built, fixture_env, tmp_path):
     loaded = {e["load"]: e for e in levels["env"]["extensions"]}
     assert loaded["tinybev_ops"]["ok"] and loaded["tinybev_ops"]["kind"] == "module"
     assert any(e["package"] == "torchvision" and e["kind"] == "library" and e["ok"] for e in loaded.values())
-    from envbuild import host
-    if host.driver() is None:
-        for gpu_level in ("ops", "comm"):  # no GPU here: skipped with the reason, never passed
-            assert levels[gpu_level]["status"] == "skipped" and "no GPU" in levels[gpu_level]["reason"]
-        rehearsal = levels["comm"]["cpu_rehearsal"]  # the launcher and rendezvous still ran, on gloo
-        assert rehearsal["ok"] and rehearsal["world"] == 2 and rehearsal["backend"] == "gloo"
-    else:  # a GPU host runs them: they pass or fail, never skip
-        for gpu_level in ("ops", "comm"):
-            assert levels[gpu_level]["status"] in ("passed", "failed"), levels[gpu_level]
+    for gpu_level in ("ops", "comm"):  # no GPU in the container: skipped with the reason, never passed
+        assert levels[gpu_level]["status"] == "skipped" and "no GPU" in levels[gpu_level]["reason"]
+    rehearsal = levels["comm"]["cpu_rehearsal"]  # the launcher and rendezvous still ran, on gloo
+    assert rehearsal["ok"] and rehearsal["world"] == 2 and rehearsal["backend"] == "gloo"
     synthetic = levels["train"]["runs"]["synthetic"]
     assert synthetic["steps"] == 6 and synthetic["samples_per_s"] > 0 and 0 <= synthetic["data_wait_share"] <= 1
     assert all(v == v and abs(v) < 1e6 for v in synthetic["losses"])  # finite
@@ -305,7 +303,7 @@ def test_smoke_cpu_levels_and_gpu_levels_skipped(built, fixture_env, tmp_path):
 def test_smoke_rejects_bad_levels_and_leaves_no_container(built, fixture_env, docker_engine, tmp_path):
     before = {c.id for c in docker_engine.containers.list(all=True)}
     r = cli(fixture_env, "smoke", built["ref"], "--level", "train", "--recipe", "model", "--steps", "3",
-            "--report", tmp_path / "r.json")
+            "--report", tmp_path / "r.json", "--gpus", "none", "--card", "a800")
     # the model recipe runs; now break it: ask for a level set with a bad level
     bad = cli(fixture_env, "smoke", built["ref"], "--level", "env,gpu-magic")
     assert bad.returncode == 2 and "gpu-magic" in bad.stderr
@@ -340,7 +338,8 @@ def test_compare_two_reports(built, fixture_env, tmp_path):
     paths = []
     for i in range(2):
         p = tmp_path / f"r{i}.json"
-        r = cli(fixture_env, "smoke", built["ref"], "--level", "train", "--steps", str(4 + i), "--report", p)
+        r = cli(fixture_env, "smoke", built["ref"], "--level", "train", "--steps", str(4 + i), "--report", p,
+                "--gpus", "none", "--card", "a800")  # the same on any host
         assert r.returncode == 0, r.stderr
         paths.append(p)
     out = tmp_path / "compare.html"
@@ -352,7 +351,9 @@ def test_compare_two_reports(built, fixture_env, tmp_path):
 
 def test_smoke_comm_is_bounded_by_its_timeout(built, fixture_env, docker_engine, tmp_path):
     before = {c.id for c in docker_engine.containers.list(all=True)}
-    r = cli(fixture_env, "smoke", built["ref"], "--level", "comm", "--comm-timeout", "1", "--json", timeout=300)
+    # --gpus none: the CPU rehearsal is what runs without GPUs, on any host
+    r = cli(fixture_env, "smoke", built["ref"], "--level", "comm", "--comm-timeout", "1", "--json", "--gpus", "none",
+            "--card", "a800", timeout=300)
     assert r.returncode == 0, r.stderr  # skipped (no GPU) is not a failure
     comm = json.loads(r.stdout)["levels"]["comm"]
     # torchrun cannot even start in 1 s: the attempt is killed and reported, never waited on
@@ -450,13 +451,20 @@ def test_image_smoke_labels_every_tag_and_pushes_them(built, offline_base, fixtu
     try:
         r = cli(fixture_env, "image", *image_args(offline_base), "--smoke", "--tag", tags[0], "--tag", tags[1],
                 "--push", "--json", "--quiet")
+        # image --smoke runs on this host's card (none here: the image's own, a800, without a GPU)
+        from envbuild import catalog, pipeline
+        from envbuild.incontainer.archrules import sass_runs_on
+        here = pipeline.card_here(catalog.load(), None)
+        if here is not None and not sass_runs_on("8.0", here.cc):  # e.g. a Hopper host: sm_80 cannot run there
+            assert r.returncode == 1 and "smoke test failed" in r.stderr and "arch" in r.stderr, r.stderr[-3000:]
+            return
         assert r.returncode == 0, r.stderr[-3000:]
         summary = json.loads(r.stdout)
         assert summary["image_id"] != summary["build_image_id"]  # the labelled image, not the built one
         for ref in [built["ref"], *tags]:
             image = docker_engine.images.get(ref)
             assert image.id == summary["image_id"], ref
-            assert json.loads(image.labels["io.envbuild.smoke"])["a800"]["ok"] is True
+            assert json.loads(image.labels["io.envbuild.smoke"])[here.id if here else "a800"]["ok"] is True
         assert set(summary["pushed"]) == set(tags)
         # what the registry holds is the labelled image
         docker_engine.images.remove(tags[1])

@@ -60,7 +60,7 @@ def test_smoke_each_card_then_compare_the_two(two_card, fixture_env, tmp_path):
     for card in ("a800", "l20"):
         path = tmp_path / f"{card}.json"
         r = cli(fixture_env, "smoke", two_card["ref"], "--card", card, "--level", "arch,train", "--steps", "3",
-                "--report", path)
+                "--report", path, "--gpus", "none")  # the static arch check for the card, on any host
         assert r.returncode == 0, r.stdout + r.stderr
         report = json.loads(path.read_text())
         assert report["card"] == card and report["levels"]["arch"]["status"] == "passed"
