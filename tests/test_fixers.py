@@ -536,3 +536,18 @@ def test_the_plan_names_installed_packages_that_assert_the_mmcv_range():
     plan = resolve(catalog.load(), "maptr", "h20")
     fx = next(f for f in plan.fixers if f.name == "mmcv-version-assert")
     assert fx.installed == ("mmdet", "mmsegmentation")  # mmdet3d is vendored: the tree pass fixes it
+
+
+def test_the_build_runs_the_installed_pass_only_where_the_plan_names_installed_packages(tmp_path):
+    """maptr on H20 relaxes mmdet's and mmseg's asserts in site-packages: its Dockerfile runs
+    apply-installed after the tree pass and says for which; qcnet on A800 names none: no such step."""
+    for model, card, wanted in (("maptr", "h20", True), ("qcnet", "a800", False)):
+        r = subprocess.run([sys.executable, "-m", "envbuild.cli", "render", model, "--card", card, "-o", tmp_path / model],
+                           capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert r.returncode == 0, r.stderr
+        dockerfile = (tmp_path / model / "Dockerfile").read_text()
+        step = "fixers.py apply-installed --plan /opt/envbuild/plan.json"
+        assert (step in dockerfile) is wanted, model
+        if wanted:
+            assert "installed packages whose own code the port breaks (mmdet, mmsegmentation)" in dockerfile
+            assert dockerfile.index("fixers.py apply /workspace/model") < dockerfile.index(step)

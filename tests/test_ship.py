@@ -263,3 +263,25 @@ def test_doctor_shared_memory_verdicts(monkeypatch, shm_gb, status):
     result = doctor.shared_memory()
     assert result.status == status and ("DataLoader workers die" in result.reason) == (status == "warn")
     assert f"{shm_gb:.1f} GB" in result.reason or f"{shm_gb:.2f} GB" in result.reason
+
+
+def test_pull_says_per_card_what_the_images_smoke_labels_validated():
+    """What pull prints per card, from the image's io.envbuild.smoke label: a run for that card, a run
+    for a multi-card set that includes it, a portable image's run, an older single-summary label,
+    a failed run, and a card nobody ran it for."""
+    from envbuild.smoke import validated_on
+    run = lambda card, ok=True, gpu=None, levels=None: {"card": card, "ok": ok, "gpu": gpu,  # noqa: E731
+                                                        "levels": levels or {"env": "passed"}}
+    key = "io.envbuild.smoke"
+    labels = {key: json.dumps({"a800": run("a800", gpu="NVIDIA A800", levels={"env": "passed", "ops": "passed", "comm": "failed"}),
+                               "h20+l20": run("h20+l20", ok=False)})}
+    assert validated_on(labels, "a800") == ("smoke passed on NVIDIA A800 for the requested card; GPU levels passed: ops")
+    assert validated_on(labels, "l20") == ("smoke FAILED without a GPU (CPU levels only) for cards h20+l20, which "
+                                           "include l20; GPU levels passed: none")
+    assert validated_on(labels, "v100") == "not validated for v100: smoke recorded for a800, h20+l20 only"
+    portable = {key: json.dumps({"portable": run("portable")})}
+    assert validated_on(portable, "t4").startswith("smoke passed without a GPU (CPU levels only) for cards portable")
+    legacy = {key: json.dumps(run("a800"))}  # one summary, as labels were before one per card
+    assert validated_on(legacy, "a800").startswith("smoke passed without a GPU")
+    for nothing in ({}, {key: "not json"}, {key: "[1, 2]"}):
+        assert validated_on(nothing, "a800") == "not validated: no smoke report recorded with this image"

@@ -379,3 +379,53 @@ def test_env_requires_the_plans_and_the_models_extensions_and_reports_the_rest(t
         failing = {broken}
         out = env_level.level_env(plan, Args)
         assert out["status"] == "failed" and out["failed"] == 1, broken
+
+
+def _fake_torch(capability, name, flags="sm_80 sm_86"):
+    """torch as the arch level sees it on a GPU host: the archs the build carries and the GPU present."""
+    import types
+    torch = types.ModuleType("torch")
+    torch.__version__, torch.version = "2.0.1", types.SimpleNamespace(cuda="11.8")
+    torch._C = types.SimpleNamespace(_cuda_getArchFlags=lambda: flags)
+    torch.cuda = types.SimpleNamespace(is_available=lambda: True, get_device_capability=lambda i: capability,
+                                       get_device_name=lambda i: name, get_arch_list=lambda: flags.split())
+    return torch
+
+
+def test_arch_judges_the_gpu_actually_present_not_only_the_plans_card(monkeypatch):
+    """The image is for an A800 (sm_80 torch and extension). On an A10 (8.6) the sm_80 SASS runs;
+    on an H20 (9.0) nothing does, and the level fails naming that GPU, though the Plan's card passes."""
+    plan = {"cc": "8.0", "card": "a800"}
+    ext = {"path": "/opt/venv/lib/python3.8/site-packages/mmcv/_ext.so", "sass": ["8.0"], "ptx": [], "python_module": "_ext"}
+    monkeypatch.setattr(arch_level, "gpu_libraries", lambda: [ext])
+    monkeypatch.setitem(sys.modules, "torch", _fake_torch((8, 6), "NVIDIA A10"))
+    out = arch_level.level_arch(plan, None)
+    assert out["status"] == "passed" and out["device_cc"] == "8.6" and out["extensions"][0]["runs_via"] == "sm_80"
+    assert "this GPU is 8.6" in out["note"]
+    monkeypatch.setitem(sys.modules, "torch", _fake_torch((9, 0), "NVIDIA H20"))
+    out = arch_level.level_arch(plan, None)
+    assert out["status"] == "failed" and out["torch_runs_via"] == "sm_80"  # fine for the Plan's card...
+    assert out["problems"] == ["torch ships ['8.0', '8.6']: nothing runs on this GPU, NVIDIA H20 (9.0)",
+                               f"{ext['path']} has nothing for this GPU, NVIDIA H20 (9.0)"]  # ...not for this GPU
+
+
+def test_env_fails_a_package_that_is_not_at_its_locked_version(tmp_path, monkeypatch):
+    """Each package of the Plan must be installed at the version the lock (else the Plan's exact pin)
+    says: a build that drifted fails env naming both versions; a local suffix (+cu118) is the same."""
+    lock = tmp_path / "requirements.lock"
+    lock.write_text("mmcv==1.0 \\\n    --hash=sha256:bb\n")
+    installed = {"torch": "2.0.1+cu118", "torchvision": "0.15.2", "torchaudio": "2.0.2", "mmcv": "0.9", "numpy": "1.23.5"}
+    monkeypatch.setattr(env_level, "dist_version", lambda name: installed.get(name))
+    monkeypatch.setattr(env_level.importlib, "import_module", lambda name: None)
+    monkeypatch.setattr(env_level, "gpu_libraries", lambda: [])
+
+    class Args:
+        workdir = str(tmp_path)
+    Args.lock = str(lock)
+    plan = {"torch": {"version": "2.0.1"}, "torchvision": {"version": "0.15.2"}, "torchaudio": {"version": "2.0.2"},
+            "packages": [{"name": "mmcv", "version": "1.0"}, {"name": "numpy", "version": "1.23.5"}]}
+    out = env_level.level_env(plan, Args)
+    bad = [p for p in out["packages"] if not p["ok"]]
+    assert out["status"] == "failed" and [(p["name"], p["problems"]) for p in bad] == [("mmcv", ["version 0.9, expected 1.0"])]
+    installed["mmcv"] = "1.0"
+    assert env_level.level_env(plan, Args)["status"] == "passed"
