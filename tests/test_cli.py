@@ -345,3 +345,36 @@ def test_make_smoke_gpu_runs_every_smoke_level():
     out = subprocess.run(["make", "-n", "smoke-gpu", "IMAGE=x:1", f"VENV={venv}"], cwd=ROOT, capture_output=True,
                          text=True, timeout=60).stdout
     assert re.search(r"--level (\S+)", out).group(1).split(",") == list(LEVELS)
+
+
+@pytest.mark.parametrize("version, buildx, expected", [
+    ("24.0.7", True, ("buildx", None)),
+    ("20.10.24", False, ("builtin", None)),  # Debian's 20.10: BuildKit built into the CLI
+    ("24.0.7", False, (None, "no buildx plugin, and CLIs from 23.0 need it for BuildKit")),
+    (None, None, (None, "no docker CLI found")),
+])
+def test_which_docker_cli_drives_buildkit_and_what_to_install_when_none_can(tmp_path, monkeypatch, version, buildx, expected):
+    from envbuild import engine
+    from envbuild.errors import OperationFailed
+    paths = []
+    if version:
+        fake = tmp_path / "docker"
+        fake.write_text("#!/bin/sh\n"
+                        f'[ "$1" = --version ] && echo "Docker version {version}, build 1" && exit 0\n'
+                        f'[ "$1" = buildx ] && exit {0 if buildx else 1}\nexit 3\n')
+        fake.chmod(0o755)
+        paths.append(str(fake))
+    monkeypatch.setattr(engine, "_candidates", lambda: paths)
+    engine.find_cli.cache_clear()
+    try:
+        kind, problem = expected
+        if kind:
+            found = engine.find_cli()
+            assert (found.path, found.version, found.mode) == (paths[0], version, kind)
+        else:
+            with pytest.raises(OperationFailed) as err:
+                engine.find_cli()
+            assert problem in err.value.message
+            assert ("docker-buildx-plugin" if version else "apt-get install docker.io") in err.value.hint
+    finally:
+        engine.find_cli.cache_clear()

@@ -236,3 +236,27 @@ def test_the_nvcc_wrapper_runs_ccache_with_the_trimmed_arguments(tmp_path):
     r = subprocess.run([sys.executable, str(script), "/usr/lib/cuda/bin/nvcc", "--version"],
                        capture_output=True, text=True, env={"PATH": env["PATH"]}, timeout=60)
     assert r.stdout.split() == ["/usr/lib/cuda/bin/nvcc", "--version"] and r.stderr == ""
+
+
+def test_compile_turns_vendor_wheels_off_and_the_shipped_catalog_names_none(cat, matrices_copy):
+    """`--compile` builds every compiled package from its sdist even where a catalog's vendor wheel
+    fits; the catalog envbuild ships records no vendor wheel (none proven here), so by default
+    nothing is downloaded prebuilt unless a user's catalog says so."""
+    import json
+    import os
+    import subprocess
+    import sys
+    assert cat.vendor == {}
+    path = matrices_copy / "toolchains" / "packages.toml"
+    path.write_text(path.read_text() + '\n[vendor.mmcv-full]\nfind_links = "https://download.example.org/mmcv/{cu}/torch{torch}/index.html"\n'
+                    '[[vendor.mmcv-full.builds]]\nversions = ["1.7.1"]\ntorch = ["1.13"]\ncuda = ["11.7"]\n'
+                    'python = ["3.8", "3.8"]\nsass = ["8.0", "8.6"]\n')  # what sparsedrive on a800 resolves to
+    env = {**os.environ, "ENVBUILD_MATRICES": str(matrices_copy), "ENVBUILD_TORCH_INDEX": "none"}
+    builds = {}
+    for flags in ([], ["--compile"]):
+        r = subprocess.run([sys.executable, "-m", "envbuild.cli", "resolve", "sparsedrive", "--card", "a800", "--json", *flags],
+                           capture_output=True, text=True, env=env, timeout=120)
+        assert r.returncode == 0, r.stderr
+        builds[bool(flags)] = json.loads(r.stdout)["native_packages"]["mmcv-full"]["build"]
+    assert builds[False]["from"] == "vendor"
+    assert builds[True]["from"] == "source" and "vendor wheels are off" in builds[True]["why"], builds[True]
