@@ -378,3 +378,40 @@ def test_which_docker_cli_drives_buildkit_and_what_to_install_when_none_can(tmp_
             assert ("docker-buildx-plugin" if version else "apt-get install docker.io") in err.value.hint
     finally:
         engine.find_cli.cache_clear()
+
+
+def test_the_default_config_file_its_home_relative_catalog_and_the_pypi_index_order(tmp_path):
+    """With no ENVBUILD_CONFIG, ~/.config/envbuild/config.toml is read; its catalog_dir may start
+    with ~; the PyPI index goes config file < ENVBUILD_PYPI_INDEX < --pypi-index into requirements.in."""
+    home = tmp_path / "home"
+    (home / ".config" / "envbuild").mkdir(parents=True)
+    (home / "mycatalog").mkdir()
+    (home / "mycatalog" / "cards.toml").write_text('[cards.x9]\nname = "X9"\ncc = "8.0"\nmemory_gb = 80\np2p = true\n')
+    (home / ".config" / "envbuild" / "config.toml").write_text(
+        'pypi_index = "https://cfg.example/simple"\ncatalog_dir = "~/mycatalog"\n')
+    base = {k: v for k, v in os.environ.items() if not k.startswith("ENVBUILD_") and k != "XDG_CONFIG_HOME"}
+    env = {**base, "HOME": str(home), "ENVBUILD_HOME": str(tmp_path / "state")}
+
+    def index(*flags, **extra):
+        out = tmp_path / f"ctx{len(list(tmp_path.glob('ctx*')))}"
+        r = subprocess.run([sys.executable, "-m", "envbuild.cli", "render", "qcnet", "--card", "x9", "-o", str(out), *flags],
+                           capture_output=True, text=True, env={**env, **extra}, timeout=120)
+        assert r.returncode == 0, r.stderr  # x9 exists only in ~/mycatalog: the config file was read
+        return next(line for line in (out / "requirements.in").read_text().splitlines() if line.startswith("--index-url"))
+    assert index() == "--index-url https://cfg.example/simple"
+    assert index(ENVBUILD_PYPI_INDEX="https://env.example/simple") == "--index-url https://env.example/simple"
+    assert index("--pypi-index", "https://flag.example/simple",
+                 ENVBUILD_PYPI_INDEX="https://env.example/simple") == "--index-url https://flag.example/simple"
+
+
+def test_envbuild_card_picks_the_cards_where_no_flag_and_no_gpu_do(tmp_path):
+    """ENVBUILD_CARD (the config's `card`) is the card(s) to build for when --card is absent and the
+    host has no GPU; --card still wins; a name it does not know is one clear error."""
+    env = _no_gpu(tmp_path)
+    plan = lambda *a, **e: json.loads(envbuild("resolve", "maptr", "--json", *a, env={**env, **e}).stdout)  # noqa: E731
+    got = plan(ENVBUILD_CARD="a800,h20")
+    assert got["cards"] == ["a800", "h20"] and got["cards_why"] == "the config's card"
+    assert plan("--card", "l20", ENVBUILD_CARD="a800,h20")["cards"] == ["l20"]
+    assert plan()["cards_why"].startswith("portable: no --card, no GPU on this host and no card in the config")
+    r = envbuild("resolve", "maptr", env={**env, "ENVBUILD_CARD": "b9000"})
+    assert r.returncode == 2 and "b9000" in r.stderr and "Traceback" not in r.stderr

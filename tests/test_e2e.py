@@ -395,6 +395,32 @@ def test_env_level_names_the_extension_that_does_not_load(built, offline_base, d
     assert loaded["tinybev_ops"]["ok"]  # one bad extension does not hide the others
 
 
+def test_a_failed_smoke_exits_1_naming_the_level_and_records_the_failure(built, fixture_env, docker_engine):
+    """An image whose venv lost a package of the Plan (numpy): `envbuild smoke` exits 1 with
+    "smoke failed: env", leaves no container, and the image's label says it FAILED for the card."""
+    import docker
+    from envbuild import smoke as smoke_stage
+    ref = f"envbuild-test/broken-env:{uuid.uuid4().hex[:8]}"
+    parent = docker_engine.images.get(built["ref"]).id
+    dockerfile = f"FROM {built['ref']}\nRUN rm -rf /opt/venv/lib/python3.11/site-packages/numpy*\n"
+    docker_engine.images.build(fileobj=io.BytesIO(dockerfile.encode()), tag=ref, rm=True, forcerm=True)
+    before = {c.id for c in docker_engine.containers.list(all=True)}
+    try:
+        r = cli(fixture_env, "smoke", ref, "--level", "env", "--gpus", "none", "--card", "a800")
+        assert r.returncode == 1 and "smoke failed: env" in r.stderr and "Traceback" not in r.stderr, r.stdout + r.stderr
+        assert "numpy" in r.stdout  # the report names what is missing
+        assert {c.id for c in docker_engine.containers.list(all=True)} <= before
+        record = smoke_stage.records(docker_engine.images.get(ref).labels)["a800"]
+        assert record["ok"] is False and record["levels"] == {"env": "failed"}
+        assert smoke_stage.validated_on(docker_engine.images.get(ref).labels, "a800").startswith("smoke FAILED")
+    finally:  # the tag's labelled image, then the image it was made from (untagged now)
+        try:
+            docker_engine.images.remove(ref)
+        except docker.errors.ImageNotFound:
+            pass
+        _remove_untagged_descendants(docker_engine, parent)
+
+
 def _run_in(docker_engine, image, cmd, **kwargs):
     container = docker_engine.containers.run(image, cmd, detach=True, **kwargs)
     try:
