@@ -415,3 +415,24 @@ def test_envbuild_card_picks_the_cards_where_no_flag_and_no_gpu_do(tmp_path):
     assert plan()["cards_why"].startswith("portable: no --card, no GPU on this host and no card in the config")
     r = envbuild("resolve", "maptr", env={**env, "ENVBUILD_CARD": "b9000"})
     assert r.returncode == 2 and "b9000" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_resolve_prints_every_decision_of_the_plan_with_its_reason():
+    """What README says `resolve` shows: base image and why, gcc, driver floor, the era cutoff,
+    each pin with upstream and why (* deviations, + era pins), the arch list and why, how each
+    compiled package builds, the extensions, fixers and runtime settings (RTX 4090: no P2P)."""
+    r = envbuild("resolve", "maptr", "--card", "rtx4090", env={"COLUMNS": "400"})
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    row = lambda start: next((l for l in lines if l.startswith(start)), "")  # noqa: E731
+    assert row("  base image").split()[2].startswith("nvidia/cuda:11.1.1-cudnn8-devel") and "gcc 9" in row("  base image")
+    assert "nvcc accepts <= 10" in row("  gcc") and row("  driver").split()[1:3] == [">=", "455.32"]
+    assert "PyPI as of" in r.stdout and "exact pins win" in row("  PyPI as of")
+    numpy = row("*  numpy").split()
+    assert numpy[2:4] == ["1.23.5", "<1.20.0"] and "catalog correction" in row("*  numpy")
+    assert row("+  setuptools").split()[2:4] == ["<70", "-"]  # an era pin upstream never wrote
+    assert row("  TORCH_CUDA_ARCH_LIST=8.6") and "sm_86 SASS runs on 8.9" in row("  TORCH_CUDA_ARCH_LIST")
+    assert row("  source build mmcv-full").endswith("the catalog knows no vendor wheels of mmcv-full")
+    assert "geometric_kernel_attn" in r.stdout and row("  fixer       setup-without-gpu")
+    assert "NCCL_P2P_DISABLE=1" in row("  runtime") and "no peer-to-peer" in row("  runtime")
+    assert lines[-1] == "  ledger      not verified" and "1 deviation(s) from upstream" in r.stdout

@@ -339,3 +339,24 @@ def test_a_registry_mirror_prefixes_the_base_and_runtime_images(cat):
     assert mirrored.base_image == "mirror.example.com/" + plain.base_image
     from envbuild.render import runtime_image_for  # the runtime stage's image follows the base's name
     assert runtime_image_for(mirrored.base_image) == "mirror.example.com/" + runtime_image_for(plain.base_image)
+
+
+def test_a_changed_pin_is_never_silent_across_the_whole_catalog(cat):
+    """Wherever a Plan's version differs from an exact upstream pin (any model, card, CUDA), the
+    pin says why, counts as a deviation, and the Plan lists it."""
+    import re
+    exact = re.compile(r"^(==)?(\d[\w.!]*)(\+\w+)?$")
+    checked = 0
+    for model, card, cuda in itertools.product(sorted(cat.models), cat.cards, [None, *cat.toolkits]):
+        try:
+            plan = resolve(cat, model, card, cuda=cuda)
+        except Conflict:
+            continue
+        for pin in plan.pins:
+            up, got = exact.match(pin.upstream or ""), exact.match(pin.version or "")
+            if up and got and up.group(2) != got.group(2):
+                checked += 1
+                assert pin.why and pin.deviation, (model, card, cuda, pin)
+                assert any(d.startswith(f"{pin.name}: {pin.upstream} -> {pin.version}: ") for d in plan.deviations), \
+                    (model, card, cuda, pin, plan.deviations)
+    assert checked > 50  # ports are common across the catalog: the property was exercised
