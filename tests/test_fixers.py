@@ -551,3 +551,23 @@ def test_the_build_runs_the_installed_pass_only_where_the_plan_names_installed_p
         if wanted:
             assert "installed packages whose own code the port breaks (mmdet, mmsegmentation)" in dockerfile
             assert dockerfile.index("fixers.py apply /workspace/model") < dockerfile.index(step)
+
+
+def test_fix_list_reports_each_finding_and_changes_nothing(tmp_path):
+    """`envbuild fix --list PATH`: path:line: fixer: why, one per finding, then "nothing changed";
+    the tree is byte for byte what it was. Without --list the same finding is fixed."""
+    tree = tmp_path / "model"
+    (tree / "tools").mkdir(parents=True)
+    script = tree / "tools" / "train.py"
+    script.write_text('import argparse\np = argparse.ArgumentParser()\np.add_argument("--local_rank", type=int, default=0)\n'
+                      "args = p.parse_args()\n")
+    before = script.read_bytes()
+    cli = lambda *a: subprocess.run([sys.executable, "-m", "envbuild.cli", "fix", *map(str, a)],  # noqa: E731
+                                    capture_output=True, text=True, timeout=120, cwd=ROOT)
+    r = cli("--list", tree)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["tools/train.py:3: local-rank: torch >= 2.0 launch passes --local-rank; accept it "
+                                     "beside --local_rank (LOCAL_RANK env kept)", "1 finding(s); nothing changed"]
+    assert script.read_bytes() == before and sorted(p.name for p in tree.rglob("*")) == ["tools", "train.py"]
+    r = cli(tree)
+    assert r.returncode == 0 and script.read_bytes() != before and "--local-rank" in script.read_text()
