@@ -443,7 +443,7 @@ def test_a_gpu_torch_cannot_use_fails_the_gpu_levels_instead_of_skipping(built, 
     assert levels["arch"]["status"] == "failed" and any("cannot use them" in p for p in levels["arch"]["problems"])
     # the device it saw, the driver (none answers here), torch and its CUDA, torch's own error, what to do
     reason = levels["ops"]["reason"]
-    assert "1 GPU device(s) visible (/dev/nvidia0, driver unknown) but torch 2.0.1" in reason and "(CUDA 11.8)" in reason
+    assert "1 GPU device(s) visible (/dev/nvidia0, driver unknown) but torch 2.0.1" in reason and "(CUDA 11." in reason
     assert "cannot use them: " in reason and "update the NVIDIA driver or build the image for an older --cuda" in reason
 
 
