@@ -538,3 +538,19 @@ def test_image_without_a_lock_and_with_another_cards_lock(tmp_path, monkeypatch)
     assert ctx100 != ctx and note.endswith(f"(the lock of {ctx.name})"), note
     assert (ctx100 / "requirements.lock").read_text() == (ctx / "requirements.lock").read_text()
     assert "--require-hashes" in (ctx100 / "Dockerfile").read_text()
+
+
+def test_independent_wheel_stages_can_build_side_by_side_and_the_runtime_keeps_no_build_tree():
+    """SparseDrive's mmcv-full and flash-attn wheels: neither stage is built FROM the other, so
+    BuildKit runs them in parallel; every model extension's build tree is removed in the step
+    that made it, and the runtime takes only the venv and the model from the builder."""
+    plan = resolve(catalog.load(), "sparsedrive", "h20")
+    text = render.dockerfile(render.make_context(plan, "x"))
+    mmcv, fa = ancestry(text, "wheel-mmcv-full"), ancestry(text, "wheel-flash-attn")
+    assert "wheel-flash-attn" not in mmcv and "wheel-mmcv-full" not in fa and mmcv[1:] == fa[1:] == ["compile", "torch", "base"]
+    for name in ("wheel-mmcv-full", "wheel-flash-attn"):
+        assert "rm -rf /src" in "\n".join(stage(text, name))  # the sdist and its build tree go with the step
+    model = "\n".join(stage(text, "model"))  # the builder with the model's source and extensions
+    assert plan.extensions and model.count("&& rm -rf build") == len(plan.extensions), model
+    copies = [l.split() for l in stage(text, "runtime") if l.startswith("COPY --from=")]
+    assert copies and all(c[-1] in ("/opt/venv", "/opt/envbuild", "/workspace/model") for c in copies), copies
