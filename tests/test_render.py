@@ -524,6 +524,9 @@ def test_image_without_a_lock_and_with_another_cards_lock(tmp_path, monkeypatch)
     assert note.startswith("not locked (--no-lock)")
     dockerfile = (ctx / "Dockerfile").read_text()
     assert "-r /opt/envbuild/requirements.in" in dockerfile and "--require-hashes" not in dockerfile
+    # unlocked means today's index: no era view (that is the lock step's loopback proxy)
+    assert "--index-url https://pypi.org/simple" in (ctx / "requirements.in").read_text()
+    assert "127.0.0.1" not in dockerfile + (ctx / "requirements.in").read_text()
     # a lock made for exactly these lines, in the a800 context (as `envbuild lock` leaves it)
     wanted = (ctx / "requirements.in").read_text()
     lock_stage.write_locks(ctx, lock_stage.HEADER + hashlib.sha256(wanted.encode()).hexdigest() + "\n"

@@ -189,6 +189,9 @@ def test_export_apptainer_definition(small_image, tmp_path):
     info = json.loads(r.stdout)
     definition = open(info["definition"]).read()
     assert "Bootstrap: docker-archive" in definition and 'export NCCL_P2P_DISABLE="1"' in definition
+    archive = os.path.basename(info["archive"])  # the compressed save beside it; apptainer reads it gunzipped
+    assert archive.endswith(".tar.gz") and os.path.exists(info["archive"])
+    assert f"From: {archive[:-len('.gz')]}\n" in definition and f"after gunzip of {archive}" in definition
     assert "io.envbuild.model tinybev" in definition
     if not (shutil.which("apptainer") or shutil.which("singularity")):
         assert info["sif"] is None and "not installed" in info["sif_note"]
