@@ -26,11 +26,11 @@ def docker_state() -> dict:
     """Images and BuildKit cache at the start: a run with neither is a cold one."""
     def ask(*args):
         r = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=120)
-        return r.stdout.split() if r.returncode == 0 else None
+        return r.stdout.splitlines() if r.returncode == 0 else None
     images = ask("images", "-aq")
-    cache = ask("system", "df", "--format", "{{.Type}}={{.Size}}")
+    cache = ask("system", "df", "--format", "{{.Type}}={{.Size}}")  # "Build Cache=11.15GB"
     return {"images": len(set(images)) if images is not None else None,
-            "build_cache": next((c.split("=", 1)[1] for c in cache or [] if c.startswith("Build")), None)}
+            "build_cache": next((c.split("=", 1)[1] for c in cache or [] if c.startswith("Build Cache=")), None)}
 
 
 def main() -> int:
