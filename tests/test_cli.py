@@ -436,3 +436,29 @@ def test_resolve_prints_every_decision_of_the_plan_with_its_reason():
     assert "geometric_kernel_attn" in r.stdout and row("  fixer       setup-without-gpu")
     assert "NCCL_P2P_DISABLE=1" in row("  runtime") and "no peer-to-peer" in row("  runtime")
     assert lines[-1] == "  ledger      not verified" and "1 deviation(s) from upstream" in r.stdout
+
+
+def test_on_a_gpu_host_the_cards_and_the_smoke_card_are_this_hosts_gpu(cat, monkeypatch):
+    """With no --card, a host's GPUs choose the cards (an H20 host builds for h20) and image --smoke
+    runs for that GPU; smoke takes one card at a time; a GPU the catalog lacks is one clear error."""
+    from envbuild import host, pipeline
+    from envbuild.errors import BadInput
+    gpu = {"index": "0", "name": "NVIDIA H20", "cc": "9.0", "driver": "550.54.15", "memory_mb": "97871"}
+    monkeypatch.setattr(host, "gpus", lambda: (gpu, dict(gpu, index="1")))
+    cards, why = pipeline.choose_cards(cat, None)
+    assert cards == "h20" and why == "the GPUs on this host (NVIDIA H20)"
+    assert pipeline.choose_cards(cat, "a800") == ("a800", "--card")
+    assert pipeline.card_here(cat, None).id == "h20" and pipeline.card_here(cat, "l20").id == "l20"
+    with pytest.raises(BadInput, match="one card at a time"):
+        pipeline.card_here(cat, "a800,h20")
+    seen = {}
+    monkeypatch.setattr(pipeline.smoke_stage, "run", lambda ref, levels, card=None, **k: seen.setdefault("card", card) and
+                        {"ok": True, "card": card.id, "levels": {"env": {"status": "passed"}}})
+    monkeypatch.setattr(pipeline.smoke_stage, "summary", lambda report: {"levels": {"env": "passed"}})
+    monkeypatch.setattr(pipeline.smoke_stage, "record", lambda refs, report: "sha256:labelled")
+    summary = {"image_id": "sha256:built"}
+    pipeline._smoke_and_label(summary, ["envbuild/maptr:x"])
+    assert seen["card"].id == "h20" and summary["image_id"] == "sha256:labelled" and summary["build_image_id"] == "sha256:built"
+    monkeypatch.setattr(host, "gpus", lambda: (dict(gpu, name="NVIDIA B9000"),))
+    with pytest.raises(BadInput, match="this host's GPU NVIDIA B9000 is not in the catalog"):
+        pipeline.choose_cards(cat, None)

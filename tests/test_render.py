@@ -557,3 +557,23 @@ def test_independent_wheel_stages_can_build_side_by_side_and_the_runtime_keeps_n
     assert plan.extensions and model.count("&& rm -rf build") == len(plan.extensions), model
     copies = [l.split() for l in stage(text, "runtime") if l.startswith("COPY --from=")]
     assert copies and all(c[-1] in ("/opt/venv", "/opt/envbuild", "/workspace/model") for c in copies), copies
+
+
+def test_no_cache_reaches_the_buildkit_command(tmp_path, monkeypatch):
+    """`image --no-cache` is BuildKit's --no-cache on the build it runs: every step again."""
+    from envbuild import build, engine, pipeline
+    seen = []
+    monkeypatch.setenv("ENVBUILD_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(engine, "find_cli", lambda: engine.Cli("/usr/bin/docker", "20.10.24", "builtin"))
+    monkeypatch.setattr(engine, "client", lambda: None)
+
+    def run(cli, cmd, log_path, echo, time_limit):
+        seen.append(cmd)
+        return 1, ["#5 [base 1/3] FROM x", "ERROR: stop here"]
+    monkeypatch.setattr(build, "_run", run)
+    req = pipeline.Request(model="qcnet", card="a800", python="3.11", cuda="11.8")
+    for no_cache in (True, False):
+        with pytest.raises(pipeline.OperationFailed):
+            pipeline.build_image(req, lock=False, no_cache=no_cache)
+    assert [("--no-cache" in cmd) for cmd in seen] == [True, False]
+    assert seen[0][:2] == ["/usr/bin/docker", "build"] and seen[0][-1].endswith("qcnet-a800")
