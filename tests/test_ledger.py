@@ -156,3 +156,22 @@ def test_the_readme_table_says_what_each_record_says():
         assert f"| {word} {rec['date']}" in rows[0], (rec["_file"], rows[0][:200])
         if rec.get("parameters"):
             assert f"{rec['parameters']:,} parameters" in rows[0], rec["_file"]
+
+
+def test_a_record_keeps_the_verdict_levels_parameters_and_training_step(cat, tmp_path):
+    """What the ledger keeps of a verification: passed only when the audit, env and model all
+    passed; the model level's parameter count and its training step (loss, gradients) as they were."""
+    p = plan(cat)
+    step = {"loss": 48.0, "parameter_tensors": 935, "finite_grads": True}
+    report = {"levels": {"env": {"status": "passed"}, "model": {"status": "passed", "parameters": 7660673, "step": step}}}
+    image = {"image_id": "sha256:abc", "size_bytes": 6_330_000_000, "build_seconds": 3909.0,
+             "run_steps": [{"step": "[wheel-x 1/1] RUN pip wheel", "seconds": 1569.2, "cached": False}]}
+    request = {"model": p.model, "card": "a800", "python": "3.11", "cuda": "11.8", "torch_index": "none"}
+    rec = json.loads(ledger.write(p, request, image, True, report, path=tmp_path).read_text())
+    assert rec["verdict"] == "passed" and rec["levels"] == {"env": "passed", "model": "passed"}
+    assert rec["parameters"] == 7660673 and rec["train_step"] == step and rec["audit"] == "passed"
+    assert rec["stages"] == [{"step": "[wheel-x 1/1] RUN pip wheel", "seconds": 1569.2, "cached": False}]
+    assert rec["digest"] == ledger.digest(p) and rec["image_size_bytes"] == 6_330_000_000
+    for audit_ok, levels in ((False, report["levels"]), (True, dict(report["levels"], model={"status": "failed"}))):
+        rec = json.loads(ledger.write(p, request, image, audit_ok, {"levels": levels}, path=tmp_path).read_text())
+        assert rec["verdict"] == "failed", (audit_ok, levels)
