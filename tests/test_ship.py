@@ -288,3 +288,28 @@ def test_pull_says_per_card_what_the_images_smoke_labels_validated():
     assert validated_on(legacy, "a800").startswith("smoke passed without a GPU")
     for nothing in ({}, {key: "not json"}, {key: "[1, 2]"}):
         assert validated_on(nothing, "a800") == "not validated: no smoke report recorded with this image"
+
+
+def test_doctor_on_a_gpu_host_judges_the_gpus_the_runtime_and_the_driver_against_local_images(monkeypatch):
+    """An H20 plus a GPU the catalog lacks: gpus warns naming it; GPUs without a container toolkit
+    or CDI spec fail the runtime check; each local image is judged against the driver (ok, warn
+    through minor-version compatibility, fail), the worst one being the verdict."""
+    gpu = {"index": "0", "name": "NVIDIA H20", "cc": "9.0", "driver": "470.82.01", "memory_mb": "97871"}
+    monkeypatch.setattr(host, "gpus", lambda: (gpu, dict(gpu, index="1", name="NVIDIA B9000")))
+    result = doctor.gpus()
+    assert result.status == "warn" and "0: NVIDIA H20 (9.0) -> h20" in result.reason
+    assert "not in the catalog: NVIDIA B9000" in result.reason
+    monkeypatch.setattr(doctor.shutil, "which", lambda name: None)
+    monkeypatch.setattr(doctor.os.path, "isdir", lambda path: False)
+    monkeypatch.setattr(doctor.engine, "client", lambda: type("C", (), {"info": lambda self: {"Runtimes": {"runc": {}}}})())
+    runtime = doctor.nvidia_runtime()
+    assert runtime.status == "fail" and "install nvidia-container-toolkit" in runtime.reason
+    monkeypatch.setattr(doctor.ship, "local_images", lambda: [{"tags": ["envbuild/maptr:x-cu118"], "id": "sha256:1", "cuda": "11.8.0"},
+                                                              {"tags": ["envbuild/qcnet:y-cu111"], "id": "sha256:2", "cuda": "11.1.1"}])
+    verdict = doctor.driver_vs_images()  # driver 470: CUDA 11.1 natively, 11.8 only through minor-version compat
+    assert verdict.status == "warn", verdict
+    assert "envbuild/maptr:x-cu118: warn: driver 470.82.01 < 520.61.05" in verdict.reason
+    assert "envbuild/qcnet:y-cu111: ok: driver 470.82.01 >= 455.32" in verdict.reason
+    gpu["driver"] = "418.87.01"  # older than either image's CUDA allows
+    verdict = doctor.driver_vs_images()
+    assert verdict.status == "fail" and "envbuild/qcnet:y-cu111: fail" in verdict.reason, verdict
