@@ -313,3 +313,12 @@ def test_doctor_on_a_gpu_host_judges_the_gpus_the_runtime_and_the_driver_against
     gpu["driver"] = "418.87.01"  # older than either image's CUDA allows
     verdict = doctor.driver_vs_images()
     assert verdict.status == "fail" and "envbuild/qcnet:y-cu111: fail" in verdict.reason, verdict
+
+
+def test_audit_of_a_multi_card_image_scans_it_once_and_judges_each_card(cat, monkeypatch):
+    from envbuild import pipeline
+    scans, judged = [], []
+    monkeypatch.setattr(pipeline.audit_stage, "scan", lambda ref: scans.append(ref) or ["lib"])
+    monkeypatch.setattr(pipeline.audit_stage, "audit", lambda ref, card, libs: judged.append((card.id, libs)) or {"ok": True})
+    assert len(pipeline._audit_all("envbuild/x:1", cat, "a800,h20")) == 2
+    assert scans == ["envbuild/x:1"] and judged == [("a800", ["lib"]), ("h20", ["lib"])]
