@@ -22,8 +22,8 @@ trap 'rm -rf "$work"' EXIT
 # REHEARSE=1 runs it all without a GPU (the GPU levels then say skipped): a dry run of the script.
 "$PY" -c 'import os, torch; ok = torch.cuda.is_available(); assert ok or os.environ.get("REHEARSE"), "no GPU visible to torch"; print("torch", torch.__version__, "on", torch.cuda.get_device_name(0) if ok else "CPU (rehearsal)")'
 
-# 1. The Plan, from the catalog plus the fixture model.
-cp -r matrices "$work/matrices"
+# 1. The Plan, from the built-in catalog plus the fixture model (a user catalog on top of it).
+mkdir -p "$work/matrices/models"
 cp tests/fixture/tinybev.toml "$work/matrices/models/"
 # envbuild itself needs Python >= 3.11 with typer: the repo's venv (make setup) where there is
 # one, else the torch interpreter. No level reads the Plan's Python: PLAN_PYTHON only has to be
