@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from fakecuda import fatbin_bytes
-from conftest import FIXTURE, ROOT, cli, image_args  # the fixtures built and registry live in conftest
+from conftest import CA_BUNDLE, FIXTURE, ROOT, cli, image_args  # the fixtures built and registry live in conftest
 
 pytestmark = pytest.mark.integration
 
@@ -600,3 +600,36 @@ def test_verify_records_the_cell_beside_its_catalog_and_resolve_shows_it(built, 
     # another request for the same model is not covered by that record
     r = cli(fixture_env, "resolve", "tinybev", "--card", "h20", "--cuda", "11.8", "--python", "3.11", "--json")
     assert r.returncode == 2 or json.loads(r.stdout)["verified"] == "not verified"
+
+
+def test_the_gpu_selftest_script_rehearses_on_a_cpu_in_the_fixtures_builder(built, fixture_env, docker_engine, tmp_path):
+    """`make selftest-gpu` has no GPU here, so REHEARSE=1 runs scripts/gpu-selftest.sh in the
+    fixture's builder stage (torch + nvcc, as a GPU host without Docker would have them): it
+    resolves the fixture for the card, applies the fixers, compiles the op for sm_80 and runs the
+    levels; the GPU ones say skipped. This is what catches the script breaking before a GPU is lent."""
+    import shutil as sh
+    from envbuild import build
+    os.environ["ENVBUILD_DOCKER"] = fixture_env["ENVBUILD_DOCKER"]
+    ctx = Path(fixture_env["ENVBUILD_HOME"]) / "contexts" / "tinybev-a800"
+    builder = build.build(ctx, [], target="builder", ca_bundle=fixture_env.get("ENVBUILD_CA_BUNDLE"))
+    src = tmp_path / "src"
+    for part in ("envbuild", "scripts", "tests/fixture"):  # what the script reads, from this working tree
+        sh.copytree(ROOT / part, src / part, ignore=sh.ignore_patterns("__pycache__"))
+    (tmp_path / "out").mkdir()
+    script = ("set -e; cp -r /src /work && cd /work && /opt/venv/bin/python -m venv /tmp/tool "
+              "&& /tmp/tool/bin/pip install -q typer rich jinja2 packaging docker "
+              "&& PYTHON=/opt/venv/bin/python RESOLVE_PY=/tmp/tool/bin/python bash scripts/gpu-selftest.sh")
+    volumes = {str(src): {"bind": "/src", "mode": "ro"}, str(tmp_path / "out"): {"bind": "/out", "mode": "rw"}}
+    if os.path.exists(CA_BUNDLE):  # a TLS-intercepting proxy: pip in the container trusts what the host does
+        volumes[CA_BUNDLE] = {"bind": "/etc/ssl/certs/ca-certificates.crt", "mode": "ro"}
+    code, out = _run_in(docker_engine, builder.image_id, ["bash", "-c", script], network_mode="host", volumes=volumes,
+                        environment={"REHEARSE": "1", "TORCH_PIN": "2.0.1", "PLAN_PYTHON": "3.11", "CARD": "a800",
+                                     "OUT": "/out", "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
+    assert code == 0, out[-3000:]
+    levels = json.loads((tmp_path / "out" / "gpu-selftest.json").read_text())["levels"]
+    assert sorted(levels) == ["arch", "comm", "io", "ops", "train"]
+    assert levels["arch"]["status"] == "passed"
+    assert [(e["path"].rsplit("/", 1)[-1].split(".")[0], e["runs_via"]) for e in levels["arch"]["extensions"]] == [("tinybev_ops", "sm_80")]
+    assert levels["ops"]["status"] == "skipped" and levels["comm"]["cpu_rehearsal"]["ok"]
+    assert levels["train"]["status"] == "passed" and levels["train"]["runs"]["model"]["status"] == "passed"
+    assert "arch   passed" in out and "train  passed" in out  # the per-level summary it prints
