@@ -23,7 +23,7 @@ from conftest import CA_BUNDLE, FIXTURE, ROOT, cli, image_args  # the fixtures b
 pytestmark = pytest.mark.integration
 
 
-def test_image_records_plan_and_fixers(built, docker_engine):
+def test_image_records_plan_and_fixers(built, docker_engine, fixture_env):
     image = docker_engine.images.get(built["ref"])
     labels = image.labels
     assert labels["io.envbuild.model"] == "tinybev" and labels["io.envbuild.arch-list"] == "8.0"
@@ -35,6 +35,11 @@ def test_image_records_plan_and_fixers(built, docker_engine):
     report = {f["name"]: f["files"] for f in json.loads(fixes)["fixers"]}
     assert report["thc-to-aten"] == ["ops/src/scale_add.cpp", "ops/src/scale_add_cuda.cu"]
     assert report["local-rank"] == ["train.py"]
+    # `envbuild images` lists it with its Plan, read back from those labels
+    r = cli(fixture_env, "images", "--json")
+    row = next(i for i in json.loads(r.stdout) if built["ref"] in i["tags"])
+    assert (row["model"], row["card"], row["torch"], row["python"], row["arch_list"]) == ("tinybev", "a800", "2.0.1", "3.11", "8.0")
+    assert row["cuda"].startswith("11.8") and set(row["fixers"]) == {"setup-without-gpu", "thc-to-aten", "local-rank"}
 
 
 def _copy_out(client, image, path, dest: Path) -> Path:
