@@ -414,8 +414,8 @@ def export_wheels(req: Request, dest: Path | None = None, progress: Progress = Q
     plan, sources, ctx, _ = prepare_locked(req, progress=progress)
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".envbuild-wheels-") as tmp:
-        build_stage.export_stage(ctx, "wheels", Path(tmp), ca_bundle=sources.ca_bundle, echo=progress.echo,
-                                 log_name=f"wheels-{plan.model}-{plan.card}")
+        steps = build_stage.export_stage(ctx, "wheels", Path(tmp), ca_bundle=sources.ca_bundle, echo=progress.echo,
+                                         log_name=f"wheels-{plan.model}-{plan.card}")
         made = sorted(Path(tmp).glob("*.whl"))
         dest.mkdir(parents=True, exist_ok=True)
         outputs.record_owned(dest, [w.name for w in made])
@@ -423,8 +423,14 @@ def export_wheels(req: Request, dest: Path | None = None, progress: Progress = Q
             os.replace(wheel, dest / wheel.name)
     facts = {"torch": plan.torch.version, "cuda": plan.torch_cuda, "python": plan.python.version,
              "arch_list": plan.arch_list}
-    wheels = [dict(facts, file=str(dest / w.name), package=w.name.split("-")[0].replace("_", "-"),
-                   version=w.name.split("-")[1], size_bytes=(dest / w.name).stat().st_size) for w in made]
+    wheels = []
+    for w in made:
+        package = w.name.split("-")[0].replace("_", "-")
+        # its wheel stage ran in this export, or every step of it was BuildKit's cache (an image built it)
+        stage_steps = [st for st in steps if st.name.startswith(f"[wheel-{package.lower()} ")]
+        wheels.append(dict(facts, file=str(dest / w.name), package=package, version=w.name.split("-")[1],
+                           size_bytes=(dest / w.name).stat().st_size,
+                           built_now=any(not st.cached for st in stage_steps)))
     return plan, dest, wheels
 
 

@@ -193,7 +193,8 @@ def wheels(p, dest, made: list[dict], as_json: bool = False) -> None:
     line(f"{len(made)} wheel(s) for {p.model} on {', '.join(p.cards)} in {dest}")
     for w in made:
         line(f"  {w['package']} {w['version']}  torch {w['torch']}, CUDA {w['cuda']}, Python {w['python']}, "
-             f"arch {w['arch_list']}, {w['size_bytes'] / 1e6:.1f} MB")
+             f"arch {w['arch_list']}, {w['size_bytes'] / 1e6:.1f} MB, "
+             + ("compiled now" if w["built_now"] else "from BuildKit's cache"))
     line(f"install: pip install --find-links {dest} <package>==<version>")
 
 

@@ -75,6 +75,7 @@ def test_envbuild_wheels_exports_the_compiled_wheel_for_pip(twins):
     wheel = listing["wheels"][0]
     assert [w["package"] for w in listing["wheels"]] == ["tinyscale"] and wheel["version"] == version
     assert (wheel["torch"], wheel["python"], wheel["arch_list"]) == ("2.0.1", "3.11", "8.0")
+    assert wheel["built_now"] is False  # the images built it: its wheel stage was BuildKit's cache
     assert sorted(p.name for p in folder.iterdir() if p.suffix == ".whl") == [f"tinyscale-{version}-cp311-cp311-linux_x86_64.whl"]
     r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-index", "--find-links", str(folder),
                         "--python-version", "3.11", "--platform", "linux_x86_64", "--only-binary", ":all:",
