@@ -577,3 +577,30 @@ def test_no_cache_reaches_the_buildkit_command(tmp_path, monkeypatch):
             pipeline.build_image(req, lock=False, no_cache=no_cache)
     assert [("--no-cache" in cmd) for cmd in seen] == [True, False]
     assert seen[0][:2] == ["/usr/bin/docker", "build"] and seen[0][-1].endswith("qcnet-a800")
+
+
+def test_the_lock_is_made_by_the_images_own_python_in_its_base_stage(tmp_path, monkeypatch):
+    """`lock` builds the context's base stage and runs pip-compile in a container of it (so a
+    Python 3.8 image gets a Python 3.8 lock), never on the host; what it prints becomes the
+    locks, torch's pins split into torch.lock."""
+    from envbuild import build, engine, lock as lock_stage, pipeline
+    monkeypatch.setenv("ENVBUILD_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("ENVBUILD_TORCH_INDEX", "none")
+    _, _, ctx, _ = pipeline.prepare_locked(pipeline.Request(model="qcnet", card="a800"), lock=False)  # Python 3.8
+    built, ran = [], []
+    monkeypatch.setattr(build, "build", lambda context, tags, target="runtime", **k: built.append((context, target)) or
+                        build.BuildResult("sha256:base38", [], 0, 0.0, [], ""))
+    out = "".join(f"{n}=={v} \\\n    --hash=sha256:{'c' * 64}\n" for n, v in
+                  (("numpy", "1.24.4"), ("torch", "1.13.0"), ("torchaudio", "0.13.0"), ("torchvision", "0.14.0")))
+    monkeypatch.setattr(engine, "run_container", lambda image, cmd, **k: ran.append((image, cmd, k)) or (0, out, ""))
+    monkeypatch.setattr(lock_stage, "EraIndex", None)  # no era view in this test: it would reach PyPI
+    plan = json.loads((ctx / "plan.json").read_text())
+    plan["index_cutoff"] = None
+    (ctx / "plan.json").write_text(json.dumps(plan))
+    lock_stage.lock(ctx)
+    assert built == [(ctx.resolve(), "base")] and plan["python"]["version"] == "3.8"
+    image, cmd, kwargs = ran[0]
+    assert image == "sha256:base38" and "pip-compile" in cmd[-1] and "--generate-hashes" in cmd[-1]
+    assert kwargs["volumes"][str(ctx.resolve())]["bind"] == "/ctx"
+    assert "numpy==1.24.4" in (ctx / "requirements.lock").read_text()
+    assert "torch==1.13.0" in (ctx / "torch.lock").read_text() and "numpy" not in (ctx / "torch.lock").read_text()
