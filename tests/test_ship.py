@@ -81,6 +81,16 @@ def test_bake_file_for_the_matrix(tmp_path):
     waves = [g for g in doc["group"] if g.startswith("wave-")]
     assert all(len(doc["group"][w]["targets"]) <= 2 for w in waves)
     assert sorted(t for w in waves for t in doc["group"][w]["targets"]) == sorted(images)
+    # the attributes buildx's bake file reference defines (docs.docker.com, "Bake file reference"):
+    # an unknown one makes `docker buildx bake` refuse the file; Debian 12 has no buildx to ask
+    target_keys = {"args", "annotations", "attest", "cache-from", "cache-to", "call", "context", "contexts",
+                   "description", "dockerfile", "dockerfile-inline", "entitlements", "inherits", "labels", "matrix",
+                   "name", "network", "no-cache", "no-cache-filter", "output", "platforms", "pull", "secret",
+                   "shm-size", "ssh", "tags", "target", "ulimits"}
+    assert set(doc) <= {"group", "target", "variable", "function"}
+    assert all(set(t) <= target_keys for t in targets.values()), [set(t) - target_keys for t in targets.values()]
+    assert all(set(g) <= {"targets", "description"} for g in doc["group"].values())
+    assert all(isinstance(v, str) for t in targets.values() for v in t.get("args", {}).values())  # bake args are strings
     buildx = shutil.which("docker") and subprocess.run(["docker", "buildx", "version"], capture_output=True).returncode == 0
     if buildx:  # where buildx exists, it must accept the file
         p = subprocess.run(["docker", "buildx", "bake", "--print", "-f", str(tmp_path / "docker-bake.json"), "all"],
