@@ -142,7 +142,7 @@ def _log_path(name: str) -> Path:
 
 def _run(cli, cmd, log_path: Path, echo, time_limit: float | None = None) -> tuple[int, list[str]]:
     """Run a docker build command, teeing its plain progress into the log. Past time_limit
-    seconds the client is stopped (BuildKit cancels the build; what ccache holds stays) and
+    seconds the client is stopped (BuildKit cancels the build) and
     OperationFailed names the steps that were still running."""
     lines = []
     with open(log_path, "w") as log:

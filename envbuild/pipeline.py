@@ -308,7 +308,7 @@ def verify_cell(req: Request, *, time_limit: float | None = None, progress: Prog
     """What `envbuild verify` does: build the cell, audit it for each of its cards, smoke env + model
     without a GPU, and record the outcome (passed, or the first failure) in the verified ledger.
     A build still running after time_limit seconds is stopped and recorded as such (what it was
-    compiling, how far it got); a rerun continues from BuildKit's cache and ccache."""
+    compiling, how far it got); a rerun continues from BuildKit's cache of the finished stages."""
     plan, sources, ctx, lock_note, refs = prepare_image(req, (), progress=progress)
     request = ledger_request(plan, sources, req)
     summary, audit_ok, report, failure = {}, None, None, ""
