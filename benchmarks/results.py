@@ -27,11 +27,8 @@ def machine() -> dict:
             memory_gb = round(int(fh.readline().split()[1]) / 2**20)
     except (OSError, ValueError, IndexError):
         pass
-    try:
-        gpus = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout.splitlines()
-    except (OSError, subprocess.SubprocessError):
-        gpus = []
-    return {"cores": os.cpu_count(), "memory_gb": memory_gb, "gpus": [g.split(" (UUID")[0] for g in gpus]}
+    from envbuild import host
+    return {"cores": os.cpu_count(), "memory_gb": memory_gb, "gpus": [g["name"] for g in host.gpus()]}
 
 
 def commit() -> str | None:
@@ -98,11 +95,8 @@ def load(name: str) -> dict | None:
 
 
 def _when(d: dict) -> str:
-    """'2026-11-30, 2 cores, 24 GB, no GPU' from the file's meta; a file written before benchmarks
-    kept their meta says what it has."""
-    meta = d.get("meta")
-    if not meta:
-        return f"{d['date']} (machine not recorded)" if d.get("date") else "date and machine not recorded"
+    """'2026-11-30, 2 cores, 24 GB, no GPU' from the file's meta."""
+    meta = d["meta"]
     where = meta["machine"]
     return f"{meta['date']}, {where['cores']} cores, {where['memory_gb']} GB, {', '.join(where['gpus']) or 'no GPU'}"
 

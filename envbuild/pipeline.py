@@ -379,7 +379,7 @@ def smoke_image(target: str, *, card: str | None = None, cuda: str | None = None
     if gpus != "all" and gpus != "none" and not gpus.isdigit():
         raise BadInput(f"--gpus {gpus!r} is not a GPU request", "all, N or none")
     cat = catalog.load()
-    ref = target_ref(target, card=card, cuda=cuda, python=python)
+    ref = target_ref(target, card=card, cuda=cuda, python=python, cat=cat)
     levels = smoke_stage.parse_levels(level)
     data = smoke_stage.run(ref, levels, gpus=gpus, recipe=recipe, card=card_here(cat, card), **options)
     if data.get("card") and label.PLAN in (engine.client().images.get(data["image_id"]).labels or {}):
@@ -427,7 +427,7 @@ def export_wheels(req: Request, dest: Path | None = None, progress: Progress = Q
     for w in made:
         package = w.name.split("-")[0].replace("_", "-")
         # its wheel stage ran in this export, or every step of it was BuildKit's cache (an image built it)
-        stage_steps = [st for st in steps if st.name.startswith(f"[wheel-{package.lower()} ")]
+        stage_steps = [st for st in steps if st.name.startswith(f"[{render.wheel_stage(package)} ")]
         wheels.append(dict(facts, file=str(dest / w.name), package=package, version=w.name.split("-")[1],
                            size_bytes=(dest / w.name).stat().st_size,
                            built_now=any(not st.cached for st in stage_steps)))
@@ -475,10 +475,11 @@ def _fixers_named(only: list[str] | None, mmcv: str | None, cxx_std: str | None)
                        "--mmcv takes a version like 1.7.2; --cxx-std one of c++14, c++17, c++20") from None
 
 
-def target_ref(target: str, *, card: str | None = None, cuda: str | None = None, python: str | None = None) -> str:
+def target_ref(target: str, *, card: str | None = None, cuda: str | None = None, python: str | None = None,
+               cat=None) -> str:
     """IMAGE|MODEL as smoke and export take it: a catalog model's name is the image its Plan for the
     card names (as `image` tagged it); anything else is an image reference."""
-    if target.lower() not in catalog.load().models:
+    if target.lower() not in (cat or catalog.load()).models:
         return target
     plan, sources = plan_for(Request(model=target, card=card, cuda=cuda, python=python))
     return image_ref(plan, sources.registry)

@@ -110,7 +110,12 @@ class Step:
 
     @property
     def stage(self) -> str:
-        return "wheel-" + self.name.lower()
+        return wheel_stage(self.name)
+
+
+def wheel_stage(package: str) -> str:
+    """The Dockerfile stage that makes a compiled package's wheel."""
+    return "wheel-" + package.lower()
 
 
 @dataclass

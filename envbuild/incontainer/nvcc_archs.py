@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import archrules  # noqa: E402 - beside this file in the image
 
 GENCODE_FLAGS = ("-gencode", "--generate-code")
+GENCODE_JOINED = tuple(f + "=" for f in GENCODE_FLAGS)  # -gencode=arch=...,code=...
 CODE_RE = re.compile(r"^(sm|compute)_(\d+)(\d)[a-z]?$")  # sm_90a is sm_90's arch-specific twin
 
 
@@ -44,10 +45,9 @@ def serves(code, archs):
     m = CODE_RE.match(code)
     if not m:
         return True
-    arch = "%s.%s" % (m.group(2), m.group(3))
-    if m.group(1) == "sm":
-        return any(archrules.sass_runs_on(arch, a) for a in archs)
-    return any(archrules.cc_key(arch) <= archrules.cc_key(a) for a in archs)
+    arch = [("%s.%s" % (m.group(2), m.group(3)))]
+    sass, ptx = (arch, []) if m.group(1) == "sm" else ([], arch)
+    return any(archrules.runs_on(sass, a, ptx) for a in archs)
 
 
 def trim(args, archs):
@@ -57,7 +57,7 @@ def trim(args, archs):
         flag, value, width = args[i], None, 1
         if flag in GENCODE_FLAGS and i + 1 < len(args):
             value, width = args[i + 1], 2
-        elif flag.startswith(tuple(f + "=" for f in GENCODE_FLAGS)):
+        elif flag.startswith(GENCODE_JOINED):
             value = flag.partition("=")[2]
         found = codes(value) if value is not None else None
         if found and not any(serves(c, archs) for c in found):
@@ -65,7 +65,7 @@ def trim(args, archs):
         else:
             kept.extend(args[i:i + width])
         i += width
-    if dropped and not any(a in GENCODE_FLAGS or a.startswith(tuple(f + "=" for f in GENCODE_FLAGS)) for a in kept):
+    if dropped and not any(a in GENCODE_FLAGS or a.startswith(GENCODE_JOINED) for a in kept):
         return list(args), []  # nothing left to compile for: unchanged, the audit judges
     return kept, dropped
 
