@@ -607,6 +607,27 @@ def test_verify_records_the_cell_beside_its_catalog_and_resolve_shows_it(built, 
     assert r.returncode == 2 or json.loads(r.stdout)["verified"] == "not verified"
 
 
+def test_the_builders_nvcc_is_cached_by_ccache_even_with_torch_1x_dependency_flags(built, fixture_env, docker_engine):
+    """torch < 2.0 compiles each .cu with `--generate-dependencies-with-compile --dependency-output`,
+    which the builder's ccache (4.7) cannot cache: every rebuild compiled every kernel again. Run
+    through the builder's own nvcc twice, that compile is a cache hit the second time and the
+    depfile ninja reads is still written."""
+    from envbuild import build
+    os.environ["ENVBUILD_DOCKER"] = fixture_env["ENVBUILD_DOCKER"]
+    ctx = Path(fixture_env["ENVBUILD_HOME"]) / "contexts" / "tinybev-a800"
+    builder = build.build(ctx, [], target="builder", ca_bundle=fixture_env.get("ENVBUILD_CA_BUNDLE"))
+    compile_ = ("${CUDA_HOME:-/usr/local/cuda}/bin/nvcc --generate-dependencies-with-compile --dependency-output k.o.d "
+                "-c k.cu -o k.o -gencode arch=compute_80,code=sm_80")
+    script = ("set -e; export CCACHE_DIR=$(mktemp -d); cd $(mktemp -d); "
+              "printf '__global__ void k(float *a) { a[threadIdx.x] *= 2.f; }\\n' > k.cu; "
+              f"{compile_}; rm k.o k.o.d; {compile_}; cat k.o.d; ccache --print-stats")
+    code, out = _run_in(docker_engine, builder.image_id, ["bash", "-c", script])
+    assert code == 0, out[-3000:]
+    stats = dict(line.split("\t", 1) for line in out.splitlines() if "\t" in line)
+    assert int(stats["direct_cache_hit"]) == 1 and int(stats["cache_miss"]) == 1, out
+    assert "k.o: k.cu" in out  # the depfile, from the cache too
+
+
 def test_the_gpu_selftest_script_rehearses_on_a_cpu_in_the_fixtures_builder(built, fixture_env, docker_engine, tmp_path):
     """`make selftest-gpu` has no GPU here, so REHEARSE=1 runs scripts/gpu-selftest.sh in the
     fixture's builder stage (torch + nvcc, as a GPU host without Docker would have them): it

@@ -219,6 +219,18 @@ def test_nvcc_keeps_what_torch_made_from_the_list_and_ptx_that_runs_forward():
     assert args == fat[:2] and gone == ["sm_70"]
 
 
+@pytest.mark.parametrize("args, short", [
+    (["--generate-dependencies-with-compile", "--dependency-output", "a.o.d", "-c", "a.cu"],
+     ["-MD", "-MF", "a.o.d", "-c", "a.cu"]),
+    (["--generate-nonsystem-dependencies-with-compile", "--dependency-output=a.o.d"], ["-MMD", "-MF", "a.o.d"]),
+    (["-MD", "-MF", "a.o.d", "--dependency-drive-prefix", "x", "-odir", "o"],  # other flags stay as they are
+     ["-MD", "-MF", "a.o.d", "--dependency-drive-prefix", "x", "-odir", "o"]),
+])
+def test_nvcc_dependency_flags_reach_ccache_in_the_short_form_it_can_cache(args, short):
+    from envbuild.incontainer import nvcc_archs
+    assert nvcc_archs.short_dep_flags(args) == short
+
+
 def test_the_nvcc_wrapper_runs_ccache_with_the_trimmed_arguments(tmp_path):
     """What the builder's nvcc script runs: nvcc_archs.py execs ccache with the real nvcc."""
     import subprocess
@@ -233,6 +245,11 @@ def test_the_nvcc_wrapper_runs_ccache_with_the_trimmed_arguments(tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["/usr/lib/cuda/bin/nvcc", "-c", "k.cu", "-gencode", "arch=compute_80,code=sm_80"]
     assert "not compiling sm_90" in r.stderr and "TORCH_CUDA_ARCH_LIST=8.0" in r.stderr
+    # torch < 2.0's cuda_compile rule: the long dependency flags reach ccache in their short form
+    r = subprocess.run([sys.executable, str(script), "/usr/lib/cuda/bin/nvcc", "--generate-dependencies-with-compile",
+                        "--dependency-output", "k.o.d", "-c", "k.cu", "-o", "k.o"],
+                       capture_output=True, text=True, env=env, timeout=60)
+    assert r.stdout.split() == ["/usr/lib/cuda/bin/nvcc", "-MD", "-MF", "k.o.d", "-c", "k.cu", "-o", "k.o"]
     r = subprocess.run([sys.executable, str(script), "/usr/lib/cuda/bin/nvcc", "--version"],
                        capture_output=True, text=True, env={"PATH": env["PATH"]}, timeout=60)
     assert r.stdout.split() == ["/usr/lib/cuda/bin/nvcc", "--version"] and r.stderr == ""

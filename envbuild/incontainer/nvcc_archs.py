@@ -1,11 +1,16 @@
 """envbuild's nvcc in the builder: drop the -gencode targets whose code runs on no arch of
-TORCH_CUDA_ARCH_LIST, then run nvcc through ccache.
+TORCH_CUDA_ARCH_LIST, spell the dependency flags so ccache can cache, then run nvcc through ccache.
 
 Some packages hard-code their archs: flash-attn 2.x compiles every kernel for sm_80 and, with
 CUDA >= 11.8, sm_90 too, whatever TORCH_CUDA_ARCH_LIST says; on a small builder each arch nobody
 asked for costs hours. torch's extension builder makes its -gencode flags from the list, so
 they all stay. When every -gencode would go, nvcc gets its arguments unchanged and the audit
 judges what it made.
+
+torch < 2.0 asks nvcc for a depfile with the long flags (--generate-dependencies-with-compile
+--dependency-output F) on Linux too; ccache 4.x (Debian 12 has 4.7) cannot cache a compile that
+uses them (ccache/ccache#1663: "preprocessor error", every .cu compiled again on each rebuild).
+The short flags, -MD -MF F, mean the same to nvcc and ccache caches them.
 
 Usage (the builder's nvcc is a two-line script that runs this): python nvcc_archs.py REAL_NVCC ARGS...
 Runs inside images: Python 3.8+, stdlib only.
@@ -70,6 +75,26 @@ def trim(args, archs):
     return kept, dropped
 
 
+# nvcc's long dependency flags -> the short ones ccache understands (same meaning to nvcc)
+SHORT_DEP_FLAGS = {
+    "--generate-dependencies-with-compile": "-MD",
+    "--generate-nonsystem-dependencies-with-compile": "-MMD",
+    "--dependency-output": "-MF",
+}
+
+
+def short_dep_flags(args):
+    """The arguments with nvcc's long dependency flags in their short form (also --flag=value)."""
+    out = []
+    for a in args:
+        flag, eq, value = a.partition("=")
+        if flag in SHORT_DEP_FLAGS:
+            out.extend([SHORT_DEP_FLAGS[flag], value] if eq else [SHORT_DEP_FLAGS[flag]])
+        else:
+            out.append(a)
+    return out
+
+
 def main(argv):
     real, args = argv[1], argv[2:]
     archs = list_archs(os.environ.get("TORCH_CUDA_ARCH_LIST", ""))
@@ -78,7 +103,7 @@ def main(argv):
         if dropped:
             sys.stderr.write("envbuild nvcc: not compiling %s (no card of TORCH_CUDA_ARCH_LIST=%s runs it)\n"
                              % (",".join(dropped), ";".join(archs)))
-    os.execvp("ccache", ["ccache", real] + args)
+    os.execvp("ccache", ["ccache", real] + short_dep_flags(args))
 
 
 if __name__ == "__main__":
