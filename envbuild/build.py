@@ -149,7 +149,10 @@ def _run(cli, cmd, log_path: Path, echo, time_limit: float | None = None) -> tup
         log.write("$ " + " ".join(cmd) + "\n")
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env=cli.env(), bufsize=1)
-        timer = threading.Timer(time_limit, _stop, (proc,)) if time_limit else None
+        # Its own flag: Timer.cancel() sets the timer's `finished` event too, so that event cannot
+        # tell a build the limit stopped from one that failed on its own.
+        limit_hit = threading.Event()
+        timer = threading.Timer(time_limit, lambda: (limit_hit.set(), _stop(proc))) if time_limit else None
         if timer:
             timer.start()
         try:
@@ -165,7 +168,7 @@ def _run(cli, cmd, log_path: Path, echo, time_limit: float | None = None) -> tup
         finally:
             if timer:
                 timer.cancel()
-    if timer and timer.finished.is_set() and rc != 0:
+    if limit_hit.is_set() and rc != 0:
         raise OperationFailed(f"build stopped at its time limit ({time_limit:.0f} s) while running: "
                               + still_running(lines), log=str(log_path))
     return rc, lines

@@ -116,6 +116,21 @@ def test_a_build_that_finishes_within_its_time_limit_is_not_stopped(tmp_path):
     assert rc == 0 and lines[-1].strip() == "#1 DONE 0.1s"
 
 
+def test_a_build_that_fails_or_is_stopped_by_someone_else_within_its_limit_is_not_called_a_time_limit_stop(tmp_path):
+    """A compile error (or a client killed by hand) in a build with --time-limit keeps its own
+    exit code: the ledger must record the real failure, not 'stopped at its time limit'."""
+    import sys
+
+    from envbuild import build, engine
+    cli = engine.Cli("docker", "28", "builtin")
+    failing = "print('#5 [wheel-x 1/1] RUN pip wheel .'); print('#5 ERROR: exit code: 1'); raise SystemExit(1)"
+    rc, lines = build._run(cli, [sys.executable, "-c", failing], tmp_path / "build.log", None, time_limit=60)
+    assert rc == 1 and "ERROR" in lines[-1]
+    killed = "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"
+    rc, _ = build._run(cli, [sys.executable, "-c", killed], tmp_path / "build.log", None, time_limit=60)
+    assert rc == -15
+
+
 def test_matrix_marks_the_cells_the_ledger_holds_verified_failed_or_stale(tmp_path):
     """README: matrix marks the cells (verified / FAILED / stale) from the committed records; a
     record whose Plan changed since is stale."""
