@@ -628,6 +628,42 @@ def test_the_builders_nvcc_is_cached_by_ccache_even_with_torch_1x_dependency_fla
     assert "k.o: k.cu" in out  # the depfile, from the cache too
 
 
+def test_what_a_stopped_build_compiled_is_a_ccache_hit_when_the_build_runs_again(built, fixture_env, docker_engine, tmp_path):
+    """`verify --time-limit` stops a long build (flash-attn: hours on 2 cores); the rerun must not
+    compile again what the stopped one finished. BuildKit keeps a cancelled step's cache mount,
+    and ccache serves it: a build on the fixture's builder compiles one kernel through the
+    builder's nvcc, is stopped by its time limit while still running, and the rerun's compile of
+    the same kernel is a hit (the step fails unless it is)."""
+    from envbuild import build
+    from envbuild.errors import OperationFailed
+    os.environ["ENVBUILD_DOCKER"] = fixture_env["ENVBUILD_DOCKER"]
+    fixture_ctx = Path(fixture_env["ENVBUILD_HOME"]) / "contexts" / "tinybev-a800"
+    nonce = uuid.uuid4().hex[:12]  # a kernel no earlier run compiled, and a step no layer cache holds
+    builder_ref = f"envbuild-test/builder:{nonce}"  # FROM needs a name, not an image id
+    build.build(fixture_ctx, [builder_ref], target="builder", ca_bundle=fixture_env.get("ENVBUILD_CA_BUNDLE"))
+    compile_ = ("cd /tmp && printf '__global__ void k(float *a) { a[threadIdx.x] += 1.f; } // %s\\n' \"$NONCE\" > k.cu "
+                "&& ${CUDA_HOME:-/usr/local/cuda}/bin/nvcc -c k.cu -o k.o -gencode arch=compute_80,code=sm_80")
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    mount = "--mount=type=cache,id=envbuild-test-stopped-build,target=/cc"
+    hits = "$(ccache --print-stats | grep ^direct_cache_hit | cut -f2)"
+    (ctx / "Dockerfile").write_text(
+        f"FROM {builder_ref} AS b\nENV CCACHE_DIR=/cc\n"
+        # the first build: an empty cache, one compile, then still running when its limit stops it
+        f"FROM b AS first\nARG NONCE\nRUN {mount} rm -rf /cc/* && {compile_} && echo compiled-$NONCE && sleep 600\n"
+        # the rerun: the same compile must come from the cache the stopped build left
+        f"FROM b AS rerun\nARG NONCE\nRUN {mount} ccache -z && {compile_} && test \"{hits}\" = 1\n")
+    try:
+        with pytest.raises(OperationFailed) as stopped:
+            build.build(ctx, [], target="first", build_args={"NONCE": nonce}, time_limit=45)
+        assert "stopped at its time limit" in stopped.value.message
+        assert f"compiled-{nonce}" in Path(stopped.value.log).read_text(), "the compile did not finish within the limit"
+        rerun = build.build(ctx, [], target="rerun", build_args={"NONCE": nonce})
+        docker_engine.images.remove(rerun.image_id)
+    finally:
+        docker_engine.images.remove(builder_ref)  # the tag only: the builder stays in BuildKit's cache
+
+
 def test_the_gpu_selftest_script_rehearses_on_a_cpu_in_the_fixtures_builder(built, fixture_env, docker_engine, tmp_path):
     """`make selftest-gpu` has no GPU here, so REHEARSE=1 runs scripts/gpu-selftest.sh in the
     fixture's builder stage (torch + nvcc, as a GPU host without Docker would have them): it
