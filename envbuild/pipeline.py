@@ -327,7 +327,8 @@ def verify_cell(req: Request, *, time_limit: float | None = None, progress: Prog
     if summary:
         summary = ledger.with_cold_times(plan, summary)
     path = ledger.write(plan, request, summary, audit_ok, report, failure, model=catalog.load().model(plan.model))
-    error = OperationFailed(f"{plan.model} is not verified: {failure}", log=str(path)) if failure else None
+    # the record is printed beside it; a build failure names its own log in the message
+    error = OperationFailed(f"{plan.model} is not verified: {failure}") if failure else None
     return Verification(plan=plan, record=path, status=ledger.status(plan, request), failure=error)
 
 
