@@ -448,6 +448,7 @@ class Catalog:
     models: dict[str, Model]
     requires: dict[str, tuple[str, ...]] = field(default_factory=dict)
     python_floors: dict[str, dict[str, str]] = field(default_factory=dict)  # name -> {python: first release}
+    collections_abc: dict[str, str] = field(default_factory=dict)  # name -> first release without the old imports
     source_builds: dict[str, SourceBuild] = field(default_factory=dict)
     vendor: dict[str, VendorWheels] = field(default_factory=dict)  # compiled package -> its prebuilt wheels
     root: Path = field(default_factory=builtin_root)
@@ -531,11 +532,12 @@ def load(user: Path | str | None = None) -> Catalog:
     era = _load_era(pkg)
     requires = _load_requires(pkg)
     python_floors = _load_python_floors(pkg)
+    collections_abc = _load_collections_abc(pkg)
     source_builds = _load_source_builds(pkg, python_floors)
     vendor = _load_vendor(pkg)
     models = _load_models(base, user, torch)
     return Catalog(cards, toolkits, ubuntu, torch, wheel_archs, compiled, asserts, flash,
-                   spconv, tuple(era), models, requires, python_floors, source_builds, vendor, base, user)
+                   spconv, tuple(era), models, requires, python_floors, collections_abc, source_builds, vendor, base, user)
 
 
 def _load_vendor(pkg: _Reader) -> dict[str, VendorWheels]:
@@ -701,6 +703,16 @@ def _load_python_floors(pkg: _Reader) -> dict[str, dict[str, str]]:
                 raise row.fail(bad[0], "not a Python version (X.Y)")
             python_floors[name] = {py: row.version(py) for py in row.table}
     return python_floors
+
+
+def _load_collections_abc(pkg: _Reader) -> dict[str, str]:
+    """[collections_abc]: package -> the first release that no longer takes ABCs from collections."""
+    table = pkg.get("collections_abc", dict, {})
+    rows = pkg.sub("collections_abc") if table else None
+    for name in table:
+        if not PKG_RE.match(name):
+            raise rows.fail(name, "not a package name")
+    return {name.lower(): rows.version(name) for name in table}
 
 
 def _load_source_builds(pkg: _Reader, python_floors: dict[str, dict[str, str]]) -> dict[str, SourceBuild]:

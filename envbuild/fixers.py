@@ -332,9 +332,10 @@ def _parent_try(tree, target):
     return None
 
 
-def _dotted_uses(text, parts):
-    """Spans of `numba.errors` where it is used as an expression prefix (numba.errors.X), in code
-    only: strings and comments are skipped, and `import numba.errors` lines are left as they are."""
+def _dotted_uses(text, parts, prefix_only=True):
+    """Spans of `numba.errors` where it is used in code (strings and comments are skipped, and
+    `import numba.errors` lines are left as they are): as an expression prefix (numba.errors.X),
+    or, with prefix_only=False, anywhere (collections.Iterable)."""
     import io
     import tokenize
     src = _Source(text)
@@ -347,7 +348,8 @@ def _dotted_uses(text, parts):
     for i in range(len(toks) - 3):
         a, dot, b, dot2 = toks[i:i + 4]
         if (a.type == tokenize.NAME and a.string == parts[0] and dot.string == "." and b.string == parts[1]
-                and dot2.string == "." and not (i and toks[i - 1].string in (".", "import", "from"))):
+                and (dot2.string == "." or not prefix_only)
+                and not (i and toks[i - 1].string in (".", "import", "from"))):
             start = src.starts[a.start[0] - 1] + a.start[1]
             end = src.starts[b.end[0] - 1] + b.end[1]
             spans.append((start, end))
@@ -543,8 +545,55 @@ class CxxStandard(Fixer):
         return _edit(text, edits)
 
 
+class CollectionsAbc(Fixer):
+    """`from collections import Iterable` and `collections.Mapping` become collections.abc's,
+    which every Python 3 has: the fixed code runs on 3.8 as on 3.10+. A from-import that mixes
+    ABCs with other names (OrderedDict) is split in two; an `import collections` that attribute
+    uses need gets `import collections.abc` beside it."""
+    name = "collections-abc"
+    why = "Python 3.10 removed the container ABCs (Iterable, Mapping, ...) from collections"
+    # the names Python 3.3-3.9 still served from collections, with a deprecation warning
+    ABCS = frozenset(("Awaitable", "Coroutine", "AsyncIterable", "AsyncIterator", "AsyncGenerator", "Hashable",
+                      "Iterable", "Iterator", "Generator", "Reversible", "Sized", "Container", "Callable",
+                      "Collection", "Set", "MutableSet", "Mapping", "MutableMapping", "MappingView", "KeysView",
+                      "ItemsView", "ValuesView", "Sequence", "MutableSequence", "ByteString"))
+
+    def fix_text(self, relpath, text):
+        tree = _parse(text) if "collections" in text else None
+        if tree is None:
+            return text
+        src, edits = _Source(text), []
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.ImportFrom) and node.module == "collections" and node.level == 0):
+                continue
+            abcs = [a for a in node.names if a.name in self.ABCS]
+            lines = src.whole_lines(node) if abcs else None
+            if lines is None:
+                continue  # no ABC, or it shares its line with other code: left as it is
+            rest = [a for a in node.names if a.name not in self.ABCS]
+            ind = " " * node.col_offset
+            comment = text[src.span(node)[1]:lines[1]].strip()
+            new = ("%sfrom collections import %s\n" % (ind, self._names(rest)) if rest else "")
+            new += "%sfrom collections.abc import %s%s\n" % (ind, self._names(abcs), "  " + comment if comment else "")
+            edits.append((lines[0], lines[1], new))
+        uses = [span for name in self.ABCS for span in _dotted_uses(text, ("collections", name), prefix_only=False)]
+        import_at = next((n for n in tree.body if isinstance(n, ast.Import)
+                          and any(a.name == "collections" and not a.asname for a in n.names)), None)
+        import_lines = src.whole_lines(import_at) if import_at is not None else None
+        if uses and import_lines is not None:
+            edits += [(start, start + len("collections"), "collections.abc") for start, _ in uses]
+            if not any(isinstance(n, ast.Import) and any(a.name == "collections.abc" for a in n.names)
+                       for n in ast.walk(tree)):
+                edits.append((import_lines[1], import_lines[1], "import collections.abc\n"))
+        return _edit(text, edits)
+
+    @staticmethod
+    def _names(aliases):
+        return ", ".join(a.name + (" as " + a.asname if a.asname else "") for a in aliases)
+
+
 FIXERS = {cls.name: cls for cls in (LocalRank, ThcToAten, NumbaErrors, MmcvVersionAssert, MmcvLayerClash, SetupWithoutGpu,
-                                                CxxStandard)}
+                                                CxxStandard, CollectionsAbc)}
 
 
 # The arguments a fixer takes, each with the only shape it may have: they end up inside source

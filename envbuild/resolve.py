@@ -420,6 +420,25 @@ def _mmcv_layer_clash(c: _Candidate, mmcv_pin: Pin | None) -> list[Fixer]:
                   {}, tuple(installed))]
 
 
+def _collections_abc(c: _Candidate) -> str | None:
+    """Pinned packages that take the container ABCs from collections, which Python 3.10 removed:
+    their code is fixed in the venv (the pin stays: the catalog says why it may matter)."""
+    py = c.stack.python
+    if V(py) < V("3.10"):
+        return None
+    fixed_in = c.cat.collections_abc
+    # an exact pin below the release that stopped, or a range the lock may fill with one
+    old = [p for p in c.pins if p.name.lower() in fixed_in
+           and (not is_exact(p.version) or V(p.version) < V(fixed_in[p.name.lower()]))]
+    if old and c.strict:
+        return f"{old[0].name} {old[0].version} imports ABCs from collections, which Python {py} removed"
+    if old:
+        named = ", ".join(f"{p.name} {p.version or '(unpinned)'}" for p in old)
+        c.fixers.append(Fixer("collections-abc", f"{named} import(s) Iterable/Mapping from collections, which "
+                              f"Python {py} no longer has", {}, tuple(p.name for p in old)))
+    return None
+
+
 def _compiled_deps_and_era(c: _Candidate) -> str | None:
     """Runtime deps of what is compiled with --no-deps, then era pins for what is left open."""
     have = {p.name for p in c.pins}
@@ -465,7 +484,7 @@ def _runtime_env(c: _Candidate) -> str | None:
 
 
 GATES = (_torch_wheel_exists, _toolkit_matches, _card_runs_torch, _extensions_compile_for_card, _model_pins,
-         _mmcv_asserts, _compiled_deps_and_era, _base_image_fits, _port_allowed, _runtime_env)
+         _mmcv_asserts, _collections_abc, _compiled_deps_and_era, _base_image_fits, _port_allowed, _runtime_env)
 
 
 def _try(cat: Catalog, model: Model, card: Card, stack: _Stack, toolkit_req: Toolkit | None,

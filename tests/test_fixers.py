@@ -571,3 +571,64 @@ def test_fix_list_reports_each_finding_and_changes_nothing(tmp_path):
     assert script.read_bytes() == before and sorted(p.name for p in tree.rglob("*")) == ["tools", "train.py"]
     r = cli(tree)
     assert r.returncode == 0 and script.read_bytes() != before and "--local-rank" in script.read_text()
+
+
+# ---------------------------------------------------------------- collections-abc (Python 3.10 removed the aliases)
+
+OLD_COLLECTIONS = '''"""Stand-in for an old package's metrics module (written for this test)."""
+from collections import OrderedDict, Iterable as It  # both used below
+import collections
+from collections import (
+    Mapping,
+    defaultdict,
+)
+
+
+def flat(x):
+    if isinstance(x, It) and issubclass(list, collections.Iterable):
+        return list(x)
+    return [x]
+
+
+note = "collections.Mapping in a string stays"
+assert isinstance({}, Mapping) and isinstance({}, collections.Mapping)
+print(flat((1, 2)), list(OrderedDict(a=1)), defaultdict(int)["k"], note)
+'''
+
+
+def test_collections_abc_fixed_code_runs_where_collections_has_no_abcs(tmp_path):
+    """This Python (>= 3.10) has no collections.Iterable: the unfixed stand-in fails to import,
+    the fixed one runs, with OrderedDict/defaultdict still from collections and the string kept."""
+    assert sys.version_info >= (3, 10)
+    (tmp_path / "orig.py").write_text(OLD_COLLECTIONS)
+    r = subprocess.run([sys.executable, str(tmp_path / "orig.py")], capture_output=True, text=True)
+    assert r.returncode != 0 and "cannot import name 'Iterable' from 'collections'" in r.stderr
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "metrics.py").write_text(OLD_COLLECTIONS)
+    report = fixers.apply(str(tmp_path / "pkg"), [fixers.make("collections-abc")])
+    assert report == {"collections-abc": ["metrics.py"]}
+    fixed = (tmp_path / "pkg" / "metrics.py").read_text()
+    r = subprocess.run([sys.executable, str(tmp_path / "pkg" / "metrics.py")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[1, 2] ['a'] 0 collections.Mapping in a string stays"
+    assert "from collections import OrderedDict\nfrom collections.abc import Iterable as It  # both used below\n" in fixed
+    assert "import collections\nimport collections.abc\n" in fixed and "collections.abc.Iterable)" in fixed
+    assert "from collections import defaultdict\nfrom collections.abc import Mapping\n" in fixed
+    # idempotent; a statement sharing its line with other code is left as it is
+    (tmp_path / "pkg" / "shared.py").write_text("x = 1; from collections import Iterable\n")
+    fixers.apply(str(tmp_path / "pkg"), [fixers.make("collections-abc")])
+    assert (tmp_path / "pkg" / "metrics.py").read_text() == fixed
+    assert (tmp_path / "pkg" / "shared.py").read_text() == "x = 1; from collections import Iterable\n"
+
+
+def test_the_plan_fixes_motmetrics_in_the_venv_on_a_port_to_python_3_10_or_later():
+    """SparseDrive pins motmetrics 1.1.3 (the last that nuScenes' tracking eval accepts), whose
+    metrics.py takes Iterable from collections: its Python 3.11 port names the fixer for the
+    installed package; on its own Python 3.8 there is nothing to fix."""
+    from envbuild import catalog
+    from envbuild.resolve import resolve
+    cat = catalog.load()
+    plan = resolve(cat, "sparsedrive", "a800", python="3.11", cuda="11.8")
+    fx = next(f for f in plan.fixers if f.name == "collections-abc")
+    assert fx.installed == ("motmetrics",) and "motmetrics 1.1.3" in fx.why and "3.11" in fx.why
+    assert not [f for f in resolve(cat, "sparsedrive", "a800").fixers if f.name == "collections-abc"]

@@ -148,7 +148,7 @@ def test_matrix_marks_the_cells_the_ledger_holds_verified_failed_or_stale(tmp_pa
     cells = matrix({})
     by_record = {rec["request"]["model"]: rec["verdict"] for rec in ledger.load()}
     assert by_record["qcnet"] == "passed" and cells[("qcnet", "a800")] == "verified py3.11"
-    assert by_record["sparsedrive"] == "failed" and cells[("sparsedrive", "a800")] == "FAILED py3.11"
+    assert by_record["sparsedrive"] == "passed" and cells[("sparsedrive", "a800")] == "verified py3.11"
     assert not cells[("qcnet", "h20")]  # no record for that cell
     # a user catalog whose qcnet pins another lightning: the same request now makes another Plan
     user = tmp_path / "mine"
@@ -156,7 +156,13 @@ def test_matrix_marks_the_cells_the_ledger_holds_verified_failed_or_stale(tmp_pa
     text = (ledger.folders()[0].parent / "models" / "qcnet.toml").read_text()
     assert 'lightning = "2.0.3"' in text
     (user / "models" / "qcnet.toml").write_text(text.replace('lightning = "2.0.3"', 'lightning = "2.0.2"'))
-    assert matrix({"ENVBUILD_MATRICES": str(user)})[("qcnet", "a800")].startswith("stale")
+    # ... and a later record of the same sparsedrive Plan that failed: the newest record decides
+    (user / "verified").mkdir()
+    record = json.loads((ledger.folders()[0] / "sparsedrive-a800-py3.11.json").read_text())
+    record.update(verdict="failed", date="2099-01-01", failure="smoke env: import motmetrics: ImportError")
+    (user / "verified" / "sparsedrive-a800-py3.11.json").write_text(json.dumps(record))
+    cells = matrix({"ENVBUILD_MATRICES": str(user)})
+    assert cells[("qcnet", "a800")].startswith("stale") and cells[("sparsedrive", "a800")] == "FAILED py3.11"
 
 
 def test_the_readme_table_says_what_each_record_says():
