@@ -707,12 +707,13 @@ def _load_python_floors(pkg: _Reader) -> dict[str, dict[str, str]]:
 
 def _load_collections_abc(pkg: _Reader) -> dict[str, str]:
     """[collections_abc]: package -> the first release that no longer takes ABCs from collections."""
-    table = pkg.get("collections_abc", dict, {})
-    rows = pkg.sub("collections_abc") if table else None
-    for name in table:
+    if "collections_abc" not in pkg.table:
+        return {}
+    rows = pkg.sub("collections_abc")
+    for name in rows.table:
         if not PKG_RE.match(name):
             raise rows.fail(name, "not a package name")
-    return {name.lower(): rows.version(name) for name in table}
+    return {name.lower(): rows.version(name) for name in rows.table}
 
 
 def _load_source_builds(pkg: _Reader, python_floors: dict[str, dict[str, str]]) -> dict[str, SourceBuild]:

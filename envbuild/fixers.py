@@ -302,7 +302,7 @@ class NumbaErrors(Fixer):
                 if lines is None:
                     continue  # shares its line with other code (`a; from numba.errors import X`): leave it
                 ind = " " * node.col_offset
-                names = ", ".join(a.name + (" as " + a.asname if a.asname else "") for a in node.names)
+                names = _import_names(node.names)
                 comment = text[src.span(node)[1]:lines[1]].strip()  # a trailing comment stays with it
                 edits.append((lines[0], lines[1], "%stry:\n%s    from numba.core.errors import %s%s\n%s%s\n"
                               "%s    from numba.errors import %s\n" % (ind, ind, names, "  " + comment if comment else "",
@@ -313,16 +313,21 @@ class NumbaErrors(Fixer):
                                                     for a in node.names):
                 import_at = node
                 break
-        uses = _dotted_uses(text, ("numba", "errors"))
+        uses = _dotted_uses(text, "numba", ("errors",))
         lines = src.whole_lines(import_at) if import_at is not None else None
         if uses and lines is not None and not isinstance(_parent_try(tree, import_at), ast.Try):
             binding = ("try:\n    from numba.core import errors as %s\n%s\n    from numba import errors as %s\n"
                        % (self._alias, self._marker, self._alias))
             names = list(dict.fromkeys("numba" if a.name == "numba.errors" and not a.asname else
-                                       a.name + (" as " + a.asname if a.asname else "") for a in import_at.names))
+                                       _import_names([a]) for a in import_at.names))
             edits.append((lines[0], lines[1], "import %s\n%s" % (", ".join(names), binding)))
             edits += [(start, end, self._alias) for start, end in uses]
         return _edit(text, edits)
+
+
+def _import_names(aliases):
+    """`a, b as c`: the names of an import statement as it spells them."""
+    return ", ".join(a.name + (" as " + a.asname if a.asname else "") for a in aliases)
 
 
 def _parent_try(tree, target):
@@ -332,10 +337,11 @@ def _parent_try(tree, target):
     return None
 
 
-def _dotted_uses(text, parts, prefix_only=True):
-    """Spans of `numba.errors` where it is used in code (strings and comments are skipped, and
-    `import numba.errors` lines are left as they are): as an expression prefix (numba.errors.X),
-    or, with prefix_only=False, anywhere (collections.Iterable)."""
+def _dotted_uses(text, first, seconds, prefix_only=True):
+    """Spans of `first.second` (numba.errors; collections.X for any X of seconds) where it is used
+    in code (strings and comments are skipped, and `import numba.errors` lines are left as they
+    are): as an expression prefix (numba.errors.X), or, with prefix_only=False, anywhere
+    (collections.Iterable). One tokenize pass, whatever the number of seconds."""
     import io
     import tokenize
     src = _Source(text)
@@ -347,7 +353,7 @@ def _dotted_uses(text, parts, prefix_only=True):
     spans = []
     for i in range(len(toks) - 3):
         a, dot, b, dot2 = toks[i:i + 4]
-        if (a.type == tokenize.NAME and a.string == parts[0] and dot.string == "." and b.string == parts[1]
+        if (a.type == tokenize.NAME and a.string == first and dot.string == "." and b.string in seconds
                 and (dot2.string == "." or not prefix_only)
                 and not (i and toks[i - 1].string in (".", "import", "from"))):
             start = src.starts[a.start[0] - 1] + a.start[1]
@@ -573,10 +579,10 @@ class CollectionsAbc(Fixer):
             rest = [a for a in node.names if a.name not in self.ABCS]
             ind = " " * node.col_offset
             comment = text[src.span(node)[1]:lines[1]].strip()
-            new = ("%sfrom collections import %s\n" % (ind, self._names(rest)) if rest else "")
-            new += "%sfrom collections.abc import %s%s\n" % (ind, self._names(abcs), "  " + comment if comment else "")
+            new = ("%sfrom collections import %s\n" % (ind, _import_names(rest)) if rest else "")
+            new += "%sfrom collections.abc import %s%s\n" % (ind, _import_names(abcs), "  " + comment if comment else "")
             edits.append((lines[0], lines[1], new))
-        uses = [span for name in self.ABCS for span in _dotted_uses(text, ("collections", name), prefix_only=False)]
+        uses = _dotted_uses(text, "collections", self.ABCS, prefix_only=False) if "collections." in text else []
         import_at = next((n for n in tree.body if isinstance(n, ast.Import)
                           and any(a.name == "collections" and not a.asname for a in n.names)), None)
         import_lines = src.whole_lines(import_at) if import_at is not None else None
@@ -586,10 +592,6 @@ class CollectionsAbc(Fixer):
                        for n in ast.walk(tree)):
                 edits.append((import_lines[1], import_lines[1], "import collections.abc\n"))
         return _edit(text, edits)
-
-    @staticmethod
-    def _names(aliases):
-        return ", ".join(a.name + (" as " + a.asname if a.asname else "") for a in aliases)
 
 
 FIXERS = {cls.name: cls for cls in (LocalRank, ThcToAten, NumbaErrors, MmcvVersionAssert, MmcvLayerClash, SetupWithoutGpu,
