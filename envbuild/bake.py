@@ -14,11 +14,13 @@ import json
 from pathlib import Path
 
 from . import labels as label
-from . import catalog, outputs, packages, render
+from . import catalog, creds, outputs, packages, render
 from .build import image_ref
 from .config import Sources
 from .errors import BadInput
 from .resolve import Conflict, resolve
+
+NETRC_ENV = "ENVBUILD_INDEX_NETRC"  # bake: the index credentials (a netrc's text) come from this variable
 
 
 def _key(text: str) -> str:
@@ -35,6 +37,11 @@ def bake_file(models=None, cards=None, out_dir: Path = Path("bake"), sources: So
     if not (1 <= parallel <= 256 and 1 <= builder_memory_gb <= 65536):
         raise BadInput("--parallel must be 1-256 and --builder-memory 1-65536 (GB)", "e.g. --builder-memory 64 --parallel 4")
     targets, bases, skipped = {}, {}, []
+    # Secrets as files or variables named, never their values: the CA bundle's path, and the index
+    # credentials from the variable NETRC_ENV (a netrc's text) of whoever runs the bake.
+    secrets = [f"id=ca_bundle,src={Path(sources.ca_bundle).resolve()}"] if sources.ca_bundle else []
+    secrets += [f"id={creds.SECRET_ID},env={NETRC_ENV}"] if sources.credentials else []
+    runs = {**({"secret": secrets} if secrets else {}), **({"network": sources.build_network} if sources.build_network else {})}
     cache = (registry.rstrip("/") + "/envbuild-cache") if registry else ""
     for m in models:
         for c in cards:
@@ -51,7 +58,7 @@ def bake_file(models=None, cards=None, out_dir: Path = Path("bake"), sources: So
             render.write(ctx, ctx_dir)
             base_name = _key(f"base-{ctx.base_image.split('/')[-1]}-py{plan.python.version}")
             bases.setdefault(base_name, {
-                "context": str(ctx_dir), "dockerfile": "Dockerfile", "target": "base",
+                "context": str(ctx_dir), "dockerfile": "Dockerfile", "target": "base", **runs,
                 **({"cache-from": [f"type=registry,ref={cache}:{base_name}"],
                     "cache-to": [f"type=registry,ref={cache}:{base_name},mode=max"]} if cache else {}),
             })
@@ -63,8 +70,7 @@ def bake_file(models=None, cards=None, out_dir: Path = Path("bake"), sources: So
                 "tags": [tag], "labels": {label.MODEL: m, label.CARD: c, label.CARDS: c, label.MODE: plan.mode},
                 "args": {"ENVBUILD_JOBS_CAP": str(jobs_cap)},
             }
-            if sources.ca_bundle:  # the file itself, mounted as a secret: never its path as the value
-                target["secret"] = [f"id=ca_bundle,src={Path(sources.ca_bundle).resolve()}"]
+            target.update(runs)
             if cache:
                 target["cache-from"] = [f"type=registry,ref={cache}:{name}", f"type=registry,ref={cache}:{base_name}"]
                 target["cache-to"] = [f"type=registry,ref={cache}:{name},mode=max"]

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import engine
+from . import creds, engine
 from .errors import BadInput, OperationFailed
 from .resolve import Plan
 
@@ -146,7 +146,7 @@ def _run(cli, cmd, log_path: Path, echo, time_limit: float | None = None) -> tup
     OperationFailed names the steps that were still running."""
     lines = []
     with open(log_path, "w") as log:
-        log.write("$ " + " ".join(cmd) + "\n")
+        log.write(creds.redact("$ " + " ".join(cmd)) + "\n")
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env=cli.env(), bufsize=1)
         # Its own flag: Timer.cancel() sets the timer's `finished` event too, so that event cannot
@@ -157,6 +157,7 @@ def _run(cli, cmd, log_path: Path, echo, time_limit: float | None = None) -> tup
             timer.start()
         try:
             for line in proc.stdout:
+                line = creds.redact(line)  # what the build printed is kept and shown without a password
                 log.write(line)
                 lines.append(line)
                 if echo:
@@ -206,16 +207,29 @@ def _fail(rc: int, steps, lines, log_path: Path):
     raise OperationFailed(f"build failed (exit {rc})\n{detail}".rstrip(), log=str(log_path))
 
 
-def export_stage(context: Path, target: str, dest: Path, ca_bundle: str | None = None, echo=None,
-                 log_name: str = "export") -> list:
-    """Build one stage and write its files to dest (BuildKit's local exporter): no image."""
-    cli = engine.find_cli()
-    log_path = _log_path(log_name)
-    cmd = cli.build_cmd() + ["--progress=plain", "--target", target, "--output", f"type=local,dest={dest}"]
+def _options(ca_bundle: str | None, netrc: str | None, network: str = "") -> list[str]:
+    """The build's secrets (each mounted only for the RUN steps that name it, never in a layer) and network."""
+    cmd = []
     if ca_bundle:
         cmd += ["--secret", f"id=ca_bundle,src={ca_bundle}"]
-    cmd.append(str(context))
-    rc, lines = _run(cli, cmd, log_path, echo)
+    if netrc:  # the index credentials: a file outside the context, deleted after the build
+        cmd += ["--secret", f"id={creds.SECRET_ID},src={netrc}"]
+    if network:
+        cmd += ["--network", network]
+    return cmd
+
+
+def export_stage(context: Path, target: str, dest: Path, ca_bundle: str | None = None, echo=None,
+                 log_name: str = "export", index_auth: str = "", network: str = "") -> list:
+    """Build one stage and write its files to dest (BuildKit's local exporter): no image.
+    index_auth: a netrc file's text with the package indexes' credentials (Sources.netrc)."""
+    cli = engine.find_cli()
+    log_path = _log_path(log_name)
+    with creds.secret_file(index_auth) as netrc:
+        cmd = cli.build_cmd() + ["--progress=plain", "--target", target, "--output", f"type=local,dest={dest}"]
+        cmd += _options(ca_bundle, netrc, network)
+        cmd.append(str(context))
+        rc, lines = _run(cli, cmd, log_path, echo)
     steps = parse_progress(lines)
     if rc != 0:
         _fail(rc, steps, lines, log_path)
@@ -224,7 +238,10 @@ def export_stage(context: Path, target: str, dest: Path, ca_bundle: str | None =
 
 def build(context: Path, tags: list[str], target: str = "runtime", no_cache: bool = False,
           ca_bundle: str | None = None, build_args: dict | None = None, echo=None,
-          log_name: str = "build", time_limit: float | None = None) -> BuildResult:
+          log_name: str = "build", time_limit: float | None = None, index_auth: str = "",
+          network: str = "") -> BuildResult:
+    """index_auth: a netrc file's text with the package indexes' credentials (Sources.netrc), handed
+    to the build as the secret index_auth; network: docker build --network (Sources.build_network)."""
     cli = engine.find_cli()
     client = engine.client()
     log_path = _log_path(log_name)
@@ -232,14 +249,12 @@ def build(context: Path, tags: list[str], target: str = "runtime", no_cache: boo
     cmd = cli.build_cmd() + ["--progress=plain", "--target", target, "--iidfile", str(iidfile)]
     if no_cache:
         cmd.append("--no-cache")
-    if ca_bundle:
-        cmd += ["--secret", f"id=ca_bundle,src={ca_bundle}"]
     for key, value in sorted((build_args or {}).items()):
         cmd += ["--build-arg", f"{key}={value}"]
-    cmd.append(str(context))
     start = time.monotonic()
     try:
-        rc, lines = _run(cli, cmd, log_path, echo, time_limit)
+        with creds.secret_file(index_auth) as netrc:
+            rc, lines = _run(cli, cmd + _options(ca_bundle, netrc, network) + [str(context)], log_path, echo, time_limit)
     except (KeyboardInterrupt, OperationFailed):
         iidfile.unlink(missing_ok=True)
         raise

@@ -333,6 +333,8 @@ def bake(models_: Optional[List[str]] = typer.Option(None, "--models", help="Mod
 
 def main() -> None:
     """Bad options and arguments are bad input like any other: one line, a hint, exit 2."""
+    from .creds import RedactingStream  # no password of an index URL is ever printed
+    sys.stdout, sys.stderr = RedactingStream(sys.stdout), RedactingStream(sys.stderr)
     try:
         code = app(standalone_mode=False, prog_name="envbuild")
     except Exception as exc:

@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from . import creds
 from .errors import BadInput
 
 PYPI = "https://pypi.org/simple"
@@ -28,6 +29,7 @@ ENV = {
     "registry": "ENVBUILD_REGISTRY",
     "vendor_wheels": "ENVBUILD_VENDOR_WHEELS",
     "wheel_cache": "ENVBUILD_WHEEL_CACHE",
+    "build_network": "ENVBUILD_BUILD_NETWORK",
 }
 # Settings that are not package sources: a user catalog on top of the built-in one, and the
 # card to build for when no GPU is present and none is given.
@@ -55,6 +57,21 @@ class Sources:
     # the stage's inputs), e.g. "registry.local:5000/envbuild-wheels": a builder uses what any
     # builder pushed there instead of compiling, and pushes what it compiled. "" = not shared.
     wheel_cache: str = ""
+    # user:password from the index URLs (which keep only the credential-free form): handed to builds
+    # as the BuildKit secret index_auth (a netrc file), never written (creds.py)
+    credentials: tuple = field(default=(), repr=False)
+    # docker build --network: "host" lets builds reach a mirror on the host's loopback; "" = the engine's default
+    build_network: str = ""
+
+    @property
+    def netrc(self) -> str:
+        """The index credentials as a netrc file's text ("" when there are none)."""
+        return creds.netrc_text(self.credentials)
+
+    @property
+    def build_kwargs(self) -> dict:
+        """What every build and lock of these sources gets: the CA bundle, the index credentials, the network."""
+        return {"ca_bundle": self.ca_bundle, "index_auth": self.netrc, "network": self.build_network}
 
     def torch_index_for(self, torch_version: str, cuda: str) -> str:
         """The index URL pip needs for torch X+cuYYY (flat find-links before 1.11)."""
@@ -102,8 +119,13 @@ def _checked(key: str, value, origin: str):
         if key == "torch_index" and value.lower() in _NONE:
             return None
         if not _URL_RE.match(value):
-            raise BadInput(f"{origin}: {key} is not an http(s) URL: {value!r}")
+            raise BadInput(f"{origin}: {key} is not an http(s) URL: {creds.redact(value)!r}")
         return value.rstrip("/")
+    if key == "build_network":
+        if value not in ("", "default", "host", "none"):
+            raise BadInput(f"{origin}: build_network must be default, host or none, not {value!r}",
+                           "host: builds reach a package mirror on this host's 127.0.0.1")
+        return "" if value == "default" else value
     if key in ("registry_mirror", "registry"):
         if value and not value.endswith("/"):
             value += "/"
@@ -173,4 +195,9 @@ def load_sources(**flags) -> Sources:
     for key, value in flags.items():
         if value is not None:
             values[key] = _check(key, value, f"--{key.replace('_', '-')}")
-    return replace(Sources(), **values)
+    found = []  # credentials leave the URLs here: nothing downstream sees them but the build's secret
+    for key in ("pypi_index", "torch_index"):
+        if values.get(key):
+            values[key], cred = creds.split_url(values[key])
+            found += [cred] if cred else []
+    return replace(Sources(), **values, credentials=creds.merge(found))

@@ -121,8 +121,9 @@ class EraIndex:
     """A loopback server for the time-filtered view; use as a context manager, read .url."""
 
     def __init__(self, upstream: str, cutoff: datetime, pins: dict[str, set[str]], ca_bundle: str | None = None,
-                 timeout: int = 60, python: str | None = None):
+                 timeout: int = 60, python: str | None = None, auth: dict | None = None):
         self.python = python
+        self.auth = dict(auth or {})  # an Authorization header for a mirror that asks for credentials
         self.upstream = upstream.rstrip("/")
         self.cutoff = cutoff if cutoff.tzinfo else cutoff.replace(tzinfo=timezone.utc)
         self.pins = pins
@@ -138,7 +139,7 @@ class EraIndex:
         with self._lock:
             if name in self._cache:
                 return 200, self._cache[name]
-        req = urllib.request.Request(f"{self.upstream}/{name}/", headers={"Accept": JSON_ACCEPT})
+        req = urllib.request.Request(f"{self.upstream}/{name}/", headers={"Accept": JSON_ACCEPT, **self.auth})
         try:
             with urllib.request.urlopen(req, timeout=self.timeout, context=self.context) as resp:
                 data = json.loads(resp.read())
@@ -155,7 +156,7 @@ class EraIndex:
     def metadata(self, name: str) -> tuple[int, bytes]:
         """PyPI's JSON API for a project, passed through (the version is already chosen)."""
         base = self.upstream[:-len("/simple")] if self.upstream.endswith("/simple") else self.upstream
-        req = urllib.request.Request(f"{base}/pypi/{canonicalize_name(name)}/json")
+        req = urllib.request.Request(f"{base}/pypi/{canonicalize_name(name)}/json", headers=self.auth)
         try:
             with urllib.request.urlopen(req, timeout=self.timeout, context=self.context) as resp:
                 return 200, resp.read()

@@ -11,9 +11,11 @@ class EnvbuildError(Exception):
     exit_code = 1
 
     def __init__(self, message: str, hint: str = "", log: str = ""):
+        from .creds import redact  # an error line quotes what it was given: never a password in it
+        message = redact(message)
         super().__init__(message)
         self.message = message
-        self.hint = hint
+        self.hint = redact(hint)
         self.log = log
 
 

@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from . import build as build_stage
-from . import engine, outputs, paths
+from . import creds, engine, outputs, paths
 from .config import PYPI
 from .era import EraIndex, exact_pins
 from .errors import OperationFailed
@@ -93,13 +93,15 @@ def torch_lock_text(blocks: dict[str, str]) -> str:
     return TORCH_LOCK_HEADER + "\n" + "\n".join(blocks[n] for n in names) + "\n"
 
 
-def lock(context: Path, ca_bundle: str | None = None, echo=None) -> Path:
-    """Run pip-compile --generate-hashes in the context's base stage; write the locks."""
+def lock(context: Path, ca_bundle: str | None = None, echo=None, index_auth: str = "", network: str = "") -> Path:
+    """Run pip-compile --generate-hashes in the context's base stage; write the locks. index_auth and
+    network: as for build.build (the credentials reach pip as a netrc file mounted for this run only)."""
     context = context.resolve()
     req = context / "requirements.in"
     if not req.exists():
         raise OperationFailed(f"{req} is missing: run envbuild render first")
-    result = build_stage.build(context, [], target="base", ca_bundle=ca_bundle, echo=echo, log_name="lock-base")
+    result = build_stage.build(context, [], target="base", ca_bundle=ca_bundle, echo=echo, log_name="lock-base",
+                               index_auth=index_auth, network=network)
     volumes = {str(context): {"bind": "/ctx", "mode": "rw"}}
     env = {"HOME": "/tmp", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
     if ca_bundle:
@@ -108,13 +110,17 @@ def lock(context: Path, ca_bundle: str | None = None, echo=None) -> Path:
     plan = json.loads((context / "plan.json").read_text()) if (context / "plan.json").exists() else {}
     cutoff, python = plan.get("index_cutoff"), (plan.get("python") or {}).get("version")
     with contextlib.ExitStack() as stack:
+        netrc = stack.enter_context(creds.secret_file(index_auth))  # outside the context, deleted after
+        if netrc:
+            volumes[netrc] = {"bind": f"/run/secrets/{creds.SECRET_ID}", "mode": "ro"}
         index = ""
         if cutoff:
             # PyPI as it was at the cutoff, served on loopback (the container shares the host's network)
             upstream = next((line.split(None, 1)[1].strip() for line in text.splitlines()
                              if line.startswith("--index-url ")), PYPI)
             until = datetime.fromisoformat(cutoff) + timedelta(days=1)  # the cutoff day counts
-            view = stack.enter_context(EraIndex(upstream, until, exact_pins(text), ca_bundle, python=python))
+            view = stack.enter_context(EraIndex(upstream, until, exact_pins(text), ca_bundle, python=python,
+                                                auth=creds.auth_header(upstream, creds.parse_netrc(index_auth))))
             index = f"--index-url {view.url} "
             if echo:
                 echo(f"lock: PyPI as of {cutoff} (exact pins excepted), served at {view.url}")
@@ -127,6 +133,7 @@ def lock(context: Path, ca_bundle: str | None = None, echo=None) -> Path:
         )
         code, output, errors = engine.run_container(result.image_id, ["/bin/bash", "-c", script], timeout=3600,
                                                     environment=env, volumes=volumes, network_mode="host")
+    output, errors = creds.redact(output), creds.redact(errors)  # pip's words are kept: never a password
     if code != 0:
         log = build_stage.state_dir() / "logs" / f"lock-{context.name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
         log.parent.mkdir(parents=True, exist_ok=True)

@@ -198,7 +198,7 @@ def lock_context(req: Request, out: Path | None = None, progress: Progress = QUI
     """pip-compile in the Plan's own Python, then the context rendered again to install from the lock.
     Returns (plan, lock file, context)."""
     plan, sources, ctx = prepare(req, out)
-    path = lock_stage.lock(ctx, ca_bundle=sources.ca_bundle, echo=progress.echo)
+    path = lock_stage.lock(ctx, **sources.build_kwargs, echo=progress.echo)
     plan, sources, ctx = prepare(req, out)  # re-render: the Dockerfile now installs from the lock
     return plan, path, ctx
 
@@ -219,7 +219,7 @@ def prepare_locked(req: Request, out: Path | None = None, lock: bool = True, pro
         return plan, sources, ctx, f"hash-locked by {ctx / 'requirements.lock'} (the lock of {shared.name})"
     if progress.say:
         progress.say(f"no lock matches this Plan yet: locking first with pip-compile in the image's Python ({ctx})")
-    lock_stage.lock(ctx, ca_bundle=sources.ca_bundle, echo=progress.echo)
+    lock_stage.lock(ctx, **sources.build_kwargs, echo=progress.echo)
     plan, sources, ctx = prepare(req, out)  # re-render: the Dockerfile now installs from the lock
     return plan, sources, ctx, f"locked first, hash-locked by {ctx / 'requirements.lock'} (kept for the next build)"
 
@@ -237,7 +237,7 @@ def prepare_image(req: Request, extra_tags=(), lock: bool = True, progress: Prog
 def _build(plan: Plan, sources: Sources, ctx: Path, lock_note: str, tags: list[str], no_cache: bool = False,
            echo=None, time_limit: float | None = None) -> dict:
     """BuildKit build of a prepared context, tagged on success; the summary the CLI prints."""
-    result = build_stage.build(ctx, tags, no_cache=no_cache, ca_bundle=sources.ca_bundle, echo=echo,
+    result = build_stage.build(ctx, tags, no_cache=no_cache, **sources.build_kwargs, echo=echo,
                                log_name=f"{plan.model}-{plan.card}", time_limit=time_limit)
     summary = result.summary()
     summary.update(cards=list(plan.cards), cards_why=plan.cards_why, lock=lock_note)
@@ -280,7 +280,7 @@ def _share_wheels(ctx: Path, sources: Sources, echo=None) -> dict:
         entry = {"ref": item["ref"], "from": "cache" if item["shared"] else "pushed"}
         if not item["shared"]:
             try:  # the image is built already: a cache that cannot take the wheel is reported, not fatal
-                build_stage.build(ctx, [item["ref"]], target=item["pack"], ca_bundle=sources.ca_bundle, echo=echo,
+                build_stage.build(ctx, [item["ref"]], target=item["pack"], **sources.build_kwargs, echo=echo,
                                   log_name=f"wheel-cache-{item['package']}")
                 try:
                     ship.push(item["ref"], echo=echo)
@@ -415,7 +415,7 @@ def export_wheels(req: Request, dest: Path | None = None, progress: Progress = Q
     plan, sources, ctx, _ = prepare_locked(req, progress=progress)
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".envbuild-wheels-") as tmp:
-        steps = build_stage.export_stage(ctx, "wheels", Path(tmp), ca_bundle=sources.ca_bundle, echo=progress.echo,
+        steps = build_stage.export_stage(ctx, "wheels", Path(tmp), **sources.build_kwargs, echo=progress.echo,
                                          log_name=f"wheels-{plan.model}-{plan.card}")
         made = sorted(Path(tmp).glob("*.whl"))
         dest.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import jinja2
 
 from . import labels as label
-from . import outputs, packages, paths
+from . import creds, outputs, packages, paths
 from . import __version__
 from .catalog import CC_RE, FIND_LINKS_RE, STDLIB_APART, APT_RE, ENV_NAME_RE, ENV_VALUE_RE, FILE_RE, PKG_RE, V, is_exact
 from .errors import BadInput
@@ -268,7 +268,7 @@ class Context:
         url = self.plan.torch_index
         if not url:
             return []
-        _check(url, URL_RE, "torch index")
+        url = creds.without_credentials(_check(url, URL_RE, "torch index"))  # credentials go as a secret
         return ["-f", url] if url.endswith(".html") else ["--extra-index-url", url]
 
     @property
@@ -429,7 +429,9 @@ def make_context(plan: Plan, command: str, base_image: str | None = None, runtim
                  source: str = "git", pypi_index: str = "https://pypi.org/simple", locked: bool = False) -> Context:
     base = _check(base_image or plan.base_image, IMAGE_RE, "base image")
     runtime = _check(runtime_image or (runtime_image_for(base) if not base_image else base), IMAGE_RE, "runtime image")
-    ctx = Context(plan, _comment(command), base, runtime, source, _check(pypi_index, URL_RE, "PyPI index"), locked)
+    # The header's command and the index name no password: it reaches builds as a secret (creds.py).
+    pypi_index = creds.without_credentials(_check(pypi_index, URL_RE, "PyPI index"))
+    ctx = Context(plan, _comment(creds.redact(command)), base, runtime, source, pypi_index, locked)
     # Validate every value that reaches the Dockerfile or requirements.in now, before any file is written.
     for prop in ("torch_requirements", "torch_index_args", "packages", "compiled_steps", "arch_list", "repo",
                  "commit", "extensions", "runtime_env", "deps_apt", "deps_env", "deps_files", "runtime_apt", "fixes_installed"):
@@ -475,10 +477,10 @@ def write(ctx: Context, out: Path, source_dir: Path | None = None, adopt: bool =
     out = Path(out)
     if source_dir is not None:
         outputs.check_apart(source_dir, out)
-    files = {
-        "Dockerfile": dockerfile(ctx),
-        "requirements.in": requirements_in(ctx),
-        "plan.json": ctx.plan.to_json() + "\n",
+    files = {  # redact: no password from any source reaches a file the image copies in
+        "Dockerfile": creds.redact(dockerfile(ctx)),
+        "requirements.in": creds.redact(requirements_in(ctx)),
+        "plan.json": creds.redact(ctx.plan.to_json()) + "\n",
     }
     if ctx.wheel_cache:  # what this build takes from the wheel cache, and what it pushes there after
         files["wheel-cache.json"] = json.dumps(

@@ -7,4 +7,10 @@ if [ -f /run/secrets/ca_bundle ]; then
         REQUESTS_CA_BUNDLE=/run/secrets/ca_bundle GIT_SSL_CAINFO=/run/secrets/ca_bundle \
         CURL_CA_BUNDLE=/run/secrets/ca_bundle
 fi
+# The package indexes' credentials (a mirror's user:token) come the same way, as the secret
+# index_auth: a netrc file that pip reads through NETRC for this one command. The Dockerfile and
+# its ENV name the mirror without them.
+if [ -f /run/secrets/index_auth ]; then
+    export NETRC=/run/secrets/index_auth
+fi
 exec "$@"
