@@ -113,6 +113,10 @@ class TorchRelease:
     cxx: int
     ext_max_arch: str
     compile_python_max: str | None = None  # None: no torch.compile in this release
+    # GPU code its PyPI build carries, measured from the wheel (scripts/measure-torch.py):
+    # generic SASS and PTX archs; () when not measured ([wheel_archs] then stands for it)
+    sass: tuple[str, ...] = ()
+    ptx: tuple[str, ...] = ()
 
     def supports_python(self, python: str) -> bool:
         return minor_key(self.python[0]) <= minor_key(python) <= minor_key(self.python[1])
@@ -499,6 +503,15 @@ class Catalog:
     def torch_versions(self) -> list[str]:
         return sorted(self.torch, key=Version)
 
+    def wheel_code(self, release: TorchRelease, cuda: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(SASS, PTX) the release's CUDA build carries: measured from the wheel for its PyPI
+        build when the catalog has that, else the [wheel_archs] entry of the CUDA (no PTX)."""
+        if cuda == release.pypi and (release.sass or release.ptx):
+            return release.sass, release.ptx
+        if cuda not in self.wheel_archs:
+            raise unknown(f"CUDA build of torch {release.version}", cuda, sorted({release.pypi, *release.index}))
+        return self.wheel_archs[cuda], ()
+
 
 def load(user: Path | str | None = None) -> Catalog:
     """The built-in catalog, with a user catalog on top (argument, ENVBUILD_MATRICES or the
@@ -617,9 +630,18 @@ def _load_torch(path: Path) -> tuple[dict[str, TorchRelease], dict[str, tuple[st
             cxx=r.get("cxx", int),
             ext_max_arch=r.get("ext_max_arch", str, pattern=CC_RE),
             compile_python_max=r.get("compile_python_max", str, None, pattern=re.compile(r"^3\.\d{1,2}$")),
+            sass=r.strings("sass", CC_RE, []),
+            ptx=r.strings("ptx", CC_RE, []),
         )
+        if "ptx" in r.table and "sass" not in r.table:
+            raise r.fail("ptx", "measured PTX without the SASS beside it (measure both: scripts/measure-torch.py)")
+        if "sass" in r.table and not rel.sass and not rel.ptx:
+            raise r.fail("sass", "a measured CUDA build carries some GPU code: an empty list is not a measurement")
+        for key, archs in (("sass", rel.sass), ("ptx", rel.ptx)):
+            if len(set(archs)) != len(archs):
+                raise r.fail(key, f"an arch listed twice: {list(archs)}")
         for cu in (*rel.index, rel.pypi):
-            if cu not in wheel_archs:
+            if cu not in wheel_archs and not (cu == rel.pypi and "sass" in r.table):
                 raise r.fail("index", f"no [wheel_archs] entry for CUDA {cu}")
         torch[ver] = rel
     return torch, wheel_archs

@@ -339,10 +339,11 @@ def _toolkit_matches(c: _Candidate) -> str | None:
 
 
 def _card_runs_torch(c: _Candidate) -> str | None:
-    archs = c.cat.wheel_archs[c.stack.cuda]
-    c.runs = runs_on(archs, c.card.cc)
+    archs, ptx = c.cat.wheel_code(c.stack.torch, c.stack.cuda)
+    c.runs = runs_on(archs, c.card.cc, ptx)
     if c.runs is None:
-        return (f"torch {c.stack.torch.version}+{c.tag} ships SASS for {', '.join(archs)} and no PTX: "
+        return (f"torch {c.stack.torch.version}+{c.tag} ships SASS for {', '.join(archs)} and "
+                f"{'PTX for ' + ', '.join(ptx) if ptx else 'no PTX'}: "
                 f"none runs on {c.card.name} (compute capability {c.card.cc})")
     return None
 
@@ -564,7 +565,8 @@ def _index_cutoff(model: Model) -> dict:
 
 def _torch_why(c: _Candidate) -> str:
     model, rel, cu = c.model, c.stack.torch, c.stack.cuda
-    if runs_on(c.cat.wheel_archs[model.cuda], c.card.cc) is None:
+    sass, ptx = c.cat.wheel_code(c.cat.torch[model.torch], model.cuda)
+    if runs_on(sass, c.card.cc, ptx) is None:
         return (f"torch {model.torch}+cu{model.cuda.replace('.', '')} has no code for {c.card.cc}; "
                 f"{rel.version}+cu{cu.replace('.', '')} is the smallest upgrade that has")
     return f"smallest torch upgrade that satisfies every other constraint (CUDA {cu})"
@@ -668,7 +670,7 @@ def _blockers(cat: Catalog, model: Model, card: Card, sources: Sources) -> list[
         if V(version) <= V(model.torch):
             continue
         cus = list(rel.index if sources.torch_index else ()) + [rel.pypi]
-        if any(runs_on(cat.wheel_archs[cu], card.cc) for cu in cus):
+        if any(runs_on(sass, card.cc, ptx) for sass, ptx in (cat.wheel_code(rel, cu) for cu in cus)):
             first = rel
             break
     if first is None:

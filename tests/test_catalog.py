@@ -4,7 +4,7 @@ from envbuild import catalog
 from envbuild.errors import BadInput, CatalogError
 
 REQUIRED_CARDS = ["v100", "t4", "a10", "a30", "a100", "a800", "a40", "l4", "l20", "l40s",
-                  "rtx3090", "rtx4090", "h20", "h100", "h800", "h200", "b200"]
+                  "rtx3090", "rtx4090", "h20", "h100", "h800", "h200", "b200", "b300", "rtx5090", "rtxpro6000"]
 
 
 def test_catalog_has_models_and_cards(cat):
@@ -15,6 +15,9 @@ def test_catalog_has_models_and_cards(cat):
 @pytest.mark.parametrize("name,expected", [
     ("A100-80G", "a100"), ("4090", "rtx4090"), ("RTX 4090", "rtx4090"), ("NVIDIA H20", "h20"),
     ("h200", "h200"), ("GeForce RTX 3090", "rtx3090"), ("l40s", "l40s"), ("3090", "rtx3090"),
+    ("GB200", "b200"), ("gb300", "b300"), ("5090", "rtx5090"), ("NVIDIA GeForce RTX 5090", "rtx5090"),
+    ("rtx-pro-6000", "rtxpro6000"), ("NVIDIA RTX PRO 6000 Blackwell Server Edition", "rtxpro6000"),
+    ("h100-sxm5", "h100"),
 ])
 def test_card_names_and_aliases(cat, name, expected):
     assert cat.card(name).id == expected
@@ -148,3 +151,59 @@ def test_construct_arrays_are_validated(matrices_copy):
             continue
         with pytest.raises(CatalogError, match=says):
             catalog.load(matrices_copy)
+
+
+def test_blackwell_cards(cat):
+    from envbuild.incontainer.archrules import code_name, extension_arch, union_arch_list
+    facts = {c: (cat.card(c).cc, cat.card(c).memory_gb, cat.card(c).p2p) for c in ("b200", "b300", "rtx5090", "rtxpro6000")}
+    assert facts == {"b200": ("10.0", 180, True), "b300": ("10.3", 288, True),
+                     "rtx5090": ("12.0", 32, False), "rtxpro6000": ("12.0", 96, True)}
+    assert code_name("10.3") == "sm_103" and code_name("12.0+PTX") == "compute_120"
+    assert union_arch_list(["9.0", "12.0", "10.3", "10.0+PTX"]) == "9.0;10.0+PTX;10.3;12.0"
+    # nvcc 12.9 and 13.x emit sm_103 natively; 12.8 reaches B300 through sm_101 SASS
+    assert extension_arch("10.3", cat.toolkit("13.0").archs, "12.1")[0] == "10.3"
+    assert extension_arch("10.3", cat.toolkit("12.8").archs, "12.1")[0] == "10.1"
+    assert extension_arch("12.0", cat.toolkit("13.1").archs, "12.1")[0] == "12.0"
+
+
+def test_cuda_13_toolkits_are_measured(cat):
+    tk = cat.toolkit("13.0")
+    assert tk.archs[0] == "7.5" and "7.0" not in tk.archs and {"10.3", "11.0", "12.1"} <= set(tk.archs)
+    assert tk.max_gcc == 15 and "20.04" not in tk.ubuntu
+    assert {"10.3", "12.1"} <= set(cat.toolkit("12.9").archs) and "10.1" in cat.toolkit("12.8").archs
+
+
+def test_measured_releases_carry_their_own_gpu_code(cat):
+    measured = [r for r in cat.torch.values() if r.sass]
+    assert len(measured) >= 10
+    for rel in measured:
+        sass, ptx = cat.wheel_code(rel, rel.pypi)
+        assert (sass, ptx) == (rel.sass, rel.ptx)
+    newest = cat.torch[cat.torch_versions()[-1]]
+    assert newest.pypi.startswith("13.") and "10.0" in newest.sass and "12.0" in newest.sass + newest.ptx
+
+
+@pytest.mark.parametrize("field,value,reason", [
+    ("sass", '["sm_90"]', "invalid entry"),
+    ("ptx", '["12.0"]', "without the SASS"),
+    ("ptx", '["12.0a"]', "invalid entry"),
+    ("sass", "[]", "not a measurement"),
+    ("sass", '["9.0", "9.0"]', "listed twice"),
+])
+def test_measured_code_is_validated(matrices_copy, field, value, reason):
+    _edit(matrices_copy / "toolchains" / "torch.toml", '[torch."2.7.1"]\n', f'[torch."2.7.1"]\n{field} = {value}\n')
+    with pytest.raises(CatalogError) as exc:
+        catalog.load(matrices_copy)
+    msg = exc.value.message
+    assert "torch.toml" in msg and f"torch.2.7.1.{field}" in msg and reason in msg, msg
+
+
+def test_a_measured_pypi_build_needs_no_wheel_archs_entry(matrices_copy):
+    torch_toml = matrices_copy / "toolchains" / "torch.toml"
+    _edit(torch_toml, 'pypi = "12.6"\ncxx = 17\next_max_arch = "12.0"', 'pypi = "12.7"\ncxx = 17\next_max_arch = "12.0"')
+    with pytest.raises(CatalogError, match=r"torch\.2\.7\.1\.index.*no \[wheel_archs\] entry for CUDA 12\.7"):
+        catalog.load(matrices_copy)
+    _edit(torch_toml, '[torch."2.7.1"]\n', '[torch."2.7.1"]\nsass = ["9.0"]\nptx = ["9.0"]\n')
+    cat = catalog.load(matrices_copy)
+    assert cat.wheel_code(cat.torch["2.7.1"], "12.7") == (("9.0",), ("9.0",))
+    assert cat.wheel_code(cat.torch["2.7.1"], "12.8") == (cat.wheel_archs["12.8"], ())

@@ -9,6 +9,7 @@ from envbuild.config import Sources
 from envbuild.errors import BadInput
 from envbuild.incontainer.archrules import extension_arch, runs_on as wheel_runs_on, sass_runs_on
 from envbuild.resolve import Conflict, parse_overrides, resolve
+from packaging.version import Version as V
 
 PYPI_ONLY = Sources(torch_index=None)
 
@@ -168,8 +169,8 @@ def test_every_plan_is_sound(cat, sources):
     for p in _all_plans(cat, sources):
         n += 1
         card = cat.cards[p.card]
-        archs = cat.wheel_archs[p.torch_cuda]
-        assert wheel_runs_on(archs, card.cc), (p.model, p.card, p.torch.version)
+        sass, ptx = cat.wheel_code(cat.torch[p.torch.version.split("+")[0]], p.torch_cuda)
+        assert wheel_runs_on(sass, card.cc, ptx), (p.model, p.card, p.torch.version)
         toolkit = cat.toolkit(p.cuda)
         assert p.gcc <= p.gcc_max == toolkit.max_gcc
         ubuntu = p.os.removeprefix("ubuntu")
@@ -360,3 +361,78 @@ def test_a_changed_pin_is_never_silent_across_the_whole_catalog(cat):
                 assert any(d.startswith(f"{pin.name}: {pin.upstream} -> {pin.version}: ") for d in plan.deviations), \
                     (model, card, cuda, pin, plan.deviations)
     assert checked > 50  # ports are common across the catalog: the property was exercised
+
+
+# ---------------------------------------------------------- measured wheels (scripts/measure-torch.py)
+
+def _edit(path, old, new):
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new, 1))
+
+
+def _qcnet_on_pypi_build(matrices_copy, code: str):
+    """qcnet's torch 2.0.1 from its PyPI build (CUDA 11.7), whose [wheel_archs] SASS stops at
+    8.6, with `code` (measured sass/ptx lines) given to that build."""
+    qcnet = matrices_copy / "models" / "qcnet.toml"
+    if 'cuda = "11.7"' not in qcnet.read_text():
+        _edit(qcnet, 'cuda = "11.8"', 'cuda = "11.7"')
+    if code:
+        _edit(matrices_copy / "toolchains" / "torch.toml", '[torch."2.0.1"]\n', '[torch."2.0.1"]\n' + code)
+    return catalog.load(matrices_copy)
+
+
+def test_measured_ptx_makes_a_newer_card_run_the_wheel(matrices_copy):
+    before = _qcnet_on_pypi_build(matrices_copy, "")
+    with pytest.raises(Conflict) as exc:
+        resolve(before, "qcnet", "h100", strict=True, sources=PYPI_ONLY)
+    assert "no PTX" in str(exc.value)
+    cat = _qcnet_on_pypi_build(matrices_copy, 'sass = ["8.0", "8.6"]\nptx = ["8.6"]\n')
+    assert cat.wheel_code(cat.torch["2.0.1"], "11.7") == (("8.0", "8.6"), ("8.6",))
+    assert cat.wheel_code(cat.torch["2.0.1"], "11.8") == (cat.wheel_archs["11.8"], ())  # the index build
+    p = resolve(cat, "qcnet", "h100", strict=True, sources=PYPI_ONLY)
+    assert p.torch.version == "2.0.1" and p.torch_cuda == "11.7"
+    assert any("compute_86" in n for n in p.notes), p.notes  # runs through the PTX, and says so
+
+
+def test_measured_ptx_newer_than_the_card_does_not_run(matrices_copy):
+    cat = _qcnet_on_pypi_build(matrices_copy, 'sass = ["8.0", "8.6"]\nptx = ["8.6"]\n')
+    sass, ptx = cat.wheel_code(cat.torch["2.0.1"], "11.7")
+    assert wheel_runs_on(sass, "7.5", ptx) is None  # 8.6 PTX cannot JIT down to 7.5
+    assert wheel_runs_on(sass, "9.0", ptx) == "8.6+PTX"
+    with pytest.raises(Conflict) as exc:
+        resolve(cat, "qcnet", "t4", strict=True, sources=PYPI_ONLY)
+    assert "PTX for 8.6" in str(exc.value) and "7.5" in str(exc.value)
+
+
+PLAIN_MODEL = """[model]
+name = "plainnet"
+title = "plainnet"
+description = "a torch-only model: nothing compiled, so only torch decides"
+repo = "https://github.com/example/plainnet"
+commit = "55cacb418cbbce3753119c1f157360e66993d0d0"
+python = "3.8"
+
+[torch]
+version = "2.0.1"
+cuda = "11.8"
+
+[train]
+launcher = "torchrun"
+entry = "train.py"
+"""
+
+
+@pytest.mark.parametrize("card", ["b200", "rtx5090"])
+def test_blackwell_with_cuda_13_gets_a_cuda_13_pypi_torch(matrices_copy, card):
+    (matrices_copy / "models" / "plainnet.toml").write_text(PLAIN_MODEL)
+    cat = catalog.load(matrices_copy)
+    p = resolve(cat, "plainnet", card, cuda="13.0", python="3.11", sources=PYPI_ONLY)
+    rel = cat.torch[p.torch.version.split("+")[0]]
+    assert rel.pypi.startswith("13.") and p.torch_cuda == rel.pypi, (p.torch.version, p.torch_cuda)
+    assert p.python.version == "3.11" and p.cuda == "13.0.2"  # the 13.0 toolkit asked for
+    sass, ptx = cat.wheel_code(rel, p.torch_cuda)
+    assert wheel_runs_on(sass, cat.card(card).cc, ptx) == cat.card(card).cc  # native SASS, measured
+    # the smallest such upgrade: no older release has a CUDA 13 PyPI build for Python 3.11
+    older = [r for v, r in cat.torch.items() if V(v) < V(rel.version) and r.pypi.startswith("13.") and r.supports_python("3.11")]
+    assert not older, [r.version for r in older]
