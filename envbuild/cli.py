@@ -156,6 +156,9 @@ def fix(path: str = typer.Argument(..., help="Model source tree."),
     """Find and apply porting fixers on a model's source tree."""
     result = pipeline.fix_tree(path, only=only, mmcv=mmcv, cxx_std=cxx_std, plan_file=plan_file, dry_run=list_)
     (show.findings if list_ else show.fixes)(result, as_json=json_)
+    if any(what == "could not write" for _, what, _ in result.problems):
+        raise EnvbuildError("a file that needs a fix could not be written (named above); it was left as it was",
+                            "make it writable (chmod u+w) and run envbuild fix again")
 
 
 @command()

@@ -5,6 +5,12 @@ A fixer never writes outside the tree it was given and never follows a symlink.
 All new contents are computed first and then written (atomically, file by file, with
 rollback), so a failure leaves no half-applied fix.
 
+Fixers edit by the positions the parser gives, and count lines as Python's tokenizer does
+(at \r\n, \r and \n only: _lines). A file keeps its line endings (an inserted line takes the
+file's own), its UTF-8 BOM and its declared encoding; a file a fixer wants but cannot read
+(not UTF-8, nor its declared coding) or must change but cannot write (read-only) is named in
+the result's .problems, never skipped without a word.
+
 This file also runs inside images (the build applies the Plan's fixers), so it must
 work on Python 3.8 with only the standard library.
 """
@@ -13,11 +19,13 @@ from __future__ import annotations
 
 import argparse
 import ast
+import io
 import json
 import os
 import re
 import sys
 import tempfile
+import tokenize
 
 PY = (".py",)
 CXX = (".c", ".cc", ".cpp", ".cxx", ".cu", ".cuh", ".h", ".hpp")
@@ -26,6 +34,29 @@ SKIP_DIRS = {".git", "__pycache__", "build", "dist", ".eggs", "node_modules"}
 
 class FixerError(Exception):
     """A fixer cannot make this change safely (the file is named); nothing is written."""
+
+
+class Report(dict):
+    """apply's result: {fixer: [changed files]}, and .problems: [(path, what, why)] for each file
+    a fixer wanted but could not read ("could not read") or had to change but could not write
+    ("could not write"); such a file is left as it was."""
+
+    def __init__(self, *args, **kwargs):
+        dict.__init__(self, *args, **kwargs)
+        self.problems = []
+
+
+class Findings(list):
+    """detect's result: [Finding], and .problems as in Report (the files no fixer could read)."""
+
+    def __init__(self, *args):
+        list.__init__(self, *args)
+        self.problems = []
+
+
+def _note(problems, item):
+    if problems is not None and item not in problems:
+        problems.append(item)
 
 
 class Finding(object):
@@ -56,15 +87,16 @@ class Fixer(object):
     def fix_text(self, relpath, text):
         raise NotImplementedError
 
-    def changes(self, root):
-        """{relpath: (old, new)} for every file this fixer would change."""
+    def changes(self, root, problems=None):
+        """{relpath: (old, new)} for every file this fixer would change (unreadable ones go to problems)."""
         out = {}
-        for relpath in iter_files(root):
+        for relpath in iter_files(root, problems):
             if not self.wants(relpath):
                 continue
-            old = read_text(root, relpath)
+            old = _load_or_note(root, relpath, problems)
             if old is None:
                 continue
+            old = old[0]
             new = self.fixed(relpath, old)
             if new != old:
                 out[relpath] = (old, new)
@@ -78,10 +110,10 @@ class Fixer(object):
                              % (relpath, self.name))
         return new
 
-    def detect(self, root):
+    def detect(self, root, problems=None):
         findings = []
-        for relpath, (old, new) in sorted(self.changes(root).items()):
-            old_lines, new_lines = old.splitlines(), new.splitlines()
+        for relpath, (old, new) in sorted(self.changes(root, problems).items()):
+            old_lines, new_lines = _lines(old), _lines(new)
             for i, line in enumerate(old_lines):
                 if i >= len(new_lines) or new_lines[i] != line:
                     findings.append(Finding(relpath, i + 1, self.name, self.why, line.strip()))
@@ -92,10 +124,15 @@ class Fixer(object):
 # ------------------------------------------------------------------ file walking
 
 
-def iter_files(root):
-    """Relative paths of regular files under root; symlinks are never followed."""
+def iter_files(root, problems=None):
+    """Relative paths of regular files under root; symlinks are never followed. A folder that
+    cannot be listed goes to problems (when given) as "could not read"."""
     root = os.path.realpath(root)
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+
+    def unlistable(exc):
+        _note(problems, (os.path.relpath(exc.filename or root, root), "could not read", exc.strerror or str(exc)))
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unlistable, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not os.path.islink(os.path.join(dirpath, d)))
         for name in sorted(filenames):
             full = os.path.join(dirpath, name)
@@ -110,19 +147,78 @@ def _inside(root, relpath):
     return full.startswith(root + os.sep), full
 
 
-def read_text(root, relpath):
+BOM = b"\xef\xbb\xbf"
+
+
+def load(root, relpath):
+    """(text, fmt, data): the file's text (without a UTF-8 BOM), how to write it back and its
+    bytes. Python files are read in their declared coding (PEP 263), other files as UTF-8.
+    OSError or ValueError says why the file cannot be read as source."""
     ok, full = _inside(root, relpath)
     if not ok:
-        return None
+        raise OSError("outside the tree")
+    with open(full, "rb") as fh:
+        data = fh.read()
+    bom = data.startswith(BOM)
+    body = data[len(BOM):] if bom else data
+    encoding = "utf-8"
+    if relpath.endswith(".py"):
+        try:
+            encoding, _ = tokenize.detect_encoding(io.BytesIO(data).readline)
+        except SyntaxError as exc:  # not UTF-8 without a coding line, or a coding Python does not know
+            raise ValueError("not UTF-8 text, nor in a coding it declares: %s" % exc)
+        encoding = "utf-8" if encoding == "utf-8-sig" else encoding
     try:
-        with open(full, "r", encoding="utf-8", newline="") as fh:
-            return fh.read()
-    except (UnicodeDecodeError, OSError):
+        text = body.decode(encoding)
+    except (UnicodeDecodeError, LookupError) as exc:
+        raise ValueError("not %s text: %s" % ("UTF-8" if encoding == "utf-8" else encoding, exc))
+    if _encode(text, (encoding, bom)) != data:
+        raise ValueError("its %s text does not read back byte for byte" % encoding)
+    return text, (encoding, bom), data
+
+
+def _encode(text, fmt):
+    encoding, bom = fmt
+    return (BOM if bom else b"") + text.encode(encoding)
+
+
+def _load_or_note(root, relpath, problems):
+    try:
+        return load(root, relpath)
+    except (OSError, ValueError) as exc:
+        _note(problems, (relpath, "could not read", getattr(exc, "strerror", None) or str(exc)))
         return None
+
+
+def read_text(root, relpath):
+    """The file's text as the fixers see it, or None when it cannot be read (see load)."""
+    try:
+        return load(root, relpath)[0]
+    except (OSError, ValueError):
+        return None
+
+
+def _unwritable(root, relpath):
+    """Why the file cannot be replaced, or None. A read-only file (no write bit) is never
+    rewritten, even by root: its owner made it so."""
+    ok, full = _inside(root, relpath)
+    if not ok or os.path.islink(os.path.join(os.path.realpath(root), relpath)):
+        return "outside the tree"
+    try:
+        mode = os.stat(full).st_mode
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    if not mode & 0o222:
+        return "read-only (mode %03o)" % (mode & 0o777)
+    if not os.access(full, os.W_OK):
+        return "no write permission"
+    if not os.access(os.path.dirname(full), os.W_OK | os.X_OK):
+        return "its folder is not writable"
+    return None
 
 
 def write_all(root, changes):
-    """Write {relpath: new_text} atomically per file; roll back everything on failure."""
+    """Write {relpath: (old_bytes, new_bytes)} atomically per file; roll back everything on failure."""
     written = []
     try:
         for relpath, (old, new) in sorted(changes.items()):
@@ -137,12 +233,12 @@ def write_all(root, changes):
         raise
 
 
-def _atomic_write(full, text):
+def _atomic_write(full, data):
     mode = os.stat(full).st_mode & 0o7777
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(full), prefix=".envbuild-")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
         os.chmod(tmp, mode)
         os.replace(tmp, full)
     except BaseException:
@@ -158,8 +254,29 @@ def _parse(text):
     """The module's syntax tree, or None when it does not parse (Python 2 code, say)."""
     try:
         return ast.parse(text)
-    except (SyntaxError, ValueError):
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
         return None
+
+
+_LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+")
+
+
+def _lines(text):
+    """The lines of text, each with its ending, split exactly where Python's tokenizer (and so
+    ast's line numbers) splits them: at \\r\\n, \\r and \\n only. str.splitlines also splits at
+    \\f, \\v, \\x1c-\\x1e, \\x85, \\u2028 and \\u2029, which Python takes as part of a line."""
+    return _LINE.findall(text)
+
+
+def _ending(line):
+    """The line's ending: \\r\\n, \\r, \\n or '' (the last line of a file without one)."""
+    return "\r\n" if line.endswith("\r\n") else line[-1:] if line[-1:] in ("\r", "\n") else ""
+
+
+def _newline(text):
+    """The line ending the file mostly uses (\\n when it has none): the one inserted lines get."""
+    crlf = text.count("\r\n")
+    return max((text.count("\n") - crlf, 2, "\n"), (crlf, 1, "\r\n"), (text.count("\r") - crlf, 0, "\r"))[2]
 
 
 class _Source(object):
@@ -167,14 +284,32 @@ class _Source(object):
 
     def __init__(self, text):
         self.text = text
-        self.lines = text.splitlines(True)
+        self.lines = _lines(text)
+        self.nl = _newline(text)
         self.starts = [0]
         for line in self.lines:
             self.starts.append(self.starts[-1] + len(line))
 
     def offset(self, lineno, col_bytes):
-        line = self.lines[lineno - 1] if lineno - 1 < len(self.lines) else ""
+        if lineno - 1 >= len(self.lines):
+            return len(self.text)
+        line = self.lines[lineno - 1]
+        if line.isascii():
+            return self.starts[lineno - 1] + min(col_bytes, len(line))
         return self.starts[lineno - 1] + len(line.encode("utf-8")[:col_bytes].decode("utf-8", "replace"))
+
+    def line_end(self, lineno):
+        """Offset just past line lineno (1-based), its ending included."""
+        return self.starts[min(lineno, len(self.lines))]
+
+    def indent(self, node):
+        """The text before a statement on its first line (its indentation, as the file spells it)."""
+        return self.text[self.starts[node.lineno - 1]:self.offset(node.lineno, node.col_offset)]
+
+    def rest_of_line(self, node):
+        """What follows a node on its last line, without the line ending (a comment, spaces)."""
+        tail = self.text[self.span(node)[1]:self.line_end(node.end_lineno)]
+        return tail[:len(tail) - len(_ending(tail))]
 
     def span(self, node):
         return self.offset(node.lineno, node.col_offset), self.offset(node.end_lineno, node.end_col_offset)
@@ -183,9 +318,9 @@ class _Source(object):
         """(start, end) of the lines a statement occupies, when nothing else shares them."""
         start, end = self.span(node)
         line_start = self.starts[node.lineno - 1]
-        line_end = self.starts[node.end_lineno] if node.end_lineno < len(self.starts) else len(self.text)
+        line_end = self.line_end(node.end_lineno)
         before, after = self.text[line_start:start], self.text[end:line_end]
-        if before.strip() or (after.strip() and not after.strip().startswith("#")):
+        if before.strip(" \t\f") or (after.strip() and not after.strip().startswith("#")):
             return None
         return line_start, line_end
 
@@ -240,13 +375,14 @@ def _ensure_import_os(text):
             continue
         break
     if after is not None:
-        at = src.starts[after.end_lineno] if after.end_lineno < len(src.starts) else len(text)
-        prefix = "" if text[:at].endswith("\n") else "\n"
-        return text[:at] + prefix + "import os\n" + text[at:]
-    i = 0
-    while i < len(src.lines) and (src.lines[i].startswith("#!") or re.match(r"^#.*coding[:=]", src.lines[i])):
-        i += 1
-    return text[:src.starts[i]] + "import os\n" + text[src.starts[i]:]
+        at = src.line_end(after.end_lineno)
+    else:
+        i = 0
+        while i < len(src.lines) and (src.lines[i].startswith("#!") or re.match(r"^#.*coding[:=]", src.lines[i])):
+            i += 1
+        at = src.starts[i]
+    prefix = "" if at == 0 or _ending(text[:at]) else src.nl  # after a last line that has no ending
+    return text[:at] + prefix + "import os" + src.nl + text[at:]
 
 
 # ------------------------------------------------------------------ fixers
@@ -301,27 +437,29 @@ class NumbaErrors(Fixer):
                 lines = src.whole_lines(node)
                 if lines is None:
                     continue  # shares its line with other code (`a; from numba.errors import X`): leave it
-                ind = " " * node.col_offset
+                ind, nl, end = src.indent(node), src.nl, _ending(text[lines[0]:lines[1]])
                 names = _import_names(node.names)
-                comment = text[src.span(node)[1]:lines[1]].strip()  # a trailing comment stays with it
-                edits.append((lines[0], lines[1], "%stry:\n%s    from numba.core.errors import %s%s\n%s%s\n"
-                              "%s    from numba.errors import %s\n" % (ind, ind, names, "  " + comment if comment else "",
-                                                                       ind, self._marker, ind, names)))
+                comment = src.rest_of_line(node).lstrip(" \t\f")  # a trailing comment stays with it
+                edits.append((lines[0], lines[1], "%stry:%s%s    from numba.core.errors import %s%s%s%s%s%s"
+                              "%s    from numba.errors import %s%s"
+                              % (ind, nl, ind, names, "  " + comment if comment else "", nl, ind, self._marker, nl,
+                                 ind, names, end)))
         import_at = None  # the module-level `import numba` / `import numba.errors` that binds numba
         for node in tree.body:
             if isinstance(node, ast.Import) and any(a.name in ("numba", "numba.errors") and not a.asname
                                                     for a in node.names):
                 import_at = node
                 break
-        uses = _dotted_uses(text, "numba", ("errors",))
+        uses = _dotted_uses(tree, src, "numba", ("errors",))
         lines = src.whole_lines(import_at) if import_at is not None else None
         if uses and lines is not None and not isinstance(_parent_try(tree, import_at), ast.Try):
-            binding = ("try:\n    from numba.core import errors as %s\n%s\n    from numba import errors as %s\n"
-                       % (self._alias, self._marker, self._alias))
+            ind, nl, end = src.indent(import_at), src.nl, _ending(text[lines[0]:lines[1]])
+            binding = ("%stry:%s%s    from numba.core import errors as %s%s%s%s%s%s    from numba import errors as %s%s"
+                       % (ind, nl, ind, self._alias, nl, ind, self._marker, nl, ind, self._alias, end))
             names = list(dict.fromkeys("numba" if a.name == "numba.errors" and not a.asname else
                                        _import_names([a]) for a in import_at.names))
-            edits.append((lines[0], lines[1], "import %s\n%s" % (", ".join(names), binding)))
-            edits += [(start, end, self._alias) for start, end in uses]
+            edits.append((lines[0], lines[1], "%simport %s%s%s" % (ind, ", ".join(names), nl, binding)))
+            edits += [(span[0], span[1], self._alias) for span, _ in uses]
         return _edit(text, edits)
 
 
@@ -337,44 +475,41 @@ def _parent_try(tree, target):
     return None
 
 
-def _dotted_uses(text, first, seconds, prefix_only=True):
-    """Spans of `first.second` (numba.errors; collections.X for any X of seconds) where it is used
-    in code (strings and comments are skipped, and `import numba.errors` lines are left as they
-    are): as an expression prefix (numba.errors.X), or, with prefix_only=False, anywhere
-    (collections.Iterable). One tokenize pass, whatever the number of seconds."""
-    import io
-    import tokenize
-    src = _Source(text)
-    try:
-        toks = [t for t in tokenize.generate_tokens(io.StringIO(text).readline)
-                if t.type not in (tokenize.NL, tokenize.COMMENT)]
-    except (tokenize.TokenError, IndentationError, SyntaxError):
-        return []
+def _dotted_uses(tree, src, first, seconds, prefix_only=True):
+    """(span of `first.second`, span of `first`) for each use of numba.errors (collections.X for
+    any X of seconds) in code, as the parser found it, so strings, comments and `import
+    numba.errors` are never touched: as an expression prefix (numba.errors.X), or, with
+    prefix_only=False, anywhere (collections.Iterable)."""
+    prefixes = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Attribute)} if prefix_only else None
     spans = []
-    for i in range(len(toks) - 3):
-        a, dot, b, dot2 = toks[i:i + 4]
-        if (a.type == tokenize.NAME and a.string == first and dot.string == "." and b.string in seconds
-                and (dot2.string == "." or not prefix_only)
-                and not (i and toks[i - 1].string in (".", "import", "from"))):
-            start = src.starts[a.start[0] - 1] + a.start[1]
-            end = src.starts[b.end[0] - 1] + b.end[1]
-            spans.append((start, end))
-    return spans
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and node.attr in seconds and isinstance(node.value, ast.Name)
+                and node.value.id == first and (prefixes is None or id(node) in prefixes)):
+            spans.append((src.span(node), src.span(node.value)))
+    return sorted(spans)
+
+
+# C and C++ lines end at \\r\\n, \\r or \\n (re's ^ and $ know only \\n): the start of a line, and
+# the rest of one with its ending (none on a last line without one).
+_BOL = r"(?:(?<=[\r\n])|\A)"
+_EOL = r"[^\r\n]*(?P<eol>\r\n|\r|\n|\Z)"
 
 
 class ThcToAten(Fixer):
     name = "thc-to-aten"
     why = "THC was removed in torch 1.11: map its headers and helpers to ATen/c10"
     suffixes = CXX
+    # A line starts after \\r\\n, \\r or \\n and keeps its own ending (CRLF files stay CRLF).
     _includes = [
-        (re.compile(r'^[ \t]*#include\s*[<"]THC/THC\.h[>"][^\n]*\n', re.M), "#include <ATen/cuda/CUDAContext.h>\n"),
-        (re.compile(r'^[ \t]*#include\s*[<"]THC/THCAtomics\.cuh[>"][^\n]*\n', re.M), "#include <ATen/cuda/Atomic.cuh>\n"),
-        (re.compile(r'^[ \t]*#include\s*[<"]THC/THCDeviceUtils\.cuh[>"][^\n]*\n', re.M), "#include <ATen/cuda/DeviceUtils.cuh>\n"),
-        (re.compile(r'^[ \t]*#include\s*[<"]THC/[A-Za-z]+\.h[>"][^\n]*\n', re.M), "#include <ATen/cuda/CUDAContext.h>\n"),
+        (re.compile(_BOL + r'[ \t]*#include\s*[<"]THC/THC\.h[>"]' + _EOL), r"#include <ATen/cuda/CUDAContext.h>\g<eol>"),
+        (re.compile(_BOL + r'[ \t]*#include\s*[<"]THC/THCAtomics\.cuh[>"]' + _EOL), r"#include <ATen/cuda/Atomic.cuh>\g<eol>"),
+        (re.compile(_BOL + r'[ \t]*#include\s*[<"]THC/THCDeviceUtils\.cuh[>"]' + _EOL),
+         r"#include <ATen/cuda/DeviceUtils.cuh>\g<eol>"),
+        (re.compile(_BOL + r'[ \t]*#include\s*[<"]THC/[A-Za-z]+\.h[>"]' + _EOL), r"#include <ATen/cuda/CUDAContext.h>\g<eol>"),
     ]
     _subs = [
-        (re.compile(r"^[ \t]*extern\s+THCState\s*\*\s*state\s*;[^\n]*\n", re.M), ""),
-        (re.compile(r"^[ \t]*THCState\s*\*\s*state\s*=[^;]*;[^\n]*\n", re.M), ""),
+        (re.compile(_BOL + r"[ \t]*extern\s+THCState\s*\*\s*state\s*;" + _EOL), ""),
+        (re.compile(_BOL + r"[ \t]*THCState\s*\*\s*state\s*=[^;]*;" + _EOL), ""),
         (re.compile(r"THCState_getCurrentStream\s*\(\s*state\s*\)"), "at::cuda::getCurrentCUDAStream()"),
         (re.compile(r"\bTHCudaCheck\s*\("), "C10_CUDA_CHECK("),
         (re.compile(r"\bTHCCeilDiv\s*\("), "at::ceil_div("),
@@ -392,50 +527,58 @@ class ThcToAten(Fixer):
             new = pattern.sub(repl, new)
         for pattern, repl in self._subs:
             new = pattern.sub(repl, new)
-        extra = []
+        extra, nl = [], _newline(text)
         if "at::ceil_div(" in new and "ATen/ceil_div.h" not in new:
-            extra.append("#include <ATen/ceil_div.h>\n")
+            extra.append("#include <ATen/ceil_div.h>" + nl)
         if "CUDACachingAllocator::raw_" in new and "c10/cuda/CUDACachingAllocator.h" not in new:
-            extra.append("#include <c10/cuda/CUDACachingAllocator.h>\n")
+            extra.append("#include <c10/cuda/CUDACachingAllocator.h>" + nl)
         if "C10_CUDA_CHECK(" in new and "c10/cuda/CUDAException.h" not in new and "ATen/cuda/CUDAContext.h" not in new:
-            extra.append("#include <c10/cuda/CUDAException.h>\n")
+            extra.append("#include <c10/cuda/CUDAException.h>" + nl)
         if "at::cuda::getCurrentCUDAStream" in new and "ATen/cuda/CUDAContext.h" not in new:
-            extra.append("#include <ATen/cuda/CUDAContext.h>\n")
+            extra.append("#include <ATen/cuda/CUDAContext.h>" + nl)
         if extra:
             new = _insert_after_includes(new, "".join(extra))
         # one CUDAContext include is enough
-        first = new.find("#include <ATen/cuda/CUDAContext.h>\n")
-        if first >= 0:
-            head, tail = new[:first + 35], new[first + 35:]
-            new = head + tail.replace("#include <ATen/cuda/CUDAContext.h>\n", "")
-        return new
+        again = list(self._context.finditer(new))[1:]
+        return _edit(new, [(m.start(), m.end(), "") for m in again])
+
+    _context = re.compile(_BOL + r"#include <ATen/cuda/CUDAContext\.h>(?:\r\n|\r|\n)")
 
 
 def _insert_after_includes(text, block):
-    matches = list(re.finditer(r"^[ \t]*#include[^\n]*\n", text, re.M))
-    at = matches[-1].end() if matches else 0
-    return text[:at] + block + text[at:]
+    matches = list(re.finditer(_BOL + r"[ \t]*#include" + _EOL, text))
+    if not matches:
+        return block + text
+    last = matches[-1]
+    return text[:last.end()] + ("" if last.group("eol") else _newline(text)) + block + text[last.end():]
 
 
 class MmcvVersionAssert(Fixer):
     name = "mmcv-version-assert"
     why = "mmdet/mmseg/mmdet3d assert an mmcv maximum below the version the port uses"
-    # mmdet/mmdet3d name the maximum mmcv_maximum_version, mmseg 0.x MMCV_MAX
-    _re = re.compile(r"""^([ \t]*(mmcv_maximum_version|MMCV_MAX)\s*=\s*)(['"])([0-9][0-9a-z.]*)\3""", re.M)
+    # mmdet/mmdet3d name the maximum mmcv_maximum_version, mmseg 0.x MMCV_MAX: `NAME = '1.4.0'`
+    _names = ("mmcv_maximum_version", "MMCV_MAX")
+    _literal = re.compile(r"""([uU]?)(['"])([0-9][0-9a-z.]*)\2""")
 
     def fix_text(self, relpath, text):
         target = self.args.get("mmcv")
-        if not target:
+        tree = _parse(text) if target and any(n in text for n in self._names) else None
+        if tree is None:
             return text
-
-        def repl(m):
-            strict_lt = re.search(r"<\s*digit_version\(\s*%s\s*\)" % m.group(2), text) is not None
-            current = m.group(4)
+        src, edits = _Source(text), []
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+                    and node.targets[0].id in self._names and isinstance(node.value, ast.Constant)):
+                continue
+            start, end = src.span(node.value)
+            m = self._literal.fullmatch(text[start:end])
+            if not m:
+                continue
+            strict_lt = re.search(r"<\s*digit_version\(\s*%s\s*\)" % node.targets[0].id, text) is not None
             want = _bump_patch(target) if strict_lt else target
-            if _vkey(current) >= _vkey(want):
-                return m.group(0)
-            return "%s%s%s%s" % (m.group(1), m.group(3), want, m.group(3))
-        return self._re.sub(repl, text)
+            if _vkey(m.group(3)) < _vkey(want):
+                edits.append((start, end, "%s%s%s%s" % (m.group(1), m.group(2), want, m.group(2))))
+        return _edit(text, edits)
 
 
 def _vkey(version):
@@ -484,35 +627,43 @@ class SetupWithoutGpu(Fixer):
     name = "setup-without-gpu"
     why = "setup.py refuses to build CUDA ops without a visible GPU; image builds have none (FORCE_CUDA=1)"
     filenames = ("setup.py",)
-    _re = re.compile(r"torch\.cuda\.is_available\(\)")
+    _new = "(torch.cuda.is_available() or os.getenv('FORCE_CUDA', '0') == '1')"
 
     def fix_text(self, relpath, text):
-        if _parse(text) is None:
+        """Each torch.cuda.is_available() in the condition of an if/elif that does not already
+        mention FORCE_CUDA (a fixed one does) also accepts FORCE_CUDA=1."""
+        tree = _parse(text) if "is_available" in text else None
+        if tree is None:
             return text
-        lines = text.splitlines(True)
-        changed = False
-        for i, line in enumerate(lines):
-            stripped = line.lstrip()
-            if not (stripped.startswith("if ") or stripped.startswith("elif ")) or "FORCE_CUDA" in line:
+        src, edits = _Source(text), []
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.If) or "FORCE_CUDA" in text[slice(*src.span(node.test))]:
                 continue
-            if self._re.search(line):
-                lines[i] = self._re.sub("(torch.cuda.is_available() or os.getenv('FORCE_CUDA', '0') == '1')", line)
-                changed = True
-        if not changed:
-            return text
-        return _ensure_import_os("".join(lines))
+            for sub in ast.walk(node.test):
+                if (isinstance(sub, ast.Call) and not sub.args and not sub.keywords and isinstance(sub.func, ast.Attribute)
+                        and sub.func.attr == "is_available" and isinstance(sub.func.value, ast.Attribute)
+                        and sub.func.value.attr == "cuda" and isinstance(sub.func.value.value, ast.Name)
+                        and sub.func.value.value.id == "torch"):
+                    edits.append(src.span(sub) + (self._new,))
+        return _ensure_import_os(_edit(text, edits)) if edits else text
 
 
 class CxxStandard(Fixer):
     """With a Plan's standard (args std=c++17): raise an old -std pin to it. Without one: drop the
     pin, so torch's extension builder passes the standard its own headers need (C++17 for
-    torch 2.x, C++20 for the newest). Works on string literals of the parsed setup.py: a list
-    element that is only the flag goes with its comma; a flag inside a longer string is cut out."""
+    torch 2.x, C++20 for the newest). Works on string literals of the parsed setup.py: a list,
+    tuple or set element that is only the flag goes with its comma (a tuple keeps the comma a
+    1-tuple needs; ('-std=c++14',) becomes ()); a flag inside a longer string is cut out. A
+    string that is only the flag never becomes '' (gcc takes an empty argument for a file
+    name): as a dict value or an extra_*_args keyword it becomes [] (torch's BuildExtension
+    appends its own flags to that list), elsewhere a flag that does nothing (_HARMLESS)."""
     name = "cxx-standard"
     why = "newer torch headers need a newer C++ standard than setup.py asks for"
     filenames = ("setup.py",)
     _flag = re.compile(r"-std=c\+\+(11|14|0x|1y)\b")
     _inline = re.compile(r"[ \t]*-std=c\+\+(11|14|0x|1y)\b")
+    _HARMLESS = "-DENVBUILD_STD_LEFT_TO_TORCH"  # a macro nobody reads: gcc, clang and nvcc accept it
+    _quote = re.compile(r"""([A-Za-z]*)('\'\'|\"\"\"|'|\")""")
 
     def fix_text(self, relpath, text):
         if not self._flag.search(text):
@@ -521,34 +672,109 @@ class CxxStandard(Fixer):
         if tree is None:
             return text
         std, src, edits, done = self.args.get("std"), _Source(text), [], set()
+        # the parts of an f-string carry the f-string's position (before 3.12): never edited
+        formatted = {id(n) for f in ast.walk(tree) if isinstance(f, ast.JoinedStr) for n in ast.walk(f)}
+        strings = [n for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+                   and id(n) not in formatted and self._flag.search(n.value)]
         if not std:
+            only = {id(n) for n in strings if self._flag.fullmatch(n.value.strip())}
             for node in ast.walk(tree):
-                if not isinstance(node, ast.List):
-                    continue
-                elts = node.elts
-                gone = [i for i, e in enumerate(elts) if isinstance(e, ast.Constant) and isinstance(e.value, str)
-                        and self._flag.fullmatch(e.value)]
-                if not gone:
-                    continue
-                done.update(id(elts[i]) for i in gone)
-                kept = [i for i in range(len(elts)) if i not in gone]
-                if not kept:
-                    edits.append((src.span(elts[0])[0], src.span(elts[-1])[1], ""))
-                    continue
-                for i in gone:  # an element before the last kept one goes with the comma after it
-                    if i < kept[-1]:
-                        edits.append((src.span(elts[i])[0], src.span(elts[i + 1])[0], ""))
-                if gone[-1] > kept[-1]:  # trailing ones go with the comma before them
-                    edits.append((src.span(elts[kept[-1]])[1], src.span(elts[-1])[1], ""))
+                if isinstance(node, (ast.List, ast.Tuple, ast.Set)):
+                    gone = [i for i, e in enumerate(node.elts) if id(e) in only]
+                    if gone:
+                        done.update(id(node.elts[i]) for i in gone)  # dropped, or left as they are
+                        edits += self._drop(text, src, node, gone)
+        as_list = set()  # where a list of flags is expected: dict values, extra_compile_args=...
         for node in ast.walk(tree):
-            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in done \
-                    and self._flag.search(node.value):
-                start, end = src.span(node)
-                literal = text[start:end]
-                new = self._flag.sub("-std=" + std, literal) if std else self._inline.sub("", literal)
-                if _still_a_string(new):  # implicitly joined literals ('a''b') can merge into nonsense
-                    edits.append((start, end, new))
+            if isinstance(node, ast.Dict):
+                as_list.update(id(v) for v in node.values)
+            elif isinstance(node, ast.keyword) and node.arg in ("extra_compile_args", "extra_link_args"):
+                as_list.add(id(node.value))
+        for node in strings:
+            if id(node) in done:
+                continue
+            start, end = src.span(node)
+            literal = text[start:end]
+            new = self._flag.sub("-std=" + std, literal) if std else self._inline.sub("", literal)
+            if not _still_a_string(new):  # implicitly joined literals ('a''b') can merge into nonsense
+                continue
+            if not ast.literal_eval(new.strip()).strip():  # nothing left: never an empty argument
+                quote = self._quote.match(literal)
+                if id(node) in as_list:
+                    new = "[]"
+                elif quote:
+                    new = quote.group(1) + quote.group(2) + self._HARMLESS + quote.group(2)
+                else:
+                    continue
+            edits.append((start, end, new))
         return _edit(text, edits)
+
+    @staticmethod
+    def _drop(text, src, node, gone):
+        """Edits that take the elements `gone` out of a list, tuple or set display with their
+        commas, checked: the display must still parse to one of its kind with the rest of its
+        elements, or it is left as it is (no edit)."""
+        elts = node.elts
+        kept = [i for i in range(len(elts)) if i not in gone]
+        node_start, node_end = src.span(node)
+        span = [_widen(text, src.span(e), node_start, node_end) for e in elts]
+        comma = _past_comma(text, span[-1][1], node_end)  # past a trailing comma, if there is one
+        if not kept:
+            if isinstance(node, ast.List):
+                edits = [(span[0][0], comma, "")]
+            else:
+                edits = [(node_start, node_end, "()" if isinstance(node, ast.Tuple) else "set()")]
+        else:
+            edits = [(span[i][0], span[i + 1][0], "") for i in gone if i < kept[-1]]
+            needs_comma = isinstance(node, ast.Tuple) and len(kept) == 1 and comma == span[-1][1]
+            if gone[-1] > kept[-1]:  # trailing ones go with the comma before them
+                edits.append((span[kept[-1]][1], span[-1][1], "," if needs_comma else ""))
+            elif needs_comma:
+                edits.append((span[-1][1], span[-1][1], ","))
+        shifted = [(a - node_start, b - node_start, r) for a, b, r in edits]
+        try:
+            after = ast.parse("(" + _edit(text[node_start:node_end], shifted) + "\n)", mode="eval").body
+        except (SyntaxError, ValueError, RecursionError, MemoryError):
+            return []
+        if not kept and not isinstance(node, ast.List):
+            ok = isinstance(after, ast.Tuple) and not after.elts if isinstance(node, ast.Tuple) else \
+                isinstance(after, ast.Call) and not after.args
+        else:
+            ok = type(after) is type(node) and len(after.elts) == len(kept)
+        return edits if ok else []
+
+
+def _widen(text, span, lo, hi):
+    """An element's span with the parentheses around it (`('-O3')`), within lo:hi but never
+    the display's own."""
+    start, end = span
+    while True:
+        b, a = start - 1, end
+        while b > lo and text[b] in " \t\f\r\n\\":
+            b -= 1
+        while a < hi - 1 and text[a] in " \t\f\r\n\\":
+            a += 1
+        if not (lo <= b and a < hi and text[b] == "(" and text[a] == ")") or (b == lo and a == hi - 1):
+            return start, end
+        start, end = b, a + 1
+
+
+def _past_comma(text, pos, limit):
+    """The offset just past a comma that follows pos with only blanks, line breaks, backslash
+    continuations and comments between (before limit), or pos when none does."""
+    i = pos
+    while i < limit:
+        c = text[i]
+        if c == ",":
+            return i + 1
+        if c == "#":
+            while i < limit and text[i] not in "\r\n":
+                i += 1
+        elif c in " \t\f\r\n\\":
+            i += 1
+        else:
+            break
+    return pos
 
 
 class CollectionsAbc(Fixer):
@@ -577,20 +803,23 @@ class CollectionsAbc(Fixer):
             if lines is None:
                 continue  # no ABC, or it shares its line with other code: left as it is
             rest = [a for a in node.names if a.name not in self.ABCS]
-            ind = " " * node.col_offset
-            comment = text[src.span(node)[1]:lines[1]].strip()
-            new = ("%sfrom collections import %s\n" % (ind, _import_names(rest)) if rest else "")
-            new += "%sfrom collections.abc import %s%s\n" % (ind, _import_names(abcs), "  " + comment if comment else "")
+            ind, nl, end = src.indent(node), src.nl, _ending(text[lines[0]:lines[1]])
+            comment = src.rest_of_line(node).lstrip(" \t\f")
+            new = ("%sfrom collections import %s%s" % (ind, _import_names(rest), nl) if rest else "")
+            new += "%sfrom collections.abc import %s%s%s" % (ind, _import_names(abcs), "  " + comment if comment else "", end)
             edits.append((lines[0], lines[1], new))
-        uses = _dotted_uses(text, "collections", self.ABCS, prefix_only=False) if "collections." in text else []
+        uses = _dotted_uses(tree, src, "collections", self.ABCS, prefix_only=False) if "collections" in text else []
         import_at = next((n for n in tree.body if isinstance(n, ast.Import)
                           and any(a.name == "collections" and not a.asname for a in n.names)), None)
         import_lines = src.whole_lines(import_at) if import_at is not None else None
         if uses and import_lines is not None:
-            edits += [(start, start + len("collections"), "collections.abc") for start, _ in uses]
+            edits += [(name[0], name[1], "collections.abc") for _, name in uses]
             if not any(isinstance(n, ast.Import) and any(a.name == "collections.abc" for a in n.names)
                        for n in ast.walk(tree)):
-                edits.append((import_lines[1], import_lines[1], "import collections.abc\n"))
+                at, nl = import_lines[1], src.nl
+                line = src.indent(import_at) + "import collections.abc"
+                ended = _ending(text[import_lines[0]:at])
+                edits.append((at, at, line + nl if ended else nl + line))
         return _edit(text, edits)
 
 
@@ -623,36 +852,60 @@ def make(name, args=None):
 
 
 def detect(root, fixers):
-    findings = []
+    """Findings of every fixer (nothing is written); .problems names the files none could read."""
+    findings = Findings()
     for fx in fixers:
-        findings.extend(fx.detect(root))
+        findings.extend(fx.detect(root, findings.problems))
     return findings
 
 
 def apply(root, fixers):
-    """Apply fixers in order; returns {fixer: [changed files]}. All or nothing."""
+    """Apply fixers in order; returns a Report, {fixer: [changed files]}. All or nothing, except
+    that a file that cannot be read or written is left as it is and named in .problems."""
     if not os.path.isdir(root):
         raise OSError("not a directory: %s" % root)
-    report = {}
+    report = Report()
+    files = list(iter_files(root, report.problems))
+    loaded, staged = {}, {}  # relpath: (text, fmt, bytes) or None; relpath: new text
     # Compute every change first (fixers see the results of the ones before them).
-    staged = {}
     for fx in fixers:
         changed = []
-        for relpath in iter_files(root):
+        for relpath in files:
             if not fx.wants(relpath):
                 continue
-            current = staged[relpath][1] if relpath in staged else read_text(root, relpath)
-            if current is None:
+            if relpath not in loaded:
+                loaded[relpath] = _load_or_note(root, relpath, report.problems)
+            if loaded[relpath] is None:
                 continue
+            current = staged.get(relpath, loaded[relpath][0])
             new = fx.fixed(relpath, current)
             if new != current:
-                original = staged[relpath][0] if relpath in staged else current
-                staged[relpath] = (original, new)
+                staged[relpath] = new
                 changed.append(relpath)
         report[fx.name] = changed
-    pending = {p: v for p, v in staged.items() if v[0] != v[1]}
+    pending, unwritten = {}, set()
+    for relpath, new in sorted(staged.items()):
+        text, fmt, data = loaded[relpath]
+        if new == text:
+            continue
+        why = _unwritable(root, relpath)
+        if why is None:
+            try:
+                pending[relpath] = (data, _encode(new, fmt))
+            except UnicodeEncodeError as exc:
+                why = "the fixed text cannot be written in its %s coding (%s)" % (fmt[0], exc)
+        if why is not None:
+            _note(report.problems, (relpath, "could not write", why))
+            unwritten.add(relpath)
     write_all(root, pending)
+    for name, changed in report.items():
+        report[name] = [f for f in changed if f not in unwritten]
     return report
+
+
+def problem_lines(problems):
+    """One line per file a fixer could not read or write: "could not write a.py: read-only (mode 444)"."""
+    return ["%s %s: %s" % (what, path, why) for path, what, why in problems]
 
 
 def installed_roots(dist_name):
@@ -673,13 +926,16 @@ def installed_roots(dist_name):
 
 
 def apply_installed(plan_fixers, fixers):
-    """Run each fixer over the installed distributions the Plan names for it; {fixer: [files]}."""
-    report = {}
+    """Run each fixer over the installed distributions the Plan names for it; a Report."""
+    report = Report()
     for item, fx in zip(plan_fixers, fixers):
         changed = []
         for dist_name in item.get("installed") or []:
             for root in installed_roots(dist_name):
-                changed += [os.path.join(root, f) for f in apply(root, [fx])[fx.name]]
+                done = apply(root, [fx])
+                changed += [os.path.join(root, f) for f in done[fx.name]]
+                for path, what, why in done.problems:
+                    _note(report.problems, (os.path.join(root, path), what, why))
         report[fx.name] = changed
     return report
 
@@ -697,34 +953,50 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="envbuild-fix")
     ap.add_argument("action", choices=["apply", "list", "apply-installed"])
     ap.add_argument("tree", nargs="?", help="the model tree (not for apply-installed: the Plan names the packages)")
-    ap.add_argument("--plan", required=True)
+    ap.add_argument("--plan", help="the Plan whose fixers to run")
+    ap.add_argument("--fixers", help="instead of a Plan: fixer names, comma-separated (a compiled package's sdist port)")
     ap.add_argument("--report")
     ns = ap.parse_args(argv)
+    if bool(ns.plan) == bool(ns.fixers):
+        ap.error("give --plan or --fixers (one of them)")
     try:
-        with open(ns.plan) as fh:
-            plan = json.load(fh)
+        if ns.fixers:
+            plan = {"fixers": [{"name": n} for n in ns.fixers.split(",")]}
+        else:
+            with open(ns.plan) as fh:
+                plan = json.load(fh)
         fixers = fixers_from_plan(plan)
     except (OSError, ValueError, KeyError) as exc:
-        print("envbuild-fix: error: cannot use plan %s: %s" % (ns.plan, exc), file=sys.stderr)
+        print("envbuild-fix: error: cannot use %s: %s" % ("--fixers" if ns.fixers else "plan " + ns.plan, exc),
+              file=sys.stderr)
         return 2
     if ns.action != "apply-installed" and not ns.tree:
         ap.error("%s needs the model tree" % ns.action)
     if ns.action == "list":
-        for f in detect(ns.tree, fixers):
+        found = detect(ns.tree, fixers)
+        for f in found:
             print("%s:%d: %s: %s" % (f.path, f.line, f.fixer, f.why))
+        for text in problem_lines(found.problems):
+            print("envbuild-fix: %s" % text, file=sys.stderr)
         return 0
     try:
         report = apply_installed(plan["fixers"], fixers) if ns.action == "apply-installed" else apply(ns.tree, fixers)
     except FixerError as exc:
         print("envbuild-fix: error: %s" % exc, file=sys.stderr)
         return 1
-    summary = {"fixers": [{"name": fx.name, "args": fx.args, "files": report[fx.name]} for fx in fixers]}
+    summary = {"fixers": [{"name": fx.name, "args": fx.args, "files": report[fx.name]} for fx in fixers],
+               "problems": [{"path": path, "problem": what, "why": why} for path, what, why in report.problems]}
     for item in summary["fixers"]:
         print("fixer %s: %d file(s) changed" % (item["name"], len(item["files"])))
+    for text in problem_lines(report.problems):
+        print("envbuild-fix: %s" % text, file=sys.stderr)
     if ns.report:
         with open(ns.report, "w") as fh:
             json.dump(summary, fh, indent=2, sort_keys=True)
             fh.write("\n")
+    if any(what == "could not write" for _, what, _ in report.problems):
+        print("envbuild-fix: error: a file that needs a fix could not be written (see above)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -166,19 +166,29 @@ def rendered(p, listing: dict, as_json: bool = False) -> None:
 
 def findings(found, as_json: bool = False) -> None:
     if as_json:
-        return emit_json([f.to_dict() for f in found])
-    for f in found:
-        line(f"{f.path}:{f.line}: {f.fixer}: {f.why}")
-    line(f"{len(found)} finding(s); nothing changed")
+        emit_json([f.to_dict() for f in found])
+    else:
+        for f in found:
+            line(f"{f.path}:{f.line}: {f.fixer}: {f.why}")
+        line(f"{len(found)} finding(s); nothing changed")
+    fix_problems(found, as_json)
 
 
 def fixes(report: dict, as_json: bool = False) -> None:
     if as_json:
-        return emit_json(report)
-    for name, files in report.items():
-        line(f"{name}: {len(files)} file(s) changed")
-        for f in files:
-            line(f"  {f}")
+        emit_json(report)
+    else:
+        for name, files in report.items():
+            line(f"{name}: {len(files)} file(s) changed")
+            for f in files:
+                line(f"  {f}")
+    fix_problems(report, as_json)
+
+
+def fix_problems(result, as_json: bool = False) -> None:
+    """The files the fixers could not read or write, one line each (on stderr beside JSON)."""
+    for path, what, why in getattr(result, "problems", []):
+        (note if as_json else line)(f"{what} {printable(path)}: {printable(why)}")
 
 
 def locked(p, path, ctx, as_json: bool = False) -> None:

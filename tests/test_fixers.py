@@ -1,5 +1,6 @@
 """Fixers on small snippets written here (never code from the model repos)."""
 
+import ast
 import json
 import os
 import subprocess
@@ -356,12 +357,32 @@ def test_cxx_standard_without_a_plan_leaves_the_standard_to_torch(tree):
     ('a = ["-std=c++17"]\n', 'a = ["-std=c++17"]\n'),  # a current standard stays
     ("a = ['-std=c++14', '-O3', '-std=c++14']\n", "a = ['-O3']\n"),
     ("a = ['-std=c++14', '-std=c++11']\n", "a = []\n"),
-    ('a = "-std=c++14"\n', 'a = ""\n'),
+    # never an empty argument (gcc reads '' as a file: "linker input file not found")
+    ('a = "-std=c++14"\n', 'a = "-DENVBUILD_STD_LEFT_TO_TORCH"\n'),
+    ("e = {'cxx': ('-std=c++14',)}\n", "e = {'cxx': ()}\n"),
+    ("e = {'cxx': '-std=c++14', 'nvcc': ' -std=c++11 '}\n", "e = {'cxx': [], 'nvcc': []}\n"),
+    ("Extension('x', extra_compile_args='-std=c++14')\n", "Extension('x', extra_compile_args=[])\n"),
+    ("a = ('-O3', '-std=c++14')\n", "a = ('-O3',)\n"),
+    ("a = ('-std=c++14', '-O3')\n", "a = ('-O3',)\n"),
+    ("a = ('-std=c++14', '-O3', '-std=c++14',)\n", "a = ('-O3',)\n"),
+    ("a = ('-g', '-std=c++14', '-O3')\n", "a = ('-g', '-O3')\n"),
+    ("a = '-std=c++14',\n", "a = ()\n"),
+    ("a = '-O3', '-std=c++14'\n", "a = '-O3',\n"),
+    ("a = ['-std=c++14',]\n", "a = []\n"),
+    ("a = [\n    '-std=c++14',  # old, pinned\n]\n", "a = [\n      # old, pinned\n]\n"),
+    ("a = {'-std=c++14'}\n", "a = set()\n"),
+    ("a = ['-O3', ' -std=c++14']\n", "a = ['-O3']\n"),
+    ("a = [('-std=c++14'), '-O3']\n", "a = ['-O3']\n"),
+    ("a = (('-O3'), ('-std=c++14'))\n", "a = (('-O3'),)\n"),
+    ("a = f'-std=c++14 {x}'\n", "a = f'-std=c++14 {x}'\n"),  # an f-string is not cut (its parts have no place)
 ])
 def test_cxx_standard_drops_only_old_pins(tmp_path, before, after):
     (tmp_path / "setup.py").write_text(before)
     fixers.apply(str(tmp_path), [fixers.make("cxx-standard")])
     assert (tmp_path / "setup.py").read_text() == after
+    empty = lambda text: [n.value for n in ast.walk(ast.parse(text))  # noqa: E731
+                          if isinstance(n, ast.Constant) and isinstance(n.value, str) and not n.value.strip()]
+    assert empty(after) == empty(before) == []
 
 
 def test_fix_cli_drops_the_pin_by_default_and_sets_it_when_asked(tree):
@@ -632,3 +653,208 @@ def test_the_plan_fixes_motmetrics_in_the_venv_on_a_port_to_python_3_10_or_later
     fx = next(f for f in plan.fixers if f.name == "collections-abc")
     assert fx.installed == ("motmetrics",) and "motmetrics 1.1.3" in fx.why and "3.11" in fx.why
     assert not [f for f in resolve(cat, "sparsedrive", "a800").fixers if f.name == "collections-abc"]
+
+
+# ---------------------------------------------------------------- line endings, encodings, files it cannot read or write
+
+ODD_SEPARATORS = ["\f", "\v", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029"]  # str.splitlines splits here, Python not
+
+
+def test_lines_are_split_where_python_splits_them():
+    text = "a = 1  # \f\v\x1c\x1d\x1e\x85\u2028\u2029 end\r\nb = 's\u2028t'\rc = 3\nd = 4"
+    assert fixers._lines(text) == ["a = 1  # \f\v\x1c\x1d\x1e\x85\u2028\u2029 end\r\n", "b = 's\u2028t'\r", "c = 3\n", "d = 4"]
+    assert [n.lineno for n in ast.parse(text).body] == [1, 2, 3, 4]
+    assert len(text.splitlines()) == 13  # what the fixers used to count with
+
+
+@pytest.mark.parametrize("sep", ODD_SEPARATORS)
+def test_a_separator_python_does_not_split_at_cannot_move_an_edit_to_another_line(tmp_path, sep):
+    """`import os / form feed / x = 1 / from collections import Iterable` once had `x = 1` replaced by
+    the new import, and a --local_rank script got `p = argparse.ArgumentParser(), '--local-rank'`."""
+    files = {"m.py": (f"import os\n\f\ns = 'a{sep}b'  # c{sep}d\nx = 1\nfrom collections import Iterable\n",
+                      f"import os\n\f\ns = 'a{sep}b'  # c{sep}d\nx = 1\nfrom collections.abc import Iterable\n"),
+             "t.py": (f"import argparse  # {sep}\np = argparse.ArgumentParser()\np.add_argument('--local_rank', type=int)\n",
+                      f"import argparse  # {sep}\np = argparse.ArgumentParser()\n"
+                      "p.add_argument('--local_rank', '--local-rank', type=int)\n")}
+    for name, (before, _) in files.items():
+        (tmp_path / name).write_text(before, newline="")
+    chosen = [fixers.make("collections-abc"), fixers.make("local-rank")]
+    assert [(f.path, f.line) for f in fixers.detect(str(tmp_path), chosen)] == [("m.py", 5), ("t.py", 3)]
+    for _ in range(2):  # and a rerun changes nothing
+        fixers.apply(str(tmp_path), chosen)
+        for name, (_, after) in files.items():
+            assert (tmp_path / name).read_bytes() == after.encode(), name
+
+
+def test_crlf_and_cr_files_keep_their_line_endings(tmp_path):
+    """No fixer writes a LF line into a CRLF (or old-Mac CR) file: an inserted line takes the file's ending."""
+    sources = {
+        "n.py": "import numba\nfrom numba.errors import NumbaWarning  # kept\nx = numba.errors.TypingError\n",
+        "c.py": '"""Doc."""\nimport collections\nfrom collections import OrderedDict, Mapping\ny = collections.Iterable\n',
+        "setup.py": '"""Build."""\nimport torch\nif torch.cuda.is_available():\n    pass\n',
+        "op.cu": "#include <torch/extension.h>\n#include <THC/THC.h>\nint n = THCCeilDiv(a, b);\nvoid* p = THCudaMalloc(state, 8);\n",
+        "t.py": TRAIN,
+    }
+    chosen = [fixers.make(n) for n in ("numba-errors", "collections-abc", "setup-without-gpu", "thc-to-aten", "local-rank")]
+    for nl in ("\r\n", "\r"):
+        root = tmp_path / repr(nl).strip("'\\")
+        root.mkdir()
+        for name, text in sources.items():
+            (root / name).write_bytes(text.replace("\n", nl).encode())
+        report = fixers.apply(str(root), chosen)
+        assert sorted(f for files in report.values() for f in files) == sorted(sources)
+        for name in sources:
+            data = (root / name).read_bytes()
+            assert data != sources[name].replace("\n", nl).encode(), name
+            if nl == "\r\n":
+                assert data.count(b"\n") == data.count(b"\r\n"), (name, data)
+            else:
+                assert b"\n" not in data, (name, data)
+            if name.endswith(".py"):
+                compile(data, name, "exec")
+        assert b"import os" + nl.encode() in (root / "setup.py").read_bytes()
+        assert (b"#include <ATen/ceil_div.h>" + nl.encode()) in (root / "op.cu").read_bytes()
+        once = {name: (root / name).read_bytes() for name in sources}
+        fixers.apply(str(root), chosen)
+        assert {name: (root / name).read_bytes() for name in sources} == once
+
+
+def test_a_bom_hides_nothing_from_a_fixer_and_is_kept(tmp_path):
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "t.py").write_bytes(bom + b"import argparse\np = argparse.ArgumentParser()\np.add_argument('--local_rank')\n")
+    (tmp_path / "op.cu").write_bytes(bom + b"#include <THC/THC.h>\n")
+    report = fixers.apply(str(tmp_path), [fixers.make("local-rank"), fixers.make("thc-to-aten")])
+    assert report == {"local-rank": ["t.py"], "thc-to-aten": ["op.cu"]}
+    assert (tmp_path / "t.py").read_bytes() == bom + (b"import argparse\np = argparse.ArgumentParser()\n"
+                                                      b"p.add_argument('--local_rank', '--local-rank')\n")
+    assert (tmp_path / "op.cu").read_bytes() == bom + b"#include <ATen/cuda/CUDAContext.h>\n"
+
+
+def test_a_declared_coding_is_read_and_written_back_in_it(tmp_path):
+    text = "# -*- coding: latin-1 -*-\nname = 'caf\xe9'\nfrom collections import Iterable\n"
+    (tmp_path / "m.py").write_bytes(text.encode("latin-1"))
+    report = fixers.apply(str(tmp_path), [fixers.make("collections-abc")])
+    assert report == {"collections-abc": ["m.py"]} and not report.problems
+    assert (tmp_path / "m.py").read_bytes() == text.replace("collections import", "collections.abc import").encode("latin-1")
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "envbuild.cli", "fix", *map(str, args)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+
+def test_files_the_fixers_cannot_read_or_write_are_named_not_skipped(tmp_path):
+    """A file not in UTF-8 (nor its declared coding) is reported as unreadable; a read-only file
+    that needs a fix is left as it is (mode and text) and reported; the others are fixed."""
+    tree = tmp_path / "model"
+    tree.mkdir()
+    old = "from collections import Iterable\n"
+    (tree / "latin.py").write_bytes(b"s = 'caf\xe9'\n" + old.encode())
+    (tree / "op.cu").write_bytes(b"// caf\xe9\n#include <THC/THC.h>\n")
+    ro = tree / "ro.py"
+    ro.write_text(old)
+    ro.chmod(0o444)
+    ok = tree / "ok.py"
+    ok.write_text(old)
+    found = fixers.detect(str(tree), [fixers.make("collections-abc"), fixers.make("thc-to-aten")])
+    assert sorted((f.path, f.fixer) for f in found) == [("ok.py", "collections-abc"), ("ro.py", "collections-abc")]
+    assert [(p, what) for p, what, _ in found.problems] == [("latin.py", "could not read"), ("op.cu", "could not read")]
+    report = fixers.apply(str(tree), [fixers.make("collections-abc")])
+    assert report == {"collections-abc": ["ok.py"]} and ok.read_text() == "from collections.abc import Iterable\n"
+    assert [(p, what, why.split(":")[0]) for p, what, why in report.problems] == [
+        ("latin.py", "could not read", "not UTF-8 text, nor in a coding it declares"),
+        ("ro.py", "could not write", "read-only (mode 444)")]
+    assert ro.read_text() == old and ro.stat().st_mode & 0o777 == 0o444
+    # the CLI prints them; a fix it could not write is a failure
+    ok.write_text(old)
+    r = _cli(tree, "--only", "collections-abc")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "could not read latin.py: not UTF-8 text" in r.stdout and "could not write ro.py: read-only (mode 444)" in r.stdout
+    assert r.stderr.startswith("error: a file that needs a fix could not be written") and "hint: " in r.stderr
+    r = _cli(tree, "--list", "--only", "collections-abc")
+    assert r.returncode == 0 and "could not read latin.py: not UTF-8 text" in r.stdout
+    # and so does the in-image entry point, in its report too
+    plan, out = tmp_path / "plan.json", tmp_path / "fixes.json"
+    plan.write_text('{"fixers": [{"name": "collections-abc", "args": {}}]}')
+    r = subprocess.run([sys.executable, fixers.__file__, "apply", str(tree), "--plan", str(plan), "--report", str(out)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "could not write ro.py: read-only (mode 444)" in r.stderr
+    assert [(p["path"], p["problem"]) for p in json.loads(out.read_text())["problems"]] == [
+        ("latin.py", "could not read"), ("ro.py", "could not write")]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a file of mode 000")
+def test_a_file_it_may_not_read_is_named(tmp_path):
+    (tmp_path / "a.py").write_text("from collections import Iterable\n")
+    (tmp_path / "a.py").chmod(0)
+    report = fixers.apply(str(tmp_path), [fixers.make("collections-abc")])
+    assert [(p, what) for p, what, _ in report.problems] == [("a.py", "could not read")]
+
+
+# ---------------------------------------------------------------- property: only the intended tokens change
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+_ODD = st.sampled_from(ODD_SEPARATORS)
+_WORD = st.text(st.sampled_from(ODD_SEPARATORS + ["a", "Z", " ", "\t", "é", "字", "#", "(", ")", "'"]), max_size=8)
+# what the three fixers aim at, each on its own line, and what it must become
+_TARGETS = [("from collections import Iterable", "from collections.abc import Iterable"),
+            ("p.add_argument('--local_rank', type=int)", "p.add_argument('--local_rank', '--local-rank', type=int)"),
+            ("e = {'cxx': ['-O3', '-std=c++14'], 'nvcc': ('-std=c++14',)}", "e = {'cxx': ['-O3'], 'nvcc': ()}")]
+
+
+@st.composite
+def _filler(draw):
+    """A line of code around the targets, full of separators Python does not split at."""
+    word = draw(_WORD)
+    kind = draw(st.sampled_from(["comment", "string", "formfeed", "code", "triple", "empty"]))
+    if kind == "comment":
+        return "# " + word
+    if kind == "string":
+        return "s = '%s'  # %s" % (word.replace("'", ""), word)
+    if kind == "formfeed":
+        return "\f" + draw(st.sampled_from(["", "z = 1", "# " + word]))
+    if kind == "code":
+        return "v = [1,\f 2]  # " + word  # a form feed is a blank inside a line
+    if kind == "triple":
+        return 'd = """%s%s%s"""' % (word.replace('"', ""), draw(st.sampled_from(["\n", "\r\n", "\r"])), draw(_ODD))
+    return ""
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(before=st.lists(_filler(), max_size=6), after=st.lists(_filler(), max_size=6),
+       between=st.lists(_filler(), max_size=3), order=st.permutations(range(len(_TARGETS))),
+       endings=st.lists(st.sampled_from(["\n", "\r\n", "\r"]), min_size=20, max_size=20),
+       last_ending=st.booleans(), bom=st.booleans())
+def test_fixers_change_only_their_tokens_whatever_the_separators(before, after, between, order, endings, last_ending, bom):
+    """Sources mixing every Unicode line separator with LF, CRLF and CR line endings, the targets
+    after them: the fixed file is the same bytes but for the targets' tokens; twice is once; it parses."""
+    import tempfile
+    lines_old, lines_new = list(before), list(before)
+    for i in order:
+        lines_old += [_TARGETS[i][0]] + between
+        lines_new += [_TARGETS[i][1]] + between
+    lines_old += after
+    lines_new += after
+    ends = [endings[i % len(endings)] for i in range(len(lines_old))]
+    if not last_ending:
+        ends[-1] = ""
+    old = "".join(line + end for line, end in zip(lines_old, ends))
+    new = "".join(line + end for line, end in zip(lines_new, ends))
+    assert ast.dump(ast.parse(old)) != ast.dump(ast.parse(new))
+    head = b"\xef\xbb\xbf" if bom else b""
+    with tempfile.TemporaryDirectory() as root:
+        path = os.path.join(root, "setup.py")
+        with open(path, "wb") as fh:
+            fh.write(head + old.encode())
+        chosen = [fixers.make(n) for n in ("collections-abc", "local-rank", "cxx-standard", "setup-without-gpu",
+                                           "numba-errors", "mmcv-layer-clash")]
+        report = fixers.apply(root, chosen)
+        with open(path, "rb") as fh:
+            got = fh.read()
+        assert got == head + new.encode()
+        assert not report.problems
+        assert fixers.apply(root, chosen) == {fx.name: [] for fx in chosen}
+        with open(path, "rb") as fh:
+            assert fh.read() == got
+    compile(head + new.encode(), "setup.py", "exec")

@@ -429,3 +429,33 @@ def test_env_fails_a_package_that_is_not_at_its_locked_version(tmp_path, monkeyp
     assert out["status"] == "failed" and [(p["name"], p["problems"]) for p in bad] == [("mmcv", ["version 0.9, expected 1.0"])]
     installed["mmcv"] = "1.0"
     assert env_level.level_env(plan, Args)["status"] == "passed"
+
+
+def test_ptx_newer_than_the_card_is_judged_not_runnable_by_the_audit_and_the_arch_level(monkeypatch):
+    """PTX JIT-compiles forward only: compute_90 PTX does not run on an 8.0 card (A800), compute_80
+    PTX does run on a 9.0 one. The audit, the in-image arch level (and the builder's nvcc choice)
+    all rely on that one rule (archrules.runs_on): each must refuse the newer PTX."""
+    from envbuild import audit
+    from envbuild.catalog import Card
+    from envbuild.incontainer import archrules
+    assert archrules.runs_on([], "8.0", ["9.0"]) is None and archrules.runs_on(["9.0"], "8.0", ["9.0"]) is None
+    assert archrules.runs_on([], "9.0", ["8.0"]) == "8.0+PTX" and archrules.runs_on([], "8.6", ["8.0", "9.0"]) == "8.0+PTX"
+    # the audit (host side): an extension with only compute_90 PTX fails an A800, passes an H20
+    ext = {"path": "/opt/venv/lib/python3.8/site-packages/op/_ext.so", "sass": [], "ptx": ["9.0"]}
+    a800 = Card(id="a800", name="A800", cc="8.0", memory_gb=80, p2p=True, aliases=())
+    h20 = Card(id="h20", name="H20", cc="9.0", memory_gb=96, p2p=True, aliases=())
+    assert audit.judge(ext, "8.0")["runs"] is False
+    verdict = audit.audit("img", a800, scanned=[ext])
+    assert not verdict["ok"] and verdict["failures"] == [f"{ext['path']}: has SASS none, PTX 9.0; A800 needs sm_8x SASS "
+                                                         "with minor <= 0 or PTX <= 8.0"]
+    assert audit.audit("img", h20, scanned=[ext])["ok"]  # the same PTX runs where it is not newer than the card
+    # the arch level (in the image): torch and the extension carry only compute_90 PTX
+    monkeypatch.setattr(arch_level, "gpu_libraries", lambda: [dict(ext, python_module="_ext")])
+    monkeypatch.setitem(sys.modules, "torch", _fake_torch((8, 0), "NVIDIA A800", flags="compute_90"))
+    out = arch_level.level_arch({"cc": "8.0", "card": "a800"}, None)
+    assert out["status"] == "failed" and out["torch_runs_via"] is None and out["extensions"][0]["runs_via"] is None
+    assert "torch 2.0.1 ships []: nothing runs on 8.0" in out["problems"]
+    assert f"{ext['path']} has nothing for this GPU, NVIDIA A800 (8.0)" in out["problems"]
+    monkeypatch.setitem(sys.modules, "torch", _fake_torch((9, 0), "NVIDIA H20", flags="compute_90"))
+    out = arch_level.level_arch({"cc": "9.0", "card": "h20"}, None)
+    assert out["status"] == "passed" and out["torch_runs_via"] == "compute_90", out["problems"]
