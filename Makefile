@@ -40,8 +40,9 @@ images: setup  ## every catalog model on its default cards
 	for m in $$($(BIN)/envbuild models --json | $(BIN)/python -c 'import json,sys;print(" ".join(m["name"] for m in json.load(sys.stdin)))'); do \
 	  for c in a800 h20; do $(BIN)/envbuild image $$m --card $$c || exit 1; done; done
 
-base:  ## offline CUDA 11.8 devel base from Debian packages (debootstrap + docker import)
-	scripts/bootstrap-base.sh
+base: setup  ## offline CUDA devel bases without Docker Hub: 11.8 from Debian non-free, 13.0 from PyPI's NVIDIA wheels
+	$(BIN)/envbuild base --cuda 11.8
+	$(BIN)/envbuild base --cuda 13.0
 
 dockerfiles: setup  ## regenerate dockerfiles/ (a test fails when they are stale)
 	$(BIN)/python -m envbuild.render --regenerate dockerfiles

@@ -42,7 +42,7 @@ def cli(env, *args):
 
 def main():
     keep = "--keep-cache" in sys.argv
-    subprocess.run([str(ROOT / "scripts" / "bootstrap-base.sh")], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "envbuild.cli", "base", "--cuda", "11.8"], check=True, capture_output=True)
     work = Path(tempfile.mkdtemp(prefix="envbuild-bench-"))
     matrices = work / "matrices"
     shutil.copytree(ROOT / "matrices", matrices)

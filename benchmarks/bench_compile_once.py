@@ -5,7 +5,7 @@
       package (another version, so no local cache can help): its compile seconds over the cold one's;
   (c) bytes a host that has the first image must pull for the second (same torch), over the
       second image's size, as the registry stores them (goal <= 25 %).
-Needs a Docker engine, the offline base (scripts/bootstrap-base.sh) and a registry on
+Needs a Docker engine, the offline base (envbuild base --cuda 11.8) and a registry on
 127.0.0.1:5000 (.ci/run starts one; or ENVBUILD_TEST_REGISTRY).
 Usage: python benchmarks/bench_compile_once.py
 """
@@ -28,7 +28,7 @@ import results  # noqa: E402 - benchmarks/results.py, beside this file
 
 
 def main():
-    subprocess.run([str(ROOT / "scripts" / "bootstrap-base.sh")], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "envbuild.cli", "base", "--cuda", "11.8"], check=True, capture_output=True)
     base = {"devel": "envbuild/cuda:11.8-devel-debian12", "runtime": "envbuild/debian:12"}
     registry = os.environ.get("ENVBUILD_TEST_REGISTRY", "127.0.0.1:5000")
     work = Path(tempfile.mkdtemp(prefix="envbuild-bench-"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+from datetime import date
 import tomllib
 from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property, lru_cache
@@ -106,13 +107,14 @@ class Ubuntu:
 class TorchRelease:
     version: str
     torchvision: str
-    torchaudio: str
+    torchaudio: str  # "" when no torchaudio release pairs with it
     python: tuple[str, str]
     index: tuple[str, ...]
     pypi: str
     cxx: int
     ext_max_arch: str
     compile_python_max: str | None = None  # None: no torch.compile in this release
+    released: str | None = None  # YYYY-MM-DD its wheels reached PyPI: a port's era floor
     # GPU code its PyPI build carries, measured from the wheel (scripts/measure-torch.py):
     # generic SASS and PTX archs; () when not measured ([wheel_archs] then stands for it)
     sass: tuple[str, ...] = ()
@@ -138,6 +140,9 @@ class Compiled:
     torch: tuple[str, str]  # [min, max)
     cxx: int
     notes: str
+    # Porting fixers that carry its sdist past the top of its torch range (fixers.FIXERS names),
+    # run in its wheel stage before `pip wheel`; empty: no port known.
+    port: tuple[str, ...] = ()
 
     def builds_with(self, torch: str) -> bool:
         return V(self.torch[0]) <= V(torch) and minor_key(torch) < minor_key(self.torch[1])
@@ -425,6 +430,17 @@ def _check_card_names(cards: dict[str, Card]) -> None:
             owner[name] = card
 
 
+def _date(r: _Reader, key: str) -> str | None:
+    """An optional YYYY-MM-DD that is a real day."""
+    value = r.get(key, str, None, pattern=re.compile(r"^\d{4}-\d{2}-\d{2}$"))
+    if value is not None:
+        try:
+            date.fromisoformat(value)
+        except ValueError:
+            raise r.fail(key, f"not a real day: {value!r}") from None
+    return value
+
+
 def _range(r: _Reader, key: str) -> tuple[str, str]:
     lo_hi = r.strings(key, re.compile(r"^[0-9][0-9a-z.]*$"))
     if len(lo_hi) != 2:
@@ -623,13 +639,14 @@ def _load_torch(path: Path) -> tuple[dict[str, TorchRelease], dict[str, tuple[st
         rel = TorchRelease(
             version=ver,
             torchvision=r.version("torchvision"),
-            torchaudio=r.version("torchaudio"),
+            torchaudio=r.version("torchaudio", ""),  # "": none pairs (torchaudio stopped at 2.9)
             python=_range(r, "python"),
             index=r.strings("index", CUDA_RE),
             pypi=r.get("pypi", str, pattern=CUDA_RE),
             cxx=r.get("cxx", int),
             ext_max_arch=r.get("ext_max_arch", str, pattern=CC_RE),
             compile_python_max=r.get("compile_python_max", str, None, pattern=re.compile(r"^3\.\d{1,2}$")),
+            released=_date(r, "released"),
             sass=r.strings("sass", CC_RE, []),
             ptx=r.strings("ptx", CC_RE, []),
         )
@@ -657,9 +674,18 @@ def _load_compiled(pkg: _Reader) -> dict[str, dict[str, Compiled]]:
             r = pkg.sub("compiled").sub(name).sub(ver)
             compiled.setdefault(name, {})[ver] = Compiled(
                 name, ver, r.get("series", str, pattern=NAME_RE), _range(r, "torch"),
-                r.get("cxx", int), r.get("notes", str, ""),
+                r.get("cxx", int), r.get("notes", str, ""), _fixer_names(r, "port"),
             )
     return compiled
+
+
+def _fixer_names(r: _Reader, key: str) -> tuple[str, ...]:
+    from .fixers import FIXERS
+    names = r.strings(key, NAME_RE, [])
+    for name in names:
+        if name not in FIXERS:
+            raise r.fail(key, f"unknown fixer {name!r} (known: {', '.join(sorted(FIXERS))})")
+    return names
 
 
 def _load_asserts(pkg: _Reader) -> dict[str, dict[str, MmcvAssert]]:

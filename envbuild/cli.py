@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from . import catalog, pipeline, ship, show
+from . import base_image, catalog, config, pipeline, ship, show
 from . import doctor as doctor_stage
 from . import export as export_stage
 from .errors import BadInput, EnvbuildError
@@ -109,6 +110,22 @@ def models(json_: bool = JSON):
 def cards(json_: bool = JSON):
     """List the GPU cards in the catalog."""
     show.catalog_cards(catalog.load(), as_json=json_)
+
+
+@command()
+def base(cuda: str = typer.Option("13.0", "--cuda", help="CUDA toolkit of the base (toolchains/bases.toml)."),
+         debian_mirror: str = typer.Option(base_image.DEBIAN_MIRROR, "--debian-mirror", help="Debian mirror for debootstrap."),
+         pypi_index: Optional[str] = PYPI_INDEX,
+         rebuild: bool = typer.Option(False, "--rebuild", help="Build again even when the images exist."),
+         json_: bool = JSON):
+    """Build a CUDA devel base without Docker Hub: Debian from a Debian mirror, the toolkit from
+    Debian non-free (11.8) or NVIDIA's PyPI wheels (13.x). Pass it to other commands with --base-image."""
+    sources = pipeline.load_sources(pypi_index=pypi_index)
+    index = None if sources.pypi_index == config.PYPI else sources.pypi_index
+    result = base_image.build_base(catalog.load(), cuda, debian_mirror, index, sources.ca_bundle, rebuild,
+                                   echo=(lambda _: None) if json_ else show.dim, index_auth=sources.netrc,
+                                   network=sources.build_network)
+    show.based(result, as_json=json_)
 
 
 @command()
@@ -334,10 +351,17 @@ def bake(models_: Optional[List[str]] = typer.Option(None, "--models", help="Mod
     show.baked(path, doc, skipped, parallel, as_json=print_ or json_)
 
 
+def _terminated(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     """Bad options and arguments are bad input like any other: one line, a hint, exit 2."""
     from .creds import RedactingStream  # no password of an index URL is ever printed
     sys.stdout, sys.stderr = RedactingStream(sys.stdout), RedactingStream(sys.stderr)
+    # `kill` (SIGTERM: a CI timeout, a supervisor) cleans up like Ctrl-C: no container, tag or temp
+    # file is left behind (a killed lock left its pip-compile container running).
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         code = app(standalone_mode=False, prog_name="envbuild")
     except Exception as exc:

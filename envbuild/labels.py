@@ -11,3 +11,4 @@ FIXERS = PREFIX + "fixers"
 DEVIATIONS = PREFIX + "deviations"
 PLAN = PREFIX + "plan"
 SMOKE = PREFIX + "smoke"
+BASE_CUDA = PREFIX + "base.cuda"  # on bases `envbuild base` made: the CUDA toolkit they carry

@@ -89,7 +89,7 @@ TORCH_LOCK_HEADER = "# torch, torchvision and torchaudio as pinned in requiremen
 
 def torch_lock_text(blocks: dict[str, str]) -> str:
     """torch.lock: the torch trio and the wheels torch pins exactly, with their hashes."""
-    names = [*TORCH_TRIO, *sorted(n for n in blocks if TORCH_EXACT_RE.match(n))]
+    names = [*(n for n in TORCH_TRIO if n in blocks), *sorted(n for n in blocks if TORCH_EXACT_RE.match(n))]
     return TORCH_LOCK_HEADER + "\n" + "\n".join(blocks[n] for n in names) + "\n"
 
 
@@ -141,7 +141,7 @@ def lock(context: Path, ca_bundle: str | None = None, echo=None, index_auth: str
         excerpt = "\n".join(build_stage.failure_excerpt(errors.strip().splitlines()))
         raise OperationFailed(f"pip-compile failed inside the image's Python:\n{excerpt}", log=str(log))
     blocks = split_blocks(output)
-    missing = [n for n in TORCH_TRIO if n not in blocks]
+    missing = [n for n in TORCH_TRIO[:2] if n not in blocks]  # torchaudio: none pairs with torch >= 2.10
     if missing:
         raise OperationFailed(f"the lock has no {', '.join(missing)}: is requirements.in from envbuild render?")
     header = HEADER + input_digest(req)

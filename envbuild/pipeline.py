@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -22,7 +22,7 @@ from . import fixers as fix_stage
 from . import lock as lock_stage
 from . import smoke as smoke_stage
 from . import labels as label
-from . import catalog, engine, host, ledger, outputs, render, ship
+from . import base_image, catalog, engine, host, ledger, outputs, render, ship
 from .build import check_ref, image_ref
 from .config import Sources, load_sources, setting
 from .errors import BadInput, EnvbuildError, OperationFailed, unknown
@@ -229,9 +229,32 @@ def prepare_image(req: Request, extra_tags=(), lock: bool = True, progress: Prog
     Returns (plan, sources, ctx, lock_note, tags); the Plan's own tag comes first."""
     engine.find_cli()
     engine.client()
+    req = offline_base(req, plan_for(req)[0], progress)
     plan, sources, ctx, lock_note = prepare_locked(req, lock=lock, progress=progress)
     tags = [image_ref(plan, sources.registry)] + [check_ref(t) for t in extra_tags or []]
     return plan, sources, ctx, lock_note, tags
+
+
+def offline_base(req: Request, plan: Plan, progress: Progress = QUIET) -> Request:
+    """Before anything long: when the Plan's base image is neither here nor pullable (Docker Hub
+    blocked), use the base `envbuild base` made for its CUDA, or say which command makes one."""
+    if req.base_image or base_image.have_image(plan.base_image):
+        return req
+    registry = base_image.registry_of(plan.base_image)
+    if base_image.reachable(registry):
+        return req
+    cuda = ".".join(plan.cuda.split(".")[:2])
+    made = base_image.find_base(cuda)
+    python = plan.python.version
+    if made and python == base_image.BASE_PYTHON:
+        if progress.say:
+            progress.say(f"{registry} is unreachable: building on {made}, made by envbuild base")
+        return replace(req, base_image=made, runtime_image=base_image.recipe_for(cuda).debian_tag)
+    how = (f"envbuild base --cuda {cuda}" if cuda in base_image.recipes() else
+           f"a CUDA {cuda} devel image from a mirror you reach (--base-image)")
+    also = "" if python == base_image.BASE_PYTHON else f" and --python {base_image.BASE_PYTHON} (its Python)"
+    raise BadInput(f"{plan.base_image} is not here and {registry} is unreachable from this machine",
+                   f"make an offline base with `{how}`, then pass --base-image{also}; or pass --base-image MIRROR/IMAGE")
 
 
 def _build(plan: Plan, sources: Sources, ctx: Path, lock_note: str, tags: list[str], no_cache: bool = False,

@@ -119,6 +119,9 @@ class Plan:
         for pin in self.pins:
             if pin.deviation:
                 out.append(f"{pin.name}: {pin.upstream or '(unpinned)'} -> {pin.version}: {pin.why}")
+        for name, info in sorted(self.native_packages.items()):
+            for fx in info.get("sdist_fixers", ()):  # a ported sdist differs from upstream's even at its version
+                out.append(f"{name}: sdist fixer {fx['name']}: {fx['why']}")
         return out
 
     def pin(self, name: str) -> Pin | None:

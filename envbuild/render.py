@@ -35,6 +35,7 @@ SPEC_RE = re.compile(r"^(==|>=|<=|~=|!=|<|>)?[0-9][0-9A-Za-z.+!*]*(,(==|>=|<=|~=
 URL_RE = re.compile(r"^https?://[A-Za-z0-9.:@_-]+(/[A-Za-z0-9._~%+-]+)*/?$")
 ARCH_RE = re.compile(r"^\d{1,2}\.\d(\+PTX)?(;\d{1,2}\.\d(\+PTX)?)*$")
 WORD_RE = re.compile(r"^[A-Za-z0-9_.-][A-Za-z0-9._/=,:+-]*$")
+FIXER_RE = re.compile(r"^[a-z][a-z0-9-]*$")
 RELPATH_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._/-]*$")
 # Part of every wheel cache tag: bump it when the compile or wheel stages change how a wheel is made.
 WHEEL_STAGE_FORMAT = "wheel-stage/1"
@@ -100,6 +101,7 @@ class Step:
     gb_per_job: int
     env: dict = field(default_factory=dict)
     vendor: dict | None = None
+    fixers: tuple[str, ...] = ()  # porting fixers its sdist gets before it is compiled (a port)
     shared_ref: str | None = None  # the wheel cache's image of this stage: used instead of compiling
     cache_ref: str | None = None  # where this stage's wheel goes in the wheel cache (compiled here)
 
@@ -247,8 +249,8 @@ class Context:
     @property
     def torch_requirements(self) -> list[str]:
         p = self.plan
-        return [requirement("torch", p.torch.version), requirement("torchvision", p.torchvision.version),
-                requirement("torchaudio", p.torchaudio.version)]
+        trio = [requirement("torch", p.torch.version), requirement("torchvision", p.torchvision.version)]
+        return trio + ([requirement("torchaudio", p.torchaudio.version)] if p.torchaudio.version else [])
 
     @property
     def trusted_hosts(self) -> str:
@@ -289,7 +291,10 @@ class Context:
             if build.get("from") == "vendor":
                 vendor = {"find_links": _check(build["find_links"], FIND_LINKS_RE, "vendor find-links"),
                           "why": _comment(build["why"])}
-            step = Step(name, requirement(name, by_name[name].version), block.gb_per_job, dict(block.build_env), vendor)
+            fixers = tuple(_check(f["name"], FIXER_RE, "sdist fixer")
+                           for f in self.plan.native_packages[name].get("sdist_fixers", ()))
+            step = Step(name, requirement(name, by_name[name].version), block.gb_per_job, dict(block.build_env), vendor,
+                        fixers)
             if self.wheel_cache and not vendor:
                 ref = self.wheel_ref(step)
                 step.shared_ref, step.cache_ref = (ref, None) if name in self.shared_wheels else (None, ref)
@@ -303,6 +308,8 @@ class Context:
         torch = self.torch_lock_text or " ".join(self.torch_requirements)
         inputs = [WHEEL_STAGE_FORMAT, self.base_image, self.python, torch, " ".join(COMPILE_TOOLS), self.arch_list,
                   step.requirement, json.dumps(step.env, sort_keys=True)]
+        if step.fixers:  # the fixers' names and their code: a change to either is another wheel
+            inputs += [",".join(step.fixers), FIXERS_SRC.read_text()]
         digest = hashlib.sha256("\n".join(inputs).encode()).hexdigest()[:20]
         return f"{self.wheel_cache}:{step.stage}-{digest}"
 

@@ -288,6 +288,7 @@ class _Candidate:
     pins: list = field(default_factory=list)
     blocks: dict = field(default_factory=dict)  # pin name -> its building block (native code)
     origins: dict = field(default_factory=dict)  # compiled pin name -> where its wheel comes from (Block.origin)
+    sdist_fixers: dict = field(default_factory=dict)  # compiled pin name -> fixers its sdist gets (a port)
     fixers: list = field(default_factory=list)
     cxx: int = 0
     base: tuple = ()  # (ubuntu, image, why)
@@ -369,6 +370,7 @@ def _model_pins(c: _Candidate) -> str | None:
             c.blocks[pin.name] = block
             if block.compiled:
                 c.origins[pin.name] = block.origin(target, pin)
+                c.sdist_fixers[pin.name] = block.sdist_fixers(c.cat, pin, c.stack.torch.version)
         elif forced:
             pin = Pin(name, forced, "set with --set", spec, "override")
         elif spec == "*":
@@ -529,10 +531,11 @@ def _assemble(c: _Candidate) -> Plan:
         notes=tuple(c.notes), construct=model.construct.to_dict() if model.construct else None,
         source_builds=_source_builds(c.cat, py) if py != model.python else {},
         native_packages={name: {"family": block.family, **block.in_image(name),
-                                **({"build": c.origins[name]} if name in c.origins else {})}
+                                **({"build": c.origins[name]} if name in c.origins else {}),
+                                **({"sdist_fixers": c.sdist_fixers[name]} if c.sdist_fixers.get(name) else {})}
                          for name, block in c.blocks.items()},
         stdlib_modules=dict(model.stdlib_modules),
-        **_index_cutoff(model),
+        **_index_cutoff(model, rel),
     )
 
 
@@ -549,15 +552,25 @@ def _torch_pins(c: _Candidate) -> dict:
         "torch": Pin("torch", rel.version + local, why, model.torch + up_local, source),
         "torchvision": Pin("torchvision", rel.torchvision + local, f"pairs with torch {rel.version}",
                            upstream.torchvision + up_local, source),
-        "torchaudio": Pin("torchaudio", rel.torchaudio, f"pairs with torch {rel.version}", upstream.torchaudio, source),
+        "torchaudio": Pin("torchaudio", rel.torchaudio,
+                          f"pairs with torch {rel.version}" if rel.torchaudio else
+                          f"no torchaudio release pairs with torch {rel.version} (its last is 2.9): not installed",
+                          upstream.torchaudio, source),
     }
 
 
-def _index_cutoff(model: Model) -> dict:
-    """What the model left unpinned resolves as of its era: its commit date plus a grace period."""
+def _index_cutoff(model: Model, rel) -> dict:
+    """What the model left unpinned resolves as of its era: its commit date plus a grace period;
+    never before the Plan's torch came out (a port's torch needs what was current then)."""
     if not model.era:
         return {"index_cutoff": None, "index_cutoff_why": "the catalog gives no era for this model: today's index"}
     day = date.fromisoformat(model.era) + timedelta(days=model.era_grace_days)
+    if rel.released and date.fromisoformat(rel.released) > date.fromisoformat(model.era):
+        day = date.fromisoformat(rel.released) + timedelta(days=model.era_grace_days)
+        return {"index_cutoff": day.isoformat(),
+                "index_cutoff_why": f"upstream's pins date from {model.era}, but the port's torch {rel.version} came "
+                                    f"out on {rel.released}: unpinned and transitive packages resolve as of "
+                                    f"{model.era_grace_days} days after that (exact pins win)"}
     return {"index_cutoff": day.isoformat(),
             "index_cutoff_why": f"upstream's pins date from {model.era}; unpinned and transitive packages resolve as "
                                 f"of {model.era_grace_days} days later (exact pins win)"}

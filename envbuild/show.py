@@ -129,6 +129,19 @@ def catalog_cards(cat, as_json: bool = False) -> None:
             ", ".join(r["aliases"]), r["from"]] for r in rows])
 
 
+def based(result: dict, as_json: bool = False) -> None:
+    """What `envbuild base` made or reused, and which cards its nvcc compiles for."""
+    if as_json:
+        emit_json(result)
+        return
+    made = "built" if result["tag"] in result["made"] else "reused"
+    line(f"{result['tag']}  ({made}; CUDA {result['cuda']} from {result['source']}, on {result['debian']})")
+    line(f"SASS for: {', '.join(result['sass_cards']) or '(no catalog card)'}")
+    if result["ptx_cards"]:
+        line(f"PTX only (JIT-compiled at load): {', '.join(result['ptx_cards'])}")
+    line(f"use it:   --base-image {result['tag']} --runtime-image {result['debian']}")
+
+
 def resolved(p, verified: str, as_json: bool = False) -> None:
     if as_json:
         return emit_json({**p.to_dict(), "verified": verified})

@@ -64,11 +64,24 @@ def docker_engine():
 
 @pytest.fixture(scope="session")
 def offline_base(docker_engine):
-    """The Debian 12 + CUDA 11.8 base made from Debian packages (scripts/bootstrap-base.sh)."""
-    import subprocess
-    r = subprocess.run([str(ROOT / "scripts" / "bootstrap-base.sh")], capture_output=True, text=True, timeout=3000)
+    """The Debian 12 + CUDA 11.8 base made from Debian packages (`envbuild base --cuda 11.8`)."""
+    return _base("11.8")
+
+
+@pytest.fixture(scope="session")
+def offline_base13(docker_engine):
+    """The Debian 12 + CUDA 13.0 base made from PyPI's NVIDIA wheels (`envbuild base --cuda 13.0`)."""
+    return _base("13.0")
+
+
+def _base(cuda):
+    env = dict(os.environ, ENVBUILD_DOCKER=os.environ.get("ENVBUILD_DOCKER", "/usr/bin/docker"))
+    if Path(CA_BUNDLE).exists():
+        env["ENVBUILD_CA_BUNDLE"] = CA_BUNDLE
+    r = cli(env, "base", "--cuda", cuda, "--json", timeout=3000)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return {"devel": "envbuild/cuda:11.8-devel-debian12", "runtime": "envbuild/debian:12"}
+    made = json.loads(r.stdout)
+    return {"devel": made["tag"], "runtime": made["debian"], "made": made}
 
 
 @pytest.fixture(scope="session")

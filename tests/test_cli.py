@@ -299,7 +299,7 @@ def test_pull_checks_the_hosts_driver_first_and_refuses_one_too_old(tmp_path, dr
 @pytest.mark.parametrize("make_args, expected", [
     (["image", "MODEL=sparsedrive", "CARD=h20", "CUDA=11.8"], ["envbuild image sparsedrive --card h20 --cuda 11.8"]),
     (["verify", "MODEL=qcnet", "CARD=a800", "SOURCE=../QCNet", "TIME_LIMIT=600"],
-     ["scripts/bootstrap-base.sh", "envbuild verify qcnet --card a800 --python 3.11 --cuda 11.8", "--source ../QCNet",
+     ["envbuild base --cuda 11.8", "envbuild verify qcnet --card a800 --python 3.11 --cuda 11.8", "--source ../QCNet",
       "--base-image envbuild/cuda:11.8-devel-debian12 --runtime-image envbuild/debian:12", "--time-limit 600"]),
     (["smoke-gpu", "IMAGE=reg/envbuild/maptr:x"], ["envbuild smoke reg/envbuild/maptr:x --gpus all --level env,model,arch,ops,comm,train,io --compile"]),
     (["smoke", "MODEL=maptr", "CARD=h20"], ["envbuild smoke maptr --card h20 --report smoke-report.json"]),

@@ -176,7 +176,8 @@ def test_the_build_gets_the_netrc_as_a_secret_outside_the_context_and_logs_no_pa
     monkeypatch.setattr(build, "_run", run)
     echoed = []
     with pytest.raises(pipeline.OperationFailed) as exc:
-        pipeline.build_image(pipeline.Request(model="qcnet", card="a800", python="3.11", cuda="11.8"), lock=False,
+        pipeline.build_image(pipeline.Request(model="qcnet", card="a800", python="3.11", cuda="11.8",
+                                              base_image="nvidia/cuda:11.8.0-cudnn8-devel-ubuntu22.04"), lock=False,
                              progress=pipeline.Progress(echo=echoed.append))
     assert seen["netrc"] == f"machine mirror.corp login bob password {SECRET}\n"
     assert not seen["src"].exists()  # deleted after the build

@@ -78,6 +78,10 @@ class Block:
                 "why": f"the vendor's wheel for {stack} carries {code_name(arch)} for {target.card.cc}; "
                        "its kernels are audited for the card before it is installed"}
 
+    def sdist_fixers(self, cat: Catalog, pin: Pin, torch: str) -> list[dict]:
+        """Porting fixers run on the sdist in its wheel stage, [{"name", "why"}]: none by default."""
+        return []
+
     def op_check_for(self, name: str) -> str | None:
         return self.op_check
 
@@ -127,10 +131,28 @@ class CatalogCompiled(Block):
         chain = f"{name} {upstream} builds only with torch [{facts.torch[0]}, {facts.torch[1]}): {facts.notes}"
         if target.strict:
             return chain
-        later = sorted((c for c in known.values() if c.series == facts.series
-                        and V(c.version) > V(upstream) and c.builds_with(rel.version)), key=lambda c: V(c.version))
-        if not later:
-            return f"{chain}; no later {name} of the same series builds with torch {rel.version}"
-        return Pin(name, later[0].version,
-                   f"{name} {upstream} cannot build with torch {rel.version} ({facts.notes}); "
-                   f"{later[0].version} is the smallest release that can", upstream, "port")
+        series = sorted((c for c in known.values() if c.series == facts.series and V(c.version) >= V(upstream)
+                         and V(c.torch[0]) <= V(rel.version)), key=lambda c: V(c.version))
+        builds = [c for c in series if c.builds_with(rel.version)]
+        if builds:
+            return Pin(name, builds[0].version,
+                       f"{name} {upstream} cannot build with torch {rel.version} ({facts.notes}); "
+                       f"{builds[0].version} is the smallest release that can", upstream, "port")
+        ported = [c for c in series if c.port]
+        if not ported:
+            return f"{chain}; no later {name} of the same series builds with torch {rel.version}, and none has a port"
+        # The newest release of the series is the one closest to this torch: fewest breaks to port.
+        best = ported[-1]
+        moved = "" if best.version == upstream else f"{best.version} (the newest of its series, closest to it) "
+        return Pin(name, best.version,
+                   f"no {name} of the series builds with torch {rel.version} ({facts.notes}); {moved}is ported: "
+                   f"its sdist gets the fixers {', '.join(best.port)} before it is compiled", upstream, "port")
+
+    def sdist_fixers(self, cat, pin: Pin, torch: str) -> list[dict]:
+        """The porting fixers this pin's sdist needs to build with torch (none within its range)."""
+        facts = cat.compiled.get(pin.name, {}).get(pin.version)
+        if facts is None or facts.builds_with(torch) or not facts.port:
+            return []
+        from ..fixers import FIXERS
+        return [{"name": f, "why": f"{pin.name} {pin.version} past torch {facts.torch[1]}: {FIXERS[f].why}"}
+                for f in facts.port]

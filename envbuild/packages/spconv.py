@@ -34,7 +34,16 @@ class Spconv(Block):
         if target.strict:
             return f"{name} is a CUDA {have} build; torch uses CUDA {cu}"
         same = [b for b in target.cat.spconv_builds if V(b).major == V(cu).major and minor_key(b) <= minor_key(cu)]
-        if not same:
-            return f"no spconv build for CUDA {V(cu).major}.x at or below {cu}"
-        new = "spconv-cu" + max(same, key=minor_key).replace(".", "")
-        return Pin(new, version, f"{name} is a CUDA {have} build; torch uses CUDA {cu}", f"{name} {spec}", "port")
+        if same:
+            new = "spconv-cu" + max(same, key=minor_key).replace(".", "")
+            return Pin(new, version, f"{name} is a CUDA {have} build; torch uses CUDA {cu}", f"{name} {spec}", "port")
+        # Its wheels bundle their own CUDA runtime under a private soname (auditwheel), so an older
+        # major loads beside torch's; a driver new enough for torch's CUDA runs it. The audit still
+        # judges its kernels on every card.
+        older = [b for b in target.cat.spconv_builds if minor_key(b) <= minor_key(cu)]
+        if not older:
+            return f"no spconv build for CUDA {cu} or older"
+        newest = max(older, key=minor_key)
+        new = "spconv-cu" + newest.replace(".", "")
+        return Pin(new, version, f"no spconv build for CUDA {V(cu).major}.x; {new} bundles its own CUDA {newest} "
+                   f"runtime, which loads beside torch's CUDA {cu}", f"{name} {spec}", "port")

@@ -1,0 +1,211 @@
+"""Porting compiled packages past their torch range, and the offline bases they compile on."""
+
+from dataclasses import replace
+
+import pytest
+
+from envbuild import base_image, packages, render, resolve as rs
+from envbuild import fixers
+from envbuild.catalog import Compiled
+from envbuild.config import Sources
+from envbuild.errors import BadInput
+from envbuild.resolve import resolve
+
+
+def _mmcv2(cat, **facts):
+    """The catalog with mmcv's releases replaced by the given ones (version -> Compiled)."""
+    return replace(cat, compiled={**cat.compiled, "mmcv": facts})
+
+
+def _newest(cat):
+    return max(cat.torch, key=lambda v: tuple(map(int, v.split("."))))
+
+
+def _target(cat, strict=False, card="b200"):
+    rel = cat.torch[_newest(cat)]
+    return packages.Target(cat, rel, rel.pypi, cat.toolkits["13.0"], cat.cards[card], "3.11", strict)
+
+
+def test_a_compiled_package_past_its_torch_range_is_ported_with_the_catalogs_fixers(cat):
+    block = packages.block_for(cat, "mmcv")
+    pin = block.choose(_target(cat), "mmcv", "2.0.1", None)
+    assert pin.version == "2.0.1" and pin.source == "port"
+    assert "cxx-standard" in pin.why and _newest(cat) in pin.why
+    fixers_for = block.sdist_fixers(cat, pin, _newest(cat))
+    assert [f["name"] for f in fixers_for] == ["cxx-standard"]
+    assert "2.1" in fixers_for[0]["why"]  # names where its range ended
+    # within its range the sdist is upstream's: nothing to fix
+    assert block.sdist_fixers(cat, pin, "2.0.1") == []
+
+
+def test_strict_refuses_the_port_and_says_why(cat):
+    reason = packages.block_for(cat, "mmcv").choose(_target(cat, strict=True), "mmcv", "2.0.1", None)
+    assert isinstance(reason, str) and "builds only with torch [1.8, 2.1)" in reason
+
+
+def test_a_later_release_that_builds_is_preferred_to_a_port(cat):
+    cat2 = _mmcv2(cat, **{
+        "2.0.1": Compiled("mmcv", "2.0.1", "mmcv2", ("1.8", "2.1"), 14, "c++14", ("cxx-standard",)),
+        "2.9.0": Compiled("mmcv", "2.9.0", "mmcv2", ("2.0", "3.0"), 20, "current"),
+    })
+    pin = packages.block_for(cat2, "mmcv").choose(_target(cat2), "mmcv", "2.0.1", None)
+    assert pin.version == "2.9.0" and "smallest release that can" in pin.why
+
+
+def test_the_newest_portable_release_of_the_series_is_ported(cat):
+    cat2 = _mmcv2(cat, **{
+        "2.0.1": Compiled("mmcv", "2.0.1", "mmcv2", ("1.8", "2.1"), 14, "c++14", ("cxx-standard",)),
+        "2.1.0": Compiled("mmcv", "2.1.0", "mmcv2", ("1.8", "2.2"), 17, "no port known"),
+        "2.2.0": Compiled("mmcv", "2.2.0", "mmcv2", ("2.0", "2.5"), 17, "c++17", ("cxx-standard",)),
+        "3.0.0": Compiled("mmcv", "3.0.0", "mmcv3", ("2.0", "2.5"), 17, "another series", ("cxx-standard",)),
+    })
+    pin = packages.block_for(cat2, "mmcv").choose(_target(cat2), "mmcv", "2.0.1", None)
+    assert pin.version == "2.2.0" and "newest of its series" in pin.why
+
+
+def test_without_a_port_the_reason_says_so(cat):
+    cat2 = _mmcv2(cat, **{"2.0.1": Compiled("mmcv", "2.0.1", "mmcv2", ("1.8", "2.1"), 14, "c++14")})
+    reason = packages.block_for(cat2, "mmcv").choose(_target(cat2), "mmcv", "2.0.1", None)
+    assert isinstance(reason, str) and "none has a port" in reason
+
+
+def test_a_port_fixer_the_fixers_do_not_know_is_refused_at_load(matrices_copy):
+    from envbuild import catalog
+    from envbuild.errors import CatalogError
+    path = matrices_copy / "toolchains" / "packages.toml"
+    path.write_text(path.read_text().replace('port = ["cxx-standard"]', 'port = ["cxx-standrad"]', 1))
+    with pytest.raises(CatalogError, match="unknown fixer 'cxx-standrad'"):
+        catalog.load(matrices_copy)
+
+
+@pytest.mark.parametrize("model", ["maptr", "sparsedrive", "qcnet", "gaussianformer"])
+def test_every_seed_model_has_a_blackwell_plan(cat, model):
+    plan = resolve(cat, model, "b200")
+    assert plan.mode == "port" and plan.deviations
+    for name in plan.compiled:
+        facts = cat.compiled.get(name, {}).get(plan.pin(name).version)
+        torch = plan.torch.version.split("+")[0]
+        if facts is not None and not facts.builds_with(torch):  # past its range: the Plan ports its sdist
+            assert plan.native_packages[name]["sdist_fixers"], (model, name)
+            assert any(d.startswith(f"{name}: sdist fixer") for d in plan.deviations)
+
+
+def test_the_wheel_stage_of_a_ported_package_runs_its_fixers_and_is_keyed_by_them(cat):
+    plan = resolve(cat, "gaussianformer", "h20,b200", python="3.11", cuda="13.0")
+    ctx = render.make_context(plan, "test")
+    step = next(s for s in ctx.compiled_steps if s.name == "mmcv")
+    assert step.fixers == ("cxx-standard",)
+    text = render.dockerfile(ctx)
+    stage = text[text.index("FROM compile AS wheel-mmcv"):text.index("FROM scratch AS wheels")]
+    assert "COPY envbuild/fixers.py" in stage
+    assert stage.index("unpack_archive") < stage.index("fixers.py apply /src/tree/*/ --fixers cxx-standard") \
+        < stage.index("pip wheel")
+    ctx.wheel_cache = "127.0.0.1:5000/wheels"
+    keyed = ctx.wheel_ref(step)
+    assert keyed != ctx.wheel_ref(replace(step, fixers=())), "the fixers must be an input of the wheel's key"
+
+
+def test_a_ported_torch_moves_the_era_cutoff_to_its_release(cat):
+    plan = resolve(cat, "gaussianformer", "b200", python="3.11", cuda="13.0")
+    rel = cat.torch[plan.torch.version.split("+")[0]]
+    assert rel.released and plan.index_cutoff > rel.released
+    assert rel.version in plan.index_cutoff_why
+    upstream = resolve(cat, "gaussianformer", "a800")  # torch 2.0.0: the model's own era
+    assert upstream.index_cutoff < "2025-06-01"
+
+
+def test_torch_without_a_torchaudio_is_installed_without_one(cat):
+    plan = resolve(cat, "gaussianformer", "b200", python="3.11", cuda="13.0", sources=Sources(torch_index=None))
+    torch = plan.torch.version
+    cat2 = replace(cat, torch={**cat.torch, torch: replace(cat.torch[torch], torchaudio="")})
+    plan = resolve(cat2, "gaussianformer", "b200", python="3.11", cuda="13.0", sources=Sources(torch_index=None))
+    assert plan.torchaudio.version == "" and "no torchaudio release pairs" in plan.torchaudio.why
+    reqs = render.make_context(plan, "test").torch_requirements
+    assert not any(r.startswith("torchaudio") for r in reqs) and any(r.startswith("torchvision==") for r in reqs)
+
+
+def test_spconv_without_a_build_for_torchs_cuda_major_takes_the_newest_bundled_runtime(cat):
+    plan = resolve(cat, "gaussianformer", "b200", python="3.11", cuda="13.0")
+    spconv = next(p for p in plan.packages if p.name.startswith("spconv-cu"))
+    newest = max(cat.spconv_builds, key=lambda b: tuple(map(int, b.split("."))))
+    assert spconv.name == "spconv-cu" + newest.replace(".", "") and "bundles its own CUDA" in spconv.why
+
+
+def test_fixers_cli_takes_fixer_names_instead_of_a_plan(tmp_path):
+    tree = tmp_path / "pkg"
+    tree.mkdir()
+    (tree / "setup.py").write_text("from setuptools import setup\nargs = {'cxx': ['-O3', '-std=c++14']}\nsetup()\n")
+    assert fixers.main(["apply", str(tree), "--fixers", "cxx-standard"]) == 0
+    assert (tree / "setup.py").read_text() == "from setuptools import setup\nargs = {'cxx': ['-O3']}\nsetup()\n"
+    with pytest.raises(SystemExit):
+        fixers.main(["apply", str(tree)])  # neither a Plan nor names
+    assert fixers.main(["apply", str(tree), "--fixers", "no-such-fixer"]) == 2
+
+
+# ---------------------------------------------------------------- envbuild base
+
+
+def test_base_recipes_render_a_dockerfile_per_toolkit_source():
+    debian = base_image.dockerfile(base_image.recipe_for("11.8"))
+    assert "apt-get install -y --no-install-recommends nvidia-cuda-toolkit gcc-11 g++-11" in debian
+    assert "CC=gcc-11" in debian and "pip" not in debian.split("apt-get install")[0]
+    pypi = base_image.dockerfile(base_image.recipe_for("13.0"), "https://mirror.example/simple")
+    assert "'cuda-toolkit[nvcc,cudart,cccl,crt,nvvm," in pypi and "==13.0.2'" in pypi
+    assert "--index-url https://mirror.example/simple" in pypi
+    assert "--mount=type=secret,id=ca_bundle" in pypi and "ca-certificates.crt" not in pypi
+    assert "cp -a /tmp/cuda/nvidia/cu13/. /usr/local/cuda-13.0/" in pypi
+    assert base_image.recipe_for("13.0").tag == "envbuild/cuda:13.0-devel-debian12"
+
+
+def test_base_refuses_bad_input_with_one_line():
+    with pytest.raises(BadInput, match="unknown offline base CUDA '12.2'"):
+        base_image.recipe_for("12.2")
+    with pytest.raises(BadInput, match="not an http"):
+        base_image.dockerfile(base_image.recipe_for("13.0"), "https://x/simple; rm -rf /")
+
+
+def test_base_says_which_cards_its_nvcc_targets(cat):
+    sass, ptx = base_image.targets(cat, "13.0")
+    assert {"h20", "b200", "a800"} <= set(sass) and "v100" not in sass  # CUDA 13 dropped Volta
+    sass118, ptx118 = base_image.targets(cat, "11.8")
+    assert "h20" in sass118 and "b200" not in sass118 and "b200" in ptx118
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """A machine without the Plan's nvidia/cuda image and without Docker Hub; which bases exist is set per test."""
+    monkeypatch.setattr(base_image, "have_image", lambda ref: False)
+    monkeypatch.setattr(base_image, "reachable", lambda registry: False)
+    made = {}
+    monkeypatch.setattr(base_image, "find_base", lambda cuda: made.get(cuda))
+    return made
+
+
+def test_image_builds_on_the_base_envbuild_base_made_when_docker_hub_is_unreachable(offline):
+    from envbuild import pipeline
+    offline["13.0"] = "envbuild/cuda:13.0-devel-debian12"
+    req = pipeline.Request(model="gaussianformer", card="b200", python="3.11", cuda="13.0")
+    said = []
+    got = pipeline.offline_base(req, pipeline.plan_for(req)[0], pipeline.Progress(say=said.append))
+    assert got.base_image == "envbuild/cuda:13.0-devel-debian12" and got.runtime_image == "envbuild/debian:12"
+    assert said and "registry-1.docker.io is unreachable" in said[0]
+
+
+def test_without_such_a_base_it_names_the_command_before_anything_long_starts(offline):
+    from envbuild import pipeline
+    req = pipeline.Request(model="gaussianformer", card="b200", cuda="13.0")
+    with pytest.raises(BadInput) as exc:
+        pipeline.offline_base(req, pipeline.plan_for(req)[0])
+    assert "registry-1.docker.io is unreachable" in exc.value.message
+    assert "envbuild base --cuda 13.0" in exc.value.hint and "--python 3.11" in exc.value.hint
+
+
+def test_a_given_base_image_or_a_reachable_hub_is_left_alone(offline, monkeypatch):
+    from envbuild import pipeline
+    req = pipeline.Request(model="qcnet", card="a800", base_image="mirror.local/nvidia/cuda:11.8.0-devel")
+    assert pipeline.offline_base(req, pipeline.plan_for(req)[0]) is req
+    monkeypatch.setattr(base_image, "reachable", lambda registry: registry == "registry-1.docker.io")
+    req = pipeline.Request(model="qcnet", card="a800")
+    assert pipeline.offline_base(req, pipeline.plan_for(req)[0]) is req
+    assert base_image.registry_of("nvidia/cuda:12.8.1-devel") == "registry-1.docker.io"
+    assert base_image.registry_of("mirror.local:5000/nvidia/cuda:12.8.1-devel") == "mirror.local:5000"
