@@ -473,6 +473,7 @@ class Catalog:
     vendor: dict[str, VendorWheels] = field(default_factory=dict)  # compiled package -> its prebuilt wheels
     root: Path = field(default_factory=builtin_root)
     overlay: Path | None = None  # the user catalog on top of the built-in one
+    torch_load: tuple[str, ...] = ()  # packages that torch.load checkpoints without weights_only
 
     # -- lookups with clear errors
     @cached_property
@@ -565,8 +566,11 @@ def load(user: Path | str | None = None) -> Catalog:
     source_builds = _load_source_builds(pkg, python_floors)
     vendor = _load_vendor(pkg)
     models = _load_models(base, user, torch)
+    torch_load = tuple(n.lower() for n in pkg.sub("torch_load").strings("packages", PKG_RE)) \
+        if "torch_load" in pkg.table else ()
     return Catalog(cards, toolkits, ubuntu, torch, wheel_archs, compiled, asserts, flash,
-                   spconv, tuple(era), models, requires, python_floors, collections_abc, source_builds, vendor, base, user)
+                   spconv, tuple(era), models, requires, python_floors, collections_abc, source_builds, vendor, base, user,
+                   torch_load)
 
 
 def _load_vendor(pkg: _Reader) -> dict[str, VendorWheels]:

@@ -495,6 +495,55 @@ _BOL = r"(?:(?<=[\r\n])|\A)"
 _EOL = r"[^\r\n]*(?P<eol>\r\n|\r|\n|\Z)"
 
 
+class TorchLoadWeightsOnly(Fixer):
+    """`torch.load(f)` without weights_only gets weights_only=False: what every torch before 2.6
+    did. Old checkpoints pickle more than tensors (numpy scalars, config objects, mmcv's meta), and
+    torch >= 2.6 refuses those by default. Calls that pass weights_only, or **kwargs that may,
+    are left alone; so is a torch.load the file defines or imports from elsewhere."""
+    name = "torch-load-weights-only"
+    why = "torch >= 2.6 loads checkpoints with weights_only=True; old checkpoints hold more than tensors"
+
+    def fix_text(self, relpath, text):
+        tree = _parse(text) if "load" in text and "torch" in text else None
+        if tree is None:
+            return text
+        loads = self._load_names(tree)
+        src, edits = _Source(text), []
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Call) and self._dotted(node.func) in loads):
+                continue
+            if any(k.arg in ("weights_only", None) for k in node.keywords) or len(node.args) >= 4:
+                continue  # said already, maybe through **kwargs; or passed positionally (pickle_module, ...)
+            if any(isinstance(a, ast.Starred) for a in node.args) or not (node.args or node.keywords):
+                continue
+            # right after the last argument (keyword nodes have no position on Python 3.8: their value's)
+            last = max((src.span(a)[1] for a in node.args + [k.value for k in node.keywords]))
+            edits.append((last, last, ", weights_only=False"))
+        return _edit(text, edits)
+
+    @staticmethod
+    def _dotted(node):
+        parts = []
+        while isinstance(node, ast.Attribute):
+            parts.append(node.attr)
+            node = node.value
+        if isinstance(node, ast.Name):
+            parts.append(node.id)
+            return ".".join(reversed(parts))
+        return None
+
+    @staticmethod
+    def _load_names(tree):
+        """How this module spells torch.load: torch.load, an alias of torch, or a from-import."""
+        names = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names.update((a.asname or a.name) + ".load" for a in node.names if a.name == "torch")
+            elif isinstance(node, ast.ImportFrom) and node.module == "torch" and not node.level:
+                names.update(a.asname or a.name for a in node.names if a.name == "load")
+        return names
+
+
 class ThcToAten(Fixer):
     name = "thc-to-aten"
     why = "THC was removed in torch 1.11: map its headers and helpers to ATen/c10"
@@ -824,7 +873,7 @@ class CollectionsAbc(Fixer):
 
 
 FIXERS = {cls.name: cls for cls in (LocalRank, ThcToAten, NumbaErrors, MmcvVersionAssert, MmcvLayerClash, SetupWithoutGpu,
-                                                CxxStandard, CollectionsAbc)}
+                                                CxxStandard, CollectionsAbc, TorchLoadWeightsOnly)}
 
 
 # The arguments a fixer takes, each with the only shape it may have: they end up inside source

@@ -442,6 +442,18 @@ def _collections_abc(c: _Candidate) -> str | None:
     return None
 
 
+def _torch_load(c: _Candidate) -> str | None:
+    """torch 2.6 made torch.load default to weights_only=True: a port from an older torch passes
+    weights_only=False where the model's code and its checkpoint-loading packages call it."""
+    if not (V(c.model.torch) < V("2.6") <= V(c.stack.torch.version)):
+        return None
+    loaders = tuple(p.name for p in c.pins if p.name.lower() in c.cat.torch_load)
+    c.fixers.append(Fixer("torch-load-weights-only", f"torch {c.stack.torch.version} loads checkpoints with "
+                          f"weights_only=True (since 2.6); upstream's torch {c.model.torch} loaded anything",
+                          {}, loaders))
+    return None
+
+
 def _compiled_deps_and_era(c: _Candidate) -> str | None:
     """Runtime deps of what is compiled with --no-deps, then era pins for what is left open."""
     have = {p.name for p in c.pins}
@@ -487,7 +499,7 @@ def _runtime_env(c: _Candidate) -> str | None:
 
 
 GATES = (_torch_wheel_exists, _toolkit_matches, _card_runs_torch, _extensions_compile_for_card, _model_pins,
-         _mmcv_asserts, _collections_abc, _compiled_deps_and_era, _base_image_fits, _port_allowed, _runtime_env)
+         _mmcv_asserts, _collections_abc, _compiled_deps_and_era, _torch_load, _base_image_fits, _port_allowed, _runtime_env)
 
 
 def _try(cat: Catalog, model: Model, card: Card, stack: _Stack, toolkit_req: Toolkit | None,

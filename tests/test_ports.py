@@ -209,3 +209,40 @@ def test_a_given_base_image_or_a_reachable_hub_is_left_alone(offline, monkeypatc
     assert pipeline.offline_base(req, pipeline.plan_for(req)[0]) is req
     assert base_image.registry_of("nvidia/cuda:12.8.1-devel") == "registry-1.docker.io"
     assert base_image.registry_of("mirror.local:5000/nvidia/cuda:12.8.1-devel") == "mirror.local:5000"
+
+
+# ---------------------------------------------------------------- what a current torch breaks in the model's code
+
+
+@pytest.mark.parametrize("before, after", [
+    ("import torch\nckpt = torch.load(path, map_location='cpu')\n",
+     "import torch\nckpt = torch.load(path, map_location='cpu', weights_only=False)\n"),
+    ("import torch as T\nx = T.load(f)\ny = T.load(f, weights_only=True)\n",
+     "import torch as T\nx = T.load(f, weights_only=False)\ny = T.load(f, weights_only=True)\n"),
+    ("from torch import load\nstate = load(\n    f,  # the file\n)\n",
+     "from torch import load\nstate = load(\n    f, weights_only=False,  # the file\n)\n"),
+    ("import torch\r\nz = torch.load(f)\r\n", "import torch\r\nz = torch.load(f, weights_only=False)\r\n"),
+])
+def test_torch_load_gets_the_weights_only_old_torch_had(before, after):
+    fx = fixers.make("torch-load-weights-only")
+    assert fx.fixed("m.py", before) == after
+    assert fx.fixed("m.py", after) == after  # idempotent
+
+
+@pytest.mark.parametrize("source", [
+    "import torch\nkw = {}\nz = torch.load(f, **kw)\n",  # **kwargs may carry it
+    "import numpy as np\nnp.load(f)\n",  # not torch's
+    "def load(x):\n    pass\nload(1)\n",  # the file's own load
+    "import torch\nz = torch.load(f, None, pickle, True)\n",  # positional beyond the map_location
+])
+def test_torch_load_calls_that_say_it_or_are_not_torchs_are_left_alone(source):
+    assert fixers.make("torch-load-weights-only").fixed("m.py", source) == source
+
+
+def test_a_port_past_torch_2_6_fixes_the_model_and_the_packages_that_load_checkpoints(cat):
+    plan = resolve(cat, "gaussianformer", "b200", python="3.11", cuda="13.0", sources=Sources(torch_index=None))
+    fx = next(f for f in plan.fixers if f.name == "torch-load-weights-only")
+    assert "weights_only=True" in fx.why and "mmengine" in fx.installed
+    assert set(fx.installed) <= set(cat.torch_load) | {"mmengine"}
+    old = resolve(cat, "gaussianformer", "a800")  # upstream's torch 2.0: nothing to fix
+    assert not any(f.name == "torch-load-weights-only" for f in old.fixers)
