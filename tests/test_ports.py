@@ -246,3 +246,52 @@ def test_a_port_past_torch_2_6_fixes_the_model_and_the_packages_that_load_checkp
     assert set(fx.installed) <= set(cat.torch_load) | {"mmengine"}
     old = resolve(cat, "gaussianformer", "a800")  # upstream's torch 2.0: nothing to fix
     assert not any(f.name == "torch-load-weights-only" for f in old.fixers)
+
+
+def _wrapper_line(cat):
+    """The builder's RUN line that puts nvcc_archs.py in front of nvcc, as rendered."""
+    plan = resolve(cat, "gaussianformer", "b200", python="3.11", cuda="13.0", sources=Sources(torch_index=None))
+    text = render.dockerfile(render.make_context(plan, "test"))
+    start = text.index('RUN nvcc="${CUDA_HOME')
+    return text[start + 4:text.index("\n", text.index("--version >/dev/null", start))]
+
+
+@pytest.mark.parametrize("layout", ["nvidia", "debian"])
+def test_the_nvcc_wrapper_keeps_the_real_nvcc_whatever_links_lead_to_it(cat, tmp_path, layout):
+    """nvidia/cuda images (and the CUDA 13 base) reach nvcc through /usr/local/cuda -> cuda-X.Y:
+    removing bin/nvcc there removed nvcc itself, and the wrapper exec'd itself forever."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    real_dir = tmp_path / ("cuda-13.0/bin" if layout == "nvidia" else "usr/bin")
+    real_dir.mkdir(parents=True)
+    (real_dir / "nvcc").write_text("#!/bin/sh\necho real nvcc \"$@\"\n")
+    (real_dir / "nvcc").chmod(0o755)
+    if layout == "nvidia":
+        (tmp_path / "cuda").symlink_to(tmp_path / "cuda-13.0")
+    else:
+        (tmp_path / "cuda" / "bin").mkdir(parents=True)
+        (tmp_path / "cuda" / "bin" / "nvcc").symlink_to(real_dir / "nvcc")
+    (tmp_path / "ccache").write_text('#!/bin/sh\nexec "$@"\n')
+    (tmp_path / "ccache").chmod(0o755)
+    script = Path(render.__file__).parent / "incontainer" / "nvcc_archs.py"
+    line = _wrapper_line(cat).replace("/opt/venv/bin/python", sys.executable) \
+        .replace("/opt/envbuild/nvcc_archs.py", str(script))
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "CUDA_HOME": str(tmp_path / "cuda")}
+    r = subprocess.run(["sh", "-c", line], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([str(tmp_path / "cuda" / "bin" / "nvcc"), "--version"], capture_output=True, text=True,
+                       env=env, timeout=60)
+    assert r.stdout.strip() == "real nvcc --version", r.stderr
+
+
+def test_a_wrapper_that_would_exec_itself_stops_with_a_reason(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(render.__file__).parent / "incontainer" / "nvcc_archs.py"
+    loop = tmp_path / "nvcc"
+    loop.write_text(f'#!/bin/sh\nexec {sys.executable} {script} {loop} "$@"\n')
+    loop.chmod(0o755)
+    r = subprocess.run([str(loop), "--version"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "is this wrapper, not nvcc" in r.stderr

@@ -95,8 +95,22 @@ def short_dep_flags(args):
     return out
 
 
+def wraps_itself(real):
+    """Whether `real` is this wrapper (a script that runs nvcc_archs.py), not nvcc: exec'ing it
+    would loop forever, each round a new Python."""
+    try:
+        with open(real, "rb") as fh:
+            head = fh.read(512)
+    except OSError:
+        return False
+    return head.startswith(b"#!") and b"nvcc_archs.py" in head
+
+
 def main(argv):
     real, args = argv[1], argv[2:]
+    if wraps_itself(real):
+        sys.stderr.write("envbuild nvcc: %s is this wrapper, not nvcc: the real nvcc was replaced\n" % real)
+        sys.exit(1)
     archs = list_archs(os.environ.get("TORCH_CUDA_ARCH_LIST", ""))
     if archs:
         args, dropped = trim(args, archs)
