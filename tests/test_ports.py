@@ -78,9 +78,10 @@ def test_a_port_fixer_the_fixers_do_not_know_is_refused_at_load(matrices_copy):
         catalog.load(matrices_copy)
 
 
+@pytest.mark.parametrize("card", ["b200", "b300", "rtx5090"])
 @pytest.mark.parametrize("model", ["maptr", "sparsedrive", "qcnet", "gaussianformer"])
-def test_every_seed_model_has_a_blackwell_plan(cat, model):
-    plan = resolve(cat, model, "b200")
+def test_every_seed_model_has_a_blackwell_plan(cat, model, card):
+    plan = resolve(cat, model, card)
     assert plan.mode == "port" and plan.deviations
     for name in plan.compiled:
         facts = cat.compiled.get(name, {}).get(plan.pin(name).version)
