@@ -353,15 +353,20 @@ _req_cache: dict = {}
 def pair(project: str, torch_version: str) -> tuple[str | None, str]:
     """The torchvision/torchaudio release for torch X, by the torch requirement its own Linux
     wheels declare: the newest one pinning torch==X, else the newest whose range holds X
-    (later torchvision/torchaudio declare torch>=X). Returns (version, 'wheel (spec)')."""
+    (later torchvision/torchaudio declare torch>=X). A release with torch's own version that names no
+    torch (torchaudio 2.11.0) comes before a range: a range is no ABI promise (torchaudio 2.11.1
+    says torch>=2.11 but needs a symbol torch 2.11.0 lacks: its library does not load there).
+    Returns (version, 'wheel (spec)')."""
     versions = sorted({str(parse_wheel_filename(f["filename"])[1]) for f in simple(project)["files"]
                        if f["filename"].endswith(".whl")}, key=Version, reverse=True)
     tv = Version(torch_version)
-    exact, ranged = [], []
+    exact, same, ranged = [], [], []
     for v in versions:
         if Version(v).is_prerelease or Version(v).is_devrelease:
             continue
         spec, wheel = torch_requirement(project, v)
+        if spec is not None and not spec and v == torch_version:
+            same.append((v, f"{wheel} (names no torch; the same version as torch)"))
         if not spec:
             continue
         pins = [s for s in spec if s.operator == "=="]
@@ -370,7 +375,7 @@ def pair(project: str, torch_version: str) -> tuple[str | None, str]:
             break  # older releases pin older torches
         if spec.contains(tv, prereleases=False):
             (exact if pins else ranged).append((v, f"{wheel} (Requires-Dist torch{spec})"))
-    found = exact or ranged
+    found = exact or same or ranged
     return found[0] if found else (None, "")
 
 
