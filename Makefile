@@ -10,6 +10,7 @@ CARD ?= a800
 CUDA ?=
 IMAGE ?=
 CUDA_FLAG := $(if $(CUDA),--cuda $(CUDA),)
+VCUDA ?= 11.8
 
 .PHONY: locks verify setup test test-unit test-integration image images resolve dockerfiles bench bench-build bench-ci lint clean base smoke smoke-gpu selftest-gpu doctor export bake
 
@@ -54,14 +55,16 @@ locks: setup  ## hash-lock every committed cell in its own Python (needs its bas
 	  rm -rf $$tmp; done
 	$(MAKE) dockerfiles
 
-verify: setup base  ## rebuild one cell from its real source here and record it: make verify MODEL=qcnet CARD=a800 SOURCE=../QCNet [TIME_LIMIT=seconds]
-	ENVBUILD_TORCH_INDEX=none $(BIN)/envbuild verify $(MODEL) --card $(CARD) --python 3.11 --cuda 11.8 \
-	  --source $(SOURCE) --base-image envbuild/cuda:11.8-devel-debian12 --runtime-image envbuild/debian:12 \
+verify: setup  ## rebuild one cell from its real source here and record it: make verify MODEL=qcnet CARD=a800 SOURCE=../QCNet [TIME_LIMIT=seconds] [VCUDA=13.0 for Hopper/Blackwell: CARD=h20,b200]
+	$(BIN)/envbuild base --cuda $(VCUDA)
+	ENVBUILD_TORCH_INDEX=none $(BIN)/envbuild verify $(MODEL) --card $(CARD) --python 3.11 --cuda $(VCUDA) \
+	  --source $(SOURCE) --base-image envbuild/cuda:$(VCUDA)-devel-debian12 --runtime-image envbuild/debian:12 \
 	  $(if $(TIME_LIMIT),--time-limit $(TIME_LIMIT))
 
 bench: setup  ## resolver timing and data-loader tuning; bench-build for the (slow) image build numbers
 	$(BIN)/python benchmarks/bench_resolve.py
 	$(BIN)/python benchmarks/bench_dataloader.py
+	$(BIN)/python benchmarks/bench_archs.py
 	$(BIN)/python benchmarks/results.py --write
 
 bench-build: setup  ## cold/incremental/no-op builds and compile-once (prunes BuildKit's cache first)

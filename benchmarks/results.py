@@ -78,6 +78,14 @@ ROWS = [
     ("compile_once", lambda d: "bytes a host that has the first image pulls for the second (same torch)",
      lambda d: (f"{d['bytes_to_pull_with_first'] / 1e6:.0f} MB of {_gb(d['second_image_registry_bytes'])} = "
                 f"{d['pull_fraction']:.1%} (goal ≤ 25 %)")),
+    ("archs", lambda d: ("one compiled wheel stage for two archs vs one (the cost of a multi-card image), from the "
+                         "ledger: " + "; ".join(f"{p['stage']}, {'+'.join(p['two_archs']['archs'])} "
+                                                f"(torch {p['two_archs']['torch']}, CUDA {p['two_archs']['cuda']}) vs "
+                                                f"{p['one_arch']['archs'][0]} (torch {p['one_arch']['torch']}, CUDA "
+                                                f"{p['one_arch']['cuda']})" for p in d["pairs"])),
+     lambda d: "; ".join(f"{p['two_archs']['seconds']:.0f} s / {p['one_arch']['seconds']:.0f} s = {p['ratio_two_to_one']}"
+                         + ("" if p["same_toolchain"] else " (across toolchains: newer torch headers cost time too)")
+                         for p in d["pairs"])),
     ("dataloader", lambda d: f"tuned vs untuned DataLoader, CPU training (`{d['image'].split(':')[0]}` image)",
      lambda d: (f"data-wait share {d['untuned']['data_wait_share']:.1%} → {d['tuned']['data_wait_share']:.1%} "
                 f"({d['ratio_tuned_to_untuned_data_wait']}×); samples/s {d['ratio_tuned_to_untuned_samples_per_s']}× "

@@ -1,0 +1,71 @@
+#!/usr/bin/env python3
+"""The cost of a multi-card image: one compiled package's wheel stage for one arch vs two,
+from the verified ledger's stage times (envbuild/matrices/verified/*.json), nothing rebuilt.
+
+A pair is the same package and version compiled in two ledger records whose images target a
+different number of archs. The records say which torch and CUDA compiled each: a pair across
+toolchains is reported as such (newer torch headers cost compile time of their own).
+
+Usage: python benchmarks/bench_archs.py    writes benchmarks/results/archs.json
+"""
+
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import results  # noqa: E402 - benchmarks/results.py, beside this file
+from envbuild import catalog, ledger  # noqa: E402
+
+WHEEL_STEP = re.compile(r"^\[(wheel-[a-z0-9._-]+) \d+/\d+\] RUN ")
+
+
+def wheel_stages(record: dict) -> dict:
+    """{stage: seconds} of the compiled wheel stages a record measured (its own run or the one the
+    cache served it from), the RUN that compiles."""
+    out = {}
+    for step in record.get("stages") or []:
+        m = WHEEL_STEP.match(step["step"])
+        if m and step.get("seconds"):
+            out[m.group(1)] = max(out.get(m.group(1), 0), step["seconds"])
+    return out
+
+
+def archs(cat, record: dict) -> list[str]:
+    """The distinct compute capabilities of the record's cards: what its wheels were compiled for."""
+    cards = record["request"]["card"].split(",")
+    return sorted({cat.card(c).cc for c in cards}, key=lambda cc: tuple(map(int, cc.split("."))))
+
+
+def main() -> int:
+    cat = catalog.load()
+    rows = []
+    for path in sorted(ledger.folders()[0].glob("*.json")):
+        record = json.loads(path.read_text())
+        if record.get("verdict") != "verified":
+            continue
+        plan = record.get("plan") or {}
+        for stage, seconds in wheel_stages(record).items():
+            rows.append({"record": path.name, "stage": stage, "seconds": seconds, "archs": archs(cat, record),
+                         "torch": record["request"].get("torch") or (plan.get("torch") or {}).get("version"),
+                         "cuda": record["request"].get("cuda")})
+    pairs = []
+    for one in (r for r in rows if len(r["archs"]) == 1):
+        for two in (r for r in rows if len(r["archs"]) == 2 and r["stage"] == one["stage"]):
+            pairs.append({"stage": one["stage"], "one_arch": one, "two_archs": two,
+                          "ratio_two_to_one": round(two["seconds"] / one["seconds"], 2),
+                          "same_toolchain": (one["cuda"], one["torch"]) == (two["cuda"], two["torch"])})
+    if not pairs:
+        sys.exit("no wheel stage is in the ledger for one arch and for two: verify a cell for two cards first")
+    results.write("archs", {"pairs": pairs, "stages_seen": rows})
+    for p in pairs:
+        print(f"{p['stage']}: {p['one_arch']['seconds']} s for {p['one_arch']['archs']} vs "
+              f"{p['two_archs']['seconds']} s for {p['two_archs']['archs']} = {p['ratio_two_to_one']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
