@@ -11,6 +11,7 @@ builder_memory / N, so mmcv and flash-attn compiles do not run the builder out o
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 from . import labels as label
@@ -53,7 +54,12 @@ def bake_file(models=None, cards=None, out_dir: Path = Path("bake"), sources: So
             name = _key(f"{m}-{c}")
             # absolute: buildx resolves a relative context from where it runs, not from the bake file
             ctx_dir = (out_dir / "contexts" / name).resolve()
-            ctx = render.make_context(plan, f"envbuild bake --models {m} --cards {c}", base_image=base_image,
+            # every flag that shaped this context, so its header regenerates it anywhere
+            command = f"envbuild bake --models {m} --cards {c}" + "".join(
+                f" {flag} {shlex.quote(value)}" for flag, value in (("--base-image", base_image),
+                                                                    ("--torch-index", sources.torch_index or "none"))
+                if value)
+            ctx = render.make_context(plan, command, base_image=base_image,
                                       pypi_index=sources.pypi_index)
             render.write(ctx, ctx_dir)
             base_name = _key(f"base-{ctx.base_image.split('/')[-1]}-py{plan.python.version}")
@@ -80,7 +86,8 @@ def bake_file(models=None, cards=None, out_dir: Path = Path("bake"), sources: So
     names = sorted(targets)
     # Groups of at most `parallel` targets: `docker buildx bake wave-1`, then wave-2, ... keeps
     # concurrent compiles within the builder's memory; `all` builds everything at once.
-    waves = {f"wave-{i + 1}": {"targets": names[i:i + parallel]} for i in range(0, len(names), parallel)}
+    waves = {f"wave-{n + 1}": {"targets": names[i:i + parallel]}
+             for n, i in enumerate(range(0, len(names), parallel))}  # wave-1, wave-2, ...: consecutive
     doc = {
         "group": {"default": {"targets": sorted(bases) + names}, "bases": {"targets": sorted(bases)},
                   "all": {"targets": names}, **waves},

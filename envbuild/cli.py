@@ -21,10 +21,53 @@ from . import export as export_stage
 from .errors import BadInput, EnvbuildError
 from .pipeline import Request
 
+def _plain_help(param) -> None:
+    """Help without type noise: a flag shows no `<bool>`, a value its name (--card CARD, MODEL),
+    not `<str>` or `<list[str]>`."""
+    if param.metavar is None:
+        param.metavar = "" if getattr(param, "is_flag", False) else param.name.strip("_").upper()
+    if param.param_type_name == "argument":  # typer shows an argument's type beside its name
+        param.display_type_rich = lambda ctx: None
+        name = param.metavar + ("..." if param.nargs != 1 else "")
+        param._usage_display_name = lambda: name if param.required else f"[{name}]"
+
+
+class _PlainHelp:
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            _plain_help(option)
+        return option
+
+
+class _Command(_PlainHelp, typer.core.TyperCommand):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            _plain_help(param)
+
+
+class _Group(_PlainHelp, typer.core.TyperGroup):
+    pass
+
+
 app = typer.Typer(
     help="Build card-targeted container images for old GPU model stacks.",
-    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, cls=_Group,
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+        print(f"envbuild {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", is_eager=True, callback=_version, metavar="",
+                                       help="Print envbuild's version and exit.")):
+    """Build card-targeted container images for old GPU model stacks."""
 
 def _path(value) -> Path:
     """Every path option and argument: '' is an error, never the current folder (click makes it '.')."""
@@ -44,8 +87,8 @@ STRICT = typer.Option(False, "--strict", help="Upstream pins only; fail with the
 SET = typer.Option(None, "--set", help="Force a pin, PKG==VERSION (repeatable).")
 COMPILE = typer.Option(False, "--compile", help="Compile every compiled package from source, even where a vendor's "
                        "prebuilt wheel covers the card.")
-CARD = typer.Option(None, "--card", help="Card, or cards for one image (a800,h20). Default: this host's GPUs, "
-                    "else the config's card, else a portable image for every catalog card the stack runs on.")
+CARD = typer.Option(None, "--card", help="Card, or cards for one image (a800,h20), or 'portable'. Default: this host's "
+                    "GPUs, else the config's card, else a portable image for every catalog card the stack runs on.")
 SOURCE = typer.Option(None, "--source", parser=_path, help="Local model source tree (forks, offline builds) instead of git.")
 BASE_IMAGE = typer.Option(None, "--base-image", help="Base image override (mirror, offline base).")
 RUNTIME_IMAGE = typer.Option(None, "--runtime-image", help="Runtime-stage image override.")
@@ -76,7 +119,7 @@ def command(*args, **kwargs):
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(130)
-        return app.command(*args, **kwargs)(inner)
+        return app.command(*args, cls=_Command, **kwargs)(inner)
     return wrap
 
 
@@ -86,7 +129,7 @@ def _progress(json_: bool, quiet: bool = False) -> pipeline.Progress:
     if json_:
         return pipeline.QUIET
     return pipeline.Progress(echo=None if quiet else show.dim, say=show.note, planned=show.plan_cards,
-                             building=show.building)
+                             building=show.building, estimated=show.estimate)
 
 
 def _split(values: list[str] | None) -> list[str] | None:
@@ -180,12 +223,15 @@ def fix(path: str = typer.Argument(..., help="Model source tree."),
 
 @command()
 def lock(model: str, card: Optional[str] = CARD, cuda: Optional[str] = CUDA, python: Optional[str] = PYTHON,
-         strict: bool = STRICT, set_: Optional[List[str]] = SET, base_image: Optional[str] = BASE_IMAGE,
+         strict: bool = STRICT, set_: Optional[List[str]] = SET, source: Optional[Path] = SOURCE,
+         base_image: Optional[str] = BASE_IMAGE, runtime_image: Optional[str] = RUNTIME_IMAGE,
          out: Optional[Path] = typer.Option(None, "-o", "--out", parser=_path, help="Context folder (default: envbuild's cache)."),
          compile_: bool = COMPILE, torch_index: Optional[str] = TORCH_INDEX, pypi_index: Optional[str] = PYPI_INDEX, json_: bool = JSON):
-    """pip-compile --generate-hashes inside a container of the Plan's Python."""
+    """pip-compile --generate-hashes inside a container of the Plan's Python (the context is
+    rendered again to install from the lock: pass the flags render had)."""
     req = Request(model=model, compile_only=compile_, card=card, cuda=cuda, python=python, strict=strict, overrides=set_,
-                  base_image=base_image, torch_index=torch_index, pypi_index=pypi_index)
+                  source=source, base_image=base_image, runtime_image=runtime_image, torch_index=torch_index,
+                  pypi_index=pypi_index)
     plan, path, ctx = pipeline.lock_context(req, out, progress=_progress(json_))
     show.locked(plan, path, ctx, as_json=json_)
 
@@ -215,12 +261,21 @@ def image(model: str, card: Optional[str] = CARD, cuda: Optional[str] = CUDA, py
           quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not stream BuildKit progress."),
           smoke_: bool = typer.Option(False, "--smoke", help="Smoke-test the image and record the result in it."),
           no_lock: bool = typer.Option(False, "--no-lock", help="Install requirements.in unlocked (pip resolves at build time)."),
+          dry_run: bool = typer.Option(False, "--dry-run", help="Print the Plan, its cards, stages and the build's "
+                                       "estimated time and disk; build, lock and write nothing."),
+          time_limit: Optional[int] = typer.Option(None, "--time-limit", min=60, help=(
+              "Stop the build after this many seconds and say what it was still compiling "
+              "(a rerun continues from the cache).")),
           json_: bool = JSON):
-    """Resolve, render, lock (first time), build (BuildKit), tag, optionally smoke-test and push."""
+    """Resolve, render, lock (first time), build (BuildKit), tag, optionally smoke-test and push.
+    The build's estimated time (from the verified ledger) is printed before it starts."""
     req = Request(model=model, compile_only=compile_, card=card, cuda=cuda, python=python, strict=strict, overrides=set_, source=source,
                   base_image=base_image, runtime_image=runtime_image, torch_index=torch_index, pypi_index=pypi_index)
+    if dry_run:
+        show.dry_run(pipeline.estimate_image(req, no_cache=no_cache), as_json=json_)
+        return
     summary = pipeline.build_image(req, tags=tag or (), lock=not no_lock, no_cache=no_cache, smoke=smoke_,
-                                   push=push_, progress=_progress(json_, quiet))
+                                   push=push_, progress=_progress(json_, quiet), time_limit=time_limit)
     show.image(summary, as_json=json_)
 
 

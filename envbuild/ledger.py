@@ -76,13 +76,43 @@ def status(plan, request: dict, records: list[dict] | None = None) -> str:
     records = load() if records is None else records
     same = [r for r in records if _same_request(r["request"], request)]
     if not same:
-        return "not verified"
+        cards = set(request["card"].split(","))
+        near = [r for r in records if r["request"]["model"] == request["model"]
+                and cards & set(r["request"]["card"].split(","))]
+        if not near:
+            return "not verified"
+        return "not verified; the ledger holds only " + "; ".join(
+            f"{_word(r)} {r['date']} as {_covers(r)}" for r in sorted(near, key=lambda r: r["date"]))
     rec = max(same, key=lambda r: r["date"])
     if rec["digest"] != digest(plan):
         return f"stale: the Plan changed since it was verified on {rec['date']}"
     if rec["verdict"] != "passed":
         return f"FAILED on {rec['date']}: {rec.get('failure', '')}"
     return f"verified on {rec['date']} ({', '.join(k for k, v in rec['levels'].items() if v == 'passed')})"
+
+
+def request_flags(request: dict) -> str:
+    """The flags of the exact request a record covers: --card a800 --python 3.11 --cuda 11.8 --torch-index none."""
+    parts = [f"--card {request['card']}"]
+    for key, flag in (("python", "--python"), ("cuda", "--cuda"), ("torch_index", "--torch-index")):
+        if request.get(key):
+            parts.append(f"{flag} {request[key]}")
+    return " ".join(parts)
+
+
+def _mode(rec: dict, plan=None) -> str:
+    """upstream or port: today's Plan's mode, else what the record's Plan deviated (a port deviates)."""
+    if plan is not None:
+        return plan.mode
+    return "port" if (rec.get("plan") or {}).get("deviations") else "upstream"
+
+
+def _covers(rec: dict, plan=None) -> str:
+    return f"the {_mode(rec, plan)} of {request_flags(rec['request'])}"
+
+
+def _word(rec: dict) -> str:
+    return "verified" if rec["verdict"] == "passed" else "FAILED"
 
 
 def _same_request(a: dict, b: dict) -> bool:
@@ -101,6 +131,7 @@ def write(plan, request: dict, image: dict, audit_ok: bool | None, smoke_report:
         "verdict": "passed" if passed else "failed", "failure": failure,
         "image_id": image.get("image_id"), "image_size_bytes": image.get("size_bytes"),
         "build_seconds": image.get("build_seconds"),
+        "machine": _machine(),  # what the stage times were measured on (estimate.py scales by it)
         "stages": [{"step": s["step"], "seconds": s["seconds"], "cached": s["cached"],
                     **({"from_log": s["from_log"]} if s.get("from_log") else {})} for s in image.get("run_steps", [])],
         "audit": "passed" if audit_ok else ("failed" if audit_ok is False else "not run"),
@@ -115,6 +146,11 @@ def write(plan, request: dict, image: dict, audit_ok: bool | None, smoke_report:
     return out
 
 
+def _machine() -> dict:
+    from .estimate import this_machine
+    return this_machine()
+
+
 def plan_for_record(cat, rec: dict):
     """Today's Plan for the request a record was made for."""
     from .config import Sources
@@ -125,19 +161,27 @@ def plan_for_record(cat, rec: dict):
     return resolve(cat, req["model"], req["card"], cuda=req.get("cuda"), python=req.get("python"), sources=sources)
 
 
-def marks(cat) -> dict:
-    """{(model, card): 'verified py3.11' | 'stale py3.11' | 'FAILED py3.11'} for `matrix`."""
-    out = {}
-    for rec in load():
+def marks(cat, request: dict | None = None) -> dict:
+    """{(model, card): mark} for `matrix`, from the newest record of each cell: 'verified',
+    'FAILED' or 'stale' when the record covers exactly the cell's request ({python, cuda,
+    torch_index}; model and card are the cell's), else the same word and the exact request it
+    covers and whether that is a port: 'verified only as the port of --card a800 --python 3.11 ...'."""
+    out, newest = {}, {}
+    for rec in sorted(load(), key=lambda r: r["date"]):
+        for card in rec["request"]["card"].split(","):
+            newest[(rec["request"]["model"], card)] = rec
+    for (model, card), rec in newest.items():
         req = rec["request"]
+        plan = None
         try:
             plan = plan_for_record(cat, rec)
         except BadInput:
             word = "stale"
         else:
-            word = "stale" if digest(plan) != rec["digest"] else ("verified" if rec["verdict"] == "passed" else "FAILED")
-        for card in req["card"].split(","):
-            out[(req["model"], card)] = f"{word} py{req.get('python') or plan.python.version}"
+            word = "stale" if digest(plan) != rec["digest"] else _word(rec)
+        cell = {**(request or {}), "model": model, "card": card}
+        same = request is not None and _same_request(req, cell)
+        out[(model, card)] = word if same else f"{word} only as {_covers(rec, plan)}"
     return out
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,13 +23,14 @@ from . import export as export_stage
 from . import fixers as fix_stage
 from . import lock as lock_stage
 from . import smoke as smoke_stage
+from . import estimate as estimate_stage
 from . import labels as label
-from . import base_image, catalog, engine, host, ledger, outputs, render, ship
+from . import base_image, catalog, config, engine, host, ledger, outputs, render, ship
 from .build import check_ref, image_ref
 from .config import Sources, load_sources, setting
 from .errors import BadInput, EnvbuildError, OperationFailed, unknown
 from .plan import Plan
-from .resolve import grid, parse_cards, parse_overrides, resolve
+from .resolve import FIXER_WHEN, PORTABLE, grid, parse_cards, parse_overrides, resolve
 
 
 @dataclass(kw_only=True)
@@ -52,21 +55,37 @@ class Request:
         if self.source is not None:
             self.source = str(self.source)
 
-    def command(self) -> str:
-        """The envbuild command line that regenerates this render (for file headers)."""
-        parts = ["envbuild render", self.model]
+    def command(self, verb: str = "render", out: Path | str | None = None) -> str:
+        """The envbuild command line that makes this same Plan anywhere (file headers, hints): every
+        flag that shaped it, --source as an absolute path, -o when given, values shell-quoted."""
+        source = self.source and str(Path(self.source).expanduser().resolve())
+        parts = ["envbuild", verb, self.model]
         for flag, value in (("--card", self.card), ("--cuda", self.cuda), ("--python", self.python), ("--base-image", self.base_image),
-                            ("--runtime-image", self.runtime_image), ("--source", self.source and Path(self.source).name),
-                            ("--torch-index", self.torch_index), ("--pypi-index", self.pypi_index)):
+                            ("--runtime-image", self.runtime_image), ("--source", source),
+                            ("--torch-index", self.torch_index), ("--pypi-index", self.pypi_index),
+                            ("-o", out and str(Path(out).expanduser().resolve()))):
             if value:
-                parts += [flag, str(value)]
+                parts += [flag, shlex.quote(str(value))]
         if self.strict:
             parts.append("--strict")
         if self.compile_only:
             parts.append("--compile")
         for item in self.overrides:
-            parts += ["--set", item]
+            parts += ["--set", shlex.quote(item)]
         return " ".join(parts)
+
+    def pinned(self, plan: Plan, sources: Sources | None = None) -> "Request":
+        """This request with what its Plan was made from, so that its command makes the same Plan
+        on any host: cards that came from this host's GPUs or the config are named (a portable
+        Plan says --card portable: elsewhere a GPU would be found), and so are indexes this host's
+        config chose when they are not envbuild's defaults."""
+        card = self.card or (PORTABLE if plan.card == PORTABLE else ",".join(plan.cards))
+        torch_index, pypi_index = self.torch_index, self.pypi_index
+        if sources is not None and torch_index is None and sources.torch_index != config.TORCH_INDEX:
+            torch_index = sources.torch_index or "none"
+        if sources is not None and pypi_index is None and sources.pypi_index != config.PYPI:
+            pypi_index = sources.pypi_index
+        return replace(self, card=card, torch_index=torch_index, pypi_index=pypi_index)
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -77,6 +96,7 @@ class Progress:
     say: Callable[[str], None] | None = None  # a step worth a line of its own (locking first, ...)
     planned: Callable[[Plan], None] | None = None  # the Plan, before the long steps start
     building: Callable[[str, Plan, Path], None] | None = None  # the build starts: (image ref, Plan, context)
+    estimated: Callable[[dict], None] | None = None  # what the build will cost (estimate.estimate), before it starts
 
 
 QUIET = Progress()
@@ -95,6 +115,8 @@ class Verification:
 def choose_cards(cat, card: str | None) -> tuple[str | None, str]:
     """The cards to build for, the same way for every command, and why: the --card given; else
     the GPUs on this host; else the config's `card`; else None (portable: every catalog card)."""
+    if card and card.strip().lower() == PORTABLE:
+        return None, "portable (--card portable): every catalog card this stack runs on"
     if card:
         return card, "--card"
     found = host.gpus()
@@ -150,17 +172,21 @@ def matrix(models: list[str] | None = None, cards: list[str] | None = None, *, c
            torch_index: str | None = None) -> tuple[list, dict]:
     """Every (model, card) cell (upstream, port or impossible) and the ledger's marks {(model, card): mark}."""
     cat = catalog.load()
-    cells = grid(cat, models, cards, load_sources(torch_index=torch_index), cuda)
-    return cells, ledger.marks(cat)
+    sources = load_sources(torch_index=torch_index)
+    cells = grid(cat, models, cards, sources, cuda)
+    # a record marks a cell as such only when it covers the cell's exact request
+    return cells, ledger.marks(cat, {"python": None, "cuda": cuda, "torch_index": sources.torch_index or "none"})
 
 
 def default_context_dir(plan: Plan) -> Path:
     return build_stage.state_dir() / "contexts" / f"{plan.model}-{plan.card}"
 
 
-def prepare(req: Request, out: Path | None = None) -> tuple[Plan, Sources, Path]:
-    """Resolve and write a full build context; use a lock there when it matches."""
-    plan, sources = plan_for(req)
+def prepare(req: Request, out: Path | None = None, planned: tuple[Plan, Sources] | None = None
+            ) -> tuple[Plan, Sources, Path]:
+    """Resolve (unless `planned` holds the request's Plan and sources already) and write a full
+    build context; use a lock there when it matches."""
+    plan, sources = planned or plan_for(req)
     adopt = out is None  # envbuild's own state folder: everything there is envbuild's
     out = Path(out) if out else default_context_dir(plan)
     source_dir = None
@@ -169,7 +195,7 @@ def prepare(req: Request, out: Path | None = None) -> tuple[Plan, Sources, Path]
         if not source_dir.is_dir():
             raise BadInput(f"--source {req.source}: not a directory", "point --source at a checkout of the model")
         outputs.check_apart(source_dir, out)
-    ctx = render.make_context(plan, req.command(), base_image=req.base_image, runtime_image=req.runtime_image,
+    ctx = render.make_context(plan, req.pinned(plan, sources).command(), base_image=req.base_image, runtime_image=req.runtime_image,
                               source="local" if source_dir else "git", pypi_index=sources.pypi_index)
     # A lock made from exactly this requirements.in switches the Dockerfile to hash-checked installs.
     render.use_lock(ctx, out)
@@ -189,9 +215,10 @@ def prepare(req: Request, out: Path | None = None) -> tuple[Plan, Sources, Path]
 
 def render_context(req: Request, out: Path | None = None) -> tuple[Plan, dict]:
     """prepare(), and what it wrote: {dir, files, locked, mode}."""
-    plan, _, ctx = prepare(req, out)
+    plan, sources, ctx = prepare(req, out)
     files = sorted(str(p.relative_to(ctx)) for p in ctx.iterdir())
-    return plan, {"dir": str(ctx), "files": files, "locked": (ctx / "requirements.lock").exists(), "mode": plan.mode}
+    return plan, {"dir": str(ctx), "files": files, "locked": (ctx / "requirements.lock").exists(), "mode": plan.mode,
+                  "lock_command": req.pinned(plan, sources).command("lock", out)}
 
 
 def lock_context(req: Request, out: Path | None = None, progress: Progress = QUIET) -> tuple[Plan, Path, Path]:
@@ -203,10 +230,13 @@ def lock_context(req: Request, out: Path | None = None, progress: Progress = QUI
     return plan, path, ctx
 
 
-def prepare_locked(req: Request, out: Path | None = None, lock: bool = True, progress: Progress = QUIET):
+def prepare_locked(req: Request, out: Path | None = None, lock: bool = True, progress: Progress = QUIET,
+                   planned: tuple[Plan, Sources] | None = None):
     """prepare(), and lock first when no lock matches the Plan: pip-compile runs in the image's own
-    Python and the lock stays beside the context for the next build. Returns (plan, sources, ctx, note)."""
-    plan, sources, ctx = prepare(req, out)
+    Python and the lock stays beside the context for the next build. Returns (plan, sources, ctx, note).
+    The request is resolved once (or not at all, given `planned`): a lock changes the files, not the Plan."""
+    plan, sources, ctx = prepare(req, out, planned)
+    planned = (plan, sources)
     if not lock:
         return plan, sources, ctx, "not locked (--no-lock): pip resolves requirements.in during the build"
     wanted = (ctx / "requirements.in").read_text()
@@ -215,22 +245,24 @@ def prepare_locked(req: Request, out: Path | None = None, lock: bool = True, pro
     shared = lock_stage.find_matching(default_context_dir(plan).parent, wanted)
     if shared is not None:  # another card's context locked the same lines for the same Python
         lock_stage.copy_lock(shared, ctx)
-        plan, sources, ctx = prepare(req, out)
+        plan, sources, ctx = prepare(req, out, planned)
         return plan, sources, ctx, f"hash-locked by {ctx / 'requirements.lock'} (the lock of {shared.name})"
     if progress.say:
         progress.say(f"no lock matches this Plan yet: locking first with pip-compile in the image's Python ({ctx})")
     lock_stage.lock(ctx, **sources.build_kwargs, echo=progress.echo)
-    plan, sources, ctx = prepare(req, out)  # re-render: the Dockerfile now installs from the lock
+    plan, sources, ctx = prepare(req, out, planned)  # re-render: the Dockerfile now installs from the lock
     return plan, sources, ctx, f"locked first, hash-locked by {ctx / 'requirements.lock'} (kept for the next build)"
 
 
-def prepare_image(req: Request, extra_tags=(), lock: bool = True, progress: Progress = QUIET):
+def prepare_image(req: Request, extra_tags=(), lock: bool = True, progress: Progress = QUIET,
+                  planned: tuple[Plan, Sources] | None = None):
     """Everything before the build: engine reachable, context rendered and locked, tags decided.
     Returns (plan, sources, ctx, lock_note, tags); the Plan's own tag comes first."""
     engine.find_cli()
     engine.client()
-    req = offline_base(req, plan_for(req)[0], progress)
-    plan, sources, ctx, lock_note = prepare_locked(req, lock=lock, progress=progress)
+    planned = planned or plan_for(req)
+    req = offline_base(req, planned[0], progress)  # another base image: the same Plan (resolve never sees it)
+    plan, sources, ctx, lock_note = prepare_locked(req, lock=lock, progress=progress, planned=planned)
     tags = [image_ref(plan, sources.registry)] + [check_ref(t) for t in extra_tags or []]
     return plan, sources, ctx, lock_note, tags
 
@@ -258,23 +290,58 @@ def offline_base(req: Request, plan: Plan, progress: Progress = QUIET) -> Reques
 
 
 def _build(plan: Plan, sources: Sources, ctx: Path, lock_note: str, tags: list[str], no_cache: bool = False,
-           echo=None, time_limit: float | None = None) -> dict:
-    """BuildKit build of a prepared context, tagged on success; the summary the CLI prints."""
+           echo=None, time_limit: float | None = None, context=None) -> dict:
+    """BuildKit build of a prepared context, tagged on success; the summary the CLI prints.
+    context: its render.Context, whose wheel stages this host's BuildKit cache then holds."""
     result = build_stage.build(ctx, tags, no_cache=no_cache, **sources.build_kwargs, echo=echo,
                                log_name=f"{plan.model}-{plan.card}", time_limit=time_limit)
+    if context is not None:
+        estimate_stage.remember_built(context)
     summary = result.summary()
     summary.update(cards=list(plan.cards), cards_why=plan.cards_why, lock=lock_note)
     return summary
 
 
+def context_of(req: Request, plan: Plan, sources: Sources, ctx_dir: Path | None = None):
+    """The render.Context of a request's Plan, written nowhere (the files stay as they are); with
+    ctx_dir, reading its lock and the wheel cache as prepare() did."""
+    context = render.make_context(plan, req.pinned(plan, sources).command(), base_image=req.base_image,
+                                  runtime_image=req.runtime_image, source="local" if req.source else "git",
+                                  pypi_index=sources.pypi_index)
+    if ctx_dir is not None:
+        render.use_lock(context, ctx_dir)
+        listing = ctx_dir / "wheel-cache.json"
+        if sources.wheel_cache and listing.is_file():
+            context.wheel_cache = sources.wheel_cache
+            context.shared_wheels = {i["package"]: i["ref"] for i in json.loads(listing.read_text()) if i["shared"]}
+    return context
+
+
+def estimate_image(req: Request, *, no_cache: bool = False, planned: tuple[Plan, Sources] | None = None) -> dict:
+    """What `envbuild image --dry-run` prints, nothing built, written or asked of an engine: the
+    Plan, its Dockerfile's stages, its compiled wheel stages and what the build will cost."""
+    plan, sources = planned or plan_for(req)
+    ctx_dir = default_context_dir(plan)  # its lock, when one was made, is part of what a wheel stage is built from
+    context = context_of(req, plan, sources, ctx_dir if ctx_dir.is_dir() else None)
+    stages = re.findall(r"^FROM \S+ AS (\S+)", render.dockerfile(context), flags=re.M)
+    cost = estimate_stage.estimate(context, ledger.load(), no_cache=no_cache)
+    return {"plan": plan, "image": image_ref(plan, sources.registry), "stages": stages,
+            "compiled": [s.stage for s in context.compiled_steps], "estimate": cost}
+
+
 def build_image(req: Request, *, tags=(), lock: bool = True, no_cache: bool = False, smoke: bool = False,
-                push: bool = False, progress: Progress = QUIET) -> dict:
-    """What `envbuild image` does: resolve, render, lock (first time), build, tag; then, when asked,
-    smoke-test the image (its result recorded in a label every tag moves to) and push the tags that
-    name a registry. Returns the build summary, with `smoke` and `pushed` when they ran."""
+                push: bool = False, progress: Progress = QUIET, time_limit: float | None = None) -> dict:
+    """What `envbuild image` does: resolve (once), render, lock (first time), estimate, build, tag;
+    then, when asked, smoke-test the image (its result recorded in a label every tag moves to) and
+    push the tags that name a registry. Returns the build summary, with `smoke` and `pushed` when
+    they ran. A build still running after time_limit seconds is stopped (BuildKit keeps what finished)."""
+    planned = plan_for(req)
     if progress.planned:  # which cards, and why, before the (long) lock and build
-        progress.planned(plan_for(req)[0])
-    plan, sources, ctx, lock_note, refs = prepare_image(req, tags, lock=lock, progress=progress)
+        progress.planned(planned[0])
+    plan, sources, ctx, lock_note, refs = prepare_image(req, tags, lock=lock, progress=progress, planned=planned)
+    context = context_of(req, plan, sources, ctx)
+    if progress.estimated:
+        progress.estimated(estimate_stage.estimate(context, ledger.load(), no_cache=no_cache))
     # --push sends the tags that name a registry: the default one only when a registry is configured
     to_push = refs if sources.registry else refs[1:]
     if push and not to_push:
@@ -282,7 +349,8 @@ def build_image(req: Request, *, tags=(), lock: bool = True, no_cache: bool = Fa
                        "or add --tag REGISTRY/NAME:TAG")
     if progress.building:
         progress.building(refs[0], plan, ctx)
-    summary = _build(plan, sources, ctx, lock_note, refs, no_cache=no_cache, echo=progress.echo)
+    summary = _build(plan, sources, ctx, lock_note, refs, no_cache=no_cache, echo=progress.echo, time_limit=time_limit,
+                     context=context)
     summary.update(_share_wheels(ctx, sources, progress.echo))
     if smoke:
         _smoke_and_label(summary, refs)
@@ -336,7 +404,8 @@ def verify_cell(req: Request, *, time_limit: float | None = None, progress: Prog
     request = ledger_request(plan, sources, req)
     summary, audit_ok, report, failure = {}, None, None, ""
     try:
-        summary = _build(plan, sources, ctx, lock_note, refs, echo=progress.echo, time_limit=time_limit)
+        summary = _build(plan, sources, ctx, lock_note, refs, echo=progress.echo, time_limit=time_limit,
+                         context=context_of(req, plan, sources, ctx))
         summary.update(_share_wheels(ctx, sources, progress.echo))
         audits = _audit_all(refs[0], None, list(plan.cards))
         audit_ok = all(a["ok"] for a in audits)
@@ -468,7 +537,11 @@ def fix_tree(path: str, *, only: list[str] | None = None, mmcv: str | None = Non
         raise BadInput(f"{path} is not a directory", "name the model's source folder")
     chosen = _fixers_of_plan(plan_file) if plan_file else _fixers_named(only, mmcv, cxx_std)
     if dry_run:
-        return fix_stage.detect(str(path), chosen)
+        found = fix_stage.detect(str(path), chosen)
+        if not plan_file:  # checked without a Plan: say which Plans would apply each finding
+            for finding in found:
+                finding.only_when = FIXER_WHEN.get(finding.fixer, "only the Plans that list this fixer")
+        return found
     try:
         return fix_stage.apply(str(path), chosen)
     except fix_stage.FixerError as exc:

@@ -17,6 +17,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import jinja2
+from packaging.utils import canonicalize_name as canonical
 
 from . import labels as label
 from . import creds, outputs, packages, paths
@@ -278,7 +279,8 @@ class Context:
         """requirements.in entries: the Plan's pins except the compiled ones, plus build tools."""
         compiled = set(self.plan.compiled)
         reqs = [requirement(p.name, p.version) for p in self.plan.packages if p.name not in compiled]
-        return sorted(reqs + BUILD_TOOLS, key=str.lower)
+        pinned = {canonical(p.name) for p in self.plan.packages}  # a pin of a build tool wins; never both
+        return sorted(reqs + [t for t in BUILD_TOOLS if canonical(t) not in pinned], key=str.lower)
 
     @property
     def compiled_steps(self) -> list[Step]:

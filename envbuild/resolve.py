@@ -202,6 +202,15 @@ def _merge(cat, model, cards: list[Card], plans: dict, stack, toolkit, strict, o
     else:
         pins = next(iter(plans.values())).packages
     first = next(iter(plans.values()))
+    if first.torch.source == "port" and first.torch.why == UPGRADE_WHY:
+        # upstream's torch runs on the first card: name the cards whose constraint moved it
+        forced: dict[str, list[str]] = {}  # reason -> the cards it stops
+        for cid, p in plans.items():
+            if p.torch.why != UPGRADE_WHY:
+                forced.setdefault(p.torch.why, []).append(cid)
+        if forced:
+            why = "one torch for every card; " + "; ".join(f"{', '.join(ids)}: {r}" for r, ids in forced.items())
+            first = replace(first, torch=replace(first.torch, why=why))
     runtime_env: dict = {}
     for card in cards:
         for name, item in plans[card.id].runtime_env.items():
@@ -588,13 +597,50 @@ def _index_cutoff(model: Model, rel) -> dict:
                                 f"of {model.era_grace_days} days later (exact pins win)"}
 
 
+UPGRADE_WHY = "smallest torch upgrade that satisfies every other constraint"
+
+
 def _torch_why(c: _Candidate) -> str:
+    """Why the Plan's torch is not upstream's: the constraint that stopped upstream's torch for
+    this card, Python and request (not the CUDA of the build that was chosen instead)."""
     model, rel, cu = c.model, c.stack.torch, c.stack.cuda
     sass, ptx = c.cat.wheel_code(c.cat.torch[model.torch], model.cuda)
     if runs_on(sass, c.card.cc, ptx) is None:
         return (f"torch {model.torch}+cu{model.cuda.replace('.', '')} has no code for {c.card.cc}; "
                 f"{rel.version}+cu{cu.replace('.', '')} is the smallest upgrade that has")
-    return f"smallest torch upgrade that satisfies every other constraint (CUDA {cu})"
+    stopped = _upstream_stopped(c)
+    if stopped is None:  # upstream's torch would do on this card: another card of the image needs more
+        return UPGRADE_WHY
+    build, reason = stopped
+    if V(rel.version) == V(model.torch):
+        return f"upstream's build {model.torch}+cu{build.replace('.', '')} cannot be used: {reason}"
+    return f"smallest torch upgrade: upstream's {model.torch}+cu{build.replace('.', '')} cannot be used: {reason}"
+
+
+def _upstream_stopped(c: _Candidate) -> tuple[str, str] | None:
+    """(CUDA build, reason) of the gate that stops upstream's torch for this candidate's card,
+    Python and request: upstream's own CUDA build when the Plan keeps its version, else the build
+    that got furthest; None when one of them passes every gate."""
+    up = c.cat.torch[c.model.torch]
+    builds = {cu: True for cu in up.index}
+    builds[up.pypi] = False
+    if V(c.stack.torch.version) == V(up.version):  # same release, another build: why not upstream's own
+        builds = {cu: f for cu, f in builds.items() if cu == c.model.cuda} or builds
+    found = []
+    for cu, from_index in builds.items():
+        trial = _Candidate(c.cat, c.model, c.card, _Stack(c.stack.python, up, cu, from_index), c.toolkit_req,
+                           c.strict, c.overrides, c.sources, c.python_req)
+        for depth, gate in enumerate(GATES):  # the gates only: nothing assembled, no recursion
+            reason = gate(trial)
+            if reason:
+                found.append((depth, cu == c.model.cuda, cu, reason))
+                break
+        else:
+            return None
+    if not found:
+        return None
+    _, _, cu, reason = max(found)
+    return cu, reason
 
 
 def _python_port(cat: Catalog, name: str, spec: str, py: str, upstream_py: str, upstream: str | None = None
@@ -646,6 +692,23 @@ def _era_pins(cat: Catalog, pins: list[Pin], rel: TorchRelease, model: Model) ->
         if current is None or not current.version:
             by_name[era.name] = Pin(era.name, era.spec, era.why, current.upstream if current else None, "era")
     return sorted(by_name.values(), key=lambda p: p.name)
+
+
+# The Plans each fixer is part of (the gates and _fixers below decide it): `fix --list` without a
+# plan.json checks every fixer on a tree and says which Plans would apply what it found.
+FIXER_WHEN = {
+    "setup-without-gpu": "only Plans of a model whose catalog entry says an extension's setup.py refuses to build "
+                         "without a visible GPU",
+    "thc-to-aten": "only a port from torch < 1.11 to >= 1.11 of a model with CUDA extensions",
+    "cxx-standard": "only a port whose torch headers need a newer C++ standard than upstream's",
+    "local-rank": "only a port from torch < 2.0 to >= 2.0 of a model launched by torch.distributed.launch "
+                  "with --local_rank",
+    "numba-errors": "only a port of a model that installs numba",
+    "mmcv-version-assert": "only a port whose mmcv-full is newer than a package's import-time assert allows",
+    "mmcv-layer-clash": "only a port whose mmcv-full registers layers a pinned package registers too",
+    "collections-abc": "only Plans on Python >= 3.10 that keep a package taking the ABCs from collections",
+    "torch-load-weights-only": "only a port from torch < 2.6 to >= 2.6",
+}
 
 
 def _fixers(model: Model, rel: TorchRelease, upstream: TorchRelease, deviates: bool) -> list[Fixer]:

@@ -6,6 +6,7 @@ Each command hands its result to one function here; `as_json` prints it as JSON 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from rich.console import Console
@@ -14,8 +15,21 @@ from rich.table import Table
 
 from .smoke import LEVELS
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _width(stream) -> int | None:
+    """A terminal's own width (or COLUMNS); unlimited for a pipe or a file, so that a table's
+    cells are never folded where `grep` or a script reads them (rich would assume 80 columns)."""
+    try:
+        tty = stream.isatty()
+    except (AttributeError, ValueError, OSError):
+        tty = False
+    return None if tty or os.environ.get("COLUMNS") else UNWRAPPED
+
+
+UNWRAPPED = 100_000  # columns for output that is not a terminal: wider than any table envbuild prints
+out = Console(highlight=False, soft_wrap=True, width=_width(sys.stdout))
+err = Console(stderr=True, highlight=False, soft_wrap=True, width=_width(sys.stderr))
 
 
 def emit_json(data) -> None:
@@ -174,16 +188,21 @@ def rendered(p, listing: dict, as_json: bool = False) -> None:
     for name in listing["files"]:
         line(f"  {name}")
     if not listing["locked"]:
-        line(f"not locked yet: envbuild lock {p.model} --card {','.join(p.cards)} (envbuild image locks first by itself)")
+        line(f"not locked yet: {listing['lock_command']} (envbuild image locks first by itself)")
 
 
 def findings(found, as_json: bool = False) -> None:
+    """Each finding; checked without a plan.json, also which Plans would apply it (only_when)."""
+    when = [getattr(f, "only_when", None) for f in found]
     if as_json:
-        emit_json([f.to_dict() for f in found])
+        emit_json([{**f.to_dict(), **({"only_when": w} if w else {})} for f, w in zip(found, when)])
     else:
-        for f in found:
-            line(f"{f.path}:{f.line}: {f.fixer}: {f.why}")
+        for f, w in zip(found, when):
+            line(f"{f.path}:{f.line}: {f.fixer}: {f.why}" + (f"  [{w}]" if w else ""))
         line(f"{len(found)} finding(s); nothing changed")
+        if any(when):
+            line("checked without --plan: each applies only to the Plans named beside it; "
+                 "envbuild fix --list --plan plan.json lists what a build of that Plan applies")
     fix_problems(found, as_json)
 
 
@@ -219,6 +238,32 @@ def wheels(p, dest, made: list[dict], as_json: bool = False) -> None:
              f"arch {w['arch_list']}, {w['size_bytes'] / 1e6:.1f} MB, "
              + ("compiled now" if w["built_now"] else "from BuildKit's cache"))
     line(f"install: pip install --find-links {dest} <package>==<version>")
+
+
+def _duration(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    return f"{seconds:.0f} s" if seconds < 90 else (f"~{minutes} min" if minutes < 90 else f"~{seconds / 3600:.1f} h")
+
+
+def estimate(cost: dict) -> None:
+    """What the build will cost, before it starts: each compiled package, the rest, disk."""
+    m = cost["machine"]
+    line(f"estimate {_duration(cost['seconds'])} on {m['cores']} cores / {m['memory_gb']} GB, "
+         f"{cost['disk_bytes'] / 1e9:.0f} GB of disk (image ~{cost['image_bytes'] / 1e9:.1f} GB plus its builder stages)")
+    for st in cost["stages"]:
+        line(f"  {_duration(st['seconds']):>9}  {st['package']}: {st['why']}")
+    line(f"  {_duration(cost['rest_seconds']):>9}  base, torch, deps and runtime stages (as the ledger measured them)")
+
+
+def dry_run(result: dict, as_json: bool = False) -> None:
+    """image --dry-run: the Plan, its cards, the Dockerfile's stages and the estimate; nothing built."""
+    if as_json:
+        return emit_json({"plan": result["plan"].to_dict(), "image": result["image"], "stages": result["stages"],
+                          "compiled": result["compiled"], "estimate": result["estimate"]})
+    plan(result["plan"])
+    line(f"image   {result['image']} (dry run: nothing built, locked or written)")
+    line(f"stages  {', '.join(result['stages'])}")
+    estimate(result["estimate"])
 
 
 def building(ref: str, p, ctx) -> None:
@@ -268,6 +313,8 @@ def pulled(result: dict, as_json: bool = False) -> None:
 def images(rows: list[dict], as_json: bool = False) -> None:
     if as_json:
         return emit_json(rows)
+    if not rows:
+        return line("no envbuild images in the local engine yet: build one with envbuild image MODEL (or envbuild pull, load)")
     table("envbuild images", ["id", "tags", "model", "card", "mode", "torch", "CUDA", "arch", "size GB"],
           [[r["id"], "\n".join(r["tags"]) or "<untagged>", r["model"], r["card"], r["mode"], r["torch"],
             r["cuda"], r["arch_list"], f"{r['size_bytes'] / 1e9:.2f}"] for r in rows])

@@ -116,7 +116,7 @@ def test_sources_from_config_file_and_env(tmp_path):
 
 
 @pytest.mark.parametrize("args, says", [
-    (["resolve"], "Missing argument 'model'"),
+    (["resolve"], "Missing argument 'MODEL'"),
     (["resolve", "maptr", "--bogus"], "No such option: --bogus"),
     (["nosuchcommand"], "No such command 'nosuchcommand'"),
     (["smoke", "img", "--steps", "1"], "Invalid value for '--steps'"),
@@ -463,3 +463,87 @@ def test_on_a_gpu_host_the_cards_and_the_smoke_card_are_this_hosts_gpu(cat, monk
     monkeypatch.setattr(host, "gpus", lambda: (dict(gpu, name="NVIDIA B9000"),))
     with pytest.raises(BadInput, match="this host's GPU NVIDIA B9000 is not in the catalog"):
         pipeline.choose_cards(cat, None)
+
+
+# ---------------------------------------------------------------- issue 24: hints, output for pipes and people
+
+def test_piped_output_is_not_wrapped_at_80_columns():
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    r = subprocess.run([sys.executable, "-m", "envbuild.cli", "models"], capture_output=True, text=True, env=env,
+                       timeout=120)
+    rows = [line for line in r.stdout.splitlines() if "built-in" in line]
+    assert len(rows) >= 4 and any(len(line) > 80 for line in rows)
+    assert any("maptr" in line and "built-in" in line for line in rows)  # one row, one line
+
+
+def test_help_has_no_type_noise_and_version_is_an_option():
+    for args in (["--help"], ["image", "--help"], ["compare", "--help"], ["fix", "--help"]):
+        r = envbuild(*args)
+        assert r.returncode == 0 and "<bool>" not in r.stdout and "<list[str]>" not in r.stdout, args
+        assert "<str>" not in r.stdout and "<Path>" not in r.stdout and "{" not in r.stdout, args
+    assert "--card" in envbuild("image", "--help").stdout and "MODEL" in envbuild("image", "--help").stdout
+    r = envbuild("--version")
+    from envbuild import __version__
+    assert r.returncode == 0 and r.stdout.strip() == f"envbuild {__version__}"
+
+
+def test_an_empty_image_list_says_so(capsys):
+    from envbuild import show
+    show.images([])
+    assert "no envbuild images" in capsys.readouterr().out
+
+
+def test_render_hint_carries_every_flag_that_shaped_the_plan(tmp_path):
+    out = tmp_path / "ctx"
+    r = envbuild("render", "qcnet", "--card", "a800", "--python", "3.11", "--torch-index", "none", "--cuda", "11.8",
+                 "-o", out)
+    assert r.returncode == 0, r.stderr
+    hint = next(line for line in r.stdout.splitlines() if line.startswith("not locked yet:"))
+    assert f"envbuild lock qcnet --card a800 --cuda 11.8 --python 3.11 --torch-index none -o {out.resolve()}" in hint
+    # lock takes every flag render took, so that the hint re-renders the same context
+    lock_help = envbuild("lock", "--help").stdout
+    assert "--source" in lock_help and "--runtime-image" in lock_help
+
+
+def test_the_dockerfile_regenerate_line_reproduces_the_plan_anywhere(cat, tmp_path, monkeypatch):
+    """--source as its absolute path, and the cards when the host's GPUs chose them."""
+    from envbuild import host, pipeline
+    from envbuild.pipeline import Request
+    gpu = {"index": "0", "name": "NVIDIA H20", "cc": "9.0", "driver": "550.54.15", "memory_mb": "97871"}
+    monkeypatch.setattr(host, "gpus", lambda: (gpu,))
+    monkeypatch.setenv("ENVBUILD_HOME", str(tmp_path / "home"))
+    src = tmp_path / "BEVFormer"
+    src.mkdir()
+    monkeypatch.chdir(tmp_path)
+    req = Request(model="maptr", source="BEVFormer", torch_index="none")
+    _, _, ctx = pipeline.prepare(req, tmp_path / "out")
+    head = (ctx / "Dockerfile").read_text().splitlines()[0]
+    assert f"envbuild render maptr --card h20 --source {src} --torch-index none" in head
+    # a portable Plan (no GPU, no card): --card portable, which a GPU host also makes portable
+    monkeypatch.setattr(host, "gpus", lambda: ())
+    plan, _ = pipeline.plan_for(Request(model="qcnet"))
+    assert Request(model="qcnet").pinned(plan).command() == "envbuild render qcnet --card portable"
+    monkeypatch.setattr(host, "gpus", lambda: (gpu,))
+    assert pipeline.plan_for(Request(model="qcnet", card="portable"))[0].cards == plan.cards
+
+
+def test_bake_names_its_waves_consecutively(tmp_path):
+    r = envbuild("bake", "--models", "maptr,qcnet", "--cards", "a800,h20", "-o", tmp_path / "bake.json",
+                 "--parallel", "1")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads((tmp_path / "bake.json").read_text())
+    assert sorted(g for g in doc["group"] if g.startswith("wave-")) == ["wave-1", "wave-2", "wave-3", "wave-4"]
+    assert "wave-1 (then wave-2, ...)" in r.stdout
+
+
+def test_fix_list_without_a_plan_says_which_plans_apply_each_finding(tmp_path):
+    (tmp_path / "op.cu").write_text("#include <THC/THC.h>\n")
+    r = envbuild("fix", str(tmp_path), "--list")
+    assert r.returncode == 0, r.stderr
+    assert "thc-to-aten" in r.stdout and "only a port from torch < 1.11 to >= 1.11" in r.stdout
+    assert "without --plan" in r.stdout
+    data = json.loads(envbuild("fix", str(tmp_path), "--list", "--json").stdout)
+    assert data[0]["only_when"].startswith("only")
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"fixers": [{"name": "thc-to-aten"}]}))
+    assert "only_when" not in json.loads(envbuild("fix", str(tmp_path), "--list", "--plan", plan, "--json").stdout)[0]

@@ -33,7 +33,11 @@ def test_status_verified_failed_and_stale(cat, tmp_path):
     assert records[0]["parameters"] == 7660673 and records[0]["stages"][0]["seconds"] == 1109.0
     assert ledger.status(p, REQUEST, records).startswith("verified on ")
     other = {**REQUEST, "python": "3.10"}
-    assert ledger.status(plan(cat), other, records) == "not verified"
+    # another request of the same cell: not verified, and the request the record covers is named
+    assert ledger.status(plan(cat), other, records) == ("not verified; the ledger holds only verified "
+                                                        f"{records[0]['date']} as the port of --card a800 "
+                                                        "--python 3.11 --cuda 11.8 --torch-index none")
+    assert ledger.status(plan(cat), {**REQUEST, "model": "maptr"}, records) == "not verified"
     # a Plan that changed since (another pin) makes the record stale
     changed = resolve(cat, "qcnet", "a800", python="3.11", cuda="11.8", sources=Sources(torch_index=None),
                       overrides={"numpy": "1.24.4"})
@@ -147,8 +151,11 @@ def test_matrix_marks_the_cells_the_ledger_holds_verified_failed_or_stale(tmp_pa
         return {(c["model"], c["card"]): c.get("verified") for c in json.loads(r.stdout)}
     cells = matrix({})
     by_record = {rec["request"]["model"]: rec["verdict"] for rec in ledger.load()}
-    assert by_record["qcnet"] == "passed" and cells[("qcnet", "a800")] == "verified py3.11"
-    assert by_record["sparsedrive"] == "passed" and cells[("sparsedrive", "a800")] == "verified py3.11"
+    # the matrix's cells are the default request (no --python): a record of the Python 3.11 port is
+    # named as exactly that, never as the cell's upstream (issue 24)
+    covers = "only as the port of --card a800 --python 3.11 --cuda 11.8 --torch-index none"
+    assert by_record["qcnet"] == "passed" and cells[("qcnet", "a800")] == f"verified {covers}"
+    assert by_record["sparsedrive"] == "passed" and cells[("sparsedrive", "a800")] == f"verified {covers}"
     assert not cells[("qcnet", "h20")]  # no record for that cell
     # a user catalog whose qcnet pins another lightning: the same request now makes another Plan
     user = tmp_path / "mine"
@@ -162,7 +169,7 @@ def test_matrix_marks_the_cells_the_ledger_holds_verified_failed_or_stale(tmp_pa
     record.update(verdict="failed", date="2099-01-01", failure="smoke env: import motmetrics: ImportError")
     (user / "verified" / "sparsedrive-a800-py3.11.json").write_text(json.dumps(record))
     cells = matrix({"ENVBUILD_MATRICES": str(user)})
-    assert cells[("qcnet", "a800")].startswith("stale") and cells[("sparsedrive", "a800")] == "FAILED py3.11"
+    assert cells[("qcnet", "a800")].startswith("stale") and cells[("sparsedrive", "a800")] == f"FAILED {covers}"
 
 
 def test_the_readme_table_says_what_each_record_says():
@@ -196,3 +203,9 @@ def test_a_record_keeps_the_verdict_levels_parameters_and_training_step(cat, tmp
     for audit_ok, levels in ((False, report["levels"]), (True, dict(report["levels"], model={"status": "failed"}))):
         rec = json.loads(ledger.write(p, request, image, audit_ok, {"levels": levels}, path=tmp_path).read_text())
         assert rec["verdict"] == "failed", (audit_ok, levels)
+
+
+def test_a_record_marks_its_cell_plainly_only_for_the_exact_request(cat):
+    request = {"python": "3.11", "cuda": "11.8", "torch_index": "none"}
+    assert ledger.marks(cat, request)[("qcnet", "a800")] == "verified"
+    assert "upstream" not in ledger.marks(cat, {"python": None, "cuda": None, "torch_index": "none"})[("maptr", "a800")]

@@ -604,3 +604,12 @@ def test_the_lock_is_made_by_the_images_own_python_in_its_base_stage(tmp_path, m
     assert kwargs["volumes"][str(ctx.resolve())]["bind"] == "/ctx"
     assert "numpy==1.24.4" in (ctx / "requirements.lock").read_text()
     assert "torch==1.13.0" in (ctx / "torch.lock").read_text() and "numpy" not in (ctx / "torch.lock").read_text()
+
+
+def test_requirements_in_lists_a_build_tool_once(cat):
+    """flash-attn's deps pin ninja, which is also a build tool: requirements.in names it once."""
+    from envbuild.resolve import resolve
+    ctx = render.make_context(resolve(cat, "sparsedrive", "h20"), "envbuild render sparsedrive --card h20")
+    names = [line.split("=")[0].split(">")[0].split("<")[0].strip().lower() for line in render.requirements_in(ctx).splitlines()
+             if line and not line.startswith(("#", "-"))]
+    assert names.count("ninja") == 1 and len(names) == len(set(names))

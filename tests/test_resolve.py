@@ -436,3 +436,20 @@ def test_blackwell_with_cuda_13_gets_a_cuda_13_pypi_torch(matrices_copy, card):
     # the smallest such upgrade: no older release has a CUDA 13 PyPI build for Python 3.11
     older = [r for v, r in cat.torch.items() if V(v) < V(rel.version) and r.pypi.startswith("13.") and r.supports_python("3.11")]
     assert not older, [r.version for r in older]
+
+
+def test_the_torch_upgrade_names_the_constraint_that_forced_it(cat):
+    """Issue 24: not the CUDA of the build chosen instead, but what stopped upstream's torch."""
+    from envbuild.config import Sources
+    # several cards, no --cuda: the Hopper card moved torch
+    p = resolve(cat, "maptr", "a800,h20")
+    assert "CUDA 11.8)" not in p.torch.why and "h20: torch 1.9.1+cu111 has no code for 9.0" in p.torch.why
+    # Python 3.11 moved sparsedrive's torch, not CUDA 11.7
+    p = resolve(cat, "sparsedrive", "a800", python="3.11", sources=Sources(torch_index=None))
+    assert "(CUDA 11.7)" not in p.torch.why and "not 3.11" in p.torch.why
+    # the same release, another build: upstream's build is only on the PyTorch index
+    p = resolve(cat, "qcnet", "a800", python="3.11", sources=Sources(torch_index=None))
+    assert "only on the PyTorch index" in p.torch.why
+    # a --cuda request
+    p = resolve(cat, "maptr", "a800", cuda="12.1")
+    assert "CUDA 12.1 was requested" in p.torch.why

@@ -1,0 +1,204 @@
+"""What a build will cost before it starts, from what earlier builds measured.
+
+The verified ledger's records hold each stage's cold time (envbuild/matrices/verified/*.json:
+"[wheel-flash-attn 1/1]" 4178 s on one arch). A compiled package's time is taken from the record
+of the same model (else the same package and version, else the same package), then scaled:
+
+- by archs: each arch of TORCH_CUDA_ARCH_LIST past the first (a +PTX counts as one more) adds
+  EXTRA_ARCH of the one-arch time (benchmarks/results/build.json: one CUDA op for 8.0 in 60.8 s,
+  for CUDA 11.8's 12 archs in 431.7 s);
+- by parallel compile jobs: min(cores, memory / the package's GB per job), as max_jobs.py gives
+  the build, here against the machine the records were measured on (LEDGER_MACHINE: their
+  benchmarks' meta says 2 cores and 24 GB; records written since carry their own "machine");
+- by cache state: a vendor's wheel, a wheel the wheel cache holds, or a wheel stage this host
+  built before (BuildKit's cache keeps it unless pruned) costs ~0.
+
+The rest of the build (base, torch, deps, runtime stages) is what the record measured beside its
+compiles. Disk: the image's size measured, plus its builder stages (build.json's ratio).
+No network, no Docker: a pure function of the Plan's context, the records and the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+from datetime import date
+from pathlib import Path
+
+# The machine the committed records were built on (benchmarks/results/*.json "meta.machine").
+LEDGER_MACHINE = {"cores": 2, "memory_gb": 24}
+# benchmarks/results/build.json compile_op_s: 60.8 s for one arch, 431.7 s for 12: each further
+# arch costs (431.7 / 60.8 - 1) / 11 of the first (tests/test_estimate.py checks it against the file).
+EXTRA_ARCH = 0.55
+# benchmarks/results/build.json ratio_runtime_to_builder_size: the builder stages are ~2x the image.
+RUNTIME_TO_BUILDER = 0.506
+UNMEASURED_ONE_ARCH_S = 60.8  # a package no record compiled: like the benchmark's op, said as a guess
+DEFAULT_REST_S = 300.0  # no record at all: base, torch and deps stages as the fixture build measured
+DEFAULT_GB_PER_JOB = 2
+
+_WHEEL_STEP = re.compile(r"^\[wheel-([A-Za-z0-9_.-]+) \d+/\d+\] RUN ")
+_PIP_STEP = re.compile(r"--no-build-isolation --no-deps (?:-v )?([A-Za-z0-9_.-]+)==([A-Za-z0-9_.+!-]+)")
+_SDIST = re.compile(r"-d /src/sdist ([A-Za-z0-9_.-]+)==([A-Za-z0-9_.+!-]+)")
+_JOBS = re.compile(r"max_jobs\.py (\d+)")
+
+
+def arch_count(arch_list: str) -> int:
+    """'8.0' -> 1, '8.0;9.0+PTX' -> 3: each arch compiled, and PTX as one more."""
+    items = [a for a in (arch_list or "").split(";") if a.strip()]
+    return max(1, len(items) + sum(1 for a in items if a.endswith("+PTX")))
+
+
+def arch_factor(archs: int) -> float:
+    return 1 + EXTRA_ARCH * (archs - 1)
+
+
+def jobs(cores: int, memory_gb: float, gb_per_job: int) -> int:
+    """Parallel compile jobs, as max_jobs.py decides them in the build."""
+    return max(1, min(int(cores), int(memory_gb // max(1, gb_per_job))))
+
+
+def this_machine() -> dict:
+    """Cores and memory here (the builder is this host's engine, as envbuild image uses it)."""
+    memory_gb = 0.0
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemTotal:"):
+                    memory_gb = int(line.split()[1]) / (1024 * 1024)
+                    break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return {"cores": cores, "memory_gb": round(memory_gb or 4.0, 1)}
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def measured(records: list[dict]) -> list[dict]:
+    """Every compile stage the records timed: {package, version, seconds, archs, gb_per_job,
+    model, machine}; and each record's rest (its other stages) as package None."""
+    out = []
+    for rec in records:
+        machine = rec.get("machine") or LEDGER_MACHINE
+        archs = arch_count((rec.get("plan") or {}).get("arch_list", ""))
+        compiled = 0.0
+        for stage in rec.get("stages") or []:
+            step, seconds = stage.get("step", ""), stage.get("seconds")
+            if seconds is None:
+                continue
+            wheel, pip = _WHEEL_STEP.match(step), _PIP_STEP.search(step)
+            if not (wheel or pip):
+                continue
+            named = _SDIST.search(step) or pip
+            package = _canonical(named.group(1) if named else wheel.group(1))
+            version = named.group(2) if named else ""
+            gb = _JOBS.search(step)
+            out.append({"package": package, "version": version, "seconds": float(seconds), "archs": archs,
+                        "gb_per_job": int(gb.group(1)) if gb else DEFAULT_GB_PER_JOB,
+                        "model": rec["request"]["model"], "machine": machine})
+            compiled += float(seconds)
+        if rec.get("build_seconds") and rec.get("verdict") == "passed":
+            out.append({"package": None, "seconds": max(0.0, float(rec["build_seconds"]) - compiled),
+                        "model": rec["request"]["model"], "machine": machine})
+    return out
+
+
+def _pick(found: list[dict], model: str, package: str, version: str) -> dict | None:
+    """The best measurement of a package: this model's, else this version's, else the slowest."""
+    mine = [m for m in found if m["package"] == package]
+    for pool in ([m for m in mine if m["model"] == model], [m for m in mine if m["version"] == version], mine):
+        if pool:
+            return max(pool, key=lambda m: m["seconds"] / arch_factor(m["archs"]))
+    return None
+
+
+def built_here_file() -> Path:
+    from .build import state_dir
+    return state_dir() / "wheel-stages.json"
+
+
+def built_here() -> dict:
+    """{wheel stage key: date} of the wheel stages this host built (BuildKit's cache has them)."""
+    try:
+        data = json.loads(built_here_file().read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def remember_built(ctx) -> None:
+    """After a build: its compiled wheel stages are in this host's BuildKit cache now."""
+    done = built_here()
+    done.update({stage_key(ctx, s): date.today().isoformat() for s in ctx.compiled_steps if not s.vendor})
+    try:
+        built_here_file().write_text(json.dumps(done, indent=1, sort_keys=True) + "\n")
+    except OSError:
+        pass  # a hint for the next estimate, never a reason to fail a build
+
+
+def stage_key(ctx, step) -> str:
+    """What a wheel stage is built from (the wheel cache's digest of its inputs)."""
+    saved = ctx.wheel_cache
+    try:
+        ctx.wheel_cache = "local"
+        return ctx.wheel_ref(step).split(":", 1)[1]
+    finally:
+        ctx.wheel_cache = saved
+
+
+def estimate(ctx, records: list[dict], machine: dict | None = None, built: dict | None = None,
+             no_cache: bool = False) -> dict:
+    """The build's cost: {seconds, stages: [{package, seconds, why}], rest_seconds, disk_bytes, machine,
+    basis}. ctx: the rendered context (render.Context) the build would use."""
+    plan = ctx.plan
+    machine = machine or this_machine()
+    built = built_here() if built is None else built
+    found = measured(records)
+    archs = arch_count(plan.arch_list)
+    stages = []
+    for step in ctx.compiled_steps:
+        package = _canonical(step.name)
+        version = step.requirement.split("==", 1)[-1]
+        if step.vendor:
+            stages.append({"package": step.name, "seconds": 0.0, "why": "a vendor's prebuilt wheel: downloaded"})
+            continue
+        if step.shared_ref and not no_cache:
+            stages.append({"package": step.name, "seconds": 0.0, "why": f"in the wheel cache ({step.shared_ref})"})
+            continue
+        if not no_cache and stage_key(ctx, step) in built:
+            stages.append({"package": step.name, "seconds": 0.0,
+                           "why": f"built on this host on {built[stage_key(ctx, step)]}: BuildKit's cache "
+                                  "(unless pruned since)"})
+            continue
+        m = _pick(found, plan.model, package, version)
+        if m is None:
+            one = UNMEASURED_ONE_ARCH_S
+            basis, there = "not in the ledger: guessed like benchmarks' CUDA op", LEDGER_MACHINE
+        else:
+            one = m["seconds"] / arch_factor(m["archs"])
+            basis = (f"{m['seconds']:.0f} s for {m['archs']} arch(s) in {m['model']}'s record on "
+                     f"{m['machine']['cores']} cores")
+            there = m["machine"]
+        gb = step.gb_per_job or DEFAULT_GB_PER_JOB
+        speed = jobs(there["cores"], there["memory_gb"], gb) / jobs(machine["cores"], machine["memory_gb"], gb)
+        seconds = one * arch_factor(archs) * speed
+        stages.append({"package": step.name, "seconds": round(seconds, 1),
+                       "why": f"{basis}; x{arch_factor(archs):.2f} for {archs} arch(s), "
+                              f"x{speed:.2f} for {jobs(machine['cores'], machine['memory_gb'], gb)} job(s) here"})
+    rests = [m for m in found if m["package"] is None]
+    own = [m["seconds"] for m in rests if m["model"] == plan.model]
+    rest = max(own) if own else (statistics.median(m["seconds"] for m in rests) if rests else DEFAULT_REST_S)
+    sizes = [r.get("image_size_bytes") for r in records if r.get("image_size_bytes")]
+    own_sizes = [r["image_size_bytes"] for r in records
+                 if r.get("image_size_bytes") and r["request"]["model"] == plan.model]
+    image_bytes = max(own_sizes or sizes or [8 * 10**9])
+    disk = int(image_bytes + image_bytes / RUNTIME_TO_BUILDER)
+    total = round(rest + sum(s["seconds"] for s in stages), 1)
+    return {"seconds": total, "stages": stages, "rest_seconds": round(rest, 1), "disk_bytes": disk,
+            "image_bytes": image_bytes, "machine": machine, "archs": archs,
+            "basis": "the verified ledger's stage times (envbuild/matrices/verified), scaled by archs, "
+                     "compile jobs and cache state; the rest of the build as the ledger measured it"}

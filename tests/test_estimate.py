@@ -1,0 +1,134 @@
+"""image --dry-run and the estimate before a build: the ledger's stage times, scaled by archs,
+compile jobs and cache state (issue 24, item 2); image resolves its request once (Shape)."""
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+
+from conftest import ROOT
+from envbuild import estimate, ledger, pipeline, render
+from envbuild.errors import OperationFailed
+from envbuild.pipeline import Request
+
+LEDGER = estimate.LEDGER_MACHINE
+
+
+def _request(rec) -> Request:
+    req = rec["request"]
+    return Request(model=req["model"], card=req["card"], python=req.get("python"), cuda=req.get("cuda"),
+                   torch_index=req.get("torch_index"))
+
+
+@pytest.fixture
+def ledger_machine(monkeypatch, tmp_path):
+    """The machine the records were measured on, and a host that built nothing yet."""
+    monkeypatch.setenv("ENVBUILD_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(estimate, "this_machine", lambda: dict(LEDGER))
+
+
+def test_dry_run_estimate_is_within_a_factor_of_two_of_each_ledger_record(ledger_machine):
+    records = ledger.load()
+    assert records
+    for rec in records:
+        cost = pipeline.estimate_image(_request(rec))["estimate"]
+        assert rec["build_seconds"] / 2 <= cost["seconds"] <= rec["build_seconds"] * 2, (rec["_file"], cost)
+        # the compiled packages the record timed are each named with their measured time
+        assert cost["stages"] and all(s["seconds"] > 0 for s in cost["stages"])
+
+
+def test_a_package_is_priced_from_another_models_record_when_its_own_has_none(ledger_machine):
+    """gaussianformer for a800+h20 has no record of that request: two archs, priced from the records."""
+    cost = pipeline.estimate_image(Request(model="gaussianformer", card="a800,h20"))["estimate"]
+    assert cost["archs"] == 2 and any("record" in s["why"] for s in cost["stages"])
+
+
+def _ctx(cat, **kw):
+    plan = ledger.plan_for_record(cat, next(r for r in ledger.load() if r["request"]["model"] == "sparsedrive"))
+    return render.make_context(replace(plan, **kw), "envbuild render sparsedrive")
+
+
+def test_scaled_by_archs_cores_and_cache(cat, tmp_path, monkeypatch):
+    monkeypatch.setenv("ENVBUILD_HOME", str(tmp_path))
+    records = ledger.load()
+    one = estimate.estimate(_ctx(cat), records, dict(LEDGER), built={})
+    flash = next(s for s in one["stages"] if s["package"] == "flash-attn")
+    assert flash["seconds"] == pytest.approx(4178.4, rel=0.01)  # the record's own time, one arch, 2 cores
+    three = estimate.estimate(_ctx(cat, arch_list="8.0;9.0+PTX"), records, dict(LEDGER), built={})
+    assert estimate.arch_count("8.0;9.0+PTX") == 3
+    assert next(s for s in three["stages"] if s["package"] == "flash-attn")["seconds"] == \
+        pytest.approx(4178.4 * (1 + 2 * estimate.EXTRA_ARCH), rel=0.01)
+    # 4 cores and memory for 4 flash-attn jobs (9 GB each): half the time; 4 cores but 24 GB: still 2 jobs
+    big = estimate.estimate(_ctx(cat), records, {"cores": 4, "memory_gb": 64}, built={})
+    assert next(s for s in big["stages"] if s["package"] == "flash-attn")["seconds"] == pytest.approx(4178.4 / 2, rel=0.01)
+    tight = estimate.estimate(_ctx(cat), records, {"cores": 4, "memory_gb": 24}, built={})
+    assert next(s for s in tight["stages"] if s["package"] == "flash-attn")["seconds"] == pytest.approx(4178.4, rel=0.01)
+    # a wheel stage this host built before (BuildKit's cache) costs ~0, unless --no-cache
+    ctx = _ctx(cat)
+    estimate.remember_built(ctx)
+    cached = estimate.estimate(ctx, records, dict(LEDGER))
+    assert all(s["seconds"] == 0 for s in cached["stages"]) and cached["seconds"] == cached["rest_seconds"]
+    assert estimate.estimate(ctx, records, dict(LEDGER), no_cache=True)["seconds"] == pytest.approx(one["seconds"])
+    # ... and so does one the wheel cache holds
+    ctx = _ctx(cat)
+    ctx.wheel_cache, ctx.shared_wheels = "reg:5000/wheels", {"flash-attn": "x"}
+    shared = estimate.estimate(ctx, records, dict(LEDGER), built={})
+    assert next(s for s in shared["stages"] if s["package"] == "flash-attn")["seconds"] == 0
+    assert one["disk_bytes"] > one["image_bytes"] > 5e9
+
+
+def test_the_arch_and_size_ratios_are_the_benchmarks():
+    data = json.loads((ROOT / "benchmarks" / "results" / "build.json").read_text())
+    one, full = data["compile_op_s"]["card_arch_only"], data["compile_op_s"]["full_cuda_11_8_list"]
+    assert estimate.EXTRA_ARCH == pytest.approx((full / one - 1) / 11, abs=0.01)
+    assert estimate.RUNTIME_TO_BUILDER == data["ratio_runtime_to_builder_size"]
+    for name in ("build", "compile_once"):
+        machine = json.loads((ROOT / "benchmarks" / "results" / f"{name}.json").read_text())["meta"]["machine"]
+        assert {k: machine[k] for k in LEDGER} == LEDGER
+
+
+def test_image_dry_run_prints_plan_stages_and_estimate_and_builds_nothing(tmp_path):
+    env = {**os.environ, "ENVBUILD_HOME": str(tmp_path), "ENVBUILD_DOCKER": "/nonexistent/docker"}
+    args = ["image", "sparsedrive", "--card", "a800", "--python", "3.11", "--cuda", "11.8", "--torch-index", "none",
+            "--dry-run"]
+    r = subprocess.run([sys.executable, "-m", "envbuild.cli", *args], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "UPSTREAM" in r.stdout or "PORT" in r.stdout
+    assert "stages  base, torch, deps" in r.stdout and "wheel-flash-attn" in r.stdout
+    assert "estimate" in r.stdout and "flash-attn: 4178 s" in r.stdout and "GB of disk" in r.stdout
+    data = json.loads(subprocess.run([sys.executable, "-m", "envbuild.cli", *args, "--json"], capture_output=True,
+                                     text=True, env=env, timeout=120).stdout)
+    assert data["estimate"]["seconds"] > 0 and data["plan"]["model"] == "sparsedrive"
+    assert not (tmp_path / "contexts").exists()  # nothing rendered, locked or built
+
+
+def test_image_resolves_once_estimates_and_passes_its_time_limit(cat, tmp_path, monkeypatch):
+    monkeypatch.setenv("ENVBUILD_HOME", str(tmp_path))
+    calls, seen = [], {}
+    real = pipeline.plan_for
+    monkeypatch.setattr(pipeline, "plan_for", lambda req: calls.append(req) or real(req))
+    monkeypatch.setattr(pipeline.engine, "find_cli", lambda: "docker")
+    monkeypatch.setattr(pipeline.engine, "client", lambda: None)
+    monkeypatch.setattr(pipeline, "offline_base", lambda req, plan, progress=None: req)
+    monkeypatch.setattr(pipeline.lock_stage, "lock", lambda ctx, **kw: (ctx / "requirements.lock").write_text("x\n"))
+
+    def build(ctx, tags, **kw):
+        seen.update(kw)
+        raise OperationFailed("stopped")
+    monkeypatch.setattr(pipeline.build_stage, "build", build)
+    req = Request(model="maptr", card="a800", python="3.11", cuda="11.8", torch_index="none")
+    estimates = []
+    progress = pipeline.Progress(estimated=estimates.append)
+    with pytest.raises(OperationFailed):
+        pipeline.build_image(req, progress=progress, time_limit=600)
+    assert len(calls) == 1  # resolved once: cards printed, context, lock and re-render share the Plan
+    assert seen["time_limit"] == 600 and estimates and estimates[0]["seconds"] > 0
+
+
+def test_image_has_time_limit_like_verify():
+    r = subprocess.run([sys.executable, "-m", "envbuild.cli", "image", "maptr", "--time-limit", "5"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "time-limit" in r.stderr
