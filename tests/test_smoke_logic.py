@@ -459,3 +459,43 @@ def test_ptx_newer_than_the_card_is_judged_not_runnable_by_the_audit_and_the_arc
     monkeypatch.setitem(sys.modules, "torch", _fake_torch((9, 0), "NVIDIA H20", flags="compute_90"))
     out = arch_level.level_arch({"cc": "9.0", "card": "h20"}, None)
     assert out["status"] == "passed" and out["torch_runs_via"] == "compute_90", out["problems"]
+
+
+def _dist(site, dist, version, top_level=None, record=None):
+    info = site / f"{dist.replace('-', '_')}-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+    if top_level is not None:
+        (info / "top_level.txt").write_text(top_level)
+    if record is not None:
+        (info / "RECORD").write_text(record)
+
+
+def test_env_imports_a_distribution_by_the_names_its_metadata_gives(tmp_path, monkeypatch):
+    """hydra-core imports as hydra (its top_level.txt), a wheel without top_level.txt by the
+    top-level names in its RECORD: no table entry, no '-' -> '_' guess (hydra_core)."""
+    site = tmp_path / "site"
+    _dist(site, "hydra-core", "1.3.2", top_level="hydra\n")
+    _dist(site, "fancy-widgets", "2.0", record="fancy_widgets_impl-2.0.dist-info/METADATA,,\n"
+          "widgetlib/__init__.py,sha256=x,10\nwidgetlib/core.py,sha256=y,20\n_widgetlib_speedups.cpython-38-x86_64-linux-gnu.so,,\n"
+          "../../bin/widgets,,\n__pycache__/x.pyc,,\n")
+    _dist(site, "pyyaml", "6.0", top_level="_yaml\nyaml\n")
+    monkeypatch.syspath_prepend(str(site))
+    assert env_level.dist_modules("hydra-core") == ["hydra"]
+    assert env_level.dist_modules("fancy-widgets") == ["widgetlib", "_widgetlib_speedups"]
+    assert env_level.dist_modules("not-installed") == []
+    assert env_level.import_name("pyyaml") == "yaml" and env_level.import_name("not-installed") == "not_installed"
+    imported = []
+    monkeypatch.setattr(env_level.importlib, "import_module", imported.append)
+    monkeypatch.setattr(env_level, "dist_version", lambda name: {"hydra-core": "1.3.2", "fancy-widgets": "2.0"}.get(name, "1.0"))
+    monkeypatch.setattr(env_level, "gpu_libraries", lambda: [])
+
+    class Args:
+        workdir = str(tmp_path)
+        lock = None
+    plan = {"torch": {"version": "1.0"}, "torchvision": {"version": "1.0"}, "torchaudio": {"version": "1.0"},
+            "packages": [{"name": "hydra-core", "version": "1.3.2"}, {"name": "fancy-widgets", "version": "2.0"}]}
+    out = env_level.level_env(plan, Args)
+    assert out["status"] == "passed", out
+    assert {p["name"]: p["import"] for p in out["packages"]}["hydra-core"] == "hydra"
+    assert "hydra" in imported and "widgetlib" in imported and "hydra_core" not in imported

@@ -13,7 +13,8 @@ import re
 import subprocess
 import sys
 
-from smoke_common import checked_by, extension_targets, gpu_libraries, import_roots, package_module, result
+from smoke_common import (checked_by, extension_targets, gpu_libraries, import_roots, native_packages, package_module,
+                          result)
 
 NOT_IMPORTED = {"setuptools", "wheel", "ninja", "psutil", "pip", "yapf"}
 
@@ -90,16 +91,75 @@ def _load(targets, workdir):
     return outcome
 
 
-def transitive_modules(dist_names):
-    """Top-level modules of installed distributions (from their metadata, not imported)."""
-    from importlib import metadata
-    modules = set()
-    for name in dist_names:
+def _distribution(name):
+    """The installed distribution of this name (importlib.metadata), or None."""
+    try:
+        from importlib import metadata
+    except ImportError:  # pragma: no cover - Python < 3.8
+        return None
+    for candidate in dict.fromkeys((name, name.replace("-", "_"))):
         try:
-            dist = metadata.distribution(name)
+            return metadata.distribution(candidate)
         except metadata.PackageNotFoundError:
             continue
-        modules.update((dist.read_text("top_level.txt") or "").split() or [package_module(name)])
+    return None
+
+
+def record_modules(record):
+    """Top-level import names in a RECORD's file list: packages (foo/...), modules (foo.py) and
+    extension modules (foo.cpython-38-x86_64-linux-gnu.so); not metadata, scripts or data."""
+    names = []
+    for line in record.splitlines():
+        path = line.split(",", 1)[0].strip().strip('"')
+        if not path or path.startswith(("/", "..")):
+            continue
+        top, _, rest = path.partition("/")
+        if rest:
+            if top.endswith((".dist-info", ".egg-info", ".data")) or top == "__pycache__":
+                continue
+            name = top
+        elif top.endswith(".py"):
+            name = top[:-3]
+        elif top.endswith((".so", ".pyd")):
+            name = top.split(".", 1)[0]
+        else:
+            continue
+        if name.isidentifier() and name not in names:
+            names.append(name)
+    return names
+
+
+def dist_modules(name):
+    """The top-level import names a distribution installed, from its metadata: top_level.txt,
+    else the top-level names in RECORD; [] when it is not installed or its metadata says none."""
+    dist = _distribution(name)
+    if dist is None:
+        return []
+    names = [n for n in (dist.read_text("top_level.txt") or "").split() if n.isidentifier()]
+    return names or record_modules(dist.read_text("RECORD") or "")
+
+
+def import_name(name, plan=None):
+    """The module smoke imports for a distribution: the Plan's for a package with native code,
+    else the one its installed metadata names (hydra-core -> hydra), preferring a public one
+    that looks like the distribution; without metadata, the smoke_common guess."""
+    if name in native_packages(plan):
+        return package_module(name, plan)
+    guess = package_module(name, plan)
+    names = dist_modules(name)
+    public = [n for n in names if not n.startswith("_")] or names
+    if not public or guess in public:
+        return guess
+    key = re.sub(r"[^a-z0-9]", "", name.lower())
+    return sorted(public, key=lambda n: (re.sub(r"[^a-z0-9]", "", n.lower()) not in key, n))[0]
+
+
+def transitive_modules(dist_names):
+    """Top-level modules of installed distributions (from their metadata, not imported)."""
+    modules = set()
+    for name in dist_names:
+        if _distribution(name) is not None:
+            modules.update(dist_modules(name) or [package_module(name)])
     return modules
 
 
@@ -120,7 +180,7 @@ def level_env(plan, args):
             problems.append("not installed")
         elif expected and installed != expected and installed.split("+")[0] != expected.split("+")[0]:
             problems.append("version %s, expected %s" % (installed, expected))
-        module = package_module(name, plan)
+        module = import_name(name, plan)
         if name not in NOT_IMPORTED and installed is not None:
             try:
                 importlib.import_module(module)
