@@ -43,7 +43,10 @@ def judge(library: dict, cc: str) -> dict:
     return {**library, "runs": via is not None, "via": via, "kind": kind_of(library["path"])}
 
 
-def scan(image: str) -> list[dict]:
+TIMEOUT = 1800  # seconds the scan container may run (envbuild audit --timeout)
+
+
+def scan(image: str, timeout: float = TIMEOUT) -> list[dict]:
     client = engine.client()
     from docker.errors import APIError, ImageNotFound
     try:
@@ -52,16 +55,26 @@ def scan(image: str) -> list[dict]:
         raise BadInput(f"no local image {image!r}", "pull or build it first") from None
     try:
         code, out, err = engine.run_container(
-            image, ["sh", "-c", FIND_PYTHON, "audit", *ROOTS], timeout=1800, entrypoint=[], network_disabled=True,
+            image, ["sh", "-c", FIND_PYTHON, "audit", *ROOTS], timeout=timeout, entrypoint=[], network_disabled=True,
+            what=f"the audit scan of {image}", limit_hint="give it longer with envbuild audit --timeout SECONDS",
             volumes={str(SCANNER.parent): {"bind": "/envbuild-audit", "mode": "ro"}})
     except APIError as exc:
         raise OperationFailed(f"cannot start the audit container for {image}: {exc.explanation or exc}") from None
     if code != 0:
         raise OperationFailed(f"audit scan failed in {image}: {err.strip()[-500:]}")
     try:
-        return json.loads(out)["libraries"]
-    except (ValueError, KeyError):
-        raise OperationFailed(f"audit scan of {image} printed no report") from None
+        libraries = json.loads(out)["libraries"]
+    except (ValueError, KeyError, TypeError, RecursionError):
+        raise OperationFailed(f"audit scan of {image} printed no report",
+                              "is /envbuild-audit/audit_scan.py envbuild's? run it again") from None
+    fields = {"path": str, "sass": list, "ptx": list}
+    if not isinstance(libraries, list) or not all(
+            isinstance(lib, dict) and all(isinstance(lib.get(k), kind) for k, kind in fields.items())
+            and all(isinstance(a, str) for a in lib["sass"] + lib["ptx"]) for lib in libraries):
+        raise OperationFailed(f"audit scan of {image} printed a report envbuild cannot read "
+                              "(each library needs a path and lists of SASS and PTX archs)",
+                              "run it again; report it if it persists")
+    return libraries
 
 
 TORCH_LIB = re.compile(r"/site-packages/torch/")

@@ -99,7 +99,10 @@ def dockerfile(recipe: Recipe, pypi_index: str | None = None) -> str:
 
 
 def _have(cli: engine.Cli, ref: str) -> bool:
-    done = subprocess.run([cli.path, "image", "inspect", ref], capture_output=True, timeout=60)
+    try:
+        done = subprocess.run([cli.path, "image", "inspect", ref], capture_output=True, timeout=engine.engine_timeout())
+    except subprocess.TimeoutExpired:  # a daemon that does not answer is not an absent image
+        raise engine.stalled(f"`docker image inspect {ref}`") from None
     return done.returncode == 0
 
 
@@ -203,6 +206,7 @@ def reachable(registry: str, timeout: float = 5.0) -> bool:
 
 def have_image(ref: str) -> bool:
     try:
-        return _have(engine.find_cli(), ref)
-    except (OperationFailed, subprocess.TimeoutExpired):
+        cli = engine.find_cli()
+    except OperationFailed:
         return False
+    return _have(cli, ref)

@@ -61,8 +61,9 @@ def split_ref(ref: str) -> tuple[str, str]:
 
 
 def check_ref(ref: str) -> str:
-    if not REF_RE.match(ref):
-        raise BadInput(f"not a valid image reference: {ref!r}", "e.g. registry.local:5000/team/maptr:h20")
+    if len(ref) > 255 or not REF_RE.match(ref):  # Docker's limit for a reference's name
+        shown = f"{ref[:120]!r}... ({len(ref)} characters)" if len(ref) > 120 else repr(ref)
+        raise BadInput(f"not a valid image reference: {shown}", "e.g. registry.local:5000/team/maptr:h20")
     return ref
 
 
@@ -155,8 +156,17 @@ def _run(cli, cmd, log_path: Path, echo, time_limit: float | None = None) -> tup
         timer = threading.Timer(time_limit, lambda: (limit_hit.set(), _stop(proc))) if time_limit else None
         if timer:
             timer.start()
+        # A daemon that answers /_ping but not the build leaves the CLI silent: BuildKit prints its
+        # first step within seconds of the daemon taking the build, so a silent start is stopped.
+        started, silent = threading.Event(), threading.Event()
+        start_wait = engine.engine_timeout()
+        watchdog = threading.Timer(start_wait, lambda: None if started.is_set() else (silent.set(), proc.kill()))
+        watchdog.daemon = True
+        watchdog.start()
         try:
             for line in proc.stdout:
+                if line.startswith("#"):  # a BuildKit step: the daemon took the build
+                    started.set()
                 line = creds.redact(line)  # what the build printed is kept and shown without a password
                 log.write(line)
                 lines.append(line)
@@ -167,8 +177,11 @@ def _run(cli, cmd, log_path: Path, echo, time_limit: float | None = None) -> tup
             _stop(proc)
             raise
         finally:
+            watchdog.cancel()
             if timer:
                 timer.cancel()
+    if silent.is_set():
+        raise engine.stalled("the build (docker build printed nothing)", start_wait)
     if limit_hit.is_set() and rc != 0:
         raise OperationFailed(f"build stopped at its time limit ({time_limit:.0f} s) while running: "
                               + still_running(lines), log=str(log_path))
@@ -223,6 +236,7 @@ def export_stage(context: Path, target: str, dest: Path, ca_bundle: str | None =
                  log_name: str = "export", index_auth: str = "", network: str = "") -> list:
     """Build one stage and write its files to dest (BuildKit's local exporter): no image.
     index_auth: a netrc file's text with the package indexes' credentials (Sources.netrc)."""
+    engine.client()
     cli = engine.find_cli()
     log_path = _log_path(log_name)
     with creds.secret_file(index_auth) as netrc:
@@ -242,8 +256,8 @@ def build(context: Path, tags: list[str], target: str = "runtime", no_cache: boo
           network: str = "") -> BuildResult:
     """index_auth: a netrc file's text with the package indexes' credentials (Sources.netrc), handed
     to the build as the secret index_auth; network: docker build --network (Sources.build_network)."""
+    client = engine.client()  # the daemon first: a wedged one is named as such, not as a missing plugin
     cli = engine.find_cli()
-    client = engine.client()
     log_path = _log_path(log_name)
     iidfile = log_path.with_suffix(".iid")
     cmd = cli.build_cmd() + ["--progress=plain", "--target", target, "--iidfile", str(iidfile)]

@@ -336,6 +336,23 @@ class _Reader:
             raise self.fail(key, f"control characters (newlines included) are not allowed: {value!r}")
         return value
 
+    def number(self, key, kind, low, high, default=...):
+        """An int or float within [low, high]: a negative memory or a grace of a million days is a typo."""
+        value = self.get(key, kind, default)
+        if value is not None and value is not default and not low <= value <= high:
+            raise self.fail(key, f"{value!r} is out of range ({low} to {high})")
+        return value
+
+    def day(self, key, default=...):
+        """A YYYY-MM-DD date that exists on the calendar."""
+        value = self.get(key, str, default, pattern=DATE_RE)
+        if isinstance(value, str):
+            try:
+                date.fromisoformat(value)
+            except ValueError:
+                raise self.fail(key, f"not a date: {value!r} (YYYY-MM-DD)") from None
+        return value
+
     def version(self, key, default=...):
         value = self.get(key, str, default)
         if value is default and default is not ...:
@@ -411,7 +428,7 @@ def _load_cards(path: Path, origin: str = BUILTIN) -> dict[str, Card]:
             id=cid,
             name=r.get("name", str),
             cc=r.get("cc", str, pattern=CC_RE),
-            memory_gb=r.get("memory_gb", int),
+            memory_gb=r.number("memory_gb", int, 1, 100_000),
             p2p=r.get("p2p", bool),
             aliases=tuple(a.lower() for a in r.strings("aliases", NAME_RE, [])),
             origin=origin,
@@ -548,7 +565,7 @@ def load(user: Path | str | None = None) -> Catalog:
     # Files and sections are read in this order, so the first error a broken catalog
     # reports stays the same.
     cards = _load_cards(base / "cards.toml")
-    if user is not None and (user / "cards.toml").is_file():
+    if user is not None and (user / "cards.toml").exists():  # a folder there is an error, not no file
         cards.update(_load_cards(user / "cards.toml", str(user / "cards.toml")))
     _check_card_names(cards)
     ubuntu, toolkits = _load_cuda(pick("toolchains/cuda.toml"))
@@ -842,8 +859,8 @@ def _load_model(path: Path, torch: dict) -> Model:
         train=train,
         path=str(path),
         construct=construct,
-        era=m.get("era", str, None, pattern=DATE_RE),
-        era_grace_days=m.get("era_grace_days", int, 30),
+        era=m.day("era", None),
+        era_grace_days=m.number("era_grace_days", int, 0, 3650, 30),
         stdlib_modules=stdlib_modules,
     )
 
@@ -912,6 +929,10 @@ def _model_vendored(doc: _Reader) -> dict[str, tuple[str, str]]:
     return vendored
 
 
+SOURCE_OPTIONS = {"-i", "--index-url", "--extra-index-url", "-f", "--find-links", "--trusted-host", "--index",
+                  "--cert", "--client-cert", "--proxy"}
+
+
 def _model_extensions(doc: _Reader, path: Path) -> list[Extension]:
     extensions = []
     for i, item in enumerate(doc.get("extensions", list, [])):
@@ -923,6 +944,11 @@ def _model_extensions(doc: _Reader, path: Path) -> list[Extension]:
         words = tuple(build.split(" "))
         if not words or any(not WORD_RE.match(w) for w in words):
             raise e.fail("build", f"only plain words are allowed: {build!r}")
+        # packages come from the Plan's indexes only: no word may point pip (or a download) elsewhere
+        elsewhere = [w for w in words if "://" in w or w.split("=", 1)[0] in SOURCE_OPTIONS]
+        if elsewhere:
+            raise e.fail("build", f"{elsewhere[0]!r} points the build at another package source; "
+                                  "indexes come from the config (pypi_index, torch_index)")
         extensions.append(Extension(e.get("name", str, pattern=PKG_RE), ext_path, words,
                                     e.get("needs_visible_gpu", bool, False)))
     return extensions

@@ -15,7 +15,7 @@ from typing import List, Optional
 
 import typer
 
-from . import base_image, catalog, config, pipeline, ship, show
+from . import base_image, catalog, config, engine, pipeline, ship, show
 from . import doctor as doctor_stage
 from . import export as export_stage
 from .errors import BadInput, EnvbuildError
@@ -111,6 +111,12 @@ def command(*args, **kwargs):
                 show.error(BadInput(f"{where}: {exc.strerror or exc}",
                                     "check the paths given (-o, --source, ENVBUILD_HOME) and what is at them"))
                 raise typer.Exit(2) from None
+            except Exception as exc:  # the engine's own errors (a stream that stalled, a closed socket)
+                found = engine.failure(exc)
+                if found is None:
+                    raise
+                show.error(found)
+                raise typer.Exit(found.exit_code) from None
             except KeyboardInterrupt:
                 # Cleanups ran on the way up (no tag, no container, no temp file). Exit now: a
                 # worker thread still waiting on a busy daemon must not hold the exit (it did,
@@ -323,9 +329,10 @@ def images(json_: bool = JSON):
 @command()
 def audit(image_ref: str = typer.Argument(..., metavar="IMAGE"),
           card: Optional[str] = typer.Option(None, "--card", help="Card(s) to judge against, a800,h20 (default: the image's)."),
+          timeout: int = typer.Option(1800, "--timeout", min=1, help="Seconds the scan container may run (default 1800)."),
           json_: bool = JSON):
     """Every compiled extension's SASS/PTX archs; exit 1 when any cannot run on the card."""
-    reports, failure = pipeline.audit_image(image_ref, card)
+    reports, failure = pipeline.audit_image(image_ref, card, timeout=timeout)
     show.audit(image_ref, reports, as_json=json_)
     _fail(failure)
 
@@ -347,22 +354,25 @@ def smoke(target: str = typer.Argument(..., metavar="IMAGE|MODEL"),
           comm_timeout: int = typer.Option(120, "--comm-timeout", min=1, help="Seconds before an all-reduce counts as hung."),
           ckpt_mb: int = typer.Option(64, "--ckpt-mb", min=1, help="Checkpoint size for the io level; size it like the model's (weights + optimizer)."),
           report: Optional[Path] = typer.Option(None, "--report", parser=_path, help="Write the JSON report here."),
+          force: bool = typer.Option(False, "--force", help="Replace a --report file envbuild did not write."),
+          timeout: int = typer.Option(3600, "--timeout", min=1, help="Seconds the smoke container may run (default 3600)."),
           json_: bool = JSON):
     """Prove the image works on the card: env, arch, ops, comm, train, io."""
     data_, failure = pipeline.smoke_image(
         target, card=card, cuda=cuda, python=python, level=level, gpus=gpus, recipe=recipe, report=report,
         steps=steps, data=str(data) if data else None, ckpt_dir=str(ckpt_dir) if ckpt_dir else None,
         ops_check=str(ops_check) if ops_check else None, compile_model=compile_, ipc_host=ipc_host,
-        comm_timeout=comm_timeout, ckpt_mb=ckpt_mb)
+        comm_timeout=comm_timeout, ckpt_mb=ckpt_mb, force=force, timeout=timeout)
     show.smoke(data_, report, as_json=json_)
     _fail(failure)
 
 
 @command()
 def compare(reports: List[Path] = typer.Argument(..., help="Smoke reports (JSON) from different cards."),
-            out: Path = typer.Option(Path("compare.html"), "-o", "--out", parser=_path, help="HTML file to write.")):
+            out: Path = typer.Option(Path("compare.html"), "-o", "--out", parser=_path, help="HTML file to write."),
+            force: bool = typer.Option(False, "--force", help="Replace an -o file envbuild did not write.")):
     """One HTML page comparing cards: loss curves, throughput, step time."""
-    show.line(f"wrote {pipeline.compare_reports(reports, out)}")
+    show.line(f"wrote {pipeline.compare_reports(reports, out, force=force)}")
 
 
 @command()
@@ -379,9 +389,12 @@ def export(target: str = typer.Argument(..., metavar="IMAGE|MODEL"),
            card: Optional[str] = typer.Option(None, "--card", help="With MODEL: its image for this card, as image --card."),
            cuda: Optional[str] = CUDA, python: Optional[str] = PYTHON,
            format_: str = typer.Option("tar", "--format", help="tar (compressed docker save) or apptainer."),
-           out: Path = typer.Option(Path("."), "-o", "--out", parser=_path, help="Output folder."), json_: bool = JSON):
+           out: Path = typer.Option(Path("."), "-o", "--out", parser=_path, help="Output folder."),
+           force: bool = typer.Option(False, "--force", help="Replace files in -o that envbuild did not export."),
+           json_: bool = JSON):
     """Export an image for hosts without Docker or without a registry."""
-    show.exported(pipeline.export_image(target, format_, out, card=card, cuda=cuda, python=python), format_, as_json=json_)
+    show.exported(pipeline.export_image(target, format_, out, card=card, cuda=cuda, python=python, force=force),
+                  format_, as_json=json_)
 
 
 @command()

@@ -7,9 +7,11 @@ Machine 2 figure. No plotting library: plain SVG, so the page opens anywhere off
 from __future__ import annotations
 
 import html
+import math
 import json
 from pathlib import Path
 
+from . import inputs
 from .errors import BadInput
 
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
@@ -19,10 +21,14 @@ def load(paths) -> list[dict]:
     reports = []
     for path in paths:
         try:
-            data = json.loads(Path(path).read_text())
+            data = json.loads(inputs.read_text(path, "smoke report", "pass the files envbuild smoke --report wrote"))
             train = ((data.get("levels") or {}).get("train") or {}).get("runs", {}).get("synthetic")
             passed = isinstance(train, dict) and train.get("status") == "passed"
             losses = [float(v) for v in train["losses"]] if passed else None
+            numbers = (losses or []) + ([float(train["samples_per_s"]), float(train["step_time_s"])] if passed else [])
+            if not all(math.isfinite(v) for v in numbers):  # NaN or inf would be drawn as a line to nowhere
+                raise BadInput(f"{path}: its train run has a loss, throughput or step time that is not a finite "
+                               "number (NaN or inf)", "a diverged run cannot be compared: run envbuild smoke again")
             if passed:  # the numbers the page plots, as numbers
                 train = dict(train, losses=losses, samples_per_s=float(train["samples_per_s"]),
                              step_time_s=float(train["step_time_s"]))
@@ -86,6 +92,12 @@ def _bar_chart(items, title, unit, width=640, pad=48, bar=26) -> str:
 
 
 GENERATOR = '<meta name="generator" content="envbuild compare">'  # how a page envbuild wrote is recognised
+HEAD = '<!doctype html>\n<html><head><meta charset="utf-8">' + GENERATOR
+
+
+def made_by_envbuild(text: str) -> bool:
+    """A page envbuild wrote starts with its own head; a page that only mentions the generator is a user's."""
+    return text.startswith(HEAD)
 
 
 def page(reports: list[dict]) -> str:

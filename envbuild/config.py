@@ -137,8 +137,12 @@ def _checked(key: str, value, origin: str):
             # it becomes one field of `--secret id=ca_bundle,src=PATH`: a comma would start another
             raise BadInput(f"{origin}: ca_bundle {value!r}: a path with , = or quotes cannot be passed to BuildKit",
                            "copy the bundle to a plain path")
-        if value and not Path(value).is_file():
-            raise BadInput(f"{origin}: ca_bundle {value!r} is not a file")
+        if value:
+            from .inputs import read_bytes
+            hint = "point ca_bundle at a PEM file of certificates (e.g. /etc/ssl/certs/ca-certificates.crt)"
+            data = read_bytes(value, f"{origin}: ca_bundle", hint)
+            if b"-----BEGIN CERTIFICATE-----" not in data:  # empty, binary (DER) or not a bundle at all
+                raise BadInput(f"{origin}: ca_bundle {value!r} holds no PEM certificate", hint)
         return value or None
     if key == "wheel_cache":
         if value and not _REPO_RE.match(value):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from . import catalog, engine, host, ship
-from .errors import OperationFailed
+from .errors import EnvbuildError, OperationFailed
 
 
 @dataclass
@@ -57,8 +57,8 @@ def docker_engine() -> Result:
 def buildkit() -> Result:
     try:
         cli = engine.find_cli()
-    except OperationFailed as exc:
-        return Result("buildkit", "fail", exc.message)
+    except EnvbuildError as exc:  # ENVBUILD_DOCKER that names no CLI included
+        return Result("buildkit", "fail", exc.message + (f"; {exc.hint}" if exc.hint else ""))
     how = "docker buildx build" if cli.mode == "buildx" else "DOCKER_BUILDKIT=1 docker build (built in)"
     return Result("buildkit", "ok", f"{cli.path} {cli.version}: {how}")
 

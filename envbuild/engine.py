@@ -15,7 +15,7 @@ import subprocess
 from dataclasses import dataclass
 from functools import lru_cache
 
-from .errors import OperationFailed
+from .errors import BadInput, EnvbuildError, OperationFailed
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,13 @@ def _run(args, timeout=20) -> subprocess.CompletedProcess | None:
 
 def _candidates() -> list[str]:
     found = []
-    if os.environ.get("ENVBUILD_DOCKER"):
-        found.append(os.environ["ENVBUILD_DOCKER"])
+    chosen = os.environ.get("ENVBUILD_DOCKER")
+    if chosen:
+        # the CLI asked for by name is used or refused, never silently replaced by another one
+        if not (os.path.isfile(chosen) and os.access(chosen, os.X_OK)):
+            raise BadInput(f"ENVBUILD_DOCKER={chosen}: not an executable file",
+                           "point ENVBUILD_DOCKER at a docker CLI (e.g. /usr/bin/docker), or unset it")
+        return [chosen]
     on_path = shutil.which("docker")
     for path in (on_path, "/usr/bin/docker", "/usr/local/bin/docker"):
         if path and os.path.exists(path) and path not in found:
@@ -61,7 +66,13 @@ def find_cli() -> Cli:
         ver = _run([path, "--version"])
         found = re.search(r"version (\d+\.\d+[^\s,]*)", ver.stdout if ver and ver.stdout else "")
         version = found.group(1) if found else "unknown"
-        bx = _run([path, "buildx", "version"])
+        try:
+            bx = subprocess.run([path, "buildx", "version"], capture_output=True, text=True, timeout=engine_timeout())
+        except subprocess.TimeoutExpired:
+            # the plugin asks the daemon first: a daemon that does not answer is not a missing plugin
+            raise stalled(f"`{path} buildx version`") from None
+        except OSError:
+            bx = None
         if bx and bx.returncode == 0:
             return Cli(path, version, "buildx")
         major = version.split(".")[0]
@@ -77,49 +88,156 @@ def find_cli() -> Cli:
 
 
 PING_TIMEOUT = 10  # seconds a healthy daemon needs to answer /_ping; a wedged one never does
-API_TIMEOUT = 600  # for calls that stream (pull, push, save, waiting on a container)
+ENGINE_TIMEOUT = 60  # seconds any other call may wait for the daemon's answer (ENVBUILD_ENGINE_TIMEOUT)
+STREAM_TIMEOUT = 600  # the same for calls that stream (pull, push, save, load): ENVBUILD_ENGINE_STREAM_TIMEOUT
 
 
-@lru_cache(maxsize=1)
-def _connected():
-    import docker
-
-    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+def _seconds(var: str, default: float) -> float:
+    raw = os.environ.get(var, "").strip()
+    if not raw:
+        return default
     try:
-        docker.from_env(timeout=PING_TIMEOUT).ping()
-    except Exception as exc:  # noqa: BLE001 - the SDK raises its own and requests' errors
-        kind = type(exc).__name__
-        if "Timeout" in kind or "timed out" in str(exc).lower():  # the SDK wraps the read timeout
-            raise OperationFailed(f"the Docker daemon at {host} accepted the connection but did not answer "
-                                  f"in {PING_TIMEOUT} s: it is wedged",
-                                  "restart it (`systemctl restart docker`, or stop and start dockerd)") from None
-        raise OperationFailed(f"no Docker daemon at {host} ({kind})",
-                              "start it: `dockerd &` or `systemctl start docker`; install with "
-                              "apt-get install docker.io") from None
-    return docker.from_env(timeout=API_TIMEOUT)
+        value = float(raw)
+    except ValueError:
+        value = -1
+    if not 0 < value <= 7 * 86400:
+        raise BadInput(f"{var}={raw!r} is not a number of seconds", f"e.g. {var}={default:g}, or unset it")
+    return value
+
+
+def engine_timeout() -> float:
+    """How long envbuild waits for the daemon to answer one call (or a build to start)."""
+    return _seconds("ENVBUILD_ENGINE_TIMEOUT", ENGINE_TIMEOUT)
+
+
+def stream_timeout() -> float:
+    """How long a streaming call (pull, push, save, load) may go without a word from the daemon."""
+    return _seconds("ENVBUILD_ENGINE_STREAM_TIMEOUT", STREAM_TIMEOUT)
+
+
+def host() -> str:
+    return os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+
+
+HINT = ("check the daemon: `docker info`, `systemctl status docker` / `journalctl -u docker`; restart it if it "
+        "hangs; or raise ENVBUILD_ENGINE_TIMEOUT if it is only slow")
+
+
+def stalled(what: str, seconds: float | None = None) -> OperationFailed:
+    """The one line for a daemon that stopped answering: which daemon, which call, how long."""
+    seconds = engine_timeout() if seconds is None else seconds
+    return OperationFailed(f"the Docker daemon at {host()} did not answer {what} in {seconds:g} s", HINT)
+
+
+def failure(exc: BaseException) -> OperationFailed | None:
+    """The clear line for an engine error that reached a command unhandled (a stream that stalled
+    halfway, a closed connection, a refused request), or None when exc is not the engine's."""
+    import subprocess as sp
+    if isinstance(exc, sp.TimeoutExpired):
+        cmd = exc.cmd if isinstance(exc.cmd, str) else " ".join(map(str, exc.cmd or []))
+        return OperationFailed(f"`{cmd[:200]}` did not finish in {exc.timeout:g} s", HINT)
+    names = {f"{c.__module__}.{c.__name__}" for c in type(exc).__mro__}
+    text = str(exc)
+    if any(n.startswith(("requests.", "urllib3.")) for n in names) or "socket.timeout" in names \
+            or isinstance(exc, (TimeoutError, ConnectionError)):
+        if "timeout" in text.lower() or "timed out" in text.lower() or isinstance(exc, TimeoutError):
+            return stalled("a streaming call", stream_timeout())
+        return OperationFailed(f"lost the connection to the Docker daemon at {host()}: {text[:300]}", HINT)
+    if any(n.startswith("docker.errors.") for n in names):
+        explanation = getattr(exc, "explanation", None) or text
+        return OperationFailed(f"the Docker daemon at {host()} refused the request: {str(explanation)[:300]}",
+                               "check the image reference and the daemon's log (`journalctl -u docker`)")
+    return None
 
 
 _failed: list = []  # a daemon that failed is asked once per command, not once per call
 
 
-def client():
-    """The command's Docker SDK client (connected once), or one clear line saying what is wrong."""
+def _guard(client, timeout: float):
+    """Every HTTP call of this client is bounded by `timeout` (the SDK's default is per read) and a
+    daemon that does not answer becomes one line naming it and the call; once it failed, the
+    command's later calls fail at once instead of waiting again."""
+    import requests
+
+    api = client.api
+    api.timeout = timeout
+    send = api.send
+
+    def guarded(request, **kwargs):
+        if _failed:
+            raise _failed[0]
+        path = request.path_url.split("?", 1)[0]
+        path = re.sub(r"^/v[0-9.]+/", "/", path)
+        try:
+            return send(request, **kwargs)
+        except requests.exceptions.Timeout:
+            if path.endswith("/wait"):  # a container still running: its caller names the limit
+                raise
+            exc = stalled(f"{request.method} {path[:120]}", timeout)
+        except requests.exceptions.ConnectionError as err:
+            exc = OperationFailed(f"lost the connection to the Docker daemon at {host()} during "
+                                  f"{request.method} {path[:120]}: {str(err)[:200]}", HINT)
+        _failed.append(exc)
+        raise exc from None
+
+    api.send = guarded
+    return client
+
+
+@lru_cache(maxsize=2)
+def _connected(stream: bool = False):
+    import docker
+
+    if _failed:
+        raise _failed[0]
+    ping = min(PING_TIMEOUT, engine_timeout())
+    try:
+        docker.from_env(timeout=ping).ping()
+    except Exception as exc:  # noqa: BLE001 - the SDK raises its own and requests' errors
+        kind = type(exc).__name__
+        if "Timeout" in kind or "timed out" in str(exc).lower():  # the SDK wraps the read timeout
+            raise OperationFailed(f"the Docker daemon at {host()} accepted the connection but did not answer "
+                                  f"in {ping:g} s: it is wedged",
+                                  "restart it (`systemctl restart docker`, or stop and start dockerd)") from None
+        raise OperationFailed(f"no Docker daemon at {host()} ({kind})",
+                              "start it: `dockerd &` or `systemctl start docker`; install with "
+                              "apt-get install docker.io") from None
+    timeout = stream_timeout() if stream else engine_timeout()
+    try:
+        return _guard(docker.from_env(timeout=timeout), timeout)
+    except Exception as exc:  # noqa: BLE001 - it answered /_ping a moment ago, but not /version
+        raise failure(exc) or stalled("GET /version", timeout) from None
+
+
+def client(stream: bool = False):
+    """The command's Docker SDK client (connected once), or one clear line saying what is wrong.
+    stream: the client for pull, push, save and load, whose reads may wait stream_timeout()."""
     if _failed:
         raise _failed[0]
     try:
-        return _connected()
+        return _connected(stream)
     except OperationFailed as exc:
         _failed.append(exc)
         raise
 
 
-def run_container(image: str, command: list[str], timeout: int = API_TIMEOUT, **kwargs) -> tuple[int, str, str]:
+def run_container(image: str, command: list[str], timeout: float = STREAM_TIMEOUT, what: str = "the container",
+                  limit_hint: str = "", **kwargs) -> tuple[int, str, str]:
     """Create, start and wait for a container; (exit code, stdout, stderr). The container is
-    removed whatever happens: a start that fails, a timeout, Ctrl-C."""
+    removed whatever happens: a start that fails, a timeout, Ctrl-C. Past `timeout` seconds it is
+    stopped and OperationFailed says so (with limit_hint: how to give it longer)."""
+    import requests
+
     container = client().containers.create(image, command, **kwargs)
     try:
         container.start()
-        status = container.wait(timeout=timeout)
+        try:
+            status = container.wait(timeout=timeout)
+        except requests.exceptions.RequestException as exc:
+            if "timed out" not in str(exc).lower() and not isinstance(exc, requests.exceptions.Timeout):
+                raise
+            raise OperationFailed(f"{what} did not finish in {timeout:g} s; it was stopped and removed",
+                                  limit_hint or "it may be hung: run it again, or look at the image") from None
         out = container.logs(stdout=True, stderr=False).decode(errors="replace")
         err = container.logs(stdout=False, stderr=True).decode(errors="replace")
         return status.get("StatusCode", -1), out, err
@@ -133,8 +251,8 @@ def run_container(image: str, command: list[str], timeout: int = API_TIMEOUT, **
 def available() -> str | None:
     """None when builds can run here, else the reason they cannot."""
     try:
+        client()  # the daemon first: a CLI plugin that waits on a wedged one is not a missing plugin
         find_cli()
-        client()
-    except OperationFailed as exc:
+    except EnvbuildError as exc:
         return exc.message
     return None

@@ -47,7 +47,7 @@ def write_own_file(path: Path, text: str, made_by_envbuild) -> None:
     """Write one output file (an HTML report, a bake file) atomically. An existing file is
     replaced only when made_by_envbuild(its text) says envbuild wrote it: a user's own file
     with the same name is refused, untouched."""
-    path = Path(path)
+    path = _real(Path(path))
     check_own_file(path, made_by_envbuild)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -62,7 +62,7 @@ def write_own_file(path: Path, text: str, made_by_envbuild) -> None:
 def check_own_file(path: Path, made_by_envbuild) -> None:
     """Refuse, before anything is written, an output file path that is a folder or a file envbuild
     did not write."""
-    path = Path(path)
+    path = _real(Path(path))
     if path.is_dir():
         raise BadInput(f"{path} is a folder", "give a file name with -o")
     if path.exists():
@@ -72,6 +72,15 @@ def check_own_file(path: Path, made_by_envbuild) -> None:
             raise BadInput(f"cannot read {path}: {exc.strerror or exc}", "choose another file with -o") from None
         if not made_by_envbuild(current):
             raise BadInput(f"{path} exists and envbuild did not write it", "choose another file with -o, or move it away")
+
+
+def _real(path: Path) -> Path:
+    """An output path with its links followed (a link is written through, never replaced); a link
+    that loops, in the path or at its end, is refused."""
+    try:
+        return path.resolve() if path.is_symlink() or path.parent != path.parent.resolve() else path
+    except (RuntimeError, OSError):
+        raise BadInput(f"{path}: a link in this path loops", "give a path without link loops") from None
 
 
 def record_owned(out: Path, names) -> None:
@@ -127,6 +136,52 @@ def write_if_changed(path: Path, text: str) -> None:
         raise
 
 
+SKIPPED = (".git", "__pycache__", "build", ".envbuild")  # never copied (with *.egg-info, *.so)
+
+
+def check_source(src: Path) -> None:
+    """Refuse, before anything is written, a source tree copy_source could not copy whole: a named
+    pipe (the copy would wait on it), a socket or device, a link that loops, a file or folder it
+    cannot read."""
+    import stat as st
+    from .inputs import kind
+
+    src = Path(src)
+    if not src.is_dir():
+        return  # copy_source says so
+    hint = "remove it from the source tree (or copy the tree without it) and run again"
+
+    def refuse(path, why):
+        raise BadInput(f"--source {src}: {path} {why}", hint)
+
+    def unreadable(exc):
+        refuse(exc.filename, f"cannot be read ({exc.strerror or exc})")
+
+    for root, dirs, files in os.walk(src, onerror=unreadable):
+        dirs[:] = [d for d in dirs if not (d in SKIPPED or d.endswith(".egg-info"))
+                   or os.path.islink(os.path.join(root, d))]
+        for name in dirs + files:
+            path = os.path.join(root, name)
+            try:
+                mode = os.lstat(path).st_mode
+            except OSError as exc:
+                refuse(path, f"cannot be read ({exc.strerror or exc})")
+            if st.S_ISLNK(mode):
+                try:
+                    Path(path).resolve()
+                except (RuntimeError, OSError):
+                    refuse(path, "is a link that loops")
+                continue
+            if st.S_ISDIR(mode):
+                if not os.access(path, os.R_OK | os.X_OK):
+                    refuse(path, "is a folder that cannot be read")
+                continue
+            if not st.S_ISREG(mode):
+                refuse(path, f"is {kind(mode)}")
+            if not os.access(path, os.R_OK):
+                refuse(path, "cannot be read (permission denied)")
+
+
 def copy_source(src: Path, dst: Path) -> None:
     """Copy a local model tree into the context, without VCS data, build trees or symlinks out.
     The copy is made beside dst and swapped in, so a failure leaves the old copy whole."""
@@ -134,13 +189,22 @@ def copy_source(src: Path, dst: Path) -> None:
     if not src.is_dir():
         raise BadInput(f"--source {src} is not a directory", "point --source at a checkout of the model")
     ignore = shutil.ignore_patterns(".git", "__pycache__", "build", "*.egg-info", "*.so", ".envbuild*")
+    check_source(src)
     staging = Path(tempfile.mkdtemp(dir=dst.parent, prefix=".src."))
     try:
         tree = staging / "src"
-        shutil.copytree(src, tree, symlinks=True, ignore=ignore)
+        try:
+            shutil.copytree(src, tree, symlinks=True, ignore=ignore)
+        except (shutil.Error, OSError) as exc:  # changed since it was checked
+            raise BadInput(f"--source {src} could not be copied: {str(exc)[:300]}",
+                           "make every file of the tree readable and regular, then run again") from None
         for path in tree.rglob("*"):
             if path.is_symlink():
-                target = (path.parent / os.readlink(path)).resolve()
+                try:
+                    target = (path.parent / os.readlink(path)).resolve()
+                except (RuntimeError, OSError):  # a loop made after the check: not copied
+                    path.unlink()
+                    continue
                 if not target.is_relative_to(tree.resolve()):
                     path.unlink()  # a link out of the tree would leak host files into the image
         if dst.is_symlink() or (dst.exists() and not dst.is_dir()):  # not the copy envbuild made

@@ -258,8 +258,9 @@ def prepare_image(req: Request, extra_tags=(), lock: bool = True, progress: Prog
                   planned: tuple[Plan, Sources] | None = None):
     """Everything before the build: engine reachable, context rendered and locked, tags decided.
     Returns (plan, sources, ctx, lock_note, tags); the Plan's own tag comes first."""
+    extra_tags = [check_ref(t) for t in extra_tags or []]  # bad input is said before the engine is asked
+    engine.client()  # the daemon first: a wedged one is not a missing buildx plugin
     engine.find_cli()
-    engine.client()
     planned = planned or plan_for(req)
     req = offline_base(req, planned[0], progress)  # another base image: the same Plan (resolve never sees it)
     plan, sources, ctx, lock_note = prepare_locked(req, lock=lock, progress=progress, planned=planned)
@@ -437,13 +438,14 @@ def _first_problem(level: dict) -> str:
     return (found or [level.get("reason") or level.get("status", "?")])[0][:300]
 
 
-def _audit_all(ref: str, cat, cards) -> list[dict]:
+def _audit_all(ref: str, cat, cards, timeout: float = audit_stage.TIMEOUT) -> list[dict]:
     """One scan of the image, judged for each card (catalog names or ids)."""
-    libs = audit_stage.scan(ref)
+    libs = audit_stage.scan(ref, timeout)
     return [audit_stage.audit(ref, c, libs) for c in parse_cards(cat or catalog.load(), cards)]
 
 
-def audit_image(ref: str, card: str | None = None) -> tuple[list[dict], EnvbuildError | None]:
+def audit_image(ref: str, card: str | None = None,
+                timeout: float = audit_stage.TIMEOUT) -> tuple[list[dict], EnvbuildError | None]:
     """Every compiled library of the image judged for each card (the ones named, else the image's
     own): the reports, and the failure to report when a library cannot run on a card."""
     cat = catalog.load()
@@ -451,7 +453,7 @@ def audit_image(ref: str, card: str | None = None) -> tuple[list[dict], Envbuild
     names = card or audit_stage.image_cards(ref)
     if not names:
         raise BadInput(f"{ref} has no {label.CARDS} label", "pass --card CARD[,CARD]")
-    reports = _audit_all(ref, cat, names)
+    reports = _audit_all(ref, cat, names, timeout)
     failing = [r for r in reports if not r["ok"]]
     if not failing:
         return reports, None
@@ -463,7 +465,7 @@ def audit_image(ref: str, card: str | None = None) -> tuple[list[dict], Envbuild
 
 def smoke_image(target: str, *, card: str | None = None, cuda: str | None = None, python: str | None = None,
                 level: str | None = None, gpus: str = "all", recipe: str = "synthetic", report: Path | None = None,
-                **options) -> tuple[dict, EnvbuildError | None]:
+                force: bool = False, **options) -> tuple[dict, EnvbuildError | None]:
     """What `envbuild smoke` does: the levels run in an image, or in a model's image (the ref its Plan
     names), for the card; `options` go to smoke.run as they are. The report is written to `report`
     when given. Returns the report, and the failure to report when a level failed."""
@@ -472,15 +474,18 @@ def smoke_image(target: str, *, card: str | None = None, cuda: str | None = None
     if gpus != "all" and gpus != "none" and not gpus.isdigit():
         raise BadInput(f"--gpus {gpus!r} is not a GPU request", "all, N or none")
     cat = catalog.load()
-    ref = target_ref(target, card=card, cuda=cuda, python=python, cat=cat)
     levels = smoke_stage.parse_levels(level)
+    if report:  # before the run: a file envbuild did not write is not replaced (unless force)
+        outputs.check_own_file(report, lambda text: force or smoke_stage.is_report(text))
+    ref = target_ref(target, card=card, cuda=cuda, python=python, cat=cat)
     data = smoke_stage.run(ref, levels, gpus=gpus, recipe=recipe, card=card_here(cat, card), **options)
     if data.get("card") and label.PLAN in (engine.client().images.get(data["image_id"]).labels or {}):
         # an image envbuild made keeps the run in its label, per card (as image --smoke does): pull
         # then says on which cards it was validated. Images envbuild did not make stay untouched.
         data["recorded_in"] = smoke_stage.record([ref], data)
     if report:
-        report.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        outputs.write_own_file(report, json.dumps(data, indent=2, sort_keys=True) + "\n",
+                               lambda text: force or smoke_stage.is_report(text))
     if data["ok"]:
         return data, None
     failed = [k for k, v in data["levels"].items() if v["status"] == "failed"]
@@ -550,7 +555,9 @@ def fix_tree(path: str, *, only: list[str] | None = None, mmcv: str | None = Non
 
 def _fixers_of_plan(plan_file: Path) -> list:
     try:
-        return fix_stage.fixers_from_plan(json.loads(plan_file.read_text()))
+        from .inputs import read_text
+        text = read_text(plan_file, "--plan", "pass the plan.json that envbuild render wrote")
+        return fix_stage.fixers_from_plan(json.loads(text))
     except (OSError, ValueError, KeyError, UnicodeDecodeError, RecursionError) as exc:
         raise BadInput(f"cannot use plan {plan_file}: {exc}", "pass the plan.json that envbuild render wrote") from None
 
@@ -577,29 +584,36 @@ def target_ref(target: str, *, card: str | None = None, cuda: str | None = None,
     """IMAGE|MODEL as smoke and export take it: a catalog model's name is the image its Plan for the
     card names (as `image` tagged it); anything else is an image reference."""
     if target.lower() not in (cat or catalog.load()).models:
+        import re
+        name, at, digest = target.partition("@")  # repo@sha256:... names an image too
+        check_ref(name)  # never a string the daemon is left to refuse
+        if at and not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
+            raise BadInput(f"not a valid image reference: {target!r}", "a digest is @sha256: and 64 hex digits")
         return target
     plan, sources = plan_for(Request(model=target, card=card, cuda=cuda, python=python))
     return image_ref(plan, sources.registry)
 
 
 def export_image(target: str, format_: str, out: Path, *, card: str | None = None, cuda: str | None = None,
-                 python: str | None = None) -> dict:
+                 python: str | None = None, force: bool = False) -> dict:
     """A compressed docker save (tar) or an Apptainer definition (apptainer) of a local image (or
-    of a model's image for the card), in out."""
+    of a model's image for the card), in out. force: replace files there envbuild did not write."""
     if format_ not in ("tar", "apptainer"):
         raise BadInput(f"--format {format_!r} is not a format", "choose tar or apptainer")
     ref = target_ref(target, card=card, cuda=cuda, python=python)
-    return export_stage.export_tar(ref, out) if format_ == "tar" else export_stage.export_apptainer(ref, out)
+    if format_ == "tar":
+        return export_stage.export_tar(ref, out, force=force)
+    return export_stage.export_apptainer(ref, out, force=force)
 
 
-def compare_reports(reports: list[Path], out: Path) -> Path:
-    """One HTML page from smoke reports; replaces only a page envbuild wrote."""
+def compare_reports(reports: list[Path], out: Path, force: bool = False) -> Path:
+    """One HTML page from smoke reports; replaces only a page envbuild wrote (or anything, with force)."""
     try:
         page = compare_stage.page(compare_stage.load(reports))
     except (AttributeError, TypeError, KeyError, IndexError) as exc:  # JSON, not shaped like a report
         raise BadInput(f"{', '.join(map(str, reports))}: not shaped like smoke reports ({type(exc).__name__}: {exc})",
                        "pass the files envbuild smoke --report wrote") from None
-    outputs.write_own_file(out, page, lambda text: compare_stage.GENERATOR in text)
+    outputs.write_own_file(out, page, lambda text: force or compare_stage.made_by_envbuild(text))
     return out
 
 

@@ -486,6 +486,7 @@ def write(ctx: Context, out: Path, source_dir: Path | None = None, adopt: bool =
     out = Path(out)
     if source_dir is not None:
         outputs.check_apart(source_dir, out)
+        outputs.check_source(source_dir)  # a tree that cannot be copied whole writes no Dockerfile
     files = {  # redact: no password from any source reaches a file the image copies in
         "Dockerfile": creds.redact(dockerfile(ctx)),
         "requirements.in": creds.redact(requirements_in(ctx)),

@@ -14,7 +14,7 @@ from .errors import BadInput, OperationFailed
 def push(ref: str, echo=None) -> str:
     """Push a local image; returns the registry digest. Refusals and auth needs say so."""
     check_ref(ref)
-    client = engine.client()
+    client = engine.client(stream=True)
     from docker.errors import ImageNotFound, APIError
     try:
         client.images.get(ref)
@@ -82,7 +82,7 @@ def pull(ref: str, min_driver: str, compat_driver: str, cuda: str, cards=(), ech
     status, reason = driver_check(host.driver(), min_driver, compat_driver, cuda)
     if status == "fail":
         raise OperationFailed(f"not pulling {ref}: {reason}", "update the NVIDIA driver or pick an older --cuda")
-    client = engine.client()
+    client = engine.client(stream=True)
     from docker.errors import APIError, NotFound
     repo, tag = split_ref(ref)
     try:

@@ -37,11 +37,12 @@ def emit_json(data) -> None:
 
 
 def table(title: str, columns: list[str], rows: list[list[str]]) -> None:
-    t = Table(title=title, title_justify="left", show_lines=False)
+    # cells quote labels, tags and reasons from images and the daemon: control sequences shown escaped
+    t = Table(title=e(printable(title)), title_justify="left", show_lines=False)
     for col in columns:
         t.add_column(col, overflow="fold")
     for row in rows:
-        t.add_row(*[e(str(c)) for c in row])
+        t.add_row(*[e(printable(str(c), keep_newlines=True)) for c in row])
     out.print(t)
 
 
@@ -102,18 +103,19 @@ def error(exc) -> None:
 
 
 def line(text: str) -> None:
-    """One line of plain text on stdout (no markup: names and paths print as they are)."""
-    out.print(text, markup=False)
+    """One line of plain text on stdout (no markup: names and paths print as they are; control
+    sequences from labels, manifests and reports shown escaped)."""
+    out.print(printable(text, keep_newlines=True), markup=False)
 
 
 def dim(text: str) -> None:
     """Build and lock output, streamed on stderr."""
-    err.print(text, markup=False, style="dim")
+    err.print(printable(text, keep_newlines=True), markup=False, style="dim")
 
 
 def note(text: str) -> None:
     """A step worth its own line, on stderr (stdout stays the result)."""
-    err.print(text, markup=False)
+    err.print(printable(text, keep_newlines=True), markup=False)
 
 
 def plan_cards(p) -> None:
@@ -329,7 +331,7 @@ def audit(ref: str, reports: list[dict], as_json: bool = False) -> None:
               [[lib["path"], lib["kind"], " ".join(lib["sass"]) or "-", " ".join(lib["ptx"]) or "-", lib["via"] or "NOTHING"]
                for lib in report["libraries"]])
         for warning in report["warnings"]:
-            err.print(f"warning: {warning}", markup=False)
+            err.print(f"warning: {printable(warning)}", markup=False)
         line(f"all {len(report['libraries'])} libraries with GPU code run on {report['card_name']}" if report["ok"]
              else f"FAILS on {report['card_name']}: " + "; ".join(report["failures"]))
 

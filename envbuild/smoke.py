@@ -17,13 +17,16 @@ from .build import split_ref
 from .errors import BadInput, OperationFailed
 
 LEVELS = ("env", "model", "arch", "ops", "comm", "train", "io")
+TIMEOUT = 3600  # seconds a smoke container may run (envbuild smoke --timeout)
 
 
 def parse_levels(value: str | None) -> list[str]:
     """Default: every level (GPU levels report 'skipped' with the reason where there is no GPU)."""
-    if not value:
+    if value is None or value == "":
         return list(LEVELS)
     levels = [v.strip() for v in value.split(",") if v.strip()]
+    if not levels:  # ",,," names no level: not "all of them", and not none either
+        raise BadInput(f"--level {value!r} names no level", f"choose from {', '.join(LEVELS)}, or leave --level out for all")
     bad = [v for v in levels if v not in LEVELS]
     if bad:
         raise BadInput(f"unknown smoke level(s) {', '.join(bad)}", f"choose from {', '.join(LEVELS)}")
@@ -41,7 +44,7 @@ def shm_size_bytes() -> int:
 
 def run(image: str, levels: list[str], gpus: str = "all", steps: int = 20, recipe: str = "synthetic",
         data: str | None = None, ckpt_dir: str | None = None, ops_check: str | None = None,
-        compile_model: bool = False, loader: str = "tuned", ipc_host: bool = False, timeout: int = 3600,
+        compile_model: bool = False, loader: str = "tuned", ipc_host: bool = False, timeout: int = TIMEOUT,
         comm_timeout: int = 120, ckpt_mb: int = 64, card=None) -> dict:
     """Run the levels in the image; `card` (a catalog Card) is the card this run is for: the one
     asked, else the GPU here. A multi-card image without either is judged for all its cards."""
@@ -72,14 +75,18 @@ def run(image: str, levels: list[str], gpus: str = "all", steps: int = 20, recip
     from docker.errors import APIError
     start = time.monotonic()
     try:
-        code, out, err = engine.run_container(img.id, cmd, timeout=timeout, **kwargs)
+        code, out, err = engine.run_container(img.id, cmd, timeout=timeout, what=f"the smoke container of {image}",
+                                              limit_hint="give it longer with envbuild smoke --timeout SECONDS",
+                                              **kwargs)
     except APIError as exc:
         if "device_requests" in kwargs and "gpu" in str(exc).lower():
             raise OperationFailed(f"Docker cannot give the container the GPUs: {exc.explanation or exc}",
                                   "install nvidia-container-toolkit, run `nvidia-ctk runtime configure --runtime=docker` "
                                   "and restart dockerd (envbuild doctor checks this)") from None
         raise OperationFailed(f"cannot start the smoke container for {image}: {exc.explanation or exc}") from None
-    except Exception as exc:  # noqa: BLE001 - a timeout or a daemon that went away; Ctrl-C passes through
+    except OperationFailed:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a daemon that went away; Ctrl-C passes through
         raise OperationFailed(f"smoke run of {image} did not finish: {exc}") from None
     report = _report(image, code, out, err)
     report["image"] = image
@@ -129,7 +136,22 @@ def _report(image: str, code: int, out: str, err: str) -> dict:
     if report is None:
         tail = "\n".join(err.strip().splitlines()[-15:])
         raise OperationFailed(f"smoke run of {image} printed no report (exit {code}):\n{tail}")
+    levels = report.get("levels") if isinstance(report, dict) else None
+    if not (isinstance(levels, dict) and isinstance(report.get("ok"), bool)
+            and all(isinstance(v, dict) and isinstance(v.get("status"), str) for v in levels.values())):
+        raise OperationFailed(f"smoke run of {image} printed a report envbuild cannot read (exit {code}): "
+                              "no levels with a status, or no verdict",
+                              "is the image's /opt/envbuild/smoke.py the one envbuild wrote? rebuild the image")
     return report
+
+
+def is_report(text: str) -> bool:
+    """Whether a file's text is a smoke report envbuild wrote (so --report may replace it)."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return False
+    return isinstance(data, dict) and {"levels", "image", "image_id", "host"} <= set(data)
 
 
 def summary(report: dict) -> dict:

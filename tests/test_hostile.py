@@ -299,3 +299,388 @@ def test_a_link_put_where_the_source_copy_was_is_refused_and_its_target_kept(tmp
     (out / "src").symlink_to(theirs)
     one_clear_line(envbuild("render", "maptr", "--card", "h20", "--source", src, "-o", out), "not the source copy")
     assert (theirs / "keep.txt").read_text() == "mine\n"
+
+
+# ---------------------------------------------------------------- issue 23: waits, files, overwrites, escapes
+
+import shutil
+import socket
+import threading
+import time
+
+def _build_cli():
+    """A docker CLI that can drive BuildKit (its version does not need the daemon), or None."""
+    for path in dict.fromkeys(p for p in ("/usr/bin/docker", shutil.which("docker")) if p and os.path.exists(p)):
+        r = subprocess.run([path, "--version"], capture_output=True, text=True)
+        major = r.stdout.split("version ")[-1].split(".")[0]
+        if major.isdigit() and int(major) < 23:  # BuildKit built in: no plugin to ask
+            return path
+        r = subprocess.run([path, "buildx", "version"], capture_output=True, text=True, timeout=30)
+        if r.returncode == 0:
+            return path
+    return None
+
+
+DOCKER_CLI = _build_cli()
+
+
+@pytest.fixture
+def half_alive(tmp_path):
+    """A fake Docker daemon on a Unix socket: it answers /_ping and /version, and never answers
+    anything else (the connection stays open). Yields its DOCKER_HOST environment, with short bounds."""
+    path = str(tmp_path / "d.sock")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    server.listen(64)
+    held, stop = [], threading.Event()
+
+    def serve(conn):
+        buf = b""
+        while not stop.is_set():
+            try:
+                data = conn.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            buf += data
+            while b"\r\n\r\n" in buf:
+                head, _, buf = buf.partition(b"\r\n\r\n")
+                line = head.split(b"\r\n")[0]
+                if b"/_ping " in line:
+                    body = b"" if line.startswith(b"HEAD") else b"OK"
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nApi-Version: 1.41\r\nContent-Type: text/plain\r\n"
+                                 b"Content-Length: 2\r\n\r\n" + body)
+                elif b"/version " in line:
+                    body = b'{"ApiVersion":"1.41","Version":"20.10.24","MinAPIVersion":"1.12"}'
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                                 % len(body) + body)
+                else:
+                    held.append(conn)  # stalls: never answers
+                    return
+
+    def accept():
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield {"DOCKER_HOST": f"unix://{path}", "ENVBUILD_ENGINE_TIMEOUT": "2", "ENVBUILD_ENGINE_STREAM_TIMEOUT": "3",
+           "ENVBUILD_HOME": str(tmp_path / "home"), **({"ENVBUILD_DOCKER": DOCKER_CLI} if DOCKER_CLI else {})}
+    stop.set()
+    server.close()
+    for conn in held:
+        conn.close()
+
+
+def _names_the_daemon(r, started, bound=40):
+    assert time.monotonic() - started < bound, "waited past its bound"
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr and "ReadTimeout" not in r.stderr
+    assert "did not answer" in r.stderr and "d.sock" in r.stderr, r.stderr
+    assert "hint: " in r.stderr and "buildx" not in r.stderr
+
+
+@pytest.mark.parametrize("args", [["images"], ["push", "localhost:5000/team/x:1"], ["export", "alpine:3"],
+                                  ["smoke", "alpine:3", "--gpus", "none"], ["audit", "alpine:3", "--card", "h20"]])
+def test_a_half_alive_daemon_is_named_within_the_bound(half_alive, tmp_path, args):
+    started = time.monotonic()
+    r = envbuild(*args, env=half_alive, cwd=tmp_path)
+    _names_the_daemon(r, started)
+
+
+def test_doctor_on_a_half_alive_daemon_fails_fast_and_names_it(half_alive):
+    started = time.monotonic()
+    r = envbuild("doctor", env=half_alive)
+    assert time.monotonic() - started < 40 and r.returncode == 1 and "Traceback" not in r.stderr
+    assert "did not answer" in r.stdout
+
+
+@pytest.mark.skipif(DOCKER_CLI is None, reason="needs a docker CLI (no engine: the daemon is a fake)")
+@pytest.mark.parametrize("args", [["image", "maptr", "--card", "h20", "--no-lock"], ["lock", "maptr", "--card", "h20"]])
+def test_builds_and_locks_on_a_half_alive_daemon_stop_and_name_it(half_alive, tmp_path, args):
+    started = time.monotonic()
+    r = envbuild(*args, "--base-image", "nvidia/cuda:11.8.0-cudnn8-devel-ubuntu20.04", env=half_alive)
+    _names_the_daemon(r, started, bound=60)
+
+
+def test_a_hung_socket_is_a_wedged_daemon_not_a_missing_plugin(tmp_path):
+    path = str(tmp_path / "hung.sock")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    server.listen(64)  # accepts (the kernel does), never answers
+    try:
+        started = time.monotonic()
+        r = envbuild("image", "maptr", "--card", "h20", env={"DOCKER_HOST": f"unix://{path}", "ENVBUILD_ENGINE_TIMEOUT": "2"})
+        assert time.monotonic() - started < 30
+        assert r.returncode == 1 and "wedged" in r.stderr and "buildx" not in r.stderr, r.stderr
+    finally:
+        server.close()
+
+
+def test_engine_bounds_and_cli_are_checked(monkeypatch):
+    from envbuild import engine
+    monkeypatch.setenv("ENVBUILD_ENGINE_TIMEOUT", "soon")
+    with pytest.raises(BadInput, match="ENVBUILD_ENGINE_TIMEOUT"):
+        engine.engine_timeout()
+    monkeypatch.setenv("ENVBUILD_DOCKER", "/nope")
+    with pytest.raises(BadInput, match="ENVBUILD_DOCKER=/nope"):  # named, never silently replaced
+        engine._candidates()
+
+
+def test_a_container_past_its_limit_is_stopped_and_named(monkeypatch):
+    import requests
+    from envbuild import engine
+    from envbuild.errors import OperationFailed
+
+    removed = []
+
+    class Container:
+        def start(self):
+            pass
+
+        def wait(self, timeout):
+            raise requests.exceptions.ConnectionError("UnixHTTPConnectionPool: Read timed out. (read timeout=5)")
+
+        def remove(self, force):
+            removed.append(force)
+
+    class Client:
+        class containers:
+            @staticmethod
+            def create(*a, **k):
+                return Container()
+
+    monkeypatch.setattr(engine, "client", lambda stream=False: Client())
+    with pytest.raises(OperationFailed) as exc:
+        engine.run_container("img", ["true"], timeout=5, what="the smoke container of img",
+                             limit_hint="give it longer with envbuild smoke --timeout SECONDS")
+    assert "did not finish in 5 s" in exc.value.message and "--timeout" in exc.value.hint and removed
+
+
+def test_smoke_and_audit_say_their_limit_in_help():
+    for cmd, default in (("smoke", "3600"), ("audit", "1800")):
+        r = envbuild(cmd, "--help", env={"COLUMNS": "200"})
+        assert "--timeout" in r.stdout and f"default {default}" in r.stdout
+
+
+NO_DAEMON = {"DOCKER_HOST": "unix:///nonexistent/docker.sock"}
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["image", "maptr", "--card", "h20", "--tag", "BAD TAG!"], "not a valid image reference"),
+    (["smoke", "alpine;rm -rf /"], "not a valid image reference"),
+    (["export", "alpine;rm -rf /"], "not a valid image reference"),
+    (["push", "a" * 100000], "not a valid image reference"),
+    (["smoke", "alpine:3", "--level", ",,,"], "names no level"),
+])
+def test_bad_input_is_said_before_the_engine_is_asked(args, needle):
+    r = envbuild(*args, env=NO_DAEMON)
+    assert r.returncode == 2 and needle in r.stderr and len(r.stderr) < 2000, r.stderr
+    assert "Traceback" not in r.stderr and "daemon" not in r.stderr.split("\n")[0]
+
+
+def _fifo(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    return fifo
+
+
+@pytest.mark.parametrize("special", ["/dev/zero", "fifo", "folder", "loop"])
+@pytest.mark.parametrize("command", ["compare", "fix --plan", "load"])
+def test_special_files_are_refused_not_read(tmp_path, special, command):
+    path = {"/dev/zero": "/dev/zero", "fifo": str(_fifo(tmp_path)) if special == "fifo" else "",
+            "folder": str(tmp_path), "loop": str(tmp_path / "loop")}[special]
+    if special == "loop":
+        os.symlink("loop", tmp_path / "loop")
+    args = {"compare": ["compare", path, "-o", tmp_path / "c.html"], "fix --plan": ["fix", tmp_path, "--plan", path],
+            "load": ["load", path]}[command]
+    if command == "load" and special != "loop":  # load reads the manifest beside the archive
+        (tmp_path / "a.tar.gz").write_bytes(b"x")
+        target = tmp_path / "a.tar.gz.json"
+        if special == "fifo":
+            (tmp_path / "fifo").rename(target)
+        elif special == "/dev/zero":
+            target.symlink_to("/dev/zero")
+        else:
+            target.mkdir()
+        args = ["load", tmp_path / "a.tar.gz"]
+    started = time.monotonic()
+    r = envbuild(*args, env=NO_DAEMON)
+    assert time.monotonic() - started < 30
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "hint: " in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("kind", ["fifo", "socket", "loop"])
+def test_a_source_tree_that_cannot_be_copied_writes_no_context(tmp_path, kind):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.py").write_text("x = 1\n")
+    if kind == "fifo":
+        os.mkfifo(src / "pipe")
+    elif kind == "socket":
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(str(src / "sock"))
+    else:
+        os.symlink("loop", src / "loop")
+    out = tmp_path / "out"
+    started = time.monotonic()
+    r = envbuild("render", "maptr", "--card", "h20", "--source", src, "-o", out)
+    assert time.monotonic() - started < 60
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "hint: " in r.stderr, r.stderr
+    assert not (out / "Dockerfile").exists()
+
+
+def test_bake_into_a_link_loop_is_one_line(tmp_path):
+    os.symlink("loop", tmp_path / "loop")
+    for out in (tmp_path / "loop", tmp_path / "loop" / "bake.json"):
+        r = envbuild("bake", "--models", "maptr", "--cards", "h20", "-o", out)
+        assert r.returncode == 2 and "loops" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert os.readlink(tmp_path / "loop") == "loop"
+
+
+def test_smoke_report_never_replaces_a_users_file(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    r = envbuild("smoke", "alpine:3", "--report", notes, env=NO_DAEMON)
+    assert r.returncode == 2 and "envbuild did not write it" in r.stderr and notes.read_text() == "my notes\n"
+    from envbuild import smoke
+    assert smoke.is_report(json.dumps({"levels": {}, "image": "x", "image_id": "y", "host": {}}))
+    assert not smoke.is_report("my notes") and not smoke.is_report("[1]")
+
+
+def _report(tmp_path, name, losses):
+    data = {"card": "h20", "ok": True, "levels": {"train": {"status": "passed", "runs": {"synthetic": {
+        "status": "passed", "losses": losses, "samples_per_s": 10.0, "step_time_s": 0.1, "device": "cpu",
+        "first_loss": 1.0, "last_loss": 0.5, "data_wait_share": 0.1}}}}}
+    path = tmp_path / name
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_compare_refuses_a_users_page_and_nan_losses(tmp_path):
+    a, b = _report(tmp_path, "a.json", [1.0, 0.5]), _report(tmp_path, "b.json", [1.0, 0.6])
+    page = tmp_path / "page.html"
+    page.write_text('<html><meta name="generator" content="envbuild compare"> my own page</html>')
+    r = envbuild("compare", a, b, "-o", page)
+    assert r.returncode == 2 and "envbuild did not write it" in r.stderr and "my own page" in page.read_text()
+    assert envbuild("compare", a, b, "-o", page, "--force").returncode == 0
+    assert envbuild("compare", a, b, "-o", page).returncode == 0  # its own page: replaced
+    nan = _report(tmp_path, "nan.json", [1.0, float("nan")])
+    r = envbuild("compare", a, nan, "-o", tmp_path / "n.html")
+    assert r.returncode == 2 and "finite" in r.stderr and not (tmp_path / "n.html").exists()
+
+
+class _Image:
+    def __init__(self, env=(), labels=None):
+        self.attrs = {"Config": {"Env": list(env)}}
+        self.labels = labels or {}
+        self.id, self.tags = "sha256:" + "0" * 64, ["envbuild/x:1"]
+
+
+def test_export_names_files_apart_and_keeps_a_users_sidecars(tmp_path):
+    from envbuild import export
+    assert export._safe_name("a/b:c") != export._safe_name("a_b:c")
+    name = export._safe_name("envbuild/x:1")
+    (tmp_path / f"{name}.tar.gz.json").write_text('{"mine": true}\n')
+    with pytest.raises(BadInput, match="not envbuild's export"):
+        export.check_outputs([tmp_path / f"{name}.tar.gz", tmp_path / f"{name}.tar.gz.json"], "envbuild/x:1", False)
+    export.check_outputs([tmp_path / f"{name}.tar.gz.json"], "envbuild/x:1", True)  # --force
+    (tmp_path / f"{name}.tar.gz.json").write_text(json.dumps({"image": "envbuild/x:1", "sha256": "ab", "file": "f"}))
+    (tmp_path / f"{name}.tar.gz.sha256").write_text("ab  f\n")
+    export.check_outputs([tmp_path / f"{name}.tar.gz.json", tmp_path / f"{name}.tar.gz.sha256"], "envbuild/x:1", False)
+    with pytest.raises(BadInput):  # another image's export under this name is not replaced
+        export.check_outputs([tmp_path / f"{name}.tar.gz.json"], "envbuild/y:1", False)
+
+
+@pytest.mark.parametrize("env, labels", [
+    (["A=x\n%post\ntouch /pwned"], {}),
+    ([], {"io.envbuild.model": "maptr\n%post\ntouch /pwned"}),
+    ([], {"io.envbuild.model\n%post": "x"}),
+])
+def test_apptainer_definition_refuses_values_that_would_start_a_section(monkeypatch, env, labels):
+    from envbuild import export
+    monkeypatch.setattr(export, "local_image", lambda ref, stream=False: _Image(env, labels))
+    with pytest.raises(BadInput, match="Apptainer|plain name"):
+        export.apptainer_def("envbuild/x:1", "x.tar.gz")
+
+
+def test_apptainer_definition_quotes_shell_values(monkeypatch):
+    from envbuild import export
+    monkeypatch.setattr(export, "local_image", lambda ref, stream=False: _Image(
+        ["A=`touch /pwned` $(id) \"q\" 'single'"], {"io.envbuild.model": "maptr `id`"}))
+    text = export.apptainer_def("envbuild/x:1", "x.tar.gz")
+    line = next(l for l in text.splitlines() if "export A=" in l)
+    import shlex
+    assert shlex.split(line.split("=", 1)[1]) == ["`touch /pwned` $(id) \"q\" 'single'"]
+    assert line.split("=", 1)[1].startswith("'")  # single quotes: nothing in it runs
+    assert not any(l.startswith("%post") for l in text.splitlines())
+
+
+ESC = "\x1b]0;title\x07\x1b[2J"
+
+
+def test_labels_manifests_and_reports_print_escaped(capsys):
+    from envbuild import show
+    show.images([{"id": "abc", "tags": [f"x:{ESC}"], "model": ESC, "card": "h20", "mode": "m", "torch": "2",
+                  "cuda": "12", "arch_list": "9.0", "size_bytes": 1}])
+    show.loaded({"loaded": [ESC], "tags": [ESC], "sha256": "0"})
+    show.smoke({"image": ESC, "environment": {"gpus": [ESC]}, "levels": {"env": {"status": "passed", "reason": ESC,
+                                                                          "problems": [ESC]}}})
+    out, err = capsys.readouterr()
+    assert "\x1b" not in out + err and "\x07" not in out + err
+    assert "\\x1b]0;title\\x07" in out
+
+
+def test_malformed_smoke_and_audit_reports_are_one_failure(monkeypatch):
+    from envbuild import audit, engine, smoke
+    from envbuild.errors import OperationFailed
+    for out in ('{"levels": {"env": 1}, "ok": true}', '{"ok": "yes"}', "[1, 2]", '{"levels": [], "ok": true}'):
+        with pytest.raises(OperationFailed, match="no report|cannot read"):
+            smoke._report("img", 0, out, "")
+
+    class Images:
+        @staticmethod
+        def get(ref):
+            return None
+
+    monkeypatch.setattr(engine, "client", lambda stream=False: type("C", (), {"images": Images})())
+    for out in ('{"libraries": 5}', '[1]', '{"libraries": [{"path": 1}]}', '{"libraries": [{"path": "x", "sass": "sm_80"}]}'):
+        monkeypatch.setattr(engine, "run_container", lambda *a, _out=out, **k: (0, _out, ""))
+        with pytest.raises(OperationFailed, match="no report|cannot read"):
+            audit.scan("img")
+
+
+@pytest.mark.parametrize("file, old, new, says", [
+    ("models/maptr.toml", 'era = "2023-09-14"', 'era = "2023-13-45"', "not a date"),
+    ("models/maptr.toml", 'era = "2023-09-14"', 'era = "2023-09-14"\nera_grace_days = 99999999999', "out of range"),
+    ("cards.toml", "memory_gb = 96", "memory_gb = -5", "out of range"),
+    ("models/gaussianformer.toml", 'build = "pip install --no-build-isolation -e ."',
+     'build = "pip install --index-url=http://evil.example/simple -e ."', "another package source"),
+])
+def test_catalog_values_out_of_range_are_one_line(tmp_path, file, old, new, says):
+    cat = _catalog_copy(tmp_path)
+    text = (cat / file).read_text()
+    assert old in text, old
+    (cat / file).write_text(text.replace(old, new, 1))
+    model = "gaussianformer" if "gaussianformer" in file else "maptr"
+    one_clear_line(envbuild("resolve", model, "--card", "h20", env={"ENVBUILD_MATRICES": str(cat)}), says)
+
+
+def test_a_user_catalog_whose_cards_toml_is_a_folder_is_refused(tmp_path):
+    cat = _catalog_copy(tmp_path)
+    (cat / "cards.toml").unlink()
+    (cat / "cards.toml").mkdir()
+    one_clear_line(envbuild("resolve", "maptr", "--card", "h20", env={"ENVBUILD_MATRICES": str(cat)}), "cards.toml")
+
+
+@pytest.mark.parametrize("data", [b"", b"\x30\x82\x01\x0a\x02\x82\x01\x01\x00" * 20])
+def test_an_empty_or_binary_ca_bundle_is_refused(tmp_path, data):
+    bundle = tmp_path / "ca.pem"
+    bundle.write_bytes(data)
+    r = envbuild("render", "maptr", "--card", "h20", "-o", tmp_path / "out", env={"ENVBUILD_CA_BUNDLE": str(bundle)})
+    one_clear_line(r, "no PEM certificate")
+    assert not (tmp_path / "out").exists()

@@ -198,7 +198,7 @@ def test_export_apptainer_definition(small_image, tmp_path):
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
     definition = open(info["definition"]).read()
-    assert "Bootstrap: docker-archive" in definition and 'export NCCL_P2P_DISABLE="1"' in definition
+    assert "Bootstrap: docker-archive" in definition and "export NCCL_P2P_DISABLE=1\n" in definition
     archive = os.path.basename(info["archive"])  # the compressed save beside it; apptainer reads it gunzipped
     assert archive.endswith(".tar.gz") and os.path.exists(info["archive"])
     assert f"From: {archive[:-len('.gz')]}\n" in definition and f"after gunzip of {archive}" in definition
@@ -328,7 +328,7 @@ def test_doctor_on_a_gpu_host_judges_the_gpus_the_runtime_and_the_driver_against
 def test_audit_of_a_multi_card_image_scans_it_once_and_judges_each_card(cat, monkeypatch):
     from envbuild import pipeline
     scans, judged = [], []
-    monkeypatch.setattr(pipeline.audit_stage, "scan", lambda ref: scans.append(ref) or ["lib"])
+    monkeypatch.setattr(pipeline.audit_stage, "scan", lambda ref, timeout=None: scans.append(ref) or ["lib"])
     monkeypatch.setattr(pipeline.audit_stage, "audit", lambda ref, card, libs: judged.append((card.id, libs)) or {"ok": True})
     assert len(pipeline._audit_all("envbuild/x:1", cat, "a800,h20")) == 2
     assert scans == ["envbuild/x:1"] and judged == [("a800", ["lib"]), ("h20", ["lib"])]
