@@ -144,6 +144,16 @@ def _debian(cli: engine.Cli, recipe: Recipe, mirror: str, echo) -> None:
             raise OperationFailed(f"docker import of the rootfs failed: {imp.stderr.strip()[-300:]}")
 
 
+def plan(cat: Catalog, cuda: str, mirror: str = DEBIAN_MIRROR, pypi_index: str | None = None) -> dict:
+    """What `envbuild base` would build, without Docker: tags, the Dockerfile, the cards."""
+    recipe = recipe_for(cuda)
+    if not URL_RE.match(mirror):
+        raise BadInput(f"--debian-mirror {mirror!r} is not an http(s) URL")
+    sass, ptx = targets(cat, cuda)
+    return {"tag": recipe.tag, "debian": recipe.debian_tag, "cuda": cuda, "source": recipe.source, "mirror": mirror,
+            "dockerfile": dockerfile(recipe, pypi_index), "sass_cards": sass, "ptx_cards": ptx}
+
+
 def build_base(cat: Catalog, cuda: str, mirror: str = DEBIAN_MIRROR, pypi_index: str | None = None,
                ca_bundle: str | None = None, rebuild: bool = False, echo=print, index_auth: str = "",
                network: str = "") -> dict:

@@ -166,11 +166,15 @@ def base(cuda: str = typer.Option("13.0", "--cuda", help="CUDA toolkit of the ba
          debian_mirror: str = typer.Option(base_image.DEBIAN_MIRROR, "--debian-mirror", help="Debian mirror for debootstrap."),
          pypi_index: Optional[str] = PYPI_INDEX,
          rebuild: bool = typer.Option(False, "--rebuild", help="Build again even when the images exist."),
+         dry_run: bool = typer.Option(False, "--dry-run", help="Print the Dockerfile and the cards; build nothing."),
          json_: bool = JSON):
     """Build a CUDA devel base without Docker Hub: Debian from a Debian mirror, the toolkit from
     Debian non-free (11.8) or NVIDIA's PyPI wheels (13.x). Pass it to other commands with --base-image."""
     sources = pipeline.load_sources(pypi_index=pypi_index)
     index = None if sources.pypi_index == config.PYPI else sources.pypi_index
+    if dry_run:
+        show.base_plan(base_image.plan(catalog.load(), cuda, debian_mirror, index), as_json=json_)
+        return
     result = base_image.build_base(catalog.load(), cuda, debian_mirror, index, sources.ca_bundle, rebuild,
                                    echo=(lambda _: None) if json_ else show.dim, index_auth=sources.netrc,
                                    network=sources.build_network)

@@ -145,6 +145,17 @@ def catalog_cards(cat, as_json: bool = False) -> None:
             ", ".join(r["aliases"]), r["from"]] for r in rows])
 
 
+def base_plan(planned: dict, as_json: bool = False) -> None:
+    """`envbuild base --dry-run`: what it would build, and for which cards."""
+    if as_json:
+        emit_json(planned)
+        return
+    line(f"{planned['tag']}  (CUDA {planned['cuda']} from {planned['source']}, on {planned['debian']} "
+         f"debootstrapped from {planned['mirror']})")
+    line(f"SASS for: {', '.join(planned['sass_cards']) or '(no catalog card)'}")
+    line(planned["dockerfile"].rstrip("\n"))
+
+
 def based(result: dict, as_json: bool = False) -> None:
     """What `envbuild base` made or reused, and which cards its nvcc compiles for."""
     if as_json:

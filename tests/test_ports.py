@@ -296,3 +296,14 @@ def test_a_wrapper_that_would_exec_itself_stops_with_a_reason(tmp_path):
     loop.chmod(0o755)
     r = subprocess.run([str(loop), "--version"], capture_output=True, text=True, timeout=30)
     assert r.returncode == 1 and "is this wrapper, not nvcc" in r.stderr
+
+
+def test_base_dry_run_prints_what_it_would_build_without_docker(tmp_path):
+    import subprocess
+    import sys
+    env = {"PATH": "/usr/bin:/bin", "ENVBUILD_DOCKER": "/nope", "ENVBUILD_HOME": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-m", "envbuild.cli", "base", "--cuda", "13.0", "--dry-run"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("envbuild/cuda:13.0-devel-debian12") and "FROM envbuild/debian:12 AS cuda" in r.stdout
+    assert "b200" in r.stdout.splitlines()[1]

@@ -79,3 +79,20 @@ def test_a_real_build_from_the_wheel_is_the_same_image(installed, built, offline
     summary = json.loads(r.stdout)
     assert summary["image_id"] == built["image_id"]
     assert all(step["cached"] for step in summary["run_steps"]), summary["run_steps"]
+
+
+def test_the_wheel_ships_envbuild_base(installed, offline_base13, tmp_path):
+    """`envbuild base` from the installed package: the recipe and template come with it (the same
+    Dockerfile as the checkout's), and it finds the CUDA 13 base the suite made."""
+    exe, cwd = installed
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ENVBUILD_")}
+    env.update(ENVBUILD_HOME=str(tmp_path / "home"), ENVBUILD_DOCKER=os.environ.get("ENVBUILD_DOCKER", "/usr/bin/docker"))
+    r = run(exe, cwd, env, "base", "--cuda", "13.0", "--dry-run", "--json")
+    assert r.returncode == 0, r.stderr
+    mine = subprocess.run([sys.executable, "-m", "envbuild.cli", "base", "--cuda", "13.0", "--dry-run", "--json"],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert json.loads(r.stdout)["dockerfile"] == json.loads(mine.stdout)["dockerfile"]
+    r = run(exe, cwd, env, "base", "--cuda", "13.0", "--json")
+    assert r.returncode == 0, r.stderr
+    made = json.loads(r.stdout)
+    assert made["tag"] == offline_base13["devel"] and made["reused"] and "b200" in made["sass_cards"]
