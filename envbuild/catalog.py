@@ -7,6 +7,7 @@ malformed or malicious entry fails at load with file, key and reason.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from datetime import date
@@ -308,16 +309,57 @@ def is_exact(spec: str) -> bool:
 # ---------------------------------------------------------------- loading
 
 
-class _Reader:
-    """Typed access to one TOML table, raising CatalogError with file and key."""
+@dataclass
+class _Overlay:
+    """A user's toolchains file merged into the built-in one: the key paths whose values it gave."""
+    path: Path
+    owned: set
 
-    def __init__(self, path: Path, table: dict, prefix: str):
+    def owns(self, at: tuple) -> bool:
+        return any(at[:i] in self.owned for i in range(1, len(at) + 1))
+
+
+class _Reader:
+    """Typed access to one TOML table, raising CatalogError with file and key.
+
+    It notes every key it is asked for (get, has, sub, rows): unread() then refuses every key
+    nothing asked for, a misspelled field or table, naming the closest known one. A table whose
+    keys are names the user chooses (packages, versions, card ids) is read by name (names(), or
+    a sub() per name), so none of them is unknown."""
+
+    def __init__(self, path: Path, table: dict, prefix: str, at: tuple = (), overlay: _Overlay | None = None):
         self.path, self.table, self.prefix = path, table, prefix
+        self.at, self.overlay = at, overlay  # the key path from the file's root; a merged user file
+        self.asked: set = set()
+        self.subs: dict[str, _Reader] = {}
 
     def fail(self, key: str, reason: str) -> CatalogError:
-        return CatalogError(_rel(self.path), f"{self.prefix}{key}", reason)
+        path = self.overlay.path if self.overlay is not None and self.overlay.owns((*self.at, key)) else self.path
+        return CatalogError(_rel(path), f"{self.prefix}{key}", reason)
+
+    def has(self, key) -> bool:
+        self.asked.add(key)
+        return key in self.table
+
+    def names(self) -> list[str]:
+        """The keys of a table of user-chosen names (package -> spec): all of them are read."""
+        self.asked.update(self.table)
+        return list(self.table)
+
+    def unread(self) -> None:
+        """Refuse a key or table nothing read, here and in every table under it, with a hint."""
+        for key, value in self.table.items():
+            if key in self.asked:
+                continue
+            close = difflib.get_close_matches(key, sorted(self.asked), n=1, cutoff=0.6)
+            hint = (f"did you mean {close[0]!r}?" if close else
+                    f"known here: {', '.join(sorted(self.asked))}" if self.asked else "nothing is expected here")
+            raise self.fail(key, f"unknown {'table' if isinstance(value, dict) else 'key'} ({hint})")
+        for reader in self.subs.values():
+            reader.unread()
 
     def get(self, key, kind, default=..., pattern: re.Pattern | None = None):
+        self.asked.add(key)
         if key not in self.table:
             if default is ...:
                 raise self.fail(key, "missing")
@@ -375,7 +417,21 @@ class _Reader:
         return tuple(values)
 
     def sub(self, key) -> "_Reader":
-        return _Reader(self.path, self.get(key, dict), f"{self.prefix}{key}.")
+        if key not in self.subs:
+            self.subs[key] = _Reader(self.path, self.get(key, dict), f"{self.prefix}{key}.", (*self.at, key),
+                                     self.overlay)
+        return self.subs[key]
+
+    def rows(self, key, default=...) -> list["_Reader"]:
+        """An array of tables ([[era]], builds = [{...}]): a reader per row."""
+        out = []
+        for i, row in enumerate(self.get(key, list, default)):
+            if not isinstance(row, dict):
+                raise self.fail(f"{key}[{i}]", "expected a table")
+            reader = _Reader(self.path, row, f"{self.prefix}{key}[{i}].", (*self.at, key, i), self.overlay)
+            self.subs[f"{key}[{i}]"] = reader
+            out.append(reader)
+        return out
 
 
 def train_step_names() -> tuple[str, ...]:
@@ -405,16 +461,47 @@ def _load_toml(path: Path) -> dict:
         raise CatalogError(_rel(path), "(file)", exc.strerror or str(exc)) from None
 
 
-def check_spec(reader: _Reader, key: str, spec: str) -> str:
-    if spec == "*" or is_exact(spec):
+def check_spec(reader: _Reader, key: str, spec: str, unpinned: bool = True) -> str:
+    """A version or a specifier set ("*" = unpinned, where the field allows it), as pip and
+    packaging take it: refused here rather than in the resolver."""
+    if (spec == "*" and unpinned) or is_exact(spec):
         return spec
+    allowed = " (\"*\" means unpinned: not a value here)" if spec == "*" else ""
     try:
+        if not spec.strip():
+            raise InvalidSpecifier(spec)
         SpecifierSet(spec)
     except InvalidSpecifier:
-        raise reader.fail(key, f"not a version or specifier: {spec!r}") from None
+        raise reader.fail(key, f"not a version or specifier: {spec!r}{allowed}") from None
     if any(c in spec for c in "\n;'\"$`\\ "):
         raise reader.fail(key, f"not a version or specifier: {spec!r}")
     return spec
+
+
+def check_version_key(reader: _Reader, key: str) -> str:
+    """A fact's key: an exact version, or a range of releases (">=0.17,<0.18") it holds for."""
+    if is_exact(key):
+        return key
+    try:
+        return check_spec(reader, key, key, unpinned=False)
+    except CatalogError:
+        raise reader.fail(key, f"not a version or a range of versions (\">=0.17,<0.18\"): {key!r}") from None
+
+
+def version_keyed(facts: dict, version: str | None):
+    """The fact for one release in a table keyed by versions: its exact key, else the first range
+    key (in file order) that contains it, carrying the release's own version; None when none."""
+    if not version or not is_exact(version):
+        return None
+    if version in facts:
+        return facts[version]
+    for key, fact in facts.items():
+        if is_exact(key) and V(key) == V(version):
+            return fact
+    for key, fact in facts.items():
+        if not is_exact(key) and SpecifierSet(key).contains(version, prereleases=True):
+            return replace(fact, version=version)
+    return None
 
 
 def _load_cards(path: Path, origin: str = BUILTIN) -> dict[str, Card]:
@@ -433,6 +520,7 @@ def _load_cards(path: Path, origin: str = BUILTIN) -> dict[str, Card]:
             aliases=tuple(a.lower() for a in r.strings("aliases", NAME_RE, [])),
             origin=origin,
         )
+    root.unread()
     return cards
 
 
@@ -510,6 +598,10 @@ class Catalog:
             return self.cards[self._card_names[key]]
         raise unknown("card", name, sorted(self._card_names))
 
+    def assert_facts(self, name: str, version: str | None) -> MmcvAssert | None:
+        """[asserts] for this release of a package: its exact key, else a range that contains it."""
+        return version_keyed(self.asserts.get(name, {}), version)
+
     def python_floor(self, name: str, python: str) -> str | None:
         """The first release of a package that runs on this Python (the floor listed for the
         newest Python not above it), or None when the catalog knows none."""
@@ -550,7 +642,9 @@ class Catalog:
 def load(user: Path | str | None = None) -> Catalog:
     """The built-in catalog, with a user catalog on top (argument, ENVBUILD_MATRICES or the
     config's catalog_dir): its cards.toml adds or replaces cards, its models/*.toml add or
-    replace models, and a toolchains/*.toml of its own replaces the built-in file."""
+    replace models, and a toolchains/*.toml of its own merges into the built-in file per key
+    (a table it names is merged key by key, any other value replaced; [[era]] rows by name).
+    Every file refuses keys and tables it does not know."""
     from .config import setting
     base = builtin_root()
     user = Path(user) if user else (Path(p) if (p := setting("catalog_dir")) else None)
@@ -559,8 +653,8 @@ def load(user: Path | str | None = None) -> Catalog:
     if user is not None and user.resolve() == base.resolve():
         user = None
 
-    def pick(rel: str) -> Path:
-        return user / rel if user is not None and (user / rel).is_file() else base / rel
+    def toolchain(rel: str) -> _Reader:
+        return _toolchain(base, user, rel)
 
     # Files and sections are read in this order, so the first error a broken catalog
     # reports stays the same.
@@ -568,10 +662,9 @@ def load(user: Path | str | None = None) -> Catalog:
     if user is not None and (user / "cards.toml").exists():  # a folder there is an error, not no file
         cards.update(_load_cards(user / "cards.toml", str(user / "cards.toml")))
     _check_card_names(cards)
-    ubuntu, toolkits = _load_cuda(pick("toolchains/cuda.toml"))
-    torch, wheel_archs = _load_torch(pick("toolchains/torch.toml"))
-    pkg_path = pick("toolchains/packages.toml")
-    pkg = _Reader(pkg_path, _load_toml(pkg_path), "")
+    ubuntu, toolkits = _load_cuda(toolchain("toolchains/cuda.toml"))
+    torch, wheel_archs = _load_torch(toolchain("toolchains/torch.toml"))
+    pkg = toolchain("toolchains/packages.toml")
     compiled = _load_compiled(pkg)
     asserts = _load_asserts(pkg)
     flash = _load_flash_attn(pkg)
@@ -584,24 +677,97 @@ def load(user: Path | str | None = None) -> Catalog:
     vendor = _load_vendor(pkg)
     models = _load_models(base, user, torch)
     torch_load = tuple(n.lower() for n in pkg.sub("torch_load").strings("packages", PKG_RE)) \
-        if "torch_load" in pkg.table else ()
+        if pkg.has("torch_load") else ()
+    pkg.unread()
     return Catalog(cards, toolkits, ubuntu, torch, wheel_archs, compiled, asserts, flash,
                    spconv, tuple(era), models, requires, python_floors, collections_abc, source_builds, vendor, base, user,
                    torch_load)
+
+
+def _merge(base: dict, user: dict, at: tuple, owned: set) -> dict:
+    """A user's toolchains table merged into the built-in one: tables key by key, [[...]] rows
+    that all have a name row by row (same name replaced, new ones added), any other value
+    replaced. owned collects the key paths whose values came from the user's file."""
+    out = dict(base)
+    for key, value in user.items():
+        here, old = (*at, key), base.get(key)
+        if isinstance(value, dict) and isinstance(old, dict):
+            out[key] = _merge(old, value, here, owned)
+        elif _named_rows(value) and _named_rows(old):
+            rows = list(old)
+            index = {row["name"]: i for i, row in enumerate(rows)}
+            for row in value:
+                i = index.setdefault(row["name"], len(rows))
+                rows[i:i + 1] = [row]
+                owned.add((*here, i))
+            out[key] = rows
+        else:
+            out[key] = value
+            owned.add(here)
+    return out
+
+
+def _named_rows(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(row, dict) and isinstance(row.get("name"), str) for row in value)
+
+
+def _toolchain(base: Path, user: Path | None, rel: str) -> _Reader:
+    """A built-in toolchains file with the user catalog's file of the same name merged into it."""
+    path = base / rel
+    table = _load_toml(path)
+    if user is None or not (user / rel).exists():  # a folder there is an error, not no file
+        return _Reader(path, table, "")
+    owned: set = set()
+    table = _merge(table, _load_toml(user / rel), (), owned)
+    return _Reader(path, table, "", overlay=_Overlay(user / rel, owned))
+
+
+TOOLCHAIN_FILES = ("cuda.toml", "torch.toml", "packages.toml")  # the ones a user catalog merges into
+
+
+def check(user: Path | str | None = None) -> dict:
+    """`envbuild catalog check [DIR]`: the built-in catalog with this user catalog on top (else
+    the configured one), every file validated as `load` does, and no .toml file in the folder
+    that the catalog would not read (a misspelled folder or file name). What it holds, with a
+    one-line summary; a CatalogError (exit 2) at the first mistake."""
+    from .config import setting
+    folder = Path(user) if user else (Path(p) if (p := setting("catalog_dir")) else None)
+    cat = load(folder)
+    user_dir = cat.overlay
+    if user_dir is None:
+        summary = f"built-in catalog OK: {len(cat.models)} models, {len(cat.cards)} cards"
+        return {"catalog": BUILTIN, "models": sorted(cat.models), "cards": len(cat.cards), "summary": summary}
+    read = {"cards.toml", *(f"models/{f.name}" for f in user_dir.glob("models/*.toml")),
+            *(f"toolchains/{name}" for name in TOOLCHAIN_FILES)}
+    for path in sorted(user_dir.rglob("*.toml")):
+        rel = path.relative_to(user_dir).as_posix()
+        if rel not in read:
+            close = difflib.get_close_matches(rel, sorted(read | {f"models/{path.name}", f"toolchains/{path.name}"}), n=1)
+            hint = f"did you mean {close[0]}?" if close else \
+                "a user catalog reads cards.toml, models/*.toml and toolchains/{cuda,torch,packages}.toml"
+            raise CatalogError(_rel(path), "(file)", f"not a file the catalog reads ({hint})")
+    models = sorted(name for name, m in cat.models.items() if m.origin != BUILTIN)
+    cards = sorted(cid for cid, c in cat.cards.items() if c.origin != BUILTIN)
+    merged = [name for name in TOOLCHAIN_FILES if (user_dir / "toolchains" / name).is_file()]
+    parts = [f"{len(cat.models)} models ({len(models)} from it)", f"{len(cat.cards)} cards ({len(cards)} from it)"]
+    if merged:
+        parts.append(f"toolchains merged: {', '.join(merged)}")
+    return {"catalog": str(user_dir), "models": sorted(cat.models), "user_models": models, "cards": len(cat.cards),
+            "user_cards": cards, "toolchains": merged, "summary": f"{_rel(user_dir)}: catalog OK: {'; '.join(parts)}"}
 
 
 def _load_vendor(pkg: _Reader) -> dict[str, VendorWheels]:
     """[vendor.NAME]: find_links and [[vendor.NAME.builds]] (versions, torch, cuda, python, sass, ptx)."""
     out = {}
     for name in pkg.get("vendor", dict, {}):
+        if not PKG_RE.match(name):
+            raise pkg.sub("vendor").fail(name, "not a package name")
         r = pkg.sub("vendor").sub(name)
         builds = []
-        for i, row in enumerate(r.get("builds", list)):
-            if not isinstance(row, dict):
-                raise r.fail(f"builds[{i}]", "expected a table")
-            b = _Reader(r.path, row, f"{r.prefix}builds[{i}].")
+        for b in r.rows("builds"):
             builds.append(VendorBuild(
-                versions=b.strings("versions", re.compile(r"^[0-9][0-9A-Za-z.+!]*$")),
+                versions=_versions(b, "versions"),
                 torch=b.strings("torch", TORCH_MINOR_RE), cuda=b.strings("cuda", CUDA_RE),
                 python=_range(b, "python"), sass=b.strings("sass", CC_RE), ptx=b.strings("ptx", CC_RE, [])))
         out[name] = VendorWheels(name, r.get("find_links", str, pattern=FIND_LINKS_RE), tuple(builds))
@@ -611,18 +777,19 @@ def _load_vendor(pkg: _Reader) -> dict[str, VendorWheels]:
 # -- toolchains/cuda.toml
 
 
-def _load_cuda(path: Path) -> tuple[dict[str, Ubuntu], dict[str, Toolkit]]:
+def _load_cuda(cuda_doc: _Reader) -> tuple[dict[str, Ubuntu], dict[str, Toolkit]]:
     """[ubuntu] then [cuda]: every toolkit's ubuntu releases must be listed under [ubuntu]."""
-    cuda_doc = _Reader(path, _load_toml(path), "")
     ubuntu = {}
     for ver in cuda_doc.get("ubuntu", dict):
+        if not re.match(r"^\d\d\.\d\d$", ver):
+            raise cuda_doc.sub("ubuntu").fail(ver, "an Ubuntu release looks like 22.04")
         r = cuda_doc.sub("ubuntu").sub(ver)
         ubuntu[ver] = Ubuntu(ver, r.get("gcc", int), r.version("python"))
     toolkits = {}
     for ver in cuda_doc.get("cuda", dict):
-        r = cuda_doc.sub("cuda").sub(ver)
         if not CUDA_RE.match(ver):
-            raise cuda_doc.fail(f"cuda.{ver}", "CUDA key must look like 11.8")
+            raise cuda_doc.sub("cuda").fail(ver, "CUDA key must look like 11.8")
+        r = cuda_doc.sub("cuda").sub(ver)
         tk = Toolkit(
             version=ver,
             full=r.version("full"),
@@ -637,26 +804,26 @@ def _load_cuda(path: Path) -> tuple[dict[str, Ubuntu], dict[str, Toolkit]]:
             if u not in ubuntu:
                 raise r.fail("ubuntu", f"unknown ubuntu release {u} (add it under [ubuntu])")
         toolkits[ver] = tk
+    cuda_doc.unread()
     return ubuntu, toolkits
 
 
 # -- toolchains/torch.toml
 
 
-def _load_torch(path: Path) -> tuple[dict[str, TorchRelease], dict[str, tuple[str, ...]]]:
+def _load_torch(torch_doc: _Reader) -> tuple[dict[str, TorchRelease], dict[str, tuple[str, ...]]]:
     """[wheel_archs] then [torch]: every CUDA build a release lists needs its wheel_archs entry."""
-    torch_doc = _Reader(path, _load_toml(path), "")
     wheel_archs = {}
     wa = torch_doc.sub("wheel_archs")
-    for cu in wa.table:
+    for cu in wa.names():
+        if not CUDA_RE.match(cu):
+            raise wa.fail(cu, "CUDA key must look like 11.8")
         wheel_archs[cu] = wa.strings(cu, CC_RE)
     torch = {}
     for ver in torch_doc.get("torch", dict):
+        if not is_exact(ver):
+            raise torch_doc.sub("torch").fail(ver, "not a version")
         r = torch_doc.sub("torch").sub(ver)
-        try:
-            Version(ver)
-        except InvalidVersion:
-            raise torch_doc.fail(f"torch.{ver}", "not a version") from None
         rel = TorchRelease(
             version=ver,
             torchvision=r.version("torchvision"),
@@ -682,6 +849,7 @@ def _load_torch(path: Path) -> tuple[dict[str, TorchRelease], dict[str, tuple[st
             if cu not in wheel_archs and not (cu == rel.pypi and "sass" in r.table):
                 raise r.fail("index", f"no [wheel_archs] entry for CUDA {cu}")
         torch[ver] = rel
+    torch_doc.unread()
     return torch, wheel_archs
 
 
@@ -691,13 +859,35 @@ def _load_torch(path: Path) -> tuple[dict[str, TorchRelease], dict[str, tuple[st
 def _load_compiled(pkg: _Reader) -> dict[str, dict[str, Compiled]]:
     compiled: dict[str, dict[str, Compiled]] = {}
     for name in pkg.get("compiled", dict):
+        if not PKG_RE.match(name):
+            raise pkg.sub("compiled").fail(name, "not a package name")
         for ver in pkg.sub("compiled").get(name, dict):
+            if not is_exact(ver):
+                raise pkg.sub("compiled").sub(name).fail(ver, "not a version (a release envbuild compiles)")
             r = pkg.sub("compiled").sub(name).sub(ver)
             compiled.setdefault(name, {})[ver] = Compiled(
                 name, ver, r.get("series", str, pattern=NAME_RE), _range(r, "torch"),
-                r.get("cxx", int), r.get("notes", str, ""), _fixer_names(r, "port"),
+                _cxx(r), r.get("notes", str, ""), _fixer_names(r, "port"),
             )
     return compiled
+
+
+CXX_STANDARDS = (11, 14, 17, 20, 23)
+
+
+def _cxx(r: _Reader) -> int:
+    value = r.get("cxx", int)
+    if value not in CXX_STANDARDS:
+        raise r.fail("cxx", f"{value} is not a C++ standard ({', '.join(map(str, CXX_STANDARDS))})")
+    return value
+
+
+def _versions(r: _Reader, key: str) -> tuple[str, ...]:
+    values = r.strings(key, re.compile(r"^[0-9][0-9A-Za-z.+!]*$"))
+    bad = [v for v in values if not is_exact(v)]
+    if bad:
+        raise r.fail(key, f"not a version: {bad[0]!r}")
+    return values
 
 
 def _fixer_names(r: _Reader, key: str) -> tuple[str, ...]:
@@ -710,9 +900,13 @@ def _fixer_names(r: _Reader, key: str) -> tuple[str, ...]:
 
 
 def _load_asserts(pkg: _Reader) -> dict[str, dict[str, MmcvAssert]]:
+    """[asserts.NAME."VERSION"] or [asserts.NAME.">=0.17,<0.18"]: a range holds for every release in it."""
     asserts: dict[str, dict[str, MmcvAssert]] = {}
     for name in pkg.get("asserts", dict):
+        if not PKG_RE.match(name):
+            raise pkg.sub("asserts").fail(name, "not a package name")
         for ver in pkg.sub("asserts").get(name, dict):
+            check_version_key(pkg.sub("asserts").sub(name), ver)
             r = pkg.sub("asserts").sub(name).sub(ver)
             asserts.setdefault(name, {})[ver] = MmcvAssert(name, ver, _range(r, "mmcv"),
                                                            r.version("layers_clash_from", None))
@@ -722,6 +916,8 @@ def _load_asserts(pkg: _Reader) -> dict[str, dict[str, MmcvAssert]]:
 def _load_flash_attn(pkg: _Reader) -> dict[str, FlashAttn]:
     flash = {}
     for ver in pkg.get("flash_attn", dict):
+        if not is_exact(ver):
+            raise pkg.sub("flash_attn").fail(ver, "not a version")
         r = pkg.sub("flash_attn").sub(ver)
         sass = r.get("sass", dict)
         for arch, nvcc in sass.items():
@@ -736,11 +932,10 @@ def _load_flash_attn(pkg: _Reader) -> dict[str, FlashAttn]:
 
 def _load_era(pkg: _Reader) -> list[EraPin]:
     era = []
-    for i, item in enumerate(pkg.get("era", list)):
-        r = _Reader(pkg.path, item, f"era[{i}].")
+    for r in pkg.rows("era"):
         era.append(EraPin(
             name=r.get("name", str, pattern=PKG_RE),
-            spec=check_spec(r, "spec", r.get("spec", str)),
+            spec=check_spec(r, "spec", r.get("spec", str), unpinned=False),
             why=r.get("why", str),
             torch_max=r.version("torch_max", None),
             when_package=r.get("when_package", str, None, pattern=PKG_RE),
@@ -752,16 +947,18 @@ def _load_era(pkg: _Reader) -> list[EraPin]:
 
 def _load_requires(pkg: _Reader) -> dict[str, tuple[str, ...]]:
     requires = {}
-    if "requires" in pkg.table:
+    if pkg.has("requires"):
         rq = pkg.sub("requires")
-        for name in rq.table:
+        for name in rq.names():
+            if not PKG_RE.match(name):
+                raise rq.fail(name, "not a package name")
             requires[name] = rq.strings(name, PKG_RE)
     return requires
 
 
 def _load_python_floors(pkg: _Reader) -> dict[str, dict[str, str]]:
     python_floors = {}
-    if "python_floor" in pkg.table:
+    if pkg.has("python_floor"):
         fl = pkg.sub("python_floor")
         for name in fl.table:
             if not PKG_RE.match(name):
@@ -776,7 +973,7 @@ def _load_python_floors(pkg: _Reader) -> dict[str, dict[str, str]]:
 
 def _load_collections_abc(pkg: _Reader) -> dict[str, str]:
     """[collections_abc]: package -> the first release that no longer takes ABCs from collections."""
-    if "collections_abc" not in pkg.table:
+    if not pkg.has("collections_abc"):
         return {}
     rows = pkg.sub("collections_abc")
     for name in rows.table:
@@ -788,7 +985,7 @@ def _load_collections_abc(pkg: _Reader) -> dict[str, str]:
 def _load_source_builds(pkg: _Reader, python_floors: dict[str, dict[str, str]]) -> dict[str, SourceBuild]:
     """[source_build]: only for packages with a python_floor (that says when they build from source)."""
     source_builds = {}
-    if "source_build" in pkg.table:
+    if pkg.has("source_build"):
         sb = pkg.sub("source_build")
         for name in sb.table:
             if name not in python_floors:
@@ -838,12 +1035,12 @@ def _load_model(path: Path, torch: dict) -> Model:
     # [data] (the dataset a person needs: documentation only) stays accepted and must be a
     # table, as before, but nothing reads it, so it is not kept.
     doc.get("data", dict, {})
-    construct = _model_construct(doc) if "construct" in doc.table else None
+    construct = _model_construct(doc) if doc.has("construct") else None
     stdlib_modules = _model_stdlib_modules(doc)
     name = m.get("name", str, pattern=NAME_RE)
     if name != path.stem:
         raise m.fail("name", f"must match the file name {path.stem!r}")
-    return Model(
+    model = Model(
         name=name,
         title=m.get("title", str),
         description=m.get("description", str),
@@ -863,6 +1060,8 @@ def _load_model(path: Path, torch: dict) -> Model:
         era_grace_days=m.number("era_grace_days", int, 0, 3650, 30),
         stdlib_modules=stdlib_modules,
     )
+    doc.unread()
+    return model
 
 
 # Modules of Python's standard library that Debian and Ubuntu ship in a package of their own
@@ -872,7 +1071,7 @@ STDLIB_APART = {"tkinter": "tk"}
 
 def _model_stdlib_modules(doc: _Reader) -> dict:
     """[stdlib_modules]: module = "why the model needs it", for modules the OS packs apart."""
-    if "stdlib_modules" not in doc.table:
+    if not doc.has("stdlib_modules"):
         return {}
     section = doc.sub("stdlib_modules")
     out = {}
@@ -898,8 +1097,9 @@ def _model_torch(doc: _Reader, torch: dict) -> tuple[str, str]:
 
 def _model_packages(doc: _Reader, path: Path) -> dict[str, str]:
     packages = {}
-    pk = doc.sub("packages") if "packages" in doc.table else _Reader(path, {}, "packages.")
-    for name, spec in pk.table.items():
+    pk = doc.sub("packages") if doc.has("packages") else _Reader(path, {}, "packages.")
+    for name in pk.names():
+        spec = pk.table[name]
         if not PKG_RE.match(name):
             raise pk.fail(name, "invalid package name")
         if not isinstance(spec, str):
@@ -910,20 +1110,23 @@ def _model_packages(doc: _Reader, path: Path) -> dict[str, str]:
 
 def _model_corrections(doc: _Reader, packages: dict[str, str]) -> dict[str, tuple[str, str]]:
     corrections = {}
-    if "corrections" in doc.table:
+    if doc.has("corrections"):
         cr = doc.sub("corrections")
         for name in cr.table:
             if name.lower() not in packages:
                 raise cr.fail(name, "corrects a package the model does not pin in [packages]")
             row = cr.sub(name)
-            corrections[name.lower()] = (check_spec(row, "version", row.get("version", str)), row.get("why", str))
+            corrections[name.lower()] = (check_spec(row, "version", row.get("version", str), unpinned=False),
+                                         row.get("why", str))
     return corrections
 
 
 def _model_vendored(doc: _Reader) -> dict[str, tuple[str, str]]:
     vendored = {}
-    if "vendored" in doc.table:
+    if doc.has("vendored"):
         for name in doc.get("vendored", dict):
+            if not PKG_RE.match(name):
+                raise doc.sub("vendored").fail(name, "not a package name")
             v = doc.sub("vendored").sub(name)
             vendored[name] = (v.version("version"), v.get("path", str, pattern=RELPATH_RE))
     return vendored
@@ -935,8 +1138,7 @@ SOURCE_OPTIONS = {"-i", "--index-url", "--extra-index-url", "-f", "--find-links"
 
 def _model_extensions(doc: _Reader, path: Path) -> list[Extension]:
     extensions = []
-    for i, item in enumerate(doc.get("extensions", list, [])):
-        e = _Reader(path, item, f"extensions[{i}].")
+    for e in doc.rows("extensions", []):
         ext_path = e.get("path", str, pattern=RELPATH_RE)
         if ".." in ext_path.split("/"):
             raise e.fail("path", "must stay inside the repository")

@@ -94,8 +94,8 @@ BASE_IMAGE = typer.Option(None, "--base-image", help="Base image override (mirro
 RUNTIME_IMAGE = typer.Option(None, "--runtime-image", help="Runtime-stage image override.")
 
 
-def command(*args, **kwargs):
-    """Register a command whose expected errors become one line + exit code."""
+def command(*args, on: typer.Typer | None = None, **kwargs):
+    """Register a command (on app, or on a sub-app) whose expected errors become one line + exit code."""
     def wrap(fn):
         @functools.wraps(fn)
         def inner(*a, **kw):
@@ -125,7 +125,7 @@ def command(*args, **kwargs):
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(130)
-        return app.command(*args, cls=_Command, **kwargs)(inner)
+        return (on or app).command(*args, cls=_Command, **kwargs)(inner)
     return wrap
 
 
@@ -159,6 +159,19 @@ def models(json_: bool = JSON):
 def cards(json_: bool = JSON):
     """List the GPU cards in the catalog."""
     show.catalog_cards(catalog.load(), as_json=json_)
+
+
+catalog_app = typer.Typer(help="Check a user catalog before using it.", no_args_is_help=True, cls=_Group)
+app.add_typer(catalog_app, name="catalog")
+
+
+@command("check", on=catalog_app)
+def catalog_check(folder: Optional[Path] = typer.Argument(None, parser=_path, help="User catalog folder "
+                                                          "(default: ENVBUILD_MATRICES or catalog_dir)."),
+                  json_: bool = JSON):
+    """Validate a user catalog on top of the built-in one: a summary, or its first mistake (exit 2)."""
+    result = catalog.check(folder)
+    show.emit_json(result) if json_ else show.line(result["summary"])
 
 
 @command()

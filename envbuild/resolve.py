@@ -400,7 +400,7 @@ def _mmcv_asserts(c: _Candidate) -> str | None:
     mmcv_pin = next((p for p in c.pins if c.blocks.get(p.name) is mmcv), None)
     asserting, installed = [], []
     for name in sorted(set(c.model.packages) | set(c.model.vendored)):
-        facts = c.cat.asserts.get(name, {}).get(c.model.pinned(name) or "")
+        facts = c.cat.assert_facts(name, c.model.pinned(name))
         if not (facts and mmcv_pin and V(mmcv_pin.version) > V(facts.mmcv[1])):
             continue
         if c.strict:
@@ -419,7 +419,7 @@ def _mmcv_layer_clash(c: _Candidate, mmcv_pin: Pin | None) -> list[Fixer]:
     """Packages that register layers the port's mmcv-full registers too: their registration forced."""
     clashing, installed = [], []
     for name in sorted(set(c.model.packages) | set(c.model.vendored)):
-        facts = c.cat.asserts.get(name, {}).get(c.model.pinned(name) or "")
+        facts = c.cat.assert_facts(name, c.model.pinned(name))
         since = facts and facts.layers_clash_from
         if since and mmcv_pin and V(mmcv_pin.version) >= V(since):
             clashing.append(f"{name} {facts.version}")

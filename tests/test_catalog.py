@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from envbuild import catalog
@@ -207,3 +209,135 @@ def test_a_measured_pypi_build_needs_no_wheel_archs_entry(matrices_copy):
     cat = catalog.load(matrices_copy)
     assert cat.wheel_code(cat.torch["2.7.1"], "12.7") == (("9.0",), ("9.0",))
     assert cat.wheel_code(cat.torch["2.7.1"], "12.8") == (cat.wheel_archs["12.8"], ())
+
+
+@pytest.mark.parametrize("file,old,new,key,hint", [
+    ("models/maptr.toml", 'name = "maptr"\n', 'name = "maptr"\nerra = "2022-06-01"\n', "model.erra", "did you mean 'era'"),
+    ("models/maptr.toml", "[stdlib_modules]", "[stdlib_module]", "stdlib_module", "did you mean 'stdlib_modules'"),
+    ("models/maptr.toml", "[corrections.numpy]", "[correction.numpy]", "correction", "did you mean 'corrections'"),
+    ("models/maptr.toml", "[vendored.mmdet3d]\n", "[vendored.mmdet3d]\nbuild = \"x\"\n", "vendored.mmdet3d.build", "unknown key"),
+    ("cards.toml", 'cc = "8.0"', 'cc = "8.0"\nmemory = 80', "cards.a30.memory", "did you mean 'memory_gb'"),
+    ("toolchains/cuda.toml", "max_gcc = 10", "max_gcc = 10\nmax_gc = 11", "cuda.11.1.max_gc", "did you mean 'max_gcc'"),
+    ("toolchains/torch.toml", '[torch."2.7.1"]\n', '[torch."2.7.1"]\ntorchvison = "0.22.1"\n', "torch.2.7.1.torchvison",
+     "did you mean 'torchvision'"),
+    ("toolchains/packages.toml", '[asserts.mmdet."2.14.0"]', '[assert.mmdet."2.14.0"]', "assert", "did you mean 'asserts'"),
+    ("toolchains/packages.toml", 'torch_max = "2.3"\nalways', 'torch_max = "2.3"\nwhn_package = "x"\nalways', "era[0].whn_package",
+     "did you mean 'when_package'"),
+])
+def test_unknown_keys_and_tables_are_refused_with_the_closest_known_name(matrices_copy, file, old, new, key, hint):
+    _edit(matrices_copy / file, old, new)
+    with pytest.raises(CatalogError) as exc:
+        catalog.load(matrices_copy)
+    msg = exc.value.message
+    assert file.split("/")[-1] in msg and f"{key}: unknown" in msg and hint in msg, msg
+    assert "\n" not in msg
+
+
+@pytest.mark.parametrize("file,old,new,key,reason", [
+    ("models/maptr.toml", 'version = "1.23.5"', 'version = "*"', "corrections.numpy.version", "not a version or specifier"),
+    ("models/maptr.toml", '"mmcv-full" = "1.4.0"', '"mmcv-full" = ""', "packages.mmcv-full", "not a version or specifier"),
+    ("toolchains/packages.toml", 'spec = "<2"', 'spec = "*"', "era[0].spec", "not a version or specifier"),
+    ("toolchains/packages.toml", '[asserts.mmdet."2.14.0"]', '[asserts.mmdet."2.14.x"]', "asserts.mmdet.2.14.x", "range of versions"),
+    ("toolchains/packages.toml", '[compiled.mmcv-full."1.6.2"]', '[compiled.mmcv-full."latest"]', "compiled.mmcv-full.latest",
+     "not a version"),
+    ("toolchains/packages.toml", '[flash_attn."2.6.3"]', '[flash_attn."2.6.x"]', "flash_attn.2.6.x", "not a version"),
+    ("toolchains/packages.toml", 'series = "mmcv1"\ntorch = ["1.5", "2.0"]\ncxx = 14', 'series = "mmcv1"\ntorch = ["1.5", "2.0"]\ncxx = 15',
+     "compiled.mmcv-full.1.6.2.cxx", "not a C++ standard"),
+    ("toolchains/torch.toml", '[torch."2.7.1"]', '[torch."2.7.x"]', "torch.2.7.x", "not a version"),
+])
+def test_every_spec_key_and_enum_is_validated_at_load(matrices_copy, file, old, new, key, reason):
+    """A correction of "*" loaded, then a Python port of the model died in the resolver with
+    InvalidSpecifier; a bad version key died sorting releases. Now: one line at load."""
+    _edit(matrices_copy / file, old, new)
+    with pytest.raises(CatalogError) as exc:
+        catalog.load(matrices_copy)
+    msg = exc.value.message
+    assert file.split("/")[-1] in msg and key in msg and reason in msg, msg
+
+
+def test_facts_keyed_by_a_version_range_cover_every_release_in_it(matrices_copy):
+    """A rule for mmdet3d >=0.17,<0.18 covers the 0.17.1 a BEVFormer entry vendors, as the exact
+    0.17.2 key did for MapTR: the H20 port gets the mmcv assert and layer-clash fixers."""
+    from envbuild.resolve import resolve
+    _edit(matrices_copy / "toolchains" / "packages.toml", '[asserts.mmdet3d."0.17.2"]', '[asserts.mmdet3d.">=0.17,<0.18"]')
+    _edit(matrices_copy / "models" / "maptr.toml", '[vendored.mmdet3d]\nversion = "0.17.2"', '[vendored.mmdet3d]\nversion = "0.17.1"')
+    cat = catalog.load(matrices_copy)
+    facts = cat.assert_facts("mmdet3d", "0.17.1")
+    assert facts.version == "0.17.1" and facts.layers_clash_from == "1.4.6"
+    assert cat.assert_facts("mmdet3d", "0.18.0") is None and cat.assert_facts("mmdet", "2.14.0").mmcv == ("1.3.8", "1.4.0")
+    plan = resolve(cat, "maptr", "h20")
+    fixers = {f.name: f for f in plan.fixers}
+    assert {"mmcv-version-assert", "mmcv-layer-clash"} <= set(fixers)
+    assert "mmdet3d 0.17.1" in fixers["mmcv-version-assert"].why and "mmdet3d 0.17.1" in fixers["mmcv-layer-clash"].why
+
+
+USER_PACKAGES = '''
+[asserts.mmdet3d.">=0.17,<0.17.2"]
+mmcv = ["1.3.8", "1.4.0"]
+layers_clash_from = "1.4.6"
+
+[compiled.mmcv-full."1.7.2"]
+notes = "overridden here"
+
+[[era]]
+name = "yapf"
+spec = "==0.40.0"
+when_package = "mmcv-full"
+why = "a test"
+
+[collections_abc]
+networkx = "2.4"
+'''
+
+
+def test_a_user_toolchains_file_merges_into_the_built_in_one_per_key(tmp_path, cat):
+    user = tmp_path / "user"
+    (user / "toolchains").mkdir(parents=True)
+    packages = user / "toolchains" / "packages.toml"
+    packages.write_text(USER_PACKAGES)
+    merged = catalog.load(user)
+    assert merged.compiled["mmcv-full"]["1.7.2"].notes == "overridden here"
+    assert merged.compiled["mmcv-full"]["1.7.2"].series == "mmcv1" and merged.compiled["mmcv-full"]["1.7.2"].cxx == 17
+    assert set(merged.compiled) == set(cat.compiled) and merged.flash_attn == cat.flash_attn and merged.torch == cat.torch
+    assert merged.assert_facts("mmdet3d", "0.17.1").mmcv == ("1.3.8", "1.4.0")
+    assert merged.assert_facts("mmdet3d", "0.17.2") == cat.assert_facts("mmdet3d", "0.17.2")
+    assert [e.name for e in merged.era] == [e.name for e in cat.era]
+    assert next(e for e in merged.era if e.name == "yapf").spec == "==0.40.0"
+    assert merged.collections_abc == {**cat.collections_abc, "networkx": "2.4"}
+    # a mistake in the user's file names the user's file
+    for text, says in (('notes = "overridden here"', 'notse = "x"'), ('notes = "overridden here"', "cxx = 15")):
+        packages.write_text(USER_PACKAGES.replace(*(text, says)))
+        with pytest.raises(CatalogError) as exc:
+            catalog.load(user)
+        assert "user/toolchains/packages.toml: compiled.mmcv-full.1.7.2." in exc.value.message, exc.value.message
+    packages.write_text('[flash_attn."2.6.3"]\nmin_nvcc = "bad"\n')
+    with pytest.raises(CatalogError, match=r"user/toolchains/packages\.toml: flash_attn\.2\.6\.3\.min_nvcc"):
+        catalog.load(user)
+
+
+def test_catalog_check_validates_a_user_catalog(tmp_path):
+    import subprocess
+    import sys
+
+    def check(*args):
+        return subprocess.run([sys.executable, "-m", "envbuild.cli", "catalog", "check", *args],
+                              capture_output=True, text=True, timeout=120)
+    user = tmp_path / "user"
+    (user / "toolchains").mkdir(parents=True)
+    (user / "toolchains" / "packages.toml").write_text(USER_PACKAGES)
+    (user / "cards.toml").write_text('[cards.rtx6000ada]\nname = "NVIDIA RTX 6000 Ada"\ncc = "8.9"\nmemory_gb = 48\np2p = true\n')
+    r = check(str(user))
+    assert r.returncode == 0 and len(r.stdout.strip().splitlines()) == 1, (r.stdout, r.stderr)
+    assert "catalog OK" in r.stdout and "(1 from it)" in r.stdout and "toolchains merged: packages.toml" in r.stdout
+    data = json.loads(check(str(user), "--json").stdout)
+    assert data["user_cards"] == ["rtx6000ada"] and data["toolchains"] == ["packages.toml"]
+    (user / "cards.toml").write_text('[cards.rtx6000ada]\nname = "x"\ncc = "8.9"\nmemory_gb = 48\np2p = true\nalias = ["a"]\n')
+    r = check(str(user))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "cards.rtx6000ada.alias: unknown key (did you mean 'aliases'?)" in r.stderr, r.stderr
+    (user / "cards.toml").unlink()
+    (user / "model").mkdir()
+    (user / "model" / "bevformer.toml").write_text("")
+    r = check(str(user))
+    assert r.returncode == 2 and "model/bevformer.toml" in r.stderr and "did you mean models/bevformer.toml" in r.stderr, r.stderr
+    assert check(str(tmp_path / "nowhere")).returncode == 2
