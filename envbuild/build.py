@@ -163,8 +163,14 @@ def _run(cli, cmd, log_path: Path, echo, time_limit: float | None = None) -> tup
         watchdog = threading.Timer(start_wait, lambda: None if started.is_set() else (silent.set(), proc.kill()))
         watchdog.daemon = True
         watchdog.start()
+        # Once started, a daemon that stalls mid-build leaves the CLI silent too. Compiles print
+        # (ninja's [k/n], pip -v), so silence past the bound means nobody is building.
+        last, quiet, done = [time.monotonic()], threading.Event(), threading.Event()
+        bound = silence_bound()
+        threading.Thread(target=_silence_watch, args=(proc, last, bound, quiet, done), daemon=True).start()
         try:
             for line in proc.stdout:
+                last[0] = time.monotonic()
                 if line.startswith("#"):  # a BuildKit step: the daemon took the build
                     started.set()
                 line = creds.redact(line)  # what the build printed is kept and shown without a password
@@ -178,14 +184,37 @@ def _run(cli, cmd, log_path: Path, echo, time_limit: float | None = None) -> tup
             raise
         finally:
             watchdog.cancel()
+            done.set()
             if timer:
                 timer.cancel()
     if silent.is_set():
         raise engine.stalled("the build (docker build printed nothing)", start_wait)
+    if quiet.is_set():
+        raise OperationFailed(f"the build printed nothing for {bound:g} s while running: {still_running(lines)}; the "
+                              f"Docker daemon at {engine.host()} may have stopped answering",
+                              f"{engine.HINT}; a step that is only slow and silent: raise {SILENCE_ENV}",
+                              log=str(log_path))
     if limit_hit.is_set() and rc != 0:
         raise OperationFailed(f"build stopped at its time limit ({time_limit:.0f} s) while running: "
                               + still_running(lines), log=str(log_path))
     return rc, lines
+
+
+SILENCE_ENV = "ENVBUILD_BUILD_SILENCE"
+SILENCE = 3600.0  # seconds a started build may print nothing before it counts as stalled
+
+
+def silence_bound() -> float:
+    return engine._seconds(SILENCE_ENV, SILENCE)
+
+
+def _silence_watch(proc, last: list, bound: float, quiet: threading.Event, done: threading.Event) -> None:
+    """Stop the build client when it has printed nothing for `bound` seconds (BuildKit cancels)."""
+    while not done.wait(min(5.0, bound / 4)):
+        if time.monotonic() - last[0] > bound:
+            quiet.set()
+            _stop(proc)
+            return
 
 
 def still_running(lines) -> str:

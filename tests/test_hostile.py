@@ -684,3 +684,21 @@ def test_an_empty_or_binary_ca_bundle_is_refused(tmp_path, data):
     r = envbuild("render", "maptr", "--card", "h20", "-o", tmp_path / "out", env={"ENVBUILD_CA_BUNDLE": str(bundle)})
     one_clear_line(r, "no PEM certificate")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_build_that_goes_silent_midway_is_stopped_and_names_the_daemon(tmp_path, monkeypatch):
+    """A daemon that took the build and then stalls: the client prints nothing more. Past
+    ENVBUILD_BUILD_SILENCE seconds the build is stopped and the step it was in is named."""
+    import sys
+    import time
+    from envbuild import build, engine
+    from envbuild.errors import OperationFailed
+    monkeypatch.setenv("ENVBUILD_BUILD_SILENCE", "2")
+    cli = engine.Cli(sys.executable, "20.10.24", "builtin")
+    cmd = [sys.executable, "-c", "import time; print('#7 [wheel-mmcv 2/2] RUN pip wheel .', flush=True); time.sleep(600)"]
+    t0 = time.monotonic()
+    with pytest.raises(OperationFailed) as exc:
+        build._run(cli, cmd, tmp_path / "build.log", None)
+    assert time.monotonic() - t0 < 60
+    assert "printed nothing for 2 s" in exc.value.message and "[wheel-mmcv 2/2]" in exc.value.message
+    assert engine.host() in exc.value.message and "ENVBUILD_BUILD_SILENCE" in exc.value.hint
