@@ -24,13 +24,15 @@ WHEEL_STEP = re.compile(r"^\[(wheel-[a-z0-9._-]+) \d+/\d+\] RUN ")
 
 
 def wheel_stages(record: dict) -> dict:
-    """{stage: seconds} of the compiled wheel stages a record measured (its own run or the one the
-    cache served it from), the RUN that compiles."""
+    """{(stage, version): seconds} of the compiled wheel stages a record measured (its own run or
+    the one the cache served it from), the RUN that compiles; the version from its requirement."""
     out = {}
     for step in record.get("stages") or []:
         m = WHEEL_STEP.match(step["step"])
-        if m and step.get("seconds"):
-            out[m.group(1)] = max(out.get(m.group(1), 0), step["seconds"])
+        version = re.search(r"[A-Za-z0-9._-]==([0-9][0-9A-Za-z.+!]*)", step["step"])
+        if m and version and step.get("seconds"):
+            key = (m.group(1), version.group(1))
+            out[key] = max(out.get(key, 0), step["seconds"])
     return out
 
 
@@ -48,13 +50,14 @@ def main() -> int:
         if record.get("verdict") != "verified":
             continue
         plan = record.get("plan") or {}
-        for stage, seconds in wheel_stages(record).items():
-            rows.append({"record": path.name, "stage": stage, "seconds": seconds, "archs": archs(cat, record),
-                         "torch": record["request"].get("torch") or (plan.get("torch") or {}).get("version"),
-                         "cuda": record["request"].get("cuda")})
+        for (stage, version), seconds in wheel_stages(record).items():
+            rows.append({"record": path.name, "stage": stage, "version": version, "seconds": seconds,
+                         "archs": archs(cat, record), "torch": plan.get("torch"),  # the record's summary
+                         "cuda": plan.get("cuda") or record["request"].get("cuda")})
     pairs = []
     for one in (r for r in rows if len(r["archs"]) == 1):
-        for two in (r for r in rows if len(r["archs"]) == 2 and r["stage"] == one["stage"]):
+        for two in (r for r in rows if len(r["archs"]) == 2
+                    and (r["stage"], r["version"]) == (one["stage"], one["version"])):
             pairs.append({"stage": one["stage"], "one_arch": one, "two_archs": two,
                           "ratio_two_to_one": round(two["seconds"] / one["seconds"], 2),
                           "same_toolchain": (one["cuda"], one["torch"]) == (two["cuda"], two["torch"])})

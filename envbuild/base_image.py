@@ -56,11 +56,11 @@ def recipes(path: Path | None = None) -> dict[str, Recipe]:
     """toolchains/bases.toml, validated like every catalog file."""
     path = path or builtin_root() / "toolchains" / "bases.toml"
     doc = _Reader(path, _load_toml(path), "")
-    out = {}
-    for cuda in doc.get("base", dict):
+    out, bases = {}, doc.sub("base")
+    for cuda in bases.names():
         if not CUDA_RE.match(cuda):
             raise doc.fail(f"base.{cuda}", "not a CUDA X.Y version")
-        r = doc.sub("base").sub(cuda)
+        r = bases.sub(cuda)
         source = r.get("source", str, pattern=re.compile(r"^(debian|pypi)$"))
         suite = r.get("suite", str, pattern=re.compile("^(" + "|".join(SUITES) + ")$"))
         if source == "debian":
@@ -69,6 +69,7 @@ def recipes(path: Path | None = None) -> dict[str, Recipe]:
         else:
             out[cuda] = Recipe(cuda, source, suite, toolkit=r.version("toolkit"),
                                extras=r.strings("extras", NAME_RE), cuobjdump=r.version("cuobjdump"))
+    doc.unread()  # a misspelled key is an error, not a default
     return out
 
 
@@ -212,6 +213,19 @@ def reachable(registry: str, timeout: float = 5.0) -> bool:
     except (OSError, ValueError):
         return False
     return True
+
+
+def daemon_pulls_elsewhere(registry: str) -> bool:
+    """Whether the daemon reaches Docker Hub another way than this host does: its registry mirrors
+    or its own proxy (common where Docker Hub is blocked). Then its pull is worth trying."""
+    if registry != "registry-1.docker.io":
+        return False
+    try:
+        info = engine.client().info()
+    except Exception:  # no answer: the build will say so; this question only decides the base
+        return False
+    mirrors = (info.get("RegistryConfig") or {}).get("Mirrors") or []
+    return bool(mirrors or info.get("HttpsProxy") or info.get("HttpProxy"))
 
 
 def have_image(ref: str) -> bool:

@@ -516,9 +516,15 @@ class TorchLoadWeightsOnly(Fixer):
                 continue  # said already, maybe through **kwargs; or passed positionally (pickle_module, ...)
             if any(isinstance(a, ast.Starred) for a in node.args) or not (node.args or node.keywords):
                 continue
-            # right after the last argument (keyword nodes have no position on Python 3.8: their value's)
-            last = max((src.span(a)[1] for a in node.args + [k.value for k in node.keywords]))
-            edits.append((last, last, ", weights_only=False"))
+            if len(node.args) == 1 and not node.keywords and isinstance(node.args[0], ast.GeneratorExp):
+                continue  # a bare generator argument cannot take a keyword beside it
+            # right after the last argument and any parentheses of its own (keyword nodes have no
+            # position on Python 3.8: their value's), inside the call's parentheses
+            lo = text.index("(", src.span(node.func)[1])
+            hi = src.span(node)[1]
+            last = max((src.span(a) for a in node.args + [k.value for k in node.keywords]), key=lambda s: s[1])
+            end = _widen(text, last, lo, hi)[1]
+            edits.append((end, end, ", weights_only=False"))
         return _edit(text, edits)
 
     @staticmethod
@@ -538,7 +544,8 @@ class TorchLoadWeightsOnly(Fixer):
         names = set()
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
-                names.update((a.asname or a.name) + ".load" for a in node.names if a.name == "torch")
+                names.update((a.asname + ".load") if a.asname else "torch.load" for a in node.names
+                             if a.name == "torch" or (a.name.startswith("torch.") and not a.asname))
             elif isinstance(node, ast.ImportFrom) and node.module == "torch" and not node.level:
                 names.update(a.asname or a.name for a in node.names if a.name == "load")
         return names

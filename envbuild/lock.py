@@ -141,7 +141,7 @@ def lock(context: Path, ca_bundle: str | None = None, echo=None, index_auth: str
         excerpt = "\n".join(build_stage.failure_excerpt(errors.strip().splitlines()))
         raise OperationFailed(f"pip-compile failed inside the image's Python:\n{excerpt}", log=str(log))
     blocks = split_blocks(output)
-    missing = [n for n in TORCH_TRIO[:2] if n not in blocks]  # torchaudio: none pairs with torch >= 2.10
+    missing = [n for n in TORCH_TRIO[:2] if n not in blocks]  # torchaudio: a torch may have none paired
     if missing:
         raise OperationFailed(f"the lock has no {', '.join(missing)}: is requirements.in from envbuild render?")
     header = HEADER + input_digest(req)

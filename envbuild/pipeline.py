@@ -274,7 +274,7 @@ def offline_base(req: Request, plan: Plan, progress: Progress = QUIET) -> Reques
     if req.base_image or base_image.have_image(plan.base_image):
         return req
     registry = base_image.registry_of(plan.base_image)
-    if base_image.reachable(registry):
+    if base_image.reachable(registry) or base_image.daemon_pulls_elsewhere(registry):
         return req
     cuda = ".".join(plan.cuda.split(".")[:2])
     made = base_image.find_base(cuda)

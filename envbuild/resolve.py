@@ -575,7 +575,7 @@ def _torch_pins(c: _Candidate) -> dict:
                            upstream.torchvision + up_local, source),
         "torchaudio": Pin("torchaudio", rel.torchaudio,
                           f"pairs with torch {rel.version}" if rel.torchaudio else
-                          f"no torchaudio release pairs with torch {rel.version} (its last is 2.9): not installed",
+                          f"no torchaudio release pairs with torch {rel.version}: not installed",
                           upstream.torchaudio, source),
     }
 
@@ -606,8 +606,9 @@ def _torch_why(c: _Candidate) -> str:
     model, rel, cu = c.model, c.stack.torch, c.stack.cuda
     sass, ptx = c.cat.wheel_code(c.cat.torch[model.torch], model.cuda)
     if runs_on(sass, c.card.cc, ptx) is None:
+        asked = f" built with the requested CUDA {c.toolkit_req.version}" if c.toolkit_req else ""
         return (f"torch {model.torch}+cu{model.cuda.replace('.', '')} has no code for {c.card.cc}; "
-                f"{rel.version}+cu{cu.replace('.', '')} is the smallest upgrade that has")
+                f"{rel.version}+cu{cu.replace('.', '')} is the smallest upgrade{asked} that has")
     stopped = _upstream_stopped(c)
     if stopped is None:  # upstream's torch would do on this card: another card of the image needs more
         return UPGRADE_WHY

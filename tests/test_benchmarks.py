@@ -50,3 +50,28 @@ def test_a_result_records_when_where_and_how_it_was_measured(tmp_path, monkeypat
 def test_a_readme_without_the_markers_is_refused():
     with pytest.raises(SystemExit, match="no <!-- measured"):
         results.readme_with_table("# README\n")
+
+
+def test_bench_archs_pairs_one_package_version_across_arch_counts(tmp_path, monkeypatch):
+    """Only the same package at the same version is compared; each side keeps its toolchain."""
+    import json
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import bench_archs
+
+    def record(card, version, seconds, cuda):
+        step = f"[wheel-mmcv 2/2] RUN mkdir -p /src && pip download mmcv=={version} && pip wheel ."
+        return {"verdict": "verified", "request": {"card": card}, "plan": {"torch": "2.11.0", "cuda": cuda},
+                "stages": [{"step": step, "seconds": seconds}]}
+    folder = tmp_path / "verified"
+    folder.mkdir()
+    for name, rec in {"a.json": record("a800", "2.0.1", 1200.0, "11.8.0"), "b.json": record("h20,b200", "2.0.1", 2600.0, "13.0.2"),
+                      "c.json": record("h20,b200", "2.2.0", 100.0, "13.0.2")}.items():
+        (folder / name).write_text(json.dumps(rec))
+    monkeypatch.setattr(bench_archs.ledger, "folders", lambda: [folder])
+    written = {}
+    monkeypatch.setattr(bench_archs.results, "write", lambda name, data: written.update(data))
+    assert bench_archs.main() == 0
+    (pair,) = written["pairs"]
+    assert pair["one_arch"]["version"] == pair["two_archs"]["version"] == "2.0.1"
+    assert pair["ratio_two_to_one"] == round(2600 / 1200, 2) and pair["same_toolchain"] is False

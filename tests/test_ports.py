@@ -60,7 +60,7 @@ def test_the_newest_portable_release_of_the_series_is_ported(cat):
         "3.0.0": Compiled("mmcv", "3.0.0", "mmcv3", ("2.0", "2.5"), 17, "another series", ("cxx-standard",)),
     })
     pin = packages.block_for(cat2, "mmcv").choose(_target(cat2), "mmcv", "2.0.1", None)
-    assert pin.version == "2.2.0" and "newest of its series" in pin.why
+    assert pin.version == "2.2.0" and "newest portable release of its series" in pin.why
 
 
 def test_without_a_port_the_reason_says_so(cat):
@@ -111,8 +111,11 @@ def test_a_ported_torch_moves_the_era_cutoff_to_its_release(cat):
     rel = cat.torch[plan.torch.version.split("+")[0]]
     assert rel.released and plan.index_cutoff > rel.released
     assert rel.version in plan.index_cutoff_why
+    assert "requested CUDA 13.0" in plan.torch.why  # --cuda excluded the smaller upgrades, and it says so
     upstream = resolve(cat, "gaussianformer", "a800")  # torch 2.0.0: the model's own era
     assert upstream.index_cutoff < "2025-06-01"
+    maptr = resolve(cat, "maptr", "b200")  # torch 2.7.1 (2025) for a 2023 model: its deps as of 2025
+    assert maptr.index_cutoff > cat.torch[maptr.torch.version.split("+")[0]].released > "2025"
 
 
 def test_torch_without_a_torchaudio_is_installed_without_one(cat):
@@ -158,6 +161,17 @@ def test_base_recipes_render_a_dockerfile_per_toolkit_source():
     assert base_image.recipe_for("13.0").tag == "envbuild/cuda:13.0-devel-debian12"
 
 
+def test_a_misspelled_key_in_bases_toml_is_refused(tmp_path):
+    from envbuild.errors import CatalogError
+    path = tmp_path / "bases.toml"
+    path.write_text('[base."13.0"]\nsource = "pypi"\nsuite = "bookworm"\ntoolkit = "13.0.2"\nextra = ["nvcc"]\n'
+                    'extras = ["nvcc"]\ncuobjdump = "13.5.37"\n')
+    with pytest.raises(CatalogError, match="extra: unknown key"):
+        base_image.recipes(path)
+    path.write_text(path.read_text().replace('extra = ["nvcc"]\n', ""))
+    assert base_image.recipes(path)["13.0"].extras == ("nvcc",)
+
+
 def test_base_refuses_bad_input_with_one_line():
     with pytest.raises(BadInput, match="unknown offline base CUDA '12.2'"):
         base_image.recipe_for("12.2")
@@ -177,6 +191,7 @@ def offline(monkeypatch):
     """A machine without the Plan's nvidia/cuda image and without Docker Hub; which bases exist is set per test."""
     monkeypatch.setattr(base_image, "have_image", lambda ref: False)
     monkeypatch.setattr(base_image, "reachable", lambda registry: False)
+    monkeypatch.setattr(base_image, "daemon_pulls_elsewhere", lambda registry: False)
     made = {}
     monkeypatch.setattr(base_image, "find_base", lambda cuda: made.get(cuda))
     return made
@@ -208,6 +223,19 @@ def test_a_given_base_image_or_a_reachable_hub_is_left_alone(offline, monkeypatc
     monkeypatch.setattr(base_image, "reachable", lambda registry: registry == "registry-1.docker.io")
     req = pipeline.Request(model="qcnet", card="a800")
     assert pipeline.offline_base(req, pipeline.plan_for(req)[0]) is req
+    # the host cannot reach Docker Hub, but the daemon pulls through a mirror: its pull is tried
+    monkeypatch.setattr(base_image, "reachable", lambda registry: False)
+    monkeypatch.setattr(base_image, "daemon_pulls_elsewhere", lambda registry: True)
+    assert pipeline.offline_base(req, pipeline.plan_for(req)[0]) is req
+
+
+@pytest.mark.parametrize("info, pulls", [({"RegistryConfig": {"Mirrors": ["https://mirror.corp/"]}}, True),
+                                         ({"HttpsProxy": "http://proxy.corp:3128"}, True),
+                                         ({"RegistryConfig": {"Mirrors": []}}, False)])
+def test_a_daemon_with_a_mirror_or_proxy_is_asked_to_pull(monkeypatch, info, pulls):
+    monkeypatch.setattr(base_image.engine, "client", lambda: type("C", (), {"info": lambda self: info})())
+    assert base_image.daemon_pulls_elsewhere("registry-1.docker.io") is pulls
+    assert base_image.daemon_pulls_elsewhere("mirror.local:5000") is False  # not Docker Hub: the host's answer stands
     assert base_image.registry_of("nvidia/cuda:12.8.1-devel") == "registry-1.docker.io"
     assert base_image.registry_of("mirror.local:5000/nvidia/cuda:12.8.1-devel") == "mirror.local:5000"
 
@@ -223,6 +251,11 @@ def test_a_given_base_image_or_a_reachable_hub_is_left_alone(offline, monkeypatc
     ("from torch import load\nstate = load(\n    f,  # the file\n)\n",
      "from torch import load\nstate = load(\n    f, weights_only=False,  # the file\n)\n"),
     ("import torch\r\nz = torch.load(f)\r\n", "import torch\r\nz = torch.load(f, weights_only=False)\r\n"),
+    # an argument in parentheses of its own: the keyword goes after them, not inside
+    ("import torch\nx = torch.load((f), map_location=('cpu'))\n",
+     "import torch\nx = torch.load((f), map_location=('cpu'), weights_only=False)\n"),
+    ("import torch.nn\nx = torch.load(io.BytesIO(torch.load(f)))\n",
+     "import torch.nn\nx = torch.load(io.BytesIO(torch.load(f, weights_only=False)), weights_only=False)\n"),
 ])
 def test_torch_load_gets_the_weights_only_old_torch_had(before, after):
     fx = fixers.make("torch-load-weights-only")
@@ -235,6 +268,7 @@ def test_torch_load_gets_the_weights_only_old_torch_had(before, after):
     "import numpy as np\nnp.load(f)\n",  # not torch's
     "def load(x):\n    pass\nload(1)\n",  # the file's own load
     "import torch\nz = torch.load(f, None, pickle, True)\n",  # positional beyond the map_location
+    "import torch\nz = torch.load(p for p in ps)\n",  # a bare generator takes no keyword beside it
 ])
 def test_torch_load_calls_that_say_it_or_are_not_torchs_are_left_alone(source):
     assert fixers.make("torch-load-weights-only").fixed("m.py", source) == source
@@ -307,3 +341,12 @@ def test_base_dry_run_prints_what_it_would_build_without_docker(tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("envbuild/cuda:13.0-devel-debian12") and "FROM envbuild/debian:12 AS cuda" in r.stdout
     assert "b200" in r.stdout.splitlines()[1]
+
+
+def test_set_to_a_release_past_its_range_is_ported_like_the_resolvers_choice(cat):
+    plan = resolve(cat, "maptr", "b200", overrides={"mmcv-full": "1.7.2"})
+    pin = plan.pin("mmcv-full")
+    assert pin.version == "1.7.2" and pin.source == "override" and "ported" in pin.why
+    assert [f["name"] for f in plan.native_packages["mmcv-full"]["sdist_fixers"]] == ["cxx-standard"]
+    with pytest.raises(rs.Conflict, match="--set"):
+        resolve(cat, "maptr", "b200", overrides={"mmcv-full": "1.6.2"})  # no port known for it

@@ -123,8 +123,10 @@ def test_overrides(cat):
     p = resolve(cat, "sparsedrive", "a100", overrides={"mmcv-full": "1.7.2"})
     pin = p.pin("mmcv-full")
     assert pin.version == "1.7.2" and pin.source == "override" and p.mode == "port"
-    with pytest.raises(Conflict, match="--set"):
-        resolve(cat, "maptr", "h20", overrides={"mmcv-full": "1.4.0"})
+    with pytest.raises(Conflict, match="--set"):  # past its torch range, and no port known for it
+        resolve(cat, "maptr", "h20", overrides={"mmcv-full": "1.6.2"})
+    ported = resolve(cat, "maptr", "h20", overrides={"mmcv-full": "1.4.0"})  # THC: its sdist is ported
+    assert [f["name"] for f in ported.native_packages["mmcv-full"]["sdist_fixers"]] == ["thc-to-aten", "cxx-standard"]
 
 
 def test_bad_override_is_bad_input():

@@ -429,6 +429,11 @@ def test_env_fails_a_package_that_is_not_at_its_locked_version(tmp_path, monkeyp
     assert out["status"] == "failed" and [(p["name"], p["problems"]) for p in bad] == [("mmcv", ["version 0.9, expected 1.0"])]
     installed["mmcv"] = "1.0"
     assert env_level.level_env(plan, Args)["status"] == "passed"
+    # a torch no torchaudio pairs with: the Plan says "" and none is installed, which is no failure
+    del installed["torchaudio"]
+    plan["torchaudio"]["version"] = ""
+    out = env_level.level_env(plan, Args)
+    assert out["status"] == "passed" and "torchaudio" not in [p["name"] for p in out["packages"]]
 
 
 def test_ptx_newer_than_the_card_is_judged_not_runnable_by_the_audit_and_the_arch_level(monkeypatch):

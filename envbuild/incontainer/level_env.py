@@ -166,8 +166,9 @@ def transitive_modules(dist_names):
 def level_env(plan, args):
     lock = locked_versions(args.lock)
     packages = []
-    wanted = [("torch", plan["torch"]["version"]), ("torchvision", plan["torchvision"]["version"]),
-              ("torchaudio", plan["torchaudio"]["version"])]
+    wanted = [("torch", plan["torch"]["version"]), ("torchvision", plan["torchvision"]["version"])]
+    if plan["torchaudio"]["version"]:  # "": no torchaudio pairs with this torch, none is installed
+        wanted.append(("torchaudio", plan["torchaudio"]["version"]))
     wanted += [(p["name"], p["version"]) for p in plan["packages"]]
     failed = 0
     for name, pin in wanted:

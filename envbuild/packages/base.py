@@ -115,6 +115,9 @@ class CatalogCompiled(Block):
         if forced:
             facts = known.get(forced)
             if facts and not facts.builds_with(rel.version):
+                if facts.port and not target.strict:  # its sdist is ported, as the resolver would
+                    return Pin(name, forced, f"set with --set; {name} {forced} is ported: its sdist gets the fixers "
+                               f"{', '.join(facts.port)} before it is compiled", upstream, "override")
                 return f"{name} {forced} (--set) builds only with torch [{facts.torch[0]}, {facts.torch[1]}): {facts.notes}"
             return Pin(name, forced, "set with --set", upstream, "override")
         if upstream is None:  # unpinned upstream: the newest known release that builds with this torch
@@ -143,10 +146,11 @@ class CatalogCompiled(Block):
             return f"{chain}; no later {name} of the same series builds with torch {rel.version}, and none has a port"
         # The newest release of the series is the one closest to this torch: fewest breaks to port.
         best = ported[-1]
-        moved = "" if best.version == upstream else f"{best.version} (the newest of its series, closest to it) "
+        which = "" if best.version == upstream else " (the newest portable release of its series: closest to it)"
         return Pin(name, best.version,
-                   f"no {name} of the series builds with torch {rel.version} ({facts.notes}); {moved}is ported: "
-                   f"its sdist gets the fixers {', '.join(best.port)} before it is compiled", upstream, "port")
+                   f"no {name} of the series builds with torch {rel.version} ({facts.notes}); {name} {best.version}"
+                   f"{which} is ported: its sdist gets the fixers {', '.join(best.port)} before it is compiled",
+                   upstream, "port")
 
     def sdist_fixers(self, cat, pin: Pin, torch: str) -> list[dict]:
         """The porting fixers this pin's sdist needs to build with torch (none within its range)."""
