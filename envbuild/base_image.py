@@ -160,10 +160,7 @@ def build_base(cat: Catalog, cuda: str, mirror: str = DEBIAN_MIRROR, pypi_index:
                network: str = "") -> dict:
     """Make (or reuse) the offline base for a CUDA version; what it is and which cards it targets."""
     from . import build
-    recipe = recipe_for(cuda)
-    if not URL_RE.match(mirror):
-        raise BadInput(f"--debian-mirror {mirror!r} is not an http(s) URL")
-    text = dockerfile(recipe, pypi_index)
+    recipe, planned = recipe_for(cuda), plan(cat, cuda, mirror, pypi_index)
     cli = engine.find_cli()
     made = []
     if rebuild or not _have(cli, recipe.debian_tag):
@@ -171,26 +168,20 @@ def build_base(cat: Catalog, cuda: str, mirror: str = DEBIAN_MIRROR, pypi_index:
         made.append(recipe.debian_tag)
     if rebuild or not _have(cli, recipe.tag):
         with tempfile.TemporaryDirectory(prefix="envbuild-base-") as ctx:
-            Path(ctx, "Dockerfile").write_text(text)
+            Path(ctx, "Dockerfile").write_text(planned["dockerfile"])
             helper = Path(__file__).parent / "incontainer" / "with-ca.sh"
             shutil.copy(helper, Path(ctx, "with-ca.sh"))
             build.build(Path(ctx), [recipe.tag], target="cuda", ca_bundle=ca_bundle, echo=echo,
                         log_name=f"base-cuda{cuda}", index_auth=index_auth, network=network)
         made.append(recipe.tag)
-    sass, ptx = targets(cat, cuda)
-    return {"tag": recipe.tag, "debian": recipe.debian_tag, "cuda": cuda, "source": recipe.source,
-            "made": made, "reused": [t for t in (recipe.debian_tag, recipe.tag) if t not in made],
-            "sass_cards": sass, "ptx_cards": ptx}
+    shown = {k: v for k, v in planned.items() if k not in ("dockerfile", "mirror")}
+    return {**shown, "made": made, "reused": [t for t in (recipe.debian_tag, recipe.tag) if t not in made]}
 
 
 def find_base(cuda: str) -> str | None:
     """The tag of an offline base `envbuild base` made for this CUDA, when it exists here."""
-    try:
-        recipe = recipe_for(cuda)
-        cli = engine.find_cli()
-    except (BadInput, OperationFailed):
-        return None
-    return recipe.tag if _have(cli, recipe.tag) else None
+    known = recipes()
+    return known[cuda].tag if cuda in known and have_image(known[cuda].tag) else None
 
 
 def registry_of(ref: str) -> str:

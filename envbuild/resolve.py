@@ -297,7 +297,6 @@ class _Candidate:
     pins: list = field(default_factory=list)
     blocks: dict = field(default_factory=dict)  # pin name -> its building block (native code)
     origins: dict = field(default_factory=dict)  # compiled pin name -> where its wheel comes from (Block.origin)
-    sdist_fixers: dict = field(default_factory=dict)  # compiled pin name -> fixers its sdist gets (a port)
     fixers: list = field(default_factory=list)
     cxx: int = 0
     base: tuple = ()  # (ubuntu, image, why)
@@ -379,7 +378,6 @@ def _model_pins(c: _Candidate) -> str | None:
             c.blocks[pin.name] = block
             if block.compiled:
                 c.origins[pin.name] = block.origin(target, pin)
-                c.sdist_fixers[pin.name] = block.sdist_fixers(c.cat, pin, c.stack.torch.version)
         elif forced:
             pin = Pin(name, forced, "set with --set", spec, "override")
         elif spec == "*":
@@ -525,6 +523,7 @@ def _try(cat: Catalog, model: Model, card: Card, stack: _Stack, toolkit_req: Too
 def _assemble(c: _Candidate) -> Plan:
     """The Plan, from a candidate every gate passed: the one place a Plan is made."""
     model, rel, py, toolkit = c.model, c.stack.torch, c.stack.python, c.toolkit
+    pins = {p.name: p for p in c.pins}
     ubuntu, base_image, base_why = c.base
     why_py = ("upstream pin" if py == model.python else "requested with --python" if c.python_req
               else f"torch {rel.version} has no wheels for Python {model.python}")
@@ -553,7 +552,7 @@ def _assemble(c: _Candidate) -> Plan:
         source_builds=_source_builds(c.cat, py) if py != model.python else {},
         native_packages={name: {"family": block.family, **block.in_image(name),
                                 **({"build": c.origins[name]} if name in c.origins else {}),
-                                **({"sdist_fixers": c.sdist_fixers[name]} if c.sdist_fixers.get(name) else {})}
+                                **({"sdist_fixers": fx} if (fx := block.sdist_fixers(c.cat, pins[name], rel.version)) else {})}
                          for name, block in c.blocks.items()},
         stdlib_modules=dict(model.stdlib_modules),
         **_index_cutoff(model, rel),
