@@ -55,7 +55,7 @@ class Recipe:
 def recipes(path: Path | None = None) -> dict[str, Recipe]:
     """toolchains/bases.toml, validated like every catalog file."""
     path = path or builtin_root() / "toolchains" / "bases.toml"
-    doc = _Reader(path, _load_toml(path), "")
+    doc = _Reader.of_file(path, _load_toml(path), "toolchains/bases.toml")
     out, bases = {}, doc.sub("base")
     for cuda in bases.names():
         if not CUDA_RE.match(cuda):

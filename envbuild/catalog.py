@@ -20,6 +20,7 @@ from pathlib import Path
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
+from . import schema
 from .errors import CatalogError, unknown
 
 BUILTIN = "built-in"
@@ -40,9 +41,8 @@ RELPATH_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._/-]*$")
 WORD_RE = re.compile(r"^[A-Za-z0-9_.-][A-Za-z0-9._/=,:+-]*$")
 STEPS_ARG_RE = re.compile(r"^(?:[A-Za-z0-9_.=,:+/-]|\{steps\})+$")  # a WORD that may hold {steps}
 LAUNCHERS = ("torch.distributed.launch", "torchrun", "lightning", "mp.spawn")
-# Each construct kind and the recipe fields it takes.
-CONSTRUCT_FIELDS = {"argparse": ("module", "object", "args_hook", "args", "imports", "step", "arrays"),
-                    "config": ("config", "loader", "builder", "cfg_kwargs", "imports", "step", "arrays")}
+# Each construct kind and the recipe fields it takes (schema.py declares them).
+CONSTRUCT_FIELDS = schema.construct_fields()
 ARRAY_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._/-]*\.npy=[1-9][0-9]{0,5}(x[1-9][0-9]{0,5}){0,5}$")  # PATH.npy=AxBxC
 CONSTRUCT_KINDS = tuple(CONSTRUCT_FIELDS)
 APT_RE = re.compile(r"^[a-z0-9][a-z0-9.+-]+$")  # a Debian package name
@@ -322,22 +322,49 @@ class _Overlay:
 class _Reader:
     """Typed access to one TOML table, raising CatalogError with file and key.
 
-    It notes every key it is asked for (get, has, sub, rows): unread() then refuses every key
-    nothing asked for, a misspelled field or table, naming the closest known one. A table whose
-    keys are names the user chooses (packages, versions, card ids) is read by name (names(), or
-    a sub() per name), so none of them is unknown."""
+    With a schema node (schema.py: the file's description, then one node per table under it),
+    unread() refuses every key the schema does not declare for this table, a misspelled field
+    or table, naming the closest declared one; reading a key the schema lacks is a bug of the
+    loader and fails loudly. A table whose keys are names the user chooses (packages, versions,
+    card ids: schema.Names) is read by name. Without a schema node, the keys something asked
+    for (get, has, sub, rows) are the known ones."""
 
-    def __init__(self, path: Path, table: dict, prefix: str, at: tuple = (), overlay: _Overlay | None = None):
+    def __init__(self, path: Path, table: dict, prefix: str, at: tuple = (), overlay: _Overlay | None = None,
+                 node=None):
         self.path, self.table, self.prefix = path, table, prefix
         self.at, self.overlay = at, overlay  # the key path from the file's root; a merged user file
+        self.node = node  # schema.Table or schema.Names this table follows; None: no schema
         self.asked: set = set()
         self.subs: dict[str, _Reader] = {}
+
+    @classmethod
+    def of_file(cls, path: Path, table: dict, kind: str, overlay: _Overlay | None = None) -> "_Reader":
+        """The reader of a whole catalog file; kind is its key in schema.FILES ("models/*.toml")."""
+        return cls(path, table, "", overlay=overlay, node=schema.FILES[kind])
+
+    def _declared(self, key):
+        """The schema node or field of one key of this table (None without a schema)."""
+        node = self.node
+        if node is None:
+            return None
+        if isinstance(node, schema.Names):
+            return node.of
+        if key not in node.fields:
+            raise AssertionError(f"catalog loader reads {self.prefix}{key}, which schema.py does not declare "
+                                 f"(add it there with its type, meaning and example)")
+        return node.fields[key]
+
+    def _known(self) -> set | None:
+        if isinstance(self.node, schema.Table):
+            return set(self.node.fields)
+        return None if isinstance(self.node, schema.Names) else self.asked
 
     def fail(self, key: str, reason: str) -> CatalogError:
         path = self.overlay.path if self.overlay is not None and self.overlay.owns((*self.at, key)) else self.path
         return CatalogError(_rel(path), f"{self.prefix}{key}", reason)
 
     def has(self, key) -> bool:
+        self._declared(key)
         self.asked.add(key)
         return key in self.table
 
@@ -347,18 +374,28 @@ class _Reader:
         return list(self.table)
 
     def unread(self) -> None:
-        """Refuse a key or table nothing read, here and in every table under it, with a hint."""
-        for key, value in self.table.items():
-            if key in self.asked:
+        """Refuse a key or table the schema does not declare (else: nothing read), here and in
+        every table under it, with a hint."""
+        known = self._known()
+        for key, value in self.table.items() if known is not None else ():
+            if key in known:
+                only = getattr(self.node.fields[key], "only", "") if self.node is not None else ""
+                if only and self.table.get(self.node.by) != only:
+                    raise self.fail(key, f"not a field of {self.node.by} {self.table.get(self.node.by)!r} "
+                                         f"(only of {self.node.by} {only!r})")
                 continue
-            close = difflib.get_close_matches(key, sorted(self.asked), n=1, cutoff=0.6)
+            close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
             hint = (f"did you mean {close[0]!r}?" if close else
-                    f"known here: {', '.join(sorted(self.asked))}" if self.asked else "nothing is expected here")
+                    f"known here: {', '.join(sorted(known))}" if known else "nothing is expected here")
             raise self.fail(key, f"unknown {'table' if isinstance(value, dict) else 'key'} ({hint})")
         for reader in self.subs.values():
             reader.unread()
 
     def get(self, key, kind, default=..., pattern: re.Pattern | None = None):
+        declared = self._declared(key)
+        if isinstance(declared, schema.Field) and declared.kind is not kind:
+            raise AssertionError(f"catalog loader reads {self.prefix}{key} as {kind.__name__}; schema.py says "
+                                 f"{declared.kind.__name__}")
         self.asked.add(key)
         if key not in self.table:
             if default is ...:
@@ -418,17 +455,20 @@ class _Reader:
 
     def sub(self, key) -> "_Reader":
         if key not in self.subs:
+            node = self._declared(key)
             self.subs[key] = _Reader(self.path, self.get(key, dict), f"{self.prefix}{key}.", (*self.at, key),
-                                     self.overlay)
+                                     self.overlay, node if not isinstance(node, schema.Field) else None)
         return self.subs[key]
 
     def rows(self, key, default=...) -> list["_Reader"]:
         """An array of tables ([[era]], builds = [{...}]): a reader per row."""
         out = []
+        node = self._declared(key)
         for i, row in enumerate(self.get(key, list, default)):
             if not isinstance(row, dict):
                 raise self.fail(f"{key}[{i}]", "expected a table")
-            reader = _Reader(self.path, row, f"{self.prefix}{key}[{i}].", (*self.at, key, i), self.overlay)
+            reader = _Reader(self.path, row, f"{self.prefix}{key}[{i}].", (*self.at, key, i), self.overlay,
+                             node.of if isinstance(node, schema.Rows) else None)
             self.subs[f"{key}[{i}]"] = reader
             out.append(reader)
         return out
@@ -505,7 +545,7 @@ def version_keyed(facts: dict, version: str | None):
 
 
 def _load_cards(path: Path, origin: str = BUILTIN) -> dict[str, Card]:
-    root = _Reader(path, _load_toml(path), "")
+    root = _Reader.of_file(path, _load_toml(path), "cards.toml")
     cards = {}
     for cid in root.get("cards", dict):
         r = root.sub("cards").sub(cid)
@@ -717,10 +757,10 @@ def _toolchain(base: Path, user: Path | None, rel: str) -> _Reader:
     path = base / rel
     table = _load_toml(path)
     if user is None or not (user / rel).exists():  # a folder there is an error, not no file
-        return _Reader(path, table, "")
+        return _Reader.of_file(path, table, rel)
     owned: set = set()
     table = _merge(table, _load_toml(user / rel), (), owned)
-    return _Reader(path, table, "", overlay=_Overlay(user / rel, owned))
+    return _Reader.of_file(path, table, rel, overlay=_Overlay(user / rel, owned))
 
 
 TOOLCHAIN_FILES = ("cuda.toml", "torch.toml", "packages.toml")  # the ones a user catalog merges into
@@ -1024,7 +1064,7 @@ def _load_models(base: Path, user: Path | None, torch: dict[str, TorchRelease]) 
 def _load_model(path: Path, torch: dict) -> Model:
     # The sections are read in this order (and [model]'s name is checked after them) so the
     # first error a broken file reports stays the same.
-    doc = _Reader(path, _load_toml(path), "")
+    doc = _Reader.of_file(path, _load_toml(path), "models/*.toml")
     m = doc.sub("model")
     torch_version, cuda = _model_torch(doc, torch)
     packages = _model_packages(doc, path)

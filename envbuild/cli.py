@@ -161,7 +161,7 @@ def cards(json_: bool = JSON):
     show.catalog_cards(catalog.load(), as_json=json_)
 
 
-catalog_app = typer.Typer(help="Check a user catalog before using it.", no_args_is_help=True, cls=_Group)
+catalog_app = typer.Typer(help="Check a user catalog before using it; the field reference.", no_args_is_help=True, cls=_Group)
 app.add_typer(catalog_app, name="catalog")
 
 
@@ -172,6 +172,13 @@ def catalog_check(folder: Optional[Path] = typer.Argument(None, parser=_path, he
     """Validate a user catalog on top of the built-in one: a summary, or its first mistake (exit 2)."""
     result = catalog.check(folder)
     show.emit_json(result) if json_ else show.line(result["summary"])
+
+
+@command("schema", on=catalog_app)
+def catalog_schema(json_: bool = JSON):
+    """The field reference, from the schema loading validates against: every file, table and field (markdown)."""
+    from . import schema
+    show.emit_json(schema.reference()) if json_ else sys.stdout.write(schema.markdown())
 
 
 @command()
