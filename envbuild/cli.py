@@ -161,6 +161,25 @@ def cards(json_: bool = JSON):
     show.catalog_cards(catalog.load(), as_json=json_)
 
 
+@command()
+def add(source: str = typer.Argument(..., metavar="REPO|PATH", help="A git URL (cloned) or a local checkout."),
+        commit: Optional[str] = typer.Option(None, "--commit", help="Read the repository at this commit (default: HEAD)."),
+        name: Optional[str] = typer.Option(None, "--name", help="Model name (default: the repository folder's, lowercased)."),
+        catalog_dir: Optional[Path] = typer.Option(None, "--catalog", parser=_path, help="User catalog folder to write "
+                                                   "into (default: catalog_dir / ENVBUILD_MATRICES, else ENVBUILD_HOME/catalog)."),
+        card: Optional[str] = typer.Option(None, "--card", help="Card for the verify command it prints (default: a800)."),
+        force: bool = typer.Option(False, "--force", help="Replace a models/NAME.toml envbuild did not write."),
+        offline: bool = typer.Option(False, "--offline", help="Do not ask the package index about the pins."),
+        dry_run: bool = typer.Option(False, "--dry-run", "--print", help="Print the entry; write nothing."),
+        json_: bool = JSON):
+    """Draft a catalog entry from a model's repository (pins, CUDA extensions, vendored and git
+    packages, construct recipe, era, fixers) into the user catalog, with questions for what it
+    could not decide and the verify command to run next."""
+    from . import add as add_stage
+    show.added(add_stage.add_model(source, commit=commit, name=name, force=force, dry_run=dry_run, offline=offline,
+                                   catalog_dir=catalog_dir, card=card), as_json=json_)
+
+
 catalog_app = typer.Typer(help="Check a user catalog before using it; the field reference.", no_args_is_help=True, cls=_Group)
 app.add_typer(catalog_app, name="catalog")
 

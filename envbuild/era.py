@@ -197,3 +197,29 @@ class EraIndex:
     def __exit__(self, *exc) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def release_dates(upstream: str, name: str, ca_bundle: str | None = None, timeout: int = 30,
+                  auth: dict | None = None) -> dict[str, str] | None:
+    """{version: YYYY-MM-DD its first file was uploaded} of a project, from the index's JSON
+    simple API (PEP 691/700); None when the index has no such project. Files without an upload
+    time count for the version with no date ("")."""
+    context = ssl.create_default_context(cafile=ca_bundle) if ca_bundle else ssl.create_default_context()
+    req = urllib.request.Request(f"{upstream.rstrip('/')}/{canonicalize_name(name)}/",
+                                 headers={"Accept": JSON_ACCEPT, **(auth or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout, context=context) as resp:
+            data = json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            return None
+        raise
+    dates: dict[str, str] = {}
+    for f in data.get("files", []):
+        version = file_version(f.get("filename", ""))
+        if version is None:
+            continue
+        day = (f.get("upload-time") or "")[:10]
+        if version not in dates or (day and (not dates[version] or day < dates[version])):
+            dates[version] = day
+    return dates

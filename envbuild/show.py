@@ -445,3 +445,27 @@ def baked(path, doc: dict, skipped: list[dict], parallel: int, as_json: bool = F
     for s_ in skipped:
         line(f"  skipped {s_['model']} on {s_['card']}: {s_['reason']}")
     line(f"build: docker buildx bake -f {path} wave-1 (then wave-2, ...), or `all` on a big builder")
+
+
+def added(d, as_json: bool = False) -> None:
+    """envbuild add: the file written (or, on a dry run, the entry itself), what it could not
+    decide as questions naming the file and key to edit, and the command to run next."""
+    if as_json:
+        return emit_json(d.to_dict())
+    if d.dry_run:
+        sys.stdout.write(printable(d.text, keep_newlines=True))
+        note(f"dry run: nothing written; {len(d.questions)} question(s) in the comments above")
+        return
+    line(f"wrote {d.path}")
+    line(f"  {d.name}: {d.repo} @ {d.commit[:12]}, era {d.era or '(none)'}; torch {d.torch} + CUDA {d.cuda}, "
+         f"Python {d.python}")
+    line(f"  {len(d.packages)} package(s), {len(d.extensions)} CUDA extension(s)"
+         + (f", vendored {', '.join(d.vendored)}" if d.vendored else "")
+         + (f", construct {d.construct['kind']}" if d.construct else ", no construct recipe"))
+    for f in d.fixers:
+        line(f"  fixer {f['fixer']}: {f['files']} file(s), first {f['first']}")
+    if d.questions:
+        line(f"questions ({len(d.questions)}): edit {d.path}")
+        for q in d.questions:
+            line(f"  {q.key}: {q.question}" + (f"  [{q.found}]" if q.found and q.found not in q.question else ""))
+    line(f"next: {d.next_command}")
