@@ -224,11 +224,23 @@ def base(cuda: str = typer.Option("13.0", "--cuda", help="CUDA toolkit of the ba
 def resolve(model: str, card: Optional[str] = CARD,
             cuda: Optional[str] = CUDA, python: Optional[str] = PYTHON, strict: bool = STRICT,
             set_: Optional[List[str]] = SET, compile_: bool = COMPILE, torch_index: Optional[str] = TORCH_INDEX,
-            pypi_index: Optional[str] = PYPI_INDEX, json_: bool = JSON):
+            pypi_index: Optional[str] = PYPI_INDEX,
+            check: bool = typer.Option(False, "--check", help="Ask pip (dry run, the era's index, wheels only) whether "
+                                       "the pins install together; a clash exits 2 naming the pin and the requirement."),
+            json_: bool = JSON):
     """Print the Plan: what runs on the card, and why."""
     plan, verified = pipeline.resolve_plan(Request(model=model, compile_only=compile_, card=card, cuda=cuda, python=python, strict=strict,
                                                    overrides=set_, torch_index=torch_index, pypi_index=pypi_index))
-    show.resolved(plan, verified, as_json=json_)
+    if not check:
+        return show.resolved(plan, verified, as_json=json_)
+    from . import pincheck
+    sources = config.load_sources(torch_index=torch_index, pypi_index=pypi_index)
+    if not json_:
+        show.resolved(plan, verified)
+    result = pincheck.check(plan, sources.pypi_index, sources.ca_bundle, sources.netrc,
+                            echo=None if json_ else show.dim)
+    show.emit_json({**plan.to_dict(), "verified": verified, "pin_check": result}) if json_ else show.line(result["line"])
+    pincheck.raise_for(result)
 
 
 @command()
