@@ -75,3 +75,82 @@ def test_the_page_offers_metadata_files_so_pip_need_not_download_wheels():
                       f("x-0.9.tar.gz", "2019-01-01T00:00:00Z", **{"core-metadata": False})]).decode()
     assert 'data-core-metadata="sha256=' + "cd" * 32 + '"' in body and 'data-dist-info-metadata="sha256=' in body
     assert body.count("data-core-metadata") == 1
+
+
+def test_the_lock_runs_pip_compile_against_the_era_view_of_the_plans_cutoff(tmp_path, monkeypatch):
+    """The era path of the lock, end to end on the host: the Plan's cutoff reaches pip-compile as
+    its --index-url, a loopback view of the configured index (here a PEP 691 stand-in on loopback,
+    through the ordinary pypi_index option) that hides what was uploaded after the cutoff day and
+    keeps the exact pins. Only the Docker boundary is stood in for: the base-stage build and the
+    container run, which reads the view while the lock step serves it, as pip-compile would."""
+    import json as _json
+    import re
+    import threading
+    import urllib.request
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from envbuild import build, engine, lock as lock_stage, pipeline
+
+    files = {  # the cutoff is 2023-10-08 (QCNet's era + grace): the whole cutoff day counts
+        "numpy": [f("numpy-1.26.0-cp38-cp38-manylinux_2_17_x86_64.whl", "2023-09-16T12:00:00Z"),
+                  f("numpy-1.26.1-cp38-cp38-manylinux_2_17_x86_64.whl", "2023-10-08T23:30:00Z"),
+                  f("numpy-1.26.2-cp38-cp38-manylinux_2_17_x86_64.whl", "2023-10-09T00:30:00Z")],
+    }
+    asked = []
+
+    class Upstream(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            asked.append(self.path)
+            name = self.path.strip("/").split("/")[-1]
+            body = _json.dumps({"meta": {"api-version": "1.1"}, "name": name, "files": files.get(name, [])}).encode()
+            self.send_response(200 if name in files else 404)
+            self.send_header("Content-Type", "application/vnd.pypi.simple.v1+json")
+            self.end_headers()
+            self.wfile.write(body if name in files else b"")
+
+        def log_message(self, *a):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Upstream)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        upstream = f"http://127.0.0.1:{server.server_port}/simple"
+        monkeypatch.setenv("ENVBUILD_HOME", str(tmp_path / "home"))
+        monkeypatch.setenv("ENVBUILD_TORCH_INDEX", "none")
+        monkeypatch.setenv("ENVBUILD_PYPI_INDEX", upstream)
+        plan, _, ctx, _ = pipeline.prepare_locked(pipeline.Request(model="qcnet", card="a800"), lock=False)
+        assert plan.index_cutoff == "2023-10-08"
+        pinned = re.search(r"^(torch)==(\S+)$", (ctx / "requirements.in").read_text(), re.M)
+        files["torch"] = [f(f"torch-{pinned.group(2)}-cp38-cp38-manylinux1_x86_64.whl", "2030-01-01T00:00:00Z"),
+                          f("torch-9.9.9-cp38-cp38-manylinux1_x86_64.whl", "2030-01-01T00:00:00Z"),
+                          f("torch-0.4.1-cp38-cp38-manylinux1_x86_64.whl", "2018-07-26T00:00:00Z")]
+        monkeypatch.setattr(build, "build", lambda context, tags, target="runtime", **k:
+                            build.BuildResult("sha256:base", [], 0, 0.0, [], ""))
+        seen = {}
+
+        def run_container(image, cmd, **k):
+            script = cmd[-1]
+            compile_args = script[script.index("pip-compile"):]
+            url = re.search(r"--index-url (\S+)", compile_args).group(1)
+            seen["url"], seen["args"] = url, compile_args
+            for name in ("numpy", "torch"):
+                with urllib.request.urlopen(f"{url}/{name}/", timeout=10) as resp:
+                    seen[name] = resp.read().decode()
+            out = "".join(f"{n}==1.0 \\\n    --hash=sha256:{'c' * 64}\n" for n in ("torch", "torchaudio", "torchvision"))
+            return 0, out, ""
+        monkeypatch.setattr(engine, "run_container", run_container)
+        said = []
+        lock_stage.lock(ctx, echo=said.append)
+    finally:
+        server.shutdown()
+        server.server_close()
+    # pip-compile asked the era view on loopback, not the index itself, and read the copy of
+    # requirements.in without its --index-url line (which would override the view)
+    assert seen["url"].startswith("http://127.0.0.1:") and seen["url"] != upstream
+    assert seen["args"].rstrip().endswith("/tmp/requirements.in && cat /tmp/requirements.lock")
+    assert any("PyPI as of 2023-10-08" in line and seen["url"] in line for line in said), said
+    # the view is the Plan's cutoff: up to the end of 2023-10-08, nothing after
+    assert "numpy-1.26.0-" in seen["numpy"] and "numpy-1.26.1-" in seen["numpy"]
+    assert "numpy-1.26.2-" not in seen["numpy"]
+    # an exact pin stays visible whatever its date; another version of it uploaded later does not
+    assert f"torch-{pinned.group(2)}-" in seen["torch"] and "torch-0.4.1-" in seen["torch"] and "torch-9.9.9-" not in seen["torch"]
+    assert any(p.rstrip("/").endswith("/numpy") for p in asked)  # the view asked the configured index

@@ -76,6 +76,10 @@ def test_no_p2p_reason_is_one_comment_line_in_the_dockerfile(cat, tmp_path):
     for line in text.splitlines():
         assert not line.startswith(("RUN curl", "RUN wget")), line
     assert "NCCL_P2P_DISABLE" in text
+    # the reason is one comment line, whole, and nowhere else in the file
+    why = plan.runtime_env["NCCL_P2P_DISABLE"]["why"]
+    assert [line for line in text.splitlines() if line.startswith("# NCCL_P2P_DISABLE")] == [f"# NCCL_P2P_DISABLE=1: {why}"]
+    assert sum(why in line for line in text.splitlines()) == 1
 
 
 def test_ca_bundle_with_a_comma_is_refused(tmp_path):

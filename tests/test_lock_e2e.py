@@ -41,7 +41,11 @@ def test_lock_then_hash_checked_build(docker_engine, offline_base, fixture_env, 
     assert "nvidia-cudnn-cu11==8.5.0.96" in torch_lock and "triton==2.0.0" in torch_lock and "sympy" not in torch_lock
     # The lock was made by the image's Python 3.11, not the host's: the cp311 wheels' hashes are there.
     dockerfile = (ctx / "Dockerfile").read_text()
-    assert "--require-hashes" in dockerfile and "COPY requirements.lock" in dockerfile
+    # both the torch stage and the deps stage install their lock with hash checking
+    flat = dockerfile.replace("\\\n", " ")  # one line per instruction
+    assert re.search(r"pip install --require-hashes +--no-deps [^\n]*?-r /opt/envbuild/torch\.lock", flat)
+    assert re.search(r"pip install --require-hashes +[^\n]*?-r /opt/envbuild/requirements\.lock", flat)
+    assert "COPY requirements.lock" in dockerfile and "-r /opt/envbuild/requirements.in" not in dockerfile
     # rendering again keeps the lock (it still matches requirements.in)
     r = cli(env, "render", *args, "-o", ctx, "--json")
     assert json.loads(r.stdout)["locked"] is True

@@ -148,19 +148,100 @@ def test_committed_dockerfiles_are_fresh(tmp_path):
     assert len([n for n in names if n.endswith("Dockerfile")]) == 2 * len(catalog.load().models)
 
 
-def test_committed_cells_are_locked_or_say_how_they_get_locked():
+def runs(lines: list[str]) -> list[str]:
+    """The RUN instructions among a stage's lines, each joined across its continuation lines."""
+    out = []
+    for line in "\n".join(lines).replace("\\\n", " ").splitlines():
+        if line.startswith("RUN "):
+            out.append(" ".join(line.split()))
+    return out
+
+
+def assert_hash_locked(dockerfile: str) -> None:
+    """Every pip install of locked dependencies checks hashes: the torch stage installs torch.lock and
+    the deps stage requirements.lock, each with --require-hashes and nothing else from an index;
+    no lock anywhere is installed without it, and requirements.in is not installed at all."""
+    for name, lock in (("torch", "torch.lock"), ("deps", "requirements.lock")):
+        installs = [r for r in runs(stage(dockerfile, name)) if " pip install " in r]
+        assert installs, f"the {name} stage installs nothing"
+        for r in installs:
+            assert "pip install --require-hashes " in r and r.endswith(f"-r /opt/envbuild/{lock}"), (name, r)
+    every = runs(dockerfile.splitlines())
+    assert [r for r in every if ".lock" in r and " pip install " in r and "--require-hashes" not in r] == []
+    assert "-r /opt/envbuild/requirements.in" not in dockerfile
+
+
+def check_committed_cell(cell: Path) -> None:
     from envbuild.lock import HEADER, input_digest
+    dockerfile = (cell / "Dockerfile").read_text()
+    lock = cell / "requirements.lock"
+    if lock.exists():
+        first = lock.read_text().splitlines()[0]
+        assert first == HEADER + input_digest(cell / "requirements.in"), f"{cell.name}: stale lock, run make locks"
+        assert_hash_locked(dockerfile)
+    else:
+        # Python 3.8 cannot be had on this Debian 12 builder: the cell locks on its first build.
+        assert json.loads((cell / "plan.json").read_text())["python"]["version"] == "3.8", cell.name
+        assert "Not locked: `envbuild image` locks first" in dockerfile and "--require-hashes" not in dockerfile
+
+
+def test_committed_cells_are_locked_or_say_how_they_get_locked():
     for cell in sorted(p for p in (ROOT / "dockerfiles").iterdir() if p.is_dir()):
-        dockerfile = (cell / "Dockerfile").read_text()
-        lock = cell / "requirements.lock"
-        if lock.exists():
-            first = lock.read_text().splitlines()[0]
-            assert first == HEADER + input_digest(cell / "requirements.in"), f"{cell.name}: stale lock, run make locks"
-            assert "--require-hashes" in dockerfile
-        else:
-            # Python 3.8 cannot be had on this Debian 12 builder: the cell locks on its first build.
-            assert json.loads((cell / "plan.json").read_text())["python"]["version"] == "3.8", cell.name
-            assert "Not locked: `envbuild image` locks first" in dockerfile and "--require-hashes" not in dockerfile
+        check_committed_cell(cell)
+
+
+def test_a_stale_committed_lock_fails_the_committed_cells_check(tmp_path):
+    """README: `make locks` locks the committed cells and a test fails when a committed lock is stale.
+    No committed cell is locked today (Python 3.8), so the locked branch runs here: a cell with a
+    lock made from its requirements.in renders hash-checked installs and passes; once requirements.in
+    changes, the cell no longer renders from the lock and the check says the lock is stale."""
+    from envbuild.lock import HEADER, input_digest
+    cells = tmp_path / "dockerfiles"
+    render.render_catalog(cells)
+    cell = cells / "qcnet-a800"
+    (cell / "torch.lock").write_text(HEADER + input_digest(cell / "requirements.in") + "\n")
+    (cell / "requirements.lock").write_text(HEADER + input_digest(cell / "requirements.in")
+                                            + "\nnumpy==1.24.4 \\\n    --hash=sha256:" + "a" * 64 + "\n")
+    render.render_catalog(cells)  # what `make locks` does after locking: the cell now installs from its lock
+    check_committed_cell(cell)
+    assert "hash-checked lock" in (cell / "Dockerfile").read_text()
+    # the catalog moves on (here: requirements.in gains a pin); the committed lock was made from the old lines
+    old_lines = (cell / "requirements.in").read_text()
+    (cell / "requirements.in").write_text(old_lines + "timm==0.9.2\n")
+    with pytest.raises(AssertionError, match="qcnet-a800: stale lock, run make locks"):
+        check_committed_cell(cell)
+    # `make dockerfiles` after such a change: the lock no longer matches, the cell does not install from it
+    stale = HEADER + hashlib.sha256(b"requirements.in as it was\n").hexdigest()
+    for name in ("torch.lock", "requirements.lock"):
+        (cell / name).write_text(stale + (cell / name).read_text().split("\n", 1)[1])
+    render.render_catalog(cells)
+    assert "--require-hashes" not in (cell / "Dockerfile").read_text()
+    with pytest.raises(AssertionError, match="qcnet-a800: stale lock, run make locks"):
+        check_committed_cell(cell)
+
+
+@pytest.mark.parametrize("model, card", [("maptr", "h20"), ("sparsedrive", "a800"), ("gaussianformer", "a800"),
+                                         ("qcnet", "a800,h20")])
+def test_a_locked_context_installs_every_locked_dependency_with_hash_checking(tmp_path, model, card):
+    """The hash-locked deps stage: once requirements.lock and torch.lock match requirements.in,
+    torch and every other pin install with --require-hashes, the deps stage from requirements.lock
+    (not only the torch stage), and requirements.in is not installed."""
+    from envbuild.lock import HEADER
+    plan = resolve(catalog.load(), model, card)
+    ctx = render.make_context(plan, "test")
+    out = tmp_path / "ctx"
+    render.write(ctx, out)
+    header = HEADER + hashlib.sha256(render.requirements_in(ctx).encode()).hexdigest()
+    (out / "torch.lock").write_text(header + "\n")
+    (out / "requirements.lock").write_text(f"{header}\nnumpy==1.24.4 \\\n    --hash=sha256:{'a' * 64}\n")
+    ctx = render.make_context(plan, "test")
+    render.use_lock(ctx, out)
+    text = render.dockerfile(ctx)
+    assert ctx.locked and "COPY requirements.lock /opt/envbuild/requirements.lock" in stage(text, "deps")
+    assert_hash_locked(text)
+    # unlocked, the same Plan installs requirements.in without hash checking, and says why
+    unlocked = render.dockerfile(render.make_context(plan, "test"))
+    assert "--require-hashes" not in unlocked and "-r /opt/envbuild/requirements.in" in "\n".join(stage(unlocked, "deps"))
 
 
 def test_a_stale_lock_is_not_used(tmp_path):

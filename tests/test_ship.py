@@ -332,3 +332,40 @@ def test_audit_of_a_multi_card_image_scans_it_once_and_judges_each_card(cat, mon
     monkeypatch.setattr(pipeline.audit_stage, "audit", lambda ref, card, libs: judged.append((card.id, libs)) or {"ok": True})
     assert len(pipeline._audit_all("envbuild/x:1", cat, "a800,h20")) == 2
     assert scans == ["envbuild/x:1"] and judged == [("a800", ["lib"]), ("h20", ["lib"])]
+
+
+def test_audit_of_a_multi_card_image_names_the_card_it_fails_and_the_one_it_passes(monkeypatch, capsys):
+    """The audit's verdict per card, on a synthetic scan of an a800+h20 image (the scan container
+    is the only stand-in): an extension compiled for sm_80 only runs on the A800 and not on the
+    H20; torch's own wheel runs on both; a CUDA library without code for a card is a warning, not
+    a failure. The verdict names the failing card, its library and what it lacks, and not the other."""
+    from envbuild import pipeline, show
+    ext = "/opt/venv/lib/python3.11/site-packages/mmcv/_ext.cpython-311-x86_64-linux-gnu.so"
+    scanned = [
+        {"path": "/opt/venv/lib/python3.11/site-packages/torch/lib/libtorch_cuda.so", "sass": ["8.0", "9.0"], "ptx": []},
+        {"path": ext, "sass": ["8.0"], "ptx": []},
+        {"path": "/opt/venv/lib/python3.11/site-packages/nvidia/cublas/lib/libnvblas.so.11", "sass": ["5.2"], "ptx": []},
+    ]
+    monkeypatch.setattr(pipeline.export_stage, "local_image", lambda ref: None)
+    monkeypatch.setattr(pipeline.audit_stage, "image_cards", lambda ref: "a800,h20")  # the image's label
+    monkeypatch.setattr(pipeline.audit_stage, "scan", lambda ref, timeout=None: [dict(lib) for lib in scanned])
+    reports, failure = pipeline.audit_image("envbuild/mmcvnet:x")
+    by_card = {r["card"]: r for r in reports}
+    assert list(by_card) == ["a800", "h20"]
+    a800, h20 = by_card["a800"], by_card["h20"]
+    assert a800["ok"] and a800["failures"] == [] and a800["torch_failures"] == []
+    assert {lib["path"]: lib["via"] for lib in a800["libraries"]}[ext] == "sm_80 SASS"
+    assert not h20["ok"] and h20["torch_failures"] == []
+    assert h20["failures"] == [f"{ext}: has SASS 8.0, PTX none; NVIDIA H20 needs sm_9x SASS with minor <= 0 or PTX <= 9.0"]
+    assert {lib["path"]: lib["runs"] for lib in h20["libraries"]} == {scanned[0]["path"]: True, ext: False,
+                                                                      scanned[2]["path"]: False}
+    for report in (a800, h20):  # NVIDIA's shim: reported, never the verdict
+        assert report["warnings"] == [f"{scanned[2]['path']} (NVIDIA CUDA library) has no code for {report['cc']}"]
+    assert str(failure) == "1 library cannot run on NVIDIA H20"
+    show.audit("envbuild/mmcvnet:x", reports)
+    out = capsys.readouterr().out
+    assert "all 3 libraries with GPU code run on NVIDIA A800" in out
+    assert "FAILS on NVIDIA H20: " in out and "FAILS on NVIDIA A800" not in out
+    # an explicit --card judges only that card: the A800 alone passes
+    reports, failure = pipeline.audit_image("envbuild/mmcvnet:x", "a800")
+    assert [r["card"] for r in reports] == ["a800"] and failure is None
