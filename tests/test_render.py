@@ -694,3 +694,16 @@ def test_requirements_in_lists_a_build_tool_once(cat):
     names = [line.split("=")[0].split(">")[0].split("<")[0].strip().lower() for line in render.requirements_in(ctx).splitlines()
              if line and not line.startswith(("#", "-"))]
     assert names.count("ninja") == 1 and len(names) == len(set(names))
+
+
+def test_maptr_and_sparsedrive_share_the_mmcv_full_wheel_stage_only_where_both_are_ported():
+    """README: MapTR and SparseDrive compile mmcv-full once on a Hopper or Blackwell card, where both
+    are ported to the same torch and mmcv-full; on Ampere and Ada their upstream Plans pin different
+    torch and mmcv-full releases and share no wheel stage (the list below is written by hand)."""
+    cat = catalog.load()
+    shared = {"h20", "h100", "h800", "h200", "b200", "b300", "rtx5090", "rtxpro6000"}
+    apart = {"a10", "a30", "a100", "a800", "a40", "l4", "l20", "l40s", "rtx3090", "rtx4090"}
+    for card in sorted(shared | apart):
+        files = [render.dockerfile(render.make_context(resolve(cat, model, card), "x")) for model in ("maptr", "sparsedrive")]
+        same = all(stage(files[0], name) == stage(files[1], name) for name in ancestry(files[0], "wheel-mmcv-full"))
+        assert same is (card in shared), card
