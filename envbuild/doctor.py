@@ -181,7 +181,7 @@ def p2p_verdict(matrix: str) -> Result:
     bad = [c for c in cells if c != "OK"]
     if bad:
         return Result("peer-to-peer", "warn", f"P2P not supported between some GPUs ({', '.join(sorted(set(bad)))}): "
-                      "use NCCL_P2P_DISABLE=1 (envbuild sets it for cards without P2P)", {"env": {"NCCL_P2P_DISABLE": "1"}})
+                      "NCCL needs NCCL_P2P_DISABLE=1 here (an envbuild image's launcher sets it at start on such a host)", {"env": {"NCCL_P2P_DISABLE": "1"}})
     return Result("peer-to-peer", "ok", "P2P reads work between every pair of GPUs")
 
 

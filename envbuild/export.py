@@ -155,7 +155,13 @@ def apptainer_def(ref: str, archive_name: str) -> str:
                 raise BadInput(f"{ref}: label key {key[:80]!r} is not a plain name", "export --format tar instead")
             value = _plain(f"label {key}", str(labels[key]), ref)
             lines.append(f"    {key} {value}")
-    lines += ["", "%runscript", f"    cd {paths.MODEL}", '    exec "$@"', ""]
+    # `apptainer run` goes through envbuild's launcher as `docker run` does (host settings such as
+    # NCCL P2P decided on the node); `apptainer exec` bypasses it, as --entrypoint does in Docker.
+    entry = image.attrs.get("Config", {}).get("Entrypoint") or []
+    launcher = ""
+    if isinstance(entry, list) and paths.LAUNCHER in entry:
+        launcher = shlex.join(_plain("the entrypoint", str(e), ref) for e in entry) + " "
+    lines += ["", "%runscript", f"    cd {paths.MODEL}", f'    exec {launcher}"$@"', ""]
     return "\n".join(lines)
 
 

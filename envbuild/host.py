@@ -40,6 +40,12 @@ def driver() -> str | None:
     return found[0]["driver"] if found else None
 
 
+def name_tokens(card) -> list[str]:
+    """The words an nvidia-smi name of this card contains ('4090', 'rtx-4090'): what match_card
+    looks for, and what the image's launcher matches GPU names against."""
+    return list(dict.fromkeys((card.id, card.id.replace("rtx", ""), *card.aliases)))
+
+
 def match_card(cat, name: str):
     """The catalog card an nvidia-smi name means ('NVIDIA H20' -> h20), or None."""
     low = name.lower()

@@ -79,7 +79,7 @@ class Plan:
     arch_why: str
     extensions: tuple[Extension, ...]  # the model's own ops, as the catalog gives them
     fixers: tuple[Fixer, ...]
-    runtime_env: dict  # name -> {"value":..., "why":...}
+    runtime_env: dict  # name -> {"value":..., "why":...}: baked into the image as ENV
     min_driver: str
     compat_driver: str
     cxx: int
@@ -99,6 +99,9 @@ class Plan:
     # need (import name, op check, compiled modules the check covers): packages/ decides.
     native_packages: dict = field(default_factory=dict)
     stdlib_modules: dict = field(default_factory=dict)  # module the OS packs apart (tkinter) -> why
+    # Settings the image's launcher decides on the host at start (not baked): name -> {"value",
+    # "rule", "why", "respects" (variables a user sets to decide it), "cards" (catalog facts the rule reads)}
+    host_env: dict = field(default_factory=dict)
 
     @property
     def ccs(self) -> list[str]:

@@ -52,7 +52,8 @@ RUNTIME_APT = ["ca-certificates", "libgomp1", "libglib2.0-0"]
 # dependencies (av2, nuscenes-devkit) even where the Plan asks for the headless wheel.
 GUI_OPENCV_APT = ["libgl1"]
 # The image's paths by name, for the template: {{ p.venv }} (envbuild/paths.py holds them).
-IMAGE_PATHS = SimpleNamespace(venv=paths.VENV, helpers=paths.HELPERS, model=paths.MODEL, venv_delta=paths.VENV_DELTA)
+IMAGE_PATHS = SimpleNamespace(venv=paths.VENV, helpers=paths.HELPERS, model=paths.MODEL, venv_delta=paths.VENV_DELTA,
+                              launcher=paths.LAUNCHER)
 
 
 def _check(value: str, pattern: re.Pattern, what: str) -> str:
@@ -364,6 +365,35 @@ class Context:
         return out
 
     @property
+    def host_env(self) -> list[tuple[str, str]]:
+        """The settings the image's launcher decides on the host at start: (name, what it reads)."""
+        out = []
+        for name, item in sorted(self.plan.host_env.items()):
+            cards = ", ".join(_check(c["id"], WORD_RE, "card id") for c in item.get("cards", ()))
+            reads = f"the GPUs' P2P matrix; cards without P2P in the catalog: {cards or 'none'}"
+            out.append((_check(name, ENV_NAME_RE, "env name"), reads if item.get("rule") == "no-p2p" else _comment(item["why"])))
+        return out
+
+    @property
+    def entrypoint(self) -> str:
+        """The image's ENTRYPOINT (exec form): the launcher under the venv's Python without site
+        (-S: stdlib only, no .pth file of the venv runs before the user's command)."""
+        return json.dumps([f"{paths.VENV}/bin/python", "-S", paths.LAUNCHER])
+
+    @property
+    def host_settings(self) -> str:
+        """host-settings.json: what the launcher reads (the Plan's host_env, and what is baked as ENV)."""
+        data = {"format": 1,
+                "image": {name: {"value": value, "why": why} for name, value, why in self.runtime_env},
+                "host": [{"name": name, **{k: v for k, v in sorted(self.plan.host_env[name].items())}}
+                         for name, _ in self.host_env]}
+        for item in data["host"]:  # values the launcher puts into the environment, as ENV values would be
+            _check(item["value"], ENV_VALUE_RE, "env value")
+            for key in item.get("respects", ()):
+                _check(key, ENV_NAME_RE, "env name")
+        return json.dumps(data, indent=1, sort_keys=True) + "\n"
+
+    @property
     def labels(self) -> list[tuple[str, str]]:
         p = self.plan
         fixers = ",".join(f.name for f in p.fixers)
@@ -408,6 +438,7 @@ def plan_summary(p: Plan) -> dict:
         "compiled": list(p.compiled), "arch_list": p.arch_list,
         "fixers": [f.name for f in p.fixers], "deviations": p.deviations,
         "runtime_env": {k: v["value"] for k, v in p.runtime_env.items()},
+        "host_env": {k: "decided on the host at start" for k in sorted(p.host_env)},
         "min_driver": p.min_driver,
     }
 
@@ -443,7 +474,8 @@ def make_context(plan: Plan, command: str, base_image: str | None = None, runtim
     ctx = Context(plan, _comment(creds.redact(command)), base, runtime, source, pypi_index, locked)
     # Validate every value that reaches the Dockerfile or requirements.in now, before any file is written.
     for prop in ("torch_requirements", "torch_index_args", "packages", "compiled_steps", "arch_list", "repo",
-                 "commit", "extensions", "runtime_env", "deps_apt", "deps_env", "deps_files", "runtime_apt", "fixes_installed"):
+                 "commit", "extensions", "runtime_env", "host_settings", "deps_apt", "deps_env", "deps_files", "runtime_apt",
+                 "fixes_installed"):
         getattr(ctx, prop)
     return ctx
 
@@ -491,6 +523,8 @@ def write(ctx: Context, out: Path, source_dir: Path | None = None, adopt: bool =
         "Dockerfile": creds.redact(dockerfile(ctx)),
         "requirements.in": creds.redact(requirements_in(ctx)),
         "plan.json": creds.redact(ctx.plan.to_json()) + "\n",
+        # beside the in-image helpers: the runtime stage copies envbuild/ to the launcher's folder
+        "envbuild/host-settings.json": ctx.host_settings,
     }
     if ctx.wheel_cache:  # what this build takes from the wheel cache, and what it pushes there after
         files["wheel-cache.json"] = json.dumps(
@@ -509,10 +543,10 @@ def write(ctx: Context, out: Path, source_dir: Path | None = None, adopt: bool =
         # the manifest first: whoever looks in without the lock never sees envbuild's files unclaimed
         outputs.record_owned(out, names)
         written = []
+        (out / "envbuild").mkdir(exist_ok=True)
         for name, text in files.items():
             outputs.write_if_changed(out / name, text)
             written.append(out / name)
-        (out / "envbuild").mkdir(exist_ok=True)
         for name, src in helpers.items():
             dst = out / name
             outputs.write_if_changed(dst, src.read_text())

@@ -211,10 +211,14 @@ def _merge(cat, model, cards: list[Card], plans: dict, stack, toolkit, strict, o
         if forced:
             why = "one torch for every card; " + "; ".join(f"{', '.join(ids)}: {r}" for r, ids in forced.items())
             first = replace(first, torch=replace(first.torch, why=why))
+    # Only what every card of the image needs is baked into it: a setting some of its cards need
+    # and others not (P2P off for an RTX 4090, not for an NVLink H100) depends on the host the
+    # image runs on, and the image's launcher decides it there (host_env).
     runtime_env: dict = {}
-    for card in cards:
-        for name, item in plans[card.id].runtime_env.items():
-            runtime_env.setdefault(name, {"value": item["value"], "why": item["why"]})
+    for name, item in plans[cards[0].id].runtime_env.items():
+        if all(plans[c.id].runtime_env.get(name, {}).get("value") == item["value"] for c in cards):
+            whys = dict.fromkeys(plans[c.id].runtime_env[name]["why"] for c in cards)
+            runtime_env[name] = {"value": item["value"], "why": "; ".join(whys)}
     notes = tuple(dict.fromkeys(n for p in plans.values() for n in p.notes))
     arch_list = union_arch_list([plans[c.id].arch_list for c in cards], ptx_for_newest=portable)
     arch_why = "; ".join(f"{c.id}: {plans[c.id].arch_why}" for c in cards)
@@ -226,7 +230,7 @@ def _merge(cat, model, cards: list[Card], plans: dict, stack, toolkit, strict, o
                    native_packages=_merged_native(plans),
                    card_name=(f"{len(cards)} cards (portable)" if portable else " + ".join(c.name for c in cards)),
                    cc=",".join(c.cc for c in cards), mode=mode, packages=pins, arch_list=arch_list,
-                   arch_why=arch_why, runtime_env=runtime_env, notes=notes)
+                   arch_why=arch_why, runtime_env=runtime_env, host_env=host_env(cat, runtime_env), notes=notes)
 
 
 def _merged_native(plans: dict) -> dict:
@@ -493,7 +497,12 @@ def _port_allowed(c: _Candidate) -> str | None:
 
 
 def _runtime_env(c: _Candidate) -> str | None:
-    """What the card needs at run time, and notes on how the stack reaches it."""
+    """What the card needs at run time, and notes on how the stack reaches it.
+
+    An image for one card that has no P2P keeps NCCL_P2P_DISABLE=1 as an ENV: every host it runs
+    on has that card, and the ENV holds where the launcher is bypassed (a Kubernetes `command:`,
+    `apptainer exec`, `docker run --entrypoint`). Images for several cards bake it only when every
+    card lacks P2P (_merge); otherwise the launcher decides it on the host (host_env)."""
     if not c.card.p2p:
         c.runtime_env["NCCL_P2P_DISABLE"] = {
             "value": "1", "why": f"{c.card.name} has no peer-to-peer between GPUs; NCCL all-reduce hangs without it"}
@@ -503,6 +512,32 @@ def _runtime_env(c: _Candidate) -> str | None:
         c.notes.append(f"nvcc {c.toolkit.version} builds extensions for torch's CUDA {c.stack.cuda} build "
                        f"(same major: accepted)")
     return None
+
+
+# The settings that depend on the host an image runs on, not on the image: the rule the image's
+# launcher (incontainer/launch.py) applies at start, and which environment variables, set by the
+# user, mean the user decided already.
+HOST_RULES = {
+    "NCCL_P2P_DISABLE": {
+        "value": "1", "rule": "no-p2p", "respects": ["NCCL_P2P_DISABLE", "NCCL_P2P_LEVEL"],
+        "why": "whether GPUs reach each other peer-to-peer is a property of the host (NVLink, PCIe switches, "
+               "ACS, VMs): the launcher reads nvidia-smi topo at start and turns P2P off only where a pair of "
+               "GPUs cannot do it or a card has none"},
+}
+
+
+def host_env(cat: Catalog, runtime_env: dict) -> dict:
+    """What the image's launcher decides on the host, for the settings the image does not bake.
+    The cards the catalog marks without P2P are all of them, not only the image's own: an image
+    may run on a host whose cards it was not built for, and the names cost nothing."""
+    from .host import name_tokens
+    no_p2p = [{"id": card.id, "name": card.name, "match": name_tokens(card)}
+              for card in sorted(cat.cards.values(), key=lambda card: card.id) if not card.p2p]
+    out = {}
+    for name, rule in HOST_RULES.items():
+        if name not in runtime_env:
+            out[name] = {**rule, "respects": list(rule["respects"]), "cards": no_p2p}
+    return out
 
 
 GATES = (_torch_wheel_exists, _toolkit_matches, _card_runs_torch, _extensions_compile_for_card, _model_pins,
@@ -544,7 +579,7 @@ def _assemble(c: _Candidate) -> Plan:
         packages=tuple(c.pins), compiled=tuple(c.compiled),
         arch_list=c.arch, arch_why=c.arch_why,
         extensions=model.extensions,
-        fixers=tuple(c.fixers), runtime_env=c.runtime_env,
+        fixers=tuple(c.fixers), runtime_env=c.runtime_env, host_env=host_env(c.cat, c.runtime_env),
         min_driver=toolkit.min_driver, compat_driver=toolkit.compat_driver, cxx=c.cxx,
         train={k: list(v) if isinstance(v, tuple) else v for k, v in asdict(model.train).items()},
         torch_compile=torch_compile, torch_compile_why=torch_compile_why,

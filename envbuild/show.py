@@ -77,7 +77,9 @@ def plan(p) -> None:
     for fx in p.fixers:
         out.print(f"  fixer       {fx.name}: {fx.why}", markup=False)
     for name, env in p.runtime_env.items():
-        out.print(f"  runtime     {name}={env['value']}  [dim]# {e(env['why'])}[/]")
+        out.print(f"  runtime     {name}={env['value']}  [dim]# in the image: {e(env['why'])}[/]")
+    for text in host_settings(p):
+        out.print(f"  on host     {e(text)}")
     for note in p.notes:
         out.print(f"  note        {note}", markup=False)
     if p.deviations:
@@ -118,9 +120,26 @@ def note(text: str) -> None:
     err.print(printable(text, keep_newlines=True), markup=False)
 
 
+def host_settings(p) -> list[str]:
+    """What the image's launcher decides on the host at start, for people: one line per setting."""
+    out = []
+    for name, item in sorted(getattr(p, "host_env", {}).items()):
+        if item.get("rule") == "no-p2p":
+            cards = ", ".join(c["id"] for c in item.get("cards", ())) or "none"
+            out.append(f"{name}: decided on the host at start (P2P off only where a pair of GPUs lacks it "
+                       f"or a card has none: {cards}); a value you set is kept")
+        else:
+            out.append(f"{name}: decided on the host at start; a value you set is kept")
+    return out
+
+
 def plan_cards(p) -> None:
-    """Which cards a Plan is for, and why."""
+    """Which cards a Plan is for, and why; and what is decided on the host the image runs on."""
     line(f"for     {', '.join(p.cards)}  ({p.cards_why})")
+    for name, env in p.runtime_env.items():
+        line(f"env     {name}={env['value']} in the image ({env['why']})")
+    for text in host_settings(p):
+        line(f"host    {text}")
 
 
 def catalog_models(cat, as_json: bool = False) -> None:

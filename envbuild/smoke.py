@@ -58,6 +58,8 @@ def run(image: str, levels: list[str], gpus: str = "all", steps: int = 20, recip
     if label.MODEL not in (img.labels or {}):
         raise BadInput(f"{image} is not an envbuild image (no io.envbuild labels)", "build it with envbuild image")
     driver = host.driver()
+    # The image's ENTRYPOINT (launch.py) runs first: it decides the host settings (NCCL P2P) for
+    # the GPUs this container gets, and every level and command smoke.py starts inherits them.
     cmd = ["python", f"{paths.HELPERS}/smoke.py", "--level", ",".join(levels), "--steps", str(steps),
            "--recipe", recipe, "--loader", loader, "--comm-timeout", str(comm_timeout), "--ckpt-mb", str(ckpt_mb)]
     volumes, mount_args = _mounts(data, ckpt_dir, ops_check)

@@ -230,8 +230,10 @@ def test_every_plan_is_sound(cat, sources):
             assert cc_key(arch) < cc_key(card.cc)
         else:
             assert card.cc in CUBIN_RUNS_ON[arch], (p.model, p.card, p.arch_list)
-        if not card.p2p:
-            assert p.runtime_env["NCCL_P2P_DISABLE"]["value"] == "1"
+        if not card.p2p:  # a one-card image: every host has the card, so the ENV is baked
+            assert p.runtime_env["NCCL_P2P_DISABLE"]["value"] == "1" and "NCCL_P2P_DISABLE" not in p.host_env
+        else:  # else the image's launcher decides it on the host
+            assert "NCCL_P2P_DISABLE" not in p.runtime_env and p.host_env["NCCL_P2P_DISABLE"]["rule"] == "no-p2p"
         if p.strict is False and p.mode == "upstream":
             assert not [pin for pin in p.pins if pin.is_port]
         rel = cat.torch[p.torch.version.split("+")[0]]
@@ -281,10 +283,18 @@ def test_no_stack_for_every_card_says_which_card_and_why(cat):
     assert "every one of a800, v100" in exc.value.message and "v100: flash-attn" in exc.value.message
 
 
-def test_no_p2p_card_in_the_set_brings_its_nccl_setting(cat):
+def test_no_p2p_card_in_the_set_leaves_p2p_to_the_host(cat):
+    """a800+rtx4090: baking P2P off would slow the A800 hosts too; the launcher decides on the host,
+    with the catalog's P2P-less cards in the Plan. Only cards that all lack P2P bake it."""
     p = resolve(cat, "qcnet", "a800,rtx4090")
-    assert p.runtime_env["NCCL_P2P_DISABLE"]["value"] == "1"
+    assert "NCCL_P2P_DISABLE" not in p.runtime_env
+    rule = p.host_env["NCCL_P2P_DISABLE"]
+    assert rule["value"] == "1" and rule["rule"] == "no-p2p" and "NCCL_P2P_LEVEL" in rule["respects"]
+    assert {c["id"] for c in rule["cards"]} == {"rtx4090", "rtx5090"}
+    assert "4090" in next(c for c in rule["cards"] if c["id"] == "rtx4090")["match"]
     assert "NCCL_P2P_DISABLE" not in resolve(cat, "qcnet", "a800").runtime_env
+    both = resolve(cat, "qcnet", "rtx4090,rtx5090")
+    assert both.runtime_env["NCCL_P2P_DISABLE"]["value"] == "1" and both.host_env == {}
 
 
 def test_portable_covers_every_card_the_stack_runs_on_and_says_which_not(cat):

@@ -58,8 +58,10 @@ def _torchrun(nproc, backend, env, timeout):
 def comm_attempts(nproc, backend, timeout, run=_torchrun):
     """The all-reduce as the environment has it, then, for NCCL, once more with P2P off.
 
-    Nodes without working P2P (no NVLink, ACS on, some VMs) hang or fail in the first
-    all-reduce; NCCL_P2P_DISABLE=1 routes through host memory instead.
+    The environment is the one the image's launcher (launch.py) set up for this host: P2P off
+    where it found a pair of GPUs without it or a card the catalog marks P2P-less. Nodes whose
+    P2P breaks anyway (ACS on, some VMs) hang or fail in the first all-reduce; NCCL_P2P_DISABLE=1
+    routes through host memory instead.
     """
     env = dict(os.environ)
     first = run(nproc, backend, env, timeout)
@@ -67,6 +69,8 @@ def comm_attempts(nproc, backend, timeout, run=_torchrun):
     if backend != "nccl":
         return attempts, None
     first["setting"] = "NCCL_P2P_DISABLE=%s" % env.get("NCCL_P2P_DISABLE", "unset")
+    if env.get("ENVBUILD_LAUNCHER_SAID"):
+        first["launcher"] = env["ENVBUILD_LAUNCHER_SAID"]
     if not first["ok"] and env.get("NCCL_P2P_DISABLE") != "1":
         env["NCCL_P2P_DISABLE"] = "1"
         retry = run(nproc, backend, env, timeout)

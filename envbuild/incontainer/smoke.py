@@ -25,7 +25,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:  # run as a script it is already there; loaded from elsewhere it may not be
     sys.path.insert(0, HERE)
 
-from level_arch import level_arch  # noqa: E402 - the folder must be on sys.path first
+import launch  # noqa: E402 - the folder must be on sys.path first
+from level_arch import level_arch  # noqa: E402
 from level_comm import comm_worker, level_comm  # noqa: E402
 from level_env import level_env  # noqa: E402
 from level_io import level_io  # noqa: E402
@@ -44,6 +45,7 @@ def environment():
     info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] \
         if torch.cuda.is_available() else []
     info["driver"] = host_driver()
+    info["host_settings"] = os.environ.get(launch.SAID)  # what the launcher chose on this host, and why
     return info
 
 
@@ -54,6 +56,10 @@ def main(argv=None):
         return comm_worker(argv[1], int(argv[2]))
     if argv[:1] == ["op-check"]:
         return op_check(argv[1], argv[2] if len(argv) > 2 else None)
+    # The image's entrypoint (launch.py) decided the host settings (NCCL P2P) before this ran; run
+    # without it (--entrypoint, scripts/gpu-selftest.sh), the same decision is made here, so every
+    # level and every command the levels start (torchrun, the model's own training) runs under it.
+    launch.prepare(os.environ)
     ap = argparse.ArgumentParser(prog="envbuild-smoke")
     ap.add_argument("--plan", default=os.path.join(HERE, "plan.json"))
     ap.add_argument("--lock", default=os.path.join(HERE, "requirements.lock"))
