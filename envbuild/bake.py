@@ -1,99 +1,142 @@
-"""The whole models x cards matrix as a docker-bake file, for `docker buildx bake` on
-remote or Kubernetes builders.
+"""The whole models x cards matrix as a docker-bake file, for `docker buildx bake` here or on
+remote or Kubernetes builders, and the run of that file here (`envbuild bake --build`).
 
 One target per (model, card) building the runtime stage of its rendered context, shared
 base targets (one per distinct base image + Python, so every model on that base reuses
 one cached OS/Python/venv layer set), registry cache-from/cache-to, labels, and a
 per-target cap on compile jobs: with N targets building at once, each gets
 builder_memory / N, so mmcv and flash-attn compiles do not run the builder out of memory.
+The contexts are rendered by pipeline.prepare(), the same function `image` uses.
 """
 
 from __future__ import annotations
 
 import json
-import shlex
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import labels as label
-from . import catalog, creds, outputs, packages, render
+from . import build as build_stage
+from . import creds, engine, outputs, packages, render
 from .build import image_ref
 from .config import Sources
-from .errors import BadInput
-from .resolve import Conflict, resolve
+from .errors import BadInput, OperationFailed
+from .plan import Plan
 
 NETRC_ENV = "ENVBUILD_INDEX_NETRC"  # bake: the index credentials (a netrc's text) come from this variable
+INLINE_CACHE = "type=inline"  # the cache every driver can write: it travels in the image it describes
 
 
-def _key(text: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in text).strip("-")
+def target_name(model: str, card: str) -> str:
+    return "".join(ch if ch.isalnum() else "-" for ch in f"{model}-{card}").strip("-")
 
 
-def bake_file(models=None, cards=None, out_dir: Path = Path("bake"), sources: Sources | None = None,
-              registry: str = "", builder_memory_gb: int = 64, parallel: int = 4, base_image: str | None = None):
-    """Render every context under out_dir/contexts and return (bake dict, skipped cells)."""
-    cat = catalog.load()
-    sources = sources or Sources()
-    models = [cat.model(m).name for m in models] if models else sorted(cat.models)
-    cards = [cat.card(c).id for c in cards] if cards else list(cat.cards)  # the whole matrix by default
-    if not (1 <= parallel <= 256 and 1 <= builder_memory_gb <= 65536):
-        raise BadInput("--parallel must be 1-256 and --builder-memory 1-65536 (GB)", "e.g. --builder-memory 64 --parallel 4")
-    targets, bases, skipped = {}, {}, []
+@dataclass(frozen=True)
+class Cell:
+    """One (model, card) target: its Plan, its rendered context and the base image it starts from."""
+
+    plan: Plan
+    context: Path
+    base_image: str
+
+    @property
+    def name(self) -> str:
+        return target_name(self.plan.model, self.plan.card)
+
+    @property
+    def base_target(self) -> str:
+        return target_name(f"base-{self.base_image.split('/')[-1]}-py{self.plan.python.version}", "")
+
+
+def bake_file(cells: list[Cell], sources: Sources, registry: str = "", builder_memory_gb: int = 64,
+              parallel: int = 4) -> dict:
+    """The bake document for rendered cells (absolute contexts: buildx resolves relative ones
+    from where it runs, not from the bake file)."""
+    check_limits(builder_memory_gb, parallel)
+    if not cells:
+        raise BadInput("no (model, card) pair can be built")
     # Secrets as files or variables named, never their values: the CA bundle's path, and the index
     # credentials from the variable NETRC_ENV (a netrc's text) of whoever runs the bake.
     secrets = [f"id=ca_bundle,src={Path(sources.ca_bundle).resolve()}"] if sources.ca_bundle else []
     secrets += [f"id={creds.SECRET_ID},env={NETRC_ENV}"] if sources.credentials else []
     runs = {**({"secret": secrets} if secrets else {}), **({"network": sources.build_network} if sources.build_network else {})}
     cache = (registry.rstrip("/") + "/envbuild-cache") if registry else ""
-    for m in models:
-        for c in cards:
-            try:
-                plan = resolve(cat, m, c, sources=sources)
-            except Conflict as exc:
-                skipped.append({"model": m, "card": c, "reason": exc.message})
-                continue
-            name = _key(f"{m}-{c}")
-            # absolute: buildx resolves a relative context from where it runs, not from the bake file
-            ctx_dir = (out_dir / "contexts" / name).resolve()
-            # every flag that shaped this context, so its header regenerates it anywhere
-            command = f"envbuild bake --models {m} --cards {c}" + "".join(
-                f" {flag} {shlex.quote(value)}" for flag, value in (("--base-image", base_image),
-                                                                    ("--torch-index", sources.torch_index or "none"))
-                if value)
-            ctx = render.make_context(plan, command, base_image=base_image,
-                                      pypi_index=sources.pypi_index)
-            render.write(ctx, ctx_dir)
-            base_name = _key(f"base-{ctx.base_image.split('/')[-1]}-py{plan.python.version}")
-            bases.setdefault(base_name, {
-                "context": str(ctx_dir), "dockerfile": "Dockerfile", "target": "base", **runs,
-                **({"cache-from": [f"type=registry,ref={cache}:{base_name}"],
-                    "cache-to": [f"type=registry,ref={cache}:{base_name},mode=max"]} if cache else {}),
-            })
-            gb = max([render.compiled_block(plan, n).gb_per_job for n in plan.compiled] + [packages.DEFAULT_GB_PER_JOB])
-            jobs_cap = max(1, builder_memory_gb // (gb * parallel))
-            tag = image_ref(plan, registry)
-            target = {
-                "context": str(ctx_dir), "dockerfile": "Dockerfile", "target": "runtime",
-                "tags": [tag], "labels": {label.MODEL: m, label.CARD: c, label.CARDS: c, label.MODE: plan.mode},
-                "args": {"ENVBUILD_JOBS_CAP": str(jobs_cap)},
-            }
-            target.update(runs)
-            if cache:
-                target["cache-from"] = [f"type=registry,ref={cache}:{name}", f"type=registry,ref={cache}:{base_name}"]
-                target["cache-to"] = [f"type=registry,ref={cache}:{name},mode=max"]
-            targets[name] = target
-    if not targets:
-        raise BadInput("no (model, card) pair can be built", "; ".join(s["reason"] for s in skipped)[:500])
+    targets, bases = {}, {}
+    for cell in cells:
+        bases.setdefault(cell.base_target, {
+            "context": str(cell.context), "dockerfile": "Dockerfile", "target": "base", **runs,
+            **({"cache-from": [f"type=registry,ref={cache}:{cell.base_target}"],
+                "cache-to": [f"type=registry,ref={cache}:{cell.base_target},mode=max"]} if cache else {}),
+        })
+        plan = cell.plan
+        gb = max([render.compiled_block(plan, n).gb_per_job for n in plan.compiled] + [packages.DEFAULT_GB_PER_JOB])
+        tag = image_ref(plan, registry)
+        target = {
+            "context": str(cell.context), "dockerfile": "Dockerfile", "target": "runtime",
+            "tags": [tag], "labels": {label.MODEL: plan.model, label.CARD: plan.card, label.CARDS: plan.card,
+                                      label.MODE: plan.mode},
+            "args": {"ENVBUILD_JOBS_CAP": str(max(1, builder_memory_gb // (gb * parallel)))},
+            **runs,
+        }
+        if cache:  # its own cache, its base's, and the image itself (a docker-driver build's inline cache)
+            target["cache-from"] = [f"type=registry,ref={cache}:{cell.name}",
+                                    f"type=registry,ref={cache}:{cell.base_target}", f"type=registry,ref={tag}"]
+            target["cache-to"] = [f"type=registry,ref={cache}:{cell.name},mode=max"]
+        targets[cell.name] = target
     names = sorted(targets)
     # Groups of at most `parallel` targets: `docker buildx bake wave-1`, then wave-2, ... keeps
     # concurrent compiles within the builder's memory; `all` builds everything at once.
     waves = {f"wave-{n + 1}": {"targets": names[i:i + parallel]}
              for n, i in enumerate(range(0, len(names), parallel))}  # wave-1, wave-2, ...: consecutive
-    doc = {
+    return {
         "group": {"default": {"targets": sorted(bases) + names}, "bases": {"targets": sorted(bases)},
                   "all": {"targets": names}, **waves},
         "target": {**bases, **targets},
     }
-    return doc, skipped
+
+
+def check_limits(builder_memory_gb: int, parallel: int) -> None:
+    if not (1 <= parallel <= 256 and 1 <= builder_memory_gb <= 65536):
+        raise BadInput("--parallel must be 1-256 and --builder-memory 1-65536 (GB)", "e.g. --builder-memory 64 --parallel 4")
+
+
+def waves(doc: dict) -> list[str]:
+    return sorted((g for g in doc["group"] if g.startswith("wave-")), key=lambda g: int(g.split("-")[1]))
+
+
+def run(path: Path, doc: dict, sources: Sources, push: bool = False, echo=None,
+        time_limit: float | None = None) -> dict:
+    """`docker buildx bake` the file here, one wave after another, through the current builder.
+    Returns {driver, waves: [{group, seconds, run_steps}], images: {target: {tag, image_id, labels}}}.
+
+    The default `docker` driver cannot export a cache to a registry (buildx refuses the file):
+    there each target writes an inline cache instead, which its pushed image carries, and the
+    next bake's cache-from reads it back from the registry."""
+    cli = engine.find_cli()
+    if cli.mode != "buildx":
+        raise OperationFailed(f"bake --build needs the docker buildx plugin; {cli.path} has none",
+                              "install docker-buildx (Debian 13's package installs on Debian 12) or docker-buildx-plugin")
+    driver = build_stage.builder_driver(cli)
+    overrides = ["--set", f"*.cache-to={INLINE_CACHE}"] if driver == "docker" else []
+    deadline = time.monotonic() + time_limit if time_limit else None
+    result = {"driver": driver, "waves": [], "images": {}}
+    for group in waves(doc):
+        left = deadline - time.monotonic() if deadline else None
+        if left is not None and left <= 0:
+            raise OperationFailed(f"bake stopped at its time limit before {group}", log=None)
+        cmd = [cli.path, "buildx", "bake", "-f", str(path), "--progress=plain", *overrides,
+               *(["--push"] if push else ["--load"] if driver != "docker" else []), group]
+        result["waves"].append(build_stage.run_bake(cli, cmd, f"bake-{group}", echo, left,
+                                                    {NETRC_ENV: sources.netrc} if sources.credentials else {}))
+        result["waves"][-1]["group"] = group
+    client = engine.client()
+    for name in (t for g in waves(doc) for t in doc["group"][g]["targets"]):
+        tag = doc["target"][name]["tags"][0]
+        image = client.images.get(tag)
+        result["images"][name] = {"tag": tag, "image_id": image.id,
+                                  "labels": {k: v for k, v in (image.labels or {}).items() if k.startswith(label.PREFIX)}}
+    return result
 
 
 def _made_by_envbuild(text: str) -> bool:

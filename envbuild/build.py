@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import threading
 import time
@@ -91,13 +92,17 @@ class BuildResult:
         return [s for s in self.steps if s.cached]
 
     def summary(self) -> dict:
-        runs = [s for s in self.steps if "] RUN " in s.name]
         return {
             "image_id": self.image_id, "tags": self.tags, "size_bytes": self.size,
             "build_seconds": round(self.seconds, 1), "log": self.log,
             "steps": len(self.steps), "cached_steps": len(self.cache_hits),
-            "run_steps": [{"step": s.name, "cached": s.cached, "seconds": s.seconds} for s in runs],
+            "run_steps": run_steps(self.steps),
         }
+
+
+def run_steps(steps: list[Step]) -> list[dict]:
+    """The RUN steps of a build, each with its cache hit and seconds: what summaries report."""
+    return [{"step": s.name, "cached": s.cached, "seconds": s.seconds} for s in steps if "] RUN " in s.name]
 
 
 def parse_progress(lines) -> list[Step]:
@@ -141,15 +146,16 @@ def _log_path(name: str) -> Path:
     return logs / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
 
 
-def _run(cli, cmd, log_path: Path, echo, time_limit: float | None = None) -> tuple[int, list[str]]:
+def _run(cli, cmd, log_path: Path, echo, time_limit: float | None = None, env: dict | None = None
+         ) -> tuple[int, list[str]]:
     """Run a docker build command, teeing its plain progress into the log. Past time_limit
     seconds the client is stopped (BuildKit cancels the build) and
-    OperationFailed names the steps that were still running."""
+    OperationFailed names the steps that were still running. env: variables added for the CLI."""
     lines = []
     with open(log_path, "w") as log:
         log.write(creds.redact("$ " + " ".join(cmd)) + "\n")
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env=cli.env(), bufsize=1)
+                                env={**cli.env(), **(env or {})}, bufsize=1, start_new_session=True)
         # Its own flag: Timer.cancel() sets the timer's `finished` event too, so that event cannot
         # tell a build the limit stopped from one that failed on its own.
         limit_hit = threading.Event()
@@ -160,7 +166,7 @@ def _run(cli, cmd, log_path: Path, echo, time_limit: float | None = None) -> tup
         # first step within seconds of the daemon taking the build, so a silent start is stopped.
         started, silent = threading.Event(), threading.Event()
         start_wait = engine.engine_timeout()
-        watchdog = threading.Timer(start_wait, lambda: None if started.is_set() else (silent.set(), proc.kill()))
+        watchdog = threading.Timer(start_wait, lambda: None if started.is_set() else (silent.set(), _signal(proc, signal.SIGKILL)))
         watchdog.daemon = True
         watchdog.start()
         # Once started, a daemon that stalls mid-build leaves the CLI silent too. Compiles print
@@ -225,12 +231,21 @@ def still_running(lines) -> str:
     return "; ".join(running) or "nothing (it was finishing)"
 
 
+def _signal(proc, sig) -> None:
+    """Signal the client and what it started: `docker buildx` runs as a plugin child of `docker`,
+    which keeps the output pipe open when only its parent is stopped."""
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def _stop(proc) -> None:
-    proc.terminate()
+    _signal(proc, signal.SIGTERM)
     try:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        _signal(proc, signal.SIGKILL)
 
 
 def _progress_of(step: Step) -> str:
@@ -259,6 +274,33 @@ def _options(ca_bundle: str | None, netrc: str | None, network: str = "") -> lis
     if network:
         cmd += ["--network", network]
     return cmd
+
+
+def builder_driver(cli) -> str:
+    """The driver of buildx's current builder (docker, docker-container, kubernetes, remote)."""
+    try:
+        out = subprocess.run([cli.path, "buildx", "inspect"], capture_output=True, text=True,
+                             timeout=engine.engine_timeout(), env=cli.env())
+    except subprocess.TimeoutExpired:
+        raise engine.stalled(f"`{cli.path} buildx inspect`") from None
+    found = re.search(r"^Driver:\s*(\S+)", out.stdout, re.M)
+    if out.returncode != 0 or not found:
+        raise OperationFailed(f"`{cli.path} buildx inspect` did not name its builder's driver: "
+                              + (out.stderr.strip().splitlines() or ["no output"])[-1], engine.HINT)
+    return found.group(1)
+
+
+def run_bake(cli, cmd: list[str], log_name: str, echo=None, time_limit: float | None = None,
+             env: dict | None = None) -> dict:
+    """One `docker buildx bake` run, watched like a build: {seconds, log, run_steps}."""
+    log_path = _log_path(log_name)
+    start = time.monotonic()
+    rc, lines = _run(cli, cmd, log_path, echo, time_limit, env)
+    steps = parse_progress(lines)
+    if rc != 0:
+        _fail(rc, steps, lines, log_path)
+    return {"seconds": round(time.monotonic() - start, 1), "log": str(log_path),
+            "run_steps": run_steps(steps)}
 
 
 def export_stage(context: Path, target: str, dest: Path, ca_bundle: str | None = None, echo=None,

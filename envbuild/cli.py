@@ -465,13 +465,26 @@ def bake(models_: Optional[List[str]] = typer.Option(None, "--models", help="Mod
          registry: Optional[str] = typer.Option(None, "--registry", help="Registry for tags and the build cache."),
          builder_memory: int = typer.Option(64, "--builder-memory", help="GB of memory per builder."),
          parallel: int = typer.Option(4, "--parallel", help="Targets built at once per builder."),
-         base_image: Optional[str] = BASE_IMAGE, torch_index: Optional[str] = TORCH_INDEX,
+         cuda: Optional[str] = CUDA, python: Optional[str] = PYTHON,
+         source: Optional[List[str]] = typer.Option(None, "--source", help=(
+             "MODEL=PATH: a local source tree for that model (a bare PATH when one model is baked).")),
+         base_image: Optional[str] = BASE_IMAGE, runtime_image: Optional[str] = RUNTIME_IMAGE,
+         torch_index: Optional[str] = TORCH_INDEX, pypi_index: Optional[str] = PYPI_INDEX,
+         build_: bool = typer.Option(False, "--build", help="Build the file here with docker buildx bake, wave by wave."),
+         push_: bool = typer.Option(False, "--push", help="With --build: push every image (and its cache) to --registry."),
+         time_limit: Optional[int] = typer.Option(None, "--time-limit", min=60, help="With --build: stop after this many seconds."),
+         quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not stream BuildKit progress."),
          print_: bool = typer.Option(False, "--print", help="Print the resolved bake plan."), json_: bool = JSON):
-    """A docker-bake file for the models x cards matrix (docker buildx bake on remote builders)."""
-    path, doc, skipped = pipeline.bake_matrix(_split(models_), _split(cards_), out=out, registry=registry,
-                                              builder_memory=builder_memory, parallel=parallel,
-                                              base_image=base_image, torch_index=torch_index)
-    show.baked(path, doc, skipped, parallel, as_json=print_ or json_)
+    """A docker-bake file for the models x cards matrix (docker buildx bake here with --build, or on remote builders)."""
+    if push_ and not build_:
+        raise BadInput("--push pushes what --build builds", "add --build, or run docker buildx bake --push yourself")
+    progress = _progress(json_, quiet)
+    path, doc, skipped, sources = pipeline.bake_matrix(
+        _split(models_), _split(cards_), out=out, registry=registry, builder_memory=builder_memory, parallel=parallel,
+        base_image=base_image, runtime_image=runtime_image, torch_index=torch_index, pypi_index=pypi_index,
+        cuda=cuda, python=python, sources=tuple(source or ()), for_here=build_, progress=progress)
+    built = pipeline.bake_build(path, doc, sources, push=push_, progress=progress, time_limit=time_limit) if build_ else None
+    show.baked(path, doc, skipped, parallel, built, as_json=print_ or json_)
 
 
 def _terminated(signum, frame):

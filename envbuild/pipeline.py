@@ -30,7 +30,7 @@ from .build import check_ref, image_ref
 from .config import Sources, load_sources, setting
 from .errors import BadInput, EnvbuildError, OperationFailed, unknown
 from .plan import Plan
-from .resolve import FIXER_WHEN, PORTABLE, grid, parse_cards, parse_overrides, resolve
+from .resolve import FIXER_WHEN, PORTABLE, Conflict, grid, parse_cards, parse_overrides, resolve
 
 
 @dataclass(kw_only=True)
@@ -619,10 +619,59 @@ def compare_reports(reports: list[Path], out: Path, force: bool = False) -> Path
 
 def bake_matrix(models: list[str] | None, cards: list[str] | None, *, out: Path, registry: str | None = None,
                 builder_memory: int = 64, parallel: int = 4, base_image: str | None = None,
-                torch_index: str | None = None) -> tuple[Path, dict, list[dict]]:
-    """The docker-bake file for models x cards, its contexts beside it. Returns (file, bake, skipped cells)."""
-    sources = load_sources(torch_index=torch_index, registry=registry)
+                runtime_image: str | None = None, torch_index: str | None = None, pypi_index: str | None = None,
+                cuda: str | None = None, python: str | None = None, sources: tuple = (),
+                for_here: bool = False, progress: Progress = QUIET) -> tuple[Path, dict, list[dict], Sources]:
+    """The docker-bake file for models x cards, every context rendered beside it by prepare()
+    as `image` renders its own. for_here: the bake builds on this host, so a base image
+    Docker Hub would give and this host cannot reach is replaced by the one `envbuild base`
+    made (as `image` does). Returns (file, bake, skipped cells, sources)."""
+    cat = catalog.load()
+    bake_stage.check_limits(builder_memory, parallel)
+    models = [cat.model(m).name for m in models] if models else sorted(cat.models)
+    cards = [cat.card(c).id for c in cards] if cards else list(cat.cards)  # the whole matrix by default
+    trees = _model_sources(sources, models)
+    registry = load_sources(torch_index=torch_index, pypi_index=pypi_index, registry=registry).registry  # checked first
     bake_stage.check(out)  # before any context is written beside it
-    doc, skipped = bake_stage.bake_file(models, cards, out.parent, sources, sources.registry,
-                                        builder_memory, parallel, base_image)
-    return bake_stage.write(doc, out), doc, skipped
+    cells, skipped, found = [], [], None
+    for m in models:
+        for c in cards:
+            req = Request(model=m, card=c, cuda=cuda, python=python, source=trees.get(m), base_image=base_image,
+                          runtime_image=runtime_image, torch_index=torch_index, pypi_index=pypi_index)
+            try:
+                planned = plan_for(req)
+            except Conflict as exc:
+                skipped.append({"model": m, "card": c, "reason": exc.message})
+                continue
+            if for_here:
+                req = offline_base(req, planned[0], progress)
+            plan, found, ctx = prepare(req, out.parent / "contexts" / bake_stage.target_name(m, c), planned)
+            cells.append(bake_stage.Cell(plan, ctx.resolve(), req.base_image or plan.base_image))
+    if not cells:
+        raise BadInput("no (model, card) pair can be built", "; ".join(s["reason"] for s in skipped)[:500])
+    doc = bake_stage.bake_file(cells, found, registry, builder_memory, parallel)
+    return bake_stage.write(doc, out), doc, skipped, found
+
+
+def _model_sources(items: tuple, models: list[str]) -> dict:
+    """--source MODEL=PATH (or a bare PATH when the bake has one model): {model: path}."""
+    trees = {}
+    for item in items or ():
+        model, sep, path = item.partition("=")
+        if not sep:
+            if len(models) != 1:
+                raise BadInput(f"--source {item}: name the model it is for when the bake has several",
+                               f"--source {models[0]}=PATH")
+            model, path = models[0], item
+        if model not in models:
+            raise BadInput(f"--source {item}: {model} is not among the baked models ({', '.join(models)})",
+                           "--source MODEL=PATH for a model given to --models")
+        trees[model] = path
+    return trees
+
+
+def bake_build(path: Path, doc: dict, sources: Sources, push: bool = False, progress: Progress = QUIET,
+               time_limit: float | None = None) -> dict:
+    """Build a bake file here (bake.run), each wave after the last."""
+    engine.client()  # the daemon first: a wedged one is named before buildx is asked
+    return bake_stage.run(path, doc, sources, push=push, echo=progress.echo, time_limit=time_limit)

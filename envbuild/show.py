@@ -454,16 +454,27 @@ def loaded(result: dict, as_json: bool = False) -> None:
     line(f"checksum ok; loaded {', '.join(result['loaded'])} ({', '.join(result['tags'])})")
 
 
-def baked(path, doc: dict, skipped: list[dict], parallel: int, as_json: bool = False) -> None:
-    """The bake file written: its targets, shared bases and waves, the cells left out and why."""
+def baked(path, doc: dict, skipped: list[dict], parallel: int, built: dict | None = None, as_json: bool = False) -> None:
+    """The bake file written: its targets, shared bases and waves, the cells left out and why;
+    with built (bake --build), each wave's time and compiles, and the images it made."""
     if as_json:
-        return emit_json({"file": str(path), "bake": doc, "skipped": skipped})
+        return emit_json({"file": str(path), "bake": doc, "skipped": skipped, "built": built})
     targets = [n for n, t in doc["target"].items() if t.get("target") == "runtime"]
+    waves = [g for g in doc["group"] if g.startswith("wave-")]
     line(f"wrote {path}: {len(targets)} image target(s), {len(doc['group']['bases']['targets'])} shared base(s), "
-         f"{len([g for g in doc['group'] if g.startswith('wave-')])} wave(s) of <= {parallel}")
+         f"{len(waves)} wave(s) of <= {parallel}")
     for s_ in skipped:
         line(f"  skipped {s_['model']} on {s_['card']}: {s_['reason']}")
-    line(f"build: docker buildx bake -f {path} wave-1 (then wave-2, ...), or `all` on a big builder")
+    if built is None:
+        then = " (then wave-2, ...)" if len(waves) > 1 else ""
+        line(f"build: docker buildx bake -f {path} wave-1{then}, or `all` on a big builder; here: the same bake with --build")
+        return
+    for wave in built["waves"]:
+        ran = [s for s in wave["run_steps"] if not s["cached"]]
+        line(f"  {wave['group']}: {wave['seconds']:.0f} s, {len(ran)} step(s) run, "
+             f"{len(wave['run_steps']) - len(ran)} from cache (builder driver: {built['driver']})")
+    for name, image in built["images"].items():
+        line(f"  {name}: {image['tag']} ({image['image_id'][:19]})")
 
 
 def added(d, as_json: bool = False) -> None:
