@@ -7,7 +7,8 @@ asking the package index for the releases of the versions it pins:
   each with the file and line it came from;
 - every setup.py that builds CUDAExtensions, the command its guide builds it with, and whether
   it refuses to build without a visible GPU (the setup-without-gpu fixer's detection);
-- vendored packages and packages the guide installs from git (with their commit);
+- vendored packages, and packages installed from git as [git_packages] facts (URL, full commit,
+  subdirectory; a tag or branch resolved to its commit with `git ls-remote` unless --offline);
 - standard-library modules the OS packs apart (catalog.STDLIB_APART);
 - a construct recipe guess from the train script's builder and the first training config;
 - the era (the last commit that touched code) and the fixers `fix --list` finds.
@@ -81,6 +82,13 @@ class GitPackage:
     file: str
     line: int
     subdirectory: str = ""
+    # the catalog fact ([git_packages]): its https URL and full commit, "" where they are not known
+    https: str = ""
+    commit: str = ""
+
+    @property
+    def where(self) -> str:
+        return f"{self.file}:{self.line}"
 
 
 @dataclass
@@ -563,9 +571,11 @@ def _str_kw(call: ast.Call, key: str, pos: int | None = None) -> str:
 
 
 def draft(source: str, *, commit: str | None = None, name: str | None = None, pypi=None,
-          cat: catalog.Catalog | None = None, tree: Path | None = None) -> Draft:
+          cat: catalog.Catalog | None = None, tree: Path | None = None, ls_remote=None) -> Draft:
     """Read a checkout (tree; else the local path `source`) and draft its entry. pypi(name) ->
-    {version: YYYY-MM-DD} or None (no such project); None: the index is not asked."""
+    {version: YYYY-MM-DD} or None (no such project); None: the index is not asked.
+    ls_remote(url) -> [(commit, ref name)] of a git repository, to turn a tag or branch of a
+    package from git into its commit; None: not asked."""
     cat = cat or catalog.load()
     tree = Path(tree or source).resolve()
     questions: list[Question] = []
@@ -609,13 +619,9 @@ def draft(source: str, *, commit: str | None = None, name: str | None = None, py
     local |= {canonicalize_name(n) for n in _setup_names(tree)}
     torch, cuda, python = _torch_cuda_python(cat, r, questions)
     packages = _packages(r.found, local, questions)
-    git_packages = [g for g in r.git if canonicalize_name(g.name) not in local or g.url]
+    git_packages = _git_packages(r.git, {canonicalize_name(n) for n in vendored}, ls_remote, questions)
     for g in git_packages:
         packages.pop(canonicalize_name(g.name), None)
-        questions.append(Question(
-            "packages", f"{g.name} is installed from git ({g.url}{'@' + g.ref if g.ref else ', no commit named'}"
-            f"{', subdirectory ' + g.subdirectory if g.subdirectory else ''}): the catalog cannot fetch a package from "
-            f"git yet; vendor it in the source tree or pin a PyPI release of it in [packages]", f"{g.file}:{g.line}"))
     if pypi is not None:
         _check_pypi(packages, pypi, questions)
     era, era_why = _era(tree, head if git else "", packages, pypi, questions)
@@ -632,6 +638,73 @@ def draft(source: str, *, commit: str | None = None, name: str | None = None, py
     title, description = _title(tree, model_name)
     return Draft(model_name, source, str(tree), repo, head, era, era_why, python, torch, cuda, packages, git_packages,
                  vendored, extensions, stdlib, train, construct, fixes, questions, title, description)
+
+
+def git_https(url: str) -> str:
+    """A pip VCS URL (git+https://, git+ssh://git@host/..., git@host:...) as the https address the
+    catalog fetches from, without credentials; "" when it has none."""
+    url = re.sub(r"^git\+", "", url.strip())
+    m = re.match(r"^(?:ssh://)?git@([\w.-]+)[:/](.+)$", url)
+    if m:
+        url = f"https://{m.group(1)}/{m.group(2)}"
+    url = re.sub(r"^(https?://)[^/@]+@", r"\1", url)
+    return url if catalog.GIT_URL_RE.match(url) else ""
+
+
+def resolve_ref(refs: list[tuple[str, str]], ref: str) -> str:
+    """The full commit a tag, a branch or a short hash names among a repository's refs ("" when
+    none): a tag's peeled commit first."""
+    if catalog.COMMIT_RE.match(ref):
+        return ref
+    by_name = dict((name, sha) for sha, name in refs)
+    for name in (f"refs/tags/{ref}^{{}}", f"refs/tags/{ref}", f"refs/heads/{ref}", ref):
+        if name in by_name:
+            return by_name[name]
+    if re.match(r"^[0-9a-f]{7,39}$", ref):  # a short hash: only where it is the tip of a ref
+        hits = {sha for sha, _ in refs if sha.startswith(ref)}
+        if len(hits) == 1:
+            return hits.pop()
+    return ""
+
+
+def _git_packages(found: list[GitPackage], vendored: set[str], ls_remote, questions: list) -> list[GitPackage]:
+    """Packages installed from git as catalog facts: https URL and full commit; what is missing a question."""
+    out: dict[str, GitPackage] = {}
+    for g in found:
+        key = canonicalize_name(g.name)
+        if key in vendored or not catalog.PKG_RE.match(g.name):
+            continue
+        g.https = git_https(g.url)
+        g.commit = g.ref if catalog.COMMIT_RE.match(g.ref) else ""
+        if g.https and g.ref and not g.commit and ls_remote is not None:
+            try:
+                g.commit = resolve_ref(ls_remote(g.https), g.ref)
+            except EnvbuildError:
+                g.commit = ""
+        if g.subdirectory and (not catalog.RELPATH_RE.match(g.subdirectory) or ".." in g.subdirectory.split("/")):
+            g.subdirectory = ""
+        if key not in out or (g.commit and not out[key].commit):  # one fact per package, the pinned one first
+            out[key] = g
+    for key, g in sorted(out.items()):
+        at = f"git_packages.{_key(g.name)}"
+        if not g.https:
+            questions.append(Question(f"{at}.url", f"{g.name} is installed from {g.url}, which has no https address "
+                                      "the build can fetch: give one, then uncomment its lines", g.where))
+        elif not g.commit:
+            said = (f"{g.ref!r} is not a full commit" + ("" if ls_remote is not None else " (--offline: not asked)")
+                    if g.ref else "no commit is named")
+            questions.append(Question(f"{at}.commit", f"{g.name} is installed from git at {g.url}: {said}; give the "
+                                      f"full 40-hex commit upstream used (git ls-remote {g.https}), then uncomment its "
+                                      "lines", g.where))
+        questions.append(Question(f"{at}.build", f"{g.name} from git builds as pip (a guess): cuda-extension if its "
+                                  "setup.py compiles CUDA code against torch", g.where))
+    return list(out.values())
+
+
+def _ls_remote(url: str) -> list[tuple[str, str]]:
+    """The refs of a repository (git ls-remote): [(commit, ref name)]."""
+    out = _git(["ls-remote", "--", url])
+    return [tuple(line.split("\t", 1)) for line in out.splitlines() if "\t" in line]
 
 
 def _setup_names(tree: Path) -> set[str]:
@@ -1184,8 +1257,14 @@ def render(d: Draft, command: str) -> str:
               "[packages]"]
     for name, (spec, f) in sorted(d.packages.items()):
         lines.append(f"{_key(name)} = {_q(spec)}" + (f"  # {f.where}: {f.text}" if f else ""))
-    for g in d.git_packages:
-        lines.append(f"# from git, not in [packages]: {g.name} = {g.url}{'@' + g.ref if g.ref else ''}  # {g.file}:{g.line}")
+    for g in sorted(d.git_packages, key=lambda g: g.name):
+        done = bool(g.https and g.commit)  # else commented out: the questions say what is missing
+        mark = "" if done else "# "
+        lines += ["", f"{mark}[git_packages.{_key(g.name)}]  # {g.where}: {g.url}{'@' + g.ref if g.ref else ''}",
+                  f"{mark}url = {_q(g.https or g.url)}", f"{mark}commit = {_q(g.commit or g.ref or '?')}"]
+        if g.subdirectory:
+            lines.append(f"{mark}subdirectory = {_q(g.subdirectory)}")
+        lines.append(f"{mark}build = \"pip\"  # a guess: cuda-extension if it compiles CUDA code")
     for name, (version, path, where) in sorted(d.vendored.items()):
         lines += ["", f"[vendored.{_key(name)}]  # {where}", f"version = {_q(version)}", f"path = {_q(path)}"]
     if d.stdlib_modules:
@@ -1321,7 +1400,8 @@ def add_model(source: str, *, commit: str | None = None, name: str | None = None
             pypi = _index_dates()
         with tempfile.TemporaryDirectory(prefix="envbuild-add-") as facts:
             cat = catalog.load(_overlay(user, Path(facts)))
-        d = draft(source, commit=commit, name=model_name, pypi=pypi, cat=cat, tree=tree)
+        d = draft(source, commit=commit, name=model_name, pypi=pypi, cat=cat, tree=tree,
+                  ls_remote=None if offline else _ls_remote)
         command = f"envbuild add {source}" + (f" --commit {commit}" if commit else "") + \
             (f" --name {model_name}" if name else "")
         d.text = render(d, command)

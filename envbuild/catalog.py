@@ -56,6 +56,10 @@ FIND_LINKS_RE = re.compile(r"^https?://[A-Za-z0-9.-]+(:\d{1,5})?(/([A-Za-z0-9._~
 TORCH_MINOR_RE = re.compile(r"^\d\.\d{1,2}$")
 DOTTED_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# A package from git ([git_packages]): where it is fetched from (https; http for an in-house mirror,
+# safe because the fetch is by full commit id, which git checks), and how it builds.
+GIT_URL_RE = re.compile(r"^https?://[A-Za-z0-9.-]+(:\d{1,5})?(/[A-Za-z0-9._~+-]+)+/?$")
+GIT_BUILDS = ("pip", "cuda-extension")
 
 
 @lru_cache(maxsize=None)
@@ -227,6 +231,18 @@ class Extension:
 
 
 @dataclass(frozen=True)
+class GitPackage:
+    """A package upstream installs from git at one commit ([git_packages]): fetched in a stage of
+    its own at build time and built into a wheel there (render.py)."""
+    name: str
+    url: str
+    commit: str  # full 40-hex: the pin
+    subdirectory: str = ""  # inside that repository; "" = its root
+    build: str = "pip"  # pip | cuda-extension
+    requires: tuple[str, ...] = ()  # runtime dependencies: into requirements.in (it installs with --no-deps)
+
+
+@dataclass(frozen=True)
 class Train:
     launcher: str
     entry: str
@@ -288,6 +304,7 @@ class Model:
     corrections: dict = field(default_factory=dict)  # name -> (spec, why): upstream pins that cannot work
     # stdlib modules the OS packs apart from Python (tkinter) that the model imports -> why
     stdlib_modules: dict = field(default_factory=dict)
+    git_packages: dict = field(default_factory=dict)  # name -> GitPackage
 
     def pinned(self, name: str) -> str | None:
         spec = self.packages.get(name)
@@ -1070,6 +1087,7 @@ def _load_model(path: Path, torch: dict) -> Model:
     packages = _model_packages(doc, path)
     corrections = _model_corrections(doc, packages)
     vendored = _model_vendored(doc)
+    git_packages = _model_git_packages(doc, packages, vendored)
     extensions = _model_extensions(doc, path)
     train = _model_train(doc)
     # [data] (the dataset a person needs: documentation only) stays accepted and must be a
@@ -1099,6 +1117,7 @@ def _load_model(path: Path, torch: dict) -> Model:
         era=m.day("era", None),
         era_grace_days=m.number("era_grace_days", int, 0, 3650, 30),
         stdlib_modules=stdlib_modules,
+        git_packages=git_packages,
     )
     doc.unread()
     return model
@@ -1170,6 +1189,53 @@ def _model_vendored(doc: _Reader) -> dict[str, tuple[str, str]]:
             v = doc.sub("vendored").sub(name)
             vendored[name] = (v.version("version"), v.get("path", str, pattern=RELPATH_RE))
     return vendored
+
+
+def _model_git_packages(doc: _Reader, packages: dict, vendored: dict) -> dict[str, GitPackage]:
+    """[git_packages.NAME]: an https repository, a full commit, a folder inside it, a build kind."""
+    out: dict[str, GitPackage] = {}
+    if not doc.has("git_packages"):
+        return out
+    section = doc.sub("git_packages")
+    for name in doc.get("git_packages", dict):
+        if not PKG_RE.match(name):
+            raise section.fail(name, "not a package name")
+        key = name.lower()
+        if key in packages or name in vendored or key in out:
+            where = "[packages]" if key in packages else "[vendored]" if name in vendored else "[git_packages]"
+            raise section.fail(name, f"{name} is in {where} too: a package comes from one place (remove one of them)")
+        g = section.sub(name)
+        url = g.get("url", str)
+        if re.match(r"^(ssh://|git@|[\w.-]+@[\w.-]+:)", url):
+            raise g.fail("url", f"{url!r}: ssh is not supported (builds get no SSH agent): give the https address")
+        if re.match(r"^[a-z+]+://[^/]*@", url):
+            raise g.fail("url", f"{url!r} carries credentials: give the address without them (a mirror's "
+                                "credentials come from index_auth, never from the catalog)")
+        if url.startswith("git+"):
+            raise g.fail("url", f"{url!r}: the repository's address without pip's git+ prefix")
+        if not GIT_URL_RE.match(url):
+            raise g.fail("url", f"not an https URL of a repository: {url!r}")
+        commit = g.get("commit", str)
+        if not COMMIT_RE.match(commit):
+            short = re.match(r"^[0-9a-fA-F]{4,39}$", commit)
+            hint = ("a short hash cannot be fetched: give the full 40-hex commit (git rev-parse " + commit + ")"
+                    if short else "a tag or branch can move: give the full 40-hex commit it points at "
+                    "(git ls-remote URL " + commit + ")" if re.match(r"^[\w./-]+$", commit) else "40 hex digits")
+            raise g.fail("commit", f"{commit!r} is not a full commit id: {hint}")
+        sub = g.get("subdirectory", str, "")
+        if sub and (sub.startswith("/") or ".." in sub.split("/")):
+            raise g.fail("subdirectory", f"must stay inside the repository: {sub!r}")
+        if sub and not RELPATH_RE.match(sub):
+            raise g.fail("subdirectory", f"invalid value {sub!r}")
+        build = g.get("build", str, "pip")
+        if build not in GIT_BUILDS:
+            close = difflib.get_close_matches(build, GIT_BUILDS, n=1, cutoff=0.5) or \
+                [b for b in GIT_BUILDS if b.startswith(build)]
+            raise g.fail("build", f"{build!r} is not one of {', '.join(GIT_BUILDS)}"
+                                  + (f" (did you mean {close[0]!r}?)" if close else ""))
+        requires = g.strings("requires", PKG_RE, [])
+        out[key] = GitPackage(key, url, commit, sub.rstrip("/"), build, tuple(r.lower() for r in requires))
+    return out
 
 
 SOURCE_OPTIONS = {"-i", "--index-url", "--extra-index-url", "-f", "--find-links", "--trusted-host", "--index",

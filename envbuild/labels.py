@@ -10,5 +10,7 @@ ARCH_LIST = PREFIX + "arch-list"
 FIXERS = PREFIX + "fixers"
 DEVIATIONS = PREFIX + "deviations"
 PLAN = PREFIX + "plan"
+# packages installed from git, comma-separated: name=URL@COMMIT[#subdirectory=DIR] (only on images that have one)
+GIT_PACKAGES = PREFIX + "git-packages"
 SMOKE = PREFIX + "smoke"
 BASE_CUDA = PREFIX + "base.cuda"  # on bases `envbuild base` made: the CUDA toolkit they carry

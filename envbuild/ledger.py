@@ -46,6 +46,10 @@ def digest(plan) -> str:
                     if (info.get("build") or {}).get("from") == "vendor")
     if vendor:  # a vendor's wheel instead of a compile: another image (absent: records made before stay valid)
         decided["vendor_wheels"] = vendor
+    git = data.get("git_packages") or {}
+    if git:  # another commit of a package from git is another image
+        decided["git_packages"] = sorted((n, g["url"], g["commit"], g.get("subdirectory", ""), g.get("build", "pip"))
+                                         for n, g in git.items())
     return hashlib.sha256(json.dumps(decided, sort_keys=True).encode()).hexdigest()
 
 

@@ -90,6 +90,9 @@ class Plan:
     construct: dict | None = None  # smoke's model level: how to build the network (catalog [construct])
     index_cutoff: str | None = None  # YYYY-MM-DD: the lock sees PyPI as it was then (exact pins excepted)
     index_cutoff_why: str = ""
+    # Packages installed from git at a commit (catalog [git_packages]): name -> {"url", "commit",
+    # "subdirectory", "build" (pip | cuda-extension), "requires"}; each is a wheel stage of its own.
+    git_packages: dict = field(default_factory=dict)
     cards: tuple[str, ...] = ()  # every card the image is for (one, a list, or the portable set)
     cards_why: str = ""  # how the cards were chosen (--card, the host's GPUs, config, portable)
     # Packages that build from their sdist when the lock's version is below "below" (no wheel
@@ -133,6 +136,8 @@ class Plan:
     def to_dict(self) -> dict:
         data = asdict(self)
         data["deviations"] = self.deviations
+        if not data["git_packages"]:  # absent when none: plan.json and digests of Plans without one stay as they were
+            del data["git_packages"]
         return data
 
     def to_json(self) -> str:

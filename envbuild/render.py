@@ -23,6 +23,7 @@ from . import labels as label
 from . import creds, outputs, packages, paths
 from . import __version__
 from .catalog import CC_RE, FIND_LINKS_RE, STDLIB_APART, APT_RE, ENV_NAME_RE, ENV_VALUE_RE, FILE_RE, PKG_RE, V, is_exact
+from .catalog import COMMIT_RE, GIT_BUILDS, GIT_URL_RE
 from .errors import BadInput
 from .lock import has_package, locked_version, matches
 from .plan import Plan
@@ -115,6 +116,36 @@ class Step:
     @property
     def stage(self) -> str:
         return wheel_stage(self.name)
+
+
+@dataclass
+class GitStep:
+    """One package from git ([git_packages]): fetched by its commit and built into a wheel in a
+    stage of its own (from base with pip's build isolation, or from compile for a CUDA extension)."""
+    name: str
+    url: str
+    commit: str
+    subdirectory: str
+    build: str
+    gb_per_job: int = packages.DEFAULT_GB_PER_JOB
+
+    @property
+    def stage(self) -> str:
+        return "git-" + self.name.lower()
+
+    @property
+    def cuda(self) -> bool:
+        return self.build == "cuda-extension"
+
+    @property
+    def path(self) -> str:
+        """The folder pip builds, inside the stage's checkout."""
+        return "/src/" + self.subdirectory if self.subdirectory else "/src"
+
+    @property
+    def label(self) -> str:
+        """name=URL@COMMIT[#subdirectory=DIR], as pip would spell the requirement's source."""
+        return f"{self.name}={self.url}@{self.commit}" + (f"#subdirectory={self.subdirectory}" if self.subdirectory else "")
 
 
 def wheel_stage(package: str) -> str:
@@ -304,6 +335,34 @@ class Context:
             steps.append(step)
         return steps
 
+    @property
+    def git_steps(self) -> list[GitStep]:
+        """One stage per package from git, every value validated (they reach RUN lines)."""
+        out = []
+        for name, g in sorted(self.plan.git_packages.items()):
+            sub = g.get("subdirectory", "")
+            if sub:
+                _check(sub, RELPATH_RE, f"subdirectory of {name}")
+                if ".." in sub.split("/"):
+                    raise BadInput(f"refusing to render the subdirectory {sub!r} of {name}: leaves its repository",
+                                   "fix the catalog entry")
+            if g.get("build", "pip") not in GIT_BUILDS:
+                raise BadInput(f"refusing to render {name}: build {g.get('build')!r} is not one of {', '.join(GIT_BUILDS)}",
+                               "fix the catalog entry")
+            out.append(GitStep(_check(name, PKG_RE, "package name"), _check(g["url"], GIT_URL_RE, f"git URL of {name}"),
+                               _check(g["commit"], COMMIT_RE, f"commit of {name}"), sub, g.get("build", "pip")))
+        return out
+
+    @property
+    def compile_stage(self) -> bool:
+        """Whether the Dockerfile has the compile stage: compiled packages, or a CUDA extension from git."""
+        return bool(self.compiled_steps) or any(g.cuda for g in self.git_steps)
+
+    @property
+    def wheel_stages(self) -> list[str]:
+        """The stages whose /wheels the builder installs (compiled packages, then packages from git)."""
+        return [s.stage for s in self.compiled_steps] + [g.stage for g in self.git_steps]
+
     def wheel_ref(self, step: Step) -> str:
         """The wheel cache's tag for a compiled stage: a digest of exactly what the wheel is built
         from (base, Python, torch, build tools, arch list, the package and its build environment),
@@ -412,7 +471,7 @@ class Context:
             (label.FIXERS, fixers),
             (label.DEVIATIONS, str(len(p.deviations))),
             (label.PLAN, json.dumps(plan_summary(p), sort_keys=True, separators=(",", ":"))),
-        ]
+        ] + ([(label.GIT_PACKAGES, ",".join(g.label for g in self.git_steps))] if self.git_steps else [])
 
     @property
     def plan_lines(self) -> list[str]:
@@ -422,6 +481,8 @@ class Context:
                  f"torch {p.torch.version}, CUDA {p.cuda}, Python {self.python}, TORCH_CUDA_ARCH_LIST={p.arch_list}"]
         lines += [f"deviation: {d}" for d in p.deviations]
         lines += [f"fixer: {f.name}: {f.why}" for f in p.fixers]
+        lines += [f"from git: {g.name} {g.url} at {g.commit}" + (f", folder {g.subdirectory}" if g.subdirectory else "")
+                  + f", built as {g.build}" for g in self.git_steps]
         return [_comment(line) for line in lines]
 
 
@@ -440,6 +501,10 @@ def plan_summary(p: Plan) -> dict:
         "runtime_env": {k: v["value"] for k, v in p.runtime_env.items()},
         "host_env": {k: "decided on the host at start" for k in sorted(p.host_env)},
         "min_driver": p.min_driver,
+        # packages from git, when there are any (absent otherwise: the label of a Plan without one is as it was)
+        **({"git_packages": {n: f"{g['url']}@{g['commit']}" + (f"#subdirectory={g['subdirectory']}" if g.get("subdirectory")
+                                                               else "") for n, g in sorted(p.git_packages.items())}}
+           if p.git_packages else {}),
     }
 
 
@@ -473,7 +538,7 @@ def make_context(plan: Plan, command: str, base_image: str | None = None, runtim
     pypi_index = creds.without_credentials(_check(pypi_index, URL_RE, "PyPI index"))
     ctx = Context(plan, _comment(creds.redact(command)), base, runtime, source, pypi_index, locked)
     # Validate every value that reaches the Dockerfile or requirements.in now, before any file is written.
-    for prop in ("torch_requirements", "torch_index_args", "packages", "compiled_steps", "arch_list", "repo",
+    for prop in ("torch_requirements", "torch_index_args", "packages", "compiled_steps", "git_steps", "arch_list", "repo",
                  "commit", "extensions", "runtime_env", "host_settings", "deps_apt", "deps_env", "deps_files", "runtime_apt",
                  "fixes_installed"):
         getattr(ctx, prop)

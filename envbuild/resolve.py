@@ -372,7 +372,14 @@ def _model_pins(c: _Candidate) -> str | None:
     model, py = c.model, c.stack.python
     target = packages.Target(c.cat, c.stack.torch, c.stack.cuda, c.toolkit, c.card, py, c.strict,
                              c.sources.vendor_wheels)
-    for name, spec in model.packages.items():
+    # what a package from git needs at run time (it is installed with --no-deps): unpinned, the lock decides
+    required = {}
+    for g in model.git_packages.values():
+        for name in g.requires:
+            if name not in model.packages and name not in model.git_packages:
+                required.setdefault(name, []).append(g.name)
+    wanted = {**model.packages, **{name: "*" for name in required}}
+    for name, spec in wanted.items():
         forced = c.overrides.get(name)
         block = packages.block_for(c.cat, name)
         if block:
@@ -385,7 +392,9 @@ def _model_pins(c: _Candidate) -> str | None:
         elif forced:
             pin = Pin(name, forced, "set with --set", spec, "override")
         elif spec == "*":
-            pin = Pin(name, "", "unpinned upstream; the lock picks a version", spec)
+            pin = Pin(name, "", (f"required by {', '.join(required[name])} (from git, installed without its dependencies); "
+                                 "the lock picks a version") if name in required else
+                      "unpinned upstream; the lock picks a version", spec)
         elif name in model.corrections:
             fixed, why = model.corrections[name]
             pin = (_python_port(c.cat, name, fixed, py, model.python, upstream=spec)
@@ -590,6 +599,8 @@ def _assemble(c: _Candidate) -> Plan:
                                 **({"sdist_fixers": fx} if (fx := block.sdist_fixers(c.cat, pins[name], rel.version)) else {})}
                          for name, block in c.blocks.items()},
         stdlib_modules=dict(model.stdlib_modules),
+        git_packages={name: {"url": g.url, "commit": g.commit, "subdirectory": g.subdirectory, "build": g.build,
+                             "requires": list(g.requires)} for name, g in sorted(model.git_packages.items())},
         **_index_cutoff(model, rel),
     )
 

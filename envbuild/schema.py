@@ -237,6 +237,25 @@ MODEL_FILE = Table("One model (file name = the model's name); a user's file of t
         "version": F(str, VERSION, "Its version.", '"0.17.2"', True),
         "path": F(str, RELPATH, "Where it lives.", '"mmdetection3d"', True),
     })),
+    "git_packages": Names("NAME", "A package installed from a git repository at one commit, not from the package index "
+                          "(upstream's `pip install git+URL@COMMIT`): fetched at build time in a stage of its own, as the "
+                          "model's source is, built into a wheel and installed without dependencies. Its name must not "
+                          "be in [packages] or [vendored] too.", Table("A package from git.", {
+                              "url": F(str, "https URL (http for an in-house mirror)", "The repository to fetch; no "
+                                       "credentials, no ssh (builds get no SSH agent).",
+                                       '"https://github.com/example/chamferdist"', True),
+                              "commit": F(str, "40-hex commit", "The full commit to fetch: the pin (a tag or a short hash "
+                                          "can move or cannot be fetched).", '"0123456789abcdef0123456789abcdef01234567"',
+                                          True),
+                              "subdirectory": F(str, "path inside that repository", "The folder with its setup.py or "
+                                                "pyproject.toml (default: the repository's root).", '"python"'),
+                              "build": F(str, "pip or cuda-extension", "pip (default): `pip wheel` in isolation, as "
+                                         "`pip install git+...` does; cuda-extension: compiled against the Plan's torch "
+                                         "for its TORCH_CUDA_ARCH_LIST, like a compiled package.", '"cuda-extension"'),
+                              "requires": F(list, "array of package names", "Its runtime dependencies the model does not "
+                                            "pin itself: they go into requirements.in and the lock (it is installed with "
+                                            "--no-deps).", '["numpy", "scipy"]'),
+                          })),
     "extensions": Rows("The repository's CUDA extensions, built in the model stage (without dependencies).", Table(
         "A CUDA extension.", {
             "name": F(str, PKG, "Its name.", '"mmdet3d-ops"', True),

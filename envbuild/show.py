@@ -72,6 +72,9 @@ def plan(p) -> None:
         build = p.native_packages.get(name, {}).get("build") or {}
         how = "vendor wheel" if build.get("from") == "vendor" else "source build"
         out.print(f"  {how:<11} {name}  [dim]# {e(build.get('why', ''))}[/]")
+    for name, g in sorted(p.git_packages.items()):  # fetched and built at build time, pinned by commit
+        where = f"#subdirectory={g['subdirectory']}" if g.get("subdirectory") else ""
+        out.print(f"  from git    {name}: {g['url']}@{g['commit']}{where} ({g['build']})", markup=False)
     for ext in p.extensions:
         out.print(f"  extension   {ext.name}: {ext.path} ({' '.join(ext.build)})", markup=False)
     for fx in p.fixers:

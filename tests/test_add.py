@@ -164,10 +164,12 @@ def test_draft_reads_pins_extensions_vendored_git_construct_era_and_fixers(repo,
     # torch's family, the vendored package's own requirements and the optional section stay out
     assert not {"torch", "torchvision", "mmdet3d", "numba", "open3d"} & set(d.packages)
     assert any("open3d==0.17.0" in q.question for q in d.questions)
-    # a package from git: its commit, said as a question (the catalog cannot fetch it yet)
+    # a package from git: a catalog fact with its https URL and commit; only its build kind is asked
     (g,) = d.git_packages
     assert (g.name, g.ref) == ("detlib", "0123456789abcdef0123456789abcdef01234567")
-    assert any("detlib is installed from git" in q.question and q.found == "README.md:9" for q in d.questions)
+    assert (g.https, g.commit) == ("https://github.com/example/detlib.git", g.ref)
+    assert [q.found for q in d.questions if q.key.startswith("git_packages.detlib")] == ["README.md:9"]
+    assert "detlib" not in d.packages
     assert d.vendored == {"mmdet3d": ("0.17.2", "thirdparty/mmdetection3d", "thirdparty/mmdetection3d/mmdet3d/version.py")}
     exts = {e["path"]: e for e in d.extensions}
     assert exts["ops"]["build"] == ["pip", "install", "--no-build-isolation", "-v", "-e", "."]

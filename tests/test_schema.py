@@ -20,6 +20,10 @@ VENDOR = ('\n[vendor.mmcv-full]\nfind_links = "https://download.example.org/mmcv
           '[[vendor.mmcv-full.builds]]\nversions = ["1.7.1"]\ntorch = ["2.0"]\ncuda = ["11.8"]\n'
           'python = ["3.8", "3.11"]\nsass = ["8.0", "8.6"]\nptx = ["8.6"]\n')
 
+GIT_PACKAGE = ('\n[git_packages.tinylib]\nurl = "https://git.example.org/tinylib"\n'
+               'commit = "0123456789abcdef0123456789abcdef01234567"\nsubdirectory = "python"\nbuild = "pip"\n'
+               'requires = ["numpy"]\n')
+
 
 def test_the_committed_reference_is_the_generated_one():
     assert DOC.read_text() == schema.markdown(), \
@@ -72,7 +76,10 @@ def test_every_key_the_loader_reads_is_documented_and_every_documented_key_is_re
     monkeypatch.setattr(catalog._Reader, "unread", recording)
     packages = matrices_copy / "toolchains" / "packages.toml"
     packages.write_text(packages.read_text() + VENDOR)
+    model = matrices_copy / "models" / "qcnet.toml"
+    model.write_text(model.read_text() + GIT_PACKAGE)
     cat = catalog.load(matrices_copy)
+    assert "tinylib" in cat.model("qcnet").git_packages
     assert "mmcv-full" in cat.vendor and {m.construct.kind for m in cat.models.values() if m.construct} == {"argparse", "config"}
     assert {r.source for r in base_image.recipes().values()} == {"debian", "pypi"}
     for root in schema.FILES.values():

@@ -170,6 +170,8 @@ def level_env(plan, args):
     if plan["torchaudio"]["version"]:  # "": no torchaudio pairs with this torch, none is installed
         wanted.append(("torchaudio", plan["torchaudio"]["version"]))
     wanted += [(p["name"], p["version"]) for p in plan["packages"]]
+    # packages from git: installed and importable (no version to expect: the commit is the pin)
+    wanted += [(name, "") for name in sorted(plan.get("git_packages") or {})]
     failed = 0
     for name, pin in wanted:
         item = {"name": name}
