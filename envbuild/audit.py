@@ -43,6 +43,19 @@ def judge(library: dict, cc: str) -> dict:
     return {**library, "runs": via is not None, "via": via, "kind": kind_of(library["path"])}
 
 
+def specific_note(library: dict) -> str:
+    """Why the arch- and family-specific code a library has does not count: '' when it has none."""
+    notes = []
+    for arch, kind in [(a, "") for a in library["sass"]] + [(a, "+PTX") for a in library["ptx"]]:
+        base = arch.rstrip("af")
+        if arch.endswith("a"):
+            notes.append(f"{code_name(arch + kind)} is arch-specific: it runs only on {base}")
+        elif arch.endswith("f"):
+            notes.append(f"{code_name(arch + kind)} is family-specific: it runs only on {base.split('.')[0]}.x "
+                         f"at or above {base}")
+    return f" ({'; '.join(notes)})" if notes else ""
+
+
 TIMEOUT = 1800  # seconds the scan container may run (envbuild audit --timeout)
 
 
@@ -93,7 +106,7 @@ def audit(image: str, card: Card, scanned: list[dict] | None = None) -> dict:
         "torch_failures": [lib["path"].rsplit("/", 1)[-1] for lib in failing if TORCH_LIB.search(lib["path"])],
         "failures": [f"{lib['path']}: has SASS {', '.join(lib['sass']) or 'none'}, PTX {', '.join(lib['ptx']) or 'none'}; "
                      f"{card.name} needs sm_{card.cc.split('.')[0]}x SASS with minor <= {card.cc.split('.')[1]} "
-                     f"or PTX <= {card.cc}" for lib in failing],
+                     f"or PTX <= {card.cc}{specific_note(lib)}" for lib in failing],
     }
 
 

@@ -4,9 +4,19 @@ ELF shared object carrying it in .nv_fatbin (headers only; nothing runs)."""
 import struct
 
 
-def fatbin_bytes(arch, kind=2):
-    """A fatbin container holding one empty entry for sm_<arch> (kind 2: a cubin; 1: PTX)."""
-    entry = struct.pack("<HHIQ", kind, 0, 64, 8) + bytes(12) + struct.pack("<I", arch) + bytes(32) + bytes(8)
+# The entry header's flags (u64 at offset 40) as nvcc 13.0 (V13.0.88) writes them, measured on one
+# kernel compiled per -gencode: 0x11 for sm_90, 0x100011 for sm_90a, 0x1000011 for sm_100,
+# 0x1100011 for sm_100a, 0x1200011 for sm_100f; PTX 0x8011 / 0x108011 (compute_100a) / 0x208011
+# (compute_100f). Bit 20 marks arch-specific code, bit 21 family-specific.
+ARCH_SPECIFIC = 1 << 20
+FAMILY_SPECIFIC = 1 << 21
+
+
+def fatbin_bytes(arch, kind=2, flags=0x11):
+    """A fatbin container holding one empty entry for sm_<arch> (kind 2: a cubin; 1: PTX); flags
+    | ARCH_SPECIFIC makes it sm_<arch>a, | FAMILY_SPECIFIC sm_<arch>f."""
+    entry = (struct.pack("<HHIQ", kind, 0, 64, 8) + bytes(12) + struct.pack("<I", arch) + bytes(8)
+             + struct.pack("<Q", flags) + bytes(16) + bytes(8))
     return struct.pack("<IHHQ", 0xBA55ED50, 1, 16, len(entry)) + entry
 
 

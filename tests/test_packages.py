@@ -156,6 +156,29 @@ def test_the_wheel_audit_refuses_kernels_that_do_not_run_on_the_card(tmp_path):
     assert audit_scan.wheel_problems(str(cpu_only), ["8.0"])[1] == ["ops-1.0-py3-none-any.whl carries no GPU code"]
 
 
+def test_the_scanner_keeps_arch_and_family_specific_cubins_apart(tmp_path):
+    """nvcc marks sm_XYa / sm_XYf code only in the fatbin entry's flags (bit 20 / bit 21 of the u64
+    at offset 40, measured with nvcc 13.0: see fakecuda); the SM number is the same as sm_XY's. The
+    scanner names them 10.0a / 10.0f, so a wheel whose Blackwell code is sm_100a only is refused
+    for a B300 (10.3) and accepted for a B200 (10.0); sm_100f serves both."""
+    import zipfile
+    from fakecuda import ARCH_SPECIFIC, FAMILY_SPECIFIC, elf_with_fatbin, fatbin_bytes
+    from envbuild.incontainer import audit_scan
+    data = (fatbin_bytes(100, flags=0x1100011) + fatbin_bytes(90) + fatbin_bytes(90, flags=0x100011)
+            + fatbin_bytes(100, flags=0x1000011) + fatbin_bytes(100, kind=1, flags=0x208011)
+            + fatbin_bytes(120, kind=1, flags=0x8011))
+    assert audit_scan.fatbin_archs(data) == (["9.0", "9.0a", "10.0", "10.0a"], ["10.0f", "12.0"])
+    assert audit_scan.fatbin_archs(fatbin_bytes(100, flags=FAMILY_SPECIFIC)) == (["10.0f"], [])
+    for flags, archs, refused in ((ARCH_SPECIFIC, ["10.0a"], ["10.3"]), (FAMILY_SPECIFIC, ["10.0f"], []), (0, ["10.0"], [])):
+        folder = tmp_path / str(flags)
+        folder.mkdir()
+        with zipfile.ZipFile(folder / "ops-1.0-cp311-cp311-linux_x86_64.whl", "w") as whl:
+            whl.writestr("ops/_C.cpython-311-x86_64-linux-gnu.so", elf_with_fatbin(fatbin_bytes(100, flags=flags)))
+        checked, problems = audit_scan.wheel_problems(str(folder), ["10.0", "10.3"])
+        assert [c["sass"] for c in checked] == [archs]
+        assert [p.rsplit(" ", 1)[-1] for p in problems] == refused, problems
+
+
 def test_vendor_entries_in_the_catalog_are_validated(matrices_copy):
     from envbuild import catalog
     from envbuild.errors import CatalogError

@@ -24,6 +24,30 @@ def test_cubin_runs_only_on_same_major_higher_minor(sass, cc, ok):
     assert sass_runs_on(sass, cc) is ok
 
 
+@pytest.mark.parametrize("sass,cc,ok", [
+    ("10.0a", "10.0", True), ("10.0a", "10.3", False), ("9.0a", "9.0", True), ("9.0a", "10.0", False),
+    ("10.3a", "10.0", False), ("12.0a", "12.1", False),
+    # family-specific: the family's cards at or above it (sm_100f: 10.0 and 10.3; sm_103f: 10.3 only)
+    ("10.0f", "10.0", True), ("10.0f", "10.3", True), ("10.3f", "10.0", False), ("10.0f", "12.0", False),
+    ("12.0f", "12.1", True),
+])
+def test_arch_specific_cubins_run_only_on_their_own_arch(sass, cc, ok):
+    assert sass_runs_on(sass, cc) is ok
+
+
+def test_arch_and_family_specific_ptx_do_not_compile_forward():
+    assert wheel_runs_on([], "10.3", ptx=["10.0a"]) is None and wheel_runs_on([], "10.0", ptx=["10.0a"]) == "10.0a+PTX"
+    assert wheel_runs_on([], "10.3", ptx=["10.0f"]) == "10.0f+PTX" and wheel_runs_on([], "12.0", ptx=["10.0f"]) is None
+    assert wheel_runs_on(["9.0", "10.0a"], "10.3", ptx=["9.0"]) == "9.0+PTX"  # not the sm_100a cubin
+
+
+def test_cc_key_reads_the_suffix_and_orders_it_beside_its_arch():
+    assert cc_key("10.0a") == (10, 0, "a") and cc_key("8.6") == (8, 6)
+    assert sorted(["10.3", "10.0f", "10.0", "9.0a", "10.0a"], key=cc_key) == ["9.0a", "10.0", "10.0a", "10.0f", "10.3"]
+    with pytest.raises(ValueError):
+        cc_key("10.0x")
+
+
 def test_ptx_compiles_forward():
     assert wheel_runs_on(["7.0"], "9.0", ptx=["8.0"]) == "8.0+PTX"
     assert wheel_runs_on(["7.0"], "7.5", ptx=["8.0"]) == "7.0"
@@ -165,7 +189,10 @@ CUBIN_RUNS_ON = {"3.5": set(), "3.7": set(), "5.0": set(), "5.2": set(), "5.3": 
                  "6.2": set(), "7.0": {"7.0", "7.5"}, "7.2": {"7.5"}, "7.5": {"7.5"}, "8.0": {"8.0", "8.6", "8.9"},
                  "8.6": {"8.6", "8.9"}, "8.7": {"8.9"}, "8.8": {"8.9"}, "8.9": {"8.9"}, "9.0": {"9.0"},
                  "10.0": {"10.0", "10.3"}, "10.1": {"10.3"}, "10.3": {"10.3"}, "11.0": set(), "12.0": {"12.0"},
-                 "12.1": set()}
+                 "12.1": set(),
+                 # arch-specific (sm_XYa): exactly X.Y; family-specific (sm_XYf): X.Y's family at or above it
+                 "9.0a": {"9.0"}, "10.0a": {"10.0"}, "10.3a": {"10.3"}, "12.0a": {"12.0"}, "12.1a": set(),
+                 "10.0f": {"10.0", "10.3"}, "10.3f": {"10.3"}, "12.0f": {"12.0"}}
 # (SASS, PTX) a torch wheel carries -> the compute capabilities of catalog cards it runs on
 WHEEL_RUNS_ON = {
     (("3.7", "5.0", "6.0", "7.0"), ()): {"7.0", "7.5"},
@@ -183,6 +210,14 @@ WHEEL_RUNS_ON = {
     (("9.0",), ()): {"9.0"},
     (("10.0",), ()): {"10.0", "10.3"},
     (("8.6", "12.0"), ()): {"8.6", "8.9", "12.0"},
+    # arch-specific code serves its own arch only; family-specific PTX stays in its family
+    (("9.0a",), ()): {"9.0"},
+    (("10.0a",), ()): {"10.0"},
+    (("8.0", "9.0a", "10.0a"), ()): {"8.0", "8.6", "8.9", "9.0", "10.0"},
+    (("9.0", "9.0a", "10.0", "10.0a"), ()): {"9.0", "10.0", "10.3"},
+    ((), ("10.0a",)): {"10.0"},
+    ((), ("10.0f",)): {"10.0", "10.3"},
+    (("9.0a",), ("9.0",)): {"9.0", "10.0", "10.3", "12.0"},
 }
 
 

@@ -466,6 +466,33 @@ def test_ptx_newer_than_the_card_is_judged_not_runnable_by_the_audit_and_the_arc
     assert out["status"] == "passed" and out["torch_runs_via"] == "compute_90", out["problems"]
 
 
+def test_an_sm_100a_cubin_is_no_pass_for_a_b300(monkeypatch):
+    """sm_100a (what the scanner names 10.0a) runs only on 10.0: the audit and the arch level pass an
+    extension that has only it on a B200 (10.0) and fail it on a B300 (10.3), saying why; torch's own
+    sm_100 code runs on both, and its sm_90a flag is read as 9.0a, not 9.0."""
+    from envbuild import audit
+    from envbuild.catalog import Card
+    ext = {"path": "/opt/venv/lib/python3.8/site-packages/op/_ext.so", "sass": ["9.0", "10.0a"], "ptx": []}
+    b200 = Card(id="b200", name="B200", cc="10.0", memory_gb=180, p2p=True, aliases=())
+    b300 = Card(id="b300", name="B300", cc="10.3", memory_gb=270, p2p=True, aliases=())
+    assert audit.judge(ext, "10.0")["via"] == "sm_100a SASS" and audit.audit("img", b200, scanned=[ext])["ok"]
+    verdict = audit.audit("img", b300, scanned=[ext])
+    assert not verdict["ok"] and verdict["failures"] == [
+        f"{ext['path']}: has SASS 9.0, 10.0a, PTX none; B300 needs sm_10x SASS with minor <= 3 or PTX <= 10.3 "
+        "(sm_100a is arch-specific: it runs only on 10.0)"]
+    assert audit.judge(dict(ext, sass=["10.0f"]), "10.3")["via"] == "sm_100f SASS"  # family-specific: 10.x >= 10.0
+    monkeypatch.setattr(arch_level, "gpu_libraries", lambda: [dict(ext, python_module="_ext")])
+    monkeypatch.setitem(sys.modules, "torch", _fake_torch((10, 3), "NVIDIA B300", flags="sm_90a sm_100 compute_100a"))
+    out = arch_level.level_arch({"cc": "10.3", "card": "b300"}, None)
+    assert out["torch_archs"] == ["9.0a", "10.0"] and out["torch_ptx"] == ["10.0a"] and out["torch_runs_via"] == "sm_100"
+    assert out["status"] == "failed" and out["extensions"][0]["runs_via"] is None
+    assert out["problems"] == [f"{ext['path']} has SASS ['9.0', '10.0a'] PTX []: nothing for 10.3",
+                               f"{ext['path']} has nothing for this GPU, NVIDIA B300 (10.3)"]
+    monkeypatch.setitem(sys.modules, "torch", _fake_torch((10, 0), "NVIDIA B200", flags="sm_90a sm_100 compute_100a"))
+    out = arch_level.level_arch({"cc": "10.0", "card": "b200"}, None)
+    assert out["status"] == "passed" and out["extensions"][0]["runs_via"] == "sm_100a", out["problems"]
+
+
 def _dist(site, dist, version, top_level=None, record=None):
     info = site / f"{dist.replace('-', '_')}-{version}.dist-info"
     info.mkdir(parents=True)

@@ -3,6 +3,14 @@ audit and the in-image smoke (so: Python 3.8, stdlib only).
 
 A cubin (SASS) for X.y runs on X.z only when z >= y; PTX for X.y JIT-compiles on any card
 at or above X.y; no 8.x cubin runs on 9.x.
+
+Two kinds of code break that rule (the audit scanner names them "9.0a", "10.0f"):
+- arch-specific, sm_XYa / compute_XYa (CUDA 12.0+): runs only on exactly X.Y, SASS and PTX alike;
+  an sm_100a cubin does not run on a 10.3 card (B300).
+- family-specific, sm_XYf / compute_XYf (CUDA 12.9+): runs on the cards of X.Y's family at or
+  above X.Y; since CUDA 13 renamed Thor to 11.0 a family is one major (sm_100f: 10.0 and 10.3,
+  sm_103f: 10.3 only, sm_120f: 12.0 and 12.1). For a cubin that is the plain rule; its PTX does
+  not JIT-compile beyond the family (compute_100f never runs on 12.0).
 """
 
 from __future__ import annotations
@@ -10,16 +18,44 @@ from __future__ import annotations
 from functools import lru_cache
 
 
+ARCH_SPECIFIC, FAMILY_SPECIFIC = "a", "f"
+
+
+def split_arch(arch: str) -> tuple:
+    """'10.0a' -> (10, 0, 'a'), '8.6' -> (8, 6, '')."""
+    major, minor = arch.split(".")
+    variant = minor.lstrip("0123456789")
+    if variant not in ("", ARCH_SPECIFIC, FAMILY_SPECIFIC) or len(minor) == len(variant):
+        raise ValueError("not a compute capability: %r" % arch)
+    return int(major), int(minor[:len(minor) - len(variant)]), variant
+
+
 def cc_key(cc: str) -> tuple:
-    """'8.6' -> (8, 6), for ordering compute capabilities."""
-    major, minor = cc.split(".")
-    return int(major), int(minor)
+    """'8.6' -> (8, 6), for ordering compute capabilities; '10.0a' -> (10, 0, 'a'), which sorts
+    after 10.0 and before 10.3. Compare suffixed archs with sass_runs_on/ptx_runs_on, not with it."""
+    major, minor, variant = split_arch(cc)
+    return (major, minor, variant) if variant else (major, minor)
 
 
 def sass_runs_on(sass: str, cc: str) -> bool:
-    """A cubin for X.y runs on X.z only when z >= y."""
-    (smaj, smin), (cmaj, cmin) = cc_key(sass), cc_key(cc)
-    return smaj == cmaj and smin <= cmin
+    """A cubin for X.y runs on X.z only when z >= y; an arch-specific one (X.ya) only on X.y."""
+    smaj, smin, variant = split_arch(sass)
+    cmaj, cmin, _ = split_arch(cc)
+    if variant == ARCH_SPECIFIC:
+        return (smaj, smin) == (cmaj, cmin)
+    return smaj == cmaj and smin <= cmin  # plain and family-specific (a family is one major)
+
+
+def ptx_runs_on(ptx: str, cc: str) -> bool:
+    """PTX for X.y JIT-compiles on every card at or above X.y; X.ya only on X.y; X.yf only within
+    its family (same major, minor >= y)."""
+    pmaj, pmin, variant = split_arch(ptx)
+    cmaj, cmin, _ = split_arch(cc)
+    if variant == ARCH_SPECIFIC:
+        return (pmaj, pmin) == (cmaj, cmin)
+    if variant == FAMILY_SPECIFIC:
+        return pmaj == cmaj and pmin <= cmin
+    return (pmaj, pmin) <= (cmaj, cmin)
 
 
 @lru_cache(maxsize=None)
@@ -27,7 +63,7 @@ def _runs_on(sass: tuple, ptx: tuple, cc: str):
     fitting = [a for a in sass if sass_runs_on(a, cc)]
     if fitting:
         return max(fitting, key=cc_key)
-    jit = [a for a in ptx if cc_key(a) <= cc_key(cc)]
+    jit = [a for a in ptx if ptx_runs_on(a, cc)]
     return "%s+PTX" % max(jit, key=cc_key) if jit else None
 
 
@@ -37,7 +73,7 @@ def runs_on(sass, cc: str, ptx=()):
 
 
 def code_name(arch: str) -> str:
-    """'8.0' -> 'sm_80', '8.0+PTX' -> 'compute_80': how nvcc and cuobjdump name it."""
+    """'8.0' -> 'sm_80', '8.0+PTX' -> 'compute_80', '10.0a' -> 'sm_100a': how nvcc names it."""
     base, _, ptx = arch.partition("+")
     return ("compute_" if ptx else "sm_") + base.replace(".", "")
 

@@ -4,6 +4,10 @@ Reads each ELF's .nv_fatbin section directly (fatbin container headers carry the
 and the SM number of every embedded cubin and PTX), so it needs no CUDA toolkit and no
 GPU. Runs inside images: Python 3.8+, stdlib only. Prints one JSON document.
 
+An arch is "X.Y", or "X.Ya" / "X.Yf" for arch-specific (sm_90a, sm_100a: runs only on exactly
+X.Y) and family-specific (sm_100f) code, which the entry header marks in its flags (see
+ENTRY_FLAGS); archrules judges all three.
+
 Usage: python audit_scan.py ROOT [ROOT ...]
        python audit_scan.py --wheels FOLDER --cc 8.0,9.0   (a vendor's wheels, before they are
        trusted: exit 1 unless every library with GPU code in them runs on each compute capability)
@@ -17,6 +21,22 @@ import sys
 
 FATBIN_MAGIC = 0xBA55ED50
 KIND_PTX, KIND_ELF = 1, 2
+# An entry header: kind u16 @0, header size u32 @4, payload size u64 @8, SM number u32 @28 (100
+# for sm_100), flags u64 @40. Measured with nvcc 13.0 (V13.0.88) on one kernel per -gencode, the
+# same code otherwise: flags 0x11 for sm_90 and 0x100011 for sm_90a, 0x1000011 for sm_100,
+# 0x1100011 for sm_100a / sm_103a and 0x1200011 for sm_100f / sm_121f; PTX entries 0x8011,
+# 0x108011 (compute_100a), 0x208011 (compute_100f); compressed entries (0x8000) keep the bits.
+# So bit 20 marks arch-specific code and bit 21 family-specific; the cubin's own ELF header
+# (e_flags) is the same for sm_100, sm_100a and sm_100f.
+ENTRY_FLAGS = 40
+ARCH_SPECIFIC_FLAG, FAMILY_SPECIFIC_FLAG = 1 << 20, 1 << 21
+
+
+def arch_key(arch):
+    """'10.0a' -> (10, 0, 'a'): plain X.Y first, then its 'a' and 'f' twins, then X.Y+1."""
+    major, minor = arch.split(".")
+    digits = minor.rstrip("af")
+    return int(major), int(digits), minor[len(digits):]
 
 
 def elf_sections(fh):
@@ -46,7 +66,8 @@ def elf_sections(fh):
 
 
 def fatbin_archs(data):
-    """(sass, ptx): sorted lists of 'X.Y' archs in a .nv_fatbin section's bytes."""
+    """(sass, ptx): sorted lists of 'X.Y' archs ('X.Ya', 'X.Yf' for arch- and family-specific
+    code) in a .nv_fatbin section's bytes."""
     sass, ptx = set(), set()
     pos = 0
     while pos + 16 <= len(data):
@@ -61,7 +82,9 @@ def fatbin_archs(data):
             arch = struct.unpack_from("<I", data, entry + 28)[0]
             if eh_size == 0:
                 break
-            name = "%d.%d" % (arch // 10, arch % 10)
+            flags = struct.unpack_from("<Q", data, entry + ENTRY_FLAGS)[0] if eh_size >= ENTRY_FLAGS + 8 else 0
+            suffix = "a" if flags & ARCH_SPECIFIC_FLAG else "f" if flags & FAMILY_SPECIFIC_FLAG else ""
+            name = "%d.%d%s" % (arch // 10, arch % 10, suffix)
             if kind == KIND_ELF:
                 sass.add(name)
             elif kind == KIND_PTX:
@@ -69,8 +92,7 @@ def fatbin_archs(data):
             entry += eh_size + size
         pos = max(end, pos + 8)
         pos = (pos + 7) & ~7
-    key = lambda a: tuple(int(x) for x in a.split("."))  # noqa: E731
-    return sorted(sass, key=key), sorted(ptx, key=key)
+    return sorted(sass, key=arch_key), sorted(ptx, key=arch_key)
 
 
 def scan_file(path):

@@ -17,12 +17,18 @@ def runs_on(sass, ptx, cc):
     return archrules.code_name(arch) if arch else None
 
 
+def arch_flags(flags, kind):
+    """torch's arch flags ('sm_80 sm_90a compute_90') -> sorted archs of one kind ('8.0', '9.0a');
+    the 'a'/'f' suffix stays: sm_90a runs only on 9.0."""
+    found = re.findall(r"\b%s_(\d+)(\d)([af]?)\b" % kind, flags or "")
+    return sorted({"%s.%s%s" % m for m in found}, key=cc_key)
+
+
 def level_arch(plan, args):
     import torch
     ccs = plan["cc"].split(",")  # a multi-card image is for each of its cards
     flags = torch._C._cuda_getArchFlags() if hasattr(torch._C, "_cuda_getArchFlags") else ""
-    sass = sorted({"%s.%s" % (m[:-1], m[-1]) for m in re.findall(r"sm_(\d+)", flags or "")}, key=cc_key)
-    ptx = sorted({"%s.%s" % (m[:-1], m[-1]) for m in re.findall(r"compute_(\d+)", flags or "")}, key=cc_key)
+    sass, ptx = arch_flags(flags, "sm"), arch_flags(flags, "compute")
     via = dict((cc, runs_on(sass, ptx, cc)) for cc in ccs)
     out = {"card_cc": plan["cc"], "torch_cuda": torch.version.cuda, "torch_archs": sass, "torch_ptx": ptx,
            "torch_runs_via": via[ccs[0]] if len(ccs) == 1 else via}
