@@ -12,6 +12,8 @@ from envbuild import catalog, render
 from envbuild.errors import BadInput
 from envbuild.resolve import resolve
 
+INCONTAINER = Path(render.__file__).resolve().parent / "incontainer"
+
 ROOT = Path(__file__).resolve().parent.parent
 HADOLINT = os.path.join(os.path.dirname(sys.executable), "hadolint")
 
@@ -707,3 +709,48 @@ def test_maptr_and_sparsedrive_share_the_mmcv_full_wheel_stage_only_where_both_a
         files = [render.dockerfile(render.make_context(resolve(cat, model, card), "x")) for model in ("maptr", "sparsedrive")]
         same = all(stage(files[0], name) == stage(files[1], name) for name in ancestry(files[0], "wheel-mmcv-full"))
         assert same is (card in shared), card
+
+
+@pytest.mark.integration  # PyPI: a venv with setuptools >= 80, wheel and a pip that still runs setup.py develop (as the image has)
+def test_an_editable_extension_build_stays_in_the_venv_with_setuptools_80(tmp_path):
+    """The failure GaussianFormer's ops met on torch 2.11's era: setuptools 80's develop starts an
+    isolated pip that cannot see what the venv has (torch). editable_env.py's words keep it in."""
+    venv, proj = tmp_path / "venv", tmp_path / "ext"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    py = str(venv / "bin" / "python")
+    subprocess.run([py, "-m", "pip", "install", "-q", "setuptools>=80", "wheel", "pip==25.0.1"], check=True, timeout=600)
+    site = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    Path(site, "venv_only.py").write_text("")  # stands in for torch: in the venv, not in an isolated build env
+    proj.mkdir()
+    (proj / "ext.py").write_text("")
+    (proj / "setup.py").write_text("import venv_only\nfrom setuptools import setup\n"
+                                   "setup(name='ext', version='0.1', py_modules=['ext'])\n")
+    env = {**os.environ, "PIP_NO_INDEX": "1"}  # nothing to download: an isolated build cannot get its tools
+    pip = [py, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-e", "."]
+    plain = subprocess.run(pip, cwd=proj, env=env, capture_output=True, text=True, timeout=600)
+    assert plain.returncode != 0 and "setup.py develop" in plain.stdout + plain.stderr  # the failure itself
+    words = subprocess.run([py, str(INCONTAINER / "editable_env.py")], capture_output=True, text=True,
+                           check=True).stdout.split()
+    assert words == ["PIP_USE_PEP517=1", "PIP_NO_BUILD_ISOLATION=0"]
+    fixed = subprocess.run(["env", *words, *pip], cwd=proj, env=env, capture_output=True, text=True, timeout=600)
+    assert fixed.returncode == 0, fixed.stdout[-2000:] + fixed.stderr[-2000:]
+    # a catalog command that runs setup.py develop itself: its own pip call stays in the venv too
+    develop = subprocess.run(["env", *words, py, "setup.py", "develop"], cwd=proj, env=env, capture_output=True,
+                             text=True, timeout=600)
+    assert develop.returncode == 0, develop.stdout[-2000:] + develop.stderr[-2000:]
+    assert subprocess.run([py, "-c", "import ext"], cwd=tmp_path, capture_output=True).returncode == 0
+
+
+def test_editable_env_names_pep517_only_where_setuptools_delegates_develop():
+    sys.path.insert(0, str(INCONTAINER))
+    try:
+        import editable_env
+    finally:
+        sys.path.remove(str(INCONTAINER))
+    assert [editable_env.needs_pep517(v) for v in ("65.5.0", "79.0.1", "80.0.0", "84.2.1", "")] == [
+        False, False, True, True, False]
+    ctx = render.make_context(resolve(catalog.load(), "gaussianformer", "a800"), "test")
+    text = render.dockerfile(ctx)
+    ext_runs = [line for line in text.splitlines() if "pip install --no-deps --no-build-isolation -e ." in line]
+    assert ext_runs and all("env $(python /opt/envbuild/editable_env.py) " in line for line in ext_runs)
