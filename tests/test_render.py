@@ -754,3 +754,7 @@ def test_editable_env_names_pep517_only_where_setuptools_delegates_develop():
     text = render.dockerfile(ctx)
     ext_runs = [line for line in text.splitlines() if "pip install --no-deps --no-build-isolation -e ." in line]
     assert ext_runs and all("env $(python /opt/envbuild/editable_env.py) " in line for line in ext_runs)
+    # ... and the builder has the file before the first extension's RUN
+    copied = next(i for i, line in enumerate(text.splitlines())
+                  if line.startswith("COPY ") and "envbuild/editable_env.py" in line.split()[1:-1])
+    assert copied < text.splitlines().index(ext_runs[0])
