@@ -59,14 +59,17 @@ def test_bench_archs_pairs_one_package_version_across_arch_counts(tmp_path, monk
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
     import bench_archs
 
-    def record(card, version, seconds, cuda):
+    def record(card, version, seconds, cuda, cached=False, verdict="passed"):  # verdict: as ledger.write says it
         step = f"[wheel-mmcv 2/2] RUN mkdir -p /src && pip download mmcv=={version} && pip wheel ."
-        return {"verdict": "verified", "request": {"card": card}, "plan": {"torch": "2.11.0", "cuda": cuda},
-                "stages": [{"step": step, "seconds": seconds}]}
+        return {"verdict": verdict, "request": {"card": card}, "plan": {"torch": "2.11.0", "cuda": cuda},
+                "stages": [{"step": step, "seconds": seconds, "cached": cached}]}
     folder = tmp_path / "verified"
     folder.mkdir()
     for name, rec in {"a.json": record("a800", "2.0.1", 1200.0, "11.8.0"), "b.json": record("h20,b200", "2.0.1", 2600.0, "13.0.2"),
-                      "c.json": record("h20,b200", "2.2.0", 100.0, "13.0.2")}.items():
+                      "c.json": record("h20,b200", "2.2.0", 100.0, "13.0.2"),
+                      # served from BuildKit's cache: no compile measured; a failed cell measures nothing
+                      "d.json": record("h20,b200", "2.0.1", 49.8, "13.0.2", cached=True),
+                      "e.json": record("h20,b200", "2.0.1", 30.0, "13.0.2", verdict="failed")}.items():
         (folder / name).write_text(json.dumps(rec))
     monkeypatch.setattr(bench_archs.ledger, "folders", lambda: [folder])
     written = {}
