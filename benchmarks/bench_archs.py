@@ -49,7 +49,7 @@ def main() -> int:
     rows = []
     for path in sorted(ledger.folders()[0].glob("*.json")):
         record = json.loads(path.read_text())
-        if record.get("verdict") != "passed":  # what ledger.write calls a verified cell
+        if record.get("verdict") != ledger.PASSED:
             continue
         plan = record.get("plan") or {}
         for (stage, version), seconds in wheel_stages(record).items():

@@ -35,7 +35,7 @@ from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
-from . import catalog, fixers
+from . import catalog, creds, fixers
 from .errors import BadInput, EnvbuildError
 
 HEADER = "# Drafted by envbuild add"  # the first line of every file add writes: what it may replace
@@ -1331,6 +1331,8 @@ def _materialize(source: str, commit: str | None, keep_in: Path | None) -> tuple
         tree = tmp / "src"
         try:
             _git(["clone", "--quiet", source, str(tree)])
+            if creds.without_credentials(source) != source:  # the kept clone keeps no token either
+                _git(["-C", str(tree), "remote", "set-url", "origin", creds.without_credentials(source)])
             if commit:
                 _git(["-C", str(tree), "checkout", "--quiet", commit])
         except BaseException:
@@ -1371,7 +1373,7 @@ def add_model(source: str, *, commit: str | None = None, name: str | None = None
     from .outputs import check_own_file, write_own_file
     if not source or not source.strip():
         raise BadInput("no repository given", "envbuild add PATH or envbuild add https://host/owner/repo")
-    if commit is not None and not re.match(r"^[0-9a-fA-F]{4,40}$|^[\w./-]+$", commit):
+    if commit is not None and not re.match(r"^[0-9a-fA-F]{4,40}$|^[\w.][\w./-]*$", commit):  # never a git option
         raise BadInput(f"--commit {commit!r} is not a commit or tag", "a commit hash or a tag")
     model_name = name or default_name(source)
     if not catalog.NAME_RE.match(model_name or ""):
@@ -1404,7 +1406,7 @@ def add_model(source: str, *, commit: str | None = None, name: str | None = None
                   ls_remote=None if offline else _ls_remote)
         command = f"envbuild add {source}" + (f" --commit {commit}" if commit else "") + \
             (f" --name {model_name}" if name else "")
-        d.text = render(d, command)
+        d.text = creds.redact(render(d, command))  # a token in a URL never reaches the catalog file
         _validate(d.text, model_name, user)
         src_path = tree
         if tmp is not None and not dry_run:  # keep the clone where envbuild keeps its own files
@@ -1429,7 +1431,7 @@ def add_model(source: str, *, commit: str | None = None, name: str | None = None
 
 def _index_dates():
     """pypi(name) -> {version: date} or None, through the configured index (mirror, CA bundle)."""
-    from . import config, creds
+    from . import config
     from .era import release_dates
     sources = config.load_sources()
     cache: dict = {}

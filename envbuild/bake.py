@@ -130,8 +130,13 @@ def run(path: Path, doc: dict, sources: Sources, push: bool = False, echo=None,
         result["waves"].append(build_stage.run_bake(cli, cmd, f"bake-{group}", echo, left,
                                                     {NETRC_ENV: sources.netrc} if sources.credentials else {}))
         result["waves"][-1]["group"] = group
+    names = [t for g in waves(doc) for t in doc["group"][g]["targets"]]
+    if push and driver != "docker":  # a remote builder pushed them; nothing came back to this daemon
+        result["images"] = {n: {"tag": doc["target"][n]["tags"][0], "image_id": None, "labels": doc["target"][n]["labels"]}
+                            for n in names}
+        return result
     client = engine.client()
-    for name in (t for g in waves(doc) for t in doc["group"][g]["targets"]):
+    for name in names:
         tag = doc["target"][name]["tags"][0]
         image = client.images.get(tag)
         result["images"][name] = {"tag": tag, "image_id": image.id,

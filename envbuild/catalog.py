@@ -18,6 +18,7 @@ from importlib import resources
 from pathlib import Path
 
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
+from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
 from . import schema
@@ -1201,8 +1202,10 @@ def _model_git_packages(doc: _Reader, packages: dict, vendored: dict) -> dict[st
         if not PKG_RE.match(name):
             raise section.fail(name, "not a package name")
         key = name.lower()
-        if key in packages or name in vendored or key in out:
-            where = "[packages]" if key in packages else "[vendored]" if name in vendored else "[git_packages]"
+        # one project however it is spelt (foo-bar, foo_bar, Foo.Bar): pip would install both
+        same = lambda names: canonicalize_name(name) in {canonicalize_name(n) for n in names}  # noqa: E731
+        if same(packages) or same(vendored) or same(out):
+            where = "[packages]" if same(packages) else "[vendored]" if same(vendored) else "[git_packages]"
             raise section.fail(name, f"{name} is in {where} too: a package comes from one place (remove one of them)")
         g = section.sub(name)
         url = g.get("url", str)

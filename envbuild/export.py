@@ -161,7 +161,9 @@ def apptainer_def(ref: str, archive_name: str) -> str:
     launcher = ""
     if isinstance(entry, list) and paths.LAUNCHER in entry:
         launcher = shlex.join(_plain("the entrypoint", str(e), ref) for e in entry) + " "
-    lines += ["", "%runscript", f"    cd {paths.MODEL}", f'    exec {launcher}"$@"', ""]
+    # no arguments: a shell, as the image's CMD gives `docker run` (Apptainer ignores CMD)
+    lines += ["", "%runscript", f"    cd {paths.MODEL}", '    [ "$#" -gt 0 ] || set -- /bin/bash',
+              f'    exec {launcher}"$@"', ""]
     return "\n".join(lines)
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 from .catalog import BUILTIN, builtin_root
 from .errors import BadInput
 
+PASSED = "passed"  # a record's verdict when the audit, env and model levels all passed: a verified cell
+
 # What the digest covers: the decisions that make an image, not how they are explained, so a
 # new explanatory field in the Plan does not make every record stale.
 DIGEST_FIELDS = ("model", "commit", "cards", "python", "cuda", "torch", "torchvision", "torchaudio", "torch_index",
@@ -90,7 +92,7 @@ def status(plan, request: dict, records: list[dict] | None = None) -> str:
     rec = max(same, key=lambda r: r["date"])
     if rec["digest"] != digest(plan):
         return f"stale: the Plan changed since it was verified on {rec['date']}"
-    if rec["verdict"] != "passed":
+    if rec["verdict"] != PASSED:
         return f"FAILED on {rec['date']}: {rec.get('failure', '')}"
     return f"verified on {rec['date']} ({', '.join(k for k, v in rec['levels'].items() if v == 'passed')})"
 
@@ -116,7 +118,7 @@ def _covers(rec: dict, plan=None) -> str:
 
 
 def _word(rec: dict) -> str:
-    return "verified" if rec["verdict"] == "passed" else "FAILED"
+    return "verified" if rec["verdict"] == PASSED else "FAILED"
 
 
 def _same_request(a: dict, b: dict) -> bool:
@@ -132,7 +134,7 @@ def write(plan, request: dict, image: dict, audit_ok: bool | None, smoke_report:
     passed = not failure and audit_ok and levels.get("env") == "passed" and levels.get("model") == "passed"
     rec = {
         "request": request, "digest": digest(plan), "date": date.today().isoformat(),
-        "verdict": "passed" if passed else "failed", "failure": failure,
+        "verdict": PASSED if passed else "failed", "failure": failure,
         "image_id": image.get("image_id"), "image_size_bytes": image.get("size_bytes"),
         "build_seconds": image.get("build_seconds"),
         "machine": _machine(),  # what the stage times were measured on (estimate.py scales by it)

@@ -477,7 +477,7 @@ def baked(path, doc: dict, skipped: list[dict], parallel: int, built: dict | Non
         line(f"  {wave['group']}: {wave['seconds']:.0f} s, {len(ran)} step(s) run, "
              f"{len(wave['run_steps']) - len(ran)} from cache (builder driver: {built['driver']})")
     for name, image in built["images"].items():
-        line(f"  {name}: {image['tag']} ({image['image_id'][:19]})")
+        line(f"  {name}: {image['tag']}" + (f" ({image['image_id'][:19]})" if image["image_id"] else " (pushed)"))
 
 
 def added(d, as_json: bool = False) -> None:

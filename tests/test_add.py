@@ -250,6 +250,7 @@ def test_the_index_checks_pins_and_dates_a_tree_without_git(repo, home, tmp_path
     (lambda t: (t / "maptr").mkdir(), ["{t}/maptr"], "is a built-in model"),
     (lambda t: write(t / "nogit", {"a.py": ""}), ["{t}/nogit", "--commit", "abc123"], "not a git checkout"),
     (lambda t: write(t / "x", {"a.py": ""}), ["{t}/x", "--name", "Bad Name"], "cannot be a model name"),
+    (lambda t: write(t / "y", {"a.py": ""}), ["{t}/y", "--commit=--detach"], "is not a commit or tag"),  # never a git option
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, make, args, needle):
     make(tmp_path)
@@ -285,3 +286,14 @@ def test_cli_prints_questions_and_the_verify_command_json_and_dry_run(repo, tmp_
     assert data["packages"]["mmcv-full"] == {"spec": "1.4.0", "from": "README.md:7", "text": "mmcv-full==1.4.0"}
     assert data["next_command"].split(" envbuild ")[1].startswith("verify tinydet --card h20")
     assert {q["key"] for q in data["questions"]} >= {"model.repo", "construct.config"}
+
+
+def test_a_token_in_a_pin_url_never_reaches_the_catalog_file(repo, home):
+    token = "ghp_NotARealTokenButSecret123"
+    pin = f"git+https://bob:{token}@github.com/example/tinygit.git@{'a' * 40}#egg=tinygit\n"
+    write(repo, {"requirements.txt": "timm\nnumpy<1.20.0\n" + pin})
+    git(repo, "commit", "-q", "-am", "private pin", date="2023-06-02T12:00:00")
+    d = add.add_model(str(repo), name="tiny-token", offline=True)
+    text = (home / "models" / "tiny-token.toml").read_text()
+    assert token not in text and token not in d.text
+    assert "github.com/example/tinygit" in text  # the package itself is still there, without its credentials

@@ -59,7 +59,9 @@ def test_bench_archs_pairs_one_package_version_across_arch_counts(tmp_path, monk
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
     import bench_archs
 
-    def record(card, version, seconds, cuda, cached=False, verdict="passed"):  # verdict: as ledger.write says it
+    from envbuild import ledger
+
+    def record(card, version, seconds, cuda, cached=False, verdict=ledger.PASSED):
         step = f"[wheel-mmcv 2/2] RUN mkdir -p /src && pip download mmcv=={version} && pip wheel ."
         return {"verdict": verdict, "request": {"card": card}, "plan": {"torch": "2.11.0", "cuda": cuda},
                 "stages": [{"step": step, "seconds": seconds, "cached": cached}]}

@@ -93,6 +93,10 @@ def test_a_missing_commit_and_a_package_from_two_places_are_refused(matrices_cop
                     + f'commit = "{COMMIT}"\n')
     with pytest.raises(CatalogError, match=r"numpy is in \[packages\] too: a package comes from one place"):
         catalog.load(matrices_copy)
+    # the same project spelt another way is the same package: pip would install the git wheel over the pin
+    path.write_text(path.read_text().replace("[git_packages.numpy]", "[git_packages.Torch_Geometric]"))
+    with pytest.raises(CatalogError, match=r"Torch_Geometric is in \[packages\] too"):
+        catalog.load(matrices_copy)
 
 
 def test_the_misspelled_table_is_refused(matrices_copy):

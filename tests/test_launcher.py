@@ -369,5 +369,13 @@ def test_apptainer_run_goes_through_the_launcher(monkeypatch):
     monkeypatch.setattr(export, "local_image", lambda ref, stream=False: Image())
     text = export.apptainer_def("envbuild/x:1", "x.tar.gz")
     assert '    exec /opt/venv/bin/python -S /opt/envbuild/launch.py "$@"\n' in text
+    # `apptainer run image.sif` with no command gets a shell (Apptainer ignores the image's CMD):
+    # the runscript, run by sh with no arguments, execs the launcher with /bin/bash
+    script = text.split("%runscript\n", 1)[1].replace("cd /workspace/model", "true")
+    shown = subprocess.run(["sh", "-c", script.replace("exec ", "echo "), "runscript"], capture_output=True, text=True)
+    assert shown.stdout.split() == ["/opt/venv/bin/python", "-S", "/opt/envbuild/launch.py", "/bin/bash"]
+    given = subprocess.run(["sh", "-c", script.replace("exec ", "echo "), "runscript", "python", "train.py"],
+                           capture_output=True, text=True)
+    assert given.stdout.split()[-2:] == ["python", "train.py"]
     Image.attrs = {"Config": {"Env": [], "Entrypoint": None}}  # an image envbuild did not make
     assert '    exec "$@"\n' in export.apptainer_def("envbuild/x:1", "x.tar.gz")

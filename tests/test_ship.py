@@ -369,3 +369,24 @@ def test_audit_of_a_multi_card_image_names_the_card_it_fails_and_the_one_it_pass
     # an explicit --card judges only that card: the A800 alone passes
     reports, failure = pipeline.audit_image("envbuild/mmcvnet:x", "a800")
     assert [r["card"] for r in reports] == ["a800"] and failure is None
+
+
+def test_bake_build_on_a_remote_builder_reports_pushed_images_without_asking_the_local_daemon(monkeypatch, tmp_path):
+    """docker-container, kubernetes and remote builders push and load nothing here: the bake is done
+    when buildx is, each image named by its tag (only the docker driver's images are inspected here)."""
+    from envbuild import bake, build, engine
+    from envbuild.config import Sources
+    doc = {"group": {"wave-1": {"targets": ["m-a800"]}, "wave-2": {"targets": ["m-h20"]}},
+           "target": {n: {"tags": [f"reg:5000/envbuild/m:{n}"], "labels": {"io.envbuild.card": n[2:]}}
+                      for n in ("m-a800", "m-h20")}}
+    ran = []
+    monkeypatch.setattr(engine, "find_cli", lambda: engine.Cli("/usr/bin/docker", "28.0", "buildx"))
+    monkeypatch.setattr(build, "builder_driver", lambda cli: "docker-container")
+    monkeypatch.setattr(build, "run_bake", lambda cli, cmd, name, echo, left, env: ran.append(cmd) or
+                        {"seconds": 1.0, "log": "x", "run_steps": []})
+    monkeypatch.setattr(engine, "client", lambda *a, **k: (_ for _ in ()).throw(AssertionError("asked the daemon")))
+    out = bake.run(tmp_path / "b.json", doc, Sources(), push=True)
+    assert [c[-1] for c in ran] == ["wave-1", "wave-2"] and all("--push" in c for c in ran)
+    assert not any("--set" in c for c in ran)  # these drivers export the registry cache as written
+    assert out["images"]["m-h20"] == {"tag": "reg:5000/envbuild/m:m-h20", "image_id": None,
+                                      "labels": {"io.envbuild.card": "h20"}}
