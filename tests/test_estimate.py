@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 from dataclasses import replace
 
 import pytest
@@ -31,8 +32,11 @@ def ledger_machine(monkeypatch, tmp_path):
 
 
 def test_dry_run_estimate_is_within_a_factor_of_two_of_each_ledger_record(ledger_machine):
-    records = ledger.load()
-    assert records
+    # Records whose compile ran on ccache after stopped builds time no cold compile (the README's
+    # verified table says so): gaussianformer h20,b200's mmcv stage took 50 s for 136 objects.
+    ccache_reruns = {"gaussianformer-h20+b200-py3.11.json"}
+    records = [r for r in ledger.load() if Path(r["_file"]).name not in ccache_reruns]
+    assert len(records) >= 4
     for rec in records:
         cost = pipeline.estimate_image(_request(rec))["estimate"]
         assert rec["build_seconds"] / 2 <= cost["seconds"] <= rec["build_seconds"] * 2, (rec["_file"], cost)
