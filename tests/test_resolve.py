@@ -39,6 +39,9 @@ def test_arch_and_family_specific_ptx_do_not_compile_forward():
     assert wheel_runs_on([], "10.3", ptx=["10.0a"]) is None and wheel_runs_on([], "10.0", ptx=["10.0a"]) == "10.0a+PTX"
     assert wheel_runs_on([], "10.3", ptx=["10.0f"]) == "10.0f+PTX" and wheel_runs_on([], "12.0", ptx=["10.0f"]) is None
     assert wheel_runs_on(["9.0", "10.0a"], "10.3", ptx=["9.0"]) == "9.0+PTX"  # not the sm_100a cubin
+    # at one X.Y the plain cubin names the code that runs (all kernels have it; sm_90a only some)
+    assert wheel_runs_on(["9.0", "9.0a", "10.0", "10.0a"], "9.0") == "9.0" and wheel_runs_on(["9.0a"], "9.0") == "9.0a"
+    assert wheel_runs_on(["10.0a", "10.0"], "10.0") == "10.0"
 
 
 def test_cc_key_reads_the_suffix_and_orders_it_beside_its_arch():

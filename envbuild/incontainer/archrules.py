@@ -58,13 +58,19 @@ def ptx_runs_on(ptx: str, cc: str) -> bool:
     return (pmaj, pmin) <= (cmaj, cmin)
 
 
+def _best(archs):
+    """The newest arch; at one X.Y the plain code, which all of a library's kernels have, before
+    the arch- or family-specific code only some of them carry (torch: sm_90 beside sm_90a)."""
+    return max(archs, key=lambda a: (cc_key(a)[:2], len(cc_key(a)) == 2))
+
+
 @lru_cache(maxsize=None)
 def _runs_on(sass: tuple, ptx: tuple, cc: str):
     fitting = [a for a in sass if sass_runs_on(a, cc)]
     if fitting:
-        return max(fitting, key=cc_key)
+        return _best(fitting)
     jit = [a for a in ptx if ptx_runs_on(a, cc)]
-    return "%s+PTX" % max(jit, key=cc_key) if jit else None
+    return "%s+PTX" % _best(jit) if jit else None
 
 
 def runs_on(sass, cc: str, ptx=()):
