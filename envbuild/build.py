@@ -311,7 +311,7 @@ def export_stage(context: Path, target: str, dest: Path, ca_bundle: str | None =
     cli = engine.find_cli()
     log_path = _log_path(log_name)
     with creds.secret_file(index_auth) as netrc:
-        cmd = cli.build_cmd() + ["--progress=plain", "--target", target, "--output", f"type=local,dest={dest}"]
+        cmd = cli.build_cmd(load=False) + ["--progress=plain", "--target", target, "--output", f"type=local,dest={dest}"]
         cmd += _options(ca_bundle, netrc, network)
         cmd.append(str(context))
         rc, lines = _run(cli, cmd, log_path, echo)

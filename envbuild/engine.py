@@ -24,8 +24,12 @@ class Cli:
     version: str
     mode: str  # buildx | builtin
 
-    def build_cmd(self) -> list[str]:
-        return [self.path, "buildx", "build", "--load"] if self.mode == "buildx" else [self.path, "build"]
+    def build_cmd(self, load: bool = True) -> list[str]:
+        """The build command; load: the image goes into the daemon's store (buildx refuses --load
+        beside another --output, e.g. the local exporter `wheels` uses)."""
+        if self.mode != "buildx":
+            return [self.path, "build"]
+        return [self.path, "buildx", "build"] + (["--load"] if load else [])
 
     def env(self) -> dict:
         env = dict(os.environ)

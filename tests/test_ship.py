@@ -390,3 +390,19 @@ def test_bake_build_on_a_remote_builder_reports_pushed_images_without_asking_the
     assert not any("--set" in c for c in ran)  # these drivers export the registry cache as written
     assert out["images"]["m-h20"] == {"tag": "reg:5000/envbuild/m:m-h20", "image_id": None,
                                       "labels": {"io.envbuild.card": "h20"}}
+
+
+def test_the_wheel_export_never_asks_buildx_to_load_an_image_too(monkeypatch, tmp_path):
+    """buildx refuses --load beside the local exporter ("multiple outputs currently unsupported"):
+    `envbuild wheels` failed wherever the buildx plugin was installed."""
+    from envbuild import build, engine
+    ran = []
+    monkeypatch.setattr(engine, "client", lambda *a, **k: object())
+    monkeypatch.setattr(engine, "find_cli", lambda: engine.Cli("/usr/bin/docker", "28.0", "buildx"))
+    monkeypatch.setattr(build, "_run", lambda cli, cmd, log, echo, *a, **k: ran.append(cmd) or (0, []))
+    monkeypatch.setenv("ENVBUILD_HOME", str(tmp_path))
+    build.export_stage(tmp_path, "wheels", tmp_path / "out")
+    (cmd,) = ran
+    assert cmd[:3] == ["/usr/bin/docker", "buildx", "build"] and "--load" not in cmd
+    assert cmd[cmd.index("--output") + 1] == f"type=local,dest={tmp_path / 'out'}"
+    assert "--load" in engine.Cli("/usr/bin/docker", "28.0", "buildx").build_cmd()  # an image build still loads
