@@ -454,12 +454,15 @@ class Reader:
                 continue
             if words[0] in ("-e", "--editable") and len(words) > 1:
                 line = words[1]
-            got = parse_requirement(line, rel, no, "requirements")
-            if isinstance(got, GitPackage):
-                self.git.append(got)
-            elif got is not None:
-                self.found.append(got)
-                self._cuda_hint(got.spec, f"{rel}:{no}")
+            self._take(parse_requirement(line, rel, no, "requirements"), f"{rel}:{no}")
+
+    def _take(self, got, where: str) -> None:
+        """A parsed requirement line: a package from git, a pin (its CUDA hint noted), or nothing."""
+        if isinstance(got, GitPackage):
+            self.git.append(got)
+        elif got is not None:
+            self.found.append(got)
+            self._cuda_hint(got.spec, where)
 
     def read_environment(self, path: Path) -> None:
         """conda's environment.yml, read line by line: `- name=ver` and the `- pip:` list."""
@@ -489,12 +492,7 @@ class Reader:
                 if item.startswith(("-f ", "--find-links ", "--extra-index-url ", "--index-url ")):
                     self._cuda_hint(item, f"{rel}:{no}")
                     continue
-                got = parse_requirement(item, rel, no, "environment")
-                if isinstance(got, GitPackage):
-                    self.git.append(got)
-                elif got is not None:
-                    self.found.append(got)
-                    self._cuda_hint(got.spec, f"{rel}:{no}")
+                self._take(parse_requirement(item, rel, no, "environment"), f"{rel}:{no}")
             else:
                 pip_indent = None
                 self._conda_spec(item.split("::")[-1], rel, no, "environment")

@@ -31,6 +31,18 @@ def cat():
 
 
 @pytest.fixture
+def home(tmp_path, monkeypatch):
+    """envbuild's state folder and an empty user catalog of the test's own (envbuild add writes there)."""
+    user = tmp_path / "usercat"
+    user.mkdir()
+    monkeypatch.setenv("ENVBUILD_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("ENVBUILD_MATRICES", str(user))
+    monkeypatch.setenv("ENVBUILD_CONFIG", str(tmp_path / "none.toml"))
+    (tmp_path / "none.toml").write_text("")
+    return user
+
+
+@pytest.fixture
 def matrices_copy(tmp_path):
     """A writable copy of matrices/ for tests that break or extend the catalog."""
     dst = tmp_path / "matrices"

@@ -136,18 +136,6 @@ def repo(tmp_path):
     return root
 
 
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    """envbuild's state folder and a user catalog of the test's own."""
-    user = tmp_path / "usercat"
-    user.mkdir()
-    monkeypatch.setenv("ENVBUILD_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("ENVBUILD_MATRICES", str(user))
-    monkeypatch.setenv("ENVBUILD_CONFIG", str(tmp_path / "none.toml"))
-    (tmp_path / "none.toml").write_text("")
-    return user
-
-
 def keys(questions):
     return [q.key for q in questions]
 

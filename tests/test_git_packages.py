@@ -225,17 +225,6 @@ def gitrepo(tmp_path):
     return root
 
 
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    user = tmp_path / "usercat"
-    user.mkdir()
-    monkeypatch.setenv("ENVBUILD_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("ENVBUILD_MATRICES", str(user))
-    monkeypatch.setenv("ENVBUILD_CONFIG", str(tmp_path / "none.toml"))
-    (tmp_path / "none.toml").write_text("")
-    return user
-
-
 def test_add_turns_git_pins_into_facts_and_asks_only_what_it_cannot_know(gitrepo):
     refs = [(OTHER, "refs/tags/v1.2^{}"), ("f" * 40, "refs/tags/v1.2"), (COMMIT, "refs/heads/main")]
     d = add.draft(str(gitrepo), ls_remote=lambda url: refs if url == "https://github.com/example/tinylib" else [])
