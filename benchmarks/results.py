@@ -90,10 +90,11 @@ ROWS = [
      lambda d: (f"data-wait share {d['untuned']['data_wait_share']:.1%} → {d['tuned']['data_wait_share']:.1%} "
                 f"({d['ratio_tuned_to_untuned_data_wait']}×); samples/s {d['ratio_tuned_to_untuned_samples_per_s']}× "
                 "(on a CPU-only host the workers compete with the model for the cores)")),
-    ("ci", lambda d: ("`.ci/run` from a fresh clone (what CI runs; limit 90 min), started "
-                      + ("cold: no images, no BuildKit cache" if d.get("cold", True) else "warm")),
-     lambda d: (f"{d['wall_s']} s, {d['tests']} tests" + (f", {d['failed']} failed" if d.get("failed") else "")
-                + f", {d['disk_peak_extra_gb']} GB of disk at its peak")),
+    *((name, lambda d: ("`.ci/run` from a fresh clone (what CI runs; limit 90 min), started "
+                        + ("cold: a new machine, no images, no BuildKit cache" if d["cold"] else
+                           f"warm: {d['at_start']['images']} images, {d['at_start']['build_cache']} of BuildKit cache")),
+       lambda d: (f"{d['wall_s']} s, {d['tests']} tests" + (f", {d['failed']} failed" if d.get("failed") else "")
+                  + f", {d['disk_peak_extra_gb']} GB of disk at its peak")) for name in ("ci_cold", "ci_warm")),
 ]
 
 

@@ -15,7 +15,9 @@ import json
 import re
 import ssl
 import threading
+import urllib.error
 import urllib.request
+from urllib.parse import quote, unquote, urljoin, urlsplit, urlunsplit
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -100,6 +102,22 @@ def _is_version(text: str) -> bool:
         return False
 
 
+def json_page(name: str, files: list[dict]) -> bytes:
+    """A PEP 691 project page: the files as the upstream described them (hashes, upload time, metadata)."""
+    keep = ("filename", "url", "hashes", "requires-python", "yanked", "core-metadata", "dist-info-metadata",
+            "upload-time", "size")
+    return json.dumps({"meta": {"api-version": "1.1"}, "name": canonicalize_name(name),
+                       "files": [{k: f[k] for k in keep if k in f} for f in files]}).encode()
+
+
+def pip_url(url: str) -> str:
+    """A file URL as pip holds its links: each part of the path between '@'s unquoted, then quoted."""
+    parts = urlsplit(url)
+    path = re.split("(@|%2F)", parts.path, flags=re.IGNORECASE)
+    path = "".join(p.upper() if i % 2 else quote(unquote(p)) for i, p in enumerate(path))
+    return urlunsplit(parts._replace(path=path))
+
+
 def page(name: str, files: list[dict]) -> bytes:
     """A PEP 503 project page linking the real file URLs (with their sha256)."""
     links = []
@@ -134,34 +152,50 @@ class EraIndex:
         self._lock = threading.Lock()
         self.server = None
 
-    def project(self, name: str) -> tuple[int, bytes]:
+    def files(self, name: str) -> tuple[int, list[dict]]:
+        """The files of a project that the view shows (absolute URLs); (HTTP status, files)."""
         name = canonicalize_name(name)
         with self._lock:
             if name in self._cache:
                 return 200, self._cache[name]
-        req = urllib.request.Request(f"{self.upstream}/{name}/", headers={"Accept": JSON_ACCEPT, **self.auth})
+        page_url = f"{self.upstream}/{name}/"
+        req = urllib.request.Request(page_url, headers={"Accept": JSON_ACCEPT, **self.auth})
         try:
             with urllib.request.urlopen(req, timeout=self.timeout, context=self.context) as resp:
                 data = json.loads(resp.read())
         except urllib.error.HTTPError as exc:
-            return exc.code, b""
+            return exc.code, []
         files = data.get("files", [])
-        shown = visible(files, self.cutoff, self.pins.get(name, set()), self.python)
-        body = page(name, shown)
+        shown = [dict(f, url=urljoin(page_url, f["url"])) for f in visible(files, self.cutoff,
+                                                                          self.pins.get(name, set()), self.python)]
         with self._lock:
-            self._cache[name] = body
+            self._cache[name] = shown
             self.hidden[name] = len(files) - len(shown)
-        return 200, body
+        return 200, shown
+
+    def project(self, name: str, as_json: bool = False) -> tuple[int, bytes]:
+        """The project's page: PEP 691 JSON for a client that asks for it (pip does), else PEP 503 HTML."""
+        status, files = self.files(name)
+        if status != 200:
+            return status, b""
+        return 200, json_page(name, files) if as_json else page(name, files)
 
     def metadata(self, name: str) -> tuple[int, bytes]:
-        """PyPI's JSON API for a project, passed through (the version is already chosen)."""
-        base = self.upstream[:-len("/simple")] if self.upstream.endswith("/simple") else self.upstream
-        req = urllib.request.Request(f"{base}/pypi/{canonicalize_name(name)}/json", headers=self.auth)
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout, context=self.context) as resp:
-                return 200, resp.read()
-        except urllib.error.HTTPError as exc:
-            return exc.code, b""
+        """The part of PyPI's JSON API that pip-tools reads for a pinned version's hashes, made from
+        the same files the page shows (any mirror, with or without that API). Its URLs are spelled
+        as pip spells the page's links: pip-tools matches the two by URL and downloads every file it
+        cannot match to hash it (all platforms of a pin: GBs for torch)."""
+        status, files = self.files(name)
+        if status != 200:
+            return status, b""
+        releases: dict[str, list[dict]] = {}
+        for f in files:
+            version, sha256 = file_version(f["filename"]), f.get("hashes", {}).get("sha256")
+            if version and sha256:
+                releases.setdefault(version, []).append({
+                    "filename": f["filename"], "url": pip_url(f["url"]), "digests": {"sha256": sha256},
+                    "packagetype": "bdist_wheel" if f["filename"].endswith(".whl") else "sdist"})
+        return 200, json.dumps({"info": {"name": canonicalize_name(name)}, "releases": releases}).encode()
 
     def __enter__(self) -> "EraIndex":
         era = self
@@ -170,15 +204,17 @@ class EraIndex:
             def do_GET(self):  # noqa: N802 - http.server's name
                 m = re.match(r"^/simple/([A-Za-z0-9._-]+)/?$", self.path)
                 js = re.match(r"^/pypi/([A-Za-z0-9._-]+)/json$", self.path)
+                as_json = JSON_ACCEPT in self.headers.get("Accept", "")
+                kind = "application/json" if js else JSON_ACCEPT if as_json else "text/html; charset=utf-8"
                 try:
                     if js:  # pip-tools reads a pinned version's hashes here instead of downloading its files
                         status, body = era.metadata(js.group(1))
                     else:
-                        status, body = era.project(m.group(1)) if m else (404, b"")
+                        status, body = era.project(m.group(1), as_json) if m else (404, b"")
                 except Exception as exc:  # noqa: BLE001 - the client gets a 502, the lock step the reason
-                    status, body = 502, str(exc).encode()
+                    status, body, kind = 502, str(exc).encode(), "text/plain"
                 self.send_response(status)
-                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.send_header("Content-Type", kind)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)

@@ -137,14 +137,11 @@ def describe(clash: dict, plan: Plan | None = None, fix: dict | None = None) -> 
 
 def _versions_in_view(view: era.EraIndex, name: str, python: str) -> dict[str, bool]:
     """{version: has a wheel for this Python} of the files the era view shows for a project."""
-    status, body = view.project(name)
-    if status != 200:
-        return {}
     out: dict[str, bool] = {}
-    for filename in re.findall(r">([^<>]+)</a>", body.decode("utf-8", "replace")):
-        version = era.file_version(filename)
+    for f in view.files(name)[1]:
+        version = era.file_version(f["filename"])
         if version is not None:
-            out[version] = out.get(version, False) or era._wheel_for({"filename": filename}, python)
+            out[version] = out.get(version, False) or era._wheel_for(f, python)
     return out
 
 

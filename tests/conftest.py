@@ -25,6 +25,29 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.integration)
 
 
+# Where CI's minutes and disk go: each module's wall time (its fixtures' setup included, so a
+# shared base is charged to the first module that asks for it) and the disk used when it ends,
+# written to the file ENVBUILD_TEST_TIMINGS names (benchmarks/bench_ci.py sets it).
+_modules: dict = {}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    t0 = time.monotonic()
+    yield
+    entry = _modules.setdefault(item.module.__name__, {"seconds": 0.0, "tests": 0})
+    entry["seconds"] += time.monotonic() - t0
+    entry["tests"] += 1
+    entry["disk_used_gb"] = round(shutil.disk_usage("/").used / 1e9, 1)
+
+
+def pytest_sessionfinish(session):
+    path = os.environ.get("ENVBUILD_TEST_TIMINGS")
+    if path:
+        Path(path).write_text(json.dumps({m: dict(e, seconds=round(e["seconds"])) for m, e in _modules.items()},
+                                         indent=1) + "\n")
+
+
 @pytest.fixture(scope="session")
 def cat():
     return catalog.load()

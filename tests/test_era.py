@@ -154,3 +154,78 @@ def test_the_lock_runs_pip_compile_against_the_era_view_of_the_plans_cutoff(tmp_
     # an exact pin stays visible whatever its date; another version of it uploaded later does not
     assert f"torch-{pinned.group(2)}-" in seen["torch"] and "torch-0.4.1-" in seen["torch"] and "torch-9.9.9-" not in seen["torch"]
     assert any(p.rstrip("/").endswith("/numpy") for p in asked)  # the view asked the configured index
+
+
+def _wheel(name: str, version: str) -> bytes:
+    """A real pure-Python wheel of an empty package (written here, not downloaded)."""
+    import io
+    import zipfile
+    buf = io.BytesIO()
+    info = f"{name}-{version}.dist-info"
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr(f"{name}/__init__.py", "")
+        z.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+        z.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr(f"{info}/RECORD", "")
+    return buf.getvalue()
+
+
+def test_pip_compile_takes_every_files_hash_from_the_view_and_downloads_no_other_platforms_file(tmp_path):
+    """The lock's pip-compile --generate-hashes wants the hash of every file of a pin (all platforms).
+    It matches the JSON API's URLs against its page links; when they differ it downloads each file
+    to hash it (for torch: every platform's wheel, GBs per lock). Real pip-compile, a PEP 691 index
+    on loopback without PyPI's JSON API (as many mirrors), and files it must never fetch."""
+    import hashlib
+    import json as _json
+    import subprocess
+    import sys
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from pathlib import Path
+    from envbuild.era import EraIndex
+
+    good = _wheel("tinydemo", "1.0")
+    blobs = {"tinydemo-1.0-py3-none-any.whl": good,  # the one pip installs here
+             "tinydemo-1.0-cp311-cp311-win_amd64.whl": b"not for this host",
+             "tinydemo-1.0-cp311-cp311-macosx_11_0_arm64.whl": b"nor this one"}
+    fetched = []
+
+    class Upstream(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            base = f"http://127.0.0.1:{self.server.server_port}"
+            if self.path.startswith("/files/"):
+                fetched.append(self.path)
+                body = blobs.get(self.path.rsplit("/", 1)[-1])
+                ctype = "application/octet-stream"
+            elif self.path.rstrip("/") == "/simple/tinydemo":
+                body = _json.dumps({"meta": {"api-version": "1.1"}, "name": "tinydemo", "files": [
+                    {"filename": n, "url": f"{base}/files/{n}", "hashes": {"sha256": hashlib.sha256(b).hexdigest()},
+                     "upload-time": "2020-01-01T00:00:00Z"} for n, b in blobs.items()]}).encode()
+                ctype = "application/vnd.pypi.simple.v1+json"
+            else:  # no /pypi/<name>/json here, as on many mirrors
+                body = None
+            self.send_response(200 if body is not None else 404)
+            self.send_header("Content-Type", ctype if body is not None else "text/plain")
+            self.end_headers()
+            self.wfile.write(body or b"")
+
+        def log_message(self, *a):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Upstream)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    (tmp_path / "req.in").write_text("tinydemo==1.0\n")
+    compile_ = Path(sys.executable).parent / "pip-compile"
+    try:
+        with EraIndex(f"http://127.0.0.1:{server.server_port}/simple", CUTOFF, {"tinydemo": {"1.0"}}) as view:
+            r = subprocess.run([str(compile_), "--quiet", "--generate-hashes", "--no-header", "--index-url", view.url,
+                                "--cache-dir", str(tmp_path / "cache"), "-o", str(tmp_path / "req.lock"),
+                                str(tmp_path / "req.in")], capture_output=True, text=True, timeout=300,
+                               env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PIP_CONFIG_FILE": "/dev/null"})
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert r.returncode == 0, r.stderr[-2000:]
+    lock = (tmp_path / "req.lock").read_text()
+    assert all(f"sha256:{hashlib.sha256(b).hexdigest()}" in lock for b in blobs.values()), lock
+    assert not [p for p in fetched if "win_amd64" in p or "macosx" in p], fetched
