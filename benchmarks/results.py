@@ -123,7 +123,8 @@ def table() -> str:
         lines.append(f"| {what(data)} | {result(data)} | {name}.json: {_when(data)} |")
     if missing:
         files = ", ".join(f"`{n}.json`" for n in dict.fromkeys(missing))
-        lines += ["", f"Not measured yet (no {files}): `make bench-build` measures them."]
+        targets = sorted({"`make bench-ci`" if n.startswith("ci_") else "`make bench-build`" for n in missing})
+        lines += ["", f"Not measured yet (no {files}): {' and '.join(targets)} measure{'s' if len(targets) == 1 else ''} them."]
     return "\n".join(lines)
 
 
