@@ -1,5 +1,7 @@
-"""The package index as it was: a local PEP 503 view of PyPI that hides every file uploaded
-after a cutoff date, so that what a model left unpinned resolves as of the model's era.
+"""The package index as it was: a local view of PyPI (or a mirror) that hides every file uploaded
+after a cutoff date, so that what a model left unpinned resolves as of the model's era. Without
+a cutoff it shows everything; either way it answers pip-tools' hash questions from the index's
+own listing, so the lock downloads no file only to hash it.
 
 PyPI's JSON simple API (PEP 691) gives each file's upload time (PEP 700). The lock step runs
 pip-compile against this view, whatever pip the image's Python has (pip 24 on Python 3.8 has
@@ -19,6 +21,7 @@ import urllib.error
 import urllib.request
 from urllib.parse import quote, unquote, urljoin, urlsplit, urlunsplit
 from datetime import datetime, timezone
+from html.parser import HTMLParser
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from packaging.utils import InvalidSdistFilename, InvalidWheelFilename, canonicalize_name, parse_sdist_filename, \
@@ -26,6 +29,7 @@ from packaging.utils import InvalidSdistFilename, InvalidWheelFilename, canonica
 from packaging.version import InvalidVersion, Version
 
 JSON_ACCEPT = "application/vnd.pypi.simple.v1+json"
+ACCEPT = f"{JSON_ACCEPT}, application/vnd.pypi.simple.v1+html;q=0.2, text/html;q=0.1"
 PIN_RE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;#]+)")
 
 
@@ -102,6 +106,52 @@ def _is_version(text: str) -> bool:
         return False
 
 
+class _Links(HTMLParser):
+    """The <a> elements of a PEP 503 page: (href, attributes, text)."""
+
+    def __init__(self):
+        super().__init__()
+        self.links: list[tuple[str, dict, str]] = []
+        self._open: tuple[str, dict] | None = None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "a":
+            attrs = dict(attrs)
+            self._open = (attrs.pop("href", None) or "", attrs)
+            self.links.append((*self._open, ""))
+
+    def handle_data(self, data):
+        if self._open is not None:
+            self.links[-1] = (*self._open, self.links[-1][2] + data)
+
+    def handle_endtag(self, tag):
+        if tag == "a":
+            self._open = None
+
+
+def read_page(text: str) -> list[dict]:
+    """A PEP 503 page's files in PEP 691's terms: filename, url, hashes (from the #sha256= fragment),
+    requires-python, yanked and core-metadata from the data- attributes."""
+    parser = _Links()
+    parser.feed(text)
+    files = []
+    for href, attrs, label in parser.links:
+        url, _, fragment = href.partition("#")
+        algo, _, digest = fragment.partition("=")
+        f = {"filename": label.strip() or unquote(url.rsplit("/", 1)[-1]), "url": url,
+             "hashes": {algo: digest} if digest else {}}
+        if attrs.get("data-requires-python"):
+            f["requires-python"] = attrs["data-requires-python"]
+        if "data-yanked" in attrs:
+            f["yanked"] = attrs["data-yanked"] or True
+        meta = attrs.get("data-core-metadata", attrs.get("data-dist-info-metadata"))
+        if meta:
+            algo, _, digest = meta.partition("=")
+            f["core-metadata"] = {algo: digest} if digest else True
+        files.append(f)
+    return files
+
+
 def json_page(name: str, files: list[dict]) -> bytes:
     """A PEP 691 project page: the files as the upstream described them (hashes, upload time, metadata)."""
     keep = ("filename", "url", "hashes", "requires-python", "yanked", "core-metadata", "dist-info-metadata",
@@ -138,12 +188,13 @@ def page(name: str, files: list[dict]) -> bytes:
 class EraIndex:
     """A loopback server for the time-filtered view; use as a context manager, read .url."""
 
-    def __init__(self, upstream: str, cutoff: datetime, pins: dict[str, set[str]], ca_bundle: str | None = None,
+    def __init__(self, upstream: str, cutoff: datetime | None, pins: dict[str, set[str]], ca_bundle: str | None = None,
                  timeout: int = 60, python: str | None = None, auth: dict | None = None):
         self.python = python
         self.auth = dict(auth or {})  # an Authorization header for a mirror that asks for credentials
         self.upstream = upstream.rstrip("/")
-        self.cutoff = cutoff if cutoff.tzinfo else cutoff.replace(tzinfo=timezone.utc)
+        # None: today's index, every file shown (the view still answers pip-tools' hash questions)
+        self.cutoff = cutoff if cutoff is None or cutoff.tzinfo else cutoff.replace(tzinfo=timezone.utc)
         self.pins = pins
         self.timeout = timeout
         self.context = ssl.create_default_context(cafile=ca_bundle) if ca_bundle else ssl.create_default_context()
@@ -158,16 +209,18 @@ class EraIndex:
         with self._lock:
             if name in self._cache:
                 return 200, self._cache[name]
-        page_url = f"{self.upstream}/{name}/"
-        req = urllib.request.Request(page_url, headers={"Accept": JSON_ACCEPT, **self.auth})
+        req = urllib.request.Request(f"{self.upstream}/{name}/", headers={"Accept": ACCEPT})
+        for key, value in self.auth.items():  # the mirror's credential, never sent on to where it redirects
+            req.add_unredirected_header(key, value)
         try:
             with urllib.request.urlopen(req, timeout=self.timeout, context=self.context) as resp:
-                data = json.loads(resp.read())
+                page_url, kind, body = resp.geturl(), resp.headers.get("Content-Type", ""), resp.read()
         except urllib.error.HTTPError as exc:
             return exc.code, []
-        files = data.get("files", [])
-        shown = [dict(f, url=urljoin(page_url, f["url"])) for f in visible(files, self.cutoff,
-                                                                          self.pins.get(name, set()), self.python)]
+        # PEP 691 JSON where the index speaks it, else its PEP 503 page (no upload times there)
+        files = json.loads(body).get("files", []) if "json" in kind else read_page(body.decode("utf-8", "replace"))
+        files = [dict(f, url=urljoin(page_url, f["url"])) for f in files]
+        shown = files if self.cutoff is None else visible(files, self.cutoff, self.pins.get(name, set()), self.python)
         with self._lock:
             self._cache[name] = shown
             self.hidden[name] = len(files) - len(shown)

@@ -113,23 +113,24 @@ def lock(context: Path, ca_bundle: str | None = None, echo=None, index_auth: str
         netrc = stack.enter_context(creds.secret_file(index_auth))  # outside the context, deleted after
         if netrc:
             volumes[netrc] = {"bind": f"/run/secrets/{creds.SECRET_ID}", "mode": "ro"}
-        index = ""
-        if cutoff:
-            # PyPI as it was at the cutoff, served on loopback (the container shares the host's network)
-            upstream = next((line.split(None, 1)[1].strip() for line in text.splitlines()
-                             if line.startswith("--index-url ")), PYPI)
-            until = datetime.fromisoformat(cutoff) + timedelta(days=1)  # the cutoff day counts
-            view = stack.enter_context(EraIndex(upstream, until, exact_pins(text), ca_bundle, python=python,
-                                                auth=creds.auth_header(upstream, creds.parse_netrc(index_auth))))
-            index = f"--index-url {view.url} "
-            if echo:
-                echo(f"lock: PyPI as of {cutoff} (exact pins excepted), served at {view.url}")
+        # pip-compile asks a view of the index on loopback (the container shares the host's
+        # network): PyPI as it was at the Plan's cutoff, when it has one. The view also answers
+        # pip-tools' hash questions, which an index without PyPI's JSON API answers only by
+        # having every platform's file of every pin downloaded (GBs for torch).
+        upstream = next((line.split(None, 1)[1].strip() for line in text.splitlines()
+                         if line.startswith("--index-url ")), PYPI)
+        until = datetime.fromisoformat(cutoff) + timedelta(days=1) if cutoff else None  # the cutoff day counts
+        view = stack.enter_context(EraIndex(upstream, until, exact_pins(text), ca_bundle, python=python,
+                                            auth=creds.auth_header(upstream, creds.parse_netrc(index_auth))))
+        index = f"--index-url {view.url} "
+        if echo and cutoff:
+            echo(f"lock: PyPI as of {cutoff} (exact pins excepted), served at {view.url}")
         script = (
             f"{paths.HELPERS}/with-ca.sh pip install -q {PIP} {PIP_TOOLS} && "
             "grep -v '^--index-url ' /ctx/requirements.in > /tmp/requirements.in && "
             f"{paths.HELPERS}/with-ca.sh pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras {index}"
             "--no-emit-index-url --no-emit-find-links --no-header --output-file /tmp/requirements.lock "
-            + ("/tmp/requirements.in" if index else "/ctx/requirements.in") + " && cat /tmp/requirements.lock"
+            "/tmp/requirements.in && cat /tmp/requirements.lock"
         )
         code, output, errors = engine.run_container(result.image_id, ["/bin/bash", "-c", script], timeout=3600,
                                                     environment=env, volumes=volumes, network_mode="host")

@@ -2,6 +2,8 @@
 
 from datetime import datetime, timezone
 
+import pytest
+
 from envbuild import catalog
 from envbuild.era import exact_pins, file_version, page, visible
 from envbuild.resolve import resolve
@@ -170,11 +172,15 @@ def _wheel(name: str, version: str) -> bytes:
     return buf.getvalue()
 
 
-def test_pip_compile_takes_every_files_hash_from_the_view_and_downloads_no_other_platforms_file(tmp_path):
+@pytest.mark.parametrize("speaks,cutoff", [("json", CUTOFF), ("html", None)])
+def test_pip_compile_takes_every_files_hash_from_the_view_and_downloads_no_other_platforms_file(tmp_path, speaks,
+                                                                                                cutoff):
     """The lock's pip-compile --generate-hashes wants the hash of every file of a pin (all platforms).
     It matches the JSON API's URLs against its page links; when they differ it downloads each file
-    to hash it (for torch: every platform's wheel, GBs per lock). Real pip-compile, a PEP 691 index
-    on loopback without PyPI's JSON API (as many mirrors), and files it must never fetch."""
+    to hash it (for torch: every platform's wheel, GBs per lock). Real pip-compile, an index on
+    loopback without PyPI's JSON API (as many mirrors), speaking PEP 691 JSON or only PEP 503 HTML
+    (relative links, as a plain mirror serves them), with an era cutoff or without one (the view
+    serves today's index then), and files it must never fetch."""
     import hashlib
     import json as _json
     import subprocess
@@ -197,11 +203,15 @@ def test_pip_compile_takes_every_files_hash_from_the_view_and_downloads_no_other
                 fetched.append(self.path)
                 body = blobs.get(self.path.rsplit("/", 1)[-1])
                 ctype = "application/octet-stream"
-            elif self.path.rstrip("/") == "/simple/tinydemo":
+            elif self.path.rstrip("/") == "/simple/tinydemo" and speaks == "json":
                 body = _json.dumps({"meta": {"api-version": "1.1"}, "name": "tinydemo", "files": [
                     {"filename": n, "url": f"{base}/files/{n}", "hashes": {"sha256": hashlib.sha256(b).hexdigest()},
                      "upload-time": "2020-01-01T00:00:00Z"} for n, b in blobs.items()]}).encode()
                 ctype = "application/vnd.pypi.simple.v1+json"
+            elif self.path.rstrip("/") == "/simple/tinydemo":
+                body = "".join(f'<a href="../../files/{n}#sha256={hashlib.sha256(b).hexdigest()}">{n}</a><br/>\n'
+                               for n, b in blobs.items()).encode()
+                ctype = "text/html"
             else:  # no /pypi/<name>/json here, as on many mirrors
                 body = None
             self.send_response(200 if body is not None else 404)
@@ -217,7 +227,7 @@ def test_pip_compile_takes_every_files_hash_from_the_view_and_downloads_no_other
     (tmp_path / "req.in").write_text("tinydemo==1.0\n")
     compile_ = Path(sys.executable).parent / "pip-compile"
     try:
-        with EraIndex(f"http://127.0.0.1:{server.server_port}/simple", CUTOFF, {"tinydemo": {"1.0"}}) as view:
+        with EraIndex(f"http://127.0.0.1:{server.server_port}/simple", cutoff, {"tinydemo": {"1.0"}}) as view:
             r = subprocess.run([str(compile_), "--quiet", "--generate-hashes", "--no-header", "--index-url", view.url,
                                 "--cache-dir", str(tmp_path / "cache"), "-o", str(tmp_path / "req.lock"),
                                 str(tmp_path / "req.in")], capture_output=True, text=True, timeout=300,
@@ -229,3 +239,55 @@ def test_pip_compile_takes_every_files_hash_from_the_view_and_downloads_no_other
     lock = (tmp_path / "req.lock").read_text()
     assert all(f"sha256:{hashlib.sha256(b).hexdigest()}" in lock for b in blobs.values()), lock
     assert not [p for p in fetched if "win_amd64" in p or "macosx" in p], fetched
+
+
+def test_a_pep503_page_reads_as_pep691_files():
+    from envbuild.era import read_page
+    files = read_page('<a href="../../files/x-1.0.tar.gz#sha256=ab" data-requires-python="&gt;=3.8" '
+                      'data-yanked="">x-1.0.tar.gz</a>\n<a href="https://h/x-2.0-py3-none-any.whl" '
+                      'data-core-metadata="sha256=cd">x-2.0-py3-none-any.whl</a>')
+    assert files == [{"filename": "x-1.0.tar.gz", "url": "../../files/x-1.0.tar.gz", "hashes": {"sha256": "ab"},
+                      "requires-python": ">=3.8", "yanked": True},
+                     {"filename": "x-2.0-py3-none-any.whl", "url": "https://h/x-2.0-py3-none-any.whl", "hashes": {},
+                      "core-metadata": {"sha256": "cd"}}]
+
+
+def test_the_views_credential_goes_to_the_mirror_and_never_on_to_where_it_redirects():
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from envbuild.era import EraIndex
+    heard = {}
+
+    def serve(answer):
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                heard[self.server.server_port] = self.headers.get("Authorization")
+                answer(self)
+
+            def log_message(self, *a):
+                pass
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        return server
+
+    def elsewhere_answer(h):
+        h.send_response(200)
+        h.send_header("Content-Type", "text/html")
+        h.end_headers()
+        h.wfile.write(b'<a href="x-1.0.tar.gz#sha256=ab">x-1.0.tar.gz</a>')
+    elsewhere = serve(elsewhere_answer)
+
+    def mirror_answer(h):
+        h.send_response(301)
+        h.send_header("Location", f"http://127.0.0.1:{elsewhere.server_port}/simple/x/")
+        h.end_headers()
+    mirror = serve(mirror_answer)
+    try:
+        view = EraIndex(f"http://127.0.0.1:{mirror.server_port}/simple", None, {},
+                        auth={"Authorization": "Basic c2VjcmV0"})
+        status, files = view.files("x")
+    finally:
+        mirror.shutdown()
+        elsewhere.shutdown()
+    assert status == 200 and files[0]["url"] == f"http://127.0.0.1:{elsewhere.server_port}/simple/x/x-1.0.tar.gz"
+    assert heard[mirror.server_port] == "Basic c2VjcmV0" and heard[elsewhere.server_port] is None

@@ -203,7 +203,6 @@ def test_the_lock_mounts_the_netrc_for_its_run_only(tmp_path, monkeypatch):
         ran.append((mounts, mounts["/run/secrets/index_auth"].read_text()))
         return 0, out, ""
     monkeypatch.setattr(engine, "run_container", run_container)
-    monkeypatch.setattr(lock_stage, "EraIndex", None)
     plan = json.loads((ctx / "plan.json").read_text())
     plan["index_cutoff"] = None
     (ctx / "plan.json").write_text(json.dumps(plan))
