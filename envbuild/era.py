@@ -19,10 +19,10 @@ import ssl
 import threading
 import urllib.error
 import urllib.request
-from urllib.parse import quote, unquote, urljoin, urlsplit, urlunsplit
 from datetime import datetime, timezone
 from html.parser import HTMLParser
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import quote, unquote, urljoin, urlsplit, urlunsplit
 
 from packaging.utils import InvalidSdistFilename, InvalidWheelFilename, canonicalize_name, parse_sdist_filename, \
     parse_wheel_filename
