@@ -60,6 +60,7 @@ def main() -> int:
     done.set()
     shutil.rmtree(clone, ignore_errors=True)  # its venv and build outputs; the log stays
     text = log.read_text(errors="replace")
+    spent = json.loads(timings.read_text()) if timings.exists() else None
     summary = re.findall(r"^=*\s*(.*\b(?:passed|failed)\b.*) in ([\d.]+)s", text, re.M)
     counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|error)", summary[-1][0])} if summary else {}
     out = {
@@ -80,8 +81,8 @@ def main() -> int:
         "disk_peak_extra_gb": round((max(used) - used[0]) / GB),
         "sampled": "df every 20 s",
         # the slowest modules first: seconds (shared fixtures charged to the first user), disk at its end
-        "modules": dict(sorted(json.loads(timings.read_text()).items(), key=lambda kv: -kv[1]["seconds"]))
-        if timings.exists() else None,
+        "modules": dict(sorted(spent["modules"].items(), key=lambda kv: -kv[1]["seconds"])) if spent else None,
+        "slowest": spent["slowest"] if spent else None,  # phases of 20 s or more: setup, call, teardown
         "log": str(log),
     }
     print(results.write("ci_cold" if out["cold"] else "ci_warm", out).read_text())

@@ -41,11 +41,21 @@ def pytest_runtest_protocol(item, nextitem):
     entry["disk_used_gb"] = round(shutil.disk_usage("/").used / 1e9, 1)
 
 
+# and the slowest phases (a module-scoped fixture's setup shows as the setup of its first test)
+_slowest: list = []
+
+
+def pytest_runtest_logreport(report):
+    if report.duration >= 20:
+        _slowest.append({"test": report.nodeid, "phase": report.when, "seconds": round(report.duration)})
+
+
 def pytest_sessionfinish(session):
     path = os.environ.get("ENVBUILD_TEST_TIMINGS")
     if path:
-        Path(path).write_text(json.dumps({m: dict(e, seconds=round(e["seconds"])) for m, e in _modules.items()},
-                                         indent=1) + "\n")
+        Path(path).write_text(json.dumps({
+            "modules": {m: dict(e, seconds=round(e["seconds"])) for m, e in _modules.items()},
+            "slowest": sorted(_slowest, key=lambda e: -e["seconds"])[:40]}, indent=1) + "\n")
 
 
 @pytest.fixture(scope="session")
