@@ -22,11 +22,14 @@ $(BIN)/envbuild: pyproject.toml
 
 setup: $(BIN)/envbuild  ## create .venv with envbuild and the test tools
 
+# Two workers: one compiles while the other exports, pushes or runs unit tests (tests/conftest.py
+# keeps each integration module, and everything sharing the fixture image, on one worker).
+TEST_WORKERS ?= 2
 test: setup  ## all tests; integration tests need a Docker engine (.ci/run starts one)
-	$(BIN)/pytest -q -rs --durations=12
+	$(BIN)/pytest -q -rs --durations=12 -n $(TEST_WORKERS) --dist loadgroup
 
 test-unit: setup
-	$(BIN)/pytest -q -m 'not integration'
+	$(BIN)/pytest -q -m 'not integration' -n $(TEST_WORKERS)
 
 test-integration: setup
 	$(BIN)/pytest -q -rs -m integration

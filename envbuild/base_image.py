@@ -11,6 +11,8 @@ kind of base nvidia/cuda gives everyone else. The recipes are catalog facts
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import re
 import shutil
 import subprocess
@@ -159,23 +161,48 @@ def build_base(cat: Catalog, cuda: str, mirror: str = DEBIAN_MIRROR, pypi_index:
                ca_bundle: str | None = None, rebuild: bool = False, echo=print, index_auth: str = "",
                network: str = "") -> dict:
     """Make (or reuse) the offline base for a CUDA version; what it is and which cards it targets."""
-    from . import build
     recipe, planned = recipe_for(cuda), plan(cat, cuda, mirror, pypi_index)
     cli = engine.find_cli()
+    with _one_maker(recipe.tag, echo):
+        made = _make(cli, recipe, planned, rebuild, echo, ca_bundle=ca_bundle, index_auth=index_auth,
+                     network=network)
+    shown = {k: v for k, v in planned.items() if k not in ("dockerfile", "mirror")}
+    return {**shown, "made": made, "reused": [t for t in (recipe.debian_tag, recipe.tag) if t not in made]}
+
+
+@contextlib.contextmanager
+def _one_maker(tag: str, echo):
+    """One `envbuild base` per base tag on this host at a time: a second one waits, then finds the
+    first one's images and reuses them instead of running debootstrap and the CUDA build twice."""
+    path = Path(tempfile.gettempdir()) / f"envbuild-base-{re.sub(r'[^A-Za-z0-9_.-]', '_', tag)}.lock"
+    with open(path, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            echo(f">> another envbuild base is making {tag}: waiting for it")
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _make(cli: engine.Cli, recipe: Recipe, planned: dict, rebuild: bool, echo, **build_options) -> list[str]:
+    """The tags built now; a tag that exists is kept (unless rebuild). build_options: build.build's."""
+    from . import build
     made = []
     if rebuild or not _have(cli, recipe.debian_tag):
-        _debian(cli, recipe, mirror, echo)
+        _debian(cli, recipe, planned["mirror"], echo)
         made.append(recipe.debian_tag)
     if rebuild or not _have(cli, recipe.tag):
         with tempfile.TemporaryDirectory(prefix="envbuild-base-") as ctx:
             Path(ctx, "Dockerfile").write_text(planned["dockerfile"])
             helper = Path(__file__).parent / "incontainer" / "with-ca.sh"
             shutil.copy(helper, Path(ctx, "with-ca.sh"))
-            build.build(Path(ctx), [recipe.tag], target="cuda", ca_bundle=ca_bundle, echo=echo,
-                        log_name=f"base-cuda{cuda}", index_auth=index_auth, network=network)
+            build.build(Path(ctx), [recipe.tag], target="cuda", echo=echo, log_name=f"base-cuda{planned['cuda']}",
+                        **build_options)
         made.append(recipe.tag)
-    shown = {k: v for k, v in planned.items() if k not in ("dockerfile", "mirror")}
-    return {**shown, "made": made, "reused": [t for t in (recipe.debian_tag, recipe.tag) if t not in made]}
+    return made
 
 
 def find_base(cuda: str) -> str | None:

@@ -16,6 +16,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "tests" / "fixture"
 PACKAGE = "tinyscale"
+# The mirror's port, the same in every module and every run: the base stage's pip settings name the
+# index, so a new address would mean a new torch stage (GBs) where BuildKit's cache has one.
+PORT = 38731
 
 
 def fresh_version() -> str:
@@ -52,8 +55,7 @@ class Mirror:
     """What build containers download from, served on Docker's bridge (they reach it): a PEP 503
     index with tinyscale's sdists at the versions added (every other project redirects to PyPI),
     and find-links pages for folders of wheels, as a mirror of a vendor's index would serve them.
-    One address for a whole test module: the base stage's pip settings name the index, so one
-    address per build would give every build a torch stage (GBs) of its own."""
+    One address (PORT) for every build that uses it."""
 
     def __init__(self):
         self.sdists: dict[str, tuple[bytes, str]] = {}  # file name -> (bytes, sha256)
@@ -74,7 +76,10 @@ class Mirror:
             def log_message(self, *args):
                 pass
 
-        self.server = ThreadingHTTPServer((bridge_gateway(), 0), Handler)
+        try:
+            self.server = ThreadingHTTPServer((bridge_gateway(), PORT), Handler)
+        except OSError:  # taken (a benchmark running beside the tests): any port, at the price of a torch stage
+            self.server = ThreadingHTTPServer((bridge_gateway(), 0), Handler)
         host, port = self.server.server_address[:2]
         self.root = f"http://{host}:{port}"
         self.index = f"{self.root}/simple"

@@ -18,41 +18,62 @@ ROOT = Path(__file__).resolve().parent.parent
 # its file says so or not, so `-m 'not integration'` (make test-unit) never needs Docker.
 ENGINE_FIXTURES = {"docker_engine", "offline_base", "built", "registry"}
 
+# `make test` runs two workers (pytest-xdist, --dist loadgroup): while one compiles, the other
+# exports, pushes or runs unit tests. An integration module runs whole on one worker, so its
+# module fixtures are made once. Modules that use the fixture image (`built`) or assert cache hits
+# on its stages share its worker; the compile-once and bake modules build and push the same twin
+# tags through one mirror, so they share one too.
+WORKER_OF = {"test_git_packages_e2e": "fixture-image", "test_bake_e2e": "twins", "test_compile_once_e2e": "twins"}
 
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(items):
     for item in items:
         if ENGINE_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)
+    uses_built = {i.module.__name__ for i in items if "built" in getattr(i, "fixturenames", ())}
+    for item in items:
+        if item.get_closest_marker("integration"):
+            module = item.module.__name__
+            group = "fixture-image" if module in uses_built else WORKER_OF.get(module, module)
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
-# Where CI's minutes and disk go: each module's wall time (its fixtures' setup included, so a
-# shared base is charged to the first module that asks for it) and the disk used when it ends,
-# written to the file ENVBUILD_TEST_TIMINGS names (benchmarks/bench_ci.py sets it).
+def assert_no_container_left(engine, before: set, grace: float = 300):
+    """No container is left of those that appeared since `before`. Another worker's containers may
+    be running meanwhile: they end on their own within `grace` seconds; one left behind stays."""
+    left = {c.id for c in engine.containers.list(all=True)} - before
+    deadline = time.monotonic() + grace
+    while left and time.monotonic() < deadline:
+        time.sleep(2)
+        left &= {c.id for c in engine.containers.list(all=True)}
+    assert not left, [c.attrs.get("Config", {}).get("Image") for c in engine.containers.list(all=True)
+                      if c.id in left]
+
+
+# Where CI's minutes and disk go: each module's time (its fixtures' setup included, so a shared
+# base is charged to the first module that asks for it; with two workers the modules' times add
+# up to more than the run's), the disk used when it ends, and the slowest phases (a module
+# fixture's setup shows as the setup of its first test), written to the file
+# ENVBUILD_TEST_TIMINGS names (benchmarks/bench_ci.py sets it). xdist hands every worker's
+# reports to the main process, which writes the file.
 _modules: dict = {}
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_protocol(item, nextitem):
-    t0 = time.monotonic()
-    yield
-    entry = _modules.setdefault(item.module.__name__, {"seconds": 0.0, "tests": 0})
-    entry["seconds"] += time.monotonic() - t0
-    entry["tests"] += 1
-    entry["disk_used_gb"] = round(shutil.disk_usage("/").used / 1e9, 1)
-
-
-# and the slowest phases (a module-scoped fixture's setup shows as the setup of its first test)
 _slowest: list = []
 
 
 def pytest_runtest_logreport(report):
+    module = report.nodeid.split("::")[0].rsplit("/", 1)[-1].removesuffix(".py")
+    entry = _modules.setdefault(module, {"seconds": 0.0, "tests": 0})
+    entry["seconds"] += report.duration
+    entry["tests"] += report.when == "call"
+    entry["disk_used_gb"] = round(shutil.disk_usage("/").used / 1e9, 1)
     if report.duration >= 20:
         _slowest.append({"test": report.nodeid, "phase": report.when, "seconds": round(report.duration)})
 
 
 def pytest_sessionfinish(session):
     path = os.environ.get("ENVBUILD_TEST_TIMINGS")
-    if path:
+    if path and not hasattr(session.config, "workerinput"):  # the main process, not an xdist worker
         Path(path).write_text(json.dumps({
             "modules": {m: dict(e, seconds=round(e["seconds"])) for m, e in _modules.items()},
             "slowest": sorted(_slowest, key=lambda e: -e["seconds"])[:40]}, indent=1) + "\n")

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from fakecuda import fatbin_bytes
-from conftest import CA_BUNDLE, FIXTURE, ROOT, cli, image_args  # the fixtures built and registry live in conftest
+from conftest import CA_BUNDLE, FIXTURE, ROOT, assert_no_container_left, cli, image_args  # the fixtures built and registry live in conftest
 
 pytestmark = pytest.mark.integration
 
@@ -211,7 +211,7 @@ def test_interrupted_build_leaves_no_tag_and_no_container(built, offline_base, f
     import docker
     with pytest.raises(docker.errors.ImageNotFound):
         docker_engine.images.get(tag)
-    assert {c.id for c in docker_engine.containers.list(all=True)} <= before
+    assert_no_container_left(docker_engine, before)
 
 
 def test_no_daemon_is_one_line_exit_1(fixture_env):
@@ -313,7 +313,7 @@ def test_smoke_rejects_bad_levels_and_leaves_no_container(built, fixture_env, do
     bad = cli(fixture_env, "smoke", built["ref"], "--level", "env,gpu-magic")
     assert bad.returncode == 2 and "gpu-magic" in bad.stderr
     assert r.returncode == 0
-    assert {c.id for c in docker_engine.containers.list(all=True)} <= before
+    assert_no_container_left(docker_engine, before)
 
 
 def test_smoke_summary_recorded_with_the_image(built, docker_engine, fixture_env, tmp_path):
@@ -364,7 +364,7 @@ def test_smoke_comm_is_bounded_by_its_timeout(built, fixture_env, docker_engine,
     # torchrun cannot even start in 1 s: the attempt is killed and reported, never waited on
     assert comm["cpu_rehearsal"] == {"ok": False, "error": "timed out after 1s (hang)"}
     assert "FAILED: timed out" in comm["reason"] and comm["seconds"] < 60
-    assert {c.id for c in docker_engine.containers.list(all=True)} <= before
+    assert_no_container_left(docker_engine, before)
 
 
 BROKEN_EXTENSION = r"""
@@ -414,7 +414,7 @@ def test_a_failed_smoke_exits_1_naming_the_level_and_records_the_failure(built, 
         r = cli(fixture_env, "smoke", ref, "--level", "env", "--gpus", "none", "--card", "a800")
         assert r.returncode == 1 and "smoke failed: env" in r.stderr and "Traceback" not in r.stderr, r.stdout + r.stderr
         assert "numpy" in r.stdout  # the report names what is missing
-        assert {c.id for c in docker_engine.containers.list(all=True)} <= before
+        assert_no_container_left(docker_engine, before)
         record = smoke_stage.records(docker_engine.images.get(ref).labels)["a800"]
         assert record["ok"] is False and record["levels"] == {"env": "failed"}
         assert smoke_stage.validated_on(docker_engine.images.get(ref).labels, "a800").startswith("smoke FAILED")
@@ -580,7 +580,7 @@ def test_a_container_that_cannot_start_is_not_left_behind(docker_engine, fixture
             r = cli(fixture_env, *args)
             assert r.returncode == 1 and "Traceback" not in r.stderr, (args, r.stderr)
             assert "cannot start" in r.stderr, r.stderr
-        assert {c.id for c in docker_engine.containers.list(all=True)} <= before
+        assert_no_container_left(docker_engine, before)
         # labels anyone could set, malformed: images still lists it
         r = cli(fixture_env, "images", "--json")
         assert r.returncode == 0 and "Traceback" not in r.stderr

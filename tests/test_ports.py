@@ -179,6 +179,39 @@ def test_base_refuses_bad_input_with_one_line():
         base_image.dockerfile(base_image.recipe_for("13.0"), "https://x/simple; rm -rf /")
 
 
+def test_a_second_base_maker_for_one_tag_waits_for_the_first(tmp_path, monkeypatch):
+    """Two `envbuild base` at once (two terminals, two test workers): the second waits, says so,
+    and only then looks for the images, so debootstrap and the CUDA build run once."""
+    import threading
+    monkeypatch.setattr(base_image.tempfile, "gettempdir", lambda: str(tmp_path))
+    said, order = [], []
+    first_in, release = threading.Event(), threading.Event()
+
+    def first():
+        with base_image._one_maker("envbuild/cuda:9.9-devel", said.append):
+            first_in.set()
+            release.wait(10)
+            order.append("first done")
+
+    def second():
+        with base_image._one_maker("envbuild/cuda:9.9-devel", said.append):
+            order.append("second in")
+
+    t1 = threading.Thread(target=first)
+    t1.start()
+    assert first_in.wait(10)
+    t2 = threading.Thread(target=second)
+    t2.start()
+    t2.join(0.5)
+    assert t2.is_alive() and said == [">> another envbuild base is making envbuild/cuda:9.9-devel: waiting for it"]
+    release.set()
+    t1.join(10)
+    t2.join(10)
+    assert order == ["first done", "second in"]
+    with base_image._one_maker("envbuild/cuda:other", said.append):  # another tag never waits
+        assert len(said) == 1
+
+
 def test_base_says_which_cards_its_nvcc_targets(cat):
     sass, ptx = base_image.targets(cat, "13.0")
     assert {"h20", "b200", "a800"} <= set(sass) and "v100" not in sass  # CUDA 13 dropped Volta
