@@ -14,4 +14,3 @@ PLAN = PREFIX + "plan"
 GIT_PACKAGES = PREFIX + "git-packages"
 SMOKE = PREFIX + "smoke"
 BASE_CUDA = PREFIX + "base.cuda"  # on bases `envbuild base` made: the CUDA toolkit they carry
-PIP_CACHE = PREFIX + "pip-cache"  # on the Docker volume envbuild's locks keep pip's downloads in

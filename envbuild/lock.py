@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from . import build as build_stage
-from . import creds, engine, labels, outputs, paths
+from . import creds, engine, outputs, paths
 from .config import PYPI
 from .era import EraIndex, exact_pins
 from .errors import OperationFailed
@@ -104,10 +104,6 @@ def lock(context: Path, ca_bundle: str | None = None, echo=None, index_auth: str
                                index_auth=index_auth, network=network)
     volumes = {str(context): {"bind": "/ctx", "mode": "rw"}}
     env = {"HOME": "/tmp", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
-    cache = pip_cache_volume()
-    if cache:
-        volumes[cache] = {"bind": "/var/cache/envbuild-pip", "mode": "rw"}
-        env["PIP_CACHE_DIR"] = "/var/cache/envbuild-pip"
     if ca_bundle:
         volumes[str(Path(ca_bundle).resolve())] = {"bind": "/run/secrets/ca_bundle", "mode": "ro"}
     text = req.read_text()
@@ -155,24 +151,6 @@ def lock(context: Path, ca_bundle: str | None = None, echo=None, index_auth: str
     write_locks(context, f"{header}\n# made by pip-compile inside the image's base stage\n{output}",
                 torch_lock_text(blocks))
     return context / "requirements.lock"
-
-
-PIP_CACHE_VOLUME = "envbuild-pip-cache"
-
-
-def pip_cache_volume() -> str | None:
-    """The Docker volume that keeps pip's downloads from one lock to the next (pip-compile downloads
-    every wheel it resolves: 2.3 GB for torch 2.0.1, a minute per lock without it). Made by envbuild
-    and labelled so; a volume of that name that envbuild did not make is left alone (no cache).
-    `docker volume rm envbuild-pip-cache` frees it."""
-    import docker
-
-    volumes = engine.client().volumes
-    try:
-        volume = volumes.get(PIP_CACHE_VOLUME)
-    except docker.errors.NotFound:
-        volume = volumes.create(PIP_CACHE_VOLUME, labels={labels.PIP_CACHE: "lock"})
-    return PIP_CACHE_VOLUME if (volume.attrs.get("Labels") or {}).get(labels.PIP_CACHE) else None
 
 
 def write_locks(context: Path, requirements_lock: str, torch_lock: str) -> None:

@@ -46,12 +46,6 @@ def test_lock_then_hash_checked_build(docker_engine, offline_base, fixture_env, 
     assert re.search(r"pip install --require-hashes +--no-deps [^\n]*?-r /opt/envbuild/torch\.lock", flat)
     assert re.search(r"pip install --require-hashes +[^\n]*?-r /opt/envbuild/requirements\.lock", flat)
     assert "COPY requirements.lock" in dockerfile and "-r /opt/envbuild/requirements.in" not in dockerfile
-    # pip's downloads stay in envbuild's volume: the next lock of this torch reads torch's wheel from it
-    volume = docker_engine.volumes.get("envbuild-pip-cache")
-    assert volume.attrs["Labels"]["io.envbuild.pip-cache"] == "lock"
-    kept = docker_engine.containers.run(offline_base["devel"], ["find", "/c", "-size", "+500M"], remove=True,
-                                        volumes={"envbuild-pip-cache": {"bind": "/c", "mode": "ro"}}).decode()
-    assert kept.strip(), "torch's wheel (over 500 MB) is not in the lock's pip cache"
     # rendering again keeps the lock (it still matches requirements.in)
     r = cli(env, "render", *args, "-o", ctx, "--json")
     assert json.loads(r.stdout)["locked"] is True

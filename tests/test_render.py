@@ -677,7 +677,6 @@ def test_the_lock_is_made_by_the_images_own_python_in_its_base_stage(tmp_path, m
     out = "".join(f"{n}=={v} \\\n    --hash=sha256:{'c' * 64}\n" for n, v in
                   (("numpy", "1.24.4"), ("torch", "1.13.0"), ("torchaudio", "0.13.0"), ("torchvision", "0.14.0")))
     monkeypatch.setattr(engine, "run_container", lambda image, cmd, **k: ran.append((image, cmd, k)) or (0, out, ""))
-    monkeypatch.setattr(lock_stage, "pip_cache_volume", lambda: "envbuild-pip-cache")
     plan = json.loads((ctx / "plan.json").read_text())
     plan["index_cutoff"] = None
     (ctx / "plan.json").write_text(json.dumps(plan))
@@ -688,40 +687,8 @@ def test_the_lock_is_made_by_the_images_own_python_in_its_base_stage(tmp_path, m
     # no cutoff, yet pip-compile asks the loopback view (it answers the hash questions), not the index
     assert re.search(r"pip-compile .*--index-url http://127\.0\.0\.1:\d+/simple .*/tmp/requirements\.in", cmd[-1])
     assert kwargs["volumes"][str(ctx.resolve())]["bind"] == "/ctx"
-    # pip's downloads stay in envbuild's volume for the next lock (torch's GBs are downloaded once)
-    assert kwargs["volumes"]["envbuild-pip-cache"]["bind"] == kwargs["environment"]["PIP_CACHE_DIR"]
     assert "numpy==1.24.4" in (ctx / "requirements.lock").read_text()
     assert "torch==1.13.0" in (ctx / "torch.lock").read_text() and "numpy" not in (ctx / "torch.lock").read_text()
-
-
-def test_the_locks_pip_cache_is_a_volume_envbuild_made_and_never_anyone_elses(monkeypatch):
-    import docker
-    from envbuild import engine, labels, lock as lock_stage
-
-    class Volume:
-        def __init__(self, labels):
-            self.attrs = {"Labels": labels}
-
-    class Volumes:
-        def __init__(self, have):
-            self.have, self.created = have, []
-
-        def get(self, name):
-            if name not in self.have:
-                raise docker.errors.NotFound(name)
-            return self.have[name]
-
-        def create(self, name, labels):
-            self.created.append((name, labels))
-            return Volume(labels)
-
-    for have, expected, created in (
-            ({}, "envbuild-pip-cache", [("envbuild-pip-cache", {labels.PIP_CACHE: "lock"})]),  # made, labelled
-            ({"envbuild-pip-cache": Volume({labels.PIP_CACHE: "lock"})}, "envbuild-pip-cache", []),  # reused
-            ({"envbuild-pip-cache": Volume(None)}, None, [])):  # someone else's: not touched, no cache
-        volumes = Volumes(have)
-        monkeypatch.setattr(engine, "client", lambda volumes=volumes: type("C", (), {"volumes": volumes})())
-        assert lock_stage.pip_cache_volume() == expected and volumes.created == created
 
 
 def test_requirements_in_lists_a_build_tool_once(cat):
