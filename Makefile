@@ -26,7 +26,7 @@ setup: $(BIN)/envbuild  ## create .venv with envbuild and the test tools
 # keeps each integration module, and everything sharing the fixture image, on one worker).
 TEST_WORKERS ?= 2
 test: setup  ## all tests; integration tests need a Docker engine (.ci/run starts one)
-	$(BIN)/pytest -q -rs --durations=12 -n $(TEST_WORKERS) --dist loadgroup
+	$(BIN)/pytest -q -rs --durations=12 -n $(TEST_WORKERS)
 
 test-unit: setup
 	$(BIN)/pytest -q -m 'not integration' -n $(TEST_WORKERS)

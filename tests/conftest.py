@@ -18,25 +18,39 @@ ROOT = Path(__file__).resolve().parent.parent
 # its file says so or not, so `-m 'not integration'` (make test-unit) never needs Docker.
 ENGINE_FIXTURES = {"docker_engine", "offline_base", "built", "registry"}
 
-# `make test` runs two workers (pytest-xdist, --dist loadgroup): while one compiles, the other
-# exports, pushes or runs unit tests. An integration module runs whole on one worker, so its
-# module fixtures are made once. Modules that use the fixture image (`built`) or assert cache hits
-# on its stages share its worker; the compile-once and bake modules build and push the same twin
-# tags through one mirror, so they share one too.
-WORKER_OF = {"test_git_packages_e2e": "fixture-image", "test_bake_e2e": "twins", "test_compile_once_e2e": "twins"}
+# `make test` runs two workers (pytest-xdist): while one compiles, the other exports, pushes or
+# runs unit tests. A module runs whole on one worker, so its module fixtures are made once; the
+# modules that use the fixture image (`built`) or assert cache hits on its stages share one
+# worker, and so do the compile-once and bake modules (they build and push the same twin tags
+# through one mirror). The longest groups start first.
+WORKER_OF = {"test_e2e": "fixture-image", "test_multicard_e2e": "fixture-image", "test_wheel_e2e": "fixture-image",
+             "test_git_packages_e2e": "fixture-image", "test_bake_e2e": "twins", "test_compile_once_e2e": "twins"}
+FIRST = ["twins", "fixture-image", "test_blackwell_e2e"]
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def worker_group(nodeid: str) -> str:
+    module = nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
+    return WORKER_OF.get(module, module)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByWorkerGroup(LoadScopeScheduling):
+        def _split_scope(self, nodeid):
+            return worker_group(nodeid)
+
+    config.option.loadscopereorder = False  # the collection's order: FIRST, then the rest
+    return ByWorkerGroup(config, log)
+
+
+@pytest.hookimpl(tryfirst=True)  # the integration mark before -m reads it
 def pytest_collection_modifyitems(items):
     for item in items:
         if ENGINE_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)
-    uses_built = {i.module.__name__ for i in items if "built" in getattr(i, "fixturenames", ())}
-    for item in items:
-        if item.get_closest_marker("integration"):
-            module = item.module.__name__
-            group = "fixture-image" if module in uses_built else WORKER_OF.get(module, module)
-            item.add_marker(pytest.mark.xdist_group(group))
+    first = {group: n for n, group in enumerate(FIRST)}
+    items.sort(key=lambda item: first.get(worker_group(item.nodeid), len(FIRST)))  # stable: the rest keep their order
 
 
 def assert_no_container_left(engine, before: set, grace: float = 300):
