@@ -42,8 +42,9 @@ def test_the_second_model_reuses_the_first_ones_compiled_wheel(twins):
     assert not compiled["cached"] and compiled["seconds"] > 0  # a version no builder had: compiled here
     assert reused["cached"]  # same base, Python, torch, arch list and version: BuildKit's cache
     # the images do differ where the models do (twinb pins one more package): not one image twice
+    # (not "twinb's lock step is uncached": the mirror's port is fixed, so a warm run's twinb
+    # finds its lock layer from the run before; measured so)
     assert first["image_id"] != second["image_id"]
-    assert any("requirements.lock" in s["step"] and not s["cached"] for s in second["run_steps"])
 
 
 def test_the_shared_wheel_is_installed_and_its_op_loads(twins):
