@@ -28,8 +28,12 @@ WORKER_OF = {"test_e2e": "fixture-image", "test_multicard_e2e": "fixture-image",
 FIRST = ["twins", "fixture-image", "test_blackwell_e2e"]
 
 
+def module_of(nodeid: str) -> str:
+    return nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
+
+
 def worker_group(nodeid: str) -> str:
-    module = nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
+    module = module_of(nodeid)
     return WORKER_OF.get(module, module)
 
 
@@ -76,8 +80,7 @@ _slowest: list = []
 
 
 def pytest_runtest_logreport(report):
-    module = report.nodeid.split("::")[0].rsplit("/", 1)[-1].removesuffix(".py")
-    entry = _modules.setdefault(module, {"seconds": 0.0, "tests": 0})
+    entry = _modules.setdefault(module_of(report.nodeid), {"seconds": 0.0, "tests": 0})
     entry["seconds"] += report.duration
     entry["tests"] += report.when == "call"
     entry["disk_used_gb"] = round(shutil.disk_usage("/").used / 1e9, 1)
