@@ -585,6 +585,14 @@ def draft(source: str, *, commit: str | None = None, name: str | None = None, py
     head = _git(["-C", str(tree), "rev-parse", "HEAD"], check=False) if git else ""
     remote = _git(["-C", str(tree), "remote", "get-url", "origin"], check=False) if git else ""
     repo = _https_remote(source) or _https_remote(remote)
+    r = Reader(tree)
+    for guide in r.guides():
+        r.read_guide(guide)
+    # The guide's `git clone` of this very repository says where it is published; it is no package
+    own = [g for g in r.git if canonicalize_name(default_name(g.url)) in
+           {canonicalize_name(n) for n in (model_name, tree.name, *_setup_names(tree))}]
+    r.git = [g for g in r.git if g not in own]
+    repo = repo or next((_https_remote(git_https(g.url)) for g in own if git_https(g.url)), "")
     if not repo:
         repo = f"https://example.invalid/{model_name}"
         questions.append(Question("model.repo", "no https address of the repository was found: where is it published?",
@@ -593,9 +601,6 @@ def draft(source: str, *, commit: str | None = None, name: str | None = None, py
         head = "0" * 40
         questions.append(Question("model.commit", "not a git checkout: which commit of the repository is this?"))
 
-    r = Reader(tree)
-    for guide in r.guides():
-        r.read_guide(guide)
     vendored, vendor_dirs = _vendored(tree)
     for path in _walk(tree, vendor_dirs):
         rel = _rel(tree, path)
@@ -762,7 +767,7 @@ def _vendored(tree: Path) -> tuple[dict, set[str]]:
 
 
 def _extensions(tree: Path, r: Reader, questions: list) -> list[dict]:
-    """Every setup.py (but the root one) that builds CUDAExtensions: path, build command, GPU refusal."""
+    """Every setup.py that builds CUDAExtensions (the root one too: path "."): path, build command, GPU refusal."""
     gpu = {f.path for f in fixers.detect(str(tree), [fixers.make("setup-without-gpu")])}
     out = []
     for setup in sorted(tree.rglob("setup.py")):
@@ -771,11 +776,6 @@ def _extensions(tree: Path, r: Reader, questions: list) -> list[dict]:
             continue
         text = _read(setup)
         if "CUDAExtension" not in text:
-            continue
-        if setup.parent == tree:
-            questions.append(Question("extensions", "the repository's own setup.py builds CUDAExtensions: the catalog "
-                                      "builds extensions in sub-folders only; install the repository itself by hand",
-                                      rel))
             continue
         t = _parse(text)
         calls = _calls(t, "setup") if t else []
@@ -786,7 +786,7 @@ def _extensions(tree: Path, r: Reader, questions: list) -> list[dict]:
         if any(e["name"] == name for e in out):
             name = f"{name}-{len(out)}"
         rel_dir = _rel(tree, setup.parent)
-        words, where = r.builds.get(rel_dir, (None, ""))
+        words, where = r.builds.get("" if rel_dir == "." else rel_dir, (None, ""))
         build = _build_words(words, "import torch" in text or "torch.utils" in text) if words else None
         if build is None:
             build = ["python", "setup.py", "develop"]
@@ -1008,8 +1008,7 @@ def _unlisted_imports(tree: Path, skip: set[str], cat, names: list[str], questio
     provided = {"torch", "torchvision", "torchaudio", "setuptools", "pkg_resources"}
     for n in names:
         block = blocks.block_for(cat, n)
-        provided |= {n, n.replace("-", "_"), n.lower().replace("-", "_"), IMPORT_NAMES.get(n, n),
-                     block.import_name(n) if block else n}
+        provided |= {m.lower() for m in (n, n.replace("-", "_"), IMPORT_NAMES.get(n, n), block.import_name(n) if block else n)}
     local = set()
     for path in _walk(tree):
         local.add(path.stem)
@@ -1019,7 +1018,8 @@ def _unlisted_imports(tree: Path, skip: set[str], cat, names: list[str], questio
                 local.add(m.group(1).split(".")[0])
     missing: dict[str, str] = {}
     for module, file, line in _imports(tree, skip):
-        if module in sys.stdlib_module_names or module in local or module in provided or module in missing \
+        # the index's names are case-blind (SharedArray is installed as sharedarray, imported as SharedArray)
+        if module in sys.stdlib_module_names or module in local or module.lower() in provided or module in missing \
                 or module.startswith("_") or Path(file).name == "setup.py":
             continue
         missing[module] = f"{file}:{line}"

@@ -7,6 +7,7 @@ malformed or malicious entry fails at load with file, key and reason.
 
 from __future__ import annotations
 
+import ast
 import difflib
 import os
 import re
@@ -38,6 +39,8 @@ CUDA_RE = re.compile(r"^\d{2}\.\d$")
 COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 URL_RE = re.compile(r"^https://[A-Za-z0-9.-]+(/[A-Za-z0-9._~-]+)*/?$")
 RELPATH_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._/-]*$")
+# An extension's folder may be the repository itself (OpenPCDet's root setup.py builds its ops)
+EXT_PATH_RE = re.compile(r"^(\.|[A-Za-z0-9_][A-Za-z0-9._/-]*)$")
 # Build commands and train arguments are rendered into RUN lines: plain words only.
 WORD_RE = re.compile(r"^[A-Za-z0-9_.-][A-Za-z0-9._/=,:+-]*$")
 STEPS_ARG_RE = re.compile(r"^(?:[A-Za-z0-9_.=,:+/-]|\{steps\})+$")  # a WORD that may hold {steps}
@@ -262,7 +265,8 @@ class Construct:
     kind "argparse": the class's own argument hook (Lightning-style add_model_specific_args),
     the train script's arguments, then cls(**vars(args)).
     kind "config": the model's training config read by its loader (mmcv's or mmengine's
-    Config.fromfile), then builder(cfg.model, **{k: cfg.get(k) for k in cfg_kwargs})."""
+    Config.fromfile), then builder(cfg.model, **{k: cfg.get(k) for k in cfg_kwargs}).
+    kind "python": the catalog's own lines (code), which bind the network to `model`."""
     kind: str
     module: str = ""  # argparse: where the class lives
     object: str = ""
@@ -273,6 +277,7 @@ class Construct:
     loader: str = ""  # config: dotted callable that reads it
     builder: str = ""  # config: dotted callable that builds the network from cfg.model
     cfg_kwargs: tuple[str, ...] = ()  # config: top-level config keys the train script also passes
+    code: str = ""  # python: lines that bind the network to `model`
     step: str = ""  # a training step on a synthetic batch (incontainer/train_steps.py STEPS), run on the CPU
     # PATH.npy=AxB: float32 arrays the network reads when it is built, which the model's scripts
     # make from the dataset (SparseDrive's k-means anchors); smoke writes zeros where none is
@@ -409,7 +414,7 @@ class _Reader:
         for reader in self.subs.values():
             reader.unread()
 
-    def get(self, key, kind, default=..., pattern: re.Pattern | None = None):
+    def get(self, key, kind, default=..., pattern: re.Pattern | None = None, lines: bool = False):
         declared = self._declared(key)
         if isinstance(declared, schema.Field) and declared.kind is not kind:
             raise AssertionError(f"catalog loader reads {self.prefix}{key} as {kind.__name__}; schema.py says "
@@ -428,9 +433,11 @@ class _Reader:
             raise self.fail(key, f"invalid value {value!r}")
         if pattern is RELPATH_RE and isinstance(value, str) and ".." in value.split("/"):
             raise self.fail(key, f"must stay inside the repository: {value!r}")
-        if isinstance(value, str) and any(ord(c) < 32 or ord(c) == 127 for c in value):
+        if isinstance(value, str) and any((ord(c) < 32 and not (lines and c == "\n")) or ord(c) == 127 for c in value):
             # names, reasons and notes reach Dockerfile comments and the terminal: one line each
-            raise self.fail(key, f"control characters (newlines included) are not allowed: {value!r}")
+            # (code, which goes to the image in plan.json only, may have lines)
+            raise self.fail(key, "control characters are not allowed" if lines else
+                            f"control characters (newlines included) are not allowed: {value!r}")
         return value
 
     def number(self, key, kind, low, high, default=...):
@@ -1248,7 +1255,7 @@ SOURCE_OPTIONS = {"-i", "--index-url", "--extra-index-url", "-f", "--find-links"
 def _model_extensions(doc: _Reader, path: Path) -> list[Extension]:
     extensions = []
     for e in doc.rows("extensions", []):
-        ext_path = e.get("path", str, pattern=RELPATH_RE)
+        ext_path = e.get("path", str, pattern=EXT_PATH_RE)
         if ".." in ext_path.split("/"):
             raise e.fail("path", "must stay inside the repository")
         build = e.get("build", str)
@@ -1282,6 +1289,19 @@ def _model_train(doc: _Reader) -> Train:
     )
 
 
+def _construct_code(c: _Reader) -> str:
+    """[construct] code: Python that parses and binds `model` at its top level, checked at load."""
+    code = c.get("code", str, lines=True)
+    try:
+        tree = ast.parse(code)
+    except SyntaxError as e:
+        raise c.fail("code", f"not Python: {e.msg} (line {e.lineno} of the code)") from None
+    bound = {t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)}
+    if "model" not in bound:
+        raise c.fail("code", "binds no `model` at its top level: end with `model = ...` (the network)")
+    return code
+
+
 def _model_construct(doc: _Reader) -> Construct:
     """[construct]: the fields of its kind only, a known training step, arrays inside the repo."""
     c = doc.sub("construct")
@@ -1293,6 +1313,8 @@ def _model_construct(doc: _Reader) -> Construct:
                               object=c.get("object", str, pattern=IDENT_RE),
                               args_hook=c.get("args_hook", str, pattern=IDENT_RE),
                               args=c.strings("args", WORD_RE, []), imports=c.strings("imports", DOTTED_RE, []))
+    elif kind == "python":
+        construct = Construct(kind, code=_construct_code(c), imports=c.strings("imports", DOTTED_RE, []))
     else:
         construct = Construct(kind, config=c.get("config", str, pattern=RELPATH_RE),
                               loader=c.get("loader", str, pattern=DOTTED_RE),

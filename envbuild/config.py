@@ -30,6 +30,7 @@ ENV = {
     "vendor_wheels": "ENVBUILD_VENDOR_WHEELS",
     "wheel_cache": "ENVBUILD_WHEEL_CACHE",
     "build_network": "ENVBUILD_BUILD_NETWORK",
+    "git_mirror": "ENVBUILD_GIT_MIRROR",
 }
 # Settings that are not package sources: a user catalog on top of the built-in one, and the
 # card to build for when no GPU is present and none is given.
@@ -62,6 +63,9 @@ class Sources:
     credentials: tuple = field(default=(), repr=False)
     # docker build --network: "host" lets builds reach a mirror on the host's loopback; "" = the engine's default
     build_network: str = ""
+    # Where builds fetch git repositories (the model's source, [git_packages]) when the hosts they
+    # name cannot be reached: https://HOST/PATH is fetched as GIT_MIRROR + HOST/PATH. "" = from the host.
+    git_mirror: str = ""
 
     @property
     def netrc(self) -> str:
@@ -144,6 +148,12 @@ def _checked(key: str, value, origin: str):
             if b"-----BEGIN CERTIFICATE-----" not in data:  # empty, binary (DER) or not a bundle at all
                 raise BadInput(f"{origin}: ca_bundle {value!r} holds no PEM certificate", hint)
         return value or None
+    if key == "git_mirror":
+        if value and (not _URL_RE.match(value) or "@" in value.split("/")[2]):
+            raise BadInput(f"{origin}: git_mirror is not an http(s) URL without credentials: {creds.redact(value)!r}",
+                           "e.g. https://git-mirror.corp/ (https://github.com/a/b is then fetched as "
+                           "https://git-mirror.corp/github.com/a/b)")
+        return value.rstrip("/") + "/" if value else ""
     if key == "wheel_cache":
         if value and not _REPO_RE.match(value):
             raise BadInput(f"{origin}: wheel_cache {value!r} is not a registry repository",

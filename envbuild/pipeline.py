@@ -196,7 +196,8 @@ def prepare(req: Request, out: Path | None = None, planned: tuple[Plan, Sources]
             raise BadInput(f"--source {req.source}: not a directory", "point --source at a checkout of the model")
         outputs.check_apart(source_dir, out)
     ctx = render.make_context(plan, req.pinned(plan, sources).command(), base_image=req.base_image, runtime_image=req.runtime_image,
-                              source="local" if source_dir else "git", pypi_index=sources.pypi_index)
+                              source="local" if source_dir else "git", pypi_index=sources.pypi_index,
+                              git_mirror=sources.git_mirror)
     # A lock made from exactly this requirements.in switches the Dockerfile to hash-checked installs.
     render.use_lock(ctx, out)
     if sources.wheel_cache:  # wheels some builder already compiled and pushed: used, not compiled
@@ -308,7 +309,7 @@ def context_of(req: Request, plan: Plan, sources: Sources, ctx_dir: Path | None 
     ctx_dir, reading its lock and the wheel cache as prepare() did."""
     context = render.make_context(plan, req.pinned(plan, sources).command(), base_image=req.base_image,
                                   runtime_image=req.runtime_image, source="local" if req.source else "git",
-                                  pypi_index=sources.pypi_index)
+                                  pypi_index=sources.pypi_index, git_mirror=sources.git_mirror)
     if ctx_dir is not None:
         render.use_lock(context, ctx_dir)
         listing = ctx_dir / "wheel-cache.json"

@@ -23,7 +23,7 @@ from . import labels as label
 from . import creds, outputs, packages, paths
 from . import __version__
 from .catalog import CC_RE, FIND_LINKS_RE, STDLIB_APART, APT_RE, ENV_NAME_RE, ENV_VALUE_RE, FILE_RE, PKG_RE, V, is_exact
-from .catalog import COMMIT_RE, GIT_BUILDS, GIT_URL_RE
+from .catalog import COMMIT_RE, EXT_PATH_RE, GIT_BUILDS, GIT_URL_RE, RELPATH_RE
 from .errors import BadInput
 from .lock import has_package, locked_version, matches
 from .plan import Plan
@@ -38,7 +38,6 @@ URL_RE = re.compile(r"^https?://[A-Za-z0-9.:@_-]+(/[A-Za-z0-9._~%+-]+)*/?$")
 ARCH_RE = re.compile(r"^\d{1,2}\.\d(\+PTX)?(;\d{1,2}\.\d(\+PTX)?)*$")
 WORD_RE = re.compile(r"^[A-Za-z0-9_.-][A-Za-z0-9._/=,:+-]*$")
 FIXER_RE = re.compile(r"^[a-z][a-z0-9-]*$")
-RELPATH_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._/-]*$")
 # Part of every wheel cache tag: bump it when the compile or wheel stages change how a wheel is made.
 WHEEL_STAGE_FORMAT = "wheel-stage/1"
 BUILD_TOOLS = ["ninja", "wheel", "psutil"]
@@ -128,6 +127,7 @@ class GitStep:
     subdirectory: str
     build: str
     gb_per_job: int = packages.DEFAULT_GB_PER_JOB
+    fetch_url: str = ""  # where the build fetches it from: url, or its copy on the git mirror
 
     @property
     def stage(self) -> str:
@@ -169,6 +169,7 @@ class Context:
     # Which of the Plan's source_builds the deps stage does: the lock says; unlocked, all may.
     source_built: list | None = None
     wheel_cache: str = ""  # registry repository of compiled wheels (Sources.wheel_cache)
+    git_mirror: str = ""  # Sources.git_mirror: git repositories are fetched from their copy there
     torch_lock_text: str = ""  # the torch.lock the torch stage installs (locked contexts)
     # compiled package -> its image in the wheel cache, for those some builder already pushed
     shared_wheels: dict = field(default_factory=dict)
@@ -349,9 +350,17 @@ class Context:
             if g.get("build", "pip") not in GIT_BUILDS:
                 raise BadInput(f"refusing to render {name}: build {g.get('build')!r} is not one of {', '.join(GIT_BUILDS)}",
                                "fix the catalog entry")
-            out.append(GitStep(_check(name, PKG_RE, "package name"), _check(g["url"], GIT_URL_RE, f"git URL of {name}"),
-                               _check(g["commit"], COMMIT_RE, f"commit of {name}"), sub, g.get("build", "pip")))
+            url = _check(g["url"], GIT_URL_RE, f"git URL of {name}")
+            out.append(GitStep(_check(name, PKG_RE, "package name"), url, _check(g["commit"], COMMIT_RE, f"commit of {name}"),
+                               sub, g.get("build", "pip"), fetch_url=self.fetch_url(url)))
         return out
+
+    def fetch_url(self, url: str) -> str:
+        """Where a build fetches this git repository: the URL itself, or its copy on the git mirror
+        (https://github.com/a/b -> MIRROR/github.com/a/b). Labels and plan.json keep the URL."""
+        if not self.git_mirror:
+            return url
+        return _check(self.git_mirror + url.split("://", 1)[1], GIT_URL_RE, "git mirror URL")
 
     @property
     def compile_stage(self) -> bool:
@@ -404,10 +413,14 @@ class Context:
         return _check(self.plan.commit, re.compile(r"^[0-9a-f]{40}$"), "commit")
 
     @property
+    def repo_fetch_url(self) -> str:
+        return self.fetch_url(self.repo)
+
+    @property
     def extensions(self):
         out = []
         for ext in self.plan.extensions:
-            _check(ext.path, RELPATH_RE, "extension path")
+            _check(ext.path, EXT_PATH_RE, "extension path")
             if ".." in ext.path.split("/"):
                 raise BadInput(f"refusing to render extension path {ext.path!r}: leaves the source tree",
                                "fix the catalog entry")
@@ -531,16 +544,17 @@ def runtime_image_for(base_image: str) -> str:
 
 
 def make_context(plan: Plan, command: str, base_image: str | None = None, runtime_image: str | None = None,
-                 source: str = "git", pypi_index: str = "https://pypi.org/simple", locked: bool = False) -> Context:
+                 source: str = "git", pypi_index: str = "https://pypi.org/simple", locked: bool = False,
+                 git_mirror: str = "") -> Context:
     base = _check(base_image or plan.base_image, IMAGE_RE, "base image")
     runtime = _check(runtime_image or (runtime_image_for(base) if not base_image else base), IMAGE_RE, "runtime image")
     # The header's command and the index name no password: it reaches builds as a secret (creds.py).
     pypi_index = creds.without_credentials(_check(pypi_index, URL_RE, "PyPI index"))
-    ctx = Context(plan, _comment(creds.redact(command)), base, runtime, source, pypi_index, locked)
+    ctx = Context(plan, _comment(creds.redact(command)), base, runtime, source, pypi_index, locked, git_mirror=git_mirror)
     # Validate every value that reaches the Dockerfile or requirements.in now, before any file is written.
     for prop in ("torch_requirements", "torch_index_args", "packages", "compiled_steps", "git_steps", "arch_list", "repo",
-                 "commit", "extensions", "runtime_env", "host_settings", "deps_apt", "deps_env", "deps_files", "runtime_apt",
-                 "fixes_installed"):
+                 "repo_fetch_url", "commit", "extensions", "runtime_env", "host_settings", "deps_apt", "deps_env",
+                 "deps_files", "runtime_apt", "fixes_installed"):
         getattr(ctx, prop)
     return ctx
 

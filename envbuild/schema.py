@@ -259,7 +259,8 @@ MODEL_FILE = Table("One model (file name = the model's name); a user's file of t
     "extensions": Rows("The repository's CUDA extensions, built in the model stage (without dependencies).", Table(
         "A CUDA extension.", {
             "name": F(str, PKG, "Its name.", '"mmdet3d-ops"', True),
-            "path": F(str, RELPATH, "The folder with its setup.py.", '"mmdetection3d"', True),
+            "path": F(str, RELPATH, 'The folder with its setup.py ("." for the repository\'s own).', '"mmdetection3d"',
+                      True),
             "build": F(str, "plain words", "The build command (no other package source).", '"python setup.py develop"', True),
             "needs_visible_gpu": F(bool, "boolean", "Its setup.py refuses to build without a visible GPU (FORCE_CUDA is set).",
                                    "true"),
@@ -279,8 +280,9 @@ MODEL_FILE = Table("One model (file name = the model's name); a user's file of t
     "data": Names("KEY", "The dataset a person needs: documentation only, not read.", F(str, "any", "Free text.",
                                                                                       '"nuScenes"'), free=True),
     "construct": Table("How smoke's model level builds the network from the model's own code.", by="kind", fields={
-        "kind": F(str, "argparse or config", "argparse: the class's argument hook and cls(**vars(args)); config: the "
-                  "training config through the model's builder.", '"config"', True),
+        "kind": F(str, "argparse, config or python", "argparse: the class's argument hook and cls(**vars(args)); config: "
+                  "the training config through the model's builder; python: lines of your own, for a builder that "
+                  "takes more than cfg.model (a detectron2 cfg, a dataset).", '"config"', True),
         "module": F(str, DOTTED, "Where the class lives.", '"predictors"', True, "argparse"),
         "object": F(str, "identifier", "The class.", '"QCNet"', True, "argparse"),
         "args_hook": F(str, "identifier", "The class's argument hook.", '"add_model_specific_args"', True, "argparse"),
@@ -291,6 +293,9 @@ MODEL_FILE = Table("One model (file name = the model's name); a user's file of t
                      True, "config"),
         "cfg_kwargs": F(list, "array of identifiers", "Top-level config keys the train script also passes.",
                         '["train_cfg", "test_cfg"]', False, "config"),
+        "code": F(str, "Python source (runs on 3.8)", "Lines run with the model's root as working folder and on "
+                  "sys.path; they bind the network to `model`.",
+                  '"from train_net import setup\\nmodel = build_model(setup())"', True, "python"),
         "imports": F(list, f"array of {DOTTED}s", "Modules the train script imports first (plugins, registries).",
                      '["projects.mmdet3d_plugin"]'),
         "step": F(str, "a training step name", "A training step on a synthetic batch, run on the CPU.", '"qcnet-argoverse2"'),

@@ -130,6 +130,26 @@ def test_construct_recipe_is_validated(matrices_copy):
     assert plan_construct.object == "QCNet" and "--num_recurrent_steps" in plan_construct.args
 
 
+def test_construct_code_is_checked_at_load(matrices_copy):
+    """kind python: lines of Python that parse and bind `model` at the top; nothing else of another kind."""
+    from envbuild.errors import CatalogError
+    path = matrices_copy / "models" / "qcnet.toml"
+    text = path.read_text()
+    head = text[:text.index("[construct]")]
+    for body, says in (('code = """\nimport os\nmodel = os.getcwd(\n"""', "construct.code: not Python"),
+                       ('code = """\nif True:\n    model = 1\n"""', "binds no `model` at its top level"),
+                       ('code = "model = 1\\u0007"', "control characters are not allowed"),
+                       ('code = "model = 1"\nconfig = "a.py"', "not a field of construct kind 'python'"),
+                       ('', "code: missing")):
+        path.write_text(head + '[construct]\nkind = "python"\n' + body + "\n")
+        with pytest.raises(CatalogError, match=says):
+            catalog.load(matrices_copy)
+    path.write_text(head + '[construct]\nkind = "python"\nimports = ["predictors"]\ncode = """\nfrom predictors import QCNet\n'
+                    'model = QCNet()\n"""\n')
+    got = catalog.load(matrices_copy).model("qcnet").construct.to_dict()
+    assert got == {"kind": "python", "code": "from predictors import QCNet\nmodel = QCNet()\n", "imports": ("predictors",)}
+
+
 def test_the_plan_carries_the_construct_recipe_to_the_image(cat):
     from envbuild.resolve import resolve
     plan = resolve(cat, "qcnet", "a800")

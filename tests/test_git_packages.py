@@ -185,6 +185,31 @@ def test_a_cuda_extension_alone_brings_the_compile_stage(matrices_copy):
     assert "AS wheels" not in text  # envbuild wheels' stage holds compiled packages only
 
 
+def test_a_git_mirror_serves_every_fetch_and_the_labels_keep_upstream(git_cat):
+    """git_mirror: the model's source and each package are fetched from MIRROR/HOST/PATH."""
+    plan = resolve(git_cat, "qcnet", "a800")
+    ctx = render.make_context(plan, "x", git_mirror="http://10.0.0.5:8080/git/")
+    text = render.dockerfile(ctx)
+    assert f"fetch -q --depth 1 http://10.0.0.5:8080/git/github.com/example/chamferdist {COMMIT}" in stage(text, "git-chamferdist")
+    assert f"fetch -q --depth 1 http://10.0.0.5:8080/git/git.example.org/group/tiny.git {OTHER}" in stage(text, "git-tinylib")
+    assert f"fetch -q --depth 1 http://10.0.0.5:8080/git/{plan.repo.split('://')[1]} {plan.commit}" in text
+    assert "https://github.com/example/chamferdist" not in stage(text, "git-chamferdist")
+    assert dict(ctx.labels)[labels.GIT_PACKAGES].startswith(f"chamferdist=https://github.com/example/chamferdist@{COMMIT}")
+
+
+@pytest.mark.parametrize("value, ok", [("http://10.0.0.5:8080/git", "http://10.0.0.5:8080/git/"), ("", ""),
+                                       ("ftp://mirror/", None), ("https://user:pw@mirror.corp/", None),
+                                       ("https://mirror.corp/a b", None)])
+def test_the_git_mirror_setting_is_checked(monkeypatch, value, ok):
+    from envbuild import config
+    monkeypatch.setenv("ENVBUILD_GIT_MIRROR", value)
+    if ok is None:
+        with pytest.raises(BadInput, match="git_mirror"):
+            config.load_sources()
+    else:
+        assert config.load_sources().git_mirror == ok
+
+
 @pytest.mark.parametrize("change", [
     {"url": "https://github.com/x/y\nRUN rm -rf /"}, {"url": "https://github.com/x/y $(id)"},
     {"commit": "HEAD"}, {"subdirectory": "../../etc"}, {"build": "sh"},

@@ -1,7 +1,8 @@
 """A package from git, for real: a repository the test writes, served over git's smart HTTP protocol
 on Docker's bridge, named by a [git_packages] entry of a copy of the tinybev fixture. The image
 build fetches it by commit in its git stage, builds its wheel and installs it; a new commit builds
-that stage again, the old one comes from BuildKit's cache."""
+that stage again, the old one comes from BuildKit's cache; a host no build can reach is fetched
+from its copy on a git mirror (ENVBUILD_GIT_MIRROR)."""
 
 import json
 import shutil
@@ -12,13 +13,14 @@ import pytest
 
 from compile_once import bridge_gateway
 from conftest import FIXTURE, cli, image_args
-from git_server import GitServer
+from git_server import GitServer, git
 
 pytestmark = pytest.mark.integration
 
 MODEL = "tinygitbev"  # its own image name: the fixture's image (envbuild/tinybev) stays as it is
 PACKAGE = "tinygit"
 FOLDER = "python"  # the package is in a folder of its repository, as [git_packages] allows
+UNREACHABLE = "https://git.envbuild.invalid/tests/tinygit"  # .invalid: no such host, ever (RFC 2606)
 DOCKER = "/usr/bin/docker"
 PYPROJECT = f"""[build-system]
 requires = ["setuptools>=61"]
@@ -65,22 +67,30 @@ def git_server(docker_engine, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def builds(docker_engine, offline_base, fixture_env, git_server, tmp_path_factory):
-    """Three builds: at the first commit, at a second one, and at the first again. Each image is
-    inspected right after its build (they share a tag) and removed at the end."""
+    """Four builds: at the first commit, at a second one, at the first again, and at the second
+    from a host no build can reach, through the git mirror setting (a copy of the repository on
+    the server under that host's name). Each image is inspected right after its build (they
+    share a tag) and removed at the end."""
     repo = git_server.repository(PACKAGE)
     files = {"README": "tinygit, written by envbuild's tests\n", f"{FOLDER}/pyproject.toml": PYPROJECT,
              f"{FOLDER}/{PACKAGE}/__init__.py": "VALUE = 42\n"}
     first = git_server.commit(repo, files, "tinygit 42")
     second = git_server.commit(repo, {f"{FOLDER}/{PACKAGE}/__init__.py": "VALUE = 43\n"}, "tinygit 43")
     url = git_server.url(PACKAGE)
+    copy = git_server.root / UNREACHABLE.split("://", 1)[1]
+    copy.parent.mkdir(parents=True)
+    git(copy.parent, "clone", "-q", "--bare", str(repo), copy.name)
+    git(copy, "config", "uploadpack.allowAnySHA1InWant", "true")
     matrices = tmp_path_factory.mktemp("git-matrices")
     env = dict(fixture_env, ENVBUILD_MATRICES=str(matrices))
     images, out = [], {"url": url, "first": first, "second": second}
+    mirrored = dict(env, ENVBUILD_GIT_MIRROR=git_server.base + "/")
     try:
-        for key, commit in (("a", first), ("b", second), ("a_again", first)):
-            write_catalog(matrices, url, commit)
+        for key, at, commit, with_env in (("a", url, first, env), ("b", url, second, env), ("a_again", url, first, env),
+                                          ("mirrored", UNREACHABLE, second, mirrored)):
+            write_catalog(matrices, at, commit)
             served = len(git_server.requests)
-            r = cli(env, "image", MODEL, *image_args(offline_base)[1:], "--json", "--quiet", timeout=5400)
+            r = cli(with_env, "image", MODEL, *image_args(offline_base)[1:], "--json", "--quiet", timeout=5400)
             assert r.returncode == 0, r.stderr[-6000:]
             summary = json.loads(r.stdout)
             images.append(summary["image_id"])
@@ -138,3 +148,13 @@ def test_the_old_commit_comes_from_the_cache(builds):
     assert step["cached"] and builds["first"] in step["step"]
     assert again["git_requests"] == []  # nothing fetched: BuildKit had that stage
     assert again["image_id"] == builds["a"]["image_id"]
+
+
+def test_the_git_mirror_serves_a_host_the_build_cannot_reach(builds):
+    """ENVBUILD_GIT_MIRROR: the build fetched MIRROR/HOST/PATH; the label and Plan keep upstream's URL."""
+    m = builds["mirrored"]
+    assert m["value"] == "43"
+    assert any(r.startswith("POST /git.envbuild.invalid/tests/tinygit/git-upload-pack") for r in m["git_requests"]), \
+        m["git_requests"]
+    assert m["labels"]["io.envbuild.git-packages"] == f"{PACKAGE}={UNREACHABLE}@{builds['second']}#subdirectory={FOLDER}"
+    assert "git.envbuild.invalid" in git_step(m)["step"] and "http://" in git_step(m)["step"]

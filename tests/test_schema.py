@@ -80,7 +80,7 @@ def test_every_key_the_loader_reads_is_documented_and_every_documented_key_is_re
     model.write_text(model.read_text() + GIT_PACKAGE)
     cat = catalog.load(matrices_copy)
     assert "tinylib" in cat.model("qcnet").git_packages
-    assert "mmcv-full" in cat.vendor and {m.construct.kind for m in cat.models.values() if m.construct} == {"argparse", "config"}
+    assert "mmcv-full" in cat.vendor and {m.construct.kind for m in cat.models.values() if m.construct} == {"argparse", "config", "python"}
     assert {r.source for r in base_image.recipes().values()} == {"debian", "pypi"}
     for root in schema.FILES.values():
         for table in _tables(root):

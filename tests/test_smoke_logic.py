@@ -248,6 +248,20 @@ def test_model_level_builds_from_the_training_config_through_the_models_builder(
     assert out["status"] == "failed" and "no config configs/none.py" in out["reason"]
 
 
+def test_model_level_runs_the_catalogs_own_lines_from_the_models_root(tmp_path):
+    """kind python: the lines run in the model's root (relative files read as its scripts do) and bind `model`."""
+    for name in ("registry", "plugin", "nets"):
+        sys.modules.pop(name, None)
+    repo = _fake_config_repo(tmp_path)
+    code = ("import registry, plugin\n"
+            "cfg = registry.Config.fromfile('configs/det.py')\n"
+            "model = registry.NETS['Det'](width=cfg['model']['width'] * 2, train_cfg=cfg['train_cfg'], test_cfg=None)\n")
+    out = model_level.level_model({"model": "fake", "construct": {"kind": "python", "code": code}}, _Args(repo))
+    assert out["status"] == "passed" and out["parameters"] == 13 and out["object"] == "[construct] code", out
+    out = model_level.level_model({"model": "fake", "construct": {"kind": "python", "code": "model = 3\n"}}, _Args(repo))
+    assert out["status"] == "failed" and "bound int to `model`, not a network" in out["reason"]
+
+
 def test_dotted_paths_reach_attributes_past_the_module():
     assert model_level.dotted("os.path.join") is __import__("os").path.join
     assert model_level.dotted("json.JSONDecoder.decode") is __import__("json").JSONDecoder.decode

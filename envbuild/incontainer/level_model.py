@@ -1,6 +1,7 @@
 """Smoke level "model": import the model's own code the way its train script does, build its
-network from the catalog's construct recipe (argparse or training config), count parameters,
-and optionally run one synthetic training step (train_steps.py) and judge its loss and grads.
+network from the catalog's construct recipe (argparse, training config or the catalog's own
+lines), count parameters, and optionally run one synthetic training step (train_steps.py) and
+judge its loss and grads.
 """
 
 from __future__ import annotations
@@ -75,6 +76,16 @@ def construct_from_config(recipe):
     return dotted(recipe["builder"])(cfg["model"], **kwargs), "%s(%s: model)" % (recipe["builder"], recipe["config"])
 
 
+def construct_from_code(recipe):
+    """The network the catalog's own lines bind to `model` (kind "python")."""
+    scope = {"__name__": "envbuild_construct"}
+    exec(compile(recipe["code"], "[construct] code", "exec"), scope)
+    net = scope.get("model")
+    if not hasattr(net, "parameters"):
+        return None, "the construct code bound %s to `model`, not a network" % type(net).__name__
+    return net, "[construct] code"
+
+
 def level_model(plan, args):
     """Import the model's own code the way its train script does and build its network from
     its own arguments (the catalog's construct recipe); report the parameter count."""
@@ -96,6 +107,8 @@ def level_model(plan, args):
             net, built = construct_argparse(recipe)
         elif recipe["kind"] == "config":
             net, built = construct_from_config(recipe)
+        elif recipe["kind"] == "python":
+            net, built = construct_from_code(recipe)
         else:
             return result("failed", reason="unknown construct kind %r" % recipe["kind"])
         if net is None:
