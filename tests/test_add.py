@@ -285,3 +285,31 @@ def test_a_token_in_a_pin_url_never_reaches_the_catalog_file(repo, home):
     text = (home / "models" / "tiny-token.toml").read_text()
     assert token not in text and token not in d.text
     assert "github.com/example/tinygit" in text  # the package itself is still there, without its credentials
+
+
+def test_a_root_setup_with_cuda_ops_the_guides_own_clone_and_case_blind_imports(tmp_path, home):
+    """A LiDAR-codebase shape: the root setup.py builds the CUDA ops (an extension at "."), the guide
+    clones the repository itself (its address, not a package from git), and a package imported
+    as SharedArray is the index's sharedarray (no question about it)."""
+    root = tmp_path / "PointDet"
+    write(root, {
+        "setup.py": ("from setuptools import setup\nfrom torch.utils.cpp_extension import BuildExtension, CUDAExtension\n"
+                     "setup(name='pointdet', ext_modules=[CUDAExtension('pointdet.ops.iou_cuda', ['pointdet/ops/iou.cu'])],\n"
+                     "      install_requires=['SharedArray', 'numba'], cmdclass={'build_ext': BuildExtension})\n"),
+        "pointdet/__init__.py": "import SharedArray\nimport numba\n",
+        "pointdet/ops/iou.cu": "// op\n",
+        "docs/INSTALL.md": ("# Install\n```shell\ngit clone https://github.com/example-lab/PointDet.git\n```\n"
+                            "```shell\npython setup.py develop\n```\n"),
+    })
+    git(root, "init", "-q", "-b", "main")
+    git(root, "add", "-A")
+    git(root, "commit", "-q", "-m", "first")
+    d = add.draft(str(root))
+    assert d.repo == "https://github.com/example-lab/PointDet"
+    assert d.git_packages == []
+    assert [(e["name"], e["path"], e["build"]) for e in d.extensions] == [("pointdet", ".", ["python", "setup.py", "develop"])]
+    assert not [q for q in d.questions if q.key in ("model.repo", "extensions")]
+    assert not any("SharedArray" in q.question for q in d.questions)
+    written = add.add_model(str(root), offline=True)
+    ext = catalog.load(home).model("pointdet").extensions
+    assert [(e.name, e.path) for e in ext] == [("pointdet", ".")] and written.questions
