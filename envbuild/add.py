@@ -280,6 +280,13 @@ def _commands(line: str) -> list[list[str]]:
     return out
 
 
+def _shell_script(words: list[str]) -> str:
+    """The script of `sh make.sh`, `bash ./make.sh` or `./make.sh` ("" for any other command)."""
+    if words[0] in ("sh", "bash") and len(words) > 1 and words[1].endswith(".sh"):
+        return words[1]
+    return words[0] if words[0].startswith("./") and words[0].endswith(".sh") else ""
+
+
 class Reader:
     """Everything read from one checkout; a method per kind of file."""
 
@@ -288,6 +295,7 @@ class Reader:
         self.found: list[Found] = []
         self.git: list[GitPackage] = []
         self.builds: dict[str, tuple[list[str], str]] = {}  # rel dir -> (command, where)
+        self.followed: set[Path] = set()  # the shell scripts the guide runs, read once each
         self.python: list[tuple[str, str]] = []  # (X.Y, where)
         self.cuda: list[tuple[str, str]] = []  # (X.Y, where)
         self.train_lines: list[tuple[list[str], str]] = []  # commands that run python X.py
@@ -353,6 +361,8 @@ class Reader:
             self.train_lines.append((words[1:], where))
         elif words[0].endswith(".sh") and "train" in words[0]:
             self.train_lines.append((words, where))
+        elif (script := _shell_script(words)) and (self.tree / cwd / script).is_file():
+            self._follow(self.tree / cwd / script, cwd)  # `cd ops && sh make.sh`: its lines are the guide's
         elif words[0] == "git" and len(words) > 2 and words[1] == "clone":
             url = next((w for w in words[2:] if "://" in w or w.startswith("git@")), "")
             if url:
@@ -360,6 +370,16 @@ class Reader:
         elif words[0] == "git" and len(words) > 2 and words[1] == "checkout" and self.git and not self.git[-1].ref:
             self.git[-1].ref = words[2]
         return cwd
+
+    def _follow(self, script: Path, cwd: str) -> None:
+        """A build script the guide runs: each of its lines as a guide line run where the guide ran it."""
+        if script in self.followed or not script.resolve().is_relative_to(self.tree):
+            return
+        self.followed.add(script)
+        rel = _rel(self.tree, script)
+        for no, line in enumerate(_read(script).splitlines(), 1):
+            for words in _commands(line):
+                cwd = self._guide_command(words, rel, no, cwd)
 
     def _pip_install(self, words: list[str], rel: str, no: int, cwd: str) -> None:
         args, i = words[2:], 0

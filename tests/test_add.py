@@ -313,3 +313,18 @@ def test_a_root_setup_with_cuda_ops_the_guides_own_clone_and_case_blind_imports(
     written = add.add_model(str(root), offline=True)
     ext = catalog.load(home).model("pointdet").extensions
     assert [(e.name, e.path) for e in ext] == [("pointdet", ".")] and written.questions
+
+
+def test_the_build_script_the_guide_runs_is_read_as_guide_lines(tmp_path):
+    """`cd ops && sh make.sh`: the script's own command builds the extension (file:line of the script)."""
+    root = tmp_path / "SegDet"
+    write(root, {
+        "ops/setup.py": SETUP_OPS.replace("if torch.cuda.is_available():", "if True:"),
+        "ops/make.sh": "#!/usr/bin/env bash\n# builds the op\n\npython setup.py build install\n",
+        "ops/src/op.cpp": "// op\n",
+        "INSTALL.md": "# Install\n```bash\ncd ops\nsh make.sh\n```\n",
+    })
+    d = add.draft(str(root))
+    assert [(e["path"], e["build"], e["build_from"]) for e in d.extensions] == \
+        [("ops", ["python", "setup.py", "build", "install"], "ops/make.sh:4")]
+    assert not [q for q in d.questions if q.key.startswith("extensions.")]
