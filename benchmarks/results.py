@@ -92,7 +92,9 @@ ROWS = [
                 "(on a CPU-only host the workers compete with the model for the cores)")),
     *((name, lambda d: ("`.ci/run` from a fresh clone (what CI runs; limit 90 min), started "
                         + ("cold: a new machine, no images, no BuildKit cache" if d["cold"] else
-                           f"warm: {d['at_start']['images']} images, {d['at_start']['build_cache']} of BuildKit cache")),
+                           "warm: " + (f"{d['at_start']['images']} images, " if d['at_start']['images'] is not None else "")
+                           + f"{d['at_start']['build_cache']} of BuildKit cache"
+                           + (" (capped at 15 GB for the disk)" if "capped" in d['at_start'].get('note', "") else ""))),
        lambda d: (f"{d['wall_s']} s, {d['tests']} tests" + (f", {d['failed']} failed" if d.get("failed") else "")
                   + f", {d['disk_peak_extra_gb']} GB of disk at its peak")) for name in ("ci_cold", "ci_warm")),
 ]

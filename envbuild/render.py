@@ -148,6 +148,10 @@ class GitStep:
         return f"{self.name}={self.url}@{self.commit}" + (f"#subdirectory={self.subdirectory}" if self.subdirectory else "")
 
 
+# "numpy==1.23.5": a build constraint line (it reaches a RUN line)
+BUILD_PIN_RE = re.compile(r"^[A-Za-z0-9._-]+==[0-9][0-9A-Za-z.+!-]*$")
+
+
 def wheel_stage(package: str) -> str:
     """The Dockerfile stage that makes a compiled package's wheel."""
     return "wheel-" + package.lower()
@@ -167,6 +171,9 @@ class Context:
     # Whether opencv-python (GUI) may be installed: the lock says; unlocked, it may always arrive.
     gui_opencv: bool = True
     # Which of the Plan's source_builds the deps stage does: the lock says; unlocked, all may.
+    # Pins the deps stage's isolated sdist builds must use (the lock's numpy, whose C ABI an
+    # extension compiles against): "name==version" lines, from the lock.
+    build_constraints: list = field(default_factory=list)
     source_built: list | None = None
     wheel_cache: str = ""  # registry repository of compiled wheels (Sources.wheel_cache)
     git_mirror: str = ""  # Sources.git_mirror: git repositories are fetched from their copy there
@@ -565,6 +572,8 @@ def use_lock(ctx: Context, folder: Path) -> None:
     if ctx.locked:
         lock = folder / "requirements.lock"
         ctx.gui_opencv = has_package(lock, "opencv-python")
+        numpy = locked_version(lock, "numpy")
+        ctx.build_constraints = [_check(f"numpy=={numpy}", BUILD_PIN_RE, "build constraint")] if numpy else []
         # a locked version older than the first with a wheel for this Python builds from its sdist
         ctx.source_built = [name for name, sb in ctx.plan.source_builds.items()
                             if (v := locked_version(lock, name)) and V(v) < V(sb["below"])]

@@ -80,3 +80,21 @@ def test_bench_archs_pairs_one_package_version_across_arch_counts(tmp_path, monk
     (pair,) = written["pairs"]
     assert pair["one_arch"]["version"] == pair["two_archs"]["version"] == "2.0.1"
     assert pair["ratio_two_to_one"] == round(2600 / 1200, 2) and pair["same_toolchain"] is False
+
+
+def test_bench_ci_calls_a_stopped_engine_with_data_warm_and_a_new_machine_cold(tmp_path, monkeypatch):
+    """.ci/run starts the engine: before it, an engine that does not answer is cold only when its
+    data folder is absent (a new machine); images and BuildKit cache on disk make the run warm."""
+    import subprocess
+    import bench_ci
+    monkeypatch.setattr(bench_ci.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 1, "", "no engine"))
+    monkeypatch.setattr(bench_ci, "DOCKER_DATA", tmp_path / "docker")
+    assert bench_ci.docker_state() == {"images": None, "build_cache": None}
+    for n in range(3):
+        config = tmp_path / "docker" / "image" / "overlay2" / "imagedb" / "content" / "sha256" / f"{n:064x}"
+        config.parent.mkdir(parents=True, exist_ok=True)
+        config.write_text("{}")
+    (tmp_path / "docker" / "buildkit").mkdir()
+    (tmp_path / "docker" / "buildkit" / "cache.db").write_bytes(b"x" * 2_000_000)
+    state = bench_ci.docker_state()
+    assert state["images"] == 3 and state["build_cache"].startswith("0.0GB (engine stopped")

@@ -242,6 +242,10 @@ def test_a_locked_context_installs_every_locked_dependency_with_hash_checking(tm
     text = render.dockerfile(ctx)
     assert ctx.locked and "COPY requirements.lock /opt/envbuild/requirements.lock" in stage(text, "deps")
     assert_hash_locked(text)
+    # an sdist built in isolation there compiles against the lock's numpy, not the index's newest
+    deps = "\n".join(stage(text, "deps"))
+    assert "printf '%s\\n' numpy==1.24.4 > /opt/envbuild/build-constraints.txt" in deps
+    assert "PIP_CONSTRAINT=/opt/envbuild/build-constraints.txt" in deps
     # unlocked, the same Plan installs requirements.in without hash checking, and says why
     unlocked = render.dockerfile(render.make_context(plan, "test"))
     assert "--require-hashes" not in unlocked and "-r /opt/envbuild/requirements.in" in "\n".join(stage(unlocked, "deps"))
@@ -370,6 +374,7 @@ def test_the_lock_decides_which_packages_build_from_source_and_with_what(tmp_pat
         assert ("libqhull-dev" in text and "MPLSETUPCFG=/opt/envbuild/mplsetup.cfg /opt/envbuild/with-ca.sh pip install"
                 in text and "COPY envbuild/mplsetup.cfg" in text) is built, version
         assert ("libqhull-r8.0" in ctx.runtime_apt) is built
+        assert "PIP_CONSTRAINT" not in text  # no numpy in this lock: nothing to constrain
     # unlocked, the lock's choice is not known: the build is ready for it
     assert "libfreetype-dev" in render.dockerfile(render.make_context(plan, "test"))
 
