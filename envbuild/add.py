@@ -52,6 +52,8 @@ CONFIG_DIRS = ("projects/configs", "configs", "config")
 TRAIN_ENTRIES = ("tools/train.py", "train.py", "tools/train_net.py", "scripts/train.py")
 # builder names a train script calls on the config's model (OpenMMLab style)
 BUILDERS = ("build_model", "build_detector", "build_segmentor", "build_backbone", "build_network")
+# detectron2's launch() spawns one process per GPU (torch.multiprocessing), as mp.spawn does
+DETECTRON2_LAUNCH = re.compile(r"^from detectron2\.engine import \(?[^)]*?\blaunch\b", re.M)
 # a guide section whose packages are not needed to train (visualization, demos)
 OPTIONAL_RE = re.compile(r"\b(optional|visuali[sz]|demo|deploy|onnx|tensorrt)", re.IGNORECASE)
 CUDA_OF_TAG = re.compile(r"cu(\d{2,3})\b")
@@ -305,8 +307,8 @@ class Reader:
     # -- install guides
 
     def guides(self) -> list[Path]:
-        out = [p for p in sorted(self.tree.iterdir()) if p.is_file() and re.match(r"^(readme|install)", p.name, re.I)
-               and p.suffix.lower() in (".md", ".rst", ".txt", "")]
+        out = [p for p in sorted(self.tree.iterdir()) if p.is_file() and p.suffix.lower() in (".md", ".rst", ".txt", "")
+               and (re.match(r"^(readme|install)", p.name, re.I) or GUIDE_RE.search(p.stem))]
         docs = self.tree / "docs"
         if docs.is_dir():
             out += [p for p in _walk(docs) if p.suffix.lower() in (".md", ".rst") and GUIDE_RE.search(p.stem)]
@@ -1077,7 +1079,7 @@ def _train(tree: Path, r: Reader, questions: list) -> dict:
             extra = _extra_args(body, Path(entry).name)
             break
     if not launcher:
-        if re.search(r"\b(mp|multiprocessing)\.spawn\(", text):
+        if re.search(r"\b(mp|multiprocessing)\.spawn\(", text) or DETECTRON2_LAUNCH.search(text):
             launcher = "mp.spawn"
         elif re.search(r"\b(pytorch_lightning|lightning)\b", text) and "Trainer(" in text:
             launcher = "lightning"
@@ -1115,21 +1117,26 @@ def _extra_args(script: str, entry_name: str) -> list[str]:
     return []
 
 
+def _is_config(rel: str) -> bool:
+    """A training config: an OpenMMLab .py or a detectron2/yacs .yaml, not a base others inherit."""
+    return rel.endswith((".py", ".yaml", ".yml")) and "_base_" not in rel.split("/") \
+        and not Path(rel).name.startswith(("Base-", "_base"))
+
+
 def _first_config(tree: Path, r: Reader) -> str:
     for words, _ in r.train_lines:
         for w in words:
             w = w.lstrip("./") if w.startswith("./") else w
-            if w.endswith(".py") and any(w.startswith(d + "/") for d in CONFIG_DIRS) and (tree / w).is_file() \
-                    and "_base_" not in w:
+            if _is_config(w) and any(w.startswith(d + "/") for d in CONFIG_DIRS) and (tree / w).is_file():
                 return w
     for guide in r.guides():  # a config the guide names (in a link or a command)
-        for m in re.finditer(r"((?:projects/)?configs?/[\w./-]+\.py)", _read(guide)):
-            if (tree / m.group(1)).is_file() and "_base_" not in m.group(1):
+        for m in re.finditer(r"((?:projects/)?configs?/[\w./-]+\.(?:py|ya?ml))", _read(guide)):
+            if (tree / m.group(1)).is_file() and _is_config(m.group(1)):
                 return m.group(1)
     for d in CONFIG_DIRS:
         if (tree / d).is_dir():
-            found = sorted((p for p in _walk(tree / d) if p.suffix == ".py" and "_base_" not in p.parts
-                            and p.name != "__init__.py"), key=lambda p: (len(p.relative_to(tree).parts), str(p)))
+            found = sorted((p for p in _walk(tree / d) if _is_config(_rel(tree, p)) and p.name != "__init__.py"),
+                           key=lambda p: (p.suffix != ".py", len(p.relative_to(tree).parts), str(p)))
             if found:
                 return _rel(tree, found[0])
     return ""
@@ -1163,6 +1170,8 @@ def _construct(tree: Path, train: dict, r: Reader, questions: list) -> dict | No
         questions.append(Question("construct.args", f"the network is built from {module}.{obj}'s argument hook with "
                                   "the guide's training arguments: check construct.args", where))
         return out
+    if imported.get("get_cfg") == "detectron2.config":
+        return _detectron2_construct(t, imported, train.get("config", ""), where, questions)
     builder = next((c for c in ast.walk(t) if isinstance(c, ast.Call) and _callee(c) in BUILDERS), None)
     if builder is None:
         questions.append(Question("construct", f"{where} calls none of {', '.join(BUILDERS)} and no argument hook: "
@@ -1198,6 +1207,24 @@ def _construct(tree: Path, train: dict, r: Reader, questions: list) -> dict | No
     questions.append(Question("construct.config", f"the network is built from {config} (the first config found) "
                               f"through {module}.{fname}: is that the config to verify with?", where))
     return out
+
+
+def _detectron2_construct(t, imported: dict, config: str, where: str, questions: list) -> dict | None:
+    """A detectron2 train script's setup(): get_cfg(), the add_*_config hooks it imports, the yaml,
+    build_model, as lines of [construct] kind python (on the CPU: smoke has no GPU to build on)."""
+    if not config:
+        questions.append(Question("construct.code", f"{where} builds a detectron2 cfg: no training config (.yaml) was "
+                                  "found: which config does training use?", where))
+        return None
+    hooks = sorted({c.func.id for c in ast.walk(t) if isinstance(c, ast.Call) and isinstance(c.func, ast.Name)
+                    and re.match(r"^add_\w*config$", c.func.id) and c.func.id in imported})
+    lines = ["from detectron2.config import get_cfg", "from detectron2.modeling import build_model"]
+    lines += [f"from {imported[h]} import {h}" for h in hooks]
+    lines += ["cfg = get_cfg()", *(f"{h}(cfg)" for h in hooks), f"cfg.merge_from_file({json.dumps(config)})",
+              'cfg.MODEL.DEVICE = "cpu"', "model = build_model(cfg)"]
+    questions.append(Question("construct.code", f"the network is built as {where}'s setup() builds its cfg, from "
+                              f"{config} (the first config found): is that the config to verify with?", where))
+    return {"kind": "python", "code": "\n".join(lines) + "\n"}
 
 
 def _plugin_imports(tree: Path, config: str, t, imported: dict) -> list[str]:
@@ -1255,6 +1282,8 @@ def _q(value) -> str:
         return "true" if value else "false"
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_q(v) for v in value) + "]"
+    if "\n" in str(value) and '"""' not in str(value) and "\\" not in str(value):
+        return '"""\n' + str(value) + '"""'  # lines of code stay lines
     return json.dumps(str(value), ensure_ascii=False)
 
 
@@ -1296,7 +1325,9 @@ def render(d: Draft, command: str) -> str:
     lines += ["", "[train]"] + [f"{k} = {_q(v)}" for k, v in d.train.items()]
     if d.construct:
         lines += ["", "# smoke's model level builds the network as the train script does (a guess: check it)",
-                  "[construct]"] + [f"{k} = {_q(v)}" for k, v in d.construct.items()]
+                  "[construct]"]
+        for k, v in d.construct.items():  # code keeps its lines (_q writes it as a multi-line string)
+            lines += f"{k} = {_q(v)}".split("\n")
     if d.fixers:
         lines += ["", "# envbuild fix --list finds (each applies only to the Plans named):"]
         lines += [f"#   {f['fixer']}: {f['files']} file(s), first {f['first']}" for f in d.fixers]

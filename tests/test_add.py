@@ -328,3 +328,36 @@ def test_the_build_script_the_guide_runs_is_read_as_guide_lines(tmp_path):
     assert [(e["path"], e["build"], e["build_from"]) for e in d.extensions] == \
         [("ops", ["python", "setup.py", "build", "install"], "ops/make.sh:4")]
     assert not [q for q in d.questions if q.key.startswith("extensions.")]
+
+
+def test_a_detectron2_train_script_gives_a_python_construct_the_catalog_loads(tmp_path, home):
+    """detectron2's setup(): get_cfg, the add_*_config hooks it imports, the yaml the guide trains
+    with (a continued command in GETTING_STARTED.md), build_model on the CPU; launch() is mp.spawn."""
+    root = tmp_path / "SegFormerD2"
+    write(root, {
+        "train_net.py": ("from detectron2.config import get_cfg\n"
+                         "from detectron2.engine import (\n    DefaultTrainer,\n    launch,\n)\n"
+                         "from detectron2.projects.deeplab import add_deeplab_config\n"
+                         "from segd2 import add_segd2_config\n\n\n"
+                         "def setup(args):\n    cfg = get_cfg()\n    add_deeplab_config(cfg)\n    add_segd2_config(cfg)\n"
+                         "    cfg.merge_from_file(args.config_file)\n    return cfg\n"),
+        "segd2/__init__.py": "from .config import add_segd2_config\n",
+        "segd2/config.py": "def add_segd2_config(cfg):\n    cfg.SEG = 1\n",
+        "configs/Base-Seg.yaml": "MODEL: {}\n",
+        "configs/ade/a_first_by_name.yaml": "_BASE_: ../Base-Seg.yaml\n",
+        "configs/coco/seg_R50.yaml": "_BASE_: ../Base-Seg.yaml\n",
+        "GETTING_STARTED.md": "```\npython train_net.py --num-gpus 8 \\\n  --config-file configs/coco/seg_R50.yaml\n```\n",
+    })
+    git(root, "init", "-q", "-b", "main")
+    git(root, "add", "-A")
+    git(root, "commit", "-q", "-m", "first")
+    d = add.draft(str(root))
+    assert d.train["launcher"] == "mp.spawn" and d.train["config"] == "configs/coco/seg_R50.yaml"
+    assert d.construct == {"kind": "python", "code": (
+        "from detectron2.config import get_cfg\nfrom detectron2.modeling import build_model\n"
+        "from detectron2.projects.deeplab import add_deeplab_config\nfrom segd2 import add_segd2_config\n"
+        "cfg = get_cfg()\nadd_deeplab_config(cfg)\nadd_segd2_config(cfg)\n"
+        'cfg.merge_from_file("configs/coco/seg_R50.yaml")\ncfg.MODEL.DEVICE = "cpu"\nmodel = build_model(cfg)\n')}
+    add.add_model(str(root), offline=True)
+    assert "\ncode = \"\"\"\nfrom detectron2.config import get_cfg\n" in (home / "models" / "segformerd2.toml").read_text()
+    assert catalog.load(home).model("segformerd2").construct.code == d.construct["code"]
