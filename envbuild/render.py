@@ -432,7 +432,9 @@ class Context:
                 raise BadInput(f"refusing to render extension path {ext.path!r}: leaves the source tree",
                                "fix the catalog entry")
             cmd = without_deps([_check(w, WORD_RE, "build command word") for w in ext.build])
-            out.append({"name": ext.name, "path": ext.path, "command": cmd, "gb_per_job": packages.DEFAULT_GB_PER_JOB})
+            folder = paths.MODEL if ext.path == "." else f"{paths.MODEL}/{ext.path}"  # "." is the repository itself
+            out.append({"name": ext.name, "path": ext.path, "folder": folder, "command": cmd,
+                        "gb_per_job": packages.DEFAULT_GB_PER_JOB})
         return out
 
     @property

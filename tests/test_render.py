@@ -648,6 +648,17 @@ def test_independent_wheel_stages_can_build_side_by_side_and_the_runtime_keeps_n
     assert copies and all(c[-1] in ("/opt/venv", "/opt/envbuild", "/workspace/model") for c in copies), copies
 
 
+def test_an_extension_at_the_repository_root_builds_in_the_model_folder():
+    """OpenPCDet's root setup.py (path "."): the step runs in the model's folder, each instruction on its line."""
+    plan = resolve(catalog.load(), "openpcdet", "a800", python="3.11")
+    assert [e.path for e in plan.extensions] == ["."]
+    text = render.dockerfile(render.make_context(plan, "x"))
+    lines = text.splitlines()
+    at = lines.index("# model extension pcdet")
+    assert lines[at + 1] == "WORKDIR /workspace/model" and lines[at + 2].startswith("# editable_env.py")
+    assert "python setup.py develop --no-deps" in lines[at + 4]
+
+
 def test_no_cache_reaches_the_buildkit_command(tmp_path, monkeypatch):
     """`image --no-cache` is BuildKit's --no-cache on the build it runs: every step again."""
     from envbuild import build, engine, pipeline
