@@ -1265,7 +1265,8 @@ def _title(tree: Path, name: str) -> tuple[str, str]:
     title = tree.name if tree.name and tree.name != name else name
     description = ""
     for line in _read(readme).splitlines() if readme else []:
-        s = re.sub(r"<[^>]+>|!\[[^\]]*\]\([^)]*\)|\[([^\]]*)\]\([^)]*\)", r"\1", line).strip(" #*_>`")
+        s = re.sub(r"<[^>]+>|!\[[^\]]*\]\([^)]*\)|\[([^\]]*)\]\([^)]*\)", r"\1", line).strip(" #*_>")
+        s = s.replace("`", "")  # markdown's code marks, not the words
         if len(s) > 15 and not s.startswith(("http", "|", "-")):
             description = s[:160]
             break

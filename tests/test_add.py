@@ -298,6 +298,7 @@ def test_a_root_setup_with_cuda_ops_the_guides_own_clone_and_case_blind_imports(
                      "      install_requires=['SharedArray', 'numba'], cmdclass={'build_ext': BuildExtension})\n"),
         "pointdet/__init__.py": "import SharedArray\nimport numba\n",
         "pointdet/ops/iou.cu": "// op\n",
+        "README.md": "# PointDet\n\n`PointDet` is a `LiDAR` detection codebase for tests.\n",
         "docs/INSTALL.md": ("# Install\n```shell\ngit clone https://github.com/example-lab/PointDet.git\n```\n"
                             "```shell\npython setup.py develop\n```\n"),
     })
@@ -306,6 +307,7 @@ def test_a_root_setup_with_cuda_ops_the_guides_own_clone_and_case_blind_imports(
     git(root, "commit", "-q", "-m", "first")
     d = add.draft(str(root))
     assert d.repo == "https://github.com/example-lab/PointDet"
+    assert d.description == "PointDet is a LiDAR detection codebase for tests."  # markdown's code marks dropped
     assert d.git_packages == []
     assert [(e["name"], e["path"], e["build"]) for e in d.extensions] == [("pointdet", ".", ["python", "setup.py", "develop"])]
     assert not [q for q in d.questions if q.key in ("model.repo", "extensions")]
