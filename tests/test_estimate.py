@@ -40,8 +40,10 @@ def test_dry_run_estimate_is_within_a_factor_of_two_of_each_ledger_record(ledger
     for rec in records:
         cost = pipeline.estimate_image(_request(rec))["estimate"]
         assert rec["build_seconds"] / 2 <= cost["seconds"] <= rec["build_seconds"] * 2, (rec["_file"], cost)
-        # the compiled packages the record timed are each named with their measured time
-        assert cost["stages"] and all(s["seconds"] > 0 for s in cost["stages"])
+        # the compiled packages the record timed are each named with their measured time (a model
+        # with none, Mask2Former's detectron2 comes from git, is priced as its record's rest)
+        timed = any(s["step"].startswith("[wheel-") for s in rec["stages"])
+        assert bool(cost["stages"]) is timed and all(s["seconds"] > 0 for s in cost["stages"]), rec["_file"]
 
 
 def test_a_package_is_priced_from_another_models_record_when_its_own_has_none(ledger_machine):
