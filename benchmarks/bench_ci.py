@@ -68,6 +68,9 @@ def main() -> int:
     shutil.rmtree(clone, ignore_errors=True)  # its venv and build outputs; the log stays
     text = log.read_text(errors="replace")
     spent = json.loads(timings.read_text()) if timings.exists() else None
+    cap = re.search(r"^>> BuildKit keeps (\d+) GB of cache", text, re.M)  # .ci/run started the engine so
+    if cap:
+        state["cache_cap_gb"] = int(cap.group(1))
     summary = re.findall(r"^=*\s*(.*\b(?:passed|failed)\b.*) in ([\d.]+)s", text, re.M)
     counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|error)", summary[-1][0])} if summary else {}
     out = {

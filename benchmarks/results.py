@@ -94,7 +94,8 @@ ROWS = [
                         + ("cold: a new machine, no images, no BuildKit cache" if d["cold"] else
                            "warm: " + (f"{d['at_start']['images']} images, " if d['at_start']['images'] is not None else "")
                            + f"{d['at_start']['build_cache']} of BuildKit cache"
-                           + (" (capped at 15 GB for the disk)" if "capped" in d['at_start'].get('note', "") else ""))),
+                           + (f" (.ci/run capped it at {d['at_start']['cache_cap_gb']} GB for the disk)"
+                              if d['at_start'].get('cache_cap_gb') else ""))),
        lambda d: (f"{d['wall_s']} s, {d['tests']} tests" + (f", {d['failed']} failed" if d.get("failed") else "")
                   + f", {d['disk_peak_extra_gb']} GB of disk at its peak")) for name in ("ci_cold", "ci_warm")),
 ]
