@@ -1243,9 +1243,28 @@ def _model_git_packages(doc: _Reader, packages: dict, vendored: dict) -> dict[st
                 [b for b in GIT_BUILDS if b.startswith(build)]
             raise g.fail("build", f"{build!r} is not one of {', '.join(GIT_BUILDS)}"
                                   + (f" (did you mean {close[0]!r}?)" if close else ""))
-        requires = g.strings("requires", PKG_RE, [])
-        out[key] = GitPackage(key, url, commit, sub.rstrip("/"), build, tuple(r.lower() for r in requires))
+        requires = tuple(_requirement(g, r) for r in g.get("requires", list, []))
+        out[key] = GitPackage(key, url, commit, sub.rstrip("/"), build, requires)
     return out
+
+
+def _requirement(g: _Reader, item) -> str:
+    """One of a git package's requires: "name" or "name" plus a version range ("fvcore>=0.1.5,<0.1.6")."""
+    m = re.match(r"^([A-Za-z0-9][A-Za-z0-9._-]*)\s*([<>=!~].*)?$", item) if isinstance(item, str) else None
+    if not m or not PKG_RE.match(m.group(1)):
+        raise g.fail("requires", f"invalid entry {item!r}: a package name, optionally with a version range")
+    spec = (m.group(2) or "").replace(" ", "")
+    try:
+        SpecifierSet(spec)
+    except InvalidSpecifier:
+        raise g.fail("requires", f"invalid version range in {item!r}") from None
+    return m.group(1).lower() + spec
+
+
+def requirement_parts(requirement: str) -> tuple[str, str]:
+    """("fvcore", ">=0.1.5,<0.1.6") of a git package's requires entry; "*" when it names no range."""
+    name = re.match(r"^[a-z0-9._-]+", requirement).group(0)
+    return name, requirement[len(name):] or "*"
 
 
 SOURCE_OPTIONS = {"-i", "--index-url", "--extra-index-url", "-f", "--find-links", "--trusted-host", "--index",

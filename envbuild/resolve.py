@@ -15,7 +15,7 @@ from datetime import date, timedelta
 from packaging.specifiers import SpecifierSet
 
 from . import packages
-from .catalog import PKG_RE, V, Card, Catalog, Model, TorchRelease, Toolkit, is_exact, minor_key
+from .catalog import PKG_RE, V, Card, Catalog, Model, TorchRelease, Toolkit, is_exact, minor_key, requirement_parts
 from .config import Sources
 from .errors import BadInput, unknown
 from .incontainer.archrules import code_name, extension_arch, runs_on, union_arch_list
@@ -373,12 +373,14 @@ def _model_pins(c: _Candidate) -> str | None:
     target = packages.Target(c.cat, c.stack.torch, c.stack.cuda, c.toolkit, c.card, py, c.strict,
                              c.sources.vendor_wheels)
     # what a package from git needs at run time (it is installed with --no-deps): unpinned, the lock decides
-    required = {}
+    required, ranges = {}, {}
     for g in model.git_packages.values():
-        for name in g.requires:
+        for name, spec in map(requirement_parts, g.requires):
             if name not in model.packages and name not in model.git_packages:
                 required.setdefault(name, []).append(g.name)
-    wanted = {**model.packages, **{name: "*" for name in required}}
+                if spec != "*":
+                    ranges[name] = ",".join(filter(None, (ranges.get(name, ""), spec)))
+    wanted = {**model.packages, **{name: ranges.get(name, "*") for name in required}}
     for name, spec in wanted.items():
         forced = c.overrides.get(name)
         block = packages.block_for(c.cat, name)
@@ -399,6 +401,10 @@ def _model_pins(c: _Candidate) -> str | None:
             fixed, why = model.corrections[name]
             pin = (_python_port(c.cat, name, fixed, py, model.python, upstream=spec)
                    or Pin(name, fixed, f"catalog correction: {why}", spec, "fix"))
+        elif name in required:
+            pin = _python_port(c.cat, name, spec, py, model.python) or \
+                Pin(name, spec, f"required by {', '.join(required[name])} (from git, installed without its "
+                                "dependencies): its own range", spec)
         else:
             pin = _python_port(c.cat, name, spec, py, model.python) or Pin(name, spec, "upstream pin", spec)
         c.pins.append(pin)

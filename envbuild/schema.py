@@ -252,9 +252,10 @@ MODEL_FILE = Table("One model (file name = the model's name); a user's file of t
                               "build": F(str, "pip or cuda-extension", "pip (default): `pip wheel` in isolation, as "
                                          "`pip install git+...` does; cuda-extension: compiled against the Plan's torch "
                                          "for its TORCH_CUDA_ARCH_LIST, like a compiled package.", '"cuda-extension"'),
-                              "requires": F(list, "array of package names", "Its runtime dependencies the model does not "
-                                            "pin itself: they go into requirements.in and the lock (it is installed with "
-                                            "--no-deps).", '["numpy", "scipy"]'),
+                              "requires": F(list, "array of package names, each with an optional version range",
+                                            "Its runtime dependencies the model does not pin itself (its own ranges "
+                                            "kept): they go into requirements.in and the lock (it is installed with "
+                                            "--no-deps).", '["numpy", "fvcore>=0.1.5,<0.1.6"]'),
                           })),
     "extensions": Rows("The repository's CUDA extensions, built in the model stage (without dependencies).", Table(
         "A CUDA extension.", {

@@ -71,6 +71,8 @@ def test_a_fact_loads_with_its_defaults(git_cat):
     ('build = "cuda"', "'cuda' is not one of pip, cuda-extension (did you mean 'cuda-extension'?)"),
     ('comit = "x"', "unknown key (did you mean 'commit'?)"),
     ('requires = ["numpy;rm"]', "invalid entry"),
+    ('requires = ["fvcore>=0.1.5,<x"]', "invalid version range"),
+    ('requires = [3]', "invalid entry"),
 ])
 def test_mistakes_are_one_error_with_file_key_and_hint(matrices_copy, field, needle):
     key = field.split(" =")[0]
@@ -123,6 +125,23 @@ def test_the_plan_lists_each_with_its_commit_and_its_dependencies(git_cat, cat):
     # another commit is another image
     moved = dict(plan.git_packages, tinylib={**plan.git_packages["tinylib"], "commit": COMMIT})
     assert ledger.digest(replace(plan, git_packages=moved)) != ledger.digest(plan)
+
+
+def test_a_required_range_is_kept_and_reaches_requirements_in(matrices_copy):
+    """detectron2's own ranges (fvcore>=0.1.5,<0.1.6): a requires entry may carry one; it is the pin."""
+    cat = catalog.load(with_git(matrices_copy, f"""
+        [git_packages.detlib]
+        url = "https://github.com/example/detlib"
+        commit = "{COMMIT}"
+        requires = ["FVCore >= 0.1.5, <0.1.6", "iopath"]
+        """))
+    assert cat.model("qcnet").git_packages["detlib"].requires == ("fvcore>=0.1.5,<0.1.6", "iopath")
+    plan = resolve(cat, "qcnet", "a800")
+    fvcore, iopath = plan.pin("fvcore"), plan.pin("iopath")
+    assert fvcore.version == ">=0.1.5,<0.1.6" and "required by detlib" in fvcore.why and "its own range" in fvcore.why
+    assert iopath.version == "" and "the lock picks a version" in iopath.why
+    req = render.requirements_in(render.make_context(plan, "x")).splitlines()
+    assert "fvcore>=0.1.5,<0.1.6" in req and "iopath" in req
 
 
 # ---------------------------------------------------------------- render
