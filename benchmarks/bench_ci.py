@@ -39,7 +39,8 @@ def docker_state() -> dict:
         configs = list(DOCKER_DATA.glob("image/*/imagedb/content/sha256/*"))
         cache_bytes = sum(f.stat().st_size for f in (DOCKER_DATA / "buildkit").rglob("*") if f.is_file()) \
             if (DOCKER_DATA / "buildkit").is_dir() else 0
-        return {"images": len(configs), "build_cache": f"{cache_bytes / GB:.1f}GB (engine stopped: its data folder)"}
+        return {"images": len(configs),  # an empty data folder (wiped, or a mount point) is a cold start
+                "build_cache": f"{cache_bytes / GB:.1f}GB (engine stopped: its data folder)" if cache_bytes else "0B"}
     return {"images": len(set(images)) if images is not None else None,
             "build_cache": next((c.split("=", 1)[1] for c in cache or [] if c.startswith("Build Cache=")), None)}
 

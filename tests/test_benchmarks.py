@@ -84,12 +84,14 @@ def test_bench_archs_pairs_one_package_version_across_arch_counts(tmp_path, monk
 
 def test_bench_ci_calls_a_stopped_engine_with_data_warm_and_a_new_machine_cold(tmp_path, monkeypatch):
     """.ci/run starts the engine: before it, an engine that does not answer is cold only when its
-    data folder is absent (a new machine); images and BuildKit cache on disk make the run warm."""
+    data folder is absent or empty (a new machine, a wiped one); images and cache on disk make it warm."""
     import subprocess
     import bench_ci
     monkeypatch.setattr(bench_ci.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 1, "", "no engine"))
     monkeypatch.setattr(bench_ci, "DOCKER_DATA", tmp_path / "docker")
     assert bench_ci.docker_state() == {"images": None, "build_cache": None}
+    (tmp_path / "docker").mkdir()  # wiped, or a mount point: still cold
+    assert bench_ci.docker_state() == {"images": 0, "build_cache": "0B"}
     for n in range(3):
         config = tmp_path / "docker" / "image" / "overlay2" / "imagedb" / "content" / "sha256" / f"{n:064x}"
         config.parent.mkdir(parents=True, exist_ok=True)
