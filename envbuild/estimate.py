@@ -1,8 +1,9 @@
 """What a build will cost before it starts, from what earlier builds measured.
 
-The verified ledger's records hold each stage's cold time (envbuild/matrices/verified/*.json:
-"[wheel-flash-attn 1/1]" 4178 s on one arch). A compiled package's time is taken from the record
-of the same model (else the same package and version, else the same package), then scaled:
+The verified ledger's records hold each stage's time (envbuild/matrices/verified/*.json:
+"[wheel-flash-attn 1/1]" 4178 s on one arch); cold, unless ccache served objects an earlier,
+stopped build compiled. A compiled package's time is the slowest any record measured
+for the same version (else for any version of it), then scaled:
 
 - by archs: each arch of TORCH_CUDA_ARCH_LIST past the first (a +PTX counts as one more) adds
   EXTRA_ARCH of the one-arch time (benchmarks/results/build.json: one CUDA op for 8.0 in 60.8 s,
@@ -107,12 +108,22 @@ def measured(records: list[dict]) -> list[dict]:
     return out
 
 
-def _pick(found: list[dict], model: str, package: str, version: str) -> dict | None:
-    """The best measurement of a package: this model's, else this version's, else the slowest."""
+def _work(m: dict) -> float:
+    """A measurement as one arch on one compile job: what makes records of different archs and
+    machines comparable."""
+    machine = m["machine"]
+    return m["seconds"] / arch_factor(m["archs"]) * jobs(machine["cores"], machine["memory_gb"], m["gb_per_job"])
+
+
+def _pick(found: list[dict], package: str, version: str) -> dict | None:
+    """The measurement to price a package by: the slowest of its version, else of any version.
+    The slowest, because a compile ccache served from an earlier, stopped build is timed too short
+    (maptr's mmcv-full 1.7.1: 55 s, where sparsedrive's mostly cold one took 1131 s); which model
+    compiled it does not matter, the package's sdist is the same."""
     mine = [m for m in found if m["package"] == package]
-    for pool in ([m for m in mine if m["model"] == model], [m for m in mine if m["version"] == version], mine):
+    for pool in ([m for m in mine if m["version"] == version], mine):
         if pool:
-            return max(pool, key=lambda m: m["seconds"] / arch_factor(m["archs"]))
+            return max(pool, key=_work)
     return None
 
 
@@ -174,7 +185,7 @@ def estimate(ctx, records: list[dict], machine: dict | None = None, built: dict 
                            "why": f"built on this host on {built[stage_key(ctx, step)]}: BuildKit's cache "
                                   "(unless pruned since)"})
             continue
-        m = _pick(found, plan.model, package, version)
+        m = _pick(found, package, version)
         if m is None:
             one = UNMEASURED_ONE_ARCH_S
             basis, there = "not in the ledger: guessed like benchmarks' CUDA op", LEDGER_MACHINE
