@@ -3,9 +3,11 @@
 import ast
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -785,12 +787,28 @@ def test_files_the_fixers_cannot_read_or_write_are_named_not_skipped(tmp_path):
         ("latin.py", "could not read"), ("ro.py", "could not write")]
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a file of mode 000")
 def test_a_file_it_may_not_read_is_named(tmp_path):
-    (tmp_path / "a.py").write_text("from collections import Iterable\n")
-    (tmp_path / "a.py").chmod(0)
-    report = fixers.apply(str(tmp_path), [fixers.make("collections-abc")])
-    assert [(p, what) for p, what, _ in report.problems] == [("a.py", "could not read")]
+    """Mode 000 stops everyone but root: as root (CI), the in-image entry point runs as nobody,
+    in a folder nobody may enter and write, so the test runs everywhere instead of skipping."""
+    import tempfile
+    tree = Path(tempfile.mkdtemp(prefix="envbuild-unreadable-"))
+    try:
+        tree.chmod(0o777)
+        (tree / "a.py").write_text("from collections import Iterable\n")
+        (tree / "a.py").chmod(0)
+        (tree / "plan.json").write_text('{"fixers": [{"name": "collections-abc", "args": {}}]}')
+        (tree / "plan.json").chmod(0o644)
+        shutil.copy(fixers.__file__, tree / "fixers.py")  # where nobody reads it; and the OS's Python
+        python = sys.executable if os.geteuid() else "/usr/bin/python3"
+        r = subprocess.run([python, str(tree / "fixers.py"), "apply", str(tree), "--plan", str(tree / "plan.json"),
+                            "--report", str(tree / "fixes.json")], capture_output=True, text=True, timeout=60,
+                           user=65534 if os.geteuid() == 0 else None, cwd="/")
+        report = json.loads((tree / "fixes.json").read_text())
+        assert [(p["path"], p["problem"]) for p in report["problems"]] == [("a.py", "could not read")], r.stderr
+        assert (tree / "a.py").stat().st_mode & 0o777 == 0  # left as it was
+    finally:
+        (tree / "a.py").chmod(0o644)
+        shutil.rmtree(tree)
 
 
 # ---------------------------------------------------------------- property: only the intended tokens change

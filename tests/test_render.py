@@ -671,7 +671,9 @@ def test_no_cache_reaches_the_buildkit_command(tmp_path, monkeypatch):
         seen.append(cmd)
         return 1, ["#5 [base 1/3] FROM x", "ERROR: stop here"]
     monkeypatch.setattr(build, "_run", run)
-    req = pipeline.Request(model="qcnet", card="a800", python="3.11", cuda="11.8")
+    # a base image given: no daemon asked whether it is here, no registry probed (a unit test)
+    req = pipeline.Request(model="qcnet", card="a800", python="3.11", cuda="11.8",
+                           base_image="envbuild/cuda:11.8-devel-debian12")
     for no_cache in (True, False):
         with pytest.raises(pipeline.OperationFailed):
             pipeline.build_image(req, lock=False, no_cache=no_cache)
