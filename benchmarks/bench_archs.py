@@ -26,13 +26,15 @@ WHEEL_STEP = re.compile(r"^\[(wheel-[a-z0-9._-]+) \d+/\d+\] RUN ")
 def wheel_stages(record: dict) -> dict:
     """{(stage, version): seconds} of the compiled wheel stages a record's own build ran (not
     served from BuildKit's cache), the RUN that compiles; the version from its requirement.
-    A stage that ccache fed after a stopped build still counts: the ledger cannot tell."""
+    A stage ccache fed (its "ccache" counts say hits) is left out: it did not compile cold. Records
+    older than those counts cannot tell."""
     out = {}
     for step in record.get("stages") or []:
         m = WHEEL_STEP.match(step["step"])
         version = re.search(r"[A-Za-z0-9._-]==([0-9][0-9A-Za-z.+!]*)", step["step"])
         # a stage BuildKit served from its cache did not compile in this record's build
-        if m and version and step.get("seconds") and not step.get("cached"):
+        if m and version and step.get("seconds") and not step.get("cached") \
+                and not (step.get("ccache") or {}).get("hits"):
             key = (m.group(1), version.group(1))
             out[key] = max(out.get(key, 0), step["seconds"])
     return out

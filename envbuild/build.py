@@ -101,8 +101,27 @@ class BuildResult:
 
 
 def run_steps(steps: list[Step]) -> list[dict]:
-    """The RUN steps of a build, each with its cache hit and seconds: what summaries report."""
-    return [{"step": s.name, "cached": s.cached, "seconds": s.seconds} for s in steps if "] RUN " in s.name]
+    """The RUN steps of a build, each with its cache hit and seconds (and, for a step that
+    compiled, how many compiles ccache served): what summaries and ledger records report."""
+    out = []
+    for s in steps:
+        if "] RUN " in s.name:
+            served = ccache_counts(s.output)
+            out.append({"step": s.name, "cached": s.cached, "seconds": s.seconds,
+                        **({"ccache": served} if served else {})})
+    return out
+
+
+CCACHE_RE = re.compile(r"^envbuild-ccache: (\d+) hits, (\d+) misses$")
+
+
+def ccache_counts(output: list[str]) -> dict | None:
+    """{hits, misses} that incontainer/ccache_stats.py printed at the end of a compiling step."""
+    for line in reversed(output):
+        m = CCACHE_RE.match(line.strip())
+        if m:
+            return {"hits": int(m.group(1)), "misses": int(m.group(2))}
+    return None
 
 
 def parse_progress(lines) -> list[Step]:

@@ -2,8 +2,10 @@
 
 The verified ledger's records hold each stage's time (envbuild/matrices/verified/*.json:
 "[wheel-flash-attn 1/1]" 4178 s on one arch); cold, unless ccache served objects an earlier,
-stopped build compiled. A compiled package's time is the slowest any record measured
-for the same version (else for any version of it), then scaled:
+stopped build compiled: records written since say how many compiles ccache served (the step's
+"ccache" counts), and such a time is scaled up to all of its compiles (a step ccache served whole
+is no measurement). Older records cannot tell, so a compiled package's time is the slowest any
+record measured for the same version (else for any version of it), then scaled:
 
 - by archs: each arch of TORCH_CUDA_ARCH_LIST past the first (a +PTX counts as one more) adds
   EXTRA_ARCH of the one-arch time (benchmarks/results/build.json: one CUDA op for 8.0 in 60.8 s,
@@ -98,10 +100,17 @@ def measured(records: list[dict]) -> list[dict]:
             package = _canonical(named.group(1) if named else wheel.group(1))
             version = named.group(2) if named else ""
             gb = _JOBS.search(step)
-            out.append({"package": package, "version": version, "seconds": float(seconds), "archs": archs,
+            compiled += float(seconds)
+            served = stage.get("ccache") or {}
+            hits, misses = served.get("hits", 0), served.get("misses", 0)
+            if hits and not misses:
+                continue  # ccache served every compile: says nothing of what a cold one costs
+            out.append({"package": package, "version": version, "archs": archs,
+                        # ccache's hits took ~0 s: the step's time is what its misses cost
+                        "seconds": float(seconds) * (hits + misses) / misses if hits else float(seconds),
+                        "ccache_hits": hits, "compiles": hits + misses,
                         "gb_per_job": int(gb.group(1)) if gb else DEFAULT_GB_PER_JOB,
                         "model": rec["request"]["model"], "machine": machine})
-            compiled += float(seconds)
         if rec.get("build_seconds") and rec.get("verdict") == "passed":
             out.append({"package": None, "seconds": max(0.0, float(rec["build_seconds"]) - compiled),
                         "model": rec["request"]["model"], "machine": machine})
@@ -161,6 +170,14 @@ def stage_key(ctx, step) -> str:
         ctx.wheel_cache = saved
 
 
+def _basis(m: dict) -> str:
+    """Where a package's price comes from, in words."""
+    said = f"{m['seconds']:.0f} s for {m['archs']} arch(s) in {m['model']}'s record on {m['machine']['cores']} cores"
+    if m.get("ccache_hits"):
+        said += f" (ccache served {m['ccache_hits']} of its {m['compiles']} compiles: scaled to all)"
+    return said
+
+
 def estimate(ctx, records: list[dict], machine: dict | None = None, built: dict | None = None,
              no_cache: bool = False) -> dict:
     """The build's cost: {seconds, stages: [{package, seconds, why}], rest_seconds, disk_bytes, machine,
@@ -191,8 +208,7 @@ def estimate(ctx, records: list[dict], machine: dict | None = None, built: dict 
             basis, there = "not in the ledger: guessed like benchmarks' CUDA op", LEDGER_MACHINE
         else:
             one = m["seconds"] / arch_factor(m["archs"])
-            basis = (f"{m['seconds']:.0f} s for {m['archs']} arch(s) in {m['model']}'s record on "
-                     f"{m['machine']['cores']} cores")
+            basis = _basis(m)
             there = m["machine"]
         gb = step.gb_per_job or DEFAULT_GB_PER_JOB
         speed = jobs(there["cores"], there["memory_gb"], gb) / jobs(machine["cores"], machine["memory_gb"], gb)

@@ -139,7 +139,7 @@ def write(plan, request: dict, image: dict, audit_ok: bool | None, smoke_report:
         "build_seconds": image.get("build_seconds"),
         "machine": _machine(),  # what the stage times were measured on (estimate.py scales by it)
         "stages": [{"step": s["step"], "seconds": s["seconds"], "cached": s["cached"],
-                    **({"from_log": s["from_log"]} if s.get("from_log") else {})} for s in image.get("run_steps", [])],
+                    **{k: s[k] for k in ("from_log", "ccache") if s.get(k)}} for s in image.get("run_steps", [])],
         "audit": "passed" if audit_ok else ("failed" if audit_ok is False else "not run"),
         "levels": levels, "parameters": model_level.get("parameters"), "train_step": model_level.get("step"),
         "plan": {"torch": plan.torch.version, "cuda": plan.cuda, "python": plan.python.version,
@@ -195,20 +195,22 @@ def with_cold_times(plan, summary: dict) -> dict:
     """A step this build found in the cache took no time here: record what it took in the newest
     build of this context that ran it (that log named), so the record says what the cell costs
     to build cold. Steps match by their command, not their stage index (which shifts)."""
-    from .build import parse_progress, state_dir
+    from .build import ccache_counts, parse_progress, state_dir
     steps = [dict(s) for s in summary.get("run_steps", [])]
     wanted = {_command(s["step"]) for s in steps if s["cached"]}
-    found: dict[str, tuple[float, str]] = {}
+    found: dict[str, tuple[float, str, dict | None]] = {}
     for log in sorted((state_dir() / "logs").glob(f"{plan.model}-{plan.card}-*.log"), reverse=True):
         if not wanted - found.keys():
             break
         for step in parse_progress(log.read_text(errors="replace").splitlines()):
             key = _command(step.name)
             if key in wanted and key not in found and not step.cached and step.seconds is not None:
-                found[key] = (step.seconds, str(log))
+                found[key] = (step.seconds, str(log), ccache_counts(step.output))
     for step in steps:
         if step["cached"] and _command(step["step"]) in found:
-            step["seconds"], step["from_log"] = found[_command(step["step"])]
+            step["seconds"], step["from_log"], served = found[_command(step["step"])]
+            if served:
+                step["ccache"] = served
     return dict(summary, run_steps=steps, build_seconds=round(sum(s["seconds"] or 0 for s in steps), 1))
 
 

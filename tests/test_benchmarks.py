@@ -71,7 +71,11 @@ def test_bench_archs_pairs_one_package_version_across_arch_counts(tmp_path, monk
                       "c.json": record("h20,b200", "2.2.0", 100.0, "13.0.2"),
                       # served from BuildKit's cache: no compile measured; a failed cell measures nothing
                       "d.json": record("h20,b200", "2.0.1", 49.8, "13.0.2", cached=True),
-                      "e.json": record("h20,b200", "2.0.1", 30.0, "13.0.2", verdict="failed")}.items():
+                      "e.json": record("h20,b200", "2.0.1", 30.0, "13.0.2", verdict="failed"),
+                      # ccache served objects an earlier, stopped build compiled: not a cold compile
+                      "f.json": record("h20,b200", "2.0.1", 9000.0, "13.0.2")}.items():
+        if name == "f.json":
+            rec["stages"][0]["ccache"] = {"hits": 3, "misses": 40}
         (folder / name).write_text(json.dumps(rec))
     monkeypatch.setattr(bench_archs.ledger, "folders", lambda: [folder])
     written = {}

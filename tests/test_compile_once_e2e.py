@@ -40,6 +40,8 @@ def test_the_second_model_reuses_the_first_ones_compiled_wheel(twins):
     version, first, second, _, _ = twins
     compiled, reused = co.wheel_step(first, version), co.wheel_step(second, version)
     assert not compiled["cached"] and compiled["seconds"] > 0  # a version no builder had: compiled here
+    # its compiles went through ccache, and the step said how many ccache served (the ledger keeps it)
+    assert sum(compiled["ccache"].values()) >= 1, compiled
     assert reused["cached"]  # same base, Python, torch, arch list and version: BuildKit's cache
     # the images do differ where the models do (twinb pins one more package): not one image twice
     # (not "twinb's lock step is uncached": the mirror's port is fixed, so a warm run's twinb

@@ -79,6 +79,24 @@ def test_records_on_another_machine_are_compared_per_compile_job():
     assert estimate._pick([two, dict(sixteen, version="2")], "p", "1") is two  # its version first
 
 
+def test_a_stage_ccache_fed_is_scaled_to_all_its_compiles_and_one_it_served_whole_is_no_measurement():
+    step = "[wheel-mmcv 1/1] RUN pip download -d /src/sdist mmcv==2.0.1 && MAX_JOBS=$(python max_jobs.py 2) pip wheel"
+
+    def rec(model, seconds, ccache=None):
+        stage = {"step": step, "seconds": seconds, "cached": False, **({"ccache": ccache} if ccache else {})}
+        return {"request": {"model": model}, "plan": {"arch_list": "8.0"}, "stages": [stage],
+                "build_seconds": seconds + 100, "verdict": "passed"}
+    def compiles(*records):
+        return [m for m in estimate.measured(list(records)) if m["package"]]
+    (cold,) = compiles(rec("a", 1000.0, {"hits": 0, "misses": 100}))
+    (fed,) = compiles(rec("b", 250.0, {"hits": 75, "misses": 25}))
+    assert cold["seconds"] == fed["seconds"] == 1000.0 and fed["ccache_hits"] == 75
+    # ccache served every compile: no price for mmcv, but the rest of c's build is still measured
+    served = rec("c", 40.0, {"hits": 100, "misses": 0})
+    assert compiles(served) == [] and [m["seconds"] for m in estimate.measured([served])] == [100.0]
+    assert "ccache served 75 of its 100 compiles" in estimate._basis(fed)
+
+
 def _ctx(cat, **kw):
     plan = ledger.plan_for_record(cat, next(r for r in ledger.load() if r["request"]["model"] == "sparsedrive"))
     return render.make_context(replace(plan, **kw), "envbuild render sparsedrive")

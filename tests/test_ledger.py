@@ -4,6 +4,8 @@ import json
 
 import pytest
 
+from conftest import ROOT
+
 from envbuild import ledger
 from envbuild.config import Sources
 from envbuild.resolve import resolve
@@ -69,7 +71,8 @@ def test_cached_steps_record_what_they_took_in_the_build_that_ran_them(cat, tmp_
     logs = tmp_path / "logs"
     logs.mkdir()
     p = plan(cat)
-    old = ("#7 [builder 3/12] RUN pip install torch-cluster==1.6.1\n#7 DONE 1569.2s\n"
+    old = ("#7 [builder 3/12] RUN pip install torch-cluster==1.6.1\n#7 1569.0 envbuild-ccache: 0 hits, 38 misses\n"
+           "#7 DONE 1569.2s\n"
            "#8 [deps 2/3] RUN pip install -r requirements.lock\n#8 DONE 91.6s\n")
     older = "#7 [builder 3/12] RUN pip install torch-cluster==1.6.1\n#7 DONE 9999.0s\n"
     (logs / f"{p.model}-{p.card}-20261129-100000.log").write_text(older)
@@ -80,6 +83,7 @@ def test_cached_steps_record_what_they_took_in_the_build_that_ran_them(cat, tmp_
     out = ledger.with_cold_times(p, summary)
     steps = out["run_steps"]
     assert steps[0]["seconds"] == 1569.2 and steps[0]["from_log"].endswith("120000.log")  # the newest that ran it
+    assert steps[0]["ccache"] == {"hits": 0, "misses": 38}  # and what ccache served in that run
     assert steps[1]["seconds"] == 95.0 and "from_log" not in steps[1]  # ran in this build: its own time
     assert steps[2]["seconds"] is None  # no log ran it: unknown, not made up
     assert out["build_seconds"] == 1664.2
@@ -209,3 +213,30 @@ def test_a_record_marks_its_cell_plainly_only_for_the_exact_request(cat):
     request = {"python": "3.11", "cuda": "11.8", "torch_index": "none"}
     assert ledger.marks(cat, request)[("qcnet", "a800")] == "verified"
     assert "upstream" not in ledger.marks(cat, {"python": None, "cuda": None, "torch_index": "none"})[("maptr", "a800")]
+
+
+def test_a_record_keeps_what_ccache_served_in_each_compiling_step(cat, tmp_path):
+    """ccache_stats.py, run last in a compiling step, counts the step's compiles from ccache's stats
+    log; its line reaches the step in the record, so the estimate can tell a cold compile from one
+    an earlier, stopped build fed."""
+    import subprocess
+    import sys
+    from envbuild.build import parse_progress, run_steps
+    statslog = tmp_path / "ccache.log"  # ccache 4.x's stats_log: one block per compiler call
+    statslog.write_text("# /src/a.cu\ncache_miss\ndirect_cache_miss\npreprocessed_cache_miss\n"
+                        "# /src/b.cpp\ndirect_cache_hit\nlocal_storage_hit\n"
+                        "# /src/c.cpp\npreprocessed_cache_hit\n"
+                        "# /src/ext.so\ncalled_for_link\n")
+    said = subprocess.run([sys.executable, "envbuild/incontainer/ccache_stats.py"], capture_output=True, text=True,
+                          env={"CCACHE_STATSLOG": str(statslog), "PATH": "/usr/bin:/bin"}, cwd=ROOT, check=True).stdout
+    assert said.strip() == "envbuild-ccache: 2 hits, 1 misses"
+    assert not statslog.exists()  # the next step counts its own compiles
+    log = ("#5 [wheel-mmcv 1/1] RUN pip wheel mmcv==2.0.1\n#5 12.0 building 'mmcv._ext'\n"
+           f"#5 900.1 {said.strip()}\n#5 DONE 900.4s\n"
+           "#6 [deps 2/3] RUN pip install -r requirements.lock\n#6 DONE 9.0s\n")
+    steps = run_steps(parse_progress(log.splitlines()))
+    assert steps[0]["ccache"] == {"hits": 2, "misses": 1} and "ccache" not in steps[1]
+    out = ledger.write(plan(cat), {"model": "qcnet", "card": "a800"}, {"run_steps": steps}, True, None,
+                       path=tmp_path)
+    stages = json.loads(out.read_text())["stages"]
+    assert stages[0]["ccache"] == {"hits": 2, "misses": 1} and "ccache" not in stages[1]
