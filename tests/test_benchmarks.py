@@ -104,3 +104,22 @@ def test_bench_ci_calls_a_stopped_engine_with_data_warm_and_a_new_machine_cold(t
     (tmp_path / "docker" / "buildkit" / "cache.db").write_bytes(b"x" * 2_000_000)
     state = bench_ci.docker_state()
     assert state["images"] == 3 and state["build_cache"].startswith("0.0GB (engine stopped")
+
+
+def test_ci_sizes_buildkits_cache_on_a_new_machine_and_a_warm_one(tmp_path):
+    """.ci/run asks .ci/buildkit-keep how much build cache its engine keeps. A new machine has no
+    Docker data folder: `du` failing there once stopped .ci/run under `set -e` before any test."""
+    import subprocess
+
+    def keep(data):
+        r = subprocess.run(["bash", "-euo", "pipefail", str(ROOT / ".ci" / "buildkit-keep"), str(data)],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        kept, room = map(int, r.stdout.split())
+        assert 15 <= kept <= 40 and kept in (15, 40, room - 33)
+        return room
+    assert keep(tmp_path / "new-machine" / "docker") > 0
+    held = tmp_path / "docker"
+    held.mkdir()
+    (held / "layer").write_bytes(b"\0" * 1024)
+    assert keep(held) > 0  # what Docker holds counts as room (at least 1 GB, du rounds up)
