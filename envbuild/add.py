@@ -54,6 +54,8 @@ TRAIN_ENTRIES = ("tools/train.py", "train.py", "tools/train_net.py", "scripts/tr
 BUILDERS = ("build_model", "build_detector", "build_segmentor", "build_backbone", "build_network")
 # detectron2's launch() spawns one process per GPU (torch.multiprocessing), as mp.spawn does
 DETECTRON2_LAUNCH = re.compile(r"^from detectron2\.engine import \(?[^)]*?\blaunch\b", re.M)
+# A train script that joins a process group (or reads its rank) needs a distributed launcher.
+DISTRIBUTED = re.compile(r"init_process_group|DistributedDataParallel|local[_-]rank|LOCAL_RANK|\bdist\.init|\bAccelerator\(")
 # a guide section whose packages are not needed to train (visualization, demos)
 OPTIONAL_RE = re.compile(r"\b(optional|visuali[sz]|demo|deploy|onnx|tensorrt)", re.IGNORECASE)
 CUDA_OF_TAG = re.compile(r"cu(\d{2,3})\b")
@@ -1083,6 +1085,8 @@ def _train(tree: Path, r: Reader, questions: list) -> dict:
             launcher = "mp.spawn"
         elif re.search(r"\b(pytorch_lightning|lightning)\b", text) and "Trainer(" in text:
             launcher = "lightning"
+        elif not DISTRIBUTED.search(text):
+            launcher = "python"  # no process group, no rank: one process, as `python train.py` runs it
         else:
             launcher = "torchrun"
             questions.append(Question("train.launcher", f"{entry}: how is training launched? torchrun is a guess "

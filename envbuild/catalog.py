@@ -44,7 +44,7 @@ EXT_PATH_RE = re.compile(r"^(\.|[A-Za-z0-9_][A-Za-z0-9._/-]*)$")
 # Build commands and train arguments are rendered into RUN lines: plain words only.
 WORD_RE = re.compile(r"^[A-Za-z0-9_.-][A-Za-z0-9._/=,:+-]*$")
 STEPS_ARG_RE = re.compile(r"^(?:[A-Za-z0-9_.=,:+/-]|\{steps\})+$")  # a WORD that may hold {steps}
-LAUNCHERS = ("torch.distributed.launch", "torchrun", "lightning", "mp.spawn")
+LAUNCHERS = ("torch.distributed.launch", "torchrun", "lightning", "mp.spawn", "python")  # python: one process, one GPU
 # Each construct kind and the recipe fields it takes (schema.py declares them).
 CONSTRUCT_FIELDS = schema.construct_fields()
 ARRAY_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._/-]*\.npy=[1-9][0-9]{0,5}(x[1-9][0-9]{0,5}){0,5}$")  # PATH.npy=AxBxC

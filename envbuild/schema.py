@@ -267,7 +267,7 @@ MODEL_FILE = Table("One model (file name = the model's name); a user's file of t
                                    "true"),
         })),
     "train": Table("How the model trains (smoke's train level and the launcher fixers).", {
-        "launcher": F(str, "torch.distributed.launch, torchrun, lightning or mp.spawn", "How training starts.",
+        "launcher": F(str, "torch.distributed.launch, torchrun, lightning, mp.spawn or python", "How training starts (python: `python ENTRY`, one process on one GPU).",
                       '"torch.distributed.launch"', True),
         "entry": F(str, RELPATH, "The train script.", '"tools/train.py"', True),
         "config": F(str, RELPATH, "The training config it is given.", '"projects/configs/maptr/maptr_tiny_r50_24e.py"'),

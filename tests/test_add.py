@@ -363,3 +363,20 @@ def test_a_detectron2_train_script_gives_a_python_construct_the_catalog_loads(tm
     add.add_model(str(root), offline=True)
     assert "\ncode = \"\"\"\nfrom detectron2.config import get_cfg\n" in (home / "models" / "segformerd2.toml").read_text()
     assert catalog.load(home).model("segformerd2").construct.code == d.construct["code"]
+
+
+@pytest.mark.parametrize("script, launcher, asked", [
+    # one process: `python train.py`, as a single-GPU repository's guide runs it
+    ("import torch\nmodel = Net().cuda()\nfor x in loader:\n    model(x)\n", "python", False),
+    # it joins a process group: some distributed launcher starts it, which one the draft cannot see
+    ("import torch.distributed as dist\ndist.init_process_group('nccl')\n", "torchrun", True),
+])
+def test_a_train_script_without_a_process_group_is_launched_as_one_python_process(tmp_path, home, script, launcher, asked):
+    root = tmp_path / "SinglePillars"
+    write(root, {"train.py": script, "requirements.txt": "torch==1.8.1\n"})
+    git(root, "init", "-q", "-b", "main")
+    git(root, "add", "-A")
+    git(root, "commit", "-q", "-m", "first")
+    d = add.draft(str(root))
+    assert d.train["launcher"] == launcher and d.train["entry"] == "train.py"
+    assert any(q.key == "train.launcher" for q in d.questions) is asked
