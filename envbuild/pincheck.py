@@ -145,6 +145,34 @@ def _versions_in_view(view: era.EraIndex, name: str, python: str) -> dict[str, b
     return out
 
 
+def _uninstallable(view: era.EraIndex, line: str, python: str) -> dict | None:
+    """An exact pin with no wheel for this Python and no sdist either (open3d ships wheels only):
+    no build can install it. A clash, fixed by the first later release with such a wheel."""
+    req = _requirement(line.strip())
+    pinned = next((sp.version for sp in req.specifier if sp.operator == "=="), None) if req else None
+    if pinned is None:
+        return None
+    files = [f for f in view.files(req.name)[1] if era.file_version(f["filename"]) == pinned]
+    if any(not f["filename"].endswith(".whl") for f in files):
+        return None  # it builds from its sdist in the image
+    later = sorted((Version(v) for v, wheel in _versions_in_view(view, req.name, python).items()
+                    if wheel and _is_release(v) and Version(v) > Version(pinned)))
+    fix = {"requirement": f"{canonicalize_name(req.name)}=={later[0]}",
+           "how": f"the first release with a wheel for Python {python}"} if later else None
+    said = (f"{line.strip()} cannot install on Python {python}: no wheel for it and no sdist on the index"
+            + (f"; {later[0]} is the first release with one (a [python_floor] entry in packages.toml "
+               "ports it for every model)" if later else ""))
+    return {"package": canonicalize_name(req.name), "required": [], "requested": line.strip(), "fix": fix,
+            "line": said}
+
+
+def _is_release(v: str) -> bool:
+    try:
+        return not Version(v).is_prerelease
+    except InvalidVersion:
+        return False
+
+
 def fix_for(clash: dict, versions: dict[str, bool]) -> dict | None:
     """The newest release (of the era view) that every requirement in the clash accepts."""
     spec = SpecifierSet(",".join(r["spec"] for r in clash["required"] if r["spec"] != "(any)"))
@@ -211,6 +239,7 @@ def check_requirements(text: str, python: str, index_cutoff: str | None, pypi_in
     body = "\n".join(line for line in text.splitlines() if not line.startswith("--index-url ")) + "\n"
     auth = creds.auth_header(upstream, creds.parse_netrc(netrc)) if netrc else {}
     deadline = time.monotonic() + timeout
+    uninstallable = []  # exact pins with neither a wheel for this Python nor an sdist
     with tempfile.TemporaryDirectory(prefix="envbuild-check-") as tmp, \
             era.EraIndex(upstream, cutoff, era.exact_pins(text), ca_bundle, python=python, auth=auth) as view:
         req = Path(tmp) / "requirements.in"
@@ -240,9 +269,16 @@ def check_requirements(text: str, python: str, index_cutoff: str | None, pypi_in
             if not sdist:
                 break
             for m in sdist:
-                skipped.append(f"{top[m['package']]}: no wheel for Python {python} (builds from its sdist; not checked)")
+                gone = _uninstallable(view, top[m["package"]], python)
+                if gone:
+                    uninstallable.append(gone)
+                else:
+                    skipped.append(f"{top[m['package']]}: no wheel for Python {python} (builds from its sdist; not checked)")
             drop = {top[m["package"]] for m in sdist}
             body = "\n".join(line for line in body.splitlines() if line not in drop) + "\n"
+        if run.returncode == 0 and uninstallable:
+            result.update(status="conflict", clashes=uninstallable, line=" | ".join(c["line"] for c in uninstallable))
+            return result
         if run.returncode == 0:
             report = _report(run.stdout)
             result["installs"] = {canonicalize_name(i["metadata"]["name"]): i["metadata"]["version"]
@@ -251,7 +287,7 @@ def check_requirements(text: str, python: str, index_cutoff: str | None, pypi_in
                              f"({len(result['installs'])} distributions" + \
                              (f"; not checked: {len(skipped)} (--json: skipped)" if skipped else "") + ")"
             return result
-        clashes, unavailable = [], {m["package"] for m in parse_missing(output)}
+        clashes, unavailable = list(uninstallable), {m["package"] for m in parse_missing(output)}
         for clash in parse_conflict(output):
             versions = _versions_in_view(view, clash["package"], python)
             clash["fix"] = fix_for(clash, versions)

@@ -138,3 +138,20 @@ def test_pip_finds_a_real_clash_against_the_era_view_of_pypi():
     assert ok["installs"]["urllib3"] == "1.26.15" and ok["installs"]["idna"] == "2.10"
     from packaging.version import Version
     assert Version(ok["installs"]["certifi"]) < Version("2023.6")  # unpinned: resolved as of the era, not today
+
+
+@pytest.mark.integration
+def test_a_pin_with_no_wheel_for_the_python_and_no_sdist_is_a_clash_with_its_first_release_that_has_one():
+    """open3d ships wheels only: 0.14.1 (PointPillars' pin) has none for 3.11, so no build could
+    install it (the Plan kept it: nothing told the resolver). numba 0.48.0 has no 3.11 wheel either
+    but has an sdist: it builds in the image, and the check leaves it out and says so."""
+    result = pincheck.check_requirements("open3d==0.14.1\nnumba==0.48.0\ntqdm==4.62.3\n", "3.11", "2025-03-15",
+                                         "https://pypi.org/simple", timeout=300)
+    assert result["status"] == "conflict", result
+    (clash,) = result["clashes"]
+    assert clash["line"].startswith("open3d==0.14.1 cannot install on Python 3.11: no wheel for it and no sdist")
+    assert clash["fix"]["requirement"] == "open3d==0.18.0"  # the first with a cp311 manylinux wheel
+    assert [s for s in result["skipped"] if s.startswith("numba==0.48.0: no wheel for Python 3.11")]
+    with pytest.raises(BadInput) as exc:
+        pincheck.raise_for(result)
+    assert "open3d==0.18.0" in exc.value.hint
