@@ -1177,6 +1177,8 @@ def _construct(tree: Path, train: dict, r: Reader, questions: list) -> dict | No
     if imported.get("get_cfg") == "detectron2.config":
         return _detectron2_construct(t, imported, train.get("config", ""), where, questions)
     builder = next((c for c in ast.walk(t) if isinstance(c, ast.Call) and _callee(c) in BUILDERS), None)
+    if builder is None and (own := _own_class_construct(tree, t, imported, where, questions)):
+        return own
     if builder is None:
         questions.append(Question("construct", f"{where} calls none of {', '.join(BUILDERS)} and no argument hook: "
                                   "how does it build the network? (smoke's model level is skipped without [construct])",
@@ -1211,6 +1213,47 @@ def _construct(tree: Path, train: dict, r: Reader, questions: list) -> dict | No
     questions.append(Question("construct.config", f"the network is built from {config} (the first config found) "
                               f"through {module}.{fname}: is that the config to verify with?", where))
     return out
+
+
+def _own_class_construct(tree: Path, t, imported: dict, where: str, questions: list) -> dict | None:
+    """`net = Net(...)` (maybe `.cuda()`), a class from the repository's own package whose
+    parameters the script trains: the same call as [construct] kind python, each `args.X` taken
+    from its argparse default."""
+    trained = {n.func.value.id for n in ast.walk(t) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
+               and n.func.attr == "parameters" and isinstance(n.func.value, ast.Name)}
+    defaults = {}
+    for c in _calls(t, "add_argument"):
+        flag = next((a.value for a in c.args if isinstance(a, ast.Constant) and str(a.value).startswith("--")), None)
+        default = next((kw.value for kw in c.keywords if kw.arg == "default"), None)
+        if flag and isinstance(default, ast.Constant):
+            defaults[flag[2:].replace("-", "_")] = default.value
+    for node in ast.walk(t):
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+                and node.targets[0].id in trained):
+            continue
+        call = node.value
+        while isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute) and call.func.attr in ("cuda", "to"):
+            call = call.func.value  # Net(...).cuda(): the constructor is the inner call
+        if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name)):
+            continue
+        module = imported.get(call.func.id, "")
+        if not module or not (tree / module.split(".")[0]).is_dir():
+            continue
+
+        def value(v):
+            if isinstance(v, ast.Attribute) and isinstance(v.value, ast.Name) and v.value.id == "args" \
+                    and v.attr in defaults:
+                return repr(defaults[v.attr])
+            return ast.unparse(v) if isinstance(v, ast.Constant) else None
+        parts = [value(a) for a in call.args] + [f"{kw.arg}={value(kw.value)}" if kw.arg and value(kw.value) is not None
+                                                 else None for kw in call.keywords]
+        if None in parts:
+            continue  # an argument only the running script knows
+        questions.append(Question("construct.code", f"the network is built as {where}:{node.lineno} builds it "
+                                  "(args.* from their argparse defaults): check construct.code", f"{where}:{node.lineno}"))
+        return {"kind": "python", "code": f"from {module} import {call.func.id}\n"
+                                          f"model = {call.func.id}({', '.join(parts)})\n"}
+    return None
 
 
 def _detectron2_construct(t, imported: dict, config: str, where: str, questions: list) -> dict | None:

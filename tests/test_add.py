@@ -380,3 +380,31 @@ def test_a_train_script_without_a_process_group_is_launched_as_one_python_proces
     d = add.draft(str(root))
     assert d.train["launcher"] == launcher and d.train["entry"] == "train.py"
     assert any(q.key == "train.launcher" for q in d.questions) is asked
+
+
+@pytest.mark.parametrize("width, built", [
+    ("args.width", "model = TinyNet(width=16, depth=2)\n"),  # its argparse default
+    ("args.data_root", None),  # no default: only the running script knows it, so the draft asks
+])
+def test_a_class_of_the_repository_that_the_script_trains_is_the_construct_recipe(tmp_path, home, width, built):
+    root = tmp_path / "TinyNetRepo"
+    write(root, {
+        "tinynet/__init__.py": "",
+        "tinynet/model.py": "import torch\n\n\nclass TinyNet(torch.nn.Module):\n    pass\n",
+        "train.py": ("import argparse\nimport torch\nfrom tinynet.model import TinyNet\n\n"
+                     "parser = argparse.ArgumentParser()\nparser.add_argument('--width', type=int, default=16)\n"
+                     "parser.add_argument('--data_root', required=True)\nargs = parser.parse_args()\n"
+                     f"net = TinyNet(width={width}, depth=2).cuda()\n"
+                     "optimizer = torch.optim.SGD(net.parameters(), lr=0.1)\n"),
+        "requirements.txt": "torch==1.8.1\n",
+    })
+    git(root, "init", "-q", "-b", "main")
+    git(root, "add", "-A")
+    git(root, "commit", "-q", "-m", "first")
+    d = add.draft(str(root))
+    asked = {q.key for q in d.questions}
+    if built:
+        assert d.construct == {"kind": "python", "code": "from tinynet.model import TinyNet\n" + built}
+        assert "construct.code" in asked and "construct" not in asked
+    else:
+        assert d.construct is None and "construct" in asked
