@@ -644,6 +644,7 @@ class Catalog:
     root: Path = field(default_factory=builtin_root)
     overlay: Path | None = None  # the user catalog on top of the built-in one
     torch_load: tuple[str, ...] = ()  # packages that torch.load checkpoints without weights_only
+    runtime_apt: dict[str, tuple[str, ...]] = field(default_factory=dict)  # wheel -> OS libraries it loads
 
     # -- lookups with clear errors
     @cached_property
@@ -743,10 +744,11 @@ def load(user: Path | str | None = None) -> Catalog:
     models = _load_models(base, user, torch)
     torch_load = tuple(n.lower() for n in pkg.sub("torch_load").strings("packages", PKG_RE)) \
         if pkg.has("torch_load") else ()
+    runtime_apt = _load_runtime_apt(pkg)
     pkg.unread()
     return Catalog(cards, toolkits, ubuntu, torch, wheel_archs, compiled, asserts, flash,
                    spconv, tuple(era), models, requires, python_floors, collections_abc, source_builds, vendor, base, user,
-                   torch_load)
+                   torch_load, runtime_apt)
 
 
 def _merge(base: dict, user: dict, at: tuple, owned: set) -> dict:
@@ -1019,6 +1021,18 @@ def _load_requires(pkg: _Reader) -> dict[str, tuple[str, ...]]:
                 raise rq.fail(name, "not a package name")
             requires[name] = rq.strings(name, PKG_RE)
     return requires
+
+
+def _load_runtime_apt(pkg: _Reader) -> dict[str, tuple[str, ...]]:
+    """[runtime_apt]: package -> the Debian packages of the libraries its wheel loads at import."""
+    out = {}
+    if pkg.has("runtime_apt"):
+        rows = pkg.sub("runtime_apt")
+        for name in rows.names():
+            if not PKG_RE.match(name):
+                raise rows.fail(name, "not a package name")
+            out[canonicalize_name(name)] = rows.strings(name, APT_RE)
+    return out
 
 
 def _load_python_floors(pkg: _Reader) -> dict[str, dict[str, str]]:

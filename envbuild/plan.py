@@ -98,6 +98,9 @@ class Plan:
     # Packages that build from their sdist when the lock's version is below "below" (no wheel
     # for this Python), and how (catalog source_build): the lock decides which apply.
     source_builds: dict = field(default_factory=dict)
+    # Package -> the OS libraries its wheel loads at import (catalog runtime_apt): the lock decides
+    # which the runtime installs.
+    runtime_apt: dict = field(default_factory=dict)
     # Each package with native code -> its building block's family and what the in-image checks
     # need (import name, op check, compiled modules the check covers): packages/ decides.
     native_packages: dict = field(default_factory=dict)

@@ -47,10 +47,8 @@ COMPILE_TOOLS = ["ninja==1.11.1.1", "packaging==24.0", "psutil==5.9.8", "setupto
 # OS packages beside Python: the builder needs git (model source), ninja and ccache;
 # the runtime only the shared libraries wheels of this era expect from the OS.
 BUILDER_APT = ["ca-certificates", "git", "ninja-build", "ccache"]
+# (what a wheel loads beyond these is the catalog's runtime_apt, per package)
 RUNTIME_APT = ["ca-certificates", "libgomp1", "libglib2.0-0"]
-# opencv-python (the GUI build) needs libGL at import; it arrives through other packages'
-# dependencies (av2, nuscenes-devkit) even where the Plan asks for the headless wheel.
-GUI_OPENCV_APT = ["libgl1"]
 # The image's paths by name, for the template: {{ p.venv }} (envbuild/paths.py holds them).
 IMAGE_PATHS = SimpleNamespace(venv=paths.VENV, helpers=paths.HELPERS, model=paths.MODEL, venv_delta=paths.VENV_DELTA,
                               launcher=paths.LAUNCHER)
@@ -168,8 +166,8 @@ class Context:
     source: str  # git | local
     pypi_index: str
     locked: bool
-    # Whether opencv-python (GUI) may be installed: the lock says; unlocked, it may always arrive.
-    gui_opencv: bool = True
+    # The packages of the Plan's runtime_apt that the lock installs; None (unlocked): any may arrive.
+    with_os_libs: list | None = None
     # Which of the Plan's source_builds the deps stage does: the lock says; unlocked, all may.
     # Pins the deps stage's isolated sdist builds must use (the lock's numpy, whose C ABI an
     # extension compiles against): "name==version" lines, from the lock.
@@ -274,8 +272,8 @@ class Context:
     @property
     def runtime_apt(self) -> list[str]:
         apt = [f"python{self.python}", f"python{self.python}-venv"] + RUNTIME_APT
-        if self.gui_opencv:
-            apt += GUI_OPENCV_APT
+        for name in sorted(self.plan.runtime_apt if self.with_os_libs is None else self.with_os_libs):
+            apt += [_check(a, APT_RE, "apt package") for a in self.plan.runtime_apt[name] if a not in apt]
         apt += self._source_build_apt("runtime_apt")
         if self.plan.torch_compile:
             # torch.compile builds code at run time: inductor's C++ kernels on CPU, triton's
@@ -573,7 +571,7 @@ def use_lock(ctx: Context, folder: Path) -> None:
     ctx.locked = matches(folder, requirements_in(ctx))
     if ctx.locked:
         lock = folder / "requirements.lock"
-        ctx.gui_opencv = has_package(lock, "opencv-python")
+        ctx.with_os_libs = [name for name in ctx.plan.runtime_apt if has_package(lock, name)]
         numpy = locked_version(lock, "numpy")
         ctx.build_constraints = [_check(f"numpy=={numpy}", BUILD_PIN_RE, "build constraint")] if numpy else []
         # a locked version older than the first with a wheel for this Python builds from its sdist

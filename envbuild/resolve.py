@@ -600,6 +600,7 @@ def _assemble(c: _Candidate) -> Plan:
         torch_compile=torch_compile, torch_compile_why=torch_compile_why,
         notes=tuple(c.notes), construct=model.construct.to_dict() if model.construct else None,
         source_builds=_source_builds(c.cat, py) if py != model.python else {},
+        runtime_apt={name: list(apt) for name, apt in sorted(c.cat.runtime_apt.items())},
         native_packages={name: {"family": block.family, **block.in_image(name),
                                 **({"build": c.origins[name]} if name in c.origins else {}),
                                 **({"sdist_fixers": fx} if (fx := block.sdist_fixers(c.cat, pins[name], rel.version)) else {})}

