@@ -358,6 +358,28 @@ def test_an_extension_that_fails_only_beside_another_gets_its_own_interpreter(tm
     assert not out["broken_ops"]["ok"] and "libcudart.so.12" in out["broken_ops"]["error"]
 
 
+def test_a_sibling_build_that_its_own_package_loads_first_is_not_a_failure(tmp_path):
+    """open3d's __init__ imports open3d.cpu.pybind on a host without a GPU; loading
+    open3d.cuda.pybind then fails even alone (PointPillars' verify: 'type "Vector3dVector" is
+    already registered!'). Its library loaded; only the second registration is refused."""
+    (tmp_path / "torch.py").write_text("class ops:\n    load_library = staticmethod(lambda path: None)\n")
+    pkg = tmp_path / "o3d"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("SEEN = set()\nfrom o3d import cpu_pybind\n")
+    register = ("import o3d\nif 'Vector3dVector' in o3d.SEEN:\n"
+                "    raise ImportError('generic_type: type \"Vector3dVector\" is already registered!')\n"
+                "o3d.SEEN.add('Vector3dVector')\n")
+    (pkg / "cpu_pybind.py").write_text(register)
+    (pkg / "cuda_pybind.py").write_text(register)
+    (pkg / "missing_lib.py").write_text("raise ImportError('libX11.so.6: cannot open shared object file')\n")
+    targets = [{"kind": "module", "load": f"o3d.{name}", "path": f"/x/{name}.so", "package": "open3d",
+                "root": str(tmp_path)} for name in ("cpu_pybind", "cuda_pybind", "missing_lib")]
+    out = {i["load"]: i for i in env_level.load_extensions(targets, str(tmp_path))}
+    assert out["o3d.cpu_pybind"]["ok"] and "note" not in out["o3d.cpu_pybind"]
+    assert out["o3d.cuda_pybind"]["ok"] and "sibling build" in out["o3d.cuda_pybind"]["note"]
+    assert not out["o3d.missing_lib"]["ok"] and "libX11" in out["o3d.missing_lib"]["error"]
+
+
 def test_env_requires_the_plans_and_the_models_extensions_and_reports_the_rest(tmp_path, monkeypatch):
     """open3d (pulled in by mmdet3d, not in the Plan) ships torch ops for a CUDA the image does
     not have: reported as optional, the level passes. The same failure in a package the Plan

@@ -64,11 +64,22 @@ def load_extensions(targets, workdir):
     # A failure can come from an earlier load in the same interpreter (two builds of one package,
     # like open3d's cpu and cuda modules, registering the same types; a crash that ended the
     # run): each failure gets an interpreter of its own before it counts.
+    notes = {}
     for target in targets:
         if outcome[target["load"]]:
             outcome.update(_load([target], workdir))
-    return [{k: v for k, v in dict(t, ok=not outcome[t["load"]], error=outcome[t["load"]] or None).items()
+        # Alone too, when the module's own package imports its sibling build first (open3d's
+        # __init__ loads cpu/pybind, then cuda/pybind registers the same types): the library
+        # loaded and ran its init; pybind11 only refuses the types twice in one interpreter.
+        if PYBIND_TWIN in (outcome[target["load"]] or ""):
+            notes[target["load"]] = "its package loaded a sibling build of the same types (%s)" % outcome[target["load"]]
+            outcome[target["load"]] = ""
+    return [{k: v for k, v in dict(t, ok=not outcome[t["load"]], error=outcome[t["load"]] or None,
+                                   **({"note": notes[t["load"]]} if t["load"] in notes else {})).items()
              if k != "root"} for t in targets]
+
+
+PYBIND_TWIN = "is already registered!"  # pybind11's generic_type error for a type registered twice
 
 
 def _load(targets, workdir):
