@@ -1245,10 +1245,11 @@ def _own_class_construct(tree: Path, t, imported: dict, where: str, questions: l
                     and v.attr in defaults:
                 return repr(defaults[v.attr])
             return ast.unparse(v) if isinstance(v, ast.Constant) else None
-        parts = [value(a) for a in call.args] + [f"{kw.arg}={value(kw.value)}" if kw.arg and value(kw.value) is not None
-                                                 else None for kw in call.keywords]
-        if None in parts:
-            continue  # an argument only the running script knows
+        values = [value(a) for a in call.args] + [value(kw.value) for kw in call.keywords]
+        if None in values or any(kw.arg is None for kw in call.keywords):
+            continue  # an argument only the running script knows (or **kwargs)
+        names = [""] * len(call.args) + [f"{kw.arg}=" for kw in call.keywords]
+        parts = [n + v for n, v in zip(names, values)]
         questions.append(Question("construct.code", f"the network is built as {where}:{node.lineno} builds it "
                                   "(args.* from their argparse defaults): check construct.code", f"{where}:{node.lineno}"))
         return {"kind": "python", "code": f"from {module} import {call.func.id}\n"

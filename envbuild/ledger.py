@@ -195,22 +195,21 @@ def with_cold_times(plan, summary: dict) -> dict:
     """A step this build found in the cache took no time here: record what it took in the newest
     build of this context that ran it (that log named), so the record says what the cell costs
     to build cold. Steps match by their command, not their stage index (which shifts)."""
-    from .build import ccache_counts, parse_progress, state_dir
+    from .build import parse_progress, run_steps, state_dir
     steps = [dict(s) for s in summary.get("run_steps", [])]
     wanted = {_command(s["step"]) for s in steps if s["cached"]}
-    found: dict[str, tuple[float, str, dict | None]] = {}
+    found: dict[str, dict] = {}  # command -> that step as the log's build ran it, with the log named
     for log in sorted((state_dir() / "logs").glob(f"{plan.model}-{plan.card}-*.log"), reverse=True):
         if not wanted - found.keys():
             break
-        for step in parse_progress(log.read_text(errors="replace").splitlines()):
-            key = _command(step.name)
-            if key in wanted and key not in found and not step.cached and step.seconds is not None:
-                found[key] = (step.seconds, str(log), ccache_counts(step.output))
+        for ran in run_steps(parse_progress(log.read_text(errors="replace").splitlines())):
+            key = _command(ran["step"])
+            if key in wanted and key not in found and not ran["cached"] and ran["seconds"] is not None:
+                found[key] = dict(ran, from_log=str(log))
     for step in steps:
         if step["cached"] and _command(step["step"]) in found:
-            step["seconds"], step["from_log"], served = found[_command(step["step"])]
-            if served:
-                step["ccache"] = served
+            ran = found[_command(step["step"])]
+            step.update({k: ran[k] for k in ("seconds", "from_log", "ccache") if k in ran})
     return dict(summary, run_steps=steps, build_seconds=round(sum(s["seconds"] or 0 for s in steps), 1))
 
 

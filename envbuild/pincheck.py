@@ -176,14 +176,7 @@ def _is_release(v: str) -> bool:
 def fix_for(clash: dict, versions: dict[str, bool]) -> dict | None:
     """The newest release (of the era view) that every requirement in the clash accepts."""
     spec = SpecifierSet(",".join(r["spec"] for r in clash["required"] if r["spec"] != "(any)"))
-    fits = []
-    for v in versions:
-        try:
-            parsed = Version(v)
-        except InvalidVersion:
-            continue
-        if not parsed.is_prerelease and spec.contains(parsed):
-            fits.append(parsed)
+    fits = [Version(v) for v in versions if _is_release(v) and spec.contains(Version(v))]
     if not fits:
         return None
     best = str(max(fits))
