@@ -567,3 +567,14 @@ def test_env_imports_a_distribution_by_the_names_its_metadata_gives(tmp_path, mo
     assert out["status"] == "passed", out
     assert {p["name"]: p["import"] for p in out["packages"]}["hydra-core"] == "hydra"
     assert "hydra" in imported and "widgetlib" in imported and "hydra_core" not in imported
+
+
+@pytest.mark.parametrize("line, version", [
+    # the open kernel module's first line, as an H200 host printed it (driver 580.159.04)
+    ("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.159.04  Release Build  (dvs-builder@U22)  Thu Oct  2 2026", "580.159.04"),
+    ("NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05  Sat Aug 19 01:15:15 UTC 2023", "535.104.05"),
+    ("NVRM version: NVIDIA UNIX Open Kernel Module for aarch64  570.86", "570.86"),
+    ("no driver here", None),
+])
+def test_driver_version_is_the_dotted_number_after_kernel_module(line, version):
+    assert common.driver_version(line) == version

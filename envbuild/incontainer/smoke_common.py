@@ -87,11 +87,18 @@ def gpu_state():
         len(nodes), ", ".join(nodes), host_driver() or "unknown", torch.__version__, torch.version.cuda, why)
 
 
+def driver_version(proc_text):
+    """The driver version in /proc/driver/nvidia/version's text. The open kernel module says
+    'Open Kernel Module for x86_64  580.159.04', the proprietary one 'Kernel Module  535.104.05':
+    the version is the first dotted number after 'Kernel Module', not the next word."""
+    m = re.search(r"Kernel Module\b.*?\s(\d+\.\d+(?:\.\d+)*)\s", proc_text + " ")
+    return m.group(1) if m else None
+
+
 def host_driver():
     try:
         with open("/proc/driver/nvidia/version") as fh:
-            m = re.search(r"Kernel Module\s+(\S+)", fh.read())
-            return m.group(1) if m else None
+            return driver_version(fh.readline())
     except OSError:
         return None
 
