@@ -86,6 +86,11 @@ ROWS = [
      lambda d: "; ".join(f"{p['two_archs']['seconds']:.0f} s / {p['one_arch']['seconds']:.0f} s = {p['ratio_two_to_one']}"
                          + ("" if p["same_toolchain"] else " (across toolchains: newer torch headers cost time too)")
                          for p in d["pairs"])),
+    ("gpu_selftest", lambda d: (f"`make selftest-gpu CARD={d['cards']}` on a GPU machine with no Docker: the in-image smoke "
+                                f"script's GPU levels against its torch {d['torch']} (fixture op built for {d['cards']})"),
+     lambda d: (", ".join(f"{k} {v}" for k, v in d["levels"].items()) + f" on the {d['gpu_present']}; "
+                f"4 MB all-reduce {d['allreduce_4MB_ms']} ms; train {d['train_eager_samples_per_s']} samples/s eager, "
+                f"torch.compile {d['compile_speedup_vs_eager']}× (30 steps of a tiny net: launch-bound)")),
     ("dataloader", lambda d: f"tuned vs untuned DataLoader, CPU training (`{d['image'].split(':')[0]}` image)",
      lambda d: (f"data-wait share {d['untuned']['data_wait_share']:.1%} → {d['tuned']['data_wait_share']:.1%} "
                 f"({d['ratio_tuned_to_untuned_data_wait']}×); samples/s {d['ratio_tuned_to_untuned_samples_per_s']}× "
@@ -126,7 +131,8 @@ def table() -> str:
         lines.append(f"| {what(data)} | {result(data)} | {name}.json: {_when(data)} |")
     if missing:
         files = ", ".join(f"`{n}.json`" for n in dict.fromkeys(missing))
-        targets = sorted({"`make bench-ci`" if n.startswith("ci_") else "`make bench-build`" for n in missing})
+        targets = sorted({"`make bench-ci`" if n.startswith("ci_") else "`make selftest-gpu` on a GPU" if n == "gpu_selftest"
+                          else "`make bench-build`" for n in missing})
         lines += ["", f"Not measured yet (no {files}): {' and '.join(targets)} measure{'s' if len(targets) == 1 else ''} them."]
     return "\n".join(lines)
 

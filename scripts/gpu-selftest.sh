@@ -15,7 +15,9 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 CARD=${CARD:-h200}
 OUT_DIR=${OUT:-$PWD}
-TORCH_PIN=${TORCH_PIN:-2.7.1}  # the catalog's newest torch line: C++17, sm_90, torch.compile
+# The Plan pins the host's own torch line (the catalog has 1.8.1 to 2.15.0), so the Plan's
+# C++ standard and arch rules are the ones the extension is really built with.
+TORCH_PIN=${TORCH_PIN:-$("$PY" -c 'import torch; print(torch.__version__.split("+")[0])')}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 

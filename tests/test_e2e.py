@@ -668,7 +668,8 @@ def test_the_gpu_selftest_script_rehearses_on_a_cpu_in_the_fixtures_builder(buil
     """`make selftest-gpu` has no GPU here, so REHEARSE=1 runs scripts/gpu-selftest.sh in the
     fixture's builder stage (torch + nvcc, as a GPU host without Docker would have them): it
     resolves the fixture for the card, applies the fixers, compiles the op for sm_80 and runs the
-    levels; the GPU ones say skipped. This is what catches the script breaking before a GPU is lent."""
+    levels; the GPU ones say skipped. This is what catches the script breaking before a GPU is lent
+    (it first ran on a GPU, an H200, on 2026-12-04: benchmarks/results/gpu_selftest.json)."""
     import shutil as sh
     from envbuild import build
     os.environ["ENVBUILD_DOCKER"] = fixture_env["ENVBUILD_DOCKER"]
@@ -685,7 +686,7 @@ def test_the_gpu_selftest_script_rehearses_on_a_cpu_in_the_fixtures_builder(buil
     if os.path.exists(CA_BUNDLE):  # a TLS-intercepting proxy: pip in the container trusts what the host does
         volumes[CA_BUNDLE] = {"bind": "/etc/ssl/certs/ca-certificates.crt", "mode": "ro"}
     code, out = _run_in(docker_engine, builder.image_id, ["bash", "-c", script], network_mode="host", volumes=volumes,
-                        environment={"REHEARSE": "1", "TORCH_PIN": "2.0.1", "PLAN_PYTHON": "3.11", "CARD": "a800",
+                        environment={"REHEARSE": "1", "PLAN_PYTHON": "3.11", "CARD": "a800",  # TORCH_PIN: the image's 2.0.1
                                      "OUT": "/out", "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
     assert code == 0, out[-3000:]
     levels = json.loads((tmp_path / "out" / "gpu-selftest.json").read_text())["levels"]
