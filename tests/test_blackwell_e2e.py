@@ -1,6 +1,7 @@
 """Hopper and Blackwell for real, without Docker Hub: `envbuild base --cuda 13.0` makes a CUDA 13
 devel base from PyPI's NVIDIA wheels, the fixture is ported to a CUDA 13 torch from PyPI and its
-op compiled for H20 (sm_90) and B200 (sm_100) in one image, and the audit finds both."""
+op compiled for H20 (sm_90), B200 (sm_100) and RTX 5090 (sm_120) in one image, and the audit finds
+each card's code."""
 
 import json
 
@@ -9,7 +10,7 @@ import pytest
 from conftest import FIXTURE, cli
 
 pytestmark = pytest.mark.integration
-CARDS = "h20,b200"
+CARDS = "h20,b200,rtx5090"
 
 
 @pytest.fixture(scope="module")
@@ -30,18 +31,18 @@ def test_the_cuda13_base_says_its_nvcc_targets_hopper_and_blackwell(offline_base
     assert "v100" not in made["sass_cards"]  # CUDA 13 compiles nothing for Volta
 
 
-def test_the_op_is_compiled_for_sm90_and_sm100_and_the_audit_finds_both(blackwell, fixture_env, docker_engine):
+def test_the_op_is_compiled_for_sm90_sm100_and_sm120_and_the_audit_finds_each(blackwell, fixture_env, docker_engine):
     labels = docker_engine.images.get(blackwell["ref"]).labels
-    assert labels["io.envbuild.cards"] == CARDS and labels["io.envbuild.arch-list"] == "9.0;10.0"
+    assert labels["io.envbuild.cards"] == CARDS and labels["io.envbuild.arch-list"] == "9.0;10.0;12.0"
     r = cli(fixture_env, "audit", blackwell["ref"], "--json")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     reports = {rep["card"]: rep for rep in json.loads(r.stdout)}
-    assert set(reports) == {"h20", "b200"}
-    for card, via in (("h20", "sm_90 SASS"), ("b200", "sm_100 SASS")):
+    assert set(reports) == {"h20", "b200", "rtx5090"}
+    for card, via in (("h20", "sm_90 SASS"), ("b200", "sm_100 SASS"), ("rtx5090", "sm_120 SASS")):
         ops = [lib for lib in reports[card]["libraries"] if "tinybev_ops" in lib["path"]]
-        assert ops and ops[0]["sass"] == ["9.0", "10.0"] and ops[0]["via"] == via, ops
+        assert ops and ops[0]["sass"] == ["9.0", "10.0", "12.0"] and ops[0]["via"] == via, ops
         torch_cuda = [lib for lib in reports[card]["libraries"] if "libtorch_cuda" in lib["path"]]
-        assert torch_cuda and torch_cuda[0]["via"] == via  # PyPI's CUDA 13 torch carries both
+        assert torch_cuda and torch_cuda[0]["via"] == via  # PyPI's CUDA 13 torch carries all three
 
 
 def test_the_ported_fixture_imports_and_builds_its_network_on_the_cpu(blackwell, fixture_env, tmp_path):
