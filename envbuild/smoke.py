@@ -15,8 +15,7 @@ from . import labels as label
 from . import engine, host, paths
 from .build import split_ref
 from .errors import BadInput, OperationFailed
-
-LEVELS = ("env", "model", "arch", "ops", "comm", "train", "io")
+from .incontainer.smoke_common import LEVELS
 TIMEOUT = 3600  # seconds a smoke container may run (envbuild smoke --timeout)
 
 

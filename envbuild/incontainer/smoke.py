@@ -33,9 +33,7 @@ from level_io import level_io  # noqa: E402
 from level_model import level_model  # noqa: E402
 from level_ops import level_ops, op_check  # noqa: E402
 from level_train import level_train  # noqa: E402
-from smoke_common import SCAN_ROOTS, host_driver, load_plan, result, shm_bytes  # noqa: E402
-
-LEVELS = ("env", "model", "arch", "ops", "comm", "train", "io")
+from smoke_common import LEVELS, SCAN_ROOTS, host_driver, load_plan, result, shm_bytes  # noqa: E402
 
 
 def environment():

@@ -23,6 +23,9 @@ import uuid
 HERE = os.path.dirname(os.path.abspath(__file__))
 ENTRY = os.path.join(HERE, "smoke.py")  # the entry point; subcommands (op-check, comm-worker) rerun it
 
+# The smoke levels in the order they run; the host's `envbuild smoke` reads this one list too.
+LEVELS = ("env", "model", "arch", "ops", "comm", "train", "io")
+
 # distribution name -> module to import, where they differ, for packages without native code
 # (for the rest the Plan's native_packages say it: envbuild's building blocks decide)
 IMPORT_NAMES = {
