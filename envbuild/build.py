@@ -351,6 +351,8 @@ def build(context: Path, tags: list[str], target: str = "runtime", no_cache: boo
     log_path = _log_path(log_name)
     iidfile = log_path.with_suffix(".iid")
     cmd = cli.build_cmd() + ["--progress=plain", "--target", target, "--iidfile", str(iidfile)]
+    for ref in tags:  # applied by the engine as the image is written (a failed build tags nothing), so
+        cmd += ["-t", ref]  # no other envbuild process can remove the image between its build and its tag
     if no_cache:
         cmd.append("--no-cache")
     for key, value in sorted((build_args or {}).items()):
@@ -369,7 +371,4 @@ def build(context: Path, tags: list[str], target: str = "runtime", no_cache: boo
     image_id = iidfile.read_text().strip()
     iidfile.unlink(missing_ok=True)
     image = client.images.get(image_id)
-    for ref in tags:
-        image.tag(*split_ref(ref))
-    image.reload()
     return BuildResult(image_id, list(tags), image.attrs.get("Size", 0), seconds, steps, str(log_path))

@@ -252,6 +252,15 @@ def run_container(image: str, command: list[str], timeout: float = STREAM_TIMEOU
             pass
 
 
+def remove_tag(ref: str) -> None:
+    """Take the tag ref off its image; the image goes with it when no other tag or container
+    holds it. Best effort: a tag already gone, or a daemon that went away, leaves nothing to do."""
+    try:
+        client().images.remove(ref, noprune=False)
+    except Exception:  # noqa: BLE001 - see above
+        pass
+
+
 def available() -> str | None:
     """None when builds can run here, else the reason they cannot."""
     try:

@@ -12,6 +12,7 @@ import hashlib
 import json
 import re
 import time
+import uuid
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -30,6 +31,10 @@ TORCH_TRIO = ("torch", "torchvision", "torchaudio")
 # differs between models' locks and stays in requirements.lock.
 TORCH_EXACT_RE = re.compile(r"^(nvidia-[a-z0-9-]+|triton)$")
 HEADER = "# envbuild lock of requirements.in sha256:"
+# pip-compile runs in the base stage, built as an image under a name of its own per lock and
+# removed after it: no untagged image is left per lock, and two locks of one base never remove
+# the image from under each other (each holds its own tag).
+LOCK_IMAGE = "envbuild/lock-base"
 
 
 def input_digest(requirements_in: Path) -> str:
@@ -100,8 +105,6 @@ def lock(context: Path, ca_bundle: str | None = None, echo=None, index_auth: str
     req = context / "requirements.in"
     if not req.exists():
         raise OperationFailed(f"{req} is missing: run envbuild render first")
-    result = build_stage.build(context, [], target="base", ca_bundle=ca_bundle, echo=echo, log_name="lock-base",
-                               index_auth=index_auth, network=network)
     volumes = {str(context): {"bind": "/ctx", "mode": "rw"}}
     env = {"HOME": "/tmp", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
     if ca_bundle:
@@ -110,6 +113,10 @@ def lock(context: Path, ca_bundle: str | None = None, echo=None, index_auth: str
     plan = json.loads((context / "plan.json").read_text()) if (context / "plan.json").exists() else {}
     cutoff, python = plan.get("index_cutoff"), (plan.get("python") or {}).get("version")
     with contextlib.ExitStack() as stack:
+        tag = f"{LOCK_IMAGE}:{uuid.uuid4().hex[:12]}"
+        stack.callback(engine.remove_tag, tag)  # also when the build or pip-compile fails
+        result = build_stage.build(context, [tag], target="base", ca_bundle=ca_bundle, echo=echo,
+                                   log_name="lock-base", index_auth=index_auth, network=network)
         netrc = stack.enter_context(creds.secret_file(index_auth))  # outside the context, deleted after
         if netrc:
             volumes[netrc] = {"bind": f"/run/secrets/{creds.SECRET_ID}", "mode": "ro"}
