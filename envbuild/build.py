@@ -274,13 +274,22 @@ def _progress_of(step: Step) -> str:
     return step.name.split("] ", 1)[0] + "]" + done
 
 
+# BuildKit's words when its cache names a layer the engine's image store no longer has (seen after
+# `docker image prune` removed untagged images whose layers cached steps still pointed at)
+LOST_LAYER = "layer does not exist"
+
+
 def _fail(rc: int, steps, lines, log_path: Path):
     failed = next((s for s in steps if s.error), None)
     if failed:
         detail = f"step {failed.name} failed: {failed.error}\n" + "\n".join(failure_excerpt(failed.output))
     else:
         detail = "".join(lines[-25:])
-    raise OperationFailed(f"build failed (exit {rc})\n{detail}".rstrip(), log=str(log_path))
+    hint = ""
+    if any(LOST_LAYER in line for line in lines[-40:]):
+        hint = ("BuildKit's cache points at layers the engine no longer has: `docker builder prune -a` drops "
+                "that cache (the next build runs those steps again; ccache keeps the compiles)")
+    raise OperationFailed(f"build failed (exit {rc})\n{detail}".rstrip(), hint, log=str(log_path))
 
 
 def _options(ca_bundle: str | None, netrc: str | None, network: str = "") -> list[str]:

@@ -282,6 +282,23 @@ def test_failure_excerpt_puts_compiler_errors_first():
     assert len(lines) <= 25
 
 
+
+def test_a_cache_that_lost_its_layers_fails_with_the_command_that_clears_it(tmp_path):
+    """BuildKit's export says "layer does not exist" when its cache names layers the image store
+    dropped (seen here after `docker image prune`); the error says how to get past it."""
+    from envbuild.build import _fail, parse_progress
+    from envbuild.errors import OperationFailed
+    lost = ["#6 exporting to image\n", "#6 exporting layers done\n", "#6 ERROR: layer does not exist\n",
+            "------\n", " > exporting to image:\n", "------\n", "ERROR: failed to solve: layer does not exist\n"]
+    with pytest.raises(OperationFailed) as failed:
+        _fail(1, parse_progress(lost), lost, tmp_path / "build.log")
+    assert "docker builder prune -a" in failed.value.hint and "layer does not exist" in failed.value.message
+    other = ["#9 [deps 2/3] RUN pip install x\n", "#9 ERROR: process did not complete successfully: exit code: 1\n"]
+    with pytest.raises(OperationFailed) as failed:
+        _fail(1, parse_progress(other), other, tmp_path / "build.log")
+    assert failed.value.hint == ""
+
+
 # ---------------------------------------------------------- envbuild replaces only what it wrote
 
 def _render(*args):
