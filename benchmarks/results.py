@@ -131,7 +131,7 @@ def table() -> str:
         lines.append(f"| {what(data)} | {result(data)} | {name}.json: {_when(data)} |")
     if missing:
         files = ", ".join(f"`{n}.json`" for n in dict.fromkeys(missing))
-        targets = sorted({"`make bench-ci`" if n.startswith("ci_") else "`make selftest-gpu` on a GPU" if n == "gpu_selftest"
+        targets = sorted({"`make bench-ci`" if n.startswith("ci_") else "`make selftest-gpu` on a GPU (its report, summarised)" if n == "gpu_selftest"
                           else "`make bench-build`" for n in missing})
         lines += ["", f"Not measured yet (no {files}): {' and '.join(targets)} measure{'s' if len(targets) == 1 else ''} them."]
     return "\n".join(lines)

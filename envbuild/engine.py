@@ -253,8 +253,9 @@ def run_container(image: str, command: list[str], timeout: float = STREAM_TIMEOU
 
 
 def remove_tag(ref: str) -> None:
-    """Take the tag ref off its image; the image goes with it when no other tag or container
-    holds it. Best effort: a tag already gone, or a daemon that went away, leaves nothing to do."""
+    """Take the tag ref off its image; the image goes with it when no other tag holds it. Best
+    effort: a tag already gone, an image a container still uses (the engine refuses; the tag
+    stays), or a daemon that went away, leaves nothing to do."""
     try:
         client().images.remove(ref, noprune=False)
     except Exception:  # noqa: BLE001 - see above

@@ -15,9 +15,21 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 CARD=${CARD:-h200}
 OUT_DIR=${OUT:-$PWD}
-# The Plan pins the host's own torch line (the catalog has 1.8.1 to 2.15.0), so the Plan's
-# C++ standard and arch rules are the ones the extension is really built with.
-TORCH_PIN=${TORCH_PIN:-$("$PY" -c 'import torch; print(torch.__version__.split("+")[0])')}
+# envbuild itself needs Python >= 3.11 with typer: the repo's venv (make setup) where there is
+# one, else the torch interpreter.
+RESOLVE_PY=${RESOLVE_PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo "$PY")}
+# The Plan pins the catalog's release of the host's own torch line (2.11.0a0+git..., an NGC
+# 2.6.0a0 or a 2.5.0 the catalog skips: the nearest release of that major.minor), so the Plan's
+# C++ standard and arch rules are the ones the extension is really built with; its Python is the
+# host's where envbuild knows it.
+HOST_TORCH=$("$PY" -c 'import re, torch; print(re.match(r"\d+\.\d+", torch.__version__).group(0))')
+TORCH_PIN=${TORCH_PIN:-$("$RESOLVE_PY" -c 'import sys; from envbuild import catalog
+line = [v for v in catalog.load().torch_versions() if v.startswith(sys.argv[1] + ".")]
+print(line[-1] if line else "")' "$HOST_TORCH")}
+[ -n "$TORCH_PIN" ] || { echo "torch $HOST_TORCH: no release of that line in the catalog; set TORCH_PIN" >&2; exit 2; }
+HOST_PYTHON=$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+PLAN_PYTHON=${PLAN_PYTHON:-$("$RESOLVE_PY" -c 'import sys; from envbuild.resolve import PYTHONS
+print(sys.argv[1] if sys.argv[1] in PYTHONS else PYTHONS[-1])' "$HOST_PYTHON")}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
@@ -27,12 +39,9 @@ trap 'rm -rf "$work"' EXIT
 # 1. The Plan, from the built-in catalog plus the fixture model (a user catalog on top of it).
 mkdir -p "$work/matrices/models"
 cp tests/fixture/tinybev.toml "$work/matrices/models/"
-# envbuild itself needs Python >= 3.11 with typer: the repo's venv (make setup) where there is
-# one, else the torch interpreter. No level reads the Plan's Python: PLAN_PYTHON only has to be
-# one the pinned torch line supports.
-RESOLVE_PY=${RESOLVE_PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo "$PY")}
+# No level reads the Plan's Python: PLAN_PYTHON only has to be one the pinned torch line supports.
 ENVBUILD_MATRICES="$work/matrices" ENVBUILD_TORCH_INDEX=none "$RESOLVE_PY" -m envbuild.cli resolve tinybev \
-    --card "$CARD" --python "${PLAN_PYTHON:-3.12}" --set "torch==$TORCH_PIN" --json > "$work/plan.json"
+    --card "$CARD" --python "$PLAN_PYTHON" --set "torch==$TORCH_PIN" --json > "$work/plan.json"
 # Extensions are built against this host's torch, so its C++ standard wins over the Plan's.
 "$PY" - "$work/plan.json" <<'EOF'
 import json, sys, torch

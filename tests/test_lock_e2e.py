@@ -28,9 +28,12 @@ def test_lock_then_hash_checked_build(docker_engine, offline_base, fixture_env, 
     # neither that name nor an untagged image is left behind (other workers' locks hold their own names)
     log = next((tmp_path / "home" / "logs").glob("lock-base-*.log")).read_text()
     name = re.search(r"naming to (?:docker\.io/)?(envbuild/lock-base:[0-9a-f]+)", log).group(1)
-    image_id = re.search(r"writing image (sha256:[0-9a-f]+)", log).group(1)
     assert not docker_engine.images.list(name=name)
-    left = [i for i in docker_engine.images.list(all=True) if i.id == image_id]
+    # the image's id as the engine wrote it (the classic store says "writing image", the containerd
+    # store "exporting config")
+    written = re.search(r"(?:writing image|exporting config) (sha256:[0-9a-f]+)", log)
+    assert written, log[-2000:]
+    left = [i for i in docker_engine.images.list(all=True) if i.id == written.group(1)]
     assert not left or left[0].tags, "the lock left its base stage as an untagged image"
     lock = (ctx / "requirements.lock").read_text()
     pins = re.findall(r"^([A-Za-z0-9._-]+)==(\S+)", lock, re.M)
