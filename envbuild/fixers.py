@@ -495,6 +495,18 @@ _BOL = r"(?:(?<=[\r\n])|\A)"
 _EOL = r"[^\r\n]*(?P<eol>\r\n|\r|\n|\Z)"
 
 
+def _dotted(node):
+    """`a.b.c` for a Name or an Attribute chain on one; None for anything else."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if isinstance(node, ast.Name):
+        parts.append(node.id)
+        return ".".join(reversed(parts))
+    return None
+
+
 class TorchLoadWeightsOnly(Fixer):
     """`torch.load(f)` without weights_only gets weights_only=False: what every torch before 2.6
     did. Old checkpoints pickle more than tensors (numpy scalars, config objects, mmcv's meta), and
@@ -510,7 +522,7 @@ class TorchLoadWeightsOnly(Fixer):
         loads = self._load_names(tree)
         src, edits = _Source(text), []
         for node in ast.walk(tree):
-            if not (isinstance(node, ast.Call) and self._dotted(node.func) in loads):
+            if not (isinstance(node, ast.Call) and _dotted(node.func) in loads):
                 continue
             if any(k.arg in ("weights_only", None) for k in node.keywords) or len(node.args) >= 4:
                 continue  # said already, maybe through **kwargs; or passed positionally (pickle_module, ...)
@@ -526,17 +538,6 @@ class TorchLoadWeightsOnly(Fixer):
             end = _widen(text, last, lo, hi)[1]
             edits.append((end, end, ", weights_only=False"))
         return _edit(text, edits)
-
-    @staticmethod
-    def _dotted(node):
-        parts = []
-        while isinstance(node, ast.Attribute):
-            parts.append(node.attr)
-            node = node.value
-        if isinstance(node, ast.Name):
-            parts.append(node.id)
-            return ".".join(reversed(parts))
-        return None
 
     @staticmethod
     def _load_names(tree):
@@ -879,8 +880,60 @@ class CollectionsAbc(Fixer):
         return _edit(text, edits)
 
 
+class MmcvParallel(Fixer):
+    """mmcv-full 1.x's MMDataParallel and MMDistributedDataParallel reach into torch.nn.parallel,
+    whose internals torch 2.1 changed: `_get_stream` takes a torch.device where it took a GPU
+    index, and DistributedDataParallel no longer has `_use_replicated_tensor_module`. A module
+    that imports `_get_stream` from torch.nn.parallel._functions and imports torch passes
+    torch.device("cuda", index); the flag is read with getattr(..., False), what it held on every
+    torch that had it unless replicated tensors were switched on. Only mmcv's parallel files."""
+    name = "mmcv-parallel"
+    why = ("torch 2.1 changed the nn.parallel internals mmcv-full 1.x's data-parallel wrappers call "
+           "(_get_stream takes a device; DDP dropped _use_replicated_tensor_module): AttributeError at "
+           "the first training step")
+    FLAG = "_use_replicated_tensor_module"
+    FILES = ("parallel/_functions.py", "parallel/distributed.py")
+
+    def wants(self, relpath):
+        return relpath.replace(os.sep, "/").endswith(self.FILES)
+
+    def fix_text(self, relpath, text):
+        tree = _parse(text) if ("_get_stream" in text or self.FLAG in text) else None
+        if tree is None:
+            return text
+        src, edits = _Source(text), []
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and node.attr == self.FLAG and isinstance(node.ctx, ast.Load)
+                    and isinstance(node.value, ast.Name)):
+                start, end = src.span(node)
+                edits.append((start, end, "getattr(%s, %r, False)" % (node.value.id, self.FLAG)))
+        streams, torch_name = self._imports(tree)
+        for node in ast.walk(tree):
+            if not (torch_name and isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                    and node.func.id in streams and len(node.args) == 1 and not node.keywords):
+                continue
+            arg = node.args[0]
+            if isinstance(arg, ast.Starred) or _dotted(getattr(arg, "func", None)) == torch_name + ".device":
+                continue  # a device already (a fixed file, or code written for torch >= 2.1)
+            start, end = src.span(arg)
+            edits.append((start, end, "%s.device('cuda', %s)" % (torch_name, text[start:end])))
+        return _edit(text, edits)
+
+    @staticmethod
+    def _imports(tree):
+        """The names this module gives torch.nn.parallel._functions._get_stream, and torch's name."""
+        streams, torch_name = set(), None
+        for node in tree.body:
+            if isinstance(node, ast.ImportFrom) and node.module == "torch.nn.parallel._functions" and not node.level:
+                streams.update(a.asname or a.name for a in node.names if a.name == "_get_stream")
+            elif isinstance(node, ast.Import):
+                torch_name = next((a.asname or a.name for a in node.names if a.name == "torch"), torch_name)
+        return streams, torch_name
+
+
 FIXERS = {cls.name: cls for cls in (LocalRank, ThcToAten, NumbaErrors, MmcvVersionAssert, MmcvLayerClash, SetupWithoutGpu,
-                                                CxxStandard, CollectionsAbc, TorchLoadWeightsOnly)}
+                                                CxxStandard, CollectionsAbc, TorchLoadWeightsOnly,
+                                                MmcvParallel)}
 
 
 # The arguments a fixer takes, each with the only shape it may have: they end up inside source

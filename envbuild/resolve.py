@@ -468,6 +468,20 @@ def _collections_abc(c: _Candidate) -> str | None:
     return None
 
 
+def _mmcv_parallel(c: _Candidate) -> str | None:
+    """torch 2.1 changed the nn.parallel internals mmcv-full 1.x's MMDataParallel and
+    MMDistributedDataParallel call: a port from an older torch gets them fixed in the venv."""
+    if not (V(c.model.torch) < V("2.1") <= V(c.stack.torch.version)):
+        return None
+    pin = next((p for p in c.pins if p.name.lower() == "mmcv-full"), None)
+    if pin is not None:
+        c.fixers.append(Fixer("mmcv-parallel", f"torch >= 2.1 changed the nn.parallel internals mmcv-full "
+                              f"{pin.version}'s data-parallel wrappers call, which upstream's torch {c.model.torch} "
+                              f"still had: AttributeError at the first training step on {c.stack.torch.version}",
+                              {}, (pin.name,)))
+    return None
+
+
 def _torch_load(c: _Candidate) -> str | None:
     """torch 2.6 made torch.load default to weights_only=True: a port from an older torch passes
     weights_only=False where the model's code and its checkpoint-loading packages call it."""
@@ -556,7 +570,7 @@ def host_env(cat: Catalog, runtime_env: dict) -> dict:
 
 
 GATES = (_torch_wheel_exists, _toolkit_matches, _card_runs_torch, _extensions_compile_for_card, _model_pins,
-         _mmcv_asserts, _collections_abc, _compiled_deps_and_era, _torch_load, _base_image_fits, _port_allowed, _runtime_env)
+         _mmcv_asserts, _collections_abc, _compiled_deps_and_era, _torch_load, _mmcv_parallel, _base_image_fits, _port_allowed, _runtime_env)
 
 
 def _try(cat: Catalog, model: Model, card: Card, stack: _Stack, toolkit_req: Toolkit | None,
@@ -761,6 +775,7 @@ FIXER_WHEN = {
     "mmcv-layer-clash": "only a port whose mmcv-full registers layers a pinned package registers too",
     "collections-abc": "only Plans on Python >= 3.10 that keep a package taking the ABCs from collections",
     "torch-load-weights-only": "only a port from torch < 2.6 to >= 2.6",
+    "mmcv-parallel": "only a port from torch < 2.1 to >= 2.1 of a model that pins mmcv-full",
 }
 
 

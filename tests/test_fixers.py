@@ -878,3 +878,95 @@ def test_fixers_change_only_their_tokens_whatever_the_separators(before, after, 
         with open(path, "rb") as fh:
             assert fh.read() == got
     compile(head + new.encode(), "setup.py", "exec")
+
+
+# ---------------------------------------------------------------- mmcv-parallel (torch 2.1 changed nn.parallel's internals)
+
+# A stand-in torch with torch 2.1's internals: _get_stream takes a device, DDP has no replicated flag.
+STANDIN_TORCH = {
+    "torch/__init__.py": "class device(object):\n"
+                         "    def __init__(self, type, index=None):\n"
+                         "        self.type, self.index = type, index\n",
+    "torch/nn/__init__.py": "",
+    "torch/nn/parallel/__init__.py": "class DistributedDataParallel(object):\n"
+                                     "    def __init__(self, module):\n"
+                                     "        self.module = module\n",
+    "torch/nn/parallel/_functions.py": "def _get_stream(device):\n"
+                                       "    return 'stream on %s:%s' % (device.type, device.index)\n",
+}
+# Stand-ins for an old wrapper package's two files (written for this test), and a caller.
+OLD_FUNCTIONS = '''import torch
+from torch.nn.parallel._functions import _get_stream as get_stream
+
+
+def streams_for(gpus):
+    return [get_stream(gpu) for gpu in gpus]
+
+
+def already(gpu):
+    return get_stream(torch.device("cuda", gpu))
+'''
+OLD_DISTRIBUTED = '''from torch.nn.parallel import DistributedDataParallel
+
+
+class Wrapper(DistributedDataParallel):
+    def run(self, x):
+        module = self._replicated_tensor_module if \\
+            self._use_replicated_tensor_module else self.module
+        return module(x)
+'''
+CALLER = '''from wrappers.parallel._functions import streams_for, already
+from wrappers.parallel.distributed import Wrapper
+print(streams_for([0, 1]), already(2), Wrapper(lambda x: x + 1).run(1))
+'''
+
+
+def _standin(root, files):
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+
+
+def test_mmcv_parallel_fixed_wrappers_run_on_torch_2_1s_internals(tmp_path):
+    """Unfixed, the wrappers fail against torch >= 2.1's nn.parallel (an int has no .type; DDP has
+    no _use_replicated_tensor_module); fixed, they run, and a call that already passes a device
+    is left as it is. Idempotent; other files are not touched."""
+    _standin(tmp_path, {**STANDIN_TORCH, "wrappers/__init__.py": "", "wrappers/parallel/__init__.py": "",
+                        "wrappers/parallel/_functions.py": OLD_FUNCTIONS,
+                        "wrappers/parallel/distributed.py": OLD_DISTRIBUTED,
+                        "wrappers/other/_functions.py": OLD_FUNCTIONS, "caller.py": CALLER})
+    run = lambda: subprocess.run([sys.executable, "caller.py"], cwd=tmp_path, capture_output=True, text=True)
+    r = run()
+    assert r.returncode != 0 and "AttributeError" in r.stderr and "'int' object has no attribute 'type'" in r.stderr
+    report = fixers.apply(str(tmp_path / "wrappers"), [fixers.make("mmcv-parallel")])
+    assert report == {"mmcv-parallel": ["parallel/_functions.py", "parallel/distributed.py"]}
+    r = run()
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "['stream on cuda:0', 'stream on cuda:1'] stream on cuda:2 2"
+    fixed = (tmp_path / "wrappers/parallel/_functions.py").read_text()
+    assert "get_stream(torch.device('cuda', gpu)) for gpu" in fixed and 'get_stream(torch.device("cuda", gpu))' in fixed
+    assert "getattr(self, '_use_replicated_tensor_module', False)" in (tmp_path / "wrappers/parallel/distributed.py").read_text()
+    assert (tmp_path / "wrappers/other/_functions.py").read_text() == OLD_FUNCTIONS  # not mmcv's parallel package
+    assert fixers.apply(str(tmp_path / "wrappers"), [fixers.make("mmcv-parallel")]) == {"mmcv-parallel": []}
+
+
+def test_mmcv_parallel_leaves_a_module_without_torch_or_the_torch_import_alone():
+    fx = fixers.make("mmcv-parallel")
+    no_torch = OLD_FUNCTIONS.replace("import torch\n", "")
+    assert fx.fix_text("parallel/_functions.py", no_torch) == no_torch  # torch.device would not resolve
+    own = OLD_FUNCTIONS.replace("from torch.nn.parallel._functions import _get_stream as get_stream",
+                                "from .streams import get_stream")
+    assert fx.fix_text("parallel/_functions.py", own) == own  # not torch's _get_stream
+
+
+def test_the_plan_fixes_mmcv_full_in_the_venv_on_a_port_to_torch_2_1_or_later():
+    """MapTR on the B200 is ported to a torch >= 2.1 with mmcv-full 1.7.2: the installed mmcv-full
+    is fixed. On the A800 (torch 2.0.1) its wrappers still match torch: nothing to fix."""
+    from envbuild import catalog
+    from envbuild.resolve import resolve
+    cat = catalog.load()
+    plan = resolve(cat, "maptr", "b200", python="3.11")
+    fx = next(f for f in plan.fixers if f.name == "mmcv-parallel")
+    assert fx.installed == ("mmcv-full",) and "mmcv-full 1.7.2" in fx.why and "1.9.1" in fx.why
+    assert not [f for f in resolve(cat, "maptr", "a800", python="3.11").fixers
+                if f.name == "mmcv-parallel"]
