@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""The cost of a multi-card image: one compiled package's wheel stage for one arch vs two,
-from the verified ledger's stage times (envbuild/matrices/verified/*.json), nothing rebuilt.
+"""The cost of a multi-card image: one compiled package's wheel stage for fewer archs vs more
+(one vs two, two vs three), from the verified ledger's stage times
+(envbuild/matrices/verified/*.json), nothing rebuilt.
 
 A pair is the same package and version compiled in two ledger records whose images target a
 different number of archs. The records say which torch and CUDA compiled each: a pair across
@@ -59,19 +60,19 @@ def main() -> int:
                          "archs": archs(cat, record), "torch": plan.get("torch"),  # the record's summary
                          "cuda": plan.get("cuda") or record["request"].get("cuda")})
     pairs = []
-    for one in (r for r in rows if len(r["archs"]) == 1):
-        for two in (r for r in rows if len(r["archs"]) == 2
-                    and (r["stage"], r["version"]) == (one["stage"], one["version"])):
-            pairs.append({"stage": one["stage"], "one_arch": one, "two_archs": two,
-                          "ratio_two_to_one": round(two["seconds"] / one["seconds"], 2),
-                          "same_toolchain": (one["cuda"], one["torch"]) == (two["cuda"], two["torch"])})
+    for fewer in rows:
+        for more in (r for r in rows if len(r["archs"]) > len(fewer["archs"])
+                     and (r["stage"], r["version"]) == (fewer["stage"], fewer["version"])):
+            pairs.append({"stage": fewer["stage"], "fewer_archs": fewer, "more_archs": more,
+                          "ratio_more_to_fewer": round(more["seconds"] / fewer["seconds"], 2),
+                          "same_toolchain": (fewer["cuda"], fewer["torch"]) == (more["cuda"], more["torch"])})
     if not pairs:
-        sys.exit("no wheel stage compiled in the ledger for one arch and for two: verify a two-card cell "
+        sys.exit("no wheel stage compiled in the ledger for two numbers of archs: verify a multi-card cell "
                  "with its compiled package not yet in BuildKit's cache (docker builder prune first)")
     results.write("archs", {"pairs": pairs, "stages_seen": rows})
     for p in pairs:
-        print(f"{p['stage']}: {p['one_arch']['seconds']} s for {p['one_arch']['archs']} vs "
-              f"{p['two_archs']['seconds']} s for {p['two_archs']['archs']} = {p['ratio_two_to_one']}")
+        print(f"{p['stage']}: {p['fewer_archs']['seconds']} s for {p['fewer_archs']['archs']} vs "
+              f"{p['more_archs']['seconds']} s for {p['more_archs']['archs']} = {p['ratio_more_to_fewer']}")
     return 0
 
 

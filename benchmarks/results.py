@@ -78,12 +78,12 @@ ROWS = [
     ("compile_once", lambda d: "bytes a host that has the first image pulls for the second (same torch)",
      lambda d: (f"{d['bytes_to_pull_with_first'] / 1e6:.0f} MB of {_gb(d['second_image_registry_bytes'])} = "
                 f"{d['pull_fraction']:.1%} (goal ≤ 25 %)")),
-    ("archs", lambda d: ("one compiled wheel stage for two archs vs one (the cost of a multi-card image), from the "
-                         "ledger: " + "; ".join(f"{p['stage']}, {'+'.join(p['two_archs']['archs'])} "
-                                                f"(torch {p['two_archs']['torch']}, CUDA {p['two_archs']['cuda']}) vs "
-                                                f"{p['one_arch']['archs'][0]} (torch {p['one_arch']['torch']}, CUDA "
-                                                f"{p['one_arch']['cuda']})" for p in d["pairs"])),
-     lambda d: "; ".join(f"{p['two_archs']['seconds']:.0f} s / {p['one_arch']['seconds']:.0f} s = {p['ratio_two_to_one']}"
+    ("archs", lambda d: ("one compiled wheel stage for more archs vs fewer (the cost of a multi-card image), from the "
+                         "ledger: " + "; ".join(f"{p['stage']}, {'+'.join(p['more_archs']['archs'])} "
+                                                f"(torch {p['more_archs']['torch']}, CUDA {p['more_archs']['cuda']}) vs "
+                                                f"{'+'.join(p['fewer_archs']['archs'])} (torch {p['fewer_archs']['torch']}, "
+                                                f"CUDA {p['fewer_archs']['cuda']})" for p in d["pairs"])),
+     lambda d: "; ".join(f"{p['more_archs']['seconds']:.0f} s / {p['fewer_archs']['seconds']:.0f} s = {p['ratio_more_to_fewer']}"
                          + ("" if p["same_toolchain"] else " (across toolchains: newer torch headers cost time too)")
                          for p in d["pairs"])),
     ("gpu_selftest", lambda d: (f"`make selftest-gpu CARD={d['cards']}` on a GPU machine with no Docker: the in-image smoke "

@@ -82,8 +82,35 @@ def test_bench_archs_pairs_one_package_version_across_arch_counts(tmp_path, monk
     monkeypatch.setattr(bench_archs.results, "write", lambda name, data: written.update(data))
     assert bench_archs.main() == 0
     (pair,) = written["pairs"]
-    assert pair["one_arch"]["version"] == pair["two_archs"]["version"] == "2.0.1"
-    assert pair["ratio_two_to_one"] == round(2600 / 1200, 2) and pair["same_toolchain"] is False
+    assert pair["fewer_archs"]["version"] == pair["more_archs"]["version"] == "2.0.1"
+    assert pair["ratio_more_to_fewer"] == round(2600 / 1200, 2) and pair["same_toolchain"] is False
+
+
+def test_bench_archs_pairs_two_archs_with_three_on_one_toolchain(tmp_path, monkeypatch):
+    """A two-card and a three-card image of one wheel pair too (the cost of one more card); a
+    one-card and a two-card image of different versions do not."""
+    import json
+    import bench_archs
+    from envbuild import ledger
+
+    def record(card, version, seconds):
+        step = f"[wheel-mmcv-full 1/1] RUN pip download mmcv-full=={version} && pip wheel ."
+        return {"verdict": ledger.PASSED, "request": {"card": card}, "plan": {"torch": "2.11.0", "cuda": "13.0.2"},
+                "stages": [{"step": step, "seconds": seconds}]}
+    folder = tmp_path / "verified"
+    folder.mkdir()
+    for name, rec in {"a.json": record("h20,b200", "1.7.2", 1800.0), "b.json": record("h20,b200,rtx5090", "1.7.2", 2500.0),
+                      "c.json": record("a800", "1.7.1", 1100.0)}.items():
+        (folder / name).write_text(json.dumps(rec))
+    monkeypatch.setattr(bench_archs.ledger, "folders", lambda: [folder])
+    written = {}
+    monkeypatch.setattr(bench_archs.results, "write", lambda name, data: written.update(data))
+    assert bench_archs.main() == 0
+    (pair,) = written["pairs"]
+    assert (pair["fewer_archs"]["archs"], pair["more_archs"]["archs"]) == (["9.0", "10.0"], ["9.0", "10.0", "12.0"])
+    assert pair["ratio_more_to_fewer"] == round(2500 / 1800, 2) and pair["same_toolchain"] is True
+    row = next(r for r in results.ROWS if r[0] == "archs")
+    assert "9.0+10.0+12.0" in row[1](written) and "2500 s / 1800 s = 1.39" in row[2](written)
 
 
 def test_bench_ci_calls_a_stopped_engine_with_data_warm_and_a_new_machine_cold(tmp_path, monkeypatch):
