@@ -52,36 +52,38 @@ def test_a_readme_without_the_markers_is_refused():
         results.readme_with_table("# README\n")
 
 
+def _bench_archs_on(records: dict, tmp_path, monkeypatch) -> dict:
+    """Run bench_archs over a ledger folder holding these records ({file name: record}); what it would write."""
+    import json
+    import bench_archs
+    folder = tmp_path / "verified"
+    folder.mkdir()
+    for name, rec in records.items():
+        (folder / name).write_text(json.dumps(rec))
+    monkeypatch.setattr(bench_archs.ledger, "folders", lambda: [folder])
+    written = {}
+    monkeypatch.setattr(bench_archs.results, "write", lambda name, data: written.update(data))
+    assert bench_archs.main() == 0
+    return written
+
+
 def test_bench_archs_pairs_one_package_version_across_arch_counts(tmp_path, monkeypatch):
     """Only the same package at the same version is compared; each side keeps its toolchain."""
-    import json
-    import sys
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    import bench_archs
-
     from envbuild import ledger
 
     def record(card, version, seconds, cuda, cached=False, verdict=ledger.PASSED):
         step = f"[wheel-mmcv 2/2] RUN mkdir -p /src && pip download mmcv=={version} && pip wheel ."
         return {"verdict": verdict, "request": {"card": card}, "plan": {"torch": "2.11.0", "cuda": cuda},
                 "stages": [{"step": step, "seconds": seconds, "cached": cached}]}
-    folder = tmp_path / "verified"
-    folder.mkdir()
-    for name, rec in {"a.json": record("a800", "2.0.1", 1200.0, "11.8.0"), "b.json": record("h20,b200", "2.0.1", 2600.0, "13.0.2"),
-                      "c.json": record("h20,b200", "2.2.0", 100.0, "13.0.2"),
-                      # served from BuildKit's cache: no compile measured; a failed cell measures nothing
-                      "d.json": record("h20,b200", "2.0.1", 49.8, "13.0.2", cached=True),
-                      "e.json": record("h20,b200", "2.0.1", 30.0, "13.0.2", verdict="failed"),
-                      # ccache served objects an earlier, stopped build compiled: not a cold compile
-                      "f.json": record("h20,b200", "2.0.1", 9000.0, "13.0.2")}.items():
-        if name == "f.json":
-            rec["stages"][0]["ccache"] = {"hits": 3, "misses": 40}
-        (folder / name).write_text(json.dumps(rec))
-    monkeypatch.setattr(bench_archs.ledger, "folders", lambda: [folder])
-    written = {}
-    monkeypatch.setattr(bench_archs.results, "write", lambda name, data: written.update(data))
-    assert bench_archs.main() == 0
-    (pair,) = written["pairs"]
+    records = {"a.json": record("a800", "2.0.1", 1200.0, "11.8.0"), "b.json": record("h20,b200", "2.0.1", 2600.0, "13.0.2"),
+               "c.json": record("h20,b200", "2.2.0", 100.0, "13.0.2"),
+               # served from BuildKit's cache: no compile measured; a failed cell measures nothing
+               "d.json": record("h20,b200", "2.0.1", 49.8, "13.0.2", cached=True),
+               "e.json": record("h20,b200", "2.0.1", 30.0, "13.0.2", verdict="failed"),
+               # ccache served objects an earlier, stopped build compiled: not a cold compile
+               "f.json": record("h20,b200", "2.0.1", 9000.0, "13.0.2")}
+    records["f.json"]["stages"][0]["ccache"] = {"hits": 3, "misses": 40}
+    (pair,) = _bench_archs_on(records, tmp_path, monkeypatch)["pairs"]
     assert pair["fewer_archs"]["version"] == pair["more_archs"]["version"] == "2.0.1"
     assert pair["ratio_more_to_fewer"] == round(2600 / 1200, 2) and pair["same_toolchain"] is False
 
@@ -89,23 +91,15 @@ def test_bench_archs_pairs_one_package_version_across_arch_counts(tmp_path, monk
 def test_bench_archs_pairs_two_archs_with_three_on_one_toolchain(tmp_path, monkeypatch):
     """A two-card and a three-card image of one wheel pair too (the cost of one more card); a
     one-card and a two-card image of different versions do not."""
-    import json
-    import bench_archs
     from envbuild import ledger
 
     def record(card, version, seconds):
         step = f"[wheel-mmcv-full 1/1] RUN pip download mmcv-full=={version} && pip wheel ."
         return {"verdict": ledger.PASSED, "request": {"card": card}, "plan": {"torch": "2.11.0", "cuda": "13.0.2"},
                 "stages": [{"step": step, "seconds": seconds}]}
-    folder = tmp_path / "verified"
-    folder.mkdir()
-    for name, rec in {"a.json": record("h20,b200", "1.7.2", 1800.0), "b.json": record("h20,b200,rtx5090", "1.7.2", 2500.0),
-                      "c.json": record("a800", "1.7.1", 1100.0)}.items():
-        (folder / name).write_text(json.dumps(rec))
-    monkeypatch.setattr(bench_archs.ledger, "folders", lambda: [folder])
-    written = {}
-    monkeypatch.setattr(bench_archs.results, "write", lambda name, data: written.update(data))
-    assert bench_archs.main() == 0
+    written = _bench_archs_on({"a.json": record("h20,b200", "1.7.2", 1800.0),
+                               "b.json": record("h20,b200,rtx5090", "1.7.2", 2500.0),
+                               "c.json": record("a800", "1.7.1", 1100.0)}, tmp_path, monkeypatch)
     (pair,) = written["pairs"]
     assert (pair["fewer_archs"]["archs"], pair["more_archs"]["archs"]) == (["9.0", "10.0"], ["9.0", "10.0", "12.0"])
     assert pair["ratio_more_to_fewer"] == round(2500 / 1800, 2) and pair["same_toolchain"] is True
