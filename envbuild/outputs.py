@@ -17,6 +17,7 @@ from .errors import BadInput
 
 MANIFEST = ".envbuild-manifest.json"  # what envbuild wrote in a context folder: all it may replace
 FOLDER_LOCK = ".envbuild.lock"
+MANIFEST_TEMP = f".{MANIFEST}."  # write_if_changed's temp name for the manifest, before it is moved in
 
 
 def owned(out: Path, adopt: bool = False) -> set[str]:
@@ -34,7 +35,8 @@ def owned(out: Path, adopt: bool = False) -> set[str]:
             return {f for f in files if isinstance(f, str)}
         except (ValueError, OSError, KeyError, TypeError):
             raise BadInput(f"{manifest} is not an envbuild manifest", "move it away, or choose another folder") from None
-    present = {p.name for p in out.iterdir()} - {FOLDER_LOCK}
+    # the lock, and a manifest another envbuild is writing this instant (its temp name), are envbuild's
+    present = {p.name for p in out.iterdir() if p.name != FOLDER_LOCK and not p.name.startswith(MANIFEST_TEMP)}
     if adopt:
         return present
     if present:

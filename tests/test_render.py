@@ -368,6 +368,20 @@ def test_concurrent_renders_into_one_folder_do_not_mix(tmp_path):
     assert not [p for p in out.rglob(".*") if p.name not in (".envbuild-manifest.json", ".envbuild.lock")]
 
 
+def test_a_manifest_another_render_is_writing_does_not_make_the_folder_foreign(tmp_path):
+    """The race CI hit: one render's manifest exists only as its temp file (written, not yet moved
+    in) when a second render looks at the folder without the lock. Both are envbuild's."""
+    from envbuild import outputs
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / outputs.FOLDER_LOCK).touch()
+    (out / f"{outputs.MANIFEST_TEMP}k3x9q").write_text('{"files": []}')
+    assert outputs.owned(out) == set()
+    (out / "notes.txt").write_text("mine\n")  # a user's file still makes it foreign
+    with pytest.raises(BadInput, match="is not empty and envbuild did not write it"):
+        outputs.owned(out)
+
+
 def test_the_lock_decides_which_packages_build_from_source_and_with_what(tmp_path):
     """A Python 3.11 port of GaussianFormer: nuscenes-devkit caps matplotlib < 3.6, which has no
     cp311 wheel. Locked to 3.5.3, the deps stage installs FreeType/Qhull headers and points the
