@@ -79,6 +79,20 @@ def test_records_on_another_machine_are_compared_per_compile_job():
     assert estimate._pick([two, dict(sixteen, version="2")], "p", "1") is two  # its version first
 
 
+def test_a_measurement_ccache_mostly_served_prices_a_package_only_when_nothing_colder_does():
+    """diffusiondrive's flash-attn 2.3.2: 924 s for the last 4 of 49 objects, scaled to all 11320 s
+    (3x what a cold build takes); sparsedrive's mostly cold 4178 s is the price."""
+    base = {"package": "flash-attn", "version": "2.3.2", "archs": 1, "gb_per_job": 4,
+            "machine": {"cores": 2, "memory_gb": 24}}
+    mostly_served = dict(base, seconds=11320.0, ccache_hits=45, compiles=49, model="diffusiondrive")
+    cold = dict(base, seconds=4178.0, model="sparsedrive")  # a record from before ccache counts
+    half = dict(base, seconds=5000.0, ccache_hits=10, compiles=20, model="x")
+    assert estimate._pick([mostly_served, cold], "flash-attn", "2.3.2") is cold
+    assert estimate._pick([mostly_served, cold, half], "flash-attn", "2.3.2") is half  # half served is colder
+    assert estimate._pick([mostly_served], "flash-attn", "2.3.2") is mostly_served  # better than no price
+    assert estimate._pick([mostly_served, dict(cold, version="2.5.0")], "flash-attn", "2.3.2")["version"] == "2.5.0"
+
+
 def test_a_stage_ccache_fed_is_scaled_to_all_its_compiles_and_one_it_served_whole_is_no_measurement():
     step = "[wheel-mmcv 1/1] RUN pip download -d /src/sdist mmcv==2.0.1 && MAX_JOBS=$(python max_jobs.py 2) pip wheel"
 
