@@ -78,14 +78,16 @@ class Request:
         """This request with what its Plan was made from, so that its command makes the same Plan
         on any host: cards that came from this host's GPUs or the config are named (a portable
         Plan says --card portable: elsewhere a GPU would be found), and so are indexes this host's
-        config chose when they are not envbuild's defaults."""
+        config chose when they are not envbuild's defaults, and --compile when its config turned
+        vendor wheels off."""
         card = self.card or (PORTABLE if plan.card == PORTABLE else ",".join(plan.cards))
         torch_index, pypi_index = self.torch_index, self.pypi_index
         if sources is not None and torch_index is None and sources.torch_index != config.TORCH_INDEX:
             torch_index = sources.torch_index or "none"
         if sources is not None and pypi_index is None and sources.pypi_index != config.PYPI:
             pypi_index = sources.pypi_index
-        return replace(self, card=card, torch_index=torch_index, pypi_index=pypi_index)
+        compile_only = self.compile_only or (sources is not None and not sources.vendor_wheels)
+        return replace(self, card=card, torch_index=torch_index, pypi_index=pypi_index, compile_only=compile_only)
 
 
 @dataclass(kw_only=True, frozen=True)

@@ -496,10 +496,11 @@ def test_an_empty_image_list_says_so(capsys):
 def test_render_hint_carries_every_flag_that_shaped_the_plan(tmp_path):
     out = tmp_path / "ctx"
     r = envbuild("render", "qcnet", "--card", "a800", "--python", "3.11", "--torch-index", "none", "--cuda", "11.8",
-                 "-o", out)
+                 "--base-image", "envbuild/cuda:11.8-devel-debian12", "--runtime-image", "envbuild/debian:12", "-o", out)
     assert r.returncode == 0, r.stderr
     hint = next(line for line in r.stdout.splitlines() if line.startswith("not locked yet:"))
-    assert f"envbuild lock qcnet --card a800 --cuda 11.8 --python 3.11 --torch-index none -o {out.resolve()}" in hint
+    assert (f"envbuild lock qcnet --card a800 --cuda 11.8 --python 3.11 --base-image envbuild/cuda:11.8-devel-debian12 "
+            f"--runtime-image envbuild/debian:12 --torch-index none -o {out.resolve()}") in hint
     # lock takes every flag render took, so that the hint re-renders the same context
     lock_help = envbuild("lock", "--help").stdout
     assert "--source" in lock_help and "--runtime-image" in lock_help
@@ -525,6 +526,10 @@ def test_the_dockerfile_regenerate_line_reproduces_the_plan_anywhere(cat, tmp_pa
     assert Request(model="qcnet").pinned(plan).command() == "envbuild render qcnet --card portable"
     monkeypatch.setattr(host, "gpus", lambda: (gpu,))
     assert pipeline.plan_for(Request(model="qcnet", card="portable"))[0].cards == plan.cards
+    # a config that turned vendor wheels off made a Plan that compiles: the line says --compile
+    monkeypatch.setenv("ENVBUILD_VENDOR_WHEELS", "false")
+    plan, sources = pipeline.plan_for(Request(model="qcnet", card="a800"))
+    assert Request(model="qcnet", card="a800").pinned(plan, sources).command().endswith(" --compile")
 
 
 def test_bake_names_its_waves_consecutively(tmp_path):
