@@ -506,13 +506,14 @@ def export_wheels(req: Request, dest: Path | None = None, progress: Progress = Q
     """The Plan's compiled wheels as a plain folder `pip install --find-links` can use: the wheel
     stages (cache hits once an image was built) exported without an image. Returns the wheels
     with what they were built for."""
-    plan, _ = plan_for(req)
+    planned = plan_for(req)
+    plan = planned[0]
     if not plan.compiled:
         raise BadInput(f"{plan.model} compiles no package from source: there are no wheels to export",
                        "its packages come as wheels from the index already")
     dest = Path(dest) if dest else build_stage.state_dir() / "wheels" / f"{plan.model}-{plan.card}"
     outputs.owned(dest, adopt=False)  # a folder that is not envbuild's is refused, touching nothing
-    plan, sources, ctx, _ = prepare_locked(req, progress=progress)
+    plan, sources, ctx, _ = prepare_locked(req, progress=progress, planned=planned)
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".envbuild-wheels-") as tmp:
         steps = build_stage.export_stage(ctx, "wheels", Path(tmp), **sources.build_kwargs, echo=progress.echo,

@@ -197,3 +197,20 @@ def test_image_has_time_limit_like_verify():
     r = subprocess.run([sys.executable, "-m", "envbuild.cli", "image", "maptr", "--time-limit", "5"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "time-limit" in r.stderr
+
+
+def test_export_wheels_resolves_its_request_once(cat, tmp_path, monkeypatch):
+    """Like image: the Plan that named the wheels' folder is the one whose stages are exported."""
+    monkeypatch.setenv("ENVBUILD_HOME", str(tmp_path))
+    calls = []
+    real = pipeline.plan_for
+    monkeypatch.setattr(pipeline, "plan_for", lambda req: calls.append(req) or real(req))
+    monkeypatch.setattr(pipeline.lock_stage, "lock", lambda ctx, **kw: (ctx / "requirements.lock").write_text("x\n"))
+
+    def export(ctx, stage, dest, **kw):
+        raise OperationFailed("stopped")
+    monkeypatch.setattr(pipeline.build_stage, "export_stage", export)
+    req = Request(model="qcnet", card="a800", python="3.11", cuda="11.8", torch_index="none")
+    with pytest.raises(OperationFailed):
+        pipeline.export_wheels(req, tmp_path / "wheels")
+    assert len(calls) == 1
