@@ -7,6 +7,7 @@ the result to show.py.
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import signal
 import sys
@@ -33,6 +34,12 @@ def _plain_help(param) -> None:
 
 
 class _PlainHelp:
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # the command list shows the docstring's first paragraph: one flowing line, not its source line breaks
+        if self.help and not self.short_help:
+            self.short_help = " ".join(inspect.cleandoc(self.help).split("\n\n")[0].split())
+
     def get_help_option(self, ctx):
         option = super().get_help_option(ctx)
         if option is not None:

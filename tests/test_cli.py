@@ -487,6 +487,17 @@ def test_help_has_no_type_noise_and_version_is_an_option():
     assert r.returncode == 0 and r.stdout.strip() == f"envbuild {__version__}"
 
 
+def test_the_command_list_flows_each_summary_as_one_paragraph():
+    """A docstring's source line breaks do not reach `--help`'s command list (rows cut short mid-sentence)."""
+    import typer.main
+    from envbuild import cli as cli_module
+    group = typer.main.get_command(cli_module.app)
+    summaries = {name: cmd.short_help for name, cmd in group.commands.items() if cmd.help}
+    assert len(summaries) >= 10
+    assert all(s and "\n" not in s for s in summaries.values()), summaries
+    assert summaries["add"].startswith("Draft a catalog entry") and "user catalog, with" in summaries["add"]
+
+
 def test_an_empty_image_list_says_so(capsys):
     from envbuild import show
     show.images([])
