@@ -111,8 +111,8 @@ def run(path: Path, doc: dict, sources: Sources, push: bool = False, echo=None,
     Returns {driver, waves: [{group, seconds, run_steps}], images: {target: {tag, image_id, labels}}}.
 
     The default `docker` driver cannot export a cache to a registry (buildx refuses the file):
-    there each target writes an inline cache instead, which its pushed image carries, and the
-    next bake's cache-from reads it back from the registry."""
+    there each target writes an inline cache instead (its own layers, not the stages it copies
+    from), which its pushed image carries and the next bake's cache-from can read back."""
     cli = engine.find_cli()
     if cli.mode != "buildx":
         raise OperationFailed(f"bake --build needs the docker buildx plugin; {cli.path} has none",

@@ -14,6 +14,18 @@ from conftest import FIXTURE, cli
 pytestmark = pytest.mark.integration
 
 MODELS, CARDS = ("twina", "twinb"), ("a800", "l20")
+MANIFEST_TYPES = "application/vnd.docker.distribution.manifest.v2+json, application/vnd.oci.image.manifest.v1+json"
+
+
+def pushed_config(registry: str, repo: str, tag: str) -> dict:
+    """The image config the registry holds for repo:tag (where BuildKit puts an inline cache)."""
+    ask = urllib.request.Request(f"http://{registry}/v2/{repo}/manifests/{tag}", headers={"Accept": MANIFEST_TYPES})
+    with urllib.request.urlopen(ask, timeout=30) as answer:
+        manifest = json.loads(answer.read())
+    assert "config" in manifest, f"{repo}:{tag} was pushed as an index, not one image: {manifest}"
+    digest = manifest["config"]["digest"]
+    with urllib.request.urlopen(f"http://{registry}/v2/{repo}/blobs/{digest}", timeout=30) as answer:
+        return json.loads(answer.read())
 
 
 def test_bake_builds_the_fixture_matrix_with_buildx(docker_engine, offline_base, fixture_env, registry, tmp_path):
@@ -49,6 +61,8 @@ def test_bake_builds_the_fixture_matrix_with_buildx(docker_engine, offline_base,
             repo, tag = image["tag"][len(registry) + 1:].rsplit(":", 1)
             with urllib.request.urlopen(f"http://{registry}/v2/{repo}/tags/list", timeout=30) as answer:
                 assert tag in json.loads(answer.read())["tags"]  # pushed
+            if built["driver"] == "docker":  # the cache it wrote travels in the pushed image
+                assert "moby.buildkit.cache.v0" in pushed_config(registry, repo, tag), name
         # the op the shared wheel carries loads in an image of the second wave
         ref = built["images"]["twinb-l20"]["tag"]
         run = subprocess.run(["/usr/bin/docker", "run", "--rm", ref, "python", "-c",
