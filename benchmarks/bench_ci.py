@@ -45,6 +45,13 @@ def docker_state() -> dict:
             "build_cache": next((c.split("=", 1)[1] for c in cache or [] if c.startswith("Build Cache=")), None)}
 
 
+def installed(log: str) -> list[str]:
+    """The packages .ci/run's log says it installed first: on a new machine Docker, debootstrap,
+    the registry and buildx; none where a machine had them."""
+    return [p for listed, buildx in re.findall(r"^>> (?:apt-get install (.+)|installing (docker-buildx))", log, re.M)
+            for p in f"{listed} {buildx}".split()]
+
+
 def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="envbuild-ci-"))
     clone, log, timings = work / "clone", work / "ci.log", work / "modules.json"
@@ -86,6 +93,7 @@ def main() -> int:
         # no engine and no data (a new machine: .ci/run installs it) is as cold as an empty one
         "cold": not state["images"] and state["build_cache"] in ("0B", None),
         "at_start": state,
+        "installed": installed(text),
         "wall_s": round(wall),
         "pytest_s": round(float(summary[-1][1])) if summary else None,
         "tests": counts.get("passed", 0) + counts.get("failed", 0),

@@ -96,7 +96,8 @@ ROWS = [
                 f"({d['ratio_tuned_to_untuned_data_wait']}×); samples/s {d['ratio_tuned_to_untuned_samples_per_s']}× "
                 "(on a CPU-only host the workers compete with the model for the cores)")),
     *((name, lambda d: ("`.ci/run` from a fresh clone (what CI runs; limit 90 min), started "
-                        + ("cold: a new machine, no images, no BuildKit cache" if d["cold"] else
+                        + ("cold: no images, no BuildKit cache" + (f"; a new machine (.ci/run installed {', '.join(d['installed'])})"
+                                                   if d.get("installed") else "") if d["cold"] else
                            "warm: " + (f"{d['at_start']['images']} images, " if d['at_start']['images'] is not None else "")
                            + f"{d['at_start']['build_cache']} of BuildKit cache"
                            + (f" (.ci/run capped it at {d['at_start']['cache_cap_gb']} GB for the disk)"

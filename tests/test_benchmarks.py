@@ -127,6 +127,18 @@ def test_bench_ci_calls_a_stopped_engine_with_data_warm_and_a_new_machine_cold(t
     assert state["images"] == 3 and state["build_cache"].startswith("0.0GB (engine stopped")
 
 
+def test_a_cold_ci_row_says_new_machine_only_when_ci_run_installed_the_tools():
+    """A wiped Docker on a machine that kept its packages is cold, not new: the row says which."""
+    import bench_ci
+    new = ">> apt-get install docker.io debootstrap docker-registry\n>> installing docker-buildx from Debian 13\n"
+    assert bench_ci.installed(new) == ["docker.io", "debootstrap", "docker-registry", "docker-buildx"]
+    assert bench_ci.installed(">> disk: 20 GB free, 0 GB of BuildKit cache\n") == []
+    describe = next(r for r in results.ROWS if r[0] == "ci_cold")[1]
+    cold = {"cold": True, "at_start": {"images": 0, "build_cache": "0B"}}
+    assert "a new machine" not in describe(cold) and "no BuildKit cache" in describe(cold)
+    assert "a new machine (.ci/run installed docker.io, debootstrap)" in describe(dict(cold, installed=["docker.io", "debootstrap"]))
+
+
 def test_ci_sizes_buildkits_cache_on_a_new_machine_and_a_warm_one(tmp_path):
     """.ci/run asks .ci/buildkit-keep how much build cache its engine keeps. A new machine has no
     Docker data folder: `du` failing there once stopped .ci/run under `set -e` before any test."""
