@@ -211,6 +211,8 @@ class EraPin:
     why: str
     torch_max: str | None = None
     when_package: str | None = None
+    when_version: str | None = None  # applies only while when_package's exact pin is in this range
+    from_date: str | None = None  # applies only to Plans whose index cutoff can see a release of that day
     replaces: str | None = None
     always: bool = False
 
@@ -1000,12 +1002,18 @@ def _load_flash_attn(pkg: _Reader) -> dict[str, FlashAttn]:
 def _load_era(pkg: _Reader) -> list[EraPin]:
     era = []
     for r in pkg.rows("era"):
+        when_package = r.get("when_package", str, None, pattern=PKG_RE)
+        when_version = r.get("when_version", str, None)
+        if when_version is not None and when_package is None:
+            raise r.fail("when_version", "needs when_package: the package whose pinned version it is about")
         era.append(EraPin(
             name=r.get("name", str, pattern=PKG_RE),
             spec=check_spec(r, "spec", r.get("spec", str), unpinned=False),
             why=r.get("why", str),
             torch_max=r.version("torch_max", None),
-            when_package=r.get("when_package", str, None, pattern=PKG_RE),
+            when_package=when_package,
+            when_version=when_version and check_spec(r, "when_version", when_version, unpinned=False),
+            from_date=r.day("from_date", None),
             replaces=r.get("replaces", str, None, pattern=PKG_RE),
             always=r.get("always", bool, False),
         ))

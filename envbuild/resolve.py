@@ -742,11 +742,18 @@ def _source_builds(cat: Catalog, py: str) -> dict:
 
 def _era_pins(cat: Catalog, pins: list[Pin], rel: TorchRelease, model: Model) -> list[Pin]:
     by_name = {p.name: p for p in pins}
+    cutoff = _index_cutoff(model, rel)["index_cutoff"]  # None: today's index, which sees every release
     for era in cat.era:
         if era.torch_max and V(rel.version) >= V(era.torch_max):
             continue
+        if era.from_date and cutoff and cutoff < era.from_date:
+            continue
         if era.when_package and era.when_package not in by_name:
             continue
+        if era.when_version:  # a range of the package's releases: only an exact pin in it is known to be
+            pinned = by_name[era.when_package].version
+            if not (is_exact(pinned) and SpecifierSet(era.when_version).contains(pinned, prereleases=True)):
+                continue
         if era.replaces and era.replaces in by_name:
             old = by_name.pop(era.replaces)
             version = old.version or era.spec

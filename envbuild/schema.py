@@ -159,6 +159,10 @@ PACKAGES_FILE = Table("Facts about compiled, version-asserting and era-pinned pa
         "why": F(str, "string", "The reason, shown in the Plan.", '"torch < 2.3 was built against numpy 1.x"', True),
         "torch_max": F(str, VERSION, "Applies while the Plan's torch is below this (exclusive).", '"2.3"'),
         "when_package": F(str, PKG, "Applies only when the Plan has this package.", '"mmcv-full"'),
+        "when_version": F(str, "specifier", "Applies only while when_package's exact pin is in this range "
+                          "(needs when_package).", '"<2.1"'),
+        "from_date": F(str, DAY, "Applies only to Plans whose index cutoff is on or after this day (when the release "
+                       "it guards against came out): an earlier era cannot pick it.", '"2026-01-06"'),
         "replaces": F(str, PKG, "A package this one stands in for.", '"opencv-python"'),
         "always": F(bool, "boolean", "Add the package even when the stack does not have it.", "true"),
     }), required=True),

@@ -257,6 +257,8 @@ def test_unknown_keys_and_tables_are_refused_with_the_closest_known_name(matrice
     ("models/maptr.toml", 'version = "1.23.5"', 'version = "*"', "corrections.numpy.version", "not a version or specifier"),
     ("models/maptr.toml", '"mmcv-full" = "1.4.0"', '"mmcv-full" = ""', "packages.mmcv-full", "not a version or specifier"),
     ("toolchains/packages.toml", 'spec = "<2"', 'spec = "*"', "era[0].spec", "not a version or specifier"),
+    ("toolchains/packages.toml", 'spec = "<2"', 'spec = "<2"\nwhen_version = "<1.26"', "era[0].when_version", "needs when_package"),
+    ("toolchains/packages.toml", 'from_date = "2026-01-06"', 'from_date = "2026-02-30"', "from_date", "not a date"),
     ("toolchains/packages.toml", '[asserts.mmdet."2.14.0"]', '[asserts.mmdet."2.14.x"]', "asserts.mmdet.2.14.x", "range of versions"),
     ("toolchains/packages.toml", '[compiled.mmcv-full."1.6.2"]', '[compiled.mmcv-full."latest"]', "compiled.mmcv-full.latest",
      "not a version"),

@@ -181,6 +181,26 @@ def test_era_pins_hold_what_upstream_left_open(cat):
     assert sd.mode == "upstream" and any("opencv" in d for d in sd.deviations)
 
 
+def test_an_era_pin_guards_only_plans_whose_lock_could_pick_what_it_guards_against(cat):
+    """lightning-cloud 0.6.0 (2026-01-06) dropped what lightning 2.0.x imports: QCNet's port to torch
+    2.11 (index cutoff 2026-04) gets lightning-cloud<0.6; its A800 port (cutoff 2023) cannot pick 0.6."""
+    from envbuild.plan import Pin
+    from envbuild.resolve import _era_pins
+    no_index = Sources(torch_index=None)
+    port = resolve(cat, "qcnet", "h20,b200", cuda="13.0", python="3.11", sources=no_index)
+    cloud = port.pin("lightning-cloud")
+    assert port.index_cutoff >= "2026-01-06" and cloud.version == "<0.6" and cloud.source == "era"
+    assert "AppinstancesIdBody" in cloud.why
+    a800 = resolve(cat, "qcnet", "a800", cuda="11.8", python="3.11", sources=no_index)
+    assert a800.index_cutoff < "2026-01-06" and a800.pin("lightning-cloud") is None
+    # lightning 2.1 made lightning-cloud an extra: a pin outside when_version, or no exact pin, gets nothing
+    rel, model = cat.torch[port.torch.version], cat.models["qcnet"]
+    for lightning in ("2.1.0", ">=2.0"):
+        pins = _era_pins(cat, [Pin("lightning", lightning, "upstream pin", lightning)], rel, model)
+        assert [p.name for p in pins] == ["lightning"], lightning
+    assert "lightning-cloud" in [p.name for p in _era_pins(cat, [Pin("lightning", "2.0.9", "", "2.0.9")], rel, model)]
+
+
 # ---------------------------------------------------------- an oracle apart from archrules
 # Written by hand from the rule in DESIGN.md, not computed: a cubin for X.y runs on X.z only when
 # z >= y (same major); PTX for X.y JIT-compiles on every card at or above X.y. The sweeps below
