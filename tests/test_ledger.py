@@ -160,7 +160,9 @@ def test_matrix_marks_the_cells_the_ledger_holds_verified_failed_or_stale(tmp_pa
     covers = "only as the port of --card a800 --python 3.11 --cuda 11.8 --torch-index none"
     assert by_record["qcnet"] == "passed" and cells[("qcnet", "a800")] == f"verified {covers}"
     assert by_record["sparsedrive"] == "passed" and cells[("sparsedrive", "a800")] == f"verified {covers}"
-    assert not cells[("qcnet", "h20")]  # no record for that cell
+    # a record for several cards covers each of them, named as the request it was made for
+    assert cells[("qcnet", "h20")] == "verified only as the port of --card h20,b200 --python 3.11 --cuda 13.0 --torch-index none"
+    assert not cells[("sparsedrive", "h20")]  # no record for that cell
     # a user catalog whose qcnet pins another lightning: the same request now makes another Plan
     user = tmp_path / "mine"
     (user / "models").mkdir(parents=True)
