@@ -57,6 +57,31 @@ def test_extension_targets_name_modules_from_their_import_root():
     }
 
 
+def test_an_editable_package_is_named_as_its_finder_imports_it_not_from_the_repo_root(tmp_path, monkeypatch):
+    """MapTR's vendored mmdet3d installed editable by setuptools >= 64: a finder maps `mmdet3d` to
+    its folder, no sys.path entry. Named from the repo root (mmdetection3d.mmdet3d...), the smoke
+    imported a second mmdet3d whose registry refused its layers ('already registered')."""
+    import importlib.machinery
+    repo = tmp_path / "model"
+    ops = repo / "mmdetection3d" / "mmdet3d" / "ops" / "iou3d"
+    ops.mkdir(parents=True)
+    for folder in (ops, ops.parent, ops.parent.parent):
+        (folder / "__init__.py").write_text("")
+    so = lib(str(ops / "iou3d_cuda.cpython-311-x86_64-linux-gnu.so"), "iou3d_cuda")
+    target = common.extension_targets([so], [str(repo)])[0]
+    assert target["load"] == "mmdetection3d.mmdet3d.ops.iou3d.iou3d_cuda"  # no finder: the repo root names it
+
+    class EditableFinder:  # what setuptools' __editable__ finder does: a name mapped to a folder
+        @staticmethod
+        def find_spec(name, path=None, target=None):
+            if name == "mmdet3d":
+                return importlib.machinery.PathFinder.find_spec(name, [str(repo / "mmdetection3d")])
+            return None
+    monkeypatch.setattr(sys, "meta_path", sys.meta_path + [EditableFinder])
+    target = common.extension_targets([so], [str(repo)])[0]
+    assert (target["load"], target["package"]) == ("mmdet3d.ops.iou3d.iou3d_cuda", "mmdet3d")
+
+
 def test_nccl_is_retried_with_p2p_off_and_the_working_setting_reported(monkeypatch):
     monkeypatch.delenv("NCCL_P2P_DISABLE", raising=False)
     seen = []

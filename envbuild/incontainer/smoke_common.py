@@ -10,6 +10,7 @@ smoke.py runs as a script.
 from __future__ import annotations
 
 import glob
+import importlib.util
 import json
 import os
 import re
@@ -194,6 +195,25 @@ def import_roots(workdir):
     return [p for p in sys.path if p and os.path.isdir(p) and p != HERE] + [workdir]
 
 
+def package_root(path):
+    """The folder above the outermost regular package (folders with __init__.py) holding path,
+    when Python imports that package from exactly there: a sys.path entry, or an editable
+    install's finder (setuptools >= 64 maps a package to its folder without a sys.path entry).
+    None otherwise. Named from any other root, the package would be imported a second time
+    under another name (mmdet3d as mmdetection3d.mmdet3d: its registries refuse the twin)."""
+    top, folder = None, os.path.dirname(path)
+    while os.path.isfile(os.path.join(folder, "__init__.py")):
+        top, folder = folder, os.path.dirname(folder)
+    if top is None or not os.path.basename(top).isidentifier():
+        return None
+    try:
+        spec = importlib.util.find_spec(os.path.basename(top))
+    except (ImportError, ValueError):
+        return None
+    found = (spec.submodule_search_locations or []) if spec else []
+    return folder if any(os.path.realpath(f) == os.path.realpath(top) for f in found) else None
+
+
 def extension_targets(libs, roots):
     """What to load for each compiled extension: kind "module" (a Python extension module, named
     from the import root it lies under so it imports the way the model does it, parent packages
@@ -204,7 +224,7 @@ def extension_targets(libs, roots):
     found = []
     for lib in libs:
         path = lib["path"]
-        root = next((r for r in roots if path.startswith(r + "/")), None)
+        root = package_root(path) or next((r for r in roots if path.startswith(r + "/")), None)
         if root is None or CUDA_LIBRARY.search(path):
             continue
         rel = os.path.relpath(path, root).split(os.sep)
