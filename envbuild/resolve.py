@@ -750,7 +750,7 @@ def _era_pins(cat: Catalog, pins: list[Pin], rel: TorchRelease, model: Model) ->
             continue
         if era.when_package and era.when_package not in by_name:
             continue
-        if era.when_version:  # a range of the package's releases: only an exact pin in it is known to be
+        if era.when_version:  # only an exact pin inside the range is known to need it (a spec: the lock decides)
             pinned = by_name[era.when_package].version
             if not (is_exact(pinned) and SpecifierSet(era.when_version).contains(pinned, prereleases=True)):
                 continue
