@@ -25,20 +25,27 @@ WHEEL_STEP = re.compile(r"^\[(wheel-[a-z0-9._-]+) \d+/\d+\] RUN ")
 
 
 def wheel_stages(record: dict) -> dict:
-    """{(stage, version): seconds} of the compiled wheel stages a record's own build ran (not
-    served from BuildKit's cache), the RUN that compiles; the version from its requirement.
-    A stage ccache fed (its "ccache" counts say hits) is left out: it did not compile cold. Records
-    older than those counts cannot tell."""
+    """{(stage, version): seconds} of the compiled wheel stages a record measured compiling, the
+    RUN that compiles; the version from its requirement. A stage ccache fed (its "ccache" counts
+    say hits) is left out: it did not compile cold. Records older than those counts cannot tell."""
     out = {}
     for step in record.get("stages") or []:
         m = WHEEL_STEP.match(step["step"])
         version = re.search(r"[A-Za-z0-9._-]==([0-9][0-9A-Za-z.+!]*)", step["step"])
-        # a stage BuildKit served from its cache did not compile in this record's build
-        if m and version and step.get("seconds") and not step.get("cached") \
+        if m and version and step.get("seconds") and _compiled(step) \
                 and not (step.get("ccache") or {}).get("hits"):
             key = (m.group(1), version.group(1))
             out[key] = max(out.get(key, 0), step["seconds"])
     return out
+
+
+def _compiled(step: dict) -> bool:
+    """The record's build ran it, or BuildKit served it and the record carries the time of the
+    build that ran it (ledger.with_cold_times names that log): then only that build's own ccache
+    counts can say it compiled cold, so a carried step without them is left out."""
+    if not step.get("cached"):
+        return True
+    return bool(step.get("from_log")) and (step.get("ccache") or {}).get("misses", 0) > 0
 
 
 def archs(cat, record: dict) -> list[str]:

@@ -107,6 +107,27 @@ def test_bench_archs_pairs_two_archs_with_three_on_one_toolchain(tmp_path, monke
     assert "9.0+10.0+12.0" in row[1](written) and "2500 s / 1800 s = 1.39" in row[2](written)
 
 
+def test_bench_archs_counts_a_cold_compile_a_later_build_found_cached(tmp_path, monkeypatch):
+    """A verify that reran (its first try failed after the compile) finds the wheel stage in
+    BuildKit's cache; its record carries the time and ccache counts of the build that compiled it
+    (from_log). That is a cold compile when those counts say no hits, and nothing to go by without them."""
+    from envbuild import ledger
+
+    def record(card, seconds, **step):
+        run = "[wheel-mmcv-full 2/2] RUN pip download mmcv-full==1.7.2 && pip wheel ."
+        return {"verdict": ledger.PASSED, "request": {"card": card}, "plan": {"torch": "2.11.0", "cuda": "13.0.2"},
+                "stages": [{"step": run, "seconds": seconds, "cached": False, **step}]}
+    log = {"cached": True, "from_log": "/root/.cache/envbuild/logs/maptr-h20+b200-1.log"}
+    written = _bench_archs_on({
+        "a.json": record("h20,b200", 2347.0, **log, ccache={"hits": 0, "misses": 129}),
+        "b.json": record("h20,b200,rtx5090", 3300.0, ccache={"hits": 0, "misses": 129}),
+        "c.json": record("a800", 900.0, **log),  # carried, no counts: cannot tell
+        "d.json": record("a800", 60.0, **log, ccache={"hits": 120, "misses": 9})}, tmp_path, monkeypatch)
+    (pair,) = written["pairs"]
+    assert (pair["fewer_archs"]["seconds"], pair["more_archs"]["seconds"]) == (2347.0, 3300.0)
+    assert {r["record"] for r in written["stages_seen"]} == {"a.json", "b.json"}
+
+
 def test_bench_ci_calls_a_stopped_engine_with_data_warm_and_a_new_machine_cold(tmp_path, monkeypatch):
     """.ci/run starts the engine: before it, an engine that does not answer is cold only when its
     data folder is absent or empty (a new machine, a wiped one); images and cache on disk make it warm."""
