@@ -22,18 +22,39 @@ def fatbin_bytes(arch, kind=2, flags=0x11):
 
 def elf_with_fatbin(fatbin: bytes) -> bytes:
     """A 64-bit little-endian ELF with sections null, .shstrtab and .nv_fatbin."""
-    names = b"\0.shstrtab\0.nv_fatbin\0"
-    strtab_off = 64
-    fatbin_off = (strtab_off + len(names) + 7) & ~7
-    shoff = (fatbin_off + len(fatbin) + 7) & ~7
-    header = b"\x7fELF" + bytes([2, 1, 1]) + bytes(9)
-    header += struct.pack("<HHIQQQIHHHHHH", 3, 62, 1, 0, 0, shoff, 0, 64, 0, 0, 64, 3, 1)
+    return elf_with_sections([(".nv_fatbin", fatbin)])
+
+
+SHT_PROGBITS, SHT_STRTAB, SHT_NOBITS = 1, 3, 8
+
+
+def elf_with_sections(sections: list, nobits: dict | None = None, align: int = 8) -> bytes:
+    """A 64-bit little-endian ELF with sections null, .shstrtab and the given (name, bytes) in
+    order, each starting at a multiple of `align` in the file; `nobits` {name: (index of a section
+    above, size)}: sections with no bytes whose offset is that section's (as .lbss shares .ldata's)."""
+    nobits = nobits or {}
+    names = b"\0.shstrtab\0" + b"".join(n.encode() + b"\0" for n, _ in sections) + \
+        b"".join(n.encode() + b"\0" for n in nobits)
+    header_at, body = 64, bytearray(64)
+    strtab_off = len(body)
+    body += names
+    placed = []
+    for name, data in sections:
+        body = body.ljust((len(body) + align - 1) // align * align, b"\0")
+        placed.append((names.index(b"\0" + name.encode() + b"\0") + 1, len(body), data))
+        body += data
+    body = body.ljust((len(body) + 7) & ~7, b"\0")
+    shoff = len(body)
 
     def section(name, kind, offset, size):
         return struct.pack("<IIQQQQIIQQ", name, kind, 0, 0, offset, size, 0, 0, 1, 0)
 
-    body = bytearray(header.ljust(strtab_off, b"\0") + names)
-    body = body.ljust(fatbin_off, b"\0") + fatbin
-    body = body.ljust(shoff, b"\0")
-    body += section(0, 0, 0, 0) + section(1, 3, strtab_off, len(names)) + section(11, 1, fatbin_off, len(fatbin))
-    return bytes(body)
+    table = section(0, 0, 0, 0) + section(1, SHT_STRTAB, strtab_off, len(names))
+    table += b"".join(section(n, SHT_PROGBITS, off, len(d)) for n, off, d in placed)
+    for name, (above, size) in nobits.items():
+        table += section(names.index(b"\0" + name.encode() + b"\0") + 1, SHT_NOBITS, placed[above][1], size)
+    count = 2 + len(placed) + len(nobits)
+    header = b"\x7fELF" + bytes([2, 1, 1]) + bytes(9)
+    header += struct.pack("<HHIQQQIHHHHHH", 3, 62, 1, 0, 0, shoff, 0, 64, 0, 0, 64, count, 1)
+    body[0:header_at] = header
+    return bytes(body + table)

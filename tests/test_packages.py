@@ -156,6 +156,27 @@ def test_the_wheel_audit_refuses_kernels_that_do_not_run_on_the_card(tmp_path):
     assert audit_scan.wheel_problems(str(cpu_only), ["8.0"])[1] == ["ops-1.0-py3-none-any.whl carries no GPU code"]
 
 
+def test_the_scanner_reads_gpu_code_a_library_keeps_in_its_large_data_section(tmp_path):
+    """cuFFT 12 (CUDA 13's wheel) keeps one sm_75 stub in .nv_fatbin and its real kernels, SASS
+    7.5-12.0, in .ldata among other data, at offsets that are not 8-aligned in the section; the
+    audit said it had no code for 9.0 or 10.0. A section with no bytes in the file is not read
+    though its offset points at another's (as .lbss's points at .ldata's)."""
+    import struct
+    from fakecuda import elf_with_sections, fatbin_bytes
+    from envbuild.incontainer import audit_scan
+    stray_magic = struct.pack("<IHHQ", 0xBA55ED50, 7, 3, 1 << 40)  # the magic's bytes in other data
+    ldata = (b"data" + fatbin_bytes(90) + b"other data" + stray_magic + fatbin_bytes(100, flags=0x1008011)
+             + fatbin_bytes(75, kind=8) + fatbin_bytes(80, kind=1))
+    lib = tmp_path / "libcufft.so.12"
+    lib.write_bytes(elf_with_sections([(".nv_fatbin", fatbin_bytes(75)), (".ldata", ldata)]))
+    found = audit_scan.scan_file(str(lib))
+    assert (found["sass"], found["ptx"]) == (["7.5", "9.0", "10.0"], ["8.0"])
+    only_bss = tmp_path / "libbss.so"
+    only_bss.write_bytes(elf_with_sections([(".nv_fatbin", fatbin_bytes(75)), (".data", fatbin_bytes(120))],
+                                           nobits={".lrodata": (1, 4096)}))
+    assert audit_scan.scan_file(str(only_bss))["sass"] == ["7.5"]
+
+
 def test_the_scanner_keeps_arch_and_family_specific_cubins_apart(tmp_path):
     """nvcc marks sm_XYa / sm_XYf code only in the fatbin entry's flags (bit 20 / bit 21 of the u64
     at offset 40, measured with nvcc 13.0: see fakecuda); the SM number is the same as sm_XY's. The

@@ -39,8 +39,16 @@ def arch_key(arch):
     return int(major), int(digits), minor[len(digits):]
 
 
+# Where GPU code lies in a library: nvcc's own section, and the large-data sections a library
+# linked with a large code model keeps it in (cuFFT 12 from CUDA 13: its .nv_fatbin holds one
+# sm_75 stub; 23,983 containers with SASS 7.5-12.0 are in .ldata).
+FATBIN_SECTIONS = (".nv_fatbin", ".ldata", ".lrodata")
+SHT_NOBITS = 8  # a section with no bytes in the file (.bss, .lbss): its offset is another's
+
+
 def elf_sections(fh):
-    """{name: (offset, size)} of a 64-bit little-endian ELF file, or {} if not one."""
+    """{name: (offset, size)} of the sections with bytes in a 64-bit little-endian ELF file, or
+    {} if not one."""
     fh.seek(0)
     ident = fh.read(64)
     if len(ident) < 64 or ident[:4] != b"\x7fELF" or ident[4] != 2 or ident[5] != 1:
@@ -53,27 +61,30 @@ def elf_sections(fh):
     table = fh.read(shentsize * shnum)
     headers = []
     for i in range(shnum):
-        name, _type, _flags, _addr, offset, size = struct.unpack_from("<IIQQQQ", table, i * shentsize)
-        headers.append((name, offset, size))
-    str_off, str_size = headers[shstrndx][1], headers[shstrndx][2]
+        name, kind, _flags, _addr, offset, size = struct.unpack_from("<IIQQQQ", table, i * shentsize)
+        headers.append((name, kind, offset, size))
+    str_off, str_size = headers[shstrndx][2], headers[shstrndx][3]
     fh.seek(str_off)
     strtab = fh.read(str_size)
     out = {}
-    for name, offset, size in headers:
-        end = strtab.find(b"\0", name)
-        out[strtab[name:end].decode("ascii", "replace")] = (offset, size)
+    for name, kind, offset, size in headers:
+        if kind != SHT_NOBITS:
+            end = strtab.find(b"\0", name)
+            out[strtab[name:end].decode("ascii", "replace")] = (offset, size)
     return out
 
 
 def fatbin_archs(data):
     """(sass, ptx): sorted lists of 'X.Y' archs ('X.Ya', 'X.Yf' for arch- and family-specific
-    code) in a .nv_fatbin section's bytes."""
+    code) in the fatbin containers among a section's bytes (containers follow each other in
+    .nv_fatbin; in .ldata other data lies between them, at any alignment)."""
     sass, ptx = set(), set()
-    pos = 0
-    while pos + 16 <= len(data):
-        magic, _version, header_size, fat_size = struct.unpack_from("<IHHQ", data, pos)
-        if magic != FATBIN_MAGIC:
-            pos += 8  # containers are 8-byte aligned; skip padding
+    magic = struct.pack("<I", FATBIN_MAGIC)
+    pos = data.find(magic)
+    while pos != -1 and pos + 16 <= len(data):
+        _magic, _version, header_size, fat_size = struct.unpack_from("<IHHQ", data, pos)
+        if not 16 <= header_size <= 64:  # the magic's four bytes inside other data
+            pos = data.find(magic, pos + 1)
             continue
         entry = pos + header_size
         end = min(len(data), entry + fat_size)
@@ -85,24 +96,29 @@ def fatbin_archs(data):
             flags = struct.unpack_from("<Q", data, entry + ENTRY_FLAGS)[0] if eh_size >= ENTRY_FLAGS + 8 else 0
             suffix = "a" if flags & ARCH_SPECIFIC_FLAG else "f" if flags & FAMILY_SPECIFIC_FLAG else ""
             name = "%d.%d%s" % (arch // 10, arch % 10, suffix)
-            if kind == KIND_ELF:
+            if kind == KIND_ELF:  # other kinds (8: LTO IR, as cuFFT ships) neither run nor JIT
                 sass.add(name)
             elif kind == KIND_PTX:
                 ptx.add(name)
             entry += eh_size + size
-        pos = max(end, pos + 8)
-        pos = (pos + 7) & ~7
+        pos = data.find(magic, max(end, pos + 1))
     return sorted(sass, key=arch_key), sorted(ptx, key=arch_key)
 
 
 def scan_file(path):
     with open(path, "rb") as fh:
         sections = elf_sections(fh)
-        if ".nv_fatbin" not in sections:
+        if not any(name in sections for name in FATBIN_SECTIONS):
             return None
-        offset, size = sections[".nv_fatbin"]
-        fh.seek(offset)
-        sass, ptx = fatbin_archs(fh.read(size))
+        sass, ptx = set(), set()
+        for name in FATBIN_SECTIONS:
+            if name in sections:
+                offset, size = sections[name]
+                fh.seek(offset)
+                found = fatbin_archs(fh.read(size))
+                sass.update(found[0])
+                ptx.update(found[1])
+        sass, ptx = sorted(sass, key=arch_key), sorted(ptx, key=arch_key)
         python_module = None
         if ".dynstr" in sections:  # a Python extension module exports PyInit_<name>
             offset, size = sections[".dynstr"]
