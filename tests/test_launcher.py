@@ -78,6 +78,11 @@ def p2p_matrix(n, cell=lambda i, j: "OK"):
     return "\n".join(rows) + "\n\nLegend:\n\n  X    = Self\n  OK   = Status Ok\n  NS   = Not supported\n"
 
 
+def uuid(i):
+    """The stand-in host's UUID of GPU i."""
+    return f"GPU-{i:x}{i:x}c0ffee-{i:04x}-1111-2222-333344445555"
+
+
 PCIE_TOPO = "\tGPU0\tGPU1\tCPU Affinity\tNUMA Affinity\nGPU0\t X \tPHB\t0-31\t0\nGPU1\tPHB\t X \t0-31\t0\n"
 
 
@@ -89,6 +94,7 @@ class FakeHost:
         self.bin.mkdir(parents=True, exist_ok=True)
         self.log = root / "calls.log"
         (root / "gpus.csv").write_text("".join(f"{i}, {name}, {cc}\n" for i, (name, cc) in enumerate(gpus)))
+        (root / "uuids.csv").write_text("".join(f"{i}, {uuid(i)}\n" for i in range(len(gpus))))
         (root / "p2p.txt").write_text(p2p or "")
         (root / "topo.txt").write_text(topo or "")
         no_field = 'echo "Field compute_cap is not a valid field to query."; exit 2'
@@ -104,6 +110,7 @@ class FakeHost:
             answers["fail"],
             'case "$*" in',
             f'  *compute_cap*) {answers["full"]} ;;',
+            f"  *--query-gpu=index,uuid*) cat {root}/uuids.csv ;;",
             f"  *--query-gpu=index,name*) sed 's/, [0-9.]*$//' {root}/gpus.csv ;;",
             f'  "topo -p2p r") {answers["p2p"]} ;;',
             f'  "topo -m") {answers["topo"]} ;;',
@@ -185,6 +192,50 @@ def test_a_pcie_pair_that_cannot_reach_each_other_turns_p2p_off(helpers, tmp_pat
     assert "P2P=1" in r.stdout
     assert r.stderr == ("envbuild: NCCL_P2P_DISABLE=1 (3x NVIDIA A100-PCIE-40GB: GPU0-GPU1: chipset does not "
                         "support P2P (CNS), GPU1-GPU2: P2P not supported (NS))\n")
+
+
+def _four_gpus_two_reach_each_other(tmp_path, names=("NVIDIA H100 80GB HBM3",) * 4):
+    """GPU0-GPU1 read each other's memory; every pair with GPU2 or GPU3 cannot (a VM with ACS)."""
+    cell = lambda i, j: "OK" if {i, j} == {0, 1} else "CNS"  # noqa: E731
+    return FakeHost(tmp_path, [(n, "9.0") for n in names], p2p=p2p_matrix(4, cell))
+
+
+@pytest.mark.parametrize("visible, p2p, says", [
+    (None, "1", "envbuild: NCCL_P2P_DISABLE=1 (4x NVIDIA H100 80GB HBM3: GPU0-GPU2"),  # nothing narrows
+    ("0,1", "unset", "envbuild: CUDA_VISIBLE_DEVICES=0,1: P2P kept (2x NVIDIA H100 80GB HBM3, "),
+    ("1,2", "1", "envbuild: CUDA_VISIBLE_DEVICES=1,2: NCCL_P2P_DISABLE=1 (2x NVIDIA H100 80GB HBM3: "
+                 "GPU1-GPU2: chipset does not support P2P (CNS))"),
+    ("0,1,7,2", "unset", "envbuild: CUDA_VISIBLE_DEVICES=0,1,7,2: P2P kept (2x"),  # CUDA stops at 7
+    ("1,1,3", "unset", "envbuild: CUDA_VISIBLE_DEVICES=1,1,3: P2P kept (1x NVIDIA H100 80GB HBM3: one GPU"),
+    (f"{uuid(3)[:12]},{uuid(2)}", "1", "envbuild: CUDA_VISIBLE_DEVICES=GPU-33c0ffee,GPU-22c0ffee-0002-1111-"  # a prefix
+                                      "2222-333344445555: NCCL_P2P_DISABLE=1 (2x NVIDIA H100 80GB HBM3: GPU2-GPU3: "
+                                      "chipset does not support P2P (CNS))\n"),
+    ("", "unset", "envbuild: CUDA_VISIBLE_DEVICES=: no GPU CUDA can use: nothing decided"),
+    ("-1", "unset", "envbuild: CUDA_VISIBLE_DEVICES=-1: no GPU CUDA can use: nothing decided"),
+])
+def test_only_the_gpus_cuda_visible_devices_leaves_are_looked_at(helpers, tmp_path, visible, p2p, says):
+    """A scheduler that gives a job GPUs 0 and 1 of a node (CUDA_VISIBLE_DEVICES) gets the
+    decision for those two: nvidia-smi lists every GPU of the container, and a pair the job does
+    not use must not turn its P2P off (nor a pair it uses be missed)."""
+    host = _four_gpus_two_reach_each_other(tmp_path)
+    r = launch(helpers(), SHOW, host.path, **({} if visible is None else {"CUDA_VISIBLE_DEVICES": visible}))
+    assert r.returncode == 7 and f"P2P={p2p} LEVEL=unset" in r.stdout
+    assert r.stderr.startswith(says), r.stderr
+    assert any("uuid" in c for c in host.calls()) == (visible is not None and "GPU-" in visible)
+
+
+def test_indices_of_unlike_cards_are_not_mapped_unless_cuda_orders_by_bus(helpers, tmp_path):
+    """CUDA numbers GPUs fastest first, nvidia-smi by PCI bus: with two kinds of card, index 0 may
+    be nvidia-smi's GPU2. The launcher then looks at all GPUs (and says so), unless
+    CUDA_DEVICE_ORDER=PCI_BUS_ID makes the two orders one."""
+    host = _four_gpus_two_reach_each_other(tmp_path, ("NVIDIA A100-SXM4-80GB",) * 2 + ("NVIDIA H100 80GB HBM3",) * 2)
+    r = launch(helpers(), SHOW, host.path, CUDA_VISIBLE_DEVICES="0,1")
+    assert "P2P=1" in r.stdout and r.stderr.startswith(
+        "envbuild: CUDA_VISIBLE_DEVICES=0,1 (unlike cards: CUDA's order is not nvidia-smi's; all GPUs looked at): "
+        "NCCL_P2P_DISABLE=1 (4 GPUs: ")
+    r = launch(helpers(), SHOW, host.path, CUDA_VISIBLE_DEVICES="0,1", CUDA_DEVICE_ORDER="PCI_BUS_ID")
+    assert "P2P=unset" in r.stdout and r.stderr.startswith(
+        "envbuild: CUDA_VISIBLE_DEVICES=0,1: P2P kept (2x NVIDIA A100-SXM4-80GB")
 
 
 @pytest.mark.parametrize("user, says", [

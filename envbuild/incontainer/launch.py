@@ -9,7 +9,8 @@ then exec's COMMAND: the command replaces it (same PID, its own signals and exit
 
 What it decides, and for which cards, is not written here: the image's host-settings.json (from
 the Plan, which has it from the catalog) holds each rule and the catalog facts it reads. A value
-the user set before start is never replaced.
+the user set before start is never replaced. Only the GPUs CUDA_VISIBLE_DEVICES leaves to CUDA
+are looked at (nvidia-smi lists all the container got).
 
     ENVBUILD_LAUNCHER_QUIET=1   decide, but print nothing
     ENVBUILD_LAUNCHER_SKIP=1    decide nothing, print nothing: run COMMAND as it is
@@ -78,6 +79,54 @@ def read_gpus():
     except NvidiaSmiFailed:  # drivers before 510 know no compute_cap field
         out = nvidia_smi(["--query-gpu=index,name", "--format=csv,noheader"])
     return None if out is None else parse_gpus(out)
+
+
+def parse_uuids(text):
+    """`--query-gpu=index,uuid --format=csv,noheader` -> {index: "GPU-..."}."""
+    out = {}
+    for line in (text or "").splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 2 and parts[0].isdigit():
+            out[int(parts[0])] = parts[1]
+    return out
+
+
+def cuda_visible(gpus, env, probe=nvidia_smi):
+    """(the GPUs CUDA will use, what narrowed them or ""). nvidia-smi lists every GPU the
+    container got; CUDA_VISIBLE_DEVICES (a scheduler's share of a node, two jobs on one host) names
+    some of them, by CUDA's index or by UUID (a unique prefix does), and CUDA stops at the first
+    entry it cannot use. Where the entries cannot be mapped to nvidia-smi's GPUs, all are kept:
+    deciding over more GPUs than CUDA uses may turn P2P off needlessly, never leave it on wrongly."""
+    value = env.get("CUDA_VISIBLE_DEVICES")
+    if value is None:
+        return gpus, ""
+    said = "CUDA_VISIBLE_DEVICES=%s" % value
+    ordered = sorted(gpus, key=lambda g: g["index"])
+    # CUDA numbers GPUs fastest first; nvidia-smi by PCI bus. The same where all cards are alike
+    # (ties go by bus) or where CUDA_DEVICE_ORDER=PCI_BUS_ID.
+    same_order = env.get("CUDA_DEVICE_ORDER") == "PCI_BUS_ID" or len({(g["name"], g["cc"]) for g in gpus}) == 1
+    uuids, chosen = None, []
+    for token in [t.strip() for t in value.split(",")]:
+        if token.isdigit():
+            if not same_order:
+                return gpus, said + " (unlike cards: CUDA's order is not nvidia-smi's; all GPUs looked at)"
+            gpu = ordered[int(token)] if int(token) < len(ordered) else None
+        elif token.startswith("GPU-"):
+            if uuids is None:
+                try:
+                    uuids = parse_uuids(probe(["--query-gpu=index,uuid", "--format=csv,noheader"]))
+                except NvidiaSmiFailed:
+                    return gpus, said + " (nvidia-smi listed no UUIDs: all GPUs looked at)"
+            found = [g for g in ordered if uuids.get(g["index"], "").startswith(token)]
+            gpu = found[0] if len(found) == 1 else None
+        elif token.startswith("MIG-"):
+            return gpus, said + " (MIG instances: all GPUs looked at)"
+        else:
+            gpu = None
+        if gpu is None or gpu in chosen:  # CUDA stops at an entry it cannot use
+            break
+        chosen.append(gpu)
+    return (gpus, "") if chosen == ordered else (chosen, said)
 
 
 def _matrix(text):
@@ -165,6 +214,9 @@ def decide_no_p2p(setting, gpus, probe):
             pairs = parse_p2p(probe(["topo", "-p2p", "r"]))
         except NvidiaSmiFailed:
             pairs = None
+    if pairs:  # only the pairs among the GPUs CUDA uses
+        here = {g["index"] for g in gpus}
+        pairs = {(a, b): cell for (a, b), cell in pairs.items() if a in here and b in here}
     bad = sorted((pair, cell) for pair, cell in (pairs or {}).items() if cell != "OK" and pair[0] < pair[1])
     why = []
     if bad:
@@ -249,9 +301,14 @@ def prepare(env, stream=None, settings_path=SETTINGS):
         if not gpus:
             line = "no GPU visible to nvidia-smi: nothing decided"
         else:
-            changes, said = decide(env, load_settings(settings_path), gpus)
-            env.update(changes)
-            line = "; ".join(said) or "nothing to decide"
+            gpus, narrowed = cuda_visible(gpus, env)
+            if not gpus:
+                line = "%s: no GPU CUDA can use: nothing decided" % narrowed
+            else:
+                changes, said = decide(env, load_settings(settings_path), gpus)
+                env.update(changes)
+                line = "; ".join(said) or "nothing to decide"
+                line = "%s: %s" % (narrowed, line) if narrowed else line
     except NvidiaSmiFailed as exc:
         line = "%s: nothing decided" % exc
     except Exception as exc:  # noqa: BLE001 - a bug here must not keep the command from running
