@@ -211,17 +211,18 @@ def estimate(ctx, records: list[dict], machine: dict | None = None, built: dict 
             continue
         m = _pick(found, package, version)
         if m is None:
-            one = UNMEASURED_ONE_ARCH_S
+            one, basis_archs = UNMEASURED_ONE_ARCH_S, 1
             basis, there = "not in the ledger: guessed like benchmarks' CUDA op", LEDGER_MACHINE
         else:
-            one = m["seconds"] / arch_factor(m["archs"])
+            one, basis_archs = m["seconds"] / arch_factor(m["archs"]), m["archs"]
             basis = _basis(m)
             there = m["machine"]
         gb = step.gb_per_job or DEFAULT_GB_PER_JOB
         speed = jobs(there["cores"], there["memory_gb"], gb) / jobs(machine["cores"], machine["memory_gb"], gb)
         seconds = one * arch_factor(archs) * speed
         stages.append({"package": step.name, "seconds": round(seconds, 1),
-                       "why": f"{basis}; x{arch_factor(archs):.2f} for {archs} arch(s), "
+                       # the factor from the basis's archs to these (2347 s for 2 archs is x1.00 for 2)
+                       "why": f"{basis}; x{arch_factor(archs) / arch_factor(basis_archs):.2f} for {archs} arch(s), "
                               f"x{speed:.2f} for {jobs(machine['cores'], machine['memory_gb'], gb)} job(s) here"})
     rests = [m for m in found if m["package"] is None]
     own = [m["seconds"] for m in rests if m["model"] == plan.model]

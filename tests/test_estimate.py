@@ -69,6 +69,22 @@ def test_a_compile_ccache_served_is_not_the_price(ledger_machine):
     assert f"in {slowest['model']}'s record" in mmcv["why"]
 
 
+@pytest.mark.parametrize("card", ["h20,b200", "h20,b200,rtx5090"])
+def test_the_arch_factor_said_is_the_one_from_the_measured_archs_to_the_plans(ledger_machine, card):
+    """The line read "2347 s for 2 arch(s) in maptr's record; x1.55 for 2 arch(s)" and priced it at
+    2347 s: the factor said was from one arch. It is the factor applied to the measured time."""
+    import re
+    cost = pipeline.estimate_image(Request(model="maptr", card=card, python="3.11", cuda="13.0"))["estimate"]
+    mmcv = next(s for s in cost["stages"] if s["package"] == "mmcv-full")
+    basis = re.search(r"(\d+) s for (\d+) arch\(s\) in ", mmcv["why"])
+    factor = re.search(r"; x([0-9.]+) for (\d+) arch\(s\), x1\.00 for", mmcv["why"])
+    assert basis and factor, mmcv["why"]
+    assert int(factor.group(2)) == cost["archs"] == len(card.split(","))
+    assert mmcv["seconds"] == pytest.approx(float(basis.group(1)) * float(factor.group(1)), rel=0.01)
+    if basis.group(2) == factor.group(2):
+        assert factor.group(1) == "1.00"
+
+
 def test_records_on_another_machine_are_compared_per_compile_job():
     """A record from a 16-core machine that took a quarter of the time did more work per job than a
     2-core one that took longer: the pick normalises by the jobs each machine ran."""
