@@ -35,13 +35,17 @@ def elf_with_sections(sections: list, nobits: dict | None = None, align: int = 8
     nobits = nobits or {}
     names = b"\0.shstrtab\0" + b"".join(n.encode() + b"\0" for n, _ in sections) + \
         b"".join(n.encode() + b"\0" for n in nobits)
-    header_at, body = 64, bytearray(64)
+
+    def name_at(name):  # its offset in .shstrtab
+        return names.index(b"\0" + name.encode() + b"\0") + 1
+
+    body = bytearray(64)  # the ELF header, written last
     strtab_off = len(body)
     body += names
     placed = []
     for name, data in sections:
         body = body.ljust((len(body) + align - 1) // align * align, b"\0")
-        placed.append((names.index(b"\0" + name.encode() + b"\0") + 1, len(body), data))
+        placed.append((name_at(name), len(body), data))
         body += data
     body = body.ljust((len(body) + 7) & ~7, b"\0")
     shoff = len(body)
@@ -52,9 +56,9 @@ def elf_with_sections(sections: list, nobits: dict | None = None, align: int = 8
     table = section(0, 0, 0, 0) + section(1, SHT_STRTAB, strtab_off, len(names))
     table += b"".join(section(n, SHT_PROGBITS, off, len(d)) for n, off, d in placed)
     for name, (above, size) in nobits.items():
-        table += section(names.index(b"\0" + name.encode() + b"\0") + 1, SHT_NOBITS, placed[above][1], size)
+        table += section(name_at(name), SHT_NOBITS, placed[above][1], size)
     count = 2 + len(placed) + len(nobits)
     header = b"\x7fELF" + bytes([2, 1, 1]) + bytes(9)
     header += struct.pack("<HHIQQQIHHHHHH", 3, 62, 1, 0, 0, shoff, 0, 64, 0, 0, 64, count, 1)
-    body[0:header_at] = header
+    body[0:64] = header
     return bytes(body + table)

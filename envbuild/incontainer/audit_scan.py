@@ -108,16 +108,15 @@ def fatbin_archs(data):
 def scan_file(path):
     with open(path, "rb") as fh:
         sections = elf_sections(fh)
-        if not any(name in sections for name in FATBIN_SECTIONS):
+        if ".nv_fatbin" not in sections:  # nvcc built none of it: its large data is not read
             return None
         sass, ptx = set(), set()
-        for name in FATBIN_SECTIONS:
-            if name in sections:
-                offset, size = sections[name]
-                fh.seek(offset)
-                found = fatbin_archs(fh.read(size))
-                sass.update(found[0])
-                ptx.update(found[1])
+        for name in (n for n in FATBIN_SECTIONS if n in sections):
+            offset, size = sections[name]
+            fh.seek(offset)
+            found = fatbin_archs(fh.read(size))
+            sass.update(found[0])
+            ptx.update(found[1])
         sass, ptx = sorted(sass, key=arch_key), sorted(ptx, key=arch_key)
         python_module = None
         if ".dynstr" in sections:  # a Python extension module exports PyInit_<name>

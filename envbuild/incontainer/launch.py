@@ -62,14 +62,19 @@ def nvidia_smi(args, timeout=TIMEOUT):
     return r.stdout
 
 
-def parse_gpus(text):
-    """`--query-gpu=index,name[,compute_cap] --format=csv,noheader` -> [{"index", "name", "cc"}]."""
-    gpus = []
+def _rows(text):
+    """`--query-gpu=index,... --format=csv,noheader` -> [(index, [the other fields])]."""
+    rows = []
     for line in (text or "").splitlines():
         parts = [p.strip() for p in line.split(",")]
         if len(parts) >= 2 and parts[0].isdigit():
-            gpus.append({"index": int(parts[0]), "name": parts[1], "cc": parts[2] if len(parts) > 2 else ""})
-    return gpus
+            rows.append((int(parts[0]), parts[1:]))
+    return rows
+
+
+def parse_gpus(text):
+    """`--query-gpu=index,name[,compute_cap] --format=csv,noheader` -> [{"index", "name", "cc"}]."""
+    return [{"index": i, "name": f[0], "cc": f[1] if len(f) > 1 else ""} for i, f in _rows(text)]
 
 
 def read_gpus():
@@ -83,12 +88,7 @@ def read_gpus():
 
 def parse_uuids(text):
     """`--query-gpu=index,uuid --format=csv,noheader` -> {index: "GPU-..."}."""
-    out = {}
-    for line in (text or "").splitlines():
-        parts = [p.strip() for p in line.split(",")]
-        if len(parts) == 2 and parts[0].isdigit():
-            out[int(parts[0])] = parts[1]
-    return out
+    return {i: f[0] for i, f in _rows(text)}
 
 
 def cuda_visible(gpus, env, probe=nvidia_smi):
