@@ -177,9 +177,12 @@ def stage_key(ctx, step) -> str:
         ctx.wheel_cache = saved
 
 
-def _basis(m: dict) -> str:
-    """Where a package's price comes from, in words."""
+def _basis(m: dict, version: str) -> str:
+    """Where a package's price comes from, in words; a time measured for another release says so
+    (flash-attn 2.7.4.post1 compiles 85 objects where 2.3.2's measured time compiled 49)."""
     said = f"{m['seconds']:.0f} s for {m['archs']} arch(s) in {m['model']}'s record on {m['machine']['cores']} cores"
+    if m["version"] and m["version"] != version:
+        said = f"{said} ({m['package']} {m['version']}'s time; {version} has no cold measurement)"
     if m.get("ccache_hits"):
         said += f" (ccache served {m['ccache_hits']} of its {m['compiles']} compiles: scaled to all)"
     return said
@@ -215,7 +218,7 @@ def estimate(ctx, records: list[dict], machine: dict | None = None, built: dict 
             basis, there = "not in the ledger: guessed like benchmarks' CUDA op", LEDGER_MACHINE
         else:
             one, basis_archs = m["seconds"] / arch_factor(m["archs"]), m["archs"]
-            basis = _basis(m)
+            basis = _basis(m, version)
             there = m["machine"]
         gb = step.gb_per_job or DEFAULT_GB_PER_JOB
         speed = jobs(there["cores"], there["memory_gb"], gb) / jobs(machine["cores"], machine["memory_gb"], gb)

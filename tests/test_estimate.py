@@ -124,8 +124,17 @@ def test_a_stage_ccache_fed_is_scaled_to_all_its_compiles_and_one_it_served_whol
     # ccache served every compile: no price for mmcv, but the rest of c's build is still measured
     served = rec("c", 40.0, {"hits": 100, "misses": 0})
     assert compiles(served) == [] and [m["seconds"] for m in estimate.measured([served])] == [100.0]
-    assert "ccache served 75 of its 100 compiles" in estimate._basis(fed)
+    assert "ccache served 75 of its 100 compiles" in estimate._basis(fed, "2.0.1")
+    assert "no cold measurement" not in estimate._basis(fed, "2.0.1")
 
+
+def test_a_price_from_another_release_says_which():
+    """SparseDrive for h20,b200 compiles flash-attn 2.7.4.post1 (85 objects); the only time the
+    ledger had was 2.3.2's (49 objects), and the line did not say it was another release's."""
+    m = {"package": "flash-attn", "version": "2.3.2", "seconds": 4178.0, "archs": 1, "model": "sparsedrive",
+         "machine": {"cores": 2, "memory_gb": 24}}
+    assert estimate._basis(m, "2.7.4.post1").endswith("(flash-attn 2.3.2's time; 2.7.4.post1 has no cold measurement)")
+    assert "no cold measurement" not in estimate._basis(m, "2.3.2")
 
 def _ctx(cat, **kw):
     plan = ledger.plan_for_record(cat, next(r for r in ledger.load() if r["request"]["model"] == "sparsedrive"))
