@@ -242,12 +242,43 @@ def _silence_watch(proc, last: list, bound: float, quiet: threading.Event, done:
             return
 
 
+def _unfinished_runs(lines) -> list[Step]:
+    """The RUN steps of a plain-progress log that had not finished (FROM and [internal] steps often
+    print no DONE: they are not work)."""
+    return [s for s in parse_progress(lines) if "] RUN " in s.name and not (s.cached or s.seconds or s.error)]
+
+
 def still_running(lines) -> str:
-    """The RUN steps of a plain-progress log that had not finished, with ninja's count where
-    there is one (FROM and [internal] steps often print no DONE: they are not work)."""
-    running = [_progress_of(s) for s in parse_progress(lines)
-               if "] RUN " in s.name and not (s.cached or s.seconds or s.error)]
-    return "; ".join(running) or "nothing (it was finishing)"
+    """The RUN steps that had not finished, with ninja's count where there is one."""
+    return "; ".join(_progress_of(s) for s in _unfinished_runs(lines)) or "nothing (it was finishing)"
+
+
+def compiled_so_far(lines) -> dict[str, tuple[int, int]]:
+    """{stage: (objects ninja finished, of how many)} for each compile a stopped build left running:
+    ccache (a cache mount BuildKit keeps) holds those objects, so a rerun compiles only the rest."""
+    found = {}
+    for step in _unfinished_runs(lines):
+        counts = _ninja_count(step)
+        if counts:
+            found[step.name[1:].split(" ", 1)[0]] = counts  # "[wheel-flash-attn 1/1] RUN ..."
+    return found
+
+
+def _ninja_count(step: Step) -> tuple[int, int] | None:
+    """ninja's last [finished/total] in a step's output (printed as each object finishes)."""
+    counts = [m for line in step.output if (m := re.match(r"\s*\[(\d+)/(\d+)\]", line))]
+    return (int(counts[-1].group(1)), int(counts[-1].group(2))) if counts else None
+
+
+def _stopped(log_path: Path, on_stop) -> None:
+    """Tell on_stop how far the compiles got, from the build's log (what an interrupted run saw)."""
+    if on_stop is None:
+        return
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return
+    on_stop(compiled_so_far(lines))
 
 
 def _signal(proc, sig) -> None:
@@ -269,8 +300,8 @@ def _stop(proc) -> None:
 
 def _progress_of(step: Step) -> str:
     """A running step's name, with how far its compile got where ninja counts ([12/96])."""
-    counts = [m for line in step.output if (m := re.match(r"\s*\[(\d+)/(\d+)\]", line))]
-    done = f" (ninja: {counts[-1].group(1)} of {counts[-1].group(2)} compiled)" if counts else ""
+    counts = _ninja_count(step)
+    done = f" (ninja: {counts[0]} of {counts[1]} compiled)" if counts else ""
     return step.name.split("] ", 1)[0] + "]" + done
 
 
@@ -352,9 +383,10 @@ def export_stage(context: Path, target: str, dest: Path, ca_bundle: str | None =
 def build(context: Path, tags: list[str], target: str = "runtime", no_cache: bool = False,
           ca_bundle: str | None = None, build_args: dict | None = None, echo=None,
           log_name: str = "build", time_limit: float | None = None, index_auth: str = "",
-          network: str = "") -> BuildResult:
+          network: str = "", on_stop=None) -> BuildResult:
     """index_auth: a netrc file's text with the package indexes' credentials (Sources.netrc), handed
-    to the build as the secret index_auth; network: docker build --network (Sources.build_network)."""
+    to the build as the secret index_auth; network: docker build --network (Sources.build_network);
+    on_stop: called with compiled_so_far() when the build does not finish (stopped, failed, Ctrl-C)."""
     client = engine.client()  # the daemon first: a wedged one is named as such, not as a missing plugin
     cli = engine.find_cli()
     log_path = _log_path(log_name)
@@ -372,10 +404,12 @@ def build(context: Path, tags: list[str], target: str = "runtime", no_cache: boo
             rc, lines = _run(cli, cmd + _options(ca_bundle, netrc, network) + [str(context)], log_path, echo, time_limit)
     except (KeyboardInterrupt, OperationFailed):
         iidfile.unlink(missing_ok=True)
+        _stopped(log_path, on_stop)
         raise
     seconds = time.monotonic() - start
     steps = parse_progress(lines)
     if rc != 0 or not iidfile.exists():
+        _stopped(log_path, on_stop)
         _fail(rc, steps, lines, log_path)
     image_id = iidfile.read_text().strip()
     iidfile.unlink(missing_ok=True)

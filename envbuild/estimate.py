@@ -15,7 +15,8 @@ ccache served at most half of (a few objects scaled up overshoot), then scaled:
   the build, here against the machine the records were measured on (LEDGER_MACHINE: their
   benchmarks' meta says 2 cores and 24 GB; records written since carry their own "machine");
 - by cache state: a vendor's wheel, a wheel the wheel cache holds, or a wheel stage this host
-  built before (BuildKit's cache keeps it unless pruned) costs ~0.
+  built before (BuildKit's cache keeps it unless pruned) costs ~0; one a stopped build left part
+  compiled costs the objects ninja had not finished (ccache, a cache mount, holds the others).
 
 The rest of the build (base, torch, deps, runtime stages) is what the record measured beside its
 compiles. Disk: the image's size measured, plus its builder stages (build.json's ratio).
@@ -160,9 +161,39 @@ def built_here() -> dict:
 def remember_built(ctx) -> None:
     """After a build: its compiled wheel stages are in this host's BuildKit cache now."""
     done = built_here()
-    done.update({stage_key(ctx, s): date.today().isoformat() for s in ctx.compiled_steps if not s.vendor})
+    keys = {stage_key(ctx, s) for s in ctx.compiled_steps if not s.vendor}
+    done.update({key: date.today().isoformat() for key in keys})
+    _write(built_here_file(), done)
+    _write(stopped_file(), {k: v for k, v in stopped_here().items() if k not in keys})
+
+
+def stopped_file() -> Path:
+    from .build import state_dir
+    return state_dir() / "stopped-compiles.json"
+
+
+def stopped_here() -> dict:
+    """{wheel stage key: {"done", "of", "date"}}: how far a stopped build's compile got (ccache has those)."""
     try:
-        built_here_file().write_text(json.dumps(done, indent=1, sort_keys=True) + "\n")
+        data = json.loads(stopped_file().read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def remember_stopped(ctx, progress: dict) -> None:
+    """After a build that did not finish: progress is build.compiled_so_far(), {stage: (done, of)}."""
+    stopped = stopped_here()
+    for step in ctx.compiled_steps:
+        if step.stage in progress:
+            done, of = progress[step.stage]
+            stopped[stage_key(ctx, step)] = {"done": done, "of": of, "date": date.today().isoformat()}
+    _write(stopped_file(), stopped)
+
+
+def _write(path: Path, data: dict) -> None:
+    try:
+        path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
     except OSError:
         pass  # a hint for the next estimate, never a reason to fail a build
 
@@ -189,12 +220,14 @@ def _basis(m: dict, version: str) -> str:
 
 
 def estimate(ctx, records: list[dict], machine: dict | None = None, built: dict | None = None,
-             no_cache: bool = False) -> dict:
+             no_cache: bool = False, stopped: dict | None = None) -> dict:
     """The build's cost: {seconds, stages: [{package, seconds, why}], rest_seconds, disk_bytes, machine,
-    basis}. ctx: the rendered context (render.Context) the build would use."""
+    basis}. ctx: the rendered context (render.Context) the build would use; built, stopped: what
+    this host's earlier builds left (built_here(), stopped_here())."""
     plan = ctx.plan
     machine = machine or this_machine()
     built = built_here() if built is None else built
+    stopped = stopped_here() if stopped is None else stopped
     found = measured(records)
     archs = arch_count(plan.arch_list)
     stages = []
@@ -223,10 +256,15 @@ def estimate(ctx, records: list[dict], machine: dict | None = None, built: dict 
         gb = step.gb_per_job or DEFAULT_GB_PER_JOB
         speed = jobs(there["cores"], there["memory_gb"], gb) / jobs(machine["cores"], machine["memory_gb"], gb)
         seconds = one * arch_factor(archs) * speed
-        stages.append({"package": step.name, "seconds": round(seconds, 1),
-                       # the factor from the basis's archs to these (2347 s for 2 archs is x1.00 for 2)
-                       "why": f"{basis}; x{arch_factor(archs) / arch_factor(basis_archs):.2f} for {archs} arch(s), "
-                              f"x{speed:.2f} for {jobs(machine['cores'], machine['memory_gb'], gb)} job(s) here"})
+        # the factor from the basis's archs to these (2347 s for 2 archs is x1.00 for 2)
+        why = (f"{basis}; x{arch_factor(archs) / arch_factor(basis_archs):.2f} for {archs} arch(s), "
+               f"x{speed:.2f} for {jobs(machine['cores'], machine['memory_gb'], gb)} job(s) here")
+        left = stopped.get(stage_key(ctx, step))  # --no-cache too: it reruns steps, cache mounts stay
+        if left and 0 < left["done"] < left["of"]:
+            seconds *= 1 - left["done"] / left["of"]
+            why += (f"; x{1 - left['done'] / left['of']:.2f}: a build stopped on {left['date']} compiled "
+                    f"{left['done']} of {left['of']} objects, which ccache keeps (unless pruned since)")
+        stages.append({"package": step.name, "seconds": round(seconds, 1), "why": why})
     rests = [m for m in found if m["package"] is None]
     own = [m["seconds"] for m in rests if m["model"] == plan.model]
     rest = max(own) if own else (statistics.median(m["seconds"] for m in rests) if rests else DEFAULT_REST_S)

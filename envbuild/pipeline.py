@@ -297,8 +297,9 @@ def _build(plan: Plan, sources: Sources, ctx: Path, lock_note: str, tags: list[s
            echo=None, time_limit: float | None = None, context=None) -> dict:
     """BuildKit build of a prepared context, tagged on success; the summary the CLI prints.
     context: its render.Context, whose wheel stages this host's BuildKit cache then holds."""
+    on_stop = (lambda progress: estimate_stage.remember_stopped(context, progress)) if context is not None else None
     result = build_stage.build(ctx, tags, no_cache=no_cache, **sources.build_kwargs, echo=echo,
-                               log_name=f"{plan.model}-{plan.card}", time_limit=time_limit)
+                               log_name=f"{plan.model}-{plan.card}", time_limit=time_limit, on_stop=on_stop)
     if context is not None:
         estimate_stage.remember_built(context)
     summary = result.summary()

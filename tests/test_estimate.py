@@ -218,6 +218,42 @@ def test_image_resolves_once_estimates_and_passes_its_time_limit(cat, tmp_path, 
     assert seen["time_limit"] == 600 and estimates and estimates[0]["seconds"] > 0
 
 
+def test_a_rerun_of_a_stopped_build_is_priced_for_the_objects_ccache_does_not_hold(cat, tmp_path, monkeypatch):
+    """A build stopped at its time limit left flash-attn at ninja's [30/49] (ccache keeps those 30):
+    the rerun's estimate prices the 19 left and says why; a finished stage is not counted as stopped;
+    once the stage is built the note goes. The build's log is what tells (build.build reads it)."""
+    from envbuild import build
+    monkeypatch.setenv("ENVBUILD_HOME", str(tmp_path))
+    monkeypatch.setattr(estimate, "this_machine", lambda: dict(LEDGER))
+    monkeypatch.setattr(pipeline.engine, "find_cli", lambda: pipeline.engine.Cli("docker", "28", "builtin"))
+    monkeypatch.setattr(pipeline.engine, "client", lambda: None)
+    monkeypatch.setattr(pipeline, "offline_base", lambda req, plan, progress=None: req)
+    monkeypatch.setattr(pipeline.lock_stage, "lock", lambda ctx, **kw: (ctx / "requirements.lock").write_text("x\n"))
+
+    def run(cli, cmd, log_path, echo, time_limit):  # what BuildKit printed before the limit stopped it
+        log_path.write_text("$ docker build\n"
+                            "#21 [wheel-flash-attn 1/1] RUN pip wheel flash-attn==2.3.2\n"
+                            "#21 900.0   [29/49] nvcc flash_bwd_hdim64_fp16_sm80.cu\n"
+                            "#21 950.5   [30/49] nvcc flash_bwd_hdim96_fp16_sm80.cu\n"
+                            "#22 [wheel-mmcv-full 2/2] RUN pip wheel mmcv-full==1.7.1\n"
+                            "#22 700.0 [128/128] c++ -shared _ext.so\n#22 DONE 701.0s\n")
+        raise OperationFailed("build stopped at its time limit (1000 s) while running: [wheel-flash-attn 1/1]")
+    monkeypatch.setattr(build, "_run", run)
+    req = Request(model="sparsedrive", card="a800", python="3.11", cuda="11.8", torch_index="none")
+    cold = {s["package"]: s for s in pipeline.estimate_image(req)["estimate"]["stages"]}
+    with pytest.raises(OperationFailed):
+        pipeline.build_image(req, time_limit=1000)
+    assert [(v["done"], v["of"]) for v in estimate.stopped_here().values()] == [(30, 49)]  # mmcv-full finished
+    rerun = {s["package"]: s for s in pipeline.estimate_image(req)["estimate"]["stages"]}
+    assert rerun["flash-attn"]["seconds"] == pytest.approx(cold["flash-attn"]["seconds"] * 19 / 49, rel=0.01)
+    assert "compiled 30 of 49 objects, which ccache keeps" in rerun["flash-attn"]["why"]
+    assert rerun["mmcv-full"]["seconds"] == cold["mmcv-full"]["seconds"]
+    plan, sources = pipeline.plan_for(req)
+    estimate.remember_built(pipeline.context_of(req, plan, sources, pipeline.default_context_dir(plan)))
+    assert estimate.stopped_here() == {}
+    assert pipeline.estimate_image(req)["estimate"]["stages"][0]["seconds"] == 0
+
+
 def test_image_has_time_limit_like_verify():
     r = subprocess.run([sys.executable, "-m", "envbuild.cli", "image", "maptr", "--time-limit", "5"],
                        capture_output=True, text=True, timeout=60)
