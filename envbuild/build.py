@@ -221,7 +221,9 @@ def _run(cli, cmd, log_path: Path, echo, time_limit: float | None = None, env: d
                               log=str(log_path))
     if limit_hit.is_set() and rc != 0:
         raise OperationFailed(f"build stopped at its time limit ({time_limit:.0f} s) while running: "
-                              + still_running(lines), log=str(log_path))
+                              + still_running(lines),
+                              "run it again to continue: BuildKit's cache keeps the finished steps and ccache "
+                              "(a cache mount) the objects a stopped compile finished", log=str(log_path))
     return rc, lines
 
 

@@ -113,6 +113,8 @@ def test_a_build_past_its_time_limit_is_stopped_and_names_what_it_was_compiling(
     assert err.value.message == ("build stopped at its time limit (2 s) while running: "
                                  "[wheel-flash-attn 1/1] (ninja: 7 of 96 compiled)")
     assert err.value.log == str(tmp_path / "build.log") and "[7/96]" in (tmp_path / "build.log").read_text()
+    assert err.value.hint.startswith("run it again to continue")
+    assert build.compiled_so_far((tmp_path / "build.log").read_text().splitlines()) == {"wheel-flash-attn": (7, 96)}
 
 
 def test_a_build_that_finishes_within_its_time_limit_is_not_stopped(tmp_path):
