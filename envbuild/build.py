@@ -337,13 +337,18 @@ def _options(ca_bundle: str | None, netrc: str | None, network: str = "") -> lis
     return cmd
 
 
-def builder_driver(cli) -> str:
-    """The driver of buildx's current builder (docker, docker-container, kubernetes, remote)."""
+def buildx_inspect(cli) -> subprocess.CompletedProcess:
+    """`docker buildx inspect`: the current builder's driver, nodes and GC policy."""
     try:
-        out = subprocess.run([cli.path, "buildx", "inspect"], capture_output=True, text=True,
-                             timeout=engine.engine_timeout(), env=cli.env())
+        return subprocess.run([cli.path, "buildx", "inspect"], capture_output=True, text=True,
+                              timeout=engine.engine_timeout(), env=cli.env())
     except subprocess.TimeoutExpired:
         raise engine.stalled(f"`{cli.path} buildx inspect`") from None
+
+
+def builder_driver(cli) -> str:
+    """The driver of buildx's current builder (docker, docker-container, kubernetes, remote)."""
+    out = buildx_inspect(cli)
     found = re.search(r"^Driver:\s*(\S+)", out.stdout, re.M)
     if out.returncode != 0 or not found:
         raise OperationFailed(f"`{cli.path} buildx inspect` did not name its builder's driver: "

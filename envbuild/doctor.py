@@ -157,6 +157,51 @@ def free_disk() -> Result:
     return Result("free disk", "ok", f"{gb:.0f} GB free at {path}")
 
 
+@check("build cache")
+def build_cache() -> Result:
+    """Whether the engine keeps ccache (a BuildKit cache mount) for a stopped long compile's rerun."""
+    from . import build
+    try:
+        client, cli = engine.client(), engine.find_cli()
+        inspect = build.buildx_inspect(cli)
+    except EnvbuildError as exc:
+        return Result("build cache", "skip", exc.message)
+    held = ccache_held(client)
+    if inspect.returncode != 0:
+        return Result("build cache", "skip", f"{held}; docker buildx is not installed: its GC policy cannot be read")
+    age = gc_drops_cache_mounts(inspect.stdout)
+    if age:
+        return Result("build cache", "warn", f"{held}; the engine's GC drops cache mounts unused for {age}: a long "
+                      "compile stopped for longer starts again cold (README: give the engine an explicit GC policy)")
+    return Result("build cache", "ok", f"{held}; the engine's GC keeps cache mounts by size, not by age")
+
+
+def gc_drops_cache_mounts(inspect: str) -> str | None:
+    """The age past which a rule of `docker buildx inspect`'s GC policy drops cache mounts, or None.
+    Docker's default rule#0: "Filters: type==source.local,type==exec.cachemount,..." and "Keep Duration: 48h0m0s"."""
+    for rule in re.split(r"^GC Policy rule#\d+:", inspect, flags=re.M)[1:]:
+        filters = re.search(r"^\s*Filters:\s*(.*)$", rule, re.M)
+        age = re.search(r"^\s*Keep Duration:\s*(\S+)", rule, re.M)
+        if age and (not filters or "exec.cachemount" in filters.group(1)):
+            return age.group(1)
+    return None
+
+
+def ccache_held(client) -> str:
+    """How much the ccache cache mount holds, as the engine last measured it."""
+    try:
+        mounts = [b for b in client.df().get("BuildCache") or []
+                  if b.get("Type") == "exec.cachemount" and " /root/.ccache " in f"{b.get('Description', '')} "]
+    except Exception:  # noqa: BLE001 - a size is a nicety; the policy is the finding
+        return "ccache: size unknown"
+    if not mounts:
+        return "no ccache cache mount yet"
+    if any(b.get("InUse") for b in mounts):  # its size is measured when the build lets go of it
+        return "ccache in use by a running build"
+    size = sum(b.get("Size") or 0 for b in mounts) / 1e9
+    return f"ccache {size:.2f} GB (last used {max(b.get('LastUsedAt') or '' for b in mounts)[:10]})"
+
+
 @check("peer-to-peer")
 def peer_to_peer() -> Result:
     found = list(host.gpus())

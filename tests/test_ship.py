@@ -41,6 +41,52 @@ def test_card_matching_from_nvidia_smi_names(cat):
     assert host.match_card(cat, "Tesla V100-SXM2-32GB").id == "v100"
 
 
+# `docker buildx inspect` as a builder with Docker's default GC policy prints it (Docker's docs,
+# "Default policies"), and as one given .ci/run's records-first policy (seen on this machine)
+GC_DEFAULT = """Name:   default\nDriver: docker\nGC Policy rule#0:
+ All:            false
+ Filters:        type==source.local,type==exec.cachemount,type==source.git.checkout
+ Keep Duration:  48h0m0s
+ Keep Bytes:     488.3MiB
+GC Policy rule#1:\n All:            false\n Keep Duration:  1440h0m0s\n Keep Bytes:     3.725GiB
+GC Policy rule#2:\n All:        true\n Keep Bytes: 3.725GiB
+"""
+GC_RECORDS_FIRST = """Name:   default\nDriver: docker\nGC Policy rule#0:\n All:        true\n Filters:    type==regular
+ Keep Bytes: 38GiB\nGC Policy rule#1:\n All:        true\n Filters:    \n Keep Bytes: 38GiB\n"""
+
+
+def test_doctor_says_whether_the_engine_keeps_a_stopped_compiles_ccache(monkeypatch):
+    """Docker's default GC drops cache mounts unused for 48 h: a flash-attn compile stopped on one
+    day restarts cold two days later. doctor reads the policy from buildx and warns."""
+    from envbuild import build, engine
+    assert doctor.gc_drops_cache_mounts(GC_DEFAULT) == "48h0m0s"
+    assert doctor.gc_drops_cache_mounts(GC_RECORDS_FIRST) is None
+    # a rule by age over every kind drops the mounts too; one by age over records only does not
+    assert doctor.gc_drops_cache_mounts("GC Policy rule#0:\n All: true\n Keep Duration: 720h0m0s\n") == "720h0m0s"
+    assert doctor.gc_drops_cache_mounts("GC Policy rule#0:\n Filters: type==regular\n Keep Duration: 1h0m0s\n") is None
+
+    class Engine:
+        def __init__(self, cache):
+            self.cache = cache
+
+        def df(self):
+            return {"BuildCache": self.cache}
+    ccache = {"Type": "exec.cachemount", "Description": "cached mount /root/.ccache from exec /bin/sh -c pip wheel",
+              "Size": 1_250_000_000, "LastUsedAt": "2026-12-05T05:45:33Z", "InUse": False}
+    pip = dict(ccache, Description="cached mount /root/.cache/pip from exec /bin/sh -c pip install", Size=9e9)
+    monkeypatch.setattr(engine, "find_cli", lambda: engine.Cli("/usr/bin/docker", "28", "buildx"))
+    monkeypatch.setattr(engine, "client", lambda: Engine([ccache, pip]))
+    for text, status in ((GC_DEFAULT, "warn"), (GC_RECORDS_FIRST, "ok")):
+        monkeypatch.setattr(build, "buildx_inspect", lambda cli, text=text: subprocess.CompletedProcess([], 0, text, ""))
+        result = doctor.build_cache()
+        assert result.status == status and "ccache 1.25 GB (last used 2026-12-05)" in result.reason, result
+        assert ("drops cache mounts unused for 48h0m0s" in result.reason) is (status == "warn")
+    monkeypatch.setattr(engine, "client", lambda: Engine([dict(ccache, InUse=True)]))
+    assert "in use by a running build" in doctor.build_cache().reason
+    monkeypatch.setattr(build, "buildx_inspect", lambda cli: subprocess.CompletedProcess([], 1, "", "unknown command"))
+    assert doctor.build_cache().status == "skip"
+
+
 def test_doctor_never_crashes_without_tools(tmp_path):
     # No docker, no nvidia-smi on PATH and no daemon: every check still answers.
     env = {"PATH": str(tmp_path), "DOCKER_HOST": "unix:///nonexistent.sock", "ENVBUILD_DOCKER": str(tmp_path / "docker")}
