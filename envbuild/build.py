@@ -277,10 +277,9 @@ def _stopped(log_path: Path, on_stop) -> None:
     if on_stop is None:
         return
     try:
-        lines = log_path.read_text(errors="replace").splitlines()
-    except OSError:
-        return
-    on_stop(compiled_so_far(lines))
+        on_stop(compiled_so_far(log_path.read_text(errors="replace").splitlines()))
+    except Exception:  # noqa: BLE001 - a hint for the next estimate must not hide why the build stopped
+        pass
 
 
 def _signal(proc, sig) -> None:
