@@ -256,20 +256,28 @@ def still_running(lines) -> str:
 
 
 def compiled_so_far(lines) -> dict[str, tuple[int, int]]:
-    """{stage: (objects ninja finished, of how many)} for each compile a stopped build left running:
-    ccache (a cache mount BuildKit keeps) holds those objects, so a rerun compiles only the rest."""
+    """{stage: (objects ninja finished, of how many)} for each compile of a build that did not
+    finish, the ones it left running and the ones that finished (of, of): ccache (a cache mount
+    BuildKit keeps) holds those objects, so a rerun compiles only the rest."""
     found = {}
-    for step in _unfinished_runs(lines):
+    for step in parse_progress(lines):
+        if "] RUN " not in step.name or step.cached or step.error:
+            continue
         counts = _ninja_count(step)
         if counts:
-            found[step.name[1:].split(" ", 1)[0]] = counts  # "[wheel-flash-attn 1/1] RUN ..."
+            found[step.name[1:].split(" ", 1)[0]] = (counts[1], counts[1]) if step.seconds else counts
     return found
 
 
 def _ninja_count(step: Step) -> tuple[int, int] | None:
-    """ninja's last [finished/total] in a step's output (printed as each object finishes)."""
-    counts = [m for line in step.output if (m := re.match(r"\s*\[(\d+)/(\d+)\]", line))]
-    return (int(counts[-1].group(1)), int(counts[-1].group(2))) if counts else None
+    """ninja's last [finished/total] in a step's output (printed as each object finishes); None where
+    the step ran ninja more than once (torch builds each extension of a package with its own ninja,
+    the count starting again: the last count is not the package's)."""
+    counts = [(int(m.group(1)), int(m.group(2))) for line in step.output
+              if (m := re.match(r"\s*\[(\d+)/(\d+)\]", line))]
+    if not counts or any(b[0] < a[0] or b[1] != a[1] for a, b in zip(counts, counts[1:])):
+        return None
+    return counts[-1]
 
 
 def _stopped(log_path: Path, on_stop) -> None:

@@ -169,6 +169,8 @@ def build_cache() -> Result:
     held = ccache_held(client)
     if inspect.returncode != 0:
         return Result("build cache", "skip", f"{held}; docker buildx is not installed: its GC policy cannot be read")
+    if "GC Policy rule#" not in inspect.stdout:  # GC off, or a buildx too old to show it
+        return Result("build cache", "ok", f"{held}; the engine reports no GC policy: nothing drops cache mounts by age")
     age = gc_drops_cache_mounts(inspect.stdout)
     if age:
         return Result("build cache", "warn", f"{held}; the engine's GC drops cache mounts unused for {age}: a long "
@@ -178,11 +180,15 @@ def build_cache() -> Result:
 
 def gc_drops_cache_mounts(inspect: str) -> str | None:
     """The age past which a rule of `docker buildx inspect`'s GC policy drops cache mounts, or None.
-    Docker's default rule#0: "Filters: type==source.local,type==exec.cachemount,..." and "Keep Duration: 48h0m0s"."""
+    Docker's default rule#0: "Filters: type==source.local,type==exec.cachemount,..." and "Keep Duration: 48h0m0s";
+    a rule with no type filter (buildx prints an empty "Filters:") covers cache mounts too."""
     for rule in re.split(r"^GC Policy rule#\d+:", inspect, flags=re.M)[1:]:
-        filters = re.search(r"^\s*Filters:\s*(.*)$", rule, re.M)
-        age = re.search(r"^\s*Keep Duration:\s*(\S+)", rule, re.M)
-        if age and (not filters or "exec.cachemount" in filters.group(1)):
+        filters = re.search(r"^[ \t]*Filters:[ \t]*(.*)$", rule, re.M)
+        types = re.findall(r"type(==|!=)([\w.]+)", filters.group(1)) if filters else []
+        covers = (not any(op == "==" for op, _ in types) or ("==", "exec.cachemount") in types) \
+            and ("!=", "exec.cachemount") not in types
+        age = re.search(r"^[ \t]*Keep Duration:[ \t]*(\S+)", rule, re.M)
+        if age and covers:
             return age.group(1)
     return None
 

@@ -176,24 +176,35 @@ def stopped_here() -> dict:
     """{wheel stage key: {"done", "of", "date"}}: how far a stopped build's compile got (ccache has those)."""
     try:
         data = json.loads(stopped_file().read_text())
-        return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(v, dict) and isinstance(v.get("done"), int)
+            and isinstance(v.get("of"), int) and 0 < v["done"] <= v["of"] and isinstance(v.get("date"), str)}
 
 
 def remember_stopped(ctx, progress: dict) -> None:
-    """After a build that did not finish: progress is build.compiled_so_far(), {stage: (done, of)}."""
+    """After a build that did not finish: progress is build.compiled_so_far(), {stage: (done, of)}.
+    A rerun that stopped sooner (a sibling stage failed first) does not undo what ccache holds."""
     stopped = stopped_here()
     for step in ctx.compiled_steps:
         if step.stage in progress:
             done, of = progress[step.stage]
-            stopped[stage_key(ctx, step)] = {"done": done, "of": of, "date": date.today().isoformat()}
+            key = stage_key(ctx, step)
+            if key in stopped and stopped[key]["of"] == of:
+                done = max(done, stopped[key]["done"])
+            if done:
+                stopped[key] = {"done": done, "of": of, "date": date.today().isoformat()}
     _write(stopped_file(), stopped)
 
 
 def _write(path: Path, data: dict) -> None:
+    """Whole or not at all (another envbuild may read it meanwhile)."""
     try:
-        path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, path)
     except OSError:
         pass  # a hint for the next estimate, never a reason to fail a build
 
@@ -260,7 +271,7 @@ def estimate(ctx, records: list[dict], machine: dict | None = None, built: dict 
         why = (f"{basis}; x{arch_factor(archs) / arch_factor(basis_archs):.2f} for {archs} arch(s), "
                f"x{speed:.2f} for {jobs(machine['cores'], machine['memory_gb'], gb)} job(s) here")
         left = stopped.get(stage_key(ctx, step))  # --no-cache too: it reruns steps, cache mounts stay
-        if left and 0 < left["done"] < left["of"]:
+        if left:  # done == of: ccache has every object, what is left is the link
             seconds *= 1 - left["done"] / left["of"]
             why += (f"; x{1 - left['done'] / left['of']:.2f}: a build stopped on {left['date']} compiled "
                     f"{left['done']} of {left['of']} objects, which ccache keeps (unless pruned since)")

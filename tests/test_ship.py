@@ -61,9 +61,13 @@ def test_doctor_says_whether_the_engine_keeps_a_stopped_compiles_ccache(monkeypa
     from envbuild import build, engine
     assert doctor.gc_drops_cache_mounts(GC_DEFAULT) == "48h0m0s"
     assert doctor.gc_drops_cache_mounts(GC_RECORDS_FIRST) is None
-    # a rule by age over every kind drops the mounts too; one by age over records only does not
+    # a rule by age over every kind drops the mounts too (Docker's docs' own example, {"keepStorage":
+    # "10GB", "filter": ["unused-for=2200h"]}, prints an empty Filters line); one over records does not
+    assert doctor.gc_drops_cache_mounts("GC Policy rule#0:\n All: false\n Filters:    \n Keep Duration: 2200h0m0s\n"
+                                        " Keep Bytes: 9.313GiB\n") == "2200h0m0s"
     assert doctor.gc_drops_cache_mounts("GC Policy rule#0:\n All: true\n Keep Duration: 720h0m0s\n") == "720h0m0s"
-    assert doctor.gc_drops_cache_mounts("GC Policy rule#0:\n Filters: type==regular\n Keep Duration: 1h0m0s\n") is None
+    for kinds in ("type==regular", "type!=exec.cachemount"):
+        assert doctor.gc_drops_cache_mounts(f"GC Policy rule#0:\n Filters: {kinds}\n Keep Duration: 1h0m0s\n") is None
 
     class Engine:
         def __init__(self, cache):
@@ -81,6 +85,8 @@ def test_doctor_says_whether_the_engine_keeps_a_stopped_compiles_ccache(monkeypa
         result = doctor.build_cache()
         assert result.status == status and "ccache 1.25 GB (last used 2026-12-05)" in result.reason, result
         assert ("drops cache mounts unused for 48h0m0s" in result.reason) is (status == "warn")
+    monkeypatch.setattr(build, "buildx_inspect", lambda cli: subprocess.CompletedProcess([], 0, "Driver: docker\n", ""))
+    assert "reports no GC policy" in doctor.build_cache().reason
     monkeypatch.setattr(engine, "client", lambda: Engine([dict(ccache, InUse=True)]))
     assert "in use by a running build" in doctor.build_cache().reason
     monkeypatch.setattr(build, "buildx_inspect", lambda cli: subprocess.CompletedProcess([], 1, "", "unknown command"))
