@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import creds, engine
-from .errors import BadInput, OperationFailed
+from .errors import BadInput, BuildStopped, OperationFailed
 from .resolve import Plan
 
 TAG_CHARS = re.compile(r"[^A-Za-z0-9_.-]+")
@@ -220,7 +220,7 @@ def _run(cli, cmd, log_path: Path, echo, time_limit: float | None = None, env: d
                               f"{engine.HINT}; a step that is only slow and silent: raise {SILENCE_ENV}",
                               log=str(log_path))
     if limit_hit.is_set() and rc != 0:
-        raise OperationFailed(f"build stopped at its time limit ({time_limit:.0f} s) while running: "
+        raise BuildStopped(f"build stopped at its time limit ({time_limit:.0f} s) while running: "
                               + still_running(lines),
                               "run it again to continue: BuildKit's cache keeps the finished steps and ccache "
                               "(a cache mount) the objects a stopped compile finished", log=str(log_path))

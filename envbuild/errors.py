@@ -36,6 +36,10 @@ class OperationFailed(EnvbuildError):
     exit_code = 1
 
 
+class BuildStopped(OperationFailed):
+    """A build stopped at the bound its user set (--time-limit): no verdict on what it builds."""
+
+
 def unknown(kind: str, name: str, known: list[str]) -> BadInput:
     close = difflib.get_close_matches(name.lower(), known, n=3, cutoff=0.5)
     hint = f"did you mean {', '.join(close)}?" if close else f"known {kind}s: {', '.join(sorted(known))}"

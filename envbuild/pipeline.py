@@ -28,7 +28,7 @@ from . import labels as label
 from . import base_image, catalog, config, engine, host, ledger, outputs, render, ship
 from .build import check_ref, image_ref
 from .config import Sources, load_sources, setting
-from .errors import BadInput, EnvbuildError, OperationFailed, unknown
+from .errors import BadInput, BuildStopped, EnvbuildError, OperationFailed, unknown
 from .plan import Plan
 from .resolve import FIXER_WHEN, PORTABLE, Conflict, grid, parse_cards, parse_overrides, resolve
 
@@ -106,10 +106,11 @@ QUIET = Progress()
 
 @dataclass(kw_only=True)
 class Verification:
-    """What `verify` recorded: the ledger file, the cell's status now, and the failure to report, if any."""
+    """What `verify` recorded: the ledger file (None: a stopped build records nothing), the cell's
+    status now, and the failure to report, if any."""
 
     plan: Plan
-    record: Path
+    record: Path | None
     status: str
     failure: EnvbuildError | None = None
 
@@ -403,8 +404,9 @@ def _smoke_and_label(summary: dict, refs: list[str]) -> None:
 def verify_cell(req: Request, *, time_limit: float | None = None, progress: Progress = QUIET) -> Verification:
     """What `envbuild verify` does: build the cell, audit it for each of its cards, smoke env + model
     without a GPU, and record the outcome (passed, or the first failure) in the verified ledger.
-    A build still running after time_limit seconds is stopped and recorded as such (what it was
-    compiling, how far it got); a rerun continues from BuildKit's cache of the finished stages."""
+    A build still running after time_limit seconds is stopped and says what it was compiling and
+    how far it got; that is no verdict on the cell, so the ledger stays as it was (a verified record
+    of the cell is not replaced); a rerun continues from BuildKit's cache and ccache."""
     plan, sources, ctx, lock_note, refs = prepare_image(req, (), progress=progress)
     request = ledger_request(plan, sources, req)
     summary, audit_ok, report, failure = {}, None, None, ""
@@ -419,6 +421,9 @@ def verify_cell(req: Request, *, time_limit: float | None = None, progress: Prog
         report = smoke_stage.run(refs[0], ["env", "model"], gpus="none")
         if not failure:
             failure = _smoke_failure(report)
+    except BuildStopped as exc:
+        return Verification(plan=plan, record=None, status=ledger.status(plan, request),
+                            failure=OperationFailed(f"{plan.model} is not verified: {exc.message}", exc.hint, log=exc.log))
     except OperationFailed as exc:
         failure = exc.message.splitlines()[0] + (f" (log: {exc.log})" if exc.log else "")
     if summary:

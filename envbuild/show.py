@@ -325,9 +325,10 @@ def image(summary: dict, as_json: bool = False) -> None:
 
 def verified(result, as_json: bool = False) -> None:
     if as_json:
-        return emit_json({"record": str(result.record), "status": result.status})
+        return emit_json({"record": str(result.record) if result.record else None, "status": result.status})
     line(f"{result.plan.model} on {', '.join(result.plan.cards)}: {result.status}")
-    line(f"record  {result.record}")
+    line(f"record  {result.record}" if result.record else
+         "record  none written: a build stopped at its time limit is no verdict on the cell (the ledger is as it was)")
 
 
 def pushed(ref: str, digest: str, as_json: bool = False) -> None:

@@ -272,6 +272,34 @@ def test_ninja_counts_of_a_stopped_build_and_what_is_not_one(tmp_path, monkeypat
     assert list(estimate.stopped_here()) == ["b"]
 
 
+def test_verify_stopped_at_its_time_limit_writes_no_record_and_keeps_the_ledger(cat, tmp_path, monkeypatch, capsys):
+    """A stop at --time-limit was recorded as a FAILED cell: `resolve` and `matrix` said FAILED for a
+    cell that was only still compiling, and a rerun stopped early replaced a verified record."""
+    from envbuild import show
+    from envbuild.errors import BuildStopped
+    monkeypatch.setenv("ENVBUILD_HOME", str(tmp_path))
+    monkeypatch.setattr(pipeline.engine, "find_cli", lambda: "docker")
+    monkeypatch.setattr(pipeline.engine, "client", lambda: None)
+    monkeypatch.setattr(pipeline, "offline_base", lambda req, plan, progress=None: req)
+    monkeypatch.setattr(pipeline.lock_stage, "lock", lambda ctx, **kw: (ctx / "requirements.lock").write_text("x\n"))
+
+    def build(ctx, tags, **kw):
+        raise BuildStopped("build stopped at its time limit (600 s) while running: [wheel-flash-attn 1/1] "
+                           "(ninja: 30 of 85 compiled)", "run it again to continue", log="/x.log")
+    monkeypatch.setattr(pipeline.build_stage, "build", build)
+    written = []
+    monkeypatch.setattr(pipeline.ledger, "write", lambda *a, **kw: written.append(a))
+    rec = next(r for r in ledger.load() if r["request"]["model"] == "maptr" and r["verdict"] == "passed")
+    result = pipeline.verify_cell(_request(rec), time_limit=600)
+    assert written == [] and result.record is None
+    assert result.status.startswith("verified on")  # the cell's verified record still stands
+    assert result.failure.message == ("maptr is not verified: build stopped at its time limit (600 s) while running: "
+                                      "[wheel-flash-attn 1/1] (ninja: 30 of 85 compiled)")
+    assert result.failure.hint == "run it again to continue" and result.failure.log == "/x.log"
+    show.verified(result)
+    assert "none written: a build stopped at its time limit is no verdict" in capsys.readouterr().out
+
+
 def test_image_has_time_limit_like_verify():
     r = subprocess.run([sys.executable, "-m", "envbuild.cli", "image", "maptr", "--time-limit", "5"],
                        capture_output=True, text=True, timeout=60)
