@@ -117,6 +117,30 @@ def test_a_build_past_its_time_limit_is_stopped_and_names_what_it_was_compiling(
     assert build.compiled_so_far((tmp_path / "build.log").read_text().splitlines()) == {"wheel-flash-attn": (7, 96)}
 
 
+@pytest.mark.parametrize("how", ["failed", "interrupted"])
+def test_a_build_that_fails_or_is_interrupted_tells_how_far_its_compiles_got(tmp_path, monkeypatch, how):
+    """on_stop hears ninja's count from the build's log on every way a build ends unfinished, not only
+    the time limit: a sibling stage failing (BuildKit cancels the compile) and Ctrl-C."""
+    from envbuild import build, engine
+    from envbuild.errors import OperationFailed
+    monkeypatch.setenv("ENVBUILD_HOME", str(tmp_path))
+    monkeypatch.setattr(engine, "client", lambda: None)
+    monkeypatch.setattr(engine, "find_cli", lambda: engine.Cli("docker", "28", "builtin"))
+    printed = ["#5 [wheel-flash-attn 1/1] RUN pip wheel flash-attn==2.7.4.post1\n", "#5 900.0   [12/85] nvcc a.cu\n",
+               "#6 [deps 2/2] RUN pip install -r requirements.lock\n", "#6 ERROR: exit code: 1\n", "#5 CANCELED\n"]
+
+    def run(cli, cmd, log_path, echo, time_limit):
+        log_path.write_text("".join(printed))
+        if how == "interrupted":
+            raise KeyboardInterrupt
+        return 1, printed
+    monkeypatch.setattr(build, "_run", run)
+    heard = []
+    with pytest.raises(OperationFailed if how == "failed" else KeyboardInterrupt):
+        build.build(tmp_path, [], on_stop=heard.append)
+    assert heard == [{"wheel-flash-attn": (12, 85)}]
+
+
 def test_a_build_that_finishes_within_its_time_limit_is_not_stopped(tmp_path):
     import sys
 
