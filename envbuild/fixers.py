@@ -931,9 +931,52 @@ class MmcvParallel(Fixer):
         return streams, torch_name
 
 
+class FlashAttnUnpadInput(Fixer):
+    """`x, idx, cu, n = unpad_input(x, mask)` keeps the first four values: flash-attn 2.7 made
+    flash_attn.bert_padding.unpad_input return a fifth (the used sequence lengths, beside its new
+    unused_mask argument), so code written for 2.0-2.6 stops with "too many values to unpack" at
+    its first forward with a padding mask. `[:4]` is a no-op on the older four-value return, so the
+    fixed code runs with either. Only unpad_input imported from flash_attn is touched."""
+    name = "flash-attn-unpad-input"
+    why = "flash-attn >= 2.7's unpad_input returns five values; code for 2.0-2.6 unpacks four"
+
+    def fix_text(self, relpath, text):
+        tree = _parse(text) if "unpad_input" in text and "flash_attn" in text else None
+        if tree is None:
+            return text
+        names = self._unpad_names(tree)
+        src, edits = _Source(text), []
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Assign) and isinstance(node.value, ast.Call)
+                    and _dotted(node.value.func) in names):
+                continue
+            if all(isinstance(t, (ast.Tuple, ast.List)) and len(t.elts) == 4
+                   and not any(isinstance(e, ast.Starred) for e in t.elts) for t in node.targets):
+                end = src.span(node.value)[1]
+                edits.append((end, end, "[:4]"))
+        return _edit(text, edits)
+
+    @staticmethod
+    def _unpad_names(tree):
+        """How this module spells flash_attn.bert_padding.unpad_input."""
+        names = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and not node.level:
+                if node.module == "flash_attn.bert_padding":
+                    names.update(a.asname or a.name for a in node.names if a.name == "unpad_input")
+                elif node.module == "flash_attn":
+                    names.update((a.asname or a.name) + ".unpad_input" for a in node.names if a.name == "bert_padding")
+            elif isinstance(node, ast.Import):
+                names.update((a.asname or a.name) + ".unpad_input" for a in node.names
+                             if a.name == "flash_attn.bert_padding" and a.asname)
+                names.update("flash_attn.bert_padding.unpad_input" for a in node.names
+                             if a.name.startswith("flash_attn") and not a.asname)
+        return names
+
+
 FIXERS = {cls.name: cls for cls in (LocalRank, ThcToAten, NumbaErrors, MmcvVersionAssert, MmcvLayerClash, SetupWithoutGpu,
                                                 CxxStandard, CollectionsAbc, TorchLoadWeightsOnly,
-                                                MmcvParallel)}
+                                                MmcvParallel, FlashAttnUnpadInput)}
 
 
 # The arguments a fixer takes, each with the only shape it may have: they end up inside source

@@ -482,6 +482,16 @@ def _mmcv_parallel(c: _Candidate) -> str | None:
     return None
 
 
+def _package_api_ports(c: _Candidate) -> str | None:
+    """A compiled package ported past an API change of the upstream pin: the model's own code
+    gets the fixers its building block names (flash-attn 2.7's unpad_input)."""
+    for pin in c.pins:
+        block = c.blocks.get(pin.name)
+        for name, why in block.model_fixers(pin) if block else ():
+            c.fixers.append(Fixer(name, why))
+    return None
+
+
 def _torch_load(c: _Candidate) -> str | None:
     """torch 2.6 made torch.load default to weights_only=True: a port from an older torch passes
     weights_only=False where the model's code and its checkpoint-loading packages call it."""
@@ -570,7 +580,7 @@ def host_env(cat: Catalog, runtime_env: dict) -> dict:
 
 
 GATES = (_torch_wheel_exists, _toolkit_matches, _card_runs_torch, _extensions_compile_for_card, _model_pins,
-         _mmcv_asserts, _collections_abc, _compiled_deps_and_era, _torch_load, _mmcv_parallel, _base_image_fits, _port_allowed, _runtime_env)
+         _mmcv_asserts, _collections_abc, _compiled_deps_and_era, _torch_load, _mmcv_parallel, _package_api_ports, _base_image_fits, _port_allowed, _runtime_env)
 
 
 def _try(cat: Catalog, model: Model, card: Card, stack: _Stack, toolkit_req: Toolkit | None,
@@ -783,6 +793,7 @@ FIXER_WHEN = {
     "collections-abc": "only Plans on Python >= 3.10 that keep a package taking the ABCs from collections",
     "torch-load-weights-only": "only a port from torch < 2.6 to >= 2.6",
     "mmcv-parallel": "only a port from torch < 2.1 to >= 2.1 of a model that pins mmcv-full",
+    "flash-attn-unpad-input": "only a Plan whose flash-attn is >= 2.7 where upstream's pin is older",
 }
 
 

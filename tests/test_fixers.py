@@ -970,3 +970,84 @@ def test_the_plan_fixes_mmcv_full_in_the_venv_on_a_port_to_torch_2_1_or_later():
     assert fx.installed == ("mmcv-full",) and "mmcv-full 1.7.2" in fx.why and "1.9.1" in fx.why
     assert not [f for f in resolve(cat, "maptr", "a800", python="3.11").fixers
                 if f.name == "mmcv-parallel"]
+
+
+# ---------------------------------------------------------------- flash-attn-unpad-input (flash-attn 2.7's five values)
+
+UNPAD_MODULE = '''import torch
+from flash_attn.bert_padding import unpad_input, pad_input
+
+
+def attend(x, mask, h):
+    x_unpad, indices, cu_seqlens, max_s = unpad_input(x, mask)  # four, as 2.0-2.6 returned
+    return x_unpad.view(-1, h), indices, cu_seqlens, max_s
+'''
+
+
+def _run_with_unpad_returning(source, values):
+    """Run the module's attend() with a stand-in flash_attn.bert_padding whose unpad_input returns
+    `values` items (the first one a tensor-like with .view)."""
+    import types
+
+    class Unpadded:
+        def view(self, *shape):
+            return shape
+    fake = types.ModuleType("flash_attn.bert_padding")
+    fake.unpad_input = lambda x, mask: (Unpadded(),) + tuple(range(1, values))
+    fake.pad_input = None
+    pkg = types.ModuleType("flash_attn")
+    pkg.bert_padding = fake
+    saved = {k: sys.modules.get(k) for k in ("flash_attn", "flash_attn.bert_padding", "torch")}
+    sys.modules.update({"flash_attn": pkg, "flash_attn.bert_padding": fake, "torch": types.ModuleType("torch")})
+    try:
+        scope = {}
+        exec(compile(source, "attention.py", "exec"), scope)
+        return scope["attend"](None, None, 8)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
+
+
+def test_flash_attn_unpad_input_keeps_four_values_so_code_runs_on_2_7_and_before():
+    """SparseDrive's FlashAttention (and DiffusionDrive's copy) unpacks four values from unpad_input;
+    flash-attn 2.7.4.post1, the release a port to B200 takes, returns five: ValueError at the first
+    forward. The fixed call keeps four and runs with either release's return."""
+    fx = fixers.make("flash-attn-unpad-input")
+    with pytest.raises(ValueError, match="too many values to unpack"):
+        _run_with_unpad_returning(UNPAD_MODULE, 5)
+    fixed = fx.fixed("models/attention.py", UNPAD_MODULE)
+    assert "= unpad_input(x, mask)[:4]  # four, as" in fixed
+    assert _run_with_unpad_returning(fixed, 5) == ((-1, 8), 1, 2, 3)
+    assert _run_with_unpad_returning(fixed, 4) == ((-1, 8), 1, 2, 3)
+    assert fx.fixed("models/attention.py", fixed) == fixed  # idempotent
+
+
+@pytest.mark.parametrize("source, expected", [
+    # an alias, a module import, a multi-line parenthesized call, a list target
+    ("from flash_attn.bert_padding import unpad_input as unpad\na, b, c, d = unpad(x, m)\n",
+     "from flash_attn.bert_padding import unpad_input as unpad\na, b, c, d = unpad(x, m)[:4]\n"),
+    ("import flash_attn.bert_padding as bp\n(a, b, c, d) = (bp.unpad_input(\n    x,\n    m,\n))\n",
+     "import flash_attn.bert_padding as bp\n(a, b, c, d) = (bp.unpad_input(\n    x,\n    m,\n)[:4])\n"),
+    ("from flash_attn import bert_padding\n[a, b, c, d] = bert_padding.unpad_input(x, m)\n",
+     "from flash_attn import bert_padding\n[a, b, c, d] = bert_padding.unpad_input(x, m)[:4]\n"),
+    # left alone: five names (written for 2.7), a starred or a single name, another module's unpad_input
+    ("from flash_attn.bert_padding import unpad_input\na, b, c, d, e = unpad_input(x, m)\n", None),
+    ("from flash_attn.bert_padding import unpad_input\na, *rest = unpad_input(x, m)\nout = unpad_input(x, m)\n", None),
+    ("from flash_attn import flash_attn_func\nfrom .padding import unpad_input\na, b, c, d = unpad_input(x, m)\n", None),
+])
+def test_flash_attn_unpad_input_touches_only_four_name_unpacking_of_flash_attns_function(source, expected):
+    fx = fixers.make("flash-attn-unpad-input")
+    assert fx.fixed("m.py", source) == (expected or source)
+
+
+def test_the_plan_fixes_unpad_input_only_where_its_flash_attn_returns_five():
+    """SparseDrive pins flash-attn 2.3.2: on the A800 it keeps it; for the B200 it takes 2.7.4.post1."""
+    from envbuild import catalog
+    from envbuild.resolve import resolve
+    cat = catalog.load()
+    fx = [f for f in resolve(cat, "sparsedrive", "b200", python="3.11").fixers if f.name == "flash-attn-unpad-input"]
+    assert len(fx) == 1 and "2.7.4.post1" in fx[0].why and "upstream's 2.3.2" in fx[0].why
+    assert not [f for f in resolve(cat, "sparsedrive", "a800", python="3.11").fixers if f.name == "flash-attn-unpad-input"]

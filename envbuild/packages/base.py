@@ -82,6 +82,11 @@ class Block:
         """Porting fixers run on the sdist in its wheel stage, [{"name", "why"}]: none by default."""
         return []
 
+    def model_fixers(self, pin: Pin) -> list[tuple[str, str]]:
+        """Porting fixers the model's own code needs where the Plan's release changed an API the
+        upstream pin had, [(name, why)]: none by default."""
+        return []
+
     def op_check_for(self, name: str) -> str | None:
         return self.op_check
 

@@ -46,6 +46,19 @@ class FlashAttention(Block):
                 return Pin(name, v, f"{problem}; {v} is the smallest release that works", upstream, "port")
         return f"{problem}; no flash-attn 2.x release in the catalog fixes it"
 
+    # flash_attn.bert_padding.unpad_input returns a fifth value from 2.7.0 (read from PyPI's sdists:
+    # 2.6.3 returns four, 2.7.0.post2 five); model code written for an older pin unpacks four.
+    UNPAD_RETURNS_FIVE = "2.7"
+
+    def model_fixers(self, pin):
+        if V(pin.version) < V(self.UNPAD_RETURNS_FIVE) or (
+                pin.upstream and is_exact(pin.upstream) and V(pin.upstream) >= V(self.UNPAD_RETURNS_FIVE)):
+            return []
+        was = f"upstream's {pin.upstream}" if pin.upstream and is_exact(pin.upstream) else "older releases"
+        return [("flash-attn-unpad-input", f"flash-attn {pin.version}'s unpad_input returns five values (since "
+                 f"{self.UNPAD_RETURNS_FIVE}); code written for {was} unpacks four: ValueError at the first "
+                 "forward with a padding mask")]
+
     @staticmethod
     def problem(fa: FlashAttn, target: Target) -> str | None:
         """Why this release cannot run on the target, or None."""
