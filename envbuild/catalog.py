@@ -175,6 +175,7 @@ class FlashAttn:
     python: tuple[str, str]
     sass: dict  # arch -> min nvcc
     runtime: tuple[str, ...]
+    objects: int = 0  # what its wheel stage compiles (0: not counted)
 
 
 @dataclass(frozen=True)
@@ -994,7 +995,7 @@ def _load_flash_attn(pkg: _Reader) -> dict[str, FlashAttn]:
                 raise r.fail("sass", f"invalid entry {arch!r} = {nvcc!r}")
         flash[ver] = FlashAttn(
             ver, r.get("min_nvcc", str, pattern=CUDA_RE), r.version("min_torch"),
-            _range(r, "python"), dict(sass), r.strings("runtime", CC_RE),
+            _range(r, "python"), dict(sass), r.strings("runtime", CC_RE), r.get("objects", int, 0),
         )
     return flash
 

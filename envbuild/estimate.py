@@ -5,8 +5,9 @@ The verified ledger's records hold each stage's time (envbuild/matrices/verified
 stopped build compiled: records written since say how many compiles ccache served (the step's
 "ccache" counts), and such a time is scaled up to all of its compiles (a step ccache served whole
 is no measurement). Older records cannot tell, so a compiled package's time is the slowest any
-record measured for the same version (else for any version of it), preferring measurements
-ccache served at most half of (a few objects scaled up overshoot), then scaled:
+record measured for the same version (else for any version of it, scaled by the objects each
+release compiles where the catalog counts them: flash-attn 2.7.4.post1 85, 2.3.2 49), preferring
+measurements ccache served at most half of (a few objects scaled up overshoot), then scaled:
 
 - by archs: each arch of TORCH_CUDA_ARCH_LIST past the first (a +PTX counts as one more) adds
   EXTRA_ARCH of the one-arch time (benchmarks/results/build.json: one CUDA op for 8.0 in 60.8 s,
@@ -219,6 +220,18 @@ def stage_key(ctx, step) -> str:
         ctx.wheel_cache = saved
 
 
+def _objects(package: str, version: str, measured: str) -> tuple[int, int] | None:
+    """(objects of version, of the measured release) where the catalog counts both and they differ."""
+    if not measured or measured == version:
+        return None
+    from . import catalog
+    from .packages import block_for
+    cat = catalog.load()
+    block = block_for(cat, package)
+    counts = (block.objects(cat, version), block.objects(cat, measured)) if block else (0, 0)
+    return counts if all(counts) and counts[0] != counts[1] else None
+
+
 def _basis(m: dict, version: str) -> str:
     """Where a package's price comes from, in words; a time measured for another release says so
     (flash-attn 2.7.4.post1 compiles 85 objects where 2.3.2's measured time compiled 49)."""
@@ -264,6 +277,10 @@ def estimate(ctx, records: list[dict], machine: dict | None = None, built: dict 
             one, basis_archs = m["seconds"] / arch_factor(m["archs"]), m["archs"]
             basis = _basis(m, version)
             there = m["machine"]
+            objects = _objects(package, version, m["version"])
+            if objects:  # another release: its time per object, for this release's objects
+                one *= objects[0] / objects[1]
+                basis += f"; x{objects[0] / objects[1]:.2f} for {objects[0]} objects, not {objects[1]}"
         gb = step.gb_per_job or DEFAULT_GB_PER_JOB
         speed = jobs(there["cores"], there["memory_gb"], gb) / jobs(machine["cores"], machine["memory_gb"], gb)
         seconds = one * arch_factor(archs) * speed

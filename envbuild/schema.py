@@ -149,6 +149,8 @@ PACKAGES_FILE = Table("Facts about compiled, version-asserting and era-pinned pa
         "sass": F(dict, f"table of {CC} = {CUDA}", "Archs it compiles, each with the nvcc it needs.",
                   '{ "8.0" = "11.6", "9.0" = "11.8" }', True),
         "runtime": F(list, f"array of {CC}", "Archs its kernels run on.", '["8.0", "8.6", "9.0"]', True),
+        "objects": F(int, "integer", "Objects its wheel stage compiles (the estimate scales another release's "
+                     "measured time by it).", "85"),
     }), required=True),
     "spconv": Table("spconv 2.x: one PyPI package per CUDA build.", {
         "builds": F(list, f"array of {CUDA}", "CUDA builds published (spconv-cu117, ...).", '["11.7", "11.8"]', True),

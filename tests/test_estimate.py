@@ -136,6 +136,24 @@ def test_a_price_from_another_release_says_which():
     assert estimate._basis(m, "2.7.4.post1").endswith("(flash-attn 2.3.2's time; 2.7.4.post1 has no cold measurement)")
     assert "no cold measurement" not in estimate._basis(m, "2.3.2")
 
+
+def test_another_releases_time_is_scaled_by_the_objects_each_compiles(ledger_machine):
+    """flash-attn 2.7.4.post1 compiles 85 objects, 2.3.2 49 (the catalog's counts, from their sdists):
+    SparseDrive h20,b200 was priced at 1.8 h, 2.3.2's time for two archs; it is 85/49 of that."""
+    from envbuild import catalog
+    cat = catalog.load()
+    assert (cat.flash_attn["2.3.2"].objects, cat.flash_attn["2.7.4.post1"].objects) == (49, 85)
+    req = Request(model="sparsedrive", card="h20,b200", python="3.11", cuda="13.0", torch_index="none")
+    plan, sources = pipeline.plan_for(req)
+    a800 = [r for r in ledger.load() if Path(r["_file"]).name == "sparsedrive-a800-py3.11.json"]
+    cost = estimate.estimate(pipeline.context_of(req, plan, sources), a800, dict(LEDGER), built={}, stopped={})
+    flash = next(s for s in cost["stages"] if s["package"] == "flash-attn")
+    (basis,) = [m for m in estimate.measured(a800) if m["package"] == "flash-attn"]
+    assert basis["version"] == "2.3.2" and "x1.73 for 85 objects, not 49" in flash["why"]
+    assert flash["seconds"] == pytest.approx(basis["seconds"] * 85 / 49 * estimate.arch_factor(2), rel=0.01)
+    assert estimate._objects("flash-attn", "2.7.4.post1", "2.6.3") is None  # the same count: nothing to scale
+    assert estimate._objects("mmcv-full", "1.7.2", "1.7.1") is None  # not counted in the catalog
+
 def _ctx(cat, **kw):
     plan = ledger.plan_for_record(cat, next(r for r in ledger.load() if r["request"]["model"] == "sparsedrive"))
     return render.make_context(replace(plan, **kw), "envbuild render sparsedrive")

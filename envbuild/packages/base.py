@@ -82,6 +82,10 @@ class Block:
         """Porting fixers run on the sdist in its wheel stage, [{"name", "why"}]: none by default."""
         return []
 
+    def objects(self, cat: Catalog, version: str) -> int:
+        """How many objects a release's wheel stage compiles (0: not counted)."""
+        return 0
+
     def model_fixers(self, pin: Pin) -> list[tuple[str, str]]:
         """Porting fixers the model's own code needs where the Plan's release changed an API the
         upstream pin had, [(name, why)]: none by default."""

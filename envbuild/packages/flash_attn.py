@@ -46,6 +46,10 @@ class FlashAttention(Block):
                 return Pin(name, v, f"{problem}; {v} is the smallest release that works", upstream, "port")
         return f"{problem}; no flash-attn 2.x release in the catalog fixes it"
 
+    def objects(self, cat, version):
+        fa = cat.flash_attn.get(version)
+        return fa.objects if fa else 0
+
     # flash_attn.bert_padding.unpad_input returns a fifth value from 2.7.0 (read from PyPI's sdists:
     # 2.6.3 returns four, 2.7.0.post2 five); model code written for an older pin unpacks four.
     UNPAD_RETURNS_FIVE = "2.7"
