@@ -993,6 +993,8 @@ def _load_flash_attn(pkg: _Reader) -> dict[str, FlashAttn]:
         for arch, nvcc in sass.items():
             if not CC_RE.match(arch) or not isinstance(nvcc, str) or not CUDA_RE.match(nvcc):
                 raise r.fail("sass", f"invalid entry {arch!r} = {nvcc!r}")
+        if r.get("objects", int, 0) < 0:
+            raise r.fail("objects", "must be a count (>= 0)")
         flash[ver] = FlashAttn(
             ver, r.get("min_nvcc", str, pattern=CUDA_RE), r.version("min_torch"),
             _range(r, "python"), dict(sass), r.strings("runtime", CC_RE), r.get("objects", int, 0),

@@ -127,9 +127,10 @@ def _work(m: dict) -> float:
     return m["seconds"] / arch_factor(m["archs"]) * jobs(machine["cores"], machine["memory_gb"], m["gb_per_job"])
 
 
-def _pick(found: list[dict], package: str, version: str) -> dict | None:
-    """The measurement to price a package by: the slowest of its version, else of any version,
-    among those ccache served at most half of (else among all).
+def _pick(found: list[dict], package: str, version: str, scale=lambda m: 1.0) -> dict | None:
+    """The measurement to price a package by: the slowest of its version, else of any version
+    (scale: another release's factor to this one, its objects), among those ccache served at most
+    half of (else among all).
     The slowest, because a compile ccache served from an earlier, stopped build is timed too short
     (maptr's mmcv-full 1.7.1: 55 s, where sparsedrive's mostly cold one took 1131 s); which model
     compiled it does not matter, the package's sdist is the same."""
@@ -141,7 +142,7 @@ def _pick(found: list[dict], package: str, version: str) -> dict | None:
     for pool in ([m for m in colder if m["version"] == version], colder,
                  [m for m in mine if m["version"] == version], mine):
         if pool:
-            return max(pool, key=_work)
+            return max(pool, key=lambda m: _work(m) * scale(m))
     return None
 
 
@@ -229,7 +230,15 @@ def _objects(package: str, version: str, measured: str) -> tuple[int, int] | Non
     cat = catalog.load()
     block = block_for(cat, package)
     counts = (block.objects(cat, version), block.objects(cat, measured)) if block else (0, 0)
-    return counts if all(counts) and counts[0] != counts[1] else None
+    return counts if min(counts) > 0 and counts[0] != counts[1] else None
+
+
+def _per_object(package: str, version: str):
+    """A measurement's factor to this release: its objects over the measured release's (1: not counted)."""
+    def factor(m: dict) -> float:
+        counts = _objects(package, version, m["version"])
+        return counts[0] / counts[1] if counts else 1.0
+    return factor
 
 
 def _basis(m: dict, version: str) -> str:
@@ -269,7 +278,7 @@ def estimate(ctx, records: list[dict], machine: dict | None = None, built: dict 
                            "why": f"built on this host on {built[stage_key(ctx, step)]}: BuildKit's cache "
                                   "(unless pruned since)"})
             continue
-        m = _pick(found, package, version)
+        m = _pick(found, package, version, _per_object(package, version))
         if m is None:
             one, basis_archs = UNMEASURED_ONE_ARCH_S, 1
             basis, there = "not in the ledger: guessed like benchmarks' CUDA op", LEDGER_MACHINE

@@ -958,20 +958,35 @@ class FlashAttnUnpadInput(Fixer):
 
     @staticmethod
     def _unpad_names(tree):
-        """How this module spells flash_attn.bert_padding.unpad_input."""
-        names = set()
+        """How this module spells flash_attn.bert_padding.unpad_input; a bare name the module also
+        binds otherwise (a def, an assignment, a parameter, another import) is not sure: left out."""
+        names, others = set(), set()
         for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and not node.level:
-                if node.module == "flash_attn.bert_padding":
-                    names.update(a.asname or a.name for a in node.names if a.name == "unpad_input")
-                elif node.module == "flash_attn":
-                    names.update((a.asname or a.name) + ".unpad_input" for a in node.names if a.name == "bert_padding")
+            if isinstance(node, ast.ImportFrom):
+                for a in node.names:
+                    if not node.level and node.module == "flash_attn.bert_padding" and a.name in ("unpad_input", "*"):
+                        names.add(a.asname or "unpad_input")
+                    elif not node.level and node.module == "flash_attn" and a.name == "bert_padding":
+                        names.add((a.asname or a.name) + ".unpad_input")
+                    else:
+                        others.add(a.asname or a.name)
             elif isinstance(node, ast.Import):
-                names.update((a.asname or a.name) + ".unpad_input" for a in node.names
-                             if a.name == "flash_attn.bert_padding" and a.asname)
-                names.update("flash_attn.bert_padding.unpad_input" for a in node.names
-                             if a.name.startswith("flash_attn") and not a.asname)
-        return names
+                for a in node.names:
+                    if a.name == "flash_attn.bert_padding" and a.asname:
+                        names.add(a.asname + ".unpad_input")
+                    elif a.name == "flash_attn" and a.asname:
+                        names.add(a.asname + ".bert_padding.unpad_input")
+                    elif a.name == "flash_attn" or a.name.startswith("flash_attn."):
+                        names.add("flash_attn.bert_padding.unpad_input")
+                    else:
+                        others.add((a.asname or a.name).split(".")[0])
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                others.add(node.name)
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                others.add(node.id)
+            elif isinstance(node, ast.arg):
+                others.add(node.arg)
+        return names - others
 
 
 FIXERS = {cls.name: cls for cls in (LocalRank, ThcToAten, NumbaErrors, MmcvVersionAssert, MmcvLayerClash, SetupWithoutGpu,

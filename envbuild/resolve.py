@@ -793,7 +793,7 @@ FIXER_WHEN = {
     "collections-abc": "only Plans on Python >= 3.10 that keep a package taking the ABCs from collections",
     "torch-load-weights-only": "only a port from torch < 2.6 to >= 2.6",
     "mmcv-parallel": "only a port from torch < 2.1 to >= 2.1 of a model that pins mmcv-full",
-    "flash-attn-unpad-input": "only a Plan whose flash-attn is >= 2.7 where upstream's pin is older",
+    "flash-attn-unpad-input": "only a Plan whose flash-attn is >= 2.7 where upstream's pin is older or open",
 }
 
 

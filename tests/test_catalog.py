@@ -260,6 +260,8 @@ def test_unknown_keys_and_tables_are_refused_with_the_closest_known_name(matrice
     ("toolchains/packages.toml", 'spec = "<2"', 'spec = "<2"\nwhen_version = "<1.26"', "era[0].when_version", "needs when_package"),
     ("toolchains/packages.toml", 'from_date = "2026-01-06"', 'from_date = "2026-02-30"', "from_date", "not a date"),
     ("toolchains/packages.toml", '[asserts.mmdet."2.14.0"]', '[asserts.mmdet."2.14.x"]', "asserts.mmdet.2.14.x", "range of versions"),
+    ("toolchains/packages.toml", "objects = 85\nmin_nvcc = \"12.0\"", "objects = -85\nmin_nvcc = \"12.0\"",
+     "flash_attn.2.7.4.post1.objects", "must be a count"),
     ("toolchains/packages.toml", '[compiled.mmcv-full."1.6.2"]', '[compiled.mmcv-full."latest"]', "compiled.mmcv-full.latest",
      "not a version"),
     ("toolchains/packages.toml", '[flash_attn."2.6.3"]', '[flash_attn."2.6.x"]', "flash_attn.2.6.x", "not a version"),

@@ -153,6 +153,12 @@ def test_another_releases_time_is_scaled_by_the_objects_each_compiles(ledger_mac
     assert flash["seconds"] == pytest.approx(basis["seconds"] * 85 / 49 * estimate.arch_factor(2), rel=0.01)
     assert estimate._objects("flash-attn", "2.7.4.post1", "2.6.3") is None  # the same count: nothing to scale
     assert estimate._objects("mmcv-full", "1.7.2", "1.7.1") is None  # not counted in the catalog
+    # the pick compares per object: 2.3.2's 4178 s for 49 is more work than a 6000 s 2.6.3 for 85
+    base = {"package": "flash-attn", "archs": 1, "gb_per_job": 9, "model": "m", "machine": dict(LEDGER)}
+    old, same = dict(base, version="2.3.2", seconds=4178.0), dict(base, version="2.6.3", seconds=6000.0)
+    assert estimate._pick([old, same], "flash-attn", "2.7.4.post1") is same  # by seconds alone
+    assert estimate._pick([old, same], "flash-attn", "2.7.4.post1",
+                          estimate._per_object("flash-attn", "2.7.4.post1")) is old  # 4178 x 85/49 = 7248 s
 
 def _ctx(cat, **kw):
     plan = ledger.plan_for_record(cat, next(r for r in ledger.load() if r["request"]["model"] == "sparsedrive"))

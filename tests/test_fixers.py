@@ -1033,10 +1033,18 @@ def test_flash_attn_unpad_input_keeps_four_values_so_code_runs_on_2_7_and_before
      "import flash_attn.bert_padding as bp\n(a, b, c, d) = (bp.unpad_input(\n    x,\n    m,\n)[:4])\n"),
     ("from flash_attn import bert_padding\n[a, b, c, d] = bert_padding.unpad_input(x, m)\n",
      "from flash_attn import bert_padding\n[a, b, c, d] = bert_padding.unpad_input(x, m)[:4]\n"),
-    # left alone: five names (written for 2.7), a starred or a single name, another module's unpad_input
+    ("import flash_attn as fa\na, b, c, d = fa.bert_padding.unpad_input(x, m)\n",
+     "import flash_attn as fa\na, b, c, d = fa.bert_padding.unpad_input(x, m)[:4]\n"),
+    ("from flash_attn.bert_padding import *\na, b, c, d = unpad_input(x, m)\n",
+     "from flash_attn.bert_padding import *\na, b, c, d = unpad_input(x, m)[:4]\n"),
+    # left alone: five names (written for 2.7), a starred or a single name, another module's unpad_input,
+    # a module that binds unpad_input itself too (its own def may return an iterator), flash_attn_2_cuda
     ("from flash_attn.bert_padding import unpad_input\na, b, c, d, e = unpad_input(x, m)\n", None),
     ("from flash_attn.bert_padding import unpad_input\na, *rest = unpad_input(x, m)\nout = unpad_input(x, m)\n", None),
     ("from flash_attn import flash_attn_func\nfrom .padding import unpad_input\na, b, c, d = unpad_input(x, m)\n", None),
+    ("from flash_attn.bert_padding import unpad_input\ndef unpad_input(x, m):\n    return iter((1, 2, 3, 4))\n"
+     "a, b, c, d = unpad_input(x, m)\n", None),
+    ("import flash_attn_2_cuda\nfrom .bert_padding import unpad_input\na, b, c, d = flash_attn.bert_padding.unpad_input(x, m)\n", None),
 ])
 def test_flash_attn_unpad_input_touches_only_four_name_unpacking_of_flash_attns_function(source, expected):
     fx = fixers.make("flash-attn-unpad-input")
