@@ -58,11 +58,11 @@ locks: setup  ## hash-lock every committed cell in its own Python (needs its bas
 	  rm -rf $$tmp; done
 	$(MAKE) dockerfiles
 
-verify: setup  ## rebuild one cell from its real source here and record it: make verify MODEL=qcnet CARD=a800 SOURCE=../QCNet [TIME_LIMIT=seconds] [VCUDA=13.0 for Hopper/Blackwell: CARD=h20,b200]
+verify: setup  ## rebuild one cell from its real source here and record it: make verify MODEL=qcnet CARD=a800 SOURCE=../QCNet [TIME_LIMIT=seconds] [VCUDA=13.0 for Hopper/Blackwell: CARD=h20,b200] [TRIM=1: --trim-kernels]
 	$(BIN)/envbuild base --cuda $(VCUDA)
 	ENVBUILD_TORCH_INDEX=none $(BIN)/envbuild verify $(MODEL) --card $(CARD) --python 3.11 --cuda $(VCUDA) \
 	  --source $(SOURCE) --base-image envbuild/cuda:$(VCUDA)-devel-debian12 --runtime-image envbuild/debian:12 \
-	  $(if $(TIME_LIMIT),--time-limit $(TIME_LIMIT))
+	  $(if $(TIME_LIMIT),--time-limit $(TIME_LIMIT)) $(if $(TRIM),--trim-kernels)
 
 bench: setup  ## resolver timing and data-loader tuning; bench-build for the (slow) image build numbers
 	$(BIN)/python benchmarks/bench_resolve.py

@@ -176,6 +176,7 @@ class FlashAttn:
     sass: dict  # arch -> min nvcc
     runtime: tuple[str, ...]
     objects: int = 0  # what its wheel stage compiles (0: not counted)
+    head_dims: tuple[int, ...] = ()  # the head dims it has kernel files for
 
 
 @dataclass(frozen=True)
@@ -314,6 +315,9 @@ class Model:
     # stdlib modules the OS packs apart from Python (tkinter) that the model imports -> why
     stdlib_modules: dict = field(default_factory=dict)
     git_packages: dict = field(default_factory=dict)  # name -> GitPackage
+    # [flash_attn]: the kernel head dims the model calls and why (--trim-kernels compiles only those)
+    flash_attn_head_dims: tuple = ()
+    flash_attn_why: str = ""
 
     def pinned(self, name: str) -> str | None:
         spec = self.packages.get(name)
@@ -995,9 +999,12 @@ def _load_flash_attn(pkg: _Reader) -> dict[str, FlashAttn]:
                 raise r.fail("sass", f"invalid entry {arch!r} = {nvcc!r}")
         if r.get("objects", int, 0) < 0:
             raise r.fail("objects", "must be a count (>= 0)")
+        dims = r.get("head_dims", list, [])
+        if any(d not in FLASH_ATTN_HEAD_DIMS for d in dims):
+            raise r.fail("head_dims", f"expected head dims among {', '.join(map(str, FLASH_ATTN_HEAD_DIMS))}, got {dims!r}")
         flash[ver] = FlashAttn(
             ver, r.get("min_nvcc", str, pattern=CUDA_RE), r.version("min_torch"),
-            _range(r, "python"), dict(sass), r.strings("runtime", CC_RE), r.get("objects", int, 0),
+            _range(r, "python"), dict(sass), r.strings("runtime", CC_RE), r.get("objects", int, 0), tuple(sorted(dims)),
         )
     return flash
 
@@ -1128,6 +1135,7 @@ def _load_model(path: Path, torch: dict) -> Model:
     doc.get("data", dict, {})
     construct = _model_construct(doc) if doc.has("construct") else None
     stdlib_modules = _model_stdlib_modules(doc)
+    head_dims, head_dims_why = _model_flash_attn(doc)
     name = m.get("name", str, pattern=NAME_RE)
     if name != path.stem:
         raise m.fail("name", f"must match the file name {path.stem!r}")
@@ -1151,6 +1159,8 @@ def _load_model(path: Path, torch: dict) -> Model:
         era_grace_days=m.number("era_grace_days", int, 0, 3650, 30),
         stdlib_modules=stdlib_modules,
         git_packages=git_packages,
+        flash_attn_head_dims=head_dims,
+        flash_attn_why=head_dims_why,
     )
     doc.unread()
     return model
@@ -1172,6 +1182,26 @@ def _model_stdlib_modules(doc: _Reader) -> dict:
             raise section.fail(module, f"not a module the OS packs apart from Python (known: {', '.join(STDLIB_APART)})")
         out[module] = section.get(module, str)
     return out
+
+
+# The head dims flash-attn 2.x has kernels for (one file per dim, dtype and direction); a call's
+# head dim runs the kernel of the next one up.
+FLASH_ATTN_HEAD_DIMS = (32, 64, 96, 128, 160, 192, 224, 256)
+
+
+def _model_flash_attn(doc: _Reader) -> tuple[tuple, str]:
+    """[flash_attn]: head_dims the model's attention calls (kernel dims) and why."""
+    if not doc.has("flash_attn"):
+        return (), ""
+    fa = doc.sub("flash_attn")
+    dims = fa.get("head_dims", list)
+    if not dims or not all(isinstance(d, int) and not isinstance(d, bool) for d in dims):
+        raise fa.fail("head_dims", f"expected a non-empty array of integers, got {dims!r}")
+    wrong = [d for d in dims if d not in FLASH_ATTN_HEAD_DIMS]
+    if wrong:
+        raise fa.fail("head_dims", f"{wrong[0]} is not a head dim flash-attn has kernels for "
+                                   f"({', '.join(map(str, FLASH_ATTN_HEAD_DIMS))}; a call rounds up to the next)")
+    return tuple(sorted(set(dims))), fa.get("why", str)
 
 
 def _model_torch(doc: _Reader, torch: dict) -> tuple[str, str]:

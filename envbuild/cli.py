@@ -94,6 +94,9 @@ STRICT = typer.Option(False, "--strict", help="Upstream pins only; fail with the
 SET = typer.Option(None, "--set", help="Force a pin, PKG==VERSION (repeatable).")
 COMPILE = typer.Option(False, "--compile", help="Compile every compiled package from source, even where a vendor's "
                        "prebuilt wheel covers the card.")
+TRIM = typer.Option(False, "--trim-kernels", help="Compile only the kernels the model calls, where its catalog entry "
+                    "says which (flash-attn: [flash_attn] head_dims): a fraction of the compile; other calls raise a "
+                    "clear error.")
 CARD = typer.Option(None, "--card", help="Card, or cards for one image (a800,h20), or 'portable'. Default: this host's "
                     "GPUs, else the config's card, else a portable image for every catalog card the stack runs on.")
 SOURCE = typer.Option(None, "--source", parser=_path, help="Local model source tree (forks, offline builds) instead of git.")
@@ -230,13 +233,13 @@ def base(cuda: str = typer.Option("13.0", "--cuda", help="CUDA toolkit of the ba
 @command()
 def resolve(model: str, card: Optional[str] = CARD,
             cuda: Optional[str] = CUDA, python: Optional[str] = PYTHON, strict: bool = STRICT,
-            set_: Optional[List[str]] = SET, compile_: bool = COMPILE, torch_index: Optional[str] = TORCH_INDEX,
+            set_: Optional[List[str]] = SET, compile_: bool = COMPILE, trim: bool = TRIM, torch_index: Optional[str] = TORCH_INDEX,
             pypi_index: Optional[str] = PYPI_INDEX,
             check: bool = typer.Option(False, "--check", help="Ask pip (dry run, the era's index, wheels only) whether "
                                        "the pins install together; a clash exits 2 naming the pin and the requirement."),
             json_: bool = JSON):
     """Print the Plan: what runs on the card, and why."""
-    plan, verified = pipeline.resolve_plan(Request(model=model, compile_only=compile_, card=card, cuda=cuda, python=python, strict=strict,
+    plan, verified = pipeline.resolve_plan(Request(model=model, compile_only=compile_, trim_kernels=trim, card=card, cuda=cuda, python=python, strict=strict,
                                                    overrides=set_, torch_index=torch_index, pypi_index=pypi_index))
     if not check:
         return show.resolved(plan, verified, as_json=json_)
@@ -264,9 +267,9 @@ def render(model: str, card: Optional[str] = CARD, cuda: Optional[str] = CUDA, p
            strict: bool = STRICT, set_: Optional[List[str]] = SET, source: Optional[Path] = SOURCE,
            base_image: Optional[str] = BASE_IMAGE, runtime_image: Optional[str] = RUNTIME_IMAGE,
            out: Optional[Path] = typer.Option(None, "-o", "--out", parser=_path, help="Output folder (default: envbuild's cache)."),
-           compile_: bool = COMPILE, torch_index: Optional[str] = TORCH_INDEX, pypi_index: Optional[str] = PYPI_INDEX, json_: bool = JSON):
+           compile_: bool = COMPILE, trim: bool = TRIM, torch_index: Optional[str] = TORCH_INDEX, pypi_index: Optional[str] = PYPI_INDEX, json_: bool = JSON):
     """Write Dockerfile, requirements.in, requirements.lock (when locked) and plan.json."""
-    req = Request(model=model, compile_only=compile_, card=card, cuda=cuda, python=python, strict=strict, overrides=set_, source=source,
+    req = Request(model=model, compile_only=compile_, trim_kernels=trim, card=card, cuda=cuda, python=python, strict=strict, overrides=set_, source=source,
                   base_image=base_image, runtime_image=runtime_image, torch_index=torch_index, pypi_index=pypi_index)
     plan, listing = pipeline.render_context(req, out)
     show.rendered(plan, listing, as_json=json_)
@@ -294,10 +297,10 @@ def lock(model: str, card: Optional[str] = CARD, cuda: Optional[str] = CUDA, pyt
          strict: bool = STRICT, set_: Optional[List[str]] = SET, source: Optional[Path] = SOURCE,
          base_image: Optional[str] = BASE_IMAGE, runtime_image: Optional[str] = RUNTIME_IMAGE,
          out: Optional[Path] = typer.Option(None, "-o", "--out", parser=_path, help="Context folder (default: envbuild's cache)."),
-         compile_: bool = COMPILE, torch_index: Optional[str] = TORCH_INDEX, pypi_index: Optional[str] = PYPI_INDEX, json_: bool = JSON):
+         compile_: bool = COMPILE, trim: bool = TRIM, torch_index: Optional[str] = TORCH_INDEX, pypi_index: Optional[str] = PYPI_INDEX, json_: bool = JSON):
     """pip-compile --generate-hashes inside a container of the Plan's Python (the context is
     rendered again to install from the lock: pass the flags render had)."""
-    req = Request(model=model, compile_only=compile_, card=card, cuda=cuda, python=python, strict=strict, overrides=set_,
+    req = Request(model=model, compile_only=compile_, trim_kernels=trim, card=card, cuda=cuda, python=python, strict=strict, overrides=set_,
                   source=source, base_image=base_image, runtime_image=runtime_image, torch_index=torch_index,
                   pypi_index=pypi_index)
     plan, path, ctx = pipeline.lock_context(req, out, progress=_progress(json_))
@@ -308,10 +311,10 @@ def lock(model: str, card: Optional[str] = CARD, cuda: Optional[str] = CUDA, pyt
 def wheels(model: str, card: Optional[str] = CARD, cuda: Optional[str] = CUDA, python: Optional[str] = PYTHON,
            set_: Optional[List[str]] = SET, base_image: Optional[str] = BASE_IMAGE,
            out: Optional[Path] = typer.Option(None, "-o", "--out", parser=_path, help="Folder for the wheels (default: envbuild's cache)."),
-           compile_: bool = COMPILE, torch_index: Optional[str] = TORCH_INDEX, pypi_index: Optional[str] = PYPI_INDEX, json_: bool = JSON):
+           compile_: bool = COMPILE, trim: bool = TRIM, torch_index: Optional[str] = TORCH_INDEX, pypi_index: Optional[str] = PYPI_INDEX, json_: bool = JSON):
     """Export the packages envbuild compiles for a Plan (mmcv, flash-attn, PyG ops) as wheels, for
     `pip install --find-links DIR` on a host without envbuild."""
-    req = Request(model=model, compile_only=compile_, card=card, cuda=cuda, python=python, overrides=set_, base_image=base_image,
+    req = Request(model=model, compile_only=compile_, trim_kernels=trim, card=card, cuda=cuda, python=python, overrides=set_, base_image=base_image,
                   torch_index=torch_index, pypi_index=pypi_index)
     plan, dest, made = pipeline.export_wheels(req, out, progress=_progress(json_))
     show.wheels(plan, dest, made, as_json=json_)
@@ -325,7 +328,7 @@ def image(model: str, card: Optional[str] = CARD, cuda: Optional[str] = CUDA, py
           source: Optional[Path] = SOURCE, base_image: Optional[str] = BASE_IMAGE,
           runtime_image: Optional[str] = RUNTIME_IMAGE,
           no_cache: bool = typer.Option(False, "--no-cache", help="Build every step again."),
-          compile_: bool = COMPILE, torch_index: Optional[str] = TORCH_INDEX, pypi_index: Optional[str] = PYPI_INDEX,
+          compile_: bool = COMPILE, trim: bool = TRIM, torch_index: Optional[str] = TORCH_INDEX, pypi_index: Optional[str] = PYPI_INDEX,
           quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not stream BuildKit progress."),
           smoke_: bool = typer.Option(False, "--smoke", help="Smoke-test the image and record the result in it."),
           no_lock: bool = typer.Option(False, "--no-lock", help="Install requirements.in unlocked (pip resolves at build time)."),
@@ -337,7 +340,7 @@ def image(model: str, card: Optional[str] = CARD, cuda: Optional[str] = CUDA, py
           json_: bool = JSON):
     """Resolve, render, lock (first time), build (BuildKit), tag, optionally smoke-test and push.
     The build's estimated time (from the verified ledger) is printed before it starts."""
-    req = Request(model=model, compile_only=compile_, card=card, cuda=cuda, python=python, strict=strict, overrides=set_, source=source,
+    req = Request(model=model, compile_only=compile_, trim_kernels=trim, card=card, cuda=cuda, python=python, strict=strict, overrides=set_, source=source,
                   base_image=base_image, runtime_image=runtime_image, torch_index=torch_index, pypi_index=pypi_index)
     if dry_run:
         show.dry_run(pipeline.estimate_image(req, no_cache=no_cache), as_json=json_)
@@ -350,14 +353,14 @@ def image(model: str, card: Optional[str] = CARD, cuda: Optional[str] = CUDA, py
 @command()
 def verify(model: str, card: Optional[str] = CARD, cuda: Optional[str] = CUDA, python: Optional[str] = PYTHON,
            source: Optional[Path] = SOURCE, base_image: Optional[str] = BASE_IMAGE,
-           runtime_image: Optional[str] = RUNTIME_IMAGE, compile_: bool = COMPILE, torch_index: Optional[str] = TORCH_INDEX,
+           runtime_image: Optional[str] = RUNTIME_IMAGE, compile_: bool = COMPILE, trim: bool = TRIM, torch_index: Optional[str] = TORCH_INDEX,
            pypi_index: Optional[str] = PYPI_INDEX, json_: bool = JSON,
            time_limit: Optional[int] = typer.Option(None, "--time-limit", min=60, help=(
                "Stop the build after this many seconds and record what it was still compiling "
                "(a rerun continues from the cache)."))):
     """Build a cell from the model's real source, audit it, smoke env + model, and record the result
     (passed, or the exact failure) in the verified ledger."""
-    req = Request(model=model, compile_only=compile_, card=card, cuda=cuda, python=python, source=source, base_image=base_image,
+    req = Request(model=model, compile_only=compile_, trim_kernels=trim, card=card, cuda=cuda, python=python, source=source, base_image=base_image,
                   runtime_image=runtime_image, torch_index=torch_index, pypi_index=pypi_index)
     result = pipeline.verify_cell(req, time_limit=time_limit, progress=_progress(json_))
     show.verified(result, as_json=json_)
@@ -375,9 +378,9 @@ def push(ref: str = typer.Argument(..., help="Local image reference."), json_: b
 def pull(model: str, card: Optional[str] = CARD, cuda: Optional[str] = CUDA, python: Optional[str] = PYTHON,
          strict: bool = STRICT, set_: Optional[List[str]] = SET,
          registry: Optional[str] = typer.Option(None, "--registry", help="Registry prefix, e.g. 127.0.0.1:5000/"),
-         compile_: bool = COMPILE, torch_index: Optional[str] = TORCH_INDEX, json_: bool = JSON):
+         compile_: bool = COMPILE, trim: bool = TRIM, torch_index: Optional[str] = TORCH_INDEX, json_: bool = JSON):
     """Pull the image for a model and card (tag derived from the Plan), after a driver check."""
-    req = Request(model=model, compile_only=compile_, card=card, cuda=cuda, python=python, strict=strict, overrides=set_,
+    req = Request(model=model, compile_only=compile_, trim_kernels=trim, card=card, cuda=cuda, python=python, strict=strict, overrides=set_,
                   torch_index=torch_index)
     show.pulled(pipeline.pull_image(req, registry=registry), as_json=json_)
 

@@ -108,7 +108,9 @@ def measured(records: list[dict]) -> list[dict]:
             hits, misses = served.get("hits", 0), served.get("misses", 0)
             if hits and not misses:
                 continue  # ccache served every compile: says nothing of what a cold one costs
+            trim = _HEAD_DIMS.search(step)
             out.append({"package": package, "version": version, "archs": archs,
+                        "head_dims": _dims(trim.group(1)) if trim else (),
                         # ccache's hits took ~0 s: the step's time is what its misses cost
                         "seconds": float(seconds) * (hits + misses) / misses if hits else float(seconds),
                         "ccache_hits": hits, "compiles": hits + misses,
@@ -221,22 +223,38 @@ def stage_key(ctx, step) -> str:
         ctx.wheel_cache = saved
 
 
-def _objects(package: str, version: str, measured: str) -> tuple[int, int] | None:
-    """(objects of version, of the measured release) where the catalog counts both and they differ."""
-    if not measured or measured == version:
+# --trim-kernels' fixer in a wheel step (its RUN line, or render.Step.fixers): the head dims compiled
+_HEAD_DIMS = re.compile(r"flash-attn-head-dims:dims=([0-9+]+)")
+
+
+def _dims(text: str) -> tuple[int, ...]:
+    return tuple(int(d) for d in text.split("+") if d.isdigit())
+
+
+def step_head_dims(step) -> tuple[int, ...]:
+    """The head dims a wheel stage compiles alone (--trim-kernels), () for all."""
+    trim = next((m for m in map(_HEAD_DIMS.match, step.fixers) if m), None)
+    return _dims(trim.group(1)) if trim else ()
+
+
+def _objects(package: str, version: str, m: dict, head_dims=()) -> tuple[int, int] | None:
+    """(objects this stage compiles, objects the measurement m compiled) where the catalog counts
+    both and they differ: another release, or other head dims (--trim-kernels)."""
+    theirs = tuple(m.get("head_dims") or ())
+    if not m["version"] or (m["version"] == version and theirs == tuple(head_dims)):
         return None
     from . import catalog
     from .packages import block_for
     cat = catalog.load()
     block = block_for(cat, package)
-    counts = (block.objects(cat, version), block.objects(cat, measured)) if block else (0, 0)
+    counts = (block.objects(cat, version, head_dims), block.objects(cat, m["version"], theirs)) if block else (0, 0)
     return counts if min(counts) > 0 and counts[0] != counts[1] else None
 
 
-def _per_object(package: str, version: str):
-    """A measurement's factor to this release: its objects over the measured release's (1: not counted)."""
+def _per_object(package: str, version: str, head_dims=()):
+    """A measurement's factor to this stage: its objects over the measured one's (1: not counted)."""
     def factor(m: dict) -> float:
-        counts = _objects(package, version, m["version"])
+        counts = _objects(package, version, m, head_dims)
         return counts[0] / counts[1] if counts else 1.0
     return factor
 
@@ -278,7 +296,8 @@ def estimate(ctx, records: list[dict], machine: dict | None = None, built: dict 
                            "why": f"built on this host on {built[stage_key(ctx, step)]}: BuildKit's cache "
                                   "(unless pruned since)"})
             continue
-        m = _pick(found, package, version, _per_object(package, version))
+        head_dims = step_head_dims(step)
+        m = _pick(found, package, version, _per_object(package, version, head_dims))
         if m is None:
             one, basis_archs = UNMEASURED_ONE_ARCH_S, 1
             basis, there = "not in the ledger: guessed like benchmarks' CUDA op", LEDGER_MACHINE
@@ -286,8 +305,8 @@ def estimate(ctx, records: list[dict], machine: dict | None = None, built: dict 
             one, basis_archs = m["seconds"] / arch_factor(m["archs"]), m["archs"]
             basis = _basis(m, version)
             there = m["machine"]
-            objects = _objects(package, version, m["version"])
-            if objects:  # another release: its time per object, for this release's objects
+            objects = _objects(package, version, m, head_dims)
+            if objects:  # another release or head dims: its time per object, for this stage's objects
                 one *= objects[0] / objects[1]
                 basis += f"; x{objects[0] / objects[1]:.2f} for {objects[0]} objects, not {objects[1]}"
         gb = step.gb_per_job or DEFAULT_GB_PER_JOB

@@ -87,8 +87,12 @@ class Fixer(object):
     def fix_text(self, relpath, text):
         raise NotImplementedError
 
+    def prepare(self, root):
+        """Read what the fix of one file needs from others in the tree (before any fix_text)."""
+
     def changes(self, root, problems=None):
         """{relpath: (old, new)} for every file this fixer would change (unreadable ones go to problems)."""
+        self.prepare(root)
         out = {}
         for relpath in iter_files(root, problems):
             if not self.wants(relpath):
@@ -989,9 +993,98 @@ class FlashAttnUnpadInput(Fixer):
         return names - others
 
 
+class FlashAttnHeadDims(Fixer):
+    """flash-attn 2.x compiles one kernel file per head dim, dtype and direction (85 objects in
+    2.7.4, hours for two archs on a small builder); a model calls one or two head dims. This keeps
+    the files of the head dims given (dims="32+64": the kernels' dims, a call's head dim rounds up
+    to the next) in setup.py's sources, and gives every kernel it drops a stand-in in
+    flash_api.cpp that raises a clear error, so the module still links and imports, and a call with
+    another head dim says what was left out instead of crashing. Signatures of the stand-ins are
+    read from the dropped files themselves (their template arguments differ between releases)."""
+    name = "flash-attn-head-dims"
+    why = "compile flash-attn's kernels only for the head dims the model calls"
+    suffixes = ()
+    filenames = ("setup.py", "flash_api.cpp")
+    API = "csrc/flash_attn/flash_api.cpp"
+    KERNEL = re.compile(r"""(?P<q>["'])(?P<path>csrc/flash_attn/src/flash_(?:fwd|bwd|fwd_split)_hdim(?P<dim>[0-9]+)_"""
+                        r"""[a-z0-9_]*\.cu)(?P=q)""")
+    SPECIALIZATION = re.compile(r"template\s*(?:<\s*>)?\s*void\s+(run_mha_\w+)\s*<([^<>;{}()]*)>\s*\(([^(){};]*)\)")
+    NAMESPACE = re.compile(r"^namespace\s+(\w+)\s*\{", re.M)
+    MARK = "envbuild flash-attn-head-dims"
+
+    def __init__(self, dims):
+        Fixer.__init__(self, dims=dims)
+        self.keep = sorted({int(d) for d in dims.split("+")})
+        self.dropped = []  # [(path, dim)] of kernel files setup.py lists that are not kept
+        self.stubs = ""
+
+    def wants(self, relpath):
+        return relpath in ("setup.py", self.API)
+
+    def prepare(self, root):
+        setup = read_text(root, "setup.py") or ""
+        listed = [(m.group("path"), int(m.group("dim"))) for m in self.KERNEL.finditer(setup)]
+        dims = sorted({d for _, d in listed})
+        if not listed:
+            self.dropped, self.stubs = [], ""
+            return
+        missing = [d for d in self.keep if d not in dims]
+        if missing:
+            raise FixerError("setup.py: flash-attn compiles kernels for head dims %s; %s %s not among them "
+                             "(give the kernels' dims: a call's head dim rounds up to the next)"
+                             % (", ".join(map(str, dims)), ", ".join(map(str, missing)),
+                                "is" if len(missing) == 1 else "are"))
+        self.dropped = [(path, d) for path, d in listed if d not in self.keep]
+        self.stubs = self._stubs(root) if self.dropped else ""
+
+    def _stubs(self, root):
+        """Stand-in definitions of every dropped kernel's specialization, in its namespace."""
+        namespaces, lines = set(), []
+        for path, dim in self.dropped:
+            text = read_text(root, path)
+            found = self.SPECIALIZATION.findall(text or "")
+            if not found:
+                raise FixerError("%s: no kernel specialization found to stand in for; nothing was changed" % path)
+            namespaces.update(self.NAMESPACE.findall(text))
+            for func, targs, params in found:
+                lines.append("template<> void %s<%s>(%s) { envbuild_head_dim_not_compiled(%d); }"
+                             % (func, " ".join(targs.split()), " ".join(params.split()), dim))
+        if len(namespaces) > 1:
+            raise FixerError("%s: the kernel files use several namespaces (%s); nothing was changed"
+                             % (self.API, ", ".join(sorted(namespaces))))
+        kept = ", ".join(map(str, self.keep))
+        body = ["// %s: this build compiles the kernels of head dims %s only; the others raise here." % (self.MARK, kept),
+                "static void envbuild_head_dim_not_compiled(int head_dim) {",
+                '    TORCH_CHECK(false, "flash-attn was compiled by envbuild for head dims %s only (the model\'s); '
+                'head dim ", head_dim, " needs a build without the flash-attn-head-dims fixer");' % kept,
+                "}"] + sorted(set(lines), key=lines.index)
+        if namespaces:
+            body = ["namespace %s {" % namespaces.pop()] + body + ["}"]
+        return "\n".join(body) + "\n"
+
+    def fix_text(self, relpath, text):
+        if not self.dropped:
+            return text
+        if relpath == "setup.py":
+            edits = []
+            for path, _ in self.dropped:
+                line = re.compile(_BOL + r"[ \t]*([\"'])" + re.escape(path) + r"\1[ \t]*,?[ \t]*(?:#[^\r\n]*)?(?:\r\n|\r|\n|\Z)")
+                found = list(line.finditer(text))
+                if len(found) != 1:
+                    raise FixerError("setup.py: %s is not listed once on a line of its own; nothing was changed" % path)
+                edits.append((found[0].start(), found[0].end(), ""))
+            return _edit(text, edits)
+        if self.MARK in text:
+            raise FixerError("%s: already has stand-ins, but setup.py still lists dropped kernels; nothing was changed"
+                             % relpath)
+        if "TORCH_CHECK" not in text or not re.search(_BOL + r"[ \t]*#include" + _EOL, text):
+            raise FixerError("%s: no #include and TORCH_CHECK to build stand-ins on; nothing was changed" % relpath)
+        return _insert_after_includes(text, self.stubs.replace("\n", _newline(text)))
+
+
 FIXERS = {cls.name: cls for cls in (LocalRank, ThcToAten, NumbaErrors, MmcvVersionAssert, MmcvLayerClash, SetupWithoutGpu,
                                                 CxxStandard, CollectionsAbc, TorchLoadWeightsOnly,
-                                                MmcvParallel, FlashAttnUnpadInput)}
+                                                MmcvParallel, FlashAttnUnpadInput, FlashAttnHeadDims)}
 
 
 # The arguments a fixer takes, each with the only shape it may have: they end up inside source
@@ -1000,7 +1093,9 @@ FIXERS = {cls.name: cls for cls in (LocalRank, ThcToAten, NumbaErrors, MmcvVersi
 ARGS = {
     "mmcv-version-assert": {"mmcv": re.compile(r"^[0-9]+(\.[0-9]+){1,3}$")},  # ASCII digits: \d takes ١.٧
     "cxx-standard": {"std": re.compile(r"^c\+\+(14|17|20)$")},
+    "flash-attn-head-dims": {"dims": re.compile(r"^[1-9][0-9]{0,3}(\+[1-9][0-9]{0,3}){0,7}$")},
 }
+REQUIRED_ARGS = {"dims"}
 
 
 def make(name, args=None):
@@ -1015,7 +1110,20 @@ def make(name, args=None):
             raise ValueError("fixer %s takes no argument %r" % (name, key))
         if not isinstance(value, str) or not pattern.match(value) or "\n" in value:
             raise ValueError("fixer %s: %s=%r is not allowed (expected %s)" % (name, key, value, pattern.pattern))
+    needed = [key for key in allowed if key not in args and key in REQUIRED_ARGS]
+    if needed:
+        raise ValueError("fixer %s needs %s" % (name, ", ".join("%s=..." % key for key in needed)))
     return FIXERS[name](**args)
+
+
+def parse_items(text):
+    """--fixers "a,b:key=value": names, each with its arguments after colons."""
+    items = []
+    for item in text.split(","):
+        name, _, rest = item.partition(":")
+        args = dict(kv.partition("=")[::2] for kv in rest.split(":")) if rest else {}
+        items.append({"name": name, "args": args})
+    return items
 
 
 def detect(root, fixers):
@@ -1037,6 +1145,7 @@ def apply(root, fixers):
     # Compute every change first (fixers see the results of the ones before them).
     for fx in fixers:
         changed = []
+        fx.prepare(root)
         for relpath in files:
             if not fx.wants(relpath):
                 continue
@@ -1121,14 +1230,15 @@ def main(argv=None):
     ap.add_argument("action", choices=["apply", "list", "apply-installed"])
     ap.add_argument("tree", nargs="?", help="the model tree (not for apply-installed: the Plan names the packages)")
     ap.add_argument("--plan", help="the Plan whose fixers to run")
-    ap.add_argument("--fixers", help="instead of a Plan: fixer names, comma-separated (a compiled package's sdist port)")
+    ap.add_argument("--fixers", help="instead of a Plan: fixer names, comma-separated, each with its arguments as "
+                    "name:key=value (a compiled package's sdist port)")
     ap.add_argument("--report")
     ns = ap.parse_args(argv)
     if bool(ns.plan) == bool(ns.fixers):
         ap.error("give --plan or --fixers (one of them)")
     try:
         if ns.fixers:
-            plan = {"fixers": [{"name": n} for n in ns.fixers.split(",")]}
+            plan = {"fixers": parse_items(ns.fixers)}
         else:
             with open(ns.plan) as fh:
                 plan = json.load(fh)

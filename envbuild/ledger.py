@@ -48,6 +48,10 @@ def digest(plan) -> str:
                     if (info.get("build") or {}).get("from") == "vendor")
     if vendor:  # a vendor's wheel instead of a compile: another image (absent: records made before stay valid)
         decided["vendor_wheels"] = vendor
+    trims = sorted((n, fx["name"], sorted(fx["args"].items())) for n, info in (data.get("native_packages") or {}).items()
+                   for fx in info.get("sdist_fixers", ()) if fx.get("args"))
+    if trims:  # --trim-kernels: fewer kernels compiled is another image (absent: records made before stay valid)
+        decided["trimmed"] = trims
     git = data.get("git_packages") or {}
     if git:  # another commit of a package from git is another image
         decided["git_packages"] = sorted((n, g["url"], g["commit"], g.get("subdirectory", ""), g.get("build", "pip"))
@@ -103,6 +107,8 @@ def request_flags(request: dict) -> str:
     for key, flag in (("python", "--python"), ("cuda", "--cuda"), ("torch_index", "--torch-index")):
         if request.get(key):
             parts.append(f"{flag} {request[key]}")
+    if request.get("trim_kernels"):
+        parts.append("--trim-kernels")
     return " ".join(parts)
 
 
@@ -122,7 +128,7 @@ def _word(rec: dict) -> str:
 
 
 def _same_request(a: dict, b: dict) -> bool:
-    keys = ("model", "card", "python", "cuda", "torch_index")
+    keys = ("model", "card", "python", "cuda", "torch_index", "trim_kernels")
     return all((a.get(k) or None) == (b.get(k) or None) for k in keys)
 
 
@@ -164,7 +170,8 @@ def plan_for_record(cat, rec: dict):
     req = rec["request"]
     index = req.get("torch_index")
     sources = Sources(torch_index=None if index in (None, "none") else index)
-    return resolve(cat, req["model"], req["card"], cuda=req.get("cuda"), python=req.get("python"), sources=sources)
+    return resolve(cat, req["model"], req["card"], cuda=req.get("cuda"), python=req.get("python"), sources=sources,
+                   trim_kernels=bool(req.get("trim_kernels")))
 
 
 def marks(cat, request: dict | None = None) -> dict:

@@ -49,6 +49,7 @@ class Request:
     torch_index: str | None = None
     pypi_index: str | None = None
     compile_only: bool = False  # --compile: no vendor wheels, every compiled package from its sdist
+    trim_kernels: bool = False  # --trim-kernels: compiled packages build only the kernels the model calls
 
     def __post_init__(self):
         self.overrides = tuple(self.overrides or ())
@@ -70,6 +71,8 @@ class Request:
             parts.append("--strict")
         if self.compile_only:
             parts.append("--compile")
+        if self.trim_kernels:
+            parts.append("--trim-kernels")
         for item in self.overrides:
             parts += ["--set", shlex.quote(item)]
         return " ".join(parts)
@@ -155,14 +158,15 @@ def plan_for(req: Request) -> tuple[Plan, Sources]:
                            vendor_wheels=False if req.compile_only else None)
     card, why = choose_cards(cat, req.card)
     plan = resolve(cat, req.model, card, cuda=req.cuda, python=req.python, strict=req.strict,
-                   overrides=parse_overrides(req.overrides), sources=sources, cards_why=why)
+                   overrides=parse_overrides(req.overrides), sources=sources, cards_why=why,
+                   trim_kernels=req.trim_kernels)
     return plan, sources
 
 
 def ledger_request(plan: Plan, sources: Sources, req: Request) -> dict:
     """The request a ledger record is kept under: what verify writes and resolve looks up."""
     return {"model": plan.model, "card": ",".join(plan.cards), "python": req.python, "cuda": req.cuda,
-            "torch_index": sources.torch_index or "none"}
+            "torch_index": sources.torch_index or "none", **({"trim_kernels": True} if req.trim_kernels else {})}
 
 
 def resolve_plan(req: Request) -> tuple[Plan, str]:

@@ -61,6 +61,21 @@ def _check(value: str, pattern: re.Pattern, what: str) -> str:
     return value
 
 
+def _sdist_fixer(fx: dict) -> str:
+    """A wheel stage's fixer as fixers.py's --fixers takes it: name, then :key=value per argument,
+    each checked against the one shape fixers.py allows for it."""
+    from .fixers import ARGS
+    name = _check(fx["name"], FIXER_RE, "sdist fixer")
+    args = fx.get("args") or {}
+    for key, value in sorted(args.items()):
+        pattern = ARGS.get(name, {}).get(key)
+        if pattern is None:
+            raise BadInput(f"refusing to render sdist fixer {name}: it takes no argument {key!r}",
+                           "fix the catalog entry, flag or config that set it")
+        _check(value, pattern, f"sdist fixer {name}'s {key}")
+    return "".join([name] + [f":{k}={v}" for k, v in sorted(args.items())])
+
+
 def requirement(name: str, version: str) -> str:
     """A validated pip requirement: name plus exact version or specifier."""
     _check(name, PKG_RE, "package name")
@@ -101,7 +116,7 @@ class Step:
     gb_per_job: int
     env: dict = field(default_factory=dict)
     vendor: dict | None = None
-    fixers: tuple[str, ...] = ()  # porting fixers its sdist gets before it is compiled (a port)
+    fixers: tuple[str, ...] = ()  # fixers its sdist gets before it is compiled (a port, --trim-kernels): name[:key=value]
     shared_ref: str | None = None  # the wheel cache's image of this stage: used instead of compiling
     cache_ref: str | None = None  # where this stage's wheel goes in the wheel cache (compiled here)
 
@@ -331,8 +346,7 @@ class Context:
             if build.get("from") == "vendor":
                 vendor = {"find_links": _check(build["find_links"], FIND_LINKS_RE, "vendor find-links"),
                           "why": _comment(build["why"])}
-            fixers = tuple(_check(f["name"], FIXER_RE, "sdist fixer")
-                           for f in self.plan.native_packages[name].get("sdist_fixers", ()))
+            fixers = tuple(_sdist_fixer(f) for f in self.plan.native_packages[name].get("sdist_fixers", ()))
             step = Step(name, requirement(name, by_name[name].version), block.gb_per_job, dict(block.build_env), vendor,
                         fixers)
             if self.wheel_cache and not vendor:

@@ -107,10 +107,33 @@ def parse_cards(cat: Catalog, cards) -> list[Card] | None:
 
 def resolve(cat: Catalog, model_name: str, card_name=None, cuda: str | None = None,
             python: str | None = None, strict: bool = False, overrides=None,
-            sources: Sources | None = None, cards_why: str = "") -> Plan:
+            sources: Sources | None = None, cards_why: str = "", trim_kernels: bool = False) -> Plan:
     """The Plan for one card, for several (`a800,h20`: one stack that runs on each), or, with no
-    card, a portable one: the stack that runs on the most catalog cards, for all of them."""
+    card, a portable one: the stack that runs on the most catalog cards, for all of them.
+    trim_kernels: compiled packages build only the kernels the model calls (where the catalog says)."""
     model = cat.model(model_name)
+    plan = _resolve(cat, model, card_name, cuda, python, strict, overrides, sources, cards_why)
+    return _trimmed(cat, model, plan) if trim_kernels else plan
+
+
+def _trimmed(cat: Catalog, model: Model, plan: Plan) -> Plan:
+    """--trim-kernels: each compiled package whose block can leave out kernels the model never
+    calls gets the fixer that does, after any porting fixers; nothing to trim is a mistake said."""
+    native, trimmed = dict(plan.native_packages), []
+    for name in plan.compiled:
+        block, pin = packages.block_for(cat, name), plan.pin(name)
+        fixers = block.trim_fixers(cat, pin, model) if block and pin and name in native else []
+        if fixers and (native[name].get("build") or {}).get("from") != "vendor":
+            native[name] = {**native[name], "sdist_fixers": list(native[name].get("sdist_fixers", ())) + fixers}
+            trimmed.append(name)
+    if not trimmed:
+        raise BadInput(f"--trim-kernels: nothing to trim in {model.name}'s Plan (its catalog entry names the kernels "
+                       "it calls for flash-attn only: [flash_attn] head_dims, and the Plan must compile flash-attn)",
+                       "drop --trim-kernels")
+    return replace(plan, native_packages=native)
+
+
+def _resolve(cat, model, card_name, cuda, python, strict, overrides, sources, cards_why) -> Plan:
     cards = parse_cards(cat, card_name)
     sources = sources or Sources()
     overrides = dict(overrides or {})

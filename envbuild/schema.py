@@ -151,6 +151,8 @@ PACKAGES_FILE = Table("Facts about compiled, version-asserting and era-pinned pa
         "runtime": F(list, f"array of {CC}", "Archs its kernels run on.", '["8.0", "8.6", "9.0"]', True),
         "objects": F(int, "integer", "Objects its wheel stage compiles (the estimate scales another release's "
                      "measured time by it).", "85"),
+        "head_dims": F(list, "array of 32, 64, 96, 128, 160, 192, 224 or 256", "The head dims it has kernel files for "
+                       "(each the same number): --trim-kernels compiles a model's alone.", "[32, 64, 96, 128, 160, 192, 256]"),
     }), required=True),
     "spconv": Table("spconv 2.x: one PyPI package per CUDA build.", {
         "builds": F(list, f"array of {CUDA}", "CUDA builds published (spconv-cu117, ...).", '["11.7", "11.8"]', True),
@@ -311,6 +313,13 @@ MODEL_FILE = Table("One model (file name = the model's name); a user's file of t
         "step": F(str, "a training step name", "A training step on a synthetic batch, run on the CPU.", '"qcnet-argoverse2"'),
         "arrays": F(list, "array of PATH.npy=AxB", "float32 arrays the network reads when built (written as zeros).",
                     '["data/kmeans/kmeans_det_900.npy=900x11"]'),
+    }),
+    "flash_attn": Table("The head dims the model's flash-attn calls use: `--trim-kernels` compiles flash-attn's kernels "
+                        "for these only (a fraction of its compile); a call with another head dim raises a clear error.", {
+        "head_dims": F(list, "array of 32, 64, 96, 128, 160, 192, 224 or 256", "Kernel head dims (a call's head dim "
+                       "runs the next one up: 48 runs 64).", "[32, 64]", True),
+        "why": F(str, "string", "Where they come from (configs, embed dims over heads), shown in the Plan.",
+                 '"MultiheadFlashAttention: 256 and 512 embed dims over 8 heads"', True),
     }),
     "stdlib_modules": Names("MODULE", "Standard-library modules the OS packs apart from Python that the model imports.",
                             F(str, "string", "Why the model needs it (tkinter only).",

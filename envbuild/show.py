@@ -72,6 +72,9 @@ def plan(p) -> None:
         build = p.native_packages.get(name, {}).get("build") or {}
         how = "vendor wheel" if build.get("from") == "vendor" else "source build"
         out.print(f"  {how:<11} {name}  [dim]# {e(build.get('why', ''))}[/]")
+        for fx in p.native_packages.get(name, {}).get("sdist_fixers", ()):  # its sdist's fixers: a port, a trim
+            args = "".join(f" {k}={v}" for k, v in sorted((fx.get("args") or {}).items()))
+            out.print(f"  sdist fixer {name}: {fx['name']}{args}: {fx['why']}", markup=False)
     for name, g in sorted(p.git_packages.items()):  # fetched and built at build time, pinned by commit
         where = f"#subdirectory={g['subdirectory']}" if g.get("subdirectory") else ""
         out.print(f"  from git    {name}: {g['url']}@{g['commit']}{where} ({g['build']})", markup=False)

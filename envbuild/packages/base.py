@@ -82,8 +82,14 @@ class Block:
         """Porting fixers run on the sdist in its wheel stage, [{"name", "why"}]: none by default."""
         return []
 
-    def objects(self, cat: Catalog, version: str) -> int:
-        """How many objects a release's wheel stage compiles (0: not counted)."""
+    def trim_fixers(self, cat: Catalog, pin: Pin, model) -> list[dict]:
+        """--trim-kernels: sdist fixers that compile only the kernels the model calls (as sdist_fixers
+        gives them, with "args"): none by default."""
+        return []
+
+    def objects(self, cat: Catalog, version: str, head_dims=()) -> int:
+        """How many objects a release's wheel stage compiles (0: not counted); head_dims: of those
+        alone (--trim-kernels)."""
         return 0
 
     def model_fixers(self, pin: Pin) -> list[tuple[str, str]]:

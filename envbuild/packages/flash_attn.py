@@ -46,9 +46,29 @@ class FlashAttention(Block):
                 return Pin(name, v, f"{problem}; {v} is the smallest release that works", upstream, "port")
         return f"{problem}; no flash-attn 2.x release in the catalog fixes it"
 
-    def objects(self, cat, version):
+    def objects(self, cat, version, head_dims=()):
+        """Objects its wheel stage compiles: flash_api.cpp and one per kernel file, which every head
+        dim has the same number of (dtypes, directions): with head_dims, theirs alone."""
         fa = cat.flash_attn.get(version)
-        return fa.objects if fa else 0
+        if not fa:
+            return 0
+        if not head_dims or not fa.head_dims or not fa.objects:
+            return fa.objects
+        return 1 + (fa.objects - 1) * len(head_dims) // len(fa.head_dims)
+
+    def trim_fixers(self, cat, pin, model):
+        fa = cat.flash_attn.get(pin.version)
+        wanted = model.flash_attn_head_dims
+        if not wanted or fa is None or not fa.head_dims:
+            return []
+        # a call's head dim runs the release's next kernel up (2.6 dropped 224: 224 runs 256)
+        dims = sorted({min((k for k in fa.head_dims if k >= d), default=max(fa.head_dims)) for d in wanted})
+        total, kept = self.objects(cat, pin.version), self.objects(cat, pin.version, dims)
+        size = f": {kept} of its {total} objects" if kept and total else ""
+        return [{"name": "flash-attn-head-dims", "args": {"dims": "+".join(map(str, dims))},
+                 "why": f"--trim-kernels: {model.name} calls head dims {', '.join(map(str, dims))} only "
+                        f"({model.flash_attn_why}); only their kernels are compiled{size}; a call with another "
+                        "head dim raises 'compiled by envbuild for head dims ...'"}]
 
     # flash_attn.bert_padding.unpad_input returns a fifth value from 2.7.0 (read from PyPI's sdists:
     # 2.6.3 returns four, 2.7.0.post2 five); model code written for an older pin unpacks four.
