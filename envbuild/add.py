@@ -1299,7 +1299,7 @@ def _plugin_imports(tree: Path, config: str, t, imported: dict) -> list[str]:
 def _fixers(tree: Path) -> list[dict]:
     """What `envbuild fix --list` finds (every fixer that needs no Plan), per fixer."""
     from .resolve import FIXER_WHEN
-    chosen = [fixers.make(n) for n in fixers.FIXERS if n != "mmcv-version-assert"]
+    chosen = [fixers.make(n) for n in fixers.FIXERS if n != "mmcv-version-assert" and not fixers.needs_args(n)]
     out: dict[str, dict] = {}
     for f in fixers.detect(str(tree), chosen):
         item = out.setdefault(f.fixer, {"fixer": f.fixer, "why": f.why, "files": 0, "first": f"{f.path}:{f.line}",

@@ -965,11 +965,13 @@ def _versions(r: _Reader, key: str) -> tuple[str, ...]:
 
 
 def _fixer_names(r: _Reader, key: str) -> tuple[str, ...]:
-    from .fixers import FIXERS
+    from .fixers import FIXERS, needs_args
     names = r.strings(key, NAME_RE, [])
     for name in names:
         if name not in FIXERS:
             raise r.fail(key, f"unknown fixer {name!r} (known: {', '.join(sorted(FIXERS))})")
+        if needs_args(name):
+            raise r.fail(key, f"fixer {name!r} takes arguments a port cannot give (the resolver names it itself)")
     return names
 
 

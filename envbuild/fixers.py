@@ -1116,6 +1116,12 @@ def make(name, args=None):
     return FIXERS[name](**args)
 
 
+def needs_args(name):
+    """A fixer that cannot run without arguments (flash-attn-head-dims: which dims): left out of
+    "every fixer" runs; the Plan names it with them."""
+    return any(key in REQUIRED_ARGS for key in ARGS.get(name, {}))
+
+
 def parse_items(text):
     """--fixers "a,b:key=value": names, each with its arguments after colons."""
     items = []

@@ -580,7 +580,7 @@ def _fixers_named(only: list[str] | None, mmcv: str | None, cxx_std: str | None)
     names = [n for item in (only or []) for n in item.split(",") if n.strip()]
     if only is not None and not names:
         raise BadInput("--only names no fixer", f"name one or more of {', '.join(fix_stage.FIXERS)}, or leave --only out for all")
-    names = names or list(fix_stage.FIXERS)
+    names = names or [n for n in fix_stage.FIXERS if not fix_stage.needs_args(n)]
     for name in names:
         if name not in fix_stage.FIXERS:
             raise unknown("fixer", name, list(fix_stage.FIXERS))

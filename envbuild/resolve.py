@@ -817,6 +817,8 @@ FIXER_WHEN = {
     "torch-load-weights-only": "only a port from torch < 2.6 to >= 2.6",
     "mmcv-parallel": "only a port from torch < 2.1 to >= 2.1 of a model that pins mmcv-full",
     "flash-attn-unpad-input": "only a Plan whose flash-attn is >= 2.7 where upstream's pin is older or open",
+    "flash-attn-head-dims": "only on flash-attn's sdist, with --trim-kernels, for a model whose catalog entry "
+                            "names its head dims",
 }
 
 

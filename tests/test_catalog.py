@@ -260,8 +260,12 @@ def test_unknown_keys_and_tables_are_refused_with_the_closest_known_name(matrice
     ("toolchains/packages.toml", 'spec = "<2"', 'spec = "<2"\nwhen_version = "<1.26"', "era[0].when_version", "needs when_package"),
     ("toolchains/packages.toml", 'from_date = "2026-01-06"', 'from_date = "2026-02-30"', "from_date", "not a date"),
     ("toolchains/packages.toml", '[asserts.mmdet."2.14.0"]', '[asserts.mmdet."2.14.x"]', "asserts.mmdet.2.14.x", "range of versions"),
-    ("toolchains/packages.toml", "objects = 85\nmin_nvcc = \"12.0\"", "objects = -85\nmin_nvcc = \"12.0\"",
+    ("toolchains/packages.toml", "objects = 85\nhead_dims = [32, 64, 96, 128, 160, 192, 256]\nmin_nvcc = \"12.0\"",
+     "objects = -85\nhead_dims = [32, 64, 96, 128, 160, 192, 256]\nmin_nvcc = \"12.0\"",
      "flash_attn.2.7.4.post1.objects", "must be a count"),
+    ("toolchains/packages.toml", "objects = 85\nhead_dims = [32, 64, 96, 128, 160, 192, 256]\nmin_nvcc = \"12.0\"",
+     "objects = 85\nhead_dims = [32, 48]\nmin_nvcc = \"12.0\"", "flash_attn.2.7.4.post1.head_dims",
+     "expected head dims among"),
     ("toolchains/packages.toml", '[compiled.mmcv-full."1.6.2"]', '[compiled.mmcv-full."latest"]', "compiled.mmcv-full.latest",
      "not a version"),
     ("toolchains/packages.toml", '[flash_attn."2.6.3"]', '[flash_attn."2.6.x"]', "flash_attn.2.6.x", "not a version"),
@@ -365,3 +369,24 @@ def test_catalog_check_validates_a_user_catalog(tmp_path):
     r = check(str(user))
     assert r.returncode == 2 and "model/bevformer.toml" in r.stderr and "did you mean models/bevformer.toml" in r.stderr, r.stderr
     assert check(str(tmp_path / "nowhere")).returncode == 2
+
+
+def test_a_models_flash_attn_head_dims_are_kernel_dims_with_a_reason(matrices_copy):
+    """[flash_attn] head_dims: the dims --trim-kernels compiles; a dim flash-attn has no kernel
+    file for, an empty list or no reason is one line naming the key; a port cannot name the fixer."""
+    from envbuild.errors import CatalogError
+    path = matrices_copy / "models" / "sparsedrive.toml"
+    text = path.read_text()
+    assert catalog.load(matrices_copy).model("sparsedrive").flash_attn_head_dims == (32, 64)
+    for old, new, says in (("head_dims = [32, 64]", "head_dims = [32, 48]", "flash_attn.head_dims: 48 is not a head dim"),
+                           ("head_dims = [32, 64]", "head_dims = []", "flash_attn.head_dims: expected a non-empty"),
+                           ("head_dims = [32, 64]", 'head_dims = ["32"]', "flash_attn.head_dims: expected a non-empty"),
+                           ("why = \"MultiheadFlashAttention", "reason = \"MultiheadFlashAttention", "flash_attn.why: missing")):
+        path.write_text(text.replace(old, new))
+        with pytest.raises(CatalogError, match=says):
+            catalog.load(matrices_copy)
+    path.write_text(text)
+    pkg = matrices_copy / "toolchains" / "packages.toml"
+    pkg.write_text(pkg.read_text().replace('port = ["cxx-standard"]', 'port = ["flash-attn-head-dims"]', 1))
+    with pytest.raises(CatalogError, match="takes arguments a port cannot give"):
+        catalog.load(matrices_copy)

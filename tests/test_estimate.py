@@ -21,7 +21,7 @@ LEDGER = estimate.LEDGER_MACHINE
 def _request(rec) -> Request:
     req = rec["request"]
     return Request(model=req["model"], card=req["card"], python=req.get("python"), cuda=req.get("cuda"),
-                   torch_index=req.get("torch_index"))
+                   torch_index=req.get("torch_index"), trim_kernels=bool(req.get("trim_kernels")))
 
 
 @pytest.fixture
@@ -151,14 +151,38 @@ def test_another_releases_time_is_scaled_by_the_objects_each_compiles(ledger_mac
     (basis,) = [m for m in estimate.measured(a800) if m["package"] == "flash-attn"]
     assert basis["version"] == "2.3.2" and "x1.73 for 85 objects, not 49" in flash["why"]
     assert flash["seconds"] == pytest.approx(basis["seconds"] * 85 / 49 * estimate.arch_factor(2), rel=0.01)
-    assert estimate._objects("flash-attn", "2.7.4.post1", "2.6.3") is None  # the same count: nothing to scale
-    assert estimate._objects("mmcv-full", "1.7.2", "1.7.1") is None  # not counted in the catalog
+    assert estimate._objects("flash-attn", "2.7.4.post1", {"version": "2.6.3"}) is None  # the same count
+    assert estimate._objects("mmcv-full", "1.7.2", {"version": "1.7.1"}) is None  # not counted in the catalog
     # the pick compares per object: 2.3.2's 4178 s for 49 is more work than a 6000 s 2.6.3 for 85
     base = {"package": "flash-attn", "archs": 1, "gb_per_job": 9, "model": "m", "machine": dict(LEDGER)}
     old, same = dict(base, version="2.3.2", seconds=4178.0), dict(base, version="2.6.3", seconds=6000.0)
     assert estimate._pick([old, same], "flash-attn", "2.7.4.post1") is same  # by seconds alone
     assert estimate._pick([old, same], "flash-attn", "2.7.4.post1",
                           estimate._per_object("flash-attn", "2.7.4.post1")) is old  # 4178 x 85/49 = 7248 s
+
+def test_a_trimmed_flash_attn_is_priced_for_the_objects_it_compiles(ledger_machine):
+    """--trim-kernels: SparseDrive's flash-attn 2.7.4.post1 compiles flash_api.cpp and the 24 kernel
+    files of head dims 32 and 64 (of 7 dims' 84): priced per object from 2.3.2's measured 49. A
+    trimmed stage in a record is read back with its head dims, and prices a full build per object."""
+    req = Request(model="sparsedrive", card="h20,b200", python="3.11", cuda="13.0", torch_index="none",
+                  trim_kernels=True)
+    plan, sources = pipeline.plan_for(req)
+    a800 = [r for r in ledger.load() if Path(r["_file"]).name == "sparsedrive-a800-py3.11.json"]
+    ctx = pipeline.context_of(req, plan, sources)
+    assert estimate.step_head_dims(next(s for s in ctx.compiled_steps if s.name == "flash-attn")) == (32, 64)
+    cost = estimate.estimate(ctx, a800, dict(LEDGER), built={}, stopped={})
+    flash = next(s for s in cost["stages"] if s["package"] == "flash-attn")
+    (basis,) = [m for m in estimate.measured(a800) if m["package"] == "flash-attn"]
+    assert "x0.51 for 25 objects, not 49" in flash["why"]
+    assert flash["seconds"] == pytest.approx(basis["seconds"] * 25 / 49 * estimate.arch_factor(2), rel=0.01)
+    step = ("[wheel-flash-attn 1/1] RUN pip download --no-deps --no-binary :all: -d /src/sdist flash-attn==2.7.4.post1"
+            " && python /opt/envbuild/fixers.py apply /src/tree/*/ --fixers flash-attn-head-dims:dims=32+64 && pip wheel")
+    rec = {"request": {"model": "m"}, "plan": {"arch_list": "9.0;10.0"}, "stages": [{"step": step, "seconds": 900.0}]}
+    (trimmed,) = estimate.measured([rec])
+    assert (trimmed["version"], trimmed["head_dims"]) == ("2.7.4.post1", (32, 64))
+    assert estimate._objects("flash-attn", "2.7.4.post1", trimmed) == (85, 25)
+    assert estimate._objects("flash-attn", "2.7.4.post1", trimmed, (32, 64)) is None
+
 
 def _ctx(cat, **kw):
     plan = ledger.plan_for_record(cat, next(r for r in ledger.load() if r["request"]["model"] == "sparsedrive"))

@@ -1059,3 +1059,135 @@ def test_the_plan_fixes_unpad_input_only_where_its_flash_attn_returns_five():
     fx = [f for f in resolve(cat, "sparsedrive", "b200", python="3.11").fixers if f.name == "flash-attn-unpad-input"]
     assert len(fx) == 1 and "2.7.4.post1" in fx[0].why and "upstream's 2.3.2" in fx[0].why
     assert not [f for f in resolve(cat, "sparsedrive", "a800", python="3.11").fixers if f.name == "flash-attn-unpad-input"]
+
+
+# ---------------------------------------------------------------- flash-attn-head-dims (--trim-kernels)
+# A small flash-attn-like sdist written for these tests: the shapes of 2.3.2 (no namespace, a
+# two-argument template) and 2.7 (FLASH_NAMESPACE, Is_causal), one file per head dim and kind.
+
+def _flash_sdist(root, dims=(32, 64, 96), namespace=True):
+    src = root / "csrc" / "flash_attn" / "src"
+    src.mkdir(parents=True)
+    ns_open, ns_close = ("namespace FLASH_NAMESPACE {\n", "}\n") if namespace else ("", "")
+    targs = (lambda t, d: f"{t}, {d}, false") if namespace else (lambda t, d: f"{t}, {d}")
+    listed = []
+    for d in dims:
+        for t, dt in (("cutlass::half_t", "fp16"), ("cutlass::bfloat16_t", "bf16")):
+            fwd, split = f"flash_fwd_hdim{d}_{dt}_sm80.cu", f"flash_fwd_split_hdim{d}_{dt}_sm80.cu"
+            (src / fwd).write_text(f'#include "flash_fwd_launch_template.h"\n{ns_open}template<>\n'
+                                   f"void run_mha_fwd_<{targs(t, d)}>(Flash_fwd_params &params, cudaStream_t stream) {{\n"
+                                   f"    run_mha_fwd_hdim{d}<{t}>(params, stream);\n}}\n{ns_close}")
+            (src / split).write_text(f'#include "flash_fwd_launch_template.h"\n{ns_open}template void '
+                                     f"run_mha_fwd_splitkv_dispatch<{targs(t, d)}>(Flash_fwd_params &params, "
+                                     f"cudaStream_t stream);\n{ns_close}")
+            listed += [fwd, split]
+    entries = "".join(f'                "csrc/flash_attn/src/{f}",\n' for f in listed)
+    (root / "setup.py").write_text(
+        "from setuptools import setup\nsources = [\n"
+        '                "csrc/flash_attn/flash_api.cpp",\n' + entries + "]\nsetup(name='flash_attn', sources=sources)\n")
+    (root / "csrc" / "flash_attn" / "flash_api.cpp").write_text(
+        '#include <torch/python.h>\n#include "flash.h"\n\n' + ns_open
+        + "void run(Flash_fwd_params &params) {\n    TORCH_CHECK(params.d > 0, \"d\");\n}\n" + ns_close)
+    return listed
+
+
+def test_flash_attn_head_dims_keeps_the_models_kernels_and_stands_in_for_the_rest(tmp_path):
+    """setup.py compiles only the kept dims' files; each dropped kernel gets a definition with its
+    exact signature, in its namespace, that raises: the module links, and another dim says why."""
+    listed = _flash_sdist(tmp_path)
+    report = fixers.apply(str(tmp_path), [fixers.make("flash-attn-head-dims", {"dims": "32+64"})])
+    assert sorted(report["flash-attn-head-dims"]) == ["csrc/flash_attn/flash_api.cpp", "setup.py"]
+    setup = (tmp_path / "setup.py").read_text()
+    assert all((f in setup) == ("hdim96" not in f) for f in listed)
+    ast.parse(setup)
+    api = (tmp_path / "csrc" / "flash_attn" / "flash_api.cpp").read_text()
+    stubs = [line for line in api.splitlines() if line.startswith("template<> void run_mha")]
+    assert stubs == [
+        "template<> void run_mha_fwd_<cutlass::half_t, 96, false>(Flash_fwd_params &params, cudaStream_t stream) "
+        "{ envbuild_head_dim_not_compiled(96); }",
+        "template<> void run_mha_fwd_splitkv_dispatch<cutlass::half_t, 96, false>(Flash_fwd_params &params, "
+        "cudaStream_t stream) { envbuild_head_dim_not_compiled(96); }",
+        "template<> void run_mha_fwd_<cutlass::bfloat16_t, 96, false>(Flash_fwd_params &params, cudaStream_t stream) "
+        "{ envbuild_head_dim_not_compiled(96); }",
+        "template<> void run_mha_fwd_splitkv_dispatch<cutlass::bfloat16_t, 96, false>(Flash_fwd_params &params, "
+        "cudaStream_t stream) { envbuild_head_dim_not_compiled(96); }"]
+    # the stand-ins come after the includes (before any use) and inside the kernels' namespace
+    assert api.index('#include "flash.h"') < api.index("namespace FLASH_NAMESPACE {") < api.index(stubs[0]) \
+        < api.index("void run(Flash_fwd_params")
+    assert "head dims 32, 64 only" in api
+    # again: nothing left to do
+    assert fixers.apply(str(tmp_path), [fixers.make("flash-attn-head-dims", {"dims": "32+64"})])[
+        "flash-attn-head-dims"] == []
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs a C++ compiler")
+def test_flash_attn_head_dims_stand_ins_compile_and_raise_for_a_dropped_head_dim(tmp_path):
+    """The fixed flash_api.cpp compiles against declarations shaped like flash-attn's (flash.h's
+    templates, cutlass's types, TORCH_CHECK), links with the kept kernels alone, and a dropped dim's
+    call throws the error that names it."""
+    _flash_sdist(tmp_path, namespace=False)
+    fixers.apply(str(tmp_path), [fixers.make("flash-attn-head-dims", {"dims": "64"})])
+    inc = tmp_path / "inc"
+    (inc / "torch").mkdir(parents=True)
+    (inc / "torch" / "python.h").write_text(
+        "#pragma once\n#include <stdexcept>\n#include <sstream>\n"
+        "template<typename... A> std::string envbuild_cat(A... a) { std::ostringstream o; (o << ... << a); return o.str(); }\n"
+        "#define TORCH_CHECK(c, ...) do { if (!(c)) throw std::runtime_error(envbuild_cat(__VA_ARGS__)); } while (0)\n")
+    (inc / "flash.h").write_text(
+        "#pragma once\nnamespace cutlass { struct half_t {}; struct bfloat16_t {}; }\ntypedef void *cudaStream_t;\n"
+        "struct Flash_fwd_params { int d; };\n"
+        "template<typename T, int D> void run_mha_fwd_(Flash_fwd_params &params, cudaStream_t stream);\n"
+        "template<typename T, int D> void run_mha_fwd_splitkv_dispatch(Flash_fwd_params &params, cudaStream_t stream);\n")
+    kept = tmp_path / "kept.cpp"  # the kernels setup.py still compiles, as definitions that return
+    kept.write_text('#include "flash.h"\n' + "".join(
+        f"template<> void run_mha_fwd_<cutlass::{t}, 64>(Flash_fwd_params &, cudaStream_t) {{}}\n"
+        f"template<> void run_mha_fwd_splitkv_dispatch<cutlass::{t}, 64>(Flash_fwd_params &, cudaStream_t) {{}}\n"
+        for t in ("half_t", "bfloat16_t")))
+    main = tmp_path / "main.cpp"
+    main.write_text('#include <cstdio>\n#include <stdexcept>\n#include "flash.h"\nint main() {\n'
+                    "    Flash_fwd_params p{64};\n    run_mha_fwd_<cutlass::half_t, 64>(p, nullptr);\n"
+                    "    for (int i = 0; i < 2; i++) try {\n"
+                    "        if (i) run_mha_fwd_<cutlass::bfloat16_t, 96>(p, nullptr);\n"
+                    "        else run_mha_fwd_splitkv_dispatch<cutlass::half_t, 32>(p, nullptr);\n"
+                    '    } catch (const std::runtime_error &e) { std::printf("%s\\n", e.what()); }\n}\n')
+    exe = tmp_path / "a.out"
+    subprocess.run(["g++", "-std=c++17", "-I", str(inc), str(tmp_path / "csrc" / "flash_attn" / "flash_api.cpp"),
+                    str(kept), str(main), "-o", str(exe)], check=True, capture_output=True)
+    out = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert [line.split("; ")[1] for line in out] == [
+        "head dim 32 needs a build without the flash-attn-head-dims fixer",
+        "head dim 96 needs a build without the flash-attn-head-dims fixer"]
+    assert all("compiled by envbuild for head dims 64 only" in line for line in out)
+
+
+def test_flash_attn_head_dims_refuses_what_it_cannot_do_and_changes_nothing(tmp_path):
+    _flash_sdist(tmp_path)
+    before = {p: p.read_text() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(fixers.FixerError, match=r"head dims 32, 64, 96; 128 is not among them"):
+        fixers.apply(str(tmp_path), [fixers.make("flash-attn-head-dims", {"dims": "32+128"})])
+    setup = tmp_path / "setup.py"  # two entries on one line: dropping that line would drop a kept kernel
+    setup.write_text(setup.read_text().replace('flash_fwd_hdim96_fp16_sm80.cu",\n',
+                                               'flash_fwd_hdim96_fp16_sm80.cu", "csrc/flash_attn/src/keep.cu",\n'))
+    before[setup] = setup.read_text()
+    with pytest.raises(fixers.FixerError, match="not listed once on a line of its own"):
+        fixers.apply(str(tmp_path), [fixers.make("flash-attn-head-dims", {"dims": "32+64"})])
+    assert {p: p.read_text() for p in tmp_path.rglob("*") if p.is_file()} == before
+    for bad in ("32,64", "0", "32+", "64; rm -rf /", ""):
+        with pytest.raises(ValueError):
+            fixers.make("flash-attn-head-dims", {"dims": bad})
+    with pytest.raises(ValueError, match="needs dims="):
+        fixers.make("flash-attn-head-dims")
+
+
+def test_flash_attn_head_dims_runs_from_the_in_image_entry_point_with_its_argument(tmp_path):
+    """The wheel stage's RUN line: --fixers NAME:dims=A+B, after another fixer; a missing argument
+    is one line and exit 2."""
+    _flash_sdist(tmp_path)
+    r = subprocess.run([sys.executable, fixers.__file__, "apply", str(tmp_path), "--fixers",
+                        "cxx-standard,flash-attn-head-dims:dims=64"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "fixer flash-attn-head-dims: 2 file(s) changed" in r.stdout
+    assert "hdim32" not in (tmp_path / "setup.py").read_text()
+    r = subprocess.run([sys.executable, fixers.__file__, "apply", str(tmp_path), "--fixers", "flash-attn-head-dims"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "needs dims=" in r.stderr and "Traceback" not in r.stderr

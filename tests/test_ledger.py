@@ -268,3 +268,20 @@ def test_a_record_keeps_what_ccache_served_in_each_compiling_step(cat, tmp_path)
                        path=tmp_path)
     stages = json.loads(out.read_text())["stages"]
     assert stages[0]["ccache"] == {"hits": 2, "misses": 1} and "ccache" not in stages[1]
+
+
+def test_a_trimmed_build_is_its_own_request_and_its_own_image(cat):
+    """--trim-kernels builds another image (fewer kernels): its record is kept under a request that
+    says so, the digest differs, and a plain request does not take it for its own."""
+    from envbuild.resolve import resolve
+    plain = resolve(cat, "sparsedrive", "h20,b200", python="3.11", cuda="13.0")
+    trimmed = resolve(cat, "sparsedrive", "h20,b200", python="3.11", cuda="13.0", trim_kernels=True)
+    assert ledger.digest(plain) != ledger.digest(trimmed)
+    req = {"model": "sparsedrive", "card": "h20,b200", "python": "3.11", "cuda": "13.0", "torch_index": "none"}
+    assert ledger._same_request(req, dict(req)) and not ledger._same_request(req, dict(req, trim_kernels=True))
+    assert ledger.request_flags(dict(req, trim_kernels=True)).endswith("--torch-index none --trim-kernels")
+    rec = {"request": dict(req, trim_kernels=True), "digest": ledger.digest(trimmed), "verdict": "passed",
+           "date": "2026-12-05", "levels": {"env": "passed", "model": "passed"}}
+    assert ledger.status(trimmed, dict(req, trim_kernels=True), [rec]).startswith("verified on 2026-12-05")
+    assert "--trim-kernels" in ledger.status(plain, req, [rec])  # not verified; names what the ledger holds
+    assert ledger.plan_for_record(cat, rec).native_packages["flash-attn"]["sdist_fixers"][0]["args"] == {"dims": "32+64"}

@@ -383,3 +383,46 @@ def test_set_to_a_release_past_its_range_is_ported_like_the_resolvers_choice(cat
     assert [f["name"] for f in plan.native_packages["mmcv-full"]["sdist_fixers"]] == ["cxx-standard"]
     with pytest.raises(rs.Conflict, match="--set"):
         resolve(cat, "maptr", "b200", overrides={"mmcv-full": "1.6.2"})  # no port known for it
+
+
+def test_trim_kernels_compiles_only_the_head_dims_the_model_calls(cat):
+    """--trim-kernels: SparseDrive's catalog entry names head dims 32 and 64: its flash-attn sdist
+    gets the fixer with them (after nothing else), the Plan says why and how much, the wheel stage
+    runs it with its argument and is keyed by it; without the flag nothing changes."""
+    plain = resolve(cat, "sparsedrive", "h20,b200", python="3.11", cuda="13.0")
+    plan = resolve(cat, "sparsedrive", "h20,b200", python="3.11", cuda="13.0", trim_kernels=True)
+    assert "sdist_fixers" not in plain.native_packages["flash-attn"]
+    (fx,) = plan.native_packages["flash-attn"]["sdist_fixers"]
+    assert fx["name"] == "flash-attn-head-dims" and fx["args"] == {"dims": "32+64"}
+    assert "25 of its 85 objects" in fx["why"] and "256 and 512" in fx["why"]
+    assert plan.native_packages["mmcv-full"] == plain.native_packages["mmcv-full"]
+    assert any(d.startswith("flash-attn: sdist fixer flash-attn-head-dims") for d in plan.deviations)
+    ctx = render.make_context(plan, "test")
+    step = next(s for s in ctx.compiled_steps if s.name == "flash-attn")
+    assert step.fixers == ("flash-attn-head-dims:dims=32+64",)
+    text = render.dockerfile(ctx)
+    stage = text[text.index("FROM compile AS wheel-flash-attn"):text.index("FROM scratch AS wheels")]
+    assert stage.index("unpack_archive") < stage.index("--fixers flash-attn-head-dims:dims=32+64") < stage.index("pip wheel")
+    ctx.wheel_cache = "127.0.0.1:5000/wheels"
+    assert ctx.wheel_ref(step) != ctx.wheel_ref(replace(step, fixers=("flash-attn-head-dims:dims=32",)))
+
+
+def test_trim_kernels_rounds_to_the_releases_kernels_and_refuses_where_nothing_trims(cat):
+    """flash-attn 2.6 dropped head dim 224's kernels: a model calling 224 runs 256's there. A Plan
+    whose model names no head dims, or takes a vendor's wheel, has nothing to trim: one clear error."""
+    model = replace(cat.models["sparsedrive"], flash_attn_head_dims=(32, 224))
+    block = packages.block_for(cat, "flash-attn")
+    new, old = (block.trim_fixers(cat, packages.base.Pin("flash-attn", v, ""), model) for v in ("2.7.4.post1", "2.3.2"))
+    assert new[0]["args"] == {"dims": "32+256"} and old[0]["args"] == {"dims": "32+224"}
+    assert "13 of its 49 objects" in old[0]["why"]
+    with pytest.raises(BadInput, match="nothing to trim in maptr's Plan"):
+        resolve(cat, "maptr", "h20", python="3.11", cuda="13.0", trim_kernels=True)
+
+
+def test_a_trimmed_sdist_fixers_arguments_are_checked_before_they_reach_a_run_line(cat):
+    plan = resolve(cat, "sparsedrive", "h20,b200", python="3.11", cuda="13.0", trim_kernels=True)
+    for args in ({"dims": "32+64 && curl x"}, {"dims": "32,64"}, {"std": "c++17"}):
+        native = {**plan.native_packages, "flash-attn": {**plan.native_packages["flash-attn"], "sdist_fixers": [
+            {"name": "flash-attn-head-dims", "args": args, "why": "w"}]}}
+        with pytest.raises(BadInput, match="refusing to render sdist fixer"):
+            render.make_context(replace(plan, native_packages=native), "test").compiled_steps

@@ -48,8 +48,19 @@ def check_mmcv():
 
 
 def check_flash_attn():
+    # a wheel built with --trim-kernels has some head dims only: the others raise before any kernel runs
+    for d in (64, 32, 128, 96, 160, 192, 224, 256):
+        try:
+            return _check_flash_attn(d)
+        except RuntimeError as exc:
+            if "compiled by envbuild for head dims" not in str(exc):
+                raise
+    raise AssertionError("flash attention: no head dim compiled")
+
+
+def _check_flash_attn(d):
     import torch
-    b, s, h, d = 2, 128, 4, 64
+    b, s, h = 2, 128, 4
     q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.float16, requires_grad=True) for _ in range(3))
     try:  # flash-attn 2.x
         from flash_attn import flash_attn_func
@@ -65,7 +76,7 @@ def check_flash_attn():
     ref = torch.einsum("bhqk,bkhd->bqhd", att.masked_fill(mask, float("-inf")).softmax(-1), v.float())
     assert _close(out, ref, 2e-2), "flash attention differs from a float32 reference"
     assert q.grad is not None and bool(torch.isfinite(q.grad).all()), "flash attention backward"
-    return "flash attention forward/backward match a float32 reference"
+    return "flash attention forward/backward match a float32 reference (head dim %d)" % d
 
 
 def check_torch_scatter():
