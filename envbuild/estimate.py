@@ -251,6 +251,20 @@ def _objects(package: str, version: str, m: dict, head_dims=()) -> tuple[int, in
     return counts if min(counts) > 0 and counts[0] != counts[1] else None
 
 
+def _trimmable(plan, name: str, version: str) -> tuple[int, int] | None:
+    """(objects, of all) a --trim-kernels build of this package would compile for the Plan's model,
+    where its catalog entry says which kernels it calls; None where it cannot trim."""
+    from . import catalog
+    from .packages import block_for
+    from .plan import Pin
+    cat = catalog.load()
+    model, block = cat.models.get(plan.model), block_for(cat, name)
+    fixers = block.trim_fixers(cat, Pin(name, version, ""), model) if model and block else []
+    dims = next((_dims(fx["args"]["dims"]) for fx in fixers if "dims" in fx.get("args", {})), ())
+    counts = (block.objects(cat, version, dims), block.objects(cat, version)) if dims else (0, 0)
+    return counts if 0 < counts[0] < counts[1] else None
+
+
 def _per_object(package: str, version: str, head_dims=()):
     """A measurement's factor to this stage: its objects over the measured one's (1: not counted)."""
     def factor(m: dict) -> float:
@@ -320,7 +334,11 @@ def estimate(ctx, records: list[dict], machine: dict | None = None, built: dict 
             seconds *= 1 - left["done"] / left["of"]
             why += (f"; x{1 - left['done'] / left['of']:.2f}: a build stopped on {left['date']} compiled "
                     f"{left['done']} of {left['of']} objects, which ccache keeps (unless pruned since)")
-        stages.append({"package": step.name, "seconds": round(seconds, 1), "why": why})
+        stage = {"package": step.name, "seconds": round(seconds, 1), "why": why}
+        fewer = None if head_dims else _trimmable(plan, step.name, version)
+        if fewer:  # what --trim-kernels would save: said before hours go into a full compile
+            stage["trim"] = {"seconds": round(seconds * fewer[0] / fewer[1], 1), "objects": fewer[0], "of": fewer[1]}
+        stages.append(stage)
     rests = [m for m in found if m["package"] is None]
     own = [m["seconds"] for m in rests if m["model"] == plan.model]
     rest = max(own) if own else (statistics.median(m["seconds"] for m in rests) if rests else DEFAULT_REST_S)

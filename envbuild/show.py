@@ -290,6 +290,10 @@ def estimate(cost: dict) -> None:
          f"{cost['disk_bytes'] / 1e9:.0f} GB of disk (image ~{cost['image_bytes'] / 1e9:.1f} GB plus its builder stages)")
     for st in cost["stages"]:
         line(f"  {_duration(st['seconds']):>9}  {st['package']}: {st['why']}")
+        if st.get("trim"):
+            t = st["trim"]
+            line(f"  {'':>9}  with --trim-kernels {_duration(t['seconds'])}: {t['objects']} of its {t['of']} objects, "
+                 "the kernels the model calls (its catalog entry says which)")
     line(f"  {_duration(cost['rest_seconds']):>9}  base, torch, deps and runtime stages (as the ledger measured them)")
 
 

@@ -175,6 +175,12 @@ def test_a_trimmed_flash_attn_is_priced_for_the_objects_it_compiles(ledger_machi
     (basis,) = [m for m in estimate.measured(a800) if m["package"] == "flash-attn"]
     assert "x0.51 for 25 objects, not 49" in flash["why"]
     assert flash["seconds"] == pytest.approx(basis["seconds"] * 25 / 49 * estimate.arch_factor(2), rel=0.01)
+    assert "trim" not in flash  # already trimmed: nothing more to say
+    full = estimate.estimate(pipeline.context_of(replace(req, trim_kernels=False), *pipeline.plan_for(
+        replace(req, trim_kernels=False))), a800, dict(LEDGER), built={}, stopped={})
+    hint = next(s for s in full["stages"] if s["package"] == "flash-attn")["trim"]  # said before a full compile
+    assert (hint["objects"], hint["of"]) == (25, 85) and hint["seconds"] == pytest.approx(flash["seconds"], rel=0.01)
+    assert all("trim" not in s for s in full["stages"] if s["package"] != "flash-attn")
     step = ("[wheel-flash-attn 1/1] RUN pip download --no-deps --no-binary :all: -d /src/sdist flash-attn==2.7.4.post1"
             " && python /opt/envbuild/fixers.py apply /src/tree/*/ --fixers flash-attn-head-dims:dims=32+64 && pip wheel")
     rec = {"request": {"model": "m"}, "plan": {"arch_list": "9.0;10.0"}, "stages": [{"step": step, "seconds": 900.0}]}
