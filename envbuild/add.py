@@ -654,6 +654,7 @@ def draft(source: str, *, commit: str | None = None, name: str | None = None, py
     era, era_why = _era(tree, head if git else "", packages, pypi, questions)
     stdlib = _stdlib_modules(tree, vendor_dirs, questions)
     _unlisted_imports(tree, vendor_dirs, cat, [*packages, *vendored, *(g.name for g in git_packages)], questions)
+    _flash_attn_head_dims(tree, vendor_dirs, questions)
     train = _train(tree, r, questions)
     construct = _construct(tree, train, r, questions)
     fixes = _fixers(tree)
@@ -1022,6 +1023,17 @@ def _stdlib_modules(tree: Path, skip: set[str], questions: list) -> dict:
             questions.append(Question("stdlib_modules", f"{file}:{line} imports {module}, which the OS packs apart "
                                       f"({OS_APART_UNKNOWN[module]}) and the catalog cannot install yet", f"{file}:{line}"))
     return out
+
+
+def _flash_attn_head_dims(tree: Path, skip: set[str], questions: list) -> None:
+    """Code that calls flash-attn: the head dims its attention uses are a question (they live in
+    configs as embed dims over heads); answered, --trim-kernels compiles those kernels alone."""
+    hit = next((f"{file}:{line}" for module, file, line in _imports(tree, skip) if module == "flash_attn"), None)
+    if hit:
+        questions.append(Question("flash_attn.head_dims", f"{hit} imports flash_attn: which head dims does its attention "
+                                  "call (embed dims over heads, in its configs)? Written as [flash_attn] head_dims and why, "
+                                  "--trim-kernels compiles flash-attn's kernels for those alone (SparseDrive's 32 and 64: "
+                                  "25 of flash-attn 2.7.4.post1's 85 objects)", hit))
 
 
 def _unlisted_imports(tree: Path, skip: set[str], cat, names: list[str], questions: list) -> None:

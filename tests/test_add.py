@@ -408,3 +408,17 @@ def test_a_class_of_the_repository_that_the_script_trains_is_the_construct_recip
         assert "construct.code" in asked and "construct" not in asked
     else:
         assert d.construct is None and "construct" in asked
+
+
+def test_code_that_calls_flash_attn_is_asked_for_its_head_dims(tmp_path):
+    """The head dims live in configs (embed dims over heads), not in an install file: a question
+    naming where flash_attn is imported, so --trim-kernels can be answered; none without it."""
+    write(tmp_path, {"models/attention.py": "import torch\nfrom flash_attn.bert_padding import unpad_input\n",
+                     "vendor/lib/x.py": "import flash_attn\n"})
+    asked = []
+    add._flash_attn_head_dims(tmp_path, {"vendor"}, asked)
+    (q,) = asked
+    assert q.key == "flash_attn.head_dims" and q.found == "models/attention.py:2" and "--trim-kernels" in q.question
+    none = []
+    add._flash_attn_head_dims(tmp_path, {"vendor", "models"}, none)
+    assert none == []
