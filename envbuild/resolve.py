@@ -127,9 +127,9 @@ def _trimmed(cat: Catalog, model: Model, plan: Plan) -> Plan:
             native[name] = {**native[name], "sdist_fixers": list(native[name].get("sdist_fixers", ())) + fixers}
             trimmed.append(name)
     if not trimmed:
-        raise BadInput(f"--trim-kernels: nothing to trim in {model.name}'s Plan (its catalog entry names the kernels "
-                       "it calls for flash-attn only: [flash_attn] head_dims, and the Plan must compile flash-attn)",
-                       "drop --trim-kernels")
+        raise BadInput(f"--trim-kernels: nothing to trim in {model.name}'s Plan: only flash-attn's kernels can be, where "
+                       "the Plan compiles it and the model's catalog entry names its head dims ([flash_attn] head_dims)",
+                       "drop --trim-kernels, or add [flash_attn] to the model's entry (envbuild catalog schema)")
     return replace(plan, native_packages=native)
 
 
