@@ -584,6 +584,9 @@ def _fixers_named(only: list[str] | None, mmcv: str | None, cxx_std: str | None)
     for name in names:
         if name not in fix_stage.FIXERS:
             raise unknown("fixer", name, list(fix_stage.FIXERS))
+        if fix_stage.needs_args(name):
+            raise BadInput(f"fixer {name} runs on a compiled package's sdist with the arguments a Plan gives it "
+                           "(--trim-kernels), not on a model's tree", "leave it out of --only")
     args = {"mmcv-version-assert": {"mmcv": mmcv} if mmcv is not None else {},
             "cxx-standard": {"std": cxx_std} if cxx_std is not None else {}}
     try:

@@ -444,6 +444,12 @@ def test_fix_cli_refuses_an_empty_path_and_a_bad_mmcv(tmp_path, tree):
                        capture_output=True, text=True)
     assert r.returncode == 2 and "--mmcv" in r.stderr and "Traceback" not in r.stderr
     assert "'1.4.0'" in (tree / "mmdet" / "__init__.py").read_text()
+    # an sdist fixer that needs a Plan's arguments: not on a model tree, and not in "every fixer"
+    r = subprocess.run([sys.executable, "-m", "envbuild.cli", "fix", str(tree), "--only", "flash-attn-head-dims"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "not on a model's tree" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "envbuild.cli", "fix", str(tree), "--list"], capture_output=True, text=True)
+    assert r.returncode == 0 and "flash-attn-head-dims" not in r.stdout + r.stderr
 
 
 def test_local_rank_is_linear_on_a_big_file(tmp_path):
