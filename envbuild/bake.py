@@ -20,6 +20,7 @@ from . import labels as label
 from . import build as build_stage
 from . import creds, engine, outputs, packages, render
 from .build import image_ref
+from .estimate import arch_count
 from .config import Sources
 from .errors import BadInput, OperationFailed
 from .plan import Plan
@@ -70,7 +71,8 @@ def bake_file(cells: list[Cell], sources: Sources, registry: str = "", builder_m
                 "cache-to": [f"type=registry,ref={cache}:{cell.base_target},mode=max"]} if cache else {}),
         })
         plan = cell.plan
-        gb = max([render.compiled_block(plan, n).gb_per_job for n in plan.compiled] + [packages.DEFAULT_GB_PER_JOB])
+        archs = arch_count(plan.arch_list)
+        gb = max([render.compiled_block(plan, n).job_gb(archs) for n in plan.compiled] + [packages.DEFAULT_GB_PER_JOB])
         tag = image_ref(plan, registry)
         target = {
             "context": str(cell.context), "dockerfile": "Dockerfile", "target": "runtime",

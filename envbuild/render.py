@@ -347,7 +347,7 @@ class Context:
                 vendor = {"find_links": _check(build["find_links"], FIND_LINKS_RE, "vendor find-links"),
                           "why": _comment(build["why"])}
             fixers = tuple(_sdist_fixer(f) for f in self.plan.native_packages[name].get("sdist_fixers", ()))
-            step = Step(name, requirement(name, by_name[name].version), block.gb_per_job, dict(block.build_env), vendor,
+            step = Step(name, requirement(name, by_name[name].version), block.job_gb(self.arch_count), dict(block.build_env), vendor,
                         fixers)
             if self.wheel_cache and not vendor:
                 ref = self.wheel_ref(step)
@@ -411,6 +411,11 @@ class Context:
     @property
     def arch_list(self) -> str:
         return _check(self.plan.arch_list, ARCH_RE, "TORCH_CUDA_ARCH_LIST")
+
+    @property
+    def arch_count(self) -> int:
+        from .estimate import arch_count
+        return arch_count(self.plan.arch_list)
 
     @property
     def local_source(self) -> bool:

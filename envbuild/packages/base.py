@@ -32,7 +32,12 @@ class Block:
 
     family = ""
     compiled = True  # compiled from its sdist in a wheel stage of its own (False: a prebuilt wheel)
-    gb_per_job = 2  # builder memory one compile job needs
+    gb_per_job = 2  # builder memory one compile job needs, for one arch
+    nvcc_threads = 1  # archs one job compiles at once (its setup.py's nvcc --threads): each needs gb_per_job
+
+    def job_gb(self, archs: int) -> int:
+        """Builder memory one compile job needs for a Plan of this many archs."""
+        return self.gb_per_job * max(1, min(archs, self.nvcc_threads))
     build_env: dict = {}  # environment its build needs
     op_check: str | None = None  # the in-image op check (incontainer/op_checks.OP_CHECKS) of its import
     also_covers: tuple = ()  # compiled modules outside its import name that its op check exercises

@@ -14,6 +14,10 @@ from .base import Block, Target
 class FlashAttention(Block):
     family = "flash-attn"
     gb_per_job = 9  # its nvcc jobs are the hungry ones: fewer jobs, or the builder dies silently
+    # Its setup.py passes nvcc --threads (2.3.2: 4; later: $NVCC_THREADS, default 2): one job compiles
+    # two archs at once, and each cicc took 5.4 GB for the H20 + B200 kernels (CUDA 13, measured
+    # here): two jobs of two archs ran a 24 GB builder out of memory.
+    nvcc_threads = 2
     build_env = {"FLASH_ATTENTION_FORCE_BUILD": "TRUE"}  # no GitHub wheel download: compile for this card
     op_check = "flash_attn"
     also_covers = ("flash_attn_2_cuda", "flash_attn_cuda")
