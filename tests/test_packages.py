@@ -44,6 +44,13 @@ def test_blocks_say_how_they_build(cat):
     steps = {s.name: s for s in render.make_context(plan, "test").compiled_steps}
     assert steps["flash-attn"].gb_per_job == 9 and steps["flash-attn"].env == {"FLASH_ATTENTION_FORCE_BUILD": "TRUE"}
     assert steps["mmcv-full"].env == {"MMCV_WITH_OPS": "1"} and steps["mmcv-full"].gb_per_job == 2
+    # flash-attn's nvcc compiles two archs at once (--threads 2): a job of an H20 + B200 image needs
+    # twice the memory (two such jobs beside mmcv-full's ran a 24 GB builder out of memory);
+    # mmcv-full's nvcc compiles one arch at a time whatever the image's archs
+    two = {s.name: s for s in render.make_context(resolve(cat, "sparsedrive", "h20,b200", python="3.11", cuda="13.0"),
+                                                  "test").compiled_steps}
+    assert two["flash-attn"].gb_per_job == 18 and two["mmcv-full"].gb_per_job == 2
+    assert packages.block_for(cat, "flash-attn").job_gb(3) == 18  # two at once, however many archs
     spconv = packages.block_for(cat, "spconv-cu117")
     assert spconv.family == "spconv" and not spconv.compiled and spconv.import_name("spconv-cu117") == "spconv"
 
