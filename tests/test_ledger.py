@@ -188,7 +188,8 @@ def test_matrix_marks_the_cells_the_ledger_holds_verified_failed_or_stale(tmp_pa
     assert by_record["sparsedrive"] == "passed" and cells[("sparsedrive", "a800")] == f"verified {covers}"
     # a record for several cards covers each of them, named as the request it was made for
     assert cells[("qcnet", "h20")] == "verified only as the port of --card h20,b200 --python 3.11 --cuda 13.0 --torch-index none"
-    assert not cells[("sparsedrive", "h20")]  # no record for that cell
+    assert cells[("sparsedrive", "h20")] == ("verified only as the port of --card h20,b200 --python 3.11 --cuda 13.0 "
+                                             "--torch-index none --trim-kernels")
     # a user catalog whose qcnet pins another lightning: the same request now makes another Plan
     user = tmp_path / "mine"
     (user / "models").mkdir(parents=True)
