@@ -237,16 +237,21 @@ def step_head_dims(step) -> tuple[int, ...]:
     return _dims(trim.group(1)) if trim else ()
 
 
+def _block(package: str):
+    """(the catalog, the building block of a package or None): what counts its objects."""
+    from . import catalog
+    from .packages import block_for
+    cat = catalog.load()
+    return cat, block_for(cat, package)
+
+
 def _objects(package: str, version: str, m: dict, head_dims=()) -> tuple[int, int] | None:
     """(objects this stage compiles, objects the measurement m compiled) where the catalog counts
     both and they differ: another release, or other head dims (--trim-kernels)."""
     theirs = tuple(m.get("head_dims") or ())
     if not m["version"] or (m["version"] == version and theirs == tuple(head_dims)):
         return None
-    from . import catalog
-    from .packages import block_for
-    cat = catalog.load()
-    block = block_for(cat, package)
+    cat, block = _block(package)
     counts = (block.objects(cat, version, head_dims), block.objects(cat, m["version"], theirs)) if block else (0, 0)
     return counts if min(counts) > 0 and counts[0] != counts[1] else None
 
@@ -254,11 +259,9 @@ def _objects(package: str, version: str, m: dict, head_dims=()) -> tuple[int, in
 def _trimmable(plan, name: str, version: str) -> tuple[int, int] | None:
     """(objects, of all) a --trim-kernels build of this package would compile for the Plan's model,
     where its catalog entry says which kernels it calls; None where it cannot trim."""
-    from . import catalog
-    from .packages import block_for
     from .plan import Pin
-    cat = catalog.load()
-    model, block = cat.models.get(plan.model), block_for(cat, name)
+    cat, block = _block(name)
+    model = cat.models.get(plan.model)
     fixers = block.trim_fixers(cat, Pin(name, version, ""), model) if model and block else []
     dims = next((_dims(fx["args"]["dims"]) for fx in fixers if "dims" in fx.get("args", {})), ())
     counts = (block.objects(cat, version, dims), block.objects(cat, version)) if dims else (0, 0)

@@ -1003,8 +1003,6 @@ class FlashAttnHeadDims(Fixer):
     read from the dropped files themselves (their template arguments differ between releases)."""
     name = "flash-attn-head-dims"
     why = "compile flash-attn's kernels only for the head dims the model calls"
-    suffixes = ()
-    filenames = ("setup.py", "flash_api.cpp")
     API = "csrc/flash_attn/flash_api.cpp"
     KERNEL = re.compile(r"""(?P<q>["'])(?P<path>csrc/flash_attn/src/flash_(?:fwd|bwd|fwd_split)_hdim(?P<dim>[0-9]+)_"""
                         r"""[a-z0-9_]*\.cu)(?P=q)""")
@@ -1095,7 +1093,7 @@ ARGS = {
     "cxx-standard": {"std": re.compile(r"^c\+\+(14|17|20)$")},
     "flash-attn-head-dims": {"dims": re.compile(r"^[1-9][0-9]{0,3}(\+[1-9][0-9]{0,3}){0,7}$")},
 }
-REQUIRED_ARGS = {"dims"}
+REQUIRED_ARGS = {"flash-attn-head-dims": ("dims",)}  # arguments a fixer cannot run without
 
 
 def make(name, args=None):
@@ -1110,7 +1108,7 @@ def make(name, args=None):
             raise ValueError("fixer %s takes no argument %r" % (name, key))
         if not isinstance(value, str) or not pattern.match(value) or "\n" in value:
             raise ValueError("fixer %s: %s=%r is not allowed (expected %s)" % (name, key, value, pattern.pattern))
-    needed = [key for key in allowed if key not in args and key in REQUIRED_ARGS]
+    needed = [key for key in REQUIRED_ARGS.get(name, ()) if key not in args]
     if needed:
         raise ValueError("fixer %s needs %s" % (name, ", ".join("%s=..." % key for key in needed)))
     return FIXERS[name](**args)
@@ -1119,7 +1117,7 @@ def make(name, args=None):
 def needs_args(name):
     """A fixer that cannot run without arguments (flash-attn-head-dims: which dims): left out of
     "every fixer" runs; the Plan names it with them."""
-    return any(key in REQUIRED_ARGS for key in ARGS.get(name, {}))
+    return bool(REQUIRED_ARGS.get(name))
 
 
 def parse_items(text):
