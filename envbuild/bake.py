@@ -12,6 +12,7 @@ The contexts are rendered by pipeline.prepare(), the same function `image` uses.
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,11 @@ from .plan import Plan
 
 NETRC_ENV = "ENVBUILD_INDEX_NETRC"  # bake: the index credentials (a netrc's text) come from this variable
 INLINE_CACHE = "type=inline"  # the cache every driver can write: it travels in the image it describes
+# BuildKit before 0.9, inside every Docker 20.10 engine (Debian 12's docker.io), crashes the whole
+# engine when two builds export inline caches at once ("fatal error: concurrent map writes" in its
+# remotecache; moby/buildkit#2889, locked in 0.9 by #2051; Docker 23 is the first engine after it).
+# It crashed CI's bake. On such an engine the docker driver builds a wave's targets one at a time.
+CONCURRENT_INLINE_CACHE_ENGINE = 23
 
 
 def target_name(model: str, card: str) -> str:
@@ -110,28 +116,42 @@ def waves(doc: dict) -> list[str]:
 def run(path: Path, doc: dict, sources: Sources, push: bool = False, echo=None,
         time_limit: float | None = None) -> dict:
     """`docker buildx bake` the file here, one wave after another, through the current builder.
-    Returns {driver, waves: [{group, seconds, run_steps}], images: {target: {tag, image_id, labels}}}.
+    Returns {driver, waves: [{group, seconds, logs, run_steps}], images: {target: {tag, image_id, labels}}}
+    and, where the targets were built one at a time, one_at_a_time: why.
 
     The default `docker` driver cannot export a cache to a registry (buildx refuses the file):
     there each target writes an inline cache instead (its own layers, not the stages it copies
-    from), which its pushed image carries and the next bake's cache-from can read back."""
+    from), which its pushed image carries and the next bake's cache-from can read back; on an
+    engine older than CONCURRENT_INLINE_CACHE_ENGINE, one target at a time (see there)."""
     cli = engine.find_cli()
     if cli.mode != "buildx":
         raise OperationFailed(f"bake --build needs the docker buildx plugin; {cli.path} has none",
                               "install docker-buildx (Debian 13's package installs on Debian 12) or docker-buildx-plugin")
     driver = build_stage.builder_driver(cli)
-    overrides = ["--set", f"*.cache-to={INLINE_CACHE}"] if driver == "docker" else []
+    options = ["--set", f"*.cache-to={INLINE_CACHE}"] if driver == "docker" else []
+    options += ["--push"] if push else ["--load"] if driver != "docker" else []
+    version = engine_major() if driver == "docker" else None
+    serial = version is not None and version < CONCURRENT_INLINE_CACHE_ENGINE
     deadline = time.monotonic() + time_limit if time_limit else None
+    env = {NETRC_ENV: sources.netrc} if sources.credentials else {}
     result = {"driver": driver, "waves": [], "images": {}}
+    if serial:
+        result["one_at_a_time"] = (f"Docker {version}'s BuildKit crashes on two inline-cache exports at once "
+                                   f"(moby/buildkit#2889): each wave's targets built one at a time")
     for group in waves(doc):
-        left = deadline - time.monotonic() if deadline else None
-        if left is not None and left <= 0:
-            raise OperationFailed(f"bake stopped at its time limit before {group}", log=None)
-        cmd = [cli.path, "buildx", "bake", "-f", str(path), "--progress=plain", *overrides,
-               *(["--push"] if push else ["--load"] if driver != "docker" else []), group]
-        result["waves"].append(build_stage.run_bake(cli, cmd, f"bake-{group}", echo, left,
-                                                    {NETRC_ENV: sources.netrc} if sources.credentials else {}))
-        result["waves"][-1]["group"] = group
+        runs, targets = [], doc["group"][group]["targets"]
+        for what in targets if serial else [group]:
+            left = deadline - time.monotonic() if deadline else None
+            if left is not None and left <= 0:
+                raise OperationFailed(f"bake stopped at its time limit before {what}", log=None)
+            alone = []  # built alone, a target has the memory its wave shared: its compile jobs' cap times the wave's size
+            if serial and len(targets) > 1:
+                cap = int(doc["target"][what]["args"]["ENVBUILD_JOBS_CAP"]) * len(targets)
+                alone = ["--set", f"{what}.args.ENVBUILD_JOBS_CAP={cap}"]
+            cmd = [cli.path, "buildx", "bake", "-f", str(path), "--progress=plain", *options, *alone, what]
+            runs.append(build_stage.run_bake(cli, cmd, f"bake-{what}", echo, left, env))
+        result["waves"].append({"group": group, "seconds": round(sum(r["seconds"] for r in runs), 1),
+                                "logs": [r["log"] for r in runs], "run_steps": [s for r in runs for s in r["run_steps"]]})
     names = [t for g in waves(doc) for t in doc["group"][g]["targets"]]
     if push and driver != "docker":  # a remote builder pushed them; nothing came back to this daemon
         result["images"] = {n: {"tag": doc["target"][n]["tags"][0], "image_id": None, "labels": doc["target"][n]["labels"]}
@@ -144,6 +164,12 @@ def run(path: Path, doc: dict, sources: Sources, push: bool = False, echo=None,
         result["images"][name] = {"tag": tag, "image_id": image.id,
                                   "labels": {k: v for k, v in (image.labels or {}).items() if k.startswith(label.PREFIX)}}
     return result
+
+
+def engine_major() -> int:
+    """The Docker engine's major version (20 for "20.10.24+dfsg1"); 0 where it does not say."""
+    found = re.match(r"(\d+)\.", str(engine.client().version().get("Version", "")))
+    return int(found.group(1)) if found else 0
 
 
 def _made_by_envbuild(text: str) -> bool:

@@ -317,18 +317,31 @@ def _progress_of(step: Step) -> str:
 # BuildKit's words when its cache names a layer the engine's image store no longer has (seen after
 # `docker image prune` removed untagged images whose layers cached steps still pointed at)
 LOST_LAYER = "layer does not exist"
+# and when a record names a layer the engine never unpacked (seen after dockerd crashed mid-export)
+BROKEN_RECORD = "extract requires an applier"
+# the client's words when the engine closed the build's stream (seen when dockerd crashed mid-bake)
+ENGINE_GONE = "error reading from server: EOF"
+
+
+# A step BuildKit reports with ERROR and then goes on from: a cache-from ref the registry lacks
+# (the first build of a cell, or a cache another builder never pushed) costs cache, not the build
+NON_FATAL_STEPS = ("importing cache manifest from ",)
 
 
 def _fail(rc: int, steps, lines, log_path: Path):
-    failed = next((s for s in steps if s.error), None)
+    failed = next((s for s in steps if s.error and not any(n in s.name for n in NON_FATAL_STEPS)), None)
     if failed:
         detail = f"step {failed.name} failed: {failed.error}\n" + "\n".join(failure_excerpt(failed.output))
-    else:
-        detail = "".join(lines[-25:])
+    else:  # the client's own last words ("ERROR: failed to solve: ...") first, then the tail
+        said = [line for line in lines if line.startswith("ERROR")][-3:]
+        detail = "".join(said + [line for line in lines[-25:] if line not in said])
     hint = ""
-    if any(LOST_LAYER in line for line in lines[-40:]):
-        hint = ("BuildKit's cache points at layers the engine no longer has: `docker builder prune -a` drops "
-                "that cache (the next build runs those steps again; ccache keeps the compiles)")
+    if any(ENGINE_GONE in line for line in lines[-5:]):
+        hint = "the Docker engine dropped the build mid-way (it may have crashed: its log says why); " + engine.HINT
+    if any(LOST_LAYER in line or BROKEN_RECORD in line for line in lines[-40:]):
+        hint = ("BuildKit's cache points at layers the engine no longer has: `docker builder prune -af --filter "
+                "type=regular` drops those records (the next build runs those steps again; the ccache and pip "
+                "cache mounts stay, so compiles are fast)")
     raise OperationFailed(f"build failed (exit {rc})\n{detail}".rstrip(), hint, log=str(log_path))
 
 

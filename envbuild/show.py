@@ -480,6 +480,8 @@ def baked(path, doc: dict, skipped: list[dict], parallel: int, built: dict | Non
         then = " (then wave-2, ...)" if len(waves) > 1 else ""
         line(f"build: docker buildx bake -f {path} wave-1{then}, or `all` on a big builder; here: the same bake with --build")
         return
+    if built.get("one_at_a_time"):
+        note(built["one_at_a_time"])
     for wave in built["waves"]:
         ran = [s for s in wave["run_steps"] if not s["cached"]]
         line(f"  {wave['group']}: {wave['seconds']:.0f} s, {len(ran)} step(s) run, "

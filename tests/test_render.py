@@ -292,12 +292,39 @@ def test_a_cache_that_lost_its_layers_fails_with_the_command_that_clears_it(tmp_
             "------\n", " > exporting to image:\n", "------\n", "ERROR: failed to solve: layer does not exist\n"]
     with pytest.raises(OperationFailed) as failed:
         _fail(1, parse_progress(lost), lost, tmp_path / "build.log")
-    assert "docker builder prune -a" in failed.value.hint and "layer does not exist" in failed.value.message
+    assert "docker builder prune -af --filter type=regular" in failed.value.hint and "layer does not exist" in failed.value.message
+    broken = ["#35 [runtime 5/10] COPY --from=builder /opt/venv-delta/opt/venv /opt/venv\n",
+              "#35 ERROR: extract requires an applier\n"]
+    with pytest.raises(OperationFailed) as failed:
+        _fail(1, parse_progress(broken), broken, tmp_path / "build.log")
+    assert "--filter type=regular" in failed.value.hint
     other = ["#9 [deps 2/3] RUN pip install x\n", "#9 ERROR: process did not complete successfully: exit code: 1\n"]
     with pytest.raises(OperationFailed) as failed:
         _fail(1, parse_progress(other), other, tmp_path / "build.log")
     assert failed.value.hint == ""
 
+
+
+def test_a_missing_cache_ref_is_not_named_as_the_failure(tmp_path):
+    """BuildKit marks a cache-from ref the registry lacks with ERROR and builds on; a bake that then
+    fails for another reason names that reason, not the cache import (CI's first bake wave did)."""
+    from envbuild.build import _fail, parse_progress
+    from envbuild.errors import OperationFailed
+    log = ["#3 [twinb-l20] importing cache manifest from 127.0.0.1:5000/envbuild-cache:twinb-l20\n",
+           "#3 ERROR: 127.0.0.1:5000/envbuild-cache:twinb-l20: not found\n",
+           "#9 [twinb-l20 deps 2/3] RUN pip install tinyscale\n", "#9 0.51 ERROR: No matching distribution\n",
+           "#9 ERROR: process did not complete successfully: exit code: 1\n"]
+    with pytest.raises(OperationFailed) as failed:
+        _fail(1, parse_progress(log), log, tmp_path / "bake.log")
+    assert failed.value.message.splitlines()[1].startswith("step [twinb-l20 deps 2/3] RUN pip install tinyscale failed")
+    only_cache = log[:2] + ["ERROR: target twinb-l20: failed to solve: rpc error: code = Unavailable\n"]
+    with pytest.raises(OperationFailed) as failed:
+        _fail(1, parse_progress(only_cache), only_cache, tmp_path / "bake.log")
+    assert failed.value.message.splitlines()[1] == "ERROR: target twinb-l20: failed to solve: rpc error: code = Unavailable"
+    crashed = log[:2] + ["ERROR: failed to receive status: rpc error: code = Unavailable desc = error reading from server: EOF\n"]
+    with pytest.raises(OperationFailed) as failed:
+        _fail(1, parse_progress(crashed), crashed, tmp_path / "bake.log")
+    assert "engine dropped the build" in failed.value.hint and "docker info" in failed.value.hint
 
 # ---------------------------------------------------------- envbuild replaces only what it wrote
 

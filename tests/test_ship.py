@@ -444,6 +444,36 @@ def test_bake_build_on_a_remote_builder_reports_pushed_images_without_asking_the
                                       "labels": {"io.envbuild.card": "h20"}}
 
 
+@pytest.mark.parametrize("major", [20, 28])
+def test_bake_on_an_old_engines_docker_driver_builds_one_target_at_a_time(monkeypatch, tmp_path, major):
+    """Docker 20.10's BuildKit crashed the engine when two targets of a wave exported inline caches at
+    once (CI's bake); there each target is a bake run of its own, with the memory its wave shared."""
+    from types import SimpleNamespace
+    from envbuild import bake, build, engine
+    from envbuild.config import Sources
+    names = ("m-a800", "m-h20", "m-l20")
+    doc = {"group": {"wave-1": {"targets": list(names[:2])}, "wave-2": {"targets": [names[2]]}},
+           "target": {n: {"tags": [f"reg:5000/envbuild/m:{n}"], "labels": {}, "args": {"ENVBUILD_JOBS_CAP": "3"}}
+                      for n in names}}
+    ran = []
+    monkeypatch.setattr(engine, "find_cli", lambda: engine.Cli("/usr/bin/docker", "28.0", "buildx"))
+    monkeypatch.setattr(build, "builder_driver", lambda cli: "docker")
+    monkeypatch.setattr(bake, "engine_major", lambda: major)
+    monkeypatch.setattr(build, "run_bake", lambda cli, cmd, name, echo, left, env: ran.append(cmd) or
+                        {"seconds": 1.0, "log": name, "run_steps": [{"step": cmd[-1], "cached": False}]})
+    image = SimpleNamespace(id="sha256:1", labels={})
+    monkeypatch.setattr(engine, "client", lambda *a, **k: SimpleNamespace(images=SimpleNamespace(get=lambda t: image)))
+    out = bake.run(tmp_path / "b.json", doc, Sources(), push=True)
+    assert all("*.cache-to=type=inline" in c and "--push" in c for c in ran)
+    if major < bake.CONCURRENT_INLINE_CACHE_ENGINE:
+        assert [c[-1] for c in ran] == list(names) and "moby/buildkit#2889" in out["one_at_a_time"]
+        assert "m-a800.args.ENVBUILD_JOBS_CAP=6" in ran[0] and not any("ENVBUILD_JOBS_CAP" in a for a in ran[2])
+        assert [(w["group"], w["seconds"], len(w["run_steps"])) for w in out["waves"]] == [("wave-1", 2.0, 2), ("wave-2", 1.0, 1)]
+    else:
+        assert [c[-1] for c in ran] == ["wave-1", "wave-2"] and "one_at_a_time" not in out
+    assert set(out["images"]) == set(names)
+
+
 def test_the_wheel_export_never_asks_buildx_to_load_an_image_too(monkeypatch, tmp_path):
     """buildx refuses --load beside the local exporter ("multiple outputs currently unsupported"):
     `envbuild wheels` failed wherever the buildx plugin was installed."""
