@@ -12,7 +12,6 @@ The contexts are rendered by pipeline.prepare(), the same function `image` uses.
 from __future__ import annotations
 
 import json
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,7 +130,7 @@ def run(path: Path, doc: dict, sources: Sources, push: bool = False, echo=None,
     options = ["--set", f"*.cache-to={INLINE_CACHE}"] if driver == "docker" else []
     options += ["--push"] if push else ["--load"] if driver != "docker" else []
     version = engine_major() if driver == "docker" else None
-    serial = version is not None and version < CONCURRENT_INLINE_CACHE_ENGINE
+    serial = version is not None and one_at_a_time(version)
     deadline = time.monotonic() + time_limit if time_limit else None
     env = {NETRC_ENV: sources.netrc} if sources.credentials else {}
     result = {"driver": driver, "waves": [], "images": {}}
@@ -167,9 +166,12 @@ def run(path: Path, doc: dict, sources: Sources, push: bool = False, echo=None,
 
 
 def engine_major() -> int:
-    """The Docker engine's major version (20 for "20.10.24+dfsg1"); 0 where it does not say."""
-    found = re.match(r"(\d+)\.", str(engine.client().version().get("Version", "")))
-    return int(found.group(1)) if found else 0
+    return engine.major(engine.client().version().get("Version"))
+
+
+def one_at_a_time(major: int) -> bool:
+    """Whether this engine's docker driver must build a wave's targets one at a time."""
+    return major < CONCURRENT_INLINE_CACHE_ENGINE
 
 
 def _made_by_envbuild(text: str) -> bool:

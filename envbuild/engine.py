@@ -119,6 +119,12 @@ def stream_timeout() -> float:
     return _seconds("ENVBUILD_ENGINE_STREAM_TIMEOUT", STREAM_TIMEOUT)
 
 
+def major(version) -> int:
+    """A Docker engine's major version (20 for "20.10.24+dfsg1"); 0 where it does not say."""
+    found = re.match(r"(\d+)\.", str(version or ""))
+    return int(found.group(1)) if found else 0
+
+
 def host() -> str:
     return os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
 

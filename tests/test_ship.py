@@ -93,6 +93,17 @@ def test_doctor_says_whether_the_engine_keeps_a_stopped_compiles_ccache(monkeypa
     assert doctor.build_cache().status == "skip"
 
 
+@pytest.mark.parametrize("version, serial", [("20.10.24+dfsg1", True), ("28.2.2", False), ("", True)])
+def test_doctor_says_when_bake_builds_one_target_at_a_time(monkeypatch, version, serial):
+    """Debian 12's engine (20.10) crashes on concurrent inline-cache exports: doctor says bake builds
+    targets one at a time there, before a user wonders why a wave of four runs like four waves."""
+    from types import SimpleNamespace
+    from envbuild import engine
+    monkeypatch.setattr(engine, "client", lambda: SimpleNamespace(info=lambda: {"ServerVersion": version}))
+    result = doctor.docker_engine()
+    assert result.status == "ok" and ("one at a time" in result.reason) is serial, result
+
+
 def test_doctor_never_crashes_without_tools(tmp_path):
     # No docker, no nvidia-smi on PATH and no daemon: every check still answers.
     env = {"PATH": str(tmp_path), "DOCKER_HOST": "unix:///nonexistent.sock", "ENVBUILD_DOCKER": str(tmp_path / "docker")}
