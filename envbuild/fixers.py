@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import collections
 import io
 import json
 import os
@@ -499,6 +500,17 @@ _BOL = r"(?:(?<=[\r\n])|\A)"
 _EOL = r"[^\r\n]*(?P<eol>\r\n|\r|\n|\Z)"
 
 
+def _scope_nodes(scope):
+    """The nodes of one module or function body, not those of the functions, classes and lambdas
+    it defines (their names are their own)."""
+    todo = list(ast.iter_child_nodes(scope))
+    while todo:
+        node = todo.pop()
+        yield node
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
+            todo.extend(ast.iter_child_nodes(node))
+
+
 def _dotted(node):
     """`a.b.c` for a Name or an Attribute chain on one; None for anything else."""
     parts = []
@@ -940,7 +952,9 @@ class FlashAttnUnpadInput(Fixer):
     flash_attn.bert_padding.unpad_input return a fifth (the used sequence lengths, beside its new
     unused_mask argument), so code written for 2.0-2.6 stops with "too many values to unpack" at
     its first forward with a padding mask. `[:4]` is a no-op on the older four-value return, so the
-    fixed code runs with either. Only unpad_input imported from flash_attn is touched."""
+    fixed code runs with either. Only unpad_input imported from flash_attn is touched: unpacked
+    where it is called, or through a name assigned once in its function (`out = unpad_input(...)`,
+    then `x, idx, cu, n = out`)."""
     name = "flash-attn-unpad-input"
     why = "flash-attn >= 2.7's unpad_input returns five values; code for 2.0-2.6 unpacks four"
 
@@ -950,15 +964,29 @@ class FlashAttnUnpadInput(Fixer):
             return text
         names = self._unpad_names(tree)
         src, edits = _Source(text), []
-        for node in ast.walk(tree):
-            if not (isinstance(node, ast.Assign) and isinstance(node.value, ast.Call)
-                    and _dotted(node.value.func) in names):
+        for scope in ast.walk(tree):
+            if not isinstance(scope, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef)):
                 continue
-            if all(isinstance(t, (ast.Tuple, ast.List)) and len(t.elts) == 4
-                   and not any(isinstance(e, ast.Starred) for e in t.elts) for t in node.targets):
-                end = src.span(node.value)[1]
-                edits.append((end, end, "[:4]"))
+            nodes = list(_scope_nodes(scope))
+            stores = collections.Counter(n.id for n in nodes if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store))
+            unpacked = {n.value.id for n in nodes
+                        if isinstance(n, ast.Assign) and isinstance(n.value, ast.Name) and self._four(n.targets)}
+            for node in nodes:
+                if not (isinstance(node, ast.Assign) and isinstance(node.value, ast.Call)
+                        and _dotted(node.value.func) in names):
+                    continue
+                through = [t.id for t in node.targets if isinstance(t, ast.Name)]
+                if self._four(node.targets) or (
+                        len(node.targets) == len(through) == 1 and through[0] in unpacked and stores[through[0]] == 1):
+                    end = src.span(node.value)[1]
+                    edits.append((end, end, "[:4]"))
         return _edit(text, edits)
+
+    @staticmethod
+    def _four(targets) -> bool:
+        """Every target unpacks exactly four names (no starred one)."""
+        return all(isinstance(t, (ast.Tuple, ast.List)) and len(t.elts) == 4
+                   and not any(isinstance(e, ast.Starred) for e in t.elts) for t in targets)
 
     @staticmethod
     def _unpad_names(tree):

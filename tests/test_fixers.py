@@ -1029,6 +1029,12 @@ def test_flash_attn_unpad_input_keeps_four_values_so_code_runs_on_2_7_and_before
     assert _run_with_unpad_returning(fixed, 5) == ((-1, 8), 1, 2, 3)
     assert _run_with_unpad_returning(fixed, 4) == ((-1, 8), 1, 2, 3)
     assert fx.fixed("models/attention.py", fixed) == fixed  # idempotent
+    # the same unpacking through a name first: it runs after the fix as well
+    through = UNPAD_MODULE.replace("x_unpad, indices, cu_seqlens, max_s = unpad_input(x, mask)",
+                                   "out = unpad_input(x, mask)\n    x_unpad, indices, cu_seqlens, max_s = out")
+    with pytest.raises(ValueError, match="too many values to unpack"):
+        _run_with_unpad_returning(through, 5)
+    assert _run_with_unpad_returning(fx.fixed("models/attention.py", through), 5) == ((-1, 8), 1, 2, 3)
 
 
 @pytest.mark.parametrize("source, expected", [
@@ -1043,6 +1049,19 @@ def test_flash_attn_unpad_input_keeps_four_values_so_code_runs_on_2_7_and_before
      "import flash_attn as fa\na, b, c, d = fa.bert_padding.unpad_input(x, m)[:4]\n"),
     ("from flash_attn.bert_padding import *\na, b, c, d = unpad_input(x, m)\n",
      "from flash_attn.bert_padding import *\na, b, c, d = unpad_input(x, m)[:4]\n"),
+    # through a name assigned once in its function and unpacked into four there
+    ("from flash_attn.bert_padding import unpad_input\ndef f(x, m):\n    out = unpad_input(x, m)\n"
+     "    a, b, c, d = out\n    return a\n",
+     "from flash_attn.bert_padding import unpad_input\ndef f(x, m):\n    out = unpad_input(x, m)[:4]\n"
+     "    a, b, c, d = out\n    return a\n"),
+    # left alone: that name assigned twice in the function, or unpacked only in another function (its own
+    # `out`), or into five
+    ("from flash_attn.bert_padding import unpad_input\ndef f(x, m):\n    out = unpad_input(x, m)\n"
+     "    out = out if m is None else out\n    a, b, c, d = out\n", None),
+    ("from flash_attn.bert_padding import unpad_input\nout = unpad_input(x, m)\n"
+     "def g(out):\n    a, b, c, d = out\n", None),
+    ("from flash_attn.bert_padding import unpad_input\ndef f(x, m):\n    out = unpad_input(x, m)\n"
+     "    a, b, c, d, e = out\n", None),
     # left alone: five names (written for 2.7), a starred or a single name, another module's unpad_input,
     # a module that binds unpad_input itself too (its own def may return an iterator), flash_attn_2_cuda
     ("from flash_attn.bert_padding import unpad_input\na, b, c, d, e = unpad_input(x, m)\n", None),
