@@ -27,11 +27,6 @@ from .plan import Plan
 
 NETRC_ENV = "ENVBUILD_INDEX_NETRC"  # bake: the index credentials (a netrc's text) come from this variable
 INLINE_CACHE = "type=inline"  # the cache every driver can write: it travels in the image it describes
-# BuildKit before 0.9, inside every Docker 20.10 engine (Debian 12's docker.io), crashes the whole
-# engine when two builds export inline caches at once ("fatal error: concurrent map writes" in its
-# remotecache; moby/buildkit#2889, locked in 0.9 by #2051; Docker 23 is the first engine after it).
-# It crashed CI's bake. On such an engine the docker driver builds a wave's targets one at a time.
-CONCURRENT_INLINE_CACHE_ENGINE = 23
 
 
 def target_name(model: str, card: str) -> str:
@@ -121,7 +116,7 @@ def run(path: Path, doc: dict, sources: Sources, push: bool = False, echo=None,
     The default `docker` driver cannot export a cache to a registry (buildx refuses the file):
     there each target writes an inline cache instead (its own layers, not the stages it copies
     from), which its pushed image carries and the next bake's cache-from can read back; on an
-    engine older than CONCURRENT_INLINE_CACHE_ENGINE, one target at a time (see there)."""
+    engine older than engine.CONCURRENT_INLINE_CACHE_ENGINE, one target at a time (see there)."""
     cli = engine.find_cli()
     if cli.mode != "buildx":
         raise OperationFailed(f"bake --build needs the docker buildx plugin; {cli.path} has none",
@@ -130,7 +125,7 @@ def run(path: Path, doc: dict, sources: Sources, push: bool = False, echo=None,
     options = ["--set", f"*.cache-to={INLINE_CACHE}"] if driver == "docker" else []
     options += ["--push"] if push else ["--load"] if driver != "docker" else []
     version = engine_major() if driver == "docker" else None
-    serial = version is not None and one_at_a_time(version)
+    serial = version is not None and engine.inline_caches_one_at_a_time(version)
     deadline = time.monotonic() + time_limit if time_limit else None
     env = {NETRC_ENV: sources.netrc} if sources.credentials else {}
     result = {"driver": driver, "waves": [], "images": {}}
@@ -167,11 +162,6 @@ def run(path: Path, doc: dict, sources: Sources, push: bool = False, echo=None,
 
 def engine_major() -> int:
     return engine.major(engine.client().version().get("Version"))
-
-
-def one_at_a_time(major: int) -> bool:
-    """Whether this engine's docker driver must build a wave's targets one at a time."""
-    return major < CONCURRENT_INLINE_CACHE_ENGINE
 
 
 def _made_by_envbuild(text: str) -> bool:

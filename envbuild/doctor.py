@@ -49,9 +49,8 @@ def docker_engine() -> Result:
         info = engine.client().info()
     except OperationFailed as exc:
         return Result("docker engine", "fail", exc.message + (f"; {exc.hint}" if exc.hint else ""))
-    from .bake import one_at_a_time
     said = f"Docker {info.get('ServerVersion')} ({info.get('Driver')}, root {info.get('DockerRootDir')})"
-    if one_at_a_time(engine.major(info.get("ServerVersion"))):
+    if engine.inline_caches_one_at_a_time(engine.major(info.get("ServerVersion"))):
         said += ("; its BuildKit (before 0.9) crashes on two inline-cache exports at once, so `bake --build` "
                  "builds a wave's targets one at a time here (Docker 23 or later builds them together)")
     return Result("docker engine", "ok", said, {"root": info.get("DockerRootDir")})

@@ -119,10 +119,22 @@ def stream_timeout() -> float:
     return _seconds("ENVBUILD_ENGINE_STREAM_TIMEOUT", STREAM_TIMEOUT)
 
 
+# BuildKit before 0.9, inside every Docker 20.10 engine (Debian 12's docker.io), crashes the whole
+# engine when two builds export inline caches at once ("fatal error: concurrent map writes" in its
+# remotecache; moby/buildkit#2889, locked in 0.9 by #2051; Docker 23 is the first engine after it).
+# It crashed CI's bake. On such an engine the docker driver builds a wave's targets one at a time.
+CONCURRENT_INLINE_CACHE_ENGINE = 23
+
+
 def major(version) -> int:
     """A Docker engine's major version (20 for "20.10.24+dfsg1"); 0 where it does not say."""
     found = re.match(r"(\d+)\.", str(version or ""))
     return int(found.group(1)) if found else 0
+
+
+def inline_caches_one_at_a_time(major_version: int) -> bool:
+    """Whether builds on this engine must export inline caches one at a time (see above)."""
+    return major_version < CONCURRENT_INLINE_CACHE_ENGINE
 
 
 def host() -> str:

@@ -501,8 +501,8 @@ _EOL = r"[^\r\n]*(?P<eol>\r\n|\r|\n|\Z)"
 
 
 def _scope_nodes(scope):
-    """The nodes of one module or function body, not those of the functions, classes and lambdas
-    it defines (their names are their own)."""
+    """The nodes of one module, class or function body, not those of the functions, classes and
+    lambdas it defines (their names are their own)."""
     todo = list(ast.iter_child_nodes(scope))
     while todo:
         node = todo.pop()
@@ -965,7 +965,7 @@ class FlashAttnUnpadInput(Fixer):
         names = self._unpad_names(tree)
         src, edits = _Source(text), []
         for scope in ast.walk(tree):
-            if not isinstance(scope, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef)):
+            if not isinstance(scope, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
                 continue
             nodes = list(_scope_nodes(scope))
             stores = collections.Counter(n.id for n in nodes if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store))

@@ -9,7 +9,7 @@ import urllib.request
 import pytest
 
 import compile_once as co
-from envbuild import bake
+from envbuild import bake, engine
 from conftest import FIXTURE, cli
 
 pytestmark = pytest.mark.integration
@@ -49,7 +49,7 @@ def test_bake_builds_the_fixture_matrix_with_buildx(docker_engine, offline_base,
     try:
         assert set(built["images"]) == names  # every target built
         assert [w["group"] for w in built["waves"]] == ["wave-1", "wave-2"]  # consecutive, run in order
-        if built["driver"] == "docker" and bake.one_at_a_time(bake.engine_major()):
+        if built["driver"] == "docker" and engine.inline_caches_one_at_a_time(bake.engine_major()):
             # Debian 12's engine crashes on two inline-cache exports at once: one target per bake run
             assert [len(w["logs"]) for w in built["waves"]] == [2, 2] and "one_at_a_time" in built, built["waves"]
         # the shared wheel stage compiles once per card (its arch list), never once per model

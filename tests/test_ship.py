@@ -476,7 +476,7 @@ def test_bake_on_an_old_engines_docker_driver_builds_one_target_at_a_time(monkey
     monkeypatch.setattr(engine, "client", lambda *a, **k: SimpleNamespace(images=SimpleNamespace(get=lambda t: image)))
     out = bake.run(tmp_path / "b.json", doc, Sources(), push=True)
     assert all("*.cache-to=type=inline" in c and "--push" in c for c in ran)
-    if major < bake.CONCURRENT_INLINE_CACHE_ENGINE:
+    if major < engine.CONCURRENT_INLINE_CACHE_ENGINE:
         assert [c[-1] for c in ran] == list(names) and "moby/buildkit#2889" in out["one_at_a_time"]
         assert "m-a800.args.ENVBUILD_JOBS_CAP=6" in ran[0] and not any("ENVBUILD_JOBS_CAP" in a for a in ran[2])
         assert [(w["group"], w["seconds"], len(w["run_steps"])) for w in out["waves"]] == [("wave-1", 2.0, 2), ("wave-2", 1.0, 1)]
